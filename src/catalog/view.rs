@@ -1,0 +1,73 @@
+//! A printable view of a compiled service, for `inspect` and the admin API. Holds no secrets.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::{Access, Condition, Protocol, SanMatch, Service, TlsVersion, TrustSource, VerificationMode};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub name: String,
+    pub mesh: String,
+    pub hostnames: Vec<String>,
+    pub vip: Option<IpAddr>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub endpoints: Vec<EndpointView>,
+    pub tls: Option<TlsView>,
+    pub extension: Option<String>,
+    pub access: Access,
+    pub conditions: Vec<Condition>,
+    pub broken: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointView {
+    pub address: String,
+    pub priority: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsView {
+    pub mode: VerificationMode,
+    pub min: TlsVersion,
+    pub max: TlsVersion,
+    pub server_name: Option<String>,
+    pub subject_alt_names: Vec<SanMatch>,
+    pub trust: TrustSource,
+    pub client_certificate: bool,
+}
+
+impl From<&Service> for ServiceView {
+    fn from(s: &Service) -> Self {
+        Self {
+            name: s.name.clone(),
+            mesh: s.mesh.clone(),
+            hostnames: s.hostnames.clone(),
+            vip: s.vip,
+            port: s.port,
+            protocol: s.protocol,
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| EndpointView { address: e.to_string(), priority: e.priority })
+                .collect(),
+            tls: s.tls.as_ref().map(|t| TlsView {
+                mode: t.mode,
+                min: t.min,
+                max: t.max,
+                server_name: t.server_name.clone(),
+                subject_alt_names: t.subject_alt_names.clone(),
+                trust: if t.ca.is_some() { TrustSource::Configured } else { TrustSource::System },
+                client_certificate: t.client.is_some(),
+            }),
+            extension: s.extension.clone(),
+            access: s.access,
+            conditions: s.conditions.clone(),
+            broken: s.broken.clone(),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Loading configuration paths all the way to a compiled catalog: what `validate`, `inspect` and
+//! `run` share.
+
+use std::path::PathBuf;
+
+use crate::catalog::{self, CompileOptions, Compiled, Ipam};
+use crate::resources::{self, Diagnostic, Diagnostics};
+
+/// Reads, validates and compiles `paths`. Load and compile diagnostics come back together, with
+/// one error per broken service, so that callers see every problem at once.
+pub fn load(paths: &[PathBuf], options: &CompileOptions, ipam: &mut Ipam) -> Compiled {
+    let loaded = resources::load_paths(paths);
+    let mut diagnostics = loaded.diagnostics;
+    let compiled = catalog::compile(&loaded.resources, options, ipam);
+    diagnostics.extend(compiled.diagnostics.0);
+    Compiled { catalog: compiled.catalog, diagnostics }
+}
+
+/// The errors that make a service unusable, as diagnostics (for `validate`).
+pub fn broken_services(compiled: &Compiled) -> Diagnostics {
+    let mut out = Diagnostics::default();
+    for s in compiled.catalog.services() {
+        if let Some(reason) = &s.broken {
+            let (path, message) = match reason.split_once(": ") {
+                Some((path, message)) if path.starts_with("spec.") => (path, message),
+                _ => ("", reason.as_str()),
+            };
+            out.push(Diagnostic::error(&s.origin, path, message).about(format!("MeshExternalService {}", s.key())));
+        }
+    }
+    out
+}

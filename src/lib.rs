@@ -1,0 +1,10 @@
+//! mesh-egress: a sidecar proxy for Kuma `MeshExternalService` resources.
+//!
+//! Data flows one way: [`resources`] (files → typed, validated resources) → [`catalog`]
+//! (compiled, immutable view) → the data path.
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod config;
+pub mod resources;
+pub mod template;

@@ -1,0 +1,198 @@
+//! The `mesh-egress` command line.
+#![forbid(unsafe_code)]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_egress::catalog::{CompileOptions, Compiled, Ipam, ServiceView};
+use mesh_egress::config;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-egress",
+    version,
+    about = "A sidecar proxy that gives applications access to Kuma MeshExternalServices",
+    long_about = "mesh-egress reads Kuma MeshExternalService, HostnameGenerator, Mesh, Secret and \
+                  Dataplane resources (Universal or Kubernetes YAML/JSON) and proxies the \
+                  application's traffic to the external endpoints they describe.\n\n\
+                  Every flag can also be set with an environment variable MESH_EGRESS_<FLAG>, \
+                  e.g. MESH_EGRESS_STATE_DIR. Kuma's KUMA_IPAM_MESH_EXTERNAL_SERVICE_CIDR sets the \
+                  VIP range (default 242.0.0.0/8)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check configuration files; exit 0 when valid, 1 when not (one line per error on stdout,
+    /// warnings on stderr).
+    Validate {
+        /// Files or directories (recursive: *.yaml, *.yml, *.json).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        compile: CompileArgs,
+    },
+    /// Show what a configuration compiles to: each service's hostnames, VIP, port, protocol,
+    /// endpoints, TLS and status conditions.
+    Inspect {
+        /// Files or directories (recursive: *.yaml, *.yml, *.json).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+        /// Read and record VIP assignments in this directory, exactly as `run` does, so the VIPs
+        /// shown are the ones `run` uses. Without it, VIPs are assigned afresh in memory.
+        #[arg(long, env = "MESH_EGRESS_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        compile: CompileArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct CompileArgs {
+    /// Local zone name, the value of {{ .Zone }} for services without a kuma.io/zone label.
+    #[arg(long, env = "MESH_EGRESS_ZONE", default_value = "")]
+    zone: String,
+    /// Do not apply the built-in hostname generator ({{ .DisplayName }}.extsvc.mesh.local)
+    /// when the configuration has no HostnameGenerator.
+    #[arg(long, env = "MESH_EGRESS_NO_DEFAULT_HOSTNAMES")]
+    no_default_hostnames: bool,
+}
+
+impl CompileArgs {
+    fn options(&self) -> CompileOptions {
+        CompileOptions { zone: self.zone.clone(), default_hostnames: !self.no_default_hostnames, ..Default::default() }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate { paths, compile } => validate(&paths, &compile),
+        Command::Inspect { paths, output, state_dir, compile } => inspect(&paths, output, state_dir, &compile),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mesh-egress: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(paths: &[PathBuf], compile: &CompileArgs, state_dir: Option<PathBuf>) -> anyhow::Result<(Compiled, Ipam)> {
+    let cidr = Ipam::cidr_from_env()?;
+    let mut ipam = match state_dir {
+        Some(dir) => Ipam::with_state_dir(cidr, &dir)?,
+        None => Ipam::in_memory(cidr),
+    };
+    let compiled = config::load(paths, &compile.options(), &mut ipam);
+    Ok((compiled, ipam))
+}
+
+fn validate(paths: &[PathBuf], compile: &CompileArgs) -> anyhow::Result<ExitCode> {
+    let (compiled, _) = load(paths, compile, None)?;
+    let mut errors = compiled.diagnostics.errors().cloned().collect::<Vec<_>>();
+    errors.extend(config::broken_services(&compiled).0);
+    for w in compiled.diagnostics.warnings() {
+        eprintln!("{w}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    for e in &errors {
+        writeln!(stdout, "{e}")?;
+    }
+    let services = compiled.catalog.services().len();
+    if errors.is_empty() {
+        eprintln!("valid: {services} MeshExternalService(s)");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("invalid: {} error(s)", errors.len());
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn inspect(
+    paths: &[PathBuf],
+    format: Format,
+    state_dir: Option<PathBuf>,
+    compile: &CompileArgs,
+) -> anyhow::Result<ExitCode> {
+    let (compiled, mut ipam) = load(paths, compile, state_dir)?;
+    for d in &compiled.diagnostics.0 {
+        eprintln!("{d}");
+    }
+    if compiled.diagnostics.has_errors() {
+        return Ok(ExitCode::from(1));
+    }
+    ipam.save().context("saving VIP assignments")?;
+    let views: Vec<ServiceView> = compiled.catalog.services().iter().map(|s| ServiceView::from(&**s)).collect();
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?,
+        Format::Table => write_table(&mut out, &views, &compiled)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_table(out: &mut impl std::io::Write, views: &[ServiceView], compiled: &Compiled) -> std::io::Result<()> {
+    let rows: Vec<[String; 9]> = views
+        .iter()
+        .map(|v| {
+            let tls = v.tls.as_ref().map_or("-".to_string(), |t| {
+                format!("{:?}{}", t.mode, if t.client_certificate { "+mTLS" } else { "" })
+            });
+            let status = match (&v.broken, v.conditions.iter().find(|c| c.status == "False")) {
+                (Some(reason), _) => format!("broken: {reason}"),
+                (None, Some(c)) => format!("{}: {}", c.reason, c.message),
+                (None, None) if v.access == mesh_egress::catalog::Access::Forbidden => "forbidden by Mesh".into(),
+                _ => "ok".into(),
+            };
+            [
+                v.name.clone(),
+                v.mesh.clone(),
+                if v.hostnames.is_empty() { "-".into() } else { v.hostnames.join(",") },
+                v.vip.map_or("-".into(), |ip| ip.to_string()),
+                v.port.to_string(),
+                v.protocol.as_str().to_string(),
+                v.endpoints.iter().map(|e| e.address.clone()).collect::<Vec<_>>().join(","),
+                tls,
+                status,
+            ]
+        })
+        .collect();
+    let header = ["NAME", "MESH", "HOSTNAMES", "VIP", "PORT", "PROTOCOL", "ENDPOINTS", "TLS", "STATUS"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    writeln!(out, "{}", line(&header))?;
+    for row in &rows {
+        writeln!(out, "{}", line(&row.each_ref().map(String::as_str)))?;
+    }
+    for o in compiled.catalog.outbounds() {
+        if let Some(s) = compiled.catalog.service(o.service) {
+            writeln!(out, "outbound {} (Dataplane {}) -> {}", o.address, o.dataplane, s.key())?;
+        }
+    }
+    Ok(())
+}

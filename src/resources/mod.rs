@@ -1,0 +1,66 @@
+//! Kuma resources: reading files in either spelling, and validating them with Kuma's messages.
+//!
+//! Pure: no sockets, no clocks. The output is a list of typed resources plus every diagnostic of
+//! the load, so a caller can report all problems at once.
+
+mod diagnostic;
+pub mod kinds;
+mod load;
+mod validate;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use diagnostic::{Diagnostic, Diagnostics, Severity};
+pub use kinds::Labels;
+pub use load::{load_paths, load_str};
+pub use validate::{is_dns_name, is_lowercase_rfc1123};
+
+pub const DEFAULT_MESH: &str = "default";
+pub const LABEL_DISPLAY_NAME: &str = "kuma.io/display-name";
+pub const LABEL_NAMESPACE: &str = "k8s.kuma.io/namespace";
+pub const LABEL_ZONE: &str = "kuma.io/zone";
+pub const LABEL_MESH: &str = "kuma.io/mesh";
+
+/// Where a resource came from: the file and the line its document starts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: Arc<Path>,
+    pub line: Option<usize>,
+}
+
+/// What every resource has, whatever its spelling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meta {
+    pub name: String,
+    pub mesh: String,
+    pub labels: Labels,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    MeshExternalService {
+        spec: kinds::MeshExternalServiceSpec,
+        /// `status.vip.ip` from the input, kept as the service's VIP.
+        status_vip: Option<IpAddr>,
+    },
+    HostnameGenerator(kinds::HostnameGeneratorSpec),
+    Mesh(kinds::MeshSpec),
+    Secret(Vec<u8>),
+    Dataplane(kinds::DataplaneSpec),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub meta: Meta,
+    pub kind: Kind,
+}
+
+/// The result of reading configuration: valid resources and everything said about the input.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub resources: Vec<Resource>,
+    pub diagnostics: Diagnostics,
+}
