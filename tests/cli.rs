@@ -1,0 +1,102 @@
+//! The `validate` and `inspect` commands, run as the real binary.
+
+use std::process::{Command, Output};
+
+fn mesh_egress(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("KUMA_IPAM_MESH_EXTERNAL_SERVICE_CIDR")
+        .output()
+        .expect("run mesh-egress")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn validate_accepts_the_shipped_examples() {
+    let out = mesh_egress(&["validate", "config/examples"]);
+    assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(text(&out.stderr).contains("valid: 7 MeshExternalService(s)"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn validate_reports_every_error_with_file_and_path() {
+    let out = mesh_egress(&["validate", "tests/data/invalid"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let file = "tests/data/invalid/broken.yaml";
+    assert_eq!(
+        lines,
+        [
+            format!("error: {file}:2: MeshExternalService default/bad-match: spec.match.type: unrecognized type 'Foo' - only 'HostnameGenerator' is supported"),
+            format!("error: {file}:2: MeshExternalService default/bad-match: spec.match.port: port must be a valid (1-65535)"),
+            format!(r#"error: {file}:2: MeshExternalService default/bad-match: spec.match.protocol: "protocol" must be one of ["tcp", "grpc", "http", "http2"]"#),
+            format!(r#"error: {file}:13: MeshExternalService default/bad-tls: spec.tls.verification.mode: "mode" must be one of ["SkipSAN", "SkipCA", "SkipAll", "Secured"]"#),
+            format!("error: {file}:13: MeshExternalService default/bad-tls: spec.tls.verification.clientKey: must be defined when clientCert is defined"),
+            format!("error: {file}:33: spec: unknown field `endpoint`, expected one of `match`, `endpoints`, `extension`, `tls`"),
+        ]
+    );
+    assert!(text(&out.stderr).contains("invalid: 6 error(s)"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn validate_reports_broken_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svc.yaml");
+    std::fs::write(
+        &file,
+        "type: MeshExternalService\nname: s\nspec:\n  match: {port: 1}\n  endpoints: [{address: 10.0.0.1, port: 1}]\n  tls:\n    enabled: true\n    verification:\n      caCert: {secret: nope}\n",
+    )
+    .unwrap();
+    let out = mesh_egress(&["validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = format!(
+        "error: {}:1: MeshExternalService default/s: spec.tls.verification.caCert: secret 'nope' not found in mesh 'default'\n",
+        file.display()
+    );
+    assert_eq!(text(&out.stdout), expected);
+}
+
+#[test]
+fn validate_names_a_missing_path() {
+    let out = mesh_egress(&["validate", "does/not/exist.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).starts_with("error: does/not/exist.yaml: cannot read:"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn inspect_shows_services_and_records_vips_like_run() {
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let out = mesh_egress(&["inspect", "config/examples", "-o", "json", "--state-dir", state_dir]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let services: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let https = services.as_array().unwrap().iter().find(|s| s["name"] == "mes-https").unwrap();
+    assert_eq!(https["protocol"], "http");
+    assert_eq!(https["port"], 80);
+    assert_eq!(https["tls"]["mode"], "Secured");
+    assert_eq!(https["tls"]["serverName"], "httpbin.org");
+    assert_eq!(https["hostnames"][0], "mes-https.default.ext.example.local");
+    assert!(state.path().join("vips.json").exists());
+
+    // The table form, from the same state: the same VIPs.
+    let table = mesh_egress(&["inspect", "config/examples", "--state-dir", state_dir]);
+    let table = text(&table.stdout);
+    let vip = https["vip"].as_str().unwrap();
+    assert!(table.lines().any(|l| l.starts_with("mes-https ") && l.contains(vip)), "{table}");
+    assert!(table.contains("outbound 127.0.0.1:10001 (Dataplane app-1) -> default/mes-tcp"), "{table}");
+}
+
+#[test]
+fn help_explains_every_command() {
+    for cmd in ["validate", "inspect"] {
+        let out = mesh_egress(&[cmd, "--help"]);
+        assert!(out.status.success());
+        assert!(text(&out.stdout).contains("Usage: mesh-egress"), "{}", text(&out.stdout));
+    }
+}
