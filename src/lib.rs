@@ -4,7 +4,13 @@
 //! (compiled, immutable view) → the data path.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod listen;
+pub mod live;
+pub mod proxy;
 pub mod resources;
+pub mod server;
 pub mod template;
+pub mod upstream;

@@ -7,8 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
 use mesh_egress::catalog::{CompileOptions, Compiled, Ipam, ServiceView};
 use mesh_egress::config;
+use mesh_egress::listen::SoOriginalDst;
+use mesh_egress::server::{Options, Server};
+use mesh_egress::upstream::{EjectionPolicy, ResolverSource, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +36,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy: load the configuration, bind the listeners and serve until SIGTERM/SIGINT.
+    /// SIGHUP reloads the configuration (an invalid one is rejected; the running one stays).
+    Run(Box<RunArgs>),
     /// Check configuration files; exit 0 when valid, 1 when not (one line per error on stdout,
     /// warnings on stderr).
     Validate {
@@ -54,6 +64,67 @@ enum Command {
         #[command(flatten)]
         compile: CompileArgs,
     },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration files or directories (repeatable; recursive: *.yaml, *.yml, *.json).
+    #[arg(short = 'c', long = "config", required = true, env = "MESH_EGRESS_CONFIG", value_delimiter = ',')]
+    config: Vec<PathBuf>,
+    /// Directory where VIP assignments are kept, so services keep their VIPs across restarts.
+    /// Without it, VIPs live only as long as the process.
+    #[arg(long, env = "MESH_EGRESS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Admin server address (/ready), or `off`.
+    #[arg(long, env = "MESH_EGRESS_ADMIN", default_value = "127.0.0.1:9901", value_parser = addr_or_off)]
+    admin: Listen,
+    /// Transparent-proxy listener (iptables REDIRECT target), or `off`.
+    #[arg(long, env = "MESH_EGRESS_TRANSPARENT", default_value = "127.0.0.1:15001", value_parser = addr_or_off)]
+    transparent: Listen,
+    /// Listen on VIP:port of every service (needs the VIP range routed locally, e.g.
+    /// `ip route add local 242.0.0.0/8 dev lo`; binds with IP_FREEBIND).
+    #[arg(long, env = "MESH_EGRESS_BIND_VIPS")]
+    bind_vips: bool,
+    /// Close transparent connections to unknown destinations instead of passing them through.
+    #[arg(long, env = "MESH_EGRESS_NO_PASSTHROUGH")]
+    no_passthrough: bool,
+    /// Data-path worker threads (default: one per core).
+    #[arg(long, env = "MESH_EGRESS_WORKERS")]
+    workers: Option<usize>,
+    /// Timeout for connecting to an endpoint (Kuma's default: 5s).
+    #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// DNS server(s) for endpoint names, IP:PORT (repeatable). Default: /etc/resolv.conf.
+    #[arg(long, env = "MESH_EGRESS_UPSTREAM_DNS", value_delimiter = ',')]
+    upstream_dns: Vec<SocketAddr>,
+    /// Consecutive connect failures that eject an endpoint address.
+    #[arg(long, env = "MESH_EGRESS_EJECT_AFTER", default_value_t = 3)]
+    eject_after: u32,
+    /// How long the first ejection lasts; it doubles with each ejection in a row (up to 32x).
+    #[arg(long, env = "MESH_EGRESS_EJECTION_TIME", default_value = "10s", value_parser = humantime::parse_duration)]
+    ejection_time: Duration,
+    /// Log format.
+    #[arg(long, env = "MESH_EGRESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(flatten)]
+    compile: CompileArgs,
+}
+
+/// A listen address, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<SocketAddr>);
+
+fn addr_or_off(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("'{s}' is not IP:PORT or `off`: {e}"))
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Clone)]
@@ -82,6 +153,7 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run(*args),
         Command::Validate { paths, compile } => validate(&paths, &compile),
         Command::Inspect { paths, output, state_dir, compile } => inspect(&paths, output, state_dir, &compile),
     };
@@ -92,6 +164,63 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_logging(args.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = args.workers {
+        runtime.worker_threads(workers.max(1));
+    }
+    let runtime = runtime.thread_name("worker").enable_all().build().context("starting the runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let options = Options {
+        config_paths: args.config,
+        state_dir: args.state_dir,
+        compile: args.compile.options(),
+        admin: args.admin.0,
+        transparent: args.transparent.0,
+        bind_vips: args.bind_vips,
+        passthrough: !args.no_passthrough,
+        upstream: Settings {
+            connect_timeout: args.connect_timeout,
+            ejection: EjectionPolicy { consecutive_failures: args.eject_after, base_time: args.ejection_time },
+            resolver: ResolverSource::new(args.upstream_dns),
+        },
+    };
+    let mut server = Server::start(options, Arc::new(SoOriginalDst)).await?;
+    if let Some(addr) = server.admin_addr() {
+        tracing::info!(admin = %addr, "ready");
+    }
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match server.reload() {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(e) => tracing::error!("reload rejected, the running configuration stays: {e}"),
+            },
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    server.stop_listening();
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(paths: &[PathBuf], compile: &CompileArgs, state_dir: Option<PathBuf>) -> anyhow::Result<(Compiled, Ipam)> {

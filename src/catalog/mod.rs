@@ -233,7 +233,11 @@ impl Catalog {
 
     /// The service listening on `VIP:port`, for VIP and transparent listeners.
     pub fn by_vip(&self, addr: SocketAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&addr).map(|&i| &self.services[i])
+        self.index_by_vip(addr).map(|i| &self.services[i])
+    }
+
+    pub fn index_by_vip(&self, addr: SocketAddr) -> Option<usize> {
+        self.by_vip.get(&addr).copied()
     }
 
     /// The service a generated hostname belongs to; `name` must be lowercase, without a final dot.

@@ -1,0 +1,82 @@
+//! Listening sockets and their accept loops, for the three ways traffic reaches the proxy:
+//! manual outbounds, VIP listeners and the transparent (iptables-redirected) listener.
+
+mod original_dst;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+
+pub use original_dst::{OriginalDst, SoOriginalDst};
+
+use crate::proxy::Proxy;
+
+const BACKLOG: i32 = 1024;
+
+/// How an accepted connection is matched to a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    /// A Dataplane outbound: the listener address names the service.
+    Outbound,
+    /// `VIP:port` bound locally: the listener address is the service's VIP.
+    Vip,
+    /// iptables-redirected traffic: the original destination names the service.
+    Transparent,
+}
+
+impl std::fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Outbound => "outbound",
+            Self::Vip => "vip",
+            Self::Transparent => "transparent",
+        })
+    }
+}
+
+/// Binds a listening socket. `freebind` allows addresses not (yet) configured on the host,
+/// such as VIPs routed to `lo` by a `local` route.
+pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if freebind {
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+        }
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts until the task is aborted; each connection runs on its own task.
+pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, proxy: Arc<Proxy>) {
+    let local = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::error!(%kind, error = %e, "listener has no local address");
+            return;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let proxy = proxy.clone();
+                tokio::spawn(async move { proxy.handle(stream, peer, local, kind).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(%kind, listener = %local, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The live configuration: the catalog plus the per-service runtime state the data path needs,
+//! swapped atomically on reload.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::catalog::{Catalog, Service};
+use crate::upstream::{Settings, Upstream};
+
+/// One configuration, ready for traffic.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub catalog: Catalog,
+    /// Indexed like `catalog.services()`.
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+/// What a listener found for a connection.
+pub struct Route<'a> {
+    pub service: &'a Arc<Service>,
+    pub upstream: &'a Arc<Upstream>,
+}
+
+impl Snapshot {
+    /// Builds upstreams for `catalog`, reusing those of `previous` whose service kept its
+    /// endpoints (their DNS answers, health and connections carry over).
+    pub fn new(catalog: Catalog, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
+        let mut reusable: HashMap<String, &Arc<Upstream>> = HashMap::new();
+        if let Some(prev) = previous {
+            for (service, upstream) in prev.catalog.services().iter().zip(&prev.upstreams) {
+                reusable.insert(service.key(), upstream);
+            }
+        }
+        let upstreams = catalog
+            .services()
+            .iter()
+            .map(|s| {
+                let key = s.key();
+                match reusable.get(&key) {
+                    Some(up) if up.endpoints() == s.endpoints.as_slice() => Arc::clone(up),
+                    _ => Upstream::new(Arc::from(key), s.endpoints.clone(), settings.clone()),
+                }
+            })
+            .collect();
+        Self { catalog, upstreams }
+    }
+
+    fn route(&self, index: usize) -> Option<Route<'_>> {
+        Some(Route { service: self.catalog.service(index)?, upstream: self.upstreams.get(index)? })
+    }
+
+    pub fn by_vip(&self, addr: SocketAddr) -> Option<Route<'_>> {
+        self.route(self.catalog.index_by_vip(addr)?)
+    }
+
+    pub fn by_outbound(&self, addr: SocketAddr) -> Option<Route<'_>> {
+        self.route(self.catalog.outbounds().iter().find(|o| o.address == addr)?.service)
+    }
+}
+
+/// The current snapshot; readers never block, a reload replaces it whole.
+pub type Live = ArcSwap<Snapshot>;

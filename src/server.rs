@@ -1,0 +1,188 @@
+//! `mesh-egress run`: configuration → live snapshot → listeners, plus the admin server.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::task::AbortHandle;
+
+use crate::admin::{self, AdminError, AdminState};
+use crate::catalog::{ipam::IpamError, CompileOptions, Ipam};
+use crate::config;
+use crate::listen::{self, ListenerKind, OriginalDst};
+use crate::live::{Live, Snapshot};
+use crate::proxy::{Proxy, ProxySettings};
+use crate::resources::Diagnostics;
+use crate::upstream;
+
+#[derive(Debug)]
+pub struct Options {
+    pub config_paths: Vec<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub compile: CompileOptions,
+    pub admin: Option<SocketAddr>,
+    pub transparent: Option<SocketAddr>,
+    pub bind_vips: bool,
+    pub passthrough: bool,
+    pub upstream: upstream::Settings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration:\n{0}")]
+    InvalidConfig(Diagnostics),
+    #[error("cannot listen on {addr} ({kind} listener): {source}")]
+    Bind { addr: SocketAddr, kind: ListenerKind, source: std::io::Error },
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+struct BoundListener {
+    kind: ListenerKind,
+    local: SocketAddr,
+    task: AbortHandle,
+}
+
+pub struct Server {
+    options: Options,
+    settings: Arc<upstream::Settings>,
+    ipam: Ipam,
+    live: Arc<Live>,
+    proxy: Arc<Proxy>,
+    listeners: HashMap<SocketAddr, BoundListener>,
+    admin: Option<(SocketAddr, Arc<AdminState>)>,
+}
+
+impl Server {
+    /// Loads the configuration and binds everything; fails on an invalid configuration or a
+    /// port that cannot be bound. Must run inside a tokio runtime.
+    pub async fn start(mut options: Options, original_dst: Arc<dyn OriginalDst>) -> Result<Self, ServerError> {
+        let cidr = Ipam::cidr_from_env()?;
+        let ipam = match &options.state_dir {
+            Some(dir) => Ipam::with_state_dir(cidr, dir)?,
+            None => Ipam::in_memory(cidr),
+        };
+        let settings = Arc::new(std::mem::take(&mut options.upstream));
+        let live = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let proxy = Arc::new(Proxy {
+            live: live.clone(),
+            settings: ProxySettings { passthrough: options.passthrough, connect_timeout: settings.connect_timeout },
+            original_dst,
+        });
+        let mut server = Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None };
+        if let Some(addr) = server.options.admin {
+            let state = Arc::new(AdminState { ready: AtomicBool::new(false), live: server.live.clone() });
+            let bound = admin::spawn(addr, state.clone())?;
+            server.admin = Some((bound, state));
+        }
+        server.apply_config()?;
+        if let Some((_, state)) = &server.admin {
+            state.ready.store(true, Ordering::Release);
+        }
+        Ok(server)
+    }
+
+    /// Loads the configuration again; an invalid one is rejected and the running one stays.
+    pub fn reload(&mut self) -> Result<(), ServerError> {
+        self.apply_config()
+    }
+
+    fn apply_config(&mut self) -> Result<(), ServerError> {
+        let compiled = config::load(&self.options.config_paths, &self.options.compile, &mut self.ipam);
+        for warning in compiled.diagnostics.warnings() {
+            tracing::warn!("{warning}");
+        }
+        if compiled.diagnostics.has_errors() {
+            return Err(ServerError::InvalidConfig(compiled.diagnostics));
+        }
+        if let Err(e) = self.ipam.save() {
+            tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
+        }
+        for broken in config::broken_services(&compiled).0 {
+            tracing::error!("{broken}");
+        }
+        let snapshot = Snapshot::new(compiled.catalog, Some(&self.live.load()), &self.settings);
+        let desired = self.desired_listeners(&snapshot);
+        self.live.store(Arc::new(snapshot));
+        self.reconcile_listeners(desired)
+    }
+
+    fn desired_listeners(&self, snapshot: &Snapshot) -> HashMap<SocketAddr, ListenerKind> {
+        let mut desired = HashMap::new();
+        for o in snapshot.catalog.outbounds() {
+            desired.insert(o.address, ListenerKind::Outbound);
+        }
+        if self.options.bind_vips {
+            for (addr, _) in snapshot.catalog.vip_listeners() {
+                desired.entry(addr).or_insert(ListenerKind::Vip);
+            }
+        }
+        if let Some(addr) = self.options.transparent {
+            desired.insert(addr, ListenerKind::Transparent);
+        }
+        desired
+    }
+
+    /// Binds what is new, stops what is gone; a failure to bind is reported after the rest
+    /// is in place.
+    fn reconcile_listeners(&mut self, desired: HashMap<SocketAddr, ListenerKind>) -> Result<(), ServerError> {
+        self.listeners.retain(|addr, l| {
+            let keep = desired.get(addr) == Some(&l.kind);
+            if !keep {
+                tracing::info!(listener = %l.local, kind = %l.kind, "listener removed");
+                l.task.abort();
+            }
+            keep
+        });
+        let mut first_error = None;
+        let mut new: Vec<_> = desired.into_iter().filter(|(addr, _)| !self.listeners.contains_key(addr)).collect();
+        new.sort_by_key(|(addr, _)| *addr);
+        for (addr, kind) in new {
+            match listen::bind(addr, kind == ListenerKind::Vip) {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(addr);
+                    let task = tokio::spawn(listen::accept_loop(listener, kind, self.proxy.clone())).abort_handle();
+                    tracing::info!(listener = %local, %kind, "listening");
+                    self.listeners.insert(addr, BoundListener { kind, local, task });
+                }
+                Err(source) => {
+                    let error = ServerError::Bind { addr, kind, source };
+                    tracing::error!("{error}");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The bound address of the transparent listener (useful with port 0).
+    pub fn transparent_addr(&self) -> Option<SocketAddr> {
+        self.listeners.values().find(|l| l.kind == ListenerKind::Transparent).map(|l| l.local)
+    }
+
+    /// Stops accepting on every listener.
+    pub fn stop_listening(&mut self) {
+        for (_, l) in self.listeners.drain() {
+            l.task.abort();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_listening();
+    }
+}

@@ -1,0 +1,340 @@
+//! Endpoints of a service: resolution, balancing, passive health and connecting.
+//!
+//! An [`Upstream`] is built per service and reused across reloads while the service's endpoints
+//! do not change, so DNS answers and health survive a configuration swap.
+
+mod connect;
+pub mod health;
+pub mod resolve;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rand::Rng as _;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+pub use connect::{TargetAddr, UpstreamStream};
+pub use health::{ActiveGuard, EjectionPolicy, Health};
+pub use resolve::DnsResolver;
+
+use crate::catalog::{Endpoint, EndpointAddress};
+
+/// Kuma's default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where DNS names are resolved: fixed servers, or the system's (created on first use).
+#[derive(Debug, Default)]
+pub struct ResolverSource {
+    nameservers: Vec<SocketAddr>,
+    resolver: OnceLock<Result<DnsResolver, String>>,
+}
+
+impl ResolverSource {
+    /// `nameservers` empty means the system's resolvers from `/etc/resolv.conf`.
+    pub fn new(nameservers: Vec<SocketAddr>) -> Self {
+        Self { nameservers, resolver: OnceLock::new() }
+    }
+
+    fn get(&self) -> Result<&DnsResolver, &str> {
+        self.resolver
+            .get_or_init(|| {
+                if self.nameservers.is_empty() {
+                    DnsResolver::system().map_err(|e| e.to_string())
+                } else {
+                    Ok(DnsResolver::with_nameservers(&self.nameservers))
+                }
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}
+
+#[derive(Debug)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub ejection: EjectionPolicy,
+    pub resolver: ResolverSource,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ejection: EjectionPolicy::default(),
+            resolver: ResolverSource::default(),
+        }
+    }
+}
+
+/// One address traffic can go to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: TargetAddr,
+    pub priority: u8,
+    /// The endpoint's DNS name, for SNI and Host rewriting; `None` for IP and unix endpoints.
+    pub hostname: Option<Arc<str>>,
+    pub health: Arc<Health>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("service {service}: no healthy endpoint")]
+    NoEndpoint { service: Arc<str> },
+    #[error("service {service}: connect to {target} timed out after {timeout:?}")]
+    Timeout { service: Arc<str>, target: TargetAddr, timeout: Duration },
+    #[error("service {service}: connect to {target}: {source}")]
+    Io { service: Arc<str>, target: TargetAddr, source: io::Error },
+}
+
+impl ConnectError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
+}
+
+/// A connection to an endpoint, counted as active on its target until dropped.
+#[derive(Debug)]
+pub struct Connected {
+    pub stream: UpstreamStream,
+    pub target: Target,
+    pub active: ActiveGuard,
+}
+
+pub struct Upstream {
+    service: Arc<str>,
+    endpoints: Vec<Endpoint>,
+    settings: Arc<Settings>,
+    targets: ArcSwap<Vec<Target>>,
+    state: Mutex<ResolutionState>,
+    /// Bumped whenever a DNS endpoint was resolved (or failed to be), to wake waiting connects.
+    generation: watch::Sender<u64>,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+#[derive(Default)]
+struct ResolutionState {
+    /// Addresses per endpoint index: `None` until its first answer.
+    resolved: Vec<Option<Vec<IpAddr>>>,
+    /// DNS endpoints whose first lookup has finished (well or not).
+    attempted: Vec<bool>,
+    health: HashMap<TargetAddr, Arc<Health>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("service", &self.service).field("endpoints", &self.endpoints).finish()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            tasks.iter().for_each(AbortHandle::abort);
+        }
+    }
+}
+
+impl Upstream {
+    /// Builds the upstream and, for DNS endpoints, starts their resolution (needs a tokio runtime).
+    pub fn new(service: Arc<str>, endpoints: Vec<Endpoint>, settings: Arc<Settings>) -> Arc<Self> {
+        let n = endpoints.len();
+        let upstream = Arc::new(Self {
+            service,
+            endpoints,
+            settings,
+            targets: ArcSwap::from_pointee(Vec::new()),
+            state: Mutex::new(ResolutionState {
+                resolved: vec![None; n],
+                attempted: vec![false; n],
+                ..Default::default()
+            }),
+            generation: watch::Sender::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        upstream.rebuild();
+        let mut tasks = Vec::new();
+        for (index, endpoint) in upstream.endpoints.iter().enumerate() {
+            if let EndpointAddress::Dns(name) = &endpoint.address {
+                let task = refresh_loop(Arc::downgrade(&upstream), index, name.clone());
+                tasks.push(tokio::spawn(task).abort_handle());
+            }
+        }
+        if let Ok(mut slot) = upstream.tasks.lock() {
+            *slot = tasks;
+        }
+        upstream
+    }
+
+    pub fn service(&self) -> &Arc<str> {
+        &self.service
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// The addresses traffic can go to now.
+    pub fn targets(&self) -> Arc<Vec<Target>> {
+        self.targets.load_full()
+    }
+
+    fn set_resolved(&self, index: usize, addresses: Option<Vec<IpAddr>>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.attempted[index] = true;
+            if let Some(addresses) = addresses {
+                state.resolved[index] = Some(addresses);
+            }
+        }
+        self.rebuild();
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Recomputes the target list, keeping the health of addresses that stay.
+    fn rebuild(&self) {
+        let Ok(mut state) = self.state.lock() else { return };
+        let state = &mut *state;
+        let mut targets = Vec::new();
+        let mut health = HashMap::new();
+        for (endpoint, resolved) in self.endpoints.iter().zip(&state.resolved) {
+            let (addrs, hostname): (Vec<TargetAddr>, Option<Arc<str>>) = match &endpoint.address {
+                EndpointAddress::Ip(ip) => (vec![TargetAddr::Socket(SocketAddr::new(*ip, endpoint.port))], None),
+                EndpointAddress::Unix(path) => (vec![TargetAddr::Unix(path.clone())], None),
+                EndpointAddress::Dns(name) => (
+                    resolved
+                        .iter()
+                        .flatten()
+                        .map(|ip| TargetAddr::Socket(SocketAddr::new(*ip, endpoint.port)))
+                        .collect(),
+                    Some(Arc::from(name.as_str())),
+                ),
+            };
+            for addr in addrs {
+                let h = state.health.get(&addr).cloned().unwrap_or_default();
+                health.insert(addr.clone(), h.clone());
+                targets.push(Target { addr, priority: endpoint.priority, hostname: hostname.clone(), health: h });
+            }
+        }
+        state.health = health;
+        self.targets.store(Arc::new(targets));
+    }
+
+    /// Least-request with two random choices among the healthy targets of the most preferred
+    /// priority level that has one. When every target is ejected, the most preferred level is
+    /// tried anyway rather than failing outright.
+    pub fn pick(&self, exclude: Option<&TargetAddr>) -> Option<Target> {
+        let targets = self.targets.load();
+        let allowed = |t: &&Target| Some(&t.addr) != exclude;
+        let healthy_level = targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min();
+        let (level, only_healthy) = match healthy_level {
+            Some(level) => (level, true),
+            None => (targets.iter().filter(allowed).map(|t| t.priority).min()?, false),
+        };
+        let eligible = |t: &&Target| allowed(t) && t.priority == level && (!only_healthy || t.health.is_healthy());
+        let count = targets.iter().filter(eligible).count();
+        let nth = |n: usize| targets.iter().filter(eligible).nth(n);
+        let chosen = if count <= 1 {
+            nth(0)
+        } else {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..count);
+            let b = (a + rng.random_range(1..count)) % count;
+            match (nth(a), nth(b)) {
+                (Some(x), Some(y)) if y.health.active() < x.health.active() => Some(y),
+                (x, _) => x,
+            }
+        };
+        chosen.cloned()
+    }
+
+    /// Connects to a picked target, retrying once on another one when the first fails.
+    pub async fn connect(&self) -> Result<Connected, ConnectError> {
+        self.wait_for_first_resolution().await;
+        let no_endpoint = || ConnectError::NoEndpoint { service: self.service.clone() };
+        let first = self.pick(None).ok_or_else(no_endpoint)?;
+        let error = match self.attempt(&first).await {
+            Ok(connected) => return Ok(connected),
+            Err(e) => e,
+        };
+        tracing::debug!(service = %self.service, target = %first.addr, error = %error, "connect failed; retrying on another endpoint");
+        match self.pick(Some(&first.addr)) {
+            Some(second) => self.attempt(&second).await,
+            None => Err(error),
+        }
+    }
+
+    async fn attempt(&self, target: &Target) -> Result<Connected, ConnectError> {
+        let active = target.health.track();
+        let timeout = self.settings.connect_timeout;
+        let result = tokio::time::timeout(timeout, UpstreamStream::connect(&target.addr)).await;
+        let error = match result {
+            Ok(Ok(stream)) => {
+                target.health.record_success();
+                return Ok(Connected { stream, target: target.clone(), active });
+            }
+            Ok(Err(source)) => ConnectError::Io { service: self.service.clone(), target: target.addr.clone(), source },
+            Err(_) => ConnectError::Timeout { service: self.service.clone(), target: target.addr.clone(), timeout },
+        };
+        if target.health.record_failure(&self.settings.ejection) {
+            tracing::warn!(service = %self.service, target = %target.addr, "endpoint ejected after consecutive connect failures");
+        }
+        Err(error)
+    }
+
+    /// A connection arriving right after start waits (up to the connect timeout) for the
+    /// first DNS answers instead of failing.
+    async fn wait_for_first_resolution(&self) {
+        let pending = || {
+            self.targets.load().is_empty()
+                && self.state.lock().is_ok_and(|s| {
+                    self.endpoints
+                        .iter()
+                        .zip(&s.attempted)
+                        .any(|(e, done)| matches!(e.address, EndpointAddress::Dns(_)) && !done)
+                })
+        };
+        if !pending() {
+            return;
+        }
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let mut changes = self.generation.subscribe();
+        while pending() {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn refresh_loop(upstream: Weak<Upstream>, index: usize, name: String) {
+    let mut retry = resolve::FIRST_RETRY;
+    loop {
+        let Some(up) = upstream.upgrade() else { return };
+        let resolved = match up.settings.resolver.get() {
+            Ok(resolver) => resolver.resolve(&name).await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("no resolver: {e}")),
+        };
+        let next = match resolved {
+            Ok(r) => {
+                up.set_resolved(index, Some(r.addresses));
+                retry = resolve::FIRST_RETRY;
+                Instant::from_std(r.refresh_at)
+            }
+            Err(error) => {
+                // Keep the last good answer; ask again soon.
+                tracing::warn!(service = %up.service, endpoint = %name, %error, "DNS resolution failed; keeping the last answer");
+                up.set_resolved(index, None);
+                let at = Instant::now() + retry;
+                retry = (retry * 2).min(resolve::MAX_RETRY);
+                at
+            }
+        };
+        drop(up);
+        tokio::time::sleep_until(next).await;
+    }
+}
