@@ -338,3 +338,71 @@ async fn refresh_loop(upstream: Weak<Upstream>, index: usize, name: String) {
         tokio::time::sleep_until(next).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip_endpoint(port: u16, priority: u8) -> Endpoint {
+        Endpoint { address: EndpointAddress::Ip("127.0.0.1".parse().unwrap()), port, priority }
+    }
+
+    fn upstream(endpoints: Vec<Endpoint>) -> Arc<Upstream> {
+        let settings = Settings {
+            ejection: EjectionPolicy { consecutive_failures: 1, base_time: Duration::from_secs(600) },
+            ..Settings::default()
+        };
+        Upstream::new(Arc::from("default/test"), endpoints, Arc::new(settings))
+    }
+
+    fn port(t: &Target) -> u16 {
+        match &t.addr {
+            TargetAddr::Socket(a) => a.port(),
+            TargetAddr::Unix(_) => 0,
+        }
+    }
+
+    #[test]
+    fn prefers_the_lowest_priority_level_with_a_healthy_target() {
+        let up = upstream(vec![ip_endpoint(1, 1), ip_endpoint(2, 0), ip_endpoint(3, 0)]);
+        for _ in 0..50 {
+            assert_ne!(port(&up.pick(None).unwrap()), 1);
+        }
+        let targets = up.targets();
+        for t in targets.iter().filter(|t| t.priority == 0) {
+            t.health.record_failure(&up.settings.ejection);
+        }
+        assert_eq!(port(&up.pick(None).unwrap()), 1, "fails over when level 0 has no healthy target");
+    }
+
+    #[test]
+    fn excluding_the_failed_target_picks_another() {
+        let up = upstream(vec![ip_endpoint(1, 0), ip_endpoint(2, 0)]);
+        let first = up.pick(None).unwrap();
+        let second = up.pick(Some(&first.addr)).unwrap();
+        assert_ne!(first.addr, second.addr);
+        let single = upstream(vec![ip_endpoint(1, 0)]);
+        let only = single.pick(None).unwrap();
+        assert!(single.pick(Some(&only.addr)).is_none());
+    }
+
+    #[test]
+    fn all_ejected_still_tries_the_preferred_level() {
+        let up = upstream(vec![ip_endpoint(1, 0), ip_endpoint(2, 1)]);
+        for t in up.targets().iter() {
+            t.health.record_failure(&up.settings.ejection);
+        }
+        assert_eq!(port(&up.pick(None).unwrap()), 1);
+    }
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded_target() {
+        let up = upstream(vec![ip_endpoint(1, 0), ip_endpoint(2, 0)]);
+        let targets = up.targets();
+        let busy = targets.iter().find(|t| port(t) == 1).unwrap();
+        let _guards: Vec<_> = (0..5).map(|_| busy.health.track()).collect();
+        for _ in 0..50 {
+            assert_eq!(port(&up.pick(None).unwrap()), 2);
+        }
+    }
+}

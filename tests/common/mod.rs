@@ -1,0 +1,236 @@
+//! Shared helpers for integration tests: in-process upstreams, a DNS server, and a proxy.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_egress::catalog::CompileOptions;
+use mesh_egress::listen::{OriginalDst, SoOriginalDst};
+use mesh_egress::server::{Options, Server};
+use mesh_egress::upstream::{EjectionPolicy, ResolverSource, Settings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+
+/// An address nothing listens on (bound, then released).
+pub fn free_addr(ip: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A TCP server that greets with `name\n`, echoes what it reads, and on the client's FIN
+/// writes `<eof>` and closes: shows both directions and half-close.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn echo_server(addr: SocketAddr, name: &str) -> Upstream {
+    let listener = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let addr = listener.local_addr().unwrap();
+    let name = name.to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _ = echo(stream, &name).await;
+            });
+        }
+    });
+    Upstream { addr, task }
+}
+
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S, name: &str) -> io::Result<()> {
+    stream.write_all(format!("{name}\n").as_bytes()).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n]).await?;
+    }
+    stream.write_all(b"<eof>").await?;
+    stream.shutdown().await
+}
+
+pub async fn unix_echo_server(path: &Path, name: &str) -> JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let name = name.to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _ = echo(stream, &name).await;
+            });
+        }
+    })
+}
+
+/// Connects, reads the greeting line, and returns it with the stream.
+pub async fn greet(addr: SocketAddr) -> io::Result<(String, TcpStream)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("closed after {line:?}")));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok((String::from_utf8_lossy(&line).into_owned(), stream))
+}
+
+/// A DNS server on loopback answering A queries from a table that tests can change.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    pub records: Arc<Mutex<HashMap<String, Ipv4Addr>>>,
+    pub queries: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DnsServer {
+    pub fn set(&self, name: &str, ip: Ipv4Addr) {
+        self.records.lock().unwrap().insert(format!("{}.", name.trim_end_matches('.')), ip);
+    }
+}
+
+pub async fn dns_server(ttl: u32) -> DnsServer {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let records: Arc<Mutex<HashMap<String, Ipv4Addr>>> = Arc::default();
+    let queries: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let (table, count) = (records.clone(), queries.clone());
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else { return };
+            let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut response = Message::new();
+            response.set_id(query.id()).set_message_type(MessageType::Response).set_recursion_desired(true);
+            response.set_recursion_available(true).set_authoritative(true);
+            for q in query.queries() {
+                response.add_query(q.clone());
+                let name = q.name().to_ascii().to_lowercase();
+                let ip = table.lock().unwrap().get(&name).copied();
+                match (q.query_type(), ip) {
+                    (RecordType::A, Some(ip)) => {
+                        response.add_answer(Record::from_rdata(q.name().clone(), ttl, RData::A(A(ip))));
+                    }
+                    (_, Some(_)) => {}
+                    (_, None) => {
+                        response.set_response_code(ResponseCode::NXDomain);
+                    }
+                }
+            }
+            if let Ok(bytes) = response.to_vec() {
+                let _ = socket.send_to(&bytes, peer).await;
+            }
+        }
+    });
+    DnsServer { addr, records, queries, task }
+}
+
+/// Writes `yaml` into a fresh directory and returns it (kept alive by the returned guard).
+pub fn config_dir(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    (dir, path)
+}
+
+pub fn options(config: PathBuf) -> Options {
+    Options {
+        config_paths: vec![config],
+        state_dir: None,
+        compile: CompileOptions::default(),
+        admin: None,
+        transparent: None,
+        bind_vips: false,
+        passthrough: true,
+        upstream: Settings {
+            connect_timeout: Duration::from_secs(2),
+            ejection: EjectionPolicy { consecutive_failures: 2, base_time: Duration::from_millis(500) },
+            resolver: ResolverSource::new(Vec::new()),
+        },
+    }
+}
+
+pub async fn start(options: Options) -> Server {
+    start_with(options, Arc::new(SoOriginalDst)).await
+}
+
+pub async fn start_with(options: Options, original_dst: Arc<dyn OriginalDst>) -> Server {
+    Server::start(options, original_dst).await.unwrap_or_else(|e| panic!("proxy did not start: {e}"))
+}
+
+/// Original destinations chosen by the test, keyed by the client's address.
+#[derive(Default)]
+pub struct InjectedOriginalDst(pub Mutex<HashMap<SocketAddr, SocketAddr>>);
+
+impl OriginalDst for InjectedOriginalDst {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        let peer = stream.peer_addr()?;
+        self.0.lock().unwrap().get(&peer).copied().ok_or_else(|| io::Error::other("not redirected"))
+    }
+}
+
+impl InjectedOriginalDst {
+    /// Connects to `listener` as if the application had dialled `dst` and been redirected.
+    pub async fn connect(&self, listener: SocketAddr, dst: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        self.0.lock().unwrap().insert(socket.local_addr().unwrap(), dst);
+        socket.connect(listener).await.unwrap()
+    }
+}
+
+/// A MeshExternalService plus a Dataplane outbound for it on `outbound`.
+pub fn service_with_outbound(name: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
+    format!(
+        "type: MeshExternalService\nname: {name}\nmesh: default\nspec:\n  match:\n    port: 9000\n    protocol: tcp\n  endpoints:\n{endpoints}{extra}\n---\ntype: Dataplane\nname: app-{name}\nmesh: default\nnetworking:\n  outbound:\n    - address: {}\n      port: {}\n      backendRef: {{kind: MeshExternalService, name: {name}}}\n",
+        outbound.ip(),
+        outbound.port()
+    )
+}
+
+pub fn endpoint(address: &str, port: u16, priority: u8) -> String {
+    format!("    - address: {address}\n      port: {port}\n      priority: {priority}\n")
+}
+
+/// Waits until `check` returns true, panicking with `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,153 @@
+//! `mesh-egress run` as a real process: readiness, start-up errors, and a 1 GiB transfer with
+//! the proxy's memory bounded.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proxy {
+    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mesh-egress");
+    Proxy(child)
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    eventually("/ready answers 200", Duration::from_secs(20), || async {
+        http_get(admin, "/ready").await.is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn invalid_configuration_at_start_exits_non_zero_with_every_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args(["run", "-c", "tests/data/invalid", "--admin", "off", "--transparent", "off"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid configuration"), "{stderr}");
+    for path in [
+        "spec.match.type",
+        "spec.match.port",
+        "spec.match.protocol",
+        "spec.tls.verification.mode",
+        "spec.tls.verification.clientKey",
+    ] {
+        let named = stderr.lines().any(|l| l.contains("tests/data/invalid/broken.yaml:") && l.contains(path));
+        assert!(named, "{path} missing:\n{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_port_that_cannot_be_bound_is_a_clear_start_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let (_dir, config) = config_dir(&service_with_outbound("x", addr, &endpoint("127.0.0.1", 1, 0), ""));
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args(["run", "-c", config.to_str().unwrap(), "--admin", "off", "--transparent", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot listen on {addr} (outbound listener)")), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_with_bounded_memory() {
+    const GIB: u64 = 1 << 30;
+    // Upstream: counts what it receives, then sends 1 GiB back and closes.
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = sink.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await.unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut received = 0u64;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+        let chunk = vec![7u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < GIB {
+            s.write_all(&chunk).await.unwrap();
+            sent += chunk.len() as u64;
+        }
+        s.shutdown().await.unwrap();
+        received
+    });
+    let outbound = free_addr("127.0.0.1");
+    let admin = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_outbound("bulk", outbound, &endpoint("127.0.0.1", upstream.port(), 0), ""));
+    let proxy = spawn(&["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string(), "--transparent", "off"]);
+    wait_ready(admin).await;
+    let idle_kib = peak_rss_kib(proxy.0.id());
+
+    let mut client = TcpStream::connect(outbound).await.unwrap();
+    let chunk = vec![1u8; 256 * 1024];
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while sent < GIB {
+        client.write_all(&chunk).await.unwrap();
+        sent += chunk.len() as u64;
+    }
+    client.shutdown().await.unwrap(); // half-close: the download still comes
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n = client.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(server.await.unwrap(), GIB, "upstream received every byte");
+    assert_eq!(received, GIB, "client received every byte");
+    let peak_kib = peak_rss_kib(proxy.0.id());
+    eprintln!(
+        "2 GiB through the proxy in {elapsed:?} ({:.0} MiB/s); proxy RSS idle {idle_kib} KiB, peak {peak_kib} KiB",
+        2048.0 / elapsed.as_secs_f64()
+    );
+    // Buffers are at most 256 KiB per direction: memory must not follow the transfer size.
+    assert!(peak_kib < idle_kib + 16 * 1024, "peak RSS {peak_kib} KiB vs idle {idle_kib} KiB");
+}
