@@ -140,7 +140,11 @@ struct CompileArgs {
 
 impl CompileArgs {
     fn options(&self) -> CompileOptions {
-        CompileOptions { zone: self.zone.clone(), default_hostnames: !self.no_default_hostnames, ..Default::default() }
+        CompileOptions {
+            zone: self.zone.clone(),
+            default_hostnames: !self.no_default_hostnames,
+            ..CompileOptions::from_env()
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ZONE,
 };
 use crate::template::{Template, Values};
+use crate::tls::SystemRoots;
 
 /// Kuma's default template for MeshExternalService hostnames.
 pub const DEFAULT_TEMPLATE: &str = "{{ .DisplayName }}.extsvc.mesh.local";
@@ -28,11 +29,22 @@ pub struct CompileOptions {
     /// Apply [`DEFAULT_TEMPLATE`] when no HostnameGenerator is configured.
     pub default_hostnames: bool,
     pub extensions: Registry,
+    /// CA file standing in for the OS store (`KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH`).
+    pub system_ca_file: Option<PathBuf>,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        Self { zone: String::new(), default_hostnames: true, extensions: Registry::default() }
+        Self { zone: String::new(), default_hostnames: true, extensions: Registry::default(), system_ca_file: None }
+    }
+}
+
+impl CompileOptions {
+    /// Defaults plus what Kuma's environment variables set.
+    pub fn from_env() -> Self {
+        let system_ca_file =
+            std::env::var_os(crate::tls::roots::SYSTEM_CA_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+        Self { system_ca_file, ..Self::default() }
     }
 }
 
@@ -88,6 +100,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
     let file_rank = file_ranks(resources);
     services.sort_by(|a, b| (file_rank[&*a.0.origin.file], &a.0.name).cmp(&(file_rank[&*b.0.origin.file], &b.0.name)));
 
+    let system_roots = SystemRoots::new(options.system_ca_file.clone());
     let mut catalog = Catalog::default();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     for (meta, spec, status_vip) in services {
@@ -103,7 +116,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
             continue;
         }
         let access = if forbidden_meshes.contains(&meta.mesh.as_str()) { Access::Forbidden } else { Access::Allowed };
-        let mut service = service(meta, spec, access, options, &secrets);
+        let mut service = service(meta, spec, access, options, &secrets, &system_roots);
         service.vip = ipam.assign(&key, status_vip);
         if service.vip.is_none() && service.broken.is_none() {
             service.broken =
@@ -134,6 +147,7 @@ fn service(
     access: Access,
     options: &CompileOptions,
     secrets: &Secrets,
+    system_roots: &SystemRoots,
 ) -> Service {
     let m = spec.match_.clone().unwrap_or_default();
     let mut broken = None;
@@ -151,6 +165,15 @@ fn service(
         },
         None => None,
     };
+    let protocol = m.protocol.as_deref().and_then(Protocol::parse).unwrap_or(Protocol::Tcp);
+    let tls_client = match tls.as_ref().map(|policy| crate::tls::client_config(policy, protocol, system_roots)) {
+        Some(Ok(config)) => Some(config),
+        Some(Err(reason)) => {
+            broken = broken.or(Some(reason));
+            None
+        }
+        None => None,
+    };
     Service {
         name: meta.name.clone(),
         mesh: meta.mesh.clone(),
@@ -159,9 +182,10 @@ fn service(
         labels: meta.labels.clone(),
         origin: meta.origin.clone(),
         port: m.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
-        protocol: m.protocol.as_deref().and_then(Protocol::parse).unwrap_or(Protocol::Tcp),
+        protocol,
         endpoints: spec.endpoints.iter().filter_map(endpoint).collect(),
         tls,
+        tls_client,
         extension,
         access,
         vip: None,

@@ -177,7 +177,7 @@ pub struct Condition {
     pub generator: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Service {
     pub name: String,
     pub mesh: String,
@@ -189,6 +189,8 @@ pub struct Service {
     pub protocol: Protocol,
     pub endpoints: Vec<Endpoint>,
     pub tls: Option<TlsPolicy>,
+    /// Built from `tls` once per configuration; shared by every connection of the service.
+    pub tls_client: Option<Arc<rustls::ClientConfig>>,
     /// `spec.extension.type`, when the service is driven by an extension.
     pub extension: Option<String>,
     pub access: Access,

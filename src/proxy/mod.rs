@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use crate::catalog::Access;
 use crate::listen::{ListenerKind, OriginalDst};
 use crate::live::Live;
-use crate::upstream::{TargetAddr, UpstreamStream};
+use crate::metrics::metrics;
+use crate::tls;
+use crate::upstream::{Connected, TargetAddr, UpstreamStream};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -70,16 +72,37 @@ impl Proxy {
             tracing::info!(service = %upstream.service(), %peer, "access forbidden by Mesh (defaultForbidMeshExternalServiceAccess); closing");
             return;
         }
-        let mut connected = match upstream.connect().await {
+        let Connected { stream, target, active: _active } = match upstream.connect().await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(%peer, %error, "upstream connect failed; closing");
                 return;
             }
         };
-        let (bytes, result) = tcp::proxy(&mut client, &mut connected.stream).await;
+        let (bytes, result) = match (&service.tls, &service.tls_client) {
+            (Some(policy), Some(config)) => {
+                let mut tls = match tls::connect(config, tls::server_name(policy, &target), stream).await {
+                    Ok(tls) => tls,
+                    Err(error) => {
+                        metrics().tls_failure(upstream.service(), error.reason);
+                        tracing::warn!(service = %upstream.service(), %peer, endpoint = %target.addr, %error, "TLS handshake failed; closing");
+                        return;
+                    }
+                };
+                let (bytes, result) = tcp::proxy(&mut client, &mut tls).await;
+                // TLS 1.3 servers reject a client certificate after the handshake: count it too.
+                if let Some(reason) = result.as_ref().err().and_then(tls::reason_of_io) {
+                    metrics().tls_failure(upstream.service(), reason);
+                }
+                (bytes, result)
+            }
+            _ => {
+                let mut stream = stream;
+                tcp::proxy(&mut client, &mut stream).await
+            }
+        };
         tracing::debug!(
-            service = %upstream.service(), %peer, endpoint = %connected.target.addr,
+            service = %upstream.service(), %peer, endpoint = %target.addr,
             sent = bytes.client_to_upstream, received = bytes.upstream_to_client,
             error = result.err().map(|e| e.to_string()), "connection closed"
         );

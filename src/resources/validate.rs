@@ -123,8 +123,9 @@ fn tls(tls: &TlsSpec, v: &mut Violations) {
         let max = version.max.as_deref();
         let min_ok = check_version("min", min, v);
         let max_ok = check_version("max", max, v);
+        // TLSAuto is no bound (Kuma ranks it with TLS10 and so rejects `min: TLS13, max: TLSAuto`).
         if let (true, true, Some(min), Some(max)) = (min_ok, max_ok, min, max) {
-            if version_order(min) > version_order(max) {
+            if min != "TLSAuto" && max != "TLSAuto" && version_order(min) > version_order(max) {
                 v.error("spec.tls.version.min", "min version must be lower than max");
             }
         }
@@ -185,15 +186,8 @@ fn check_version(field: &str, value: Option<&str>, v: &mut Violations) -> bool {
     }
 }
 
-/// Order of TLS versions as Kuma compares them; `TLSAuto` is the widest on both ends.
 fn version_order(v: &str) -> usize {
-    match v {
-        "TLS10" => 1,
-        "TLS11" => 2,
-        "TLS12" => 3,
-        "TLS13" => 4,
-        _ => 0,
-    }
+    TLS_VERSIONS.iter().position(|&known| known == v).unwrap_or(0)
 }
 
 fn data_source(path: &str, source: &DataSource, v: &mut Violations) {

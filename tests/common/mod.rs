@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: in-process upstreams, a DNS server, and a proxy.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod pki;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
