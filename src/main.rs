@@ -94,6 +94,13 @@ struct RunArgs {
     /// Timeout for connecting to an endpoint (Kuma's default: 5s).
     #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// HTTP/gRPC: time allowed until the response headers arrive, `0s` for none (Kuma's
+    /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
+    #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Idle pooled HTTP/1 connections to endpoints are closed after this long.
+    #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
     /// DNS server(s) for endpoint names, IP:PORT (repeatable). Default: /etc/resolv.conf.
     #[arg(long, env = "MESH_EGRESS_UPSTREAM_DNS", value_delimiter = ',')]
     upstream_dns: Vec<SocketAddr>,
@@ -194,6 +201,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     let options = Options {
         config_paths: args.config,
+        request_timeout: Some(args.request_timeout).filter(|t| !t.is_zero()),
         state_dir: args.state_dir,
         compile: args.compile.options(),
         admin: args.admin.0,
@@ -202,6 +210,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         passthrough: !args.no_passthrough,
         upstream: Settings {
             connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
             ejection: EjectionPolicy { consecutive_failures: args.eject_after, base_time: args.ejection_time },
             resolver: ResolverSource::new(args.upstream_dns),
         },

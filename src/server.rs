@@ -21,6 +21,8 @@ use crate::upstream;
 #[derive(Debug)]
 pub struct Options {
     pub config_paths: Vec<PathBuf>,
+    /// HTTP: time allowed until the response headers arrive (`None`: no limit).
+    pub request_timeout: Option<std::time::Duration>,
     pub state_dir: Option<PathBuf>,
     pub compile: CompileOptions,
     pub admin: Option<SocketAddr>,
@@ -71,7 +73,11 @@ impl Server {
         let live = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let proxy = Arc::new(Proxy {
             live: live.clone(),
-            settings: ProxySettings { passthrough: options.passthrough, connect_timeout: settings.connect_timeout },
+            settings: ProxySettings {
+                passthrough: options.passthrough,
+                connect_timeout: settings.connect_timeout,
+                request_timeout: options.request_timeout,
+            },
             original_dst,
         });
         let mut server = Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None };

@@ -1,6 +1,7 @@
 //! What happens to an accepted connection: find its service, check access, pick an endpoint,
 //! and move the traffic.
 
+pub mod http;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -9,18 +10,20 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::catalog::Access;
+use crate::catalog::{Access, Protocol};
 use crate::listen::{ListenerKind, OriginalDst};
 use crate::live::Live;
 use crate::metrics::metrics;
 use crate::tls;
-use crate::upstream::{Connected, TargetAddr, UpstreamStream};
+use crate::upstream::{Connected, TargetAddr, TlsSetup, UpstreamStream};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     /// Send transparent traffic for unknown destinations where it was going.
     pub passthrough: bool,
     pub connect_timeout: Duration,
+    /// HTTP: time allowed until the response headers arrive.
+    pub request_timeout: Option<Duration>,
 }
 
 pub struct Proxy {
@@ -64,6 +67,11 @@ impl Proxy {
         let service = route.service.clone();
         let upstream = route.upstream.clone();
         drop(snapshot);
+        // HTTP answers broken/forbidden per request (503/403, or gRPC status).
+        if service.protocol != Protocol::Tcp {
+            let request_timeout = self.settings.request_timeout;
+            return http::serve(client, http::HttpProxy { service, upstream, request_timeout }).await;
+        }
         if let Some(reason) = &service.broken {
             tracing::warn!(service = %upstream.service(), %peer, reason = %reason, "service is broken; closing");
             return;
@@ -72,35 +80,20 @@ impl Proxy {
             tracing::info!(service = %upstream.service(), %peer, "access forbidden by Mesh (defaultForbidMeshExternalServiceAccess); closing");
             return;
         }
-        let Connected { stream, target, active: _active } = match upstream.connect().await {
+        let tls =
+            service.tls.as_ref().zip(service.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config });
+        let Connected { mut stream, target, active: _active } = match upstream.connect(tls).await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(%peer, %error, "upstream connect failed; closing");
                 return;
             }
         };
-        let (bytes, result) = match (&service.tls, &service.tls_client) {
-            (Some(policy), Some(config)) => {
-                let mut tls = match tls::connect(config, tls::server_name(policy, &target), stream).await {
-                    Ok(tls) => tls,
-                    Err(error) => {
-                        metrics().tls_failure(upstream.service(), error.reason);
-                        tracing::warn!(service = %upstream.service(), %peer, endpoint = %target.addr, %error, "TLS handshake failed; closing");
-                        return;
-                    }
-                };
-                let (bytes, result) = tcp::proxy(&mut client, &mut tls).await;
-                // TLS 1.3 servers reject a client certificate after the handshake: count it too.
-                if let Some(reason) = result.as_ref().err().and_then(tls::reason_of_io) {
-                    metrics().tls_failure(upstream.service(), reason);
-                }
-                (bytes, result)
-            }
-            _ => {
-                let mut stream = stream;
-                tcp::proxy(&mut client, &mut stream).await
-            }
-        };
+        let (bytes, result) = tcp::proxy(&mut client, &mut stream).await;
+        // TLS 1.3 servers reject a client certificate after the handshake: count it too.
+        if let Some(reason) = result.as_ref().err().and_then(tls::reason_of_io) {
+            metrics().tls_failure(upstream.service(), reason);
+        }
         tracing::debug!(
             service = %upstream.service(), %peer, endpoint = %target.addr,
             sent = bytes.client_to_upstream, received = bytes.upstream_to_client,

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
 
 /// Where a connection goes: an address from an IP or DNS endpoint, or a unix socket.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -85,6 +86,67 @@ impl AsyncWrite for UpstreamStream {
         match self {
             Self::Tcp(s) => s.is_write_vectored(),
             Self::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// An upstream connection, with or without TLS.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Plain(UpstreamStream),
+    Tls(Box<TlsStream<UpstreamStream>>),
+}
+
+impl UpstreamIo {
+    /// The protocol the server chose by ALPN, if TLS negotiated one.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+}
+
+macro_rules! delegate_io {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamIo::Plain($s) => $e,
+            UpstreamIo::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate_io!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate_io!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_io!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_io!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate_io!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod connect;
 pub mod health;
+pub mod pool;
 pub mod resolve;
 
 use std::collections::HashMap;
@@ -19,11 +20,20 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-pub use connect::{TargetAddr, UpstreamStream};
+pub use connect::{TargetAddr, UpstreamIo, UpstreamStream};
 pub use health::{ActiveGuard, EjectionPolicy, Health};
 pub use resolve::DnsResolver;
 
-use crate::catalog::{Endpoint, EndpointAddress};
+use crate::catalog::{Endpoint, EndpointAddress, TlsPolicy};
+use crate::metrics::metrics;
+use crate::tls::{self, TlsError};
+
+/// What TLS origination needs for one service.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsSetup<'a> {
+    pub policy: &'a TlsPolicy,
+    pub config: &'a Arc<rustls::ClientConfig>,
+}
 
 /// Kuma's default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +68,8 @@ impl ResolverSource {
 #[derive(Debug)]
 pub struct Settings {
     pub connect_timeout: Duration,
+    /// Idle HTTP/1 upstream connections are closed after this long.
+    pub idle_timeout: Duration,
     pub ejection: EjectionPolicy,
     pub resolver: ResolverSource,
 }
@@ -66,6 +78,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: pool::DEFAULT_IDLE_TIMEOUT,
             ejection: EjectionPolicy::default(),
             resolver: ResolverSource::default(),
         }
@@ -90,6 +103,8 @@ pub enum ConnectError {
     Timeout { service: Arc<str>, target: TargetAddr, timeout: Duration },
     #[error("service {service}: connect to {target}: {source}")]
     Io { service: Arc<str>, target: TargetAddr, source: io::Error },
+    #[error("service {service}: endpoint {target}: {source}")]
+    Tls { service: Arc<str>, target: TargetAddr, source: TlsError },
 }
 
 impl ConnectError {
@@ -101,7 +116,7 @@ impl ConnectError {
 /// A connection to an endpoint, counted as active on its target until dropped.
 #[derive(Debug)]
 pub struct Connected {
-    pub stream: UpstreamStream,
+    pub stream: UpstreamIo,
     pub target: Target,
     pub active: ActiveGuard,
 }
@@ -115,6 +130,8 @@ pub struct Upstream {
     /// Bumped whenever a DNS endpoint was resolved (or failed to be), to wake waiting connects.
     generation: watch::Sender<u64>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// HTTP connections; kept with the upstream so they survive reloads that keep it.
+    pub pool: pool::Pool,
 }
 
 #[derive(Default)]
@@ -144,6 +161,7 @@ impl Upstream {
     /// Builds the upstream and, for DNS endpoints, starts their resolution (needs a tokio runtime).
     pub fn new(service: Arc<str>, endpoints: Vec<Endpoint>, settings: Arc<Settings>) -> Arc<Self> {
         let n = endpoints.len();
+        let settings_idle = settings.idle_timeout;
         let upstream = Arc::new(Self {
             service,
             endpoints,
@@ -156,6 +174,7 @@ impl Upstream {
             }),
             generation: watch::Sender::new(0),
             tasks: Mutex::new(Vec::new()),
+            pool: pool::Pool::new(settings_idle),
         });
         upstream.rebuild();
         let mut tasks = Vec::new();
@@ -164,6 +183,9 @@ impl Upstream {
                 let task = refresh_loop(Arc::downgrade(&upstream), index, name.clone());
                 tasks.push(tokio::spawn(task).abort_handle());
             }
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tasks.push(tokio::spawn(sweep_loop(Arc::downgrade(&upstream))).abort_handle());
         }
         if let Ok(mut slot) = upstream.tasks.lock() {
             *slot = tasks;
@@ -252,29 +274,49 @@ impl Upstream {
         chosen.cloned()
     }
 
-    /// Connects to a picked target, retrying once on another one when the first fails.
-    pub async fn connect(&self) -> Result<Connected, ConnectError> {
+    /// Connects (and handshakes TLS) to a picked target, retrying once on another target when
+    /// the first fails.
+    pub async fn connect(&self, tls: Option<TlsSetup<'_>>) -> Result<Connected, ConnectError> {
         self.wait_for_first_resolution().await;
-        let no_endpoint = || ConnectError::NoEndpoint { service: self.service.clone() };
-        let first = self.pick(None).ok_or_else(no_endpoint)?;
-        let error = match self.attempt(&first).await {
+        let first = self.pick(None).ok_or_else(|| self.no_endpoint())?;
+        let error = match self.connect_target(&first, tls).await {
             Ok(connected) => return Ok(connected),
             Err(e) => e,
         };
         tracing::debug!(service = %self.service, target = %first.addr, error = %error, "connect failed; retrying on another endpoint");
         match self.pick(Some(&first.addr)) {
-            Some(second) => self.attempt(&second).await,
+            Some(second) => self.connect_target(&second, tls).await,
             None => Err(error),
         }
     }
 
-    async fn attempt(&self, target: &Target) -> Result<Connected, ConnectError> {
+    pub fn no_endpoint(&self) -> ConnectError {
+        ConnectError::NoEndpoint { service: self.service.clone() }
+    }
+
+    /// Connects to one target. A failed TCP connect counts against the target's health; a
+    /// failed TLS handshake is counted in the TLS failure metric.
+    pub async fn connect_target(&self, target: &Target, tls: Option<TlsSetup<'_>>) -> Result<Connected, ConnectError> {
         let active = target.health.track();
         let timeout = self.settings.connect_timeout;
         let result = tokio::time::timeout(timeout, UpstreamStream::connect(&target.addr)).await;
         let error = match result {
             Ok(Ok(stream)) => {
                 target.health.record_success();
+                let stream = match tls {
+                    None => UpstreamIo::Plain(stream),
+                    Some(setup) => {
+                        let name = tls::server_name(setup.policy, target);
+                        match tls::connect(setup.config, name, stream).await {
+                            Ok(tls) => UpstreamIo::Tls(Box::new(tls)),
+                            Err(source) => {
+                                metrics().tls_failure(&self.service, source.reason);
+                                let target = target.addr.clone();
+                                return Err(ConnectError::Tls { service: self.service.clone(), target, source });
+                            }
+                        }
+                    }
+                };
                 return Ok(Connected { stream, target: target.clone(), active });
             }
             Ok(Err(source)) => ConnectError::Io { service: self.service.clone(), target: target.addr.clone(), source },
@@ -288,7 +330,7 @@ impl Upstream {
 
     /// A connection arriving right after start waits (up to the connect timeout) for the
     /// first DNS answers instead of failing.
-    async fn wait_for_first_resolution(&self) {
+    pub async fn wait_for_first_resolution(&self) {
         let pending = || {
             self.targets.load().is_empty()
                 && self.state.lock().is_ok_and(|s| {
@@ -308,6 +350,16 @@ impl Upstream {
                 return;
             }
         }
+    }
+}
+
+/// Closes idle pooled connections past their idle timeout.
+async fn sweep_loop(upstream: Weak<Upstream>) {
+    let period = upstream.upgrade().map_or(pool::DEFAULT_IDLE_TIMEOUT, |u| u.settings.idle_timeout) / 2;
+    loop {
+        tokio::time::sleep(period.max(Duration::from_millis(100))).await;
+        let Some(up) = upstream.upgrade() else { return };
+        up.pool.sweep();
     }
 }
 

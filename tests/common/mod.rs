@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: in-process upstreams, a DNS server, and a proxy.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod grpc;
+pub mod http_upstream;
 pub mod pki;
 
 use std::collections::HashMap;
@@ -168,6 +170,7 @@ pub fn config_dir(yaml: &str) -> (tempfile::TempDir, PathBuf) {
 pub fn options(config: PathBuf) -> Options {
     Options {
         config_paths: vec![config],
+        request_timeout: Some(Duration::from_secs(10)),
         state_dir: None,
         compile: CompileOptions::default(),
         admin: None,
@@ -176,6 +179,7 @@ pub fn options(config: PathBuf) -> Options {
         passthrough: true,
         upstream: Settings {
             connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
             ejection: EjectionPolicy { consecutive_failures: 2, base_time: Duration::from_millis(500) },
             resolver: ResolverSource::new(Vec::new()),
         },

@@ -1,0 +1,114 @@
+//! Pooled HTTP connections to endpoints.
+//!
+//! Keyed by everything that makes a connection safe to share: the target address, the TLS
+//! configuration (verification mode, trust, client certificate, ALPN and SNI all come from it)
+//! and the HTTP version. HTTP/1 connections are taken exclusively and returned when a response
+//! is complete; one HTTP/2 connection per key carries every stream (single-flight connect).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+
+use super::TargetAddr;
+
+/// How long an idle HTTP/1 connection is kept (Envoy's default idle timeout is 1 h; Kuma's
+/// MeshTimeout sets 1 h too; we keep sockets shorter as nothing is lost by reconnecting).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1 connections kept per key.
+const MAX_IDLE_PER_KEY: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub target: TargetAddr,
+    /// Identity of the service's `rustls::ClientConfig` (0 without TLS).
+    pub tls: usize,
+    pub http2: bool,
+}
+
+type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>>;
+/// An idle HTTP/1 connection and when it became idle.
+type IdleH1 = (http1::SendRequest<Incoming>, Instant);
+
+#[derive(Default)]
+pub struct Pool {
+    idle_timeout: Duration,
+    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<PoolKey, H2Slot>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout).finish()
+    }
+}
+
+impl Pool {
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self { idle_timeout, ..Self::default() }
+    }
+
+    /// An idle HTTP/1 connection that is still open and not past the idle timeout.
+    pub fn take_h1(&self, key: &PoolKey) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.h1.lock().ok()?;
+        let list = idle.get_mut(key)?;
+        while let Some((sender, since)) = list.pop() {
+            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    pub fn put_h1(&self, key: PoolKey, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let Ok(mut idle) = self.h1.lock() else { return };
+        let list = idle.entry(key).or_default();
+        if list.len() < MAX_IDLE_PER_KEY {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    /// The shared HTTP/2 connection for `key`, connecting (once, for all waiters) if there is
+    /// none or it closed.
+    pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<http2::SendRequest<Incoming>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<http2::SendRequest<Incoming>, E>>,
+    {
+        let slot = match self.h2.lock() {
+            Ok(mut map) => map.entry(key.clone()).or_default().clone(),
+            Err(_) => H2Slot::default(),
+        };
+        let mut current = slot.lock().await;
+        if let Some(sender) = current.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let sender = connect().await?;
+        *current = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Closes idle HTTP/1 connections past the idle timeout and forgets closed HTTP/2 ones.
+    pub fn sweep(&self) {
+        if let Ok(mut idle) = self.h1.lock() {
+            idle.retain(|_, list| {
+                list.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < self.idle_timeout);
+                !list.is_empty()
+            });
+        }
+        if let Ok(mut h2) = self.h2.lock() {
+            h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed())));
+        }
+    }
+
+    /// Idle HTTP/1 connections (for tests and the admin API).
+    pub fn idle_h1(&self) -> usize {
+        self.h1.lock().map(|m| m.values().map(Vec::len).sum()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,181 @@
+//! An HTTP/1.1 + h2c (optionally TLS) upstream whose behaviour is set by request headers:
+//! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`; `/upload` counts
+//! the request body; an `Upgrade` request is answered 101 and then echoed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+pub struct HttpUpstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for HttpUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HttpUpstream {
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn http_upstream(tls: Option<Arc<rustls::ServerConfig>>) -> HttpUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let id = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(id, req));
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(config) => {
+                        let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else { return };
+                        let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+                    }
+                    None => {
+                        let _ = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).await;
+                    }
+                }
+            });
+        }
+    });
+    HttpUpstream { addr, connections, task }
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn full(text: String) -> BoxBody {
+    http_body_util::Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
+}
+
+async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxBody>, std::io::Error> {
+    if let Some(ms) = header(&req, "x-delay-ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if header(&req, "x-reset") == Some("before") {
+        return Err(std::io::Error::other("reset before the response"));
+    }
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::UPGRADE, "websocket")
+            .header(http::header::CONNECTION, "upgrade")
+            .body(full(String::new()))
+            .unwrap();
+        return Ok(response);
+    }
+    let status = header(&req, "x-status").and_then(|s| s.parse().ok()).unwrap_or(200);
+    let size: Option<u64> = header(&req, "x-size").and_then(|s| s.parse().ok());
+    let reset_mid = header(&req, "x-reset") == Some("mid");
+    let description = format!(
+        "conn: {conn}\nversion: {:?}\nmethod: {}\npath: {}\nhost: {}\nauthority: {}\nconnection: {}\nte: {}\nx-private: {}\n",
+        req.version(),
+        req.method(),
+        req.uri().path(),
+        header(&req, "host").unwrap_or("-"),
+        req.uri().authority().map_or("-".to_string(), |a| a.to_string()),
+        header(&req, "connection").unwrap_or("-"),
+        header(&req, "te").unwrap_or("-"),
+        header(&req, "x-private").unwrap_or("-"),
+    );
+    let mut builder = Response::builder().status(status).header("x-upstream-conn", conn.to_string());
+    if req.uri().path() == "/upload" {
+        let mut body = req.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
+                received += data.len() as u64;
+            }
+        }
+        return Ok(builder.body(full(format!("received: {received}\n"))).unwrap());
+    }
+    if reset_mid {
+        builder = builder.header(http::header::CONTENT_LENGTH, "1000000");
+        // The first chunk goes out with the head; the failure comes a moment later.
+        let chunks = stream::unfold(0, |step| async move {
+            match step {
+                0 => Some((Ok(Frame::data(Bytes::from_static(&[b'x'; 1000]))), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Some((Err(std::io::Error::other("reset mid-response")), 2))
+                }
+                _ => None,
+            }
+        });
+        return Ok(builder.body(StreamBody::new(chunks).boxed()).unwrap());
+    }
+    match size {
+        Some(size) => {
+            const CHUNK: u64 = 64 * 1024;
+            let chunk = Bytes::from(vec![b'z'; CHUNK as usize]);
+            let frames = stream::unfold(size, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    (left > 0).then(|| {
+                        let n = left.min(CHUNK);
+                        (Ok(Frame::data(chunk.slice(..n as usize))), left - n)
+                    })
+                }
+            });
+            builder = builder.header(http::header::CONTENT_LENGTH, size.to_string());
+            Ok(builder.body(StreamBody::new(frames).boxed()).unwrap())
+        }
+        None => Ok(builder.body(full(description)).unwrap()),
+    }
+}
+
+/// A rustls server config for the upstream (ALPN h2 and http/1.1).
+pub fn tls_config(leaf: &super::pki::Leaf) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(super::pki::certs(&leaf.cert_pem), key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+#[allow(dead_code)]
+fn _assert_infallible(_: Infallible) {}

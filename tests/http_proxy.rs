@@ -1,0 +1,339 @@
+//! HTTP/1.1, HTTP/2 and gRPC through the proxy against in-process upstreams.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::grpc::{self, grpc_server, RawCodec};
+use common::http_upstream::{http_upstream, tls_config};
+use common::pki::Ca;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn http_service(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
+    service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
+}
+
+type Sender1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn h1(addr: SocketAddr) -> Sender1 {
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(TcpStream::connect(addr).await.unwrap())).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn get(uri: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut b = Request::get(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+async fn text(response: http::Response<hyper::body::Incoming>) -> (StatusCode, String) {
+    let status = response.status();
+    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn field<'a>(body: &'a str, name: &str) -> &'a str {
+    body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_rewritten_for_dns_endpoints_and_kept_for_ip_endpoints() {
+    let upstream = http_upstream(None).await;
+    let dns = dns_server(30).await;
+    dns.set("api.example.test", "127.0.0.1".parse().unwrap());
+    let (by_name, by_ip) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let yaml = format!(
+        "{}---\n{}",
+        http_service("by-name", "http", by_name, &endpoint("api.example.test", upstream.addr.port(), 0), ""),
+        http_service("by-ip", "http", by_ip, &endpoint("127.0.0.1", upstream.addr.port(), 0), "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.upstream.resolver = mesh_egress::upstream::ResolverSource::new(vec![dns.addr]);
+    let _proxy = start(opts).await;
+
+    let (status, body) = text(h1(by_name).await.send_request(get("/x", &[("host", "app.local")])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(field(&body, "host"), format!("api.example.test:{}", upstream.addr.port()));
+    let (_, body) =
+        text(h1(by_ip).await.send_request(get("/y?q=1", &[("host", "app.local:8080")])).await.unwrap()).await;
+    assert_eq!(field(&body, "host"), "app.local:8080");
+    assert_eq!(field(&body, "path"), "/y");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_reuses_upstream_connections() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("ka", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut client = h1(outbound).await;
+    for _ in 0..20 {
+        client.ready().await.unwrap();
+        let (status, _) = text(client.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200);
+    }
+    // New application connections reuse the pooled upstream connection too.
+    for _ in 0..5 {
+        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_are_multiplexed_on_one_upstream_connection() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("mux", "http2", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let client = h2(outbound).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = get(&format!("http://app/{i}"), &[("x-delay-ms", "200")]);
+            text(client.send_request(req).await.unwrap()).await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(field(&body, "path"), format!("/{i}"));
+        assert_eq!(field(&body, "version"), "HTTP/2.0");
+    }
+    assert_eq!(upstream.connections(), 1, "100 concurrent streams over one upstream connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_on_an_http_service_is_detected() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("detect", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let (status, body) = text(h2(outbound).await.send_request(get("http://app.local/h2", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(field(&body, "version"), "HTTP/1.1", "http services speak HTTP/1.1 to the endpoint");
+    assert_eq!(field(&body, "host"), "app.local");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_do_not_reach_the_endpoint() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("hop", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let req =
+        get("/", &[("host", "a"), ("connection", "x-private"), ("x-private", "secret"), ("te", "trailers, gzip")]);
+    let (_, body) = text(h1(outbound).await.send_request(req).await.unwrap()).await;
+    assert_eq!(field(&body, "x-private"), "-");
+    assert_eq!(field(&body, "te"), "trailers");
+    assert_eq!(field(&body, "connection"), "-");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_round_trip() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("ws", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"frames both ways").await.unwrap();
+    let mut echo = [0u8; 16];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"frames both ways");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_mapping() {
+    let upstream = http_upstream(None).await;
+    let ca = Ca::new("ca");
+    let untrusted = http_upstream(Some(tls_config(&Ca::new("other").server(&["tls.test"])))).await;
+    let dead = free_addr("127.0.0.1");
+    let (up, down, bad_tls, forbid_out) =
+        (free_addr("127.0.0.1"), free_addr("127.0.0.1"), free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: tls.test\n      caCert:\n        inlineString: |\n{}",
+        ca.pem.lines().map(|l| format!("          {l}\n")).collect::<String>()
+    );
+    let yaml = format!(
+        "{}---\n{}---\n{}---\ntype: Mesh\nname: locked\nrouting:\n  defaultForbidMeshExternalServiceAccess: true\n---\n{}",
+        http_service("up", "http", up, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        http_service("down", "http", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
+        http_service("bad-tls", "http", bad_tls, &endpoint("127.0.0.1", untrusted.addr.port(), 0), &tls),
+        http_service("locked", "http", forbid_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), "").replace("mesh: default", "mesh: locked"),
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.request_timeout = Some(Duration::from_millis(500));
+    let _proxy = start(opts).await;
+
+    let status = |r: http::Response<hyper::body::Incoming>| r.status();
+    assert_eq!(status(h1(down).await.send_request(get("/", &[("host", "a")])).await.unwrap()), 503, "endpoint down");
+    assert_eq!(status(h1(bad_tls).await.send_request(get("/", &[("host", "a")])).await.unwrap()), 503, "TLS failure");
+    assert_eq!(status(h1(forbid_out).await.send_request(get("/", &[("host", "a")])).await.unwrap()), 403, "forbidden");
+    let slow = get("/", &[("host", "a"), ("x-delay-ms", "3000")]);
+    assert_eq!(status(h1(up).await.send_request(slow).await.unwrap()), 504, "timeout");
+    let reset = get("/", &[("host", "a"), ("x-reset", "before")]);
+    assert_eq!(status(h1(up).await.send_request(reset).await.unwrap()), 503, "reset before the response");
+    assert_eq!(status(h1(up).await.send_request(get("/", &[("host", "a"), ("x-status", "418")])).await.unwrap()), 418);
+
+    // Reset mid-response: the response started, so it is aborted, never passed off as complete.
+    let response = h1(up).await.send_request(get("/", &[("host", "a"), ("x-reset", "mid")])).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.into_body().collect().await.is_err(), "the body must fail, not end cleanly");
+    let response = h2(up).await.send_request(get("http://a/", &[("x-reset", "mid")])).await.unwrap();
+    assert!(response.into_body().collect().await.is_err(), "h2: the stream is reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_limits_answer_431() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("lim", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut raw = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..150 {
+        raw.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    raw.push_str("\r\n");
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+}
+
+async fn grpc_setup(extra_yaml: &str, mesh: &str) -> (GrpcGuard, SocketAddr, SocketAddr) {
+    let server = grpc_server(None).await;
+    let (live, down) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let dead = free_addr("127.0.0.1");
+    let yaml = format!(
+        "{extra_yaml}{}---\n{}",
+        http_service("grpc-live", "grpc", live, &endpoint("127.0.0.1", server.addr.port(), 0), "")
+            .replace("mesh: default", &format!("mesh: {mesh}")),
+        http_service("grpc-down", "grpc", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
+    );
+    let (dir, config) = config_dir(&yaml);
+    let proxy = start(options(config)).await;
+    (GrpcGuard(server, proxy, dir), live, down)
+}
+
+struct GrpcGuard(grpc::GrpcServer, mesh_egress::server::Server, tempfile::TempDir);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_all_four_call_kinds_deadlines_and_errors() {
+    use futures_util::StreamExt;
+    let (_guard, live, down) = grpc_setup("", "default").await;
+    let mut client = grpc::client(live).await;
+
+    client.ready().await.unwrap();
+    let reply = client.unary(tonic::Request::new(Bytes::from("hi")), grpc::path("Unary"), RawCodec).await.unwrap();
+    assert_eq!(reply.into_inner(), "hi");
+
+    client.ready().await.unwrap();
+    let stream = client
+        .server_streaming(tonic::Request::new(Bytes::from("3")), grpc::path("ServerStream"), RawCodec)
+        .await
+        .unwrap();
+    let items: Vec<Bytes> = stream.into_inner().map(|m| m.unwrap()).collect().await;
+    assert_eq!(items, ["msg-0", "msg-1", "msg-2"]);
+
+    client.ready().await.unwrap();
+    let outgoing = futures_util::stream::iter((0..5).map(|i| Bytes::from(format!("{i}"))));
+    let reply =
+        client.client_streaming(tonic::Request::new(outgoing), grpc::path("ClientStream"), RawCodec).await.unwrap();
+    assert_eq!(reply.into_inner(), "got 5");
+
+    client.ready().await.unwrap();
+    let outgoing = futures_util::stream::iter(["a", "b", "c"].map(|s: &'static str| Bytes::from_static(s.as_bytes())));
+    let replies = client.streaming(tonic::Request::new(outgoing), grpc::path("Bidi"), RawCodec).await.unwrap();
+    let items: Vec<Bytes> = replies.into_inner().map(|m| m.unwrap()).collect().await;
+    assert_eq!(items, ["a", "b", "c"]);
+
+    // grpc-timeout is honoured: the proxy answers DEADLINE_EXCEEDED. (A raw h2 request: tonic's
+    // client would enforce the deadline itself and hide the proxy's answer.)
+    let mut message = vec![0u8, 0, 0, 0, 10];
+    message.extend_from_slice(b"sleep:3000");
+    let request = Request::post("http://app/test.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(Full::new(Bytes::from(message)))
+        .unwrap();
+    let response = h2(live).await.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["grpc-status"], "4", "{:?}", response.headers());
+
+    // Endpoint down: UNAVAILABLE, with HTTP 200 and grpc-status.
+    let mut client = grpc::client(down).await;
+    client.ready().await.unwrap();
+    let status = client.unary(tonic::Request::new(Bytes::from("x")), grpc::path("Unary"), RawCodec).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_forbidden_is_permission_denied() {
+    let mesh = "type: Mesh\nname: locked\nrouting:\n  defaultForbidMeshExternalServiceAccess: true\n---\n";
+    let (_guard, live, _) = grpc_setup(mesh, "locked").await;
+    let mut client = grpc::client(live).await;
+    client.ready().await.unwrap();
+    let status = client.unary(tonic::Request::new(Bytes::from("x")), grpc::path("Unary"), RawCodec).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_and_chunked_upload() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("up", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let response = String::from_utf8_lossy(&buf[..n]);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("received: 11\n"), "{response}");
+}
