@@ -253,6 +253,8 @@ async fn grpc_setup(extra_yaml: &str, mesh: &str) -> (GrpcGuard, SocketAddr, Soc
     (GrpcGuard(server, proxy, dir), live, down)
 }
 
+/// Keeps the upstream, the proxy and its configuration alive for the test.
+#[allow(dead_code)]
 struct GrpcGuard(grpc::GrpcServer, mesh_egress::server::Server, tempfile::TempDir);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
