@@ -26,8 +26,12 @@ pub struct Route<'a> {
 
 impl Snapshot {
     /// Builds upstreams for `catalog`, reusing those of `previous` whose service kept its
-    /// endpoints (their DNS answers, health and connections carry over).
-    pub fn new(catalog: Catalog, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
+    /// endpoints (their DNS answers, health and pooled connections carry over), and the TLS
+    /// clients of services whose TLS settings did not change.
+    pub fn new(mut catalog: Catalog, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
+        if let Some(prev) = previous {
+            catalog.reuse_tls_clients(&prev.catalog);
+        }
         let mut reusable: HashMap<String, &Arc<Upstream>> = HashMap::new();
         if let Some(prev) = previous {
             for (service, upstream) in prev.catalog.services().iter().zip(&prev.upstreams) {

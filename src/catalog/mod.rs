@@ -254,4 +254,17 @@ impl Catalog {
     pub fn outbounds(&self) -> &[Outbound] {
         &self.outbounds
     }
+
+    /// Keeps the previous configuration's TLS client for services whose TLS settings did not
+    /// change, so their pooled connections (keyed by it) and TLS sessions survive a reload.
+    pub fn reuse_tls_clients(&mut self, previous: &Catalog) {
+        let old: HashMap<String, &Arc<Service>> = previous.services.iter().map(|s| (s.key(), s)).collect();
+        for service in &mut self.services {
+            let Some(old) = old.get(&service.key()) else { continue };
+            let same = old.tls == service.tls && old.protocol == service.protocol;
+            if same && old.tls_client.is_some() && service.tls_client.is_some() {
+                Arc::make_mut(service).tls_client = old.tls_client.clone();
+            }
+        }
+    }
 }

@@ -1,0 +1,203 @@
+//! HTTP through the proxy driven by real clients (curl), the docs' mes-http / mes-https /
+//! mes-grpc / mes-grpcs shapes against local upstreams, idle-connection expiry, and 1 GiB
+//! streamed each way through the real binary with bounded memory.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::grpc::{self, grpc_server, RawCodec};
+use common::http_upstream::{http_upstream, tls_config};
+use common::pki::Ca;
+use common::*;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+fn http_service(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
+    service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
+}
+
+fn tls_block(server_name: &str, ca: &Ca) -> String {
+    format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: {server_name}\n      caCert:\n        inlineString: |\n{}",
+        ca.pem.lines().map(|l| format!("          {l}\n")).collect::<String>()
+    )
+}
+
+/// Runs curl (a client no one here wrote); fails loudly when it is not installed.
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert!(out.status.success(), "curl {args:?} failed: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn field<'a>(body: &'a str, name: &str) -> &'a str {
+    body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docs_shapes_end_to_end_with_curl_and_tonic() {
+    let dns = dns_server(30).await;
+    for name in ["httpbin.test", "grpcbin.test"] {
+        dns.set(name, "127.0.0.1".parse().unwrap());
+    }
+    let ca = Ca::new("upstream-ca");
+    let plain = http_upstream(None).await;
+    let tls = http_upstream(Some(tls_config(&ca.server(&["httpbin.test"])))).await;
+    let grpc_plain = grpc_server(None).await;
+    let grpc_tls = grpc_server(Some(tls_config(&ca.server(&["grpcbin.test"])))).await;
+    let outs: [SocketAddr; 4] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let yaml = [
+        http_service("mes-http", "http", outs[0], &endpoint("httpbin.test", plain.addr.port(), 0), ""),
+        http_service(
+            "mes-https",
+            "http",
+            outs[1],
+            &endpoint("httpbin.test", tls.addr.port(), 0),
+            &tls_block("httpbin.test", &ca),
+        ),
+        http_service("mes-grpc", "grpc", outs[2], &endpoint("grpcbin.test", grpc_plain.addr.port(), 0), ""),
+        http_service(
+            "mes-grpcs",
+            "grpc",
+            outs[3],
+            &endpoint("grpcbin.test", grpc_tls.addr.port(), 0),
+            &tls_block("grpcbin.test", &ca),
+        ),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.upstream.resolver = mesh_egress::upstream::ResolverSource::new(vec![dns.addr]);
+    let _proxy = start(opts).await;
+
+    // mes-http with curl over HTTP/1.1 and over h2c prior knowledge.
+    let body = tokio::task::spawn_blocking(move || curl(&[&format!("http://{}/get", outs[0])])).await.unwrap();
+    assert_eq!(field(&body, "host"), format!("httpbin.test:{}", plain.addr.port()));
+    assert_eq!(field(&body, "path"), "/get");
+    let body =
+        tokio::task::spawn_blocking(move || curl(&["--http2-prior-knowledge", &format!("http://{}/h2", outs[0])]))
+            .await
+            .unwrap();
+    assert_eq!(field(&body, "path"), "/h2");
+    assert_eq!(field(&body, "version"), "HTTP/1.1");
+
+    // mes-https: the application speaks plain HTTP, the proxy originates TLS.
+    let body = tokio::task::spawn_blocking(move || curl(&[&format!("http://{}/secure", outs[1])])).await.unwrap();
+    assert_eq!(field(&body, "host"), format!("httpbin.test:{}", tls.addr.port()));
+    assert_eq!(field(&body, "path"), "/secure");
+
+    // mes-grpc and mes-grpcs with a tonic client.
+    for out in [outs[2], outs[3]] {
+        let mut client = grpc::client(out).await;
+        client.ready().await.unwrap();
+        let reply =
+            client.unary(tonic::Request::new(Bytes::from("ping")), grpc::path("Unary"), RawCodec).await.unwrap();
+        assert_eq!(reply.into_inner(), "ping", "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("idle", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let mut opts = options(config);
+    opts.upstream.idle_timeout = Duration::from_millis(300);
+    let _proxy = start(opts).await;
+    let url = format!("http://{outbound}/");
+    let get = move || curl(&[&url]);
+    tokio::task::spawn_blocking(get.clone()).await.unwrap();
+    tokio::task::spawn_blocking(get.clone()).await.unwrap();
+    assert_eq!(upstream.connections(), 1, "reused while fresh");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::task::spawn_blocking(get).await.unwrap();
+    assert_eq!(upstream.connections(), 2, "expired, so a new connection");
+}
+
+struct Proxy(std::process::Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_upload_and_download_stream_with_bounded_memory() {
+    const GIB: u64 = 1 << 30;
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let admin = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&http_service("bulk", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args(["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string(), "--transparent", "off"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let proxy = Proxy(child);
+    eventually("proxy listens", Duration::from_secs(20), || async { TcpStream::connect(outbound).await.is_ok() }).await;
+    let idle = peak_rss_kib(proxy.0.id());
+
+    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    // Upload: a streamed body of 1 GiB in 256 KiB chunks.
+    let chunk = Bytes::from(vec![7u8; 256 * 1024]);
+    let frames = futures_util::stream::iter(
+        (0..4096).map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+    );
+    let upload =
+        http::Request::post("/upload").header("host", "bulk").body(http_body_util::StreamBody::new(frames)).unwrap();
+    let started = std::time::Instant::now();
+    let response = sender.send_request(upload).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, format!("received: {GIB}\n"));
+    let upload_time = started.elapsed();
+
+    // Download: 1 GiB streamed by the upstream.
+    sender.ready().await.unwrap();
+    let (mut sender2, conn2) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(
+        TcpStream::connect(outbound).await.unwrap(),
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn2);
+    let download = http::Request::get("/")
+        .header("host", "bulk")
+        .header("x-size", GIB.to_string())
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut body = sender2.send_request(download).await.unwrap().into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len() as u64;
+        }
+    }
+    assert_eq!(received, GIB);
+    let download_time = started.elapsed();
+    let peak = peak_rss_kib(proxy.0.id());
+    eprintln!(
+        "HTTP 1 GiB upload {upload_time:?}, download {download_time:?}; proxy RSS idle {idle} KiB, peak {peak} KiB"
+    );
+    assert!(peak < idle + 32 * 1024, "peak RSS {peak} KiB vs idle {idle} KiB: bodies must stream, not buffer");
+}
