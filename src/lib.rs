@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod dns;
 pub mod listen;
 pub mod live;
 pub mod metrics;
@@ -15,4 +16,5 @@ pub mod resources;
 pub mod server;
 pub mod template;
 pub mod tls;
+pub mod tproxy;
 pub mod upstream;

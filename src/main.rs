@@ -15,6 +15,7 @@ use mesh_egress::catalog::{CompileOptions, Compiled, Ipam, ServiceView};
 use mesh_egress::config;
 use mesh_egress::listen::SoOriginalDst;
 use mesh_egress::server::{Options, Server};
+use mesh_egress::tproxy;
 use mesh_egress::upstream::{EjectionPolicy, ResolverSource, Settings};
 
 #[derive(Parser)]
@@ -48,6 +49,10 @@ enum Command {
         #[command(flatten)]
         compile: CompileArgs,
     },
+    /// Write or remove the iptables rules that redirect the application's outbound TCP to the
+    /// transparent listener and its DNS to the DNS proxy (like `kumactl install transparent-proxy`).
+    #[command(name = "transparent-proxy", subcommand)]
+    TransparentProxy(TproxyAction),
     /// Show what a configuration compiles to: each service's hostnames, VIP, port, protocol,
     /// endpoints, TLS and status conditions.
     Inspect {
@@ -66,6 +71,42 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum TproxyAction {
+    /// Write the rules (replacing an earlier install).
+    Install(TproxyArgs),
+    /// Remove exactly what install added.
+    Uninstall(TproxyArgs),
+}
+
+#[derive(Args)]
+struct TproxyArgs {
+    /// Print the rules (iptables-restore format) instead of applying them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Port of the transparent listener (`run --transparent`).
+    #[arg(long, default_value_t = tproxy::DEFAULT_REDIRECT_PORT)]
+    redirect_port: u16,
+    /// Port of the DNS proxy (`run --dns`).
+    #[arg(long, default_value_t = tproxy::DEFAULT_DNS_PORT)]
+    dns_port: u16,
+    /// Do not redirect DNS.
+    #[arg(long)]
+    no_dns: bool,
+    /// The uid mesh-egress runs as; its traffic is never redirected.
+    #[arg(long, default_value_t = tproxy::DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// Destination ports not to redirect (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    exclude_ports: Vec<u16>,
+    /// Destination CIDRs not to redirect (comma separated).
+    #[arg(long, value_delimiter = ',', value_parser = tproxy::parse_cidr)]
+    exclude_cidrs: Vec<ipnet::IpNet>,
+    /// Also write ip6tables rules.
+    #[arg(long)]
+    ipv6: bool,
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// Configuration files or directories (repeatable; recursive: *.yaml, *.yml, *.json).
@@ -78,6 +119,14 @@ struct RunArgs {
     /// Admin server address (/ready), or `off`.
     #[arg(long, env = "MESH_EGRESS_ADMIN", default_value = "127.0.0.1:9901", value_parser = addr_or_off)]
     admin: Listen,
+    /// DNS proxy address (UDP and TCP), or `off`: answers generated hostnames with their VIP
+    /// and forwards other names.
+    #[arg(long, env = "MESH_EGRESS_DNS", default_value = "127.0.0.1:15053", value_parser = addr_or_off)]
+    dns: Listen,
+    /// Where the DNS proxy forwards names it does not know, IP:PORT (repeatable).
+    /// Default: the nameservers of /etc/resolv.conf.
+    #[arg(long, env = "MESH_EGRESS_DNS_UPSTREAM", value_delimiter = ',')]
+    dns_upstream: Vec<SocketAddr>,
     /// Transparent-proxy listener (iptables REDIRECT target), or `off`.
     #[arg(long, env = "MESH_EGRESS_TRANSPARENT", default_value = "127.0.0.1:15001", value_parser = addr_or_off)]
     transparent: Listen,
@@ -165,6 +214,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
+        Command::TransparentProxy(action) => transparent_proxy(action),
         Command::Validate { paths, compile } => validate(&paths, &compile),
         Command::Inspect { paths, output, state_dir, compile } => inspect(&paths, output, state_dir, &compile),
     };
@@ -175,6 +225,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn transparent_proxy(action: TproxyAction) -> anyhow::Result<ExitCode> {
+    let (install, args) = match action {
+        TproxyAction::Install(args) => (true, args),
+        TproxyAction::Uninstall(args) => (false, args),
+    };
+    let rules = tproxy::Rules {
+        redirect_port: args.redirect_port,
+        dns_port: args.dns_port,
+        redirect_dns: !args.no_dns,
+        proxy_uid: args.proxy_uid,
+        exclude_ports: args.exclude_ports,
+        exclude_cidrs: args.exclude_cidrs,
+    };
+    let families: &[tproxy::Family] =
+        if args.ipv6 { &[tproxy::Family::V4, tproxy::Family::V6] } else { &[tproxy::Family::V4] };
+    for &family in families {
+        if args.dry_run {
+            let label = if family == tproxy::Family::V4 { "iptables" } else { "ip6tables" };
+            if install {
+                print!("# {label}-restore --noflush\n{}", rules.render(family));
+            } else {
+                println!("# {label}: delete the OUTPUT jumps to {0}, then flush and delete {0}", tproxy::CHAIN);
+            }
+            continue;
+        }
+        if install {
+            tproxy::install(&rules, family)?;
+        } else {
+            tproxy::uninstall(family)?;
+        }
+    }
+    if !args.dry_run {
+        eprintln!("transparent proxy rules {}", if install { "installed" } else { "removed" });
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(format: LogFormat) {
@@ -205,6 +292,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         state_dir: args.state_dir,
         compile: args.compile.options(),
         admin: args.admin.0,
+        dns: args.dns.0,
+        dns_forwarders: args.dns_upstream,
         transparent: args.transparent.0,
         bind_vips: args.bind_vips,
         passthrough: !args.no_passthrough,

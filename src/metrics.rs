@@ -13,9 +13,34 @@ pub struct TlsFailureLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DnsResult {
+    Local,
+    Forwarded,
+    Servfail,
+    Malformed,
+}
+
+impl DnsResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Forwarded => "forwarded",
+            Self::Servfail => "servfail",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    pub dns_queries: Family<DnsLabels, Counter>,
 }
 
 impl Metrics {
@@ -27,7 +52,13 @@ impl Metrics {
             "TLS sessions with an endpoint that failed, by service and reason",
             tls_handshake_failures.clone(),
         );
-        Self { registry, tls_handshake_failures }
+        let dns_queries = Family::<DnsLabels, Counter>::default();
+        registry.register("dns_queries", "DNS queries by result", dns_queries.clone());
+        Self { registry, tls_handshake_failures, dns_queries }
+    }
+
+    pub fn dns_query(&self, result: DnsResult) {
+        self.dns_queries.get_or_create(&DnsLabels { result: result.as_str() }).inc();
     }
 
     pub fn tls_failure(&self, service: &str, reason: crate::tls::FailureReason) {

@@ -12,6 +12,7 @@ use tokio::task::AbortHandle;
 use crate::admin::{self, AdminError, AdminState};
 use crate::catalog::{ipam::IpamError, CompileOptions, Ipam};
 use crate::config;
+use crate::dns::{DnsProxy, Forwarders};
 use crate::listen::{self, ListenerKind, OriginalDst};
 use crate::live::{Live, Snapshot};
 use crate::proxy::{Proxy, ProxySettings};
@@ -26,6 +27,10 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     pub compile: CompileOptions,
     pub admin: Option<SocketAddr>,
+    /// DNS proxy address (UDP and TCP).
+    pub dns: Option<SocketAddr>,
+    /// Where the DNS proxy forwards unknown names; empty: the nameservers of /etc/resolv.conf.
+    pub dns_forwarders: Vec<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub bind_vips: bool,
     pub passthrough: bool,
@@ -42,6 +47,8 @@ pub enum ServerError {
     Ipam(#[from] IpamError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 struct BoundListener {
@@ -58,6 +65,7 @@ pub struct Server {
     proxy: Arc<Proxy>,
     listeners: HashMap<SocketAddr, BoundListener>,
     admin: Option<(SocketAddr, Arc<AdminState>)>,
+    dns: Option<(SocketAddr, [tokio::task::JoinHandle<()>; 2])>,
 }
 
 impl Server {
@@ -80,13 +88,25 @@ impl Server {
             },
             original_dst,
         });
-        let mut server = Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None };
+        let mut server =
+            Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None, dns: None };
         if let Some(addr) = server.options.admin {
             let state = Arc::new(AdminState { ready: AtomicBool::new(false), live: server.live.clone() });
             let bound = admin::spawn(addr, state.clone())?;
             server.admin = Some((bound, state));
         }
         server.apply_config()?;
+        if let Some(addr) = server.options.dns {
+            let sockets = DnsProxy::bind(addr).await?;
+            let bound = sockets.udp.local_addr().unwrap_or(addr);
+            let forwarders = match server.options.dns_forwarders.clone() {
+                servers if servers.is_empty() => Forwarders::system(bound),
+                servers => Forwarders::new(servers),
+            };
+            let tasks = DnsProxy::new(server.live.clone(), forwarders).serve(sockets);
+            tracing::info!(dns = %bound, "DNS proxy listening (UDP and TCP)");
+            server.dns = Some((bound, tasks));
+        }
         if let Some((_, state)) = &server.admin {
             state.ready.store(true, Ordering::Release);
         }
@@ -174,6 +194,11 @@ impl Server {
         self.admin.as_ref().map(|(addr, _)| *addr)
     }
 
+    /// The bound address of the DNS proxy (useful with port 0).
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(|(addr, _)| *addr)
+    }
+
     /// The bound address of the transparent listener (useful with port 0).
     pub fn transparent_addr(&self) -> Option<SocketAddr> {
         self.listeners.values().find(|l| l.kind == ListenerKind::Transparent).map(|l| l.local)
@@ -183,6 +208,9 @@ impl Server {
     pub fn stop_listening(&mut self) {
         for (_, l) in self.listeners.drain() {
             l.task.abort();
+        }
+        if let Some((_, tasks)) = self.dns.take() {
+            tasks.iter().for_each(tokio::task::JoinHandle::abort);
         }
     }
 }

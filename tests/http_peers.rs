@@ -148,7 +148,17 @@ async fn one_gib_upload_and_download_stream_with_bounded_memory() {
     let (_dir, config) =
         config_dir(&http_service("bulk", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
     let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string(), "--transparent", "off"])
+        .args([
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+            "--transparent",
+            "off",
+            "--dns",
+            "off",
+        ])
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();

@@ -55,7 +55,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn invalid_configuration_at_start_exits_non_zero_with_every_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(["run", "-c", "tests/data/invalid", "--admin", "off", "--transparent", "off"])
+        .args(["run", "-c", "tests/data/invalid", "--admin", "off", "--transparent", "off", "--dns", "off"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -80,7 +80,7 @@ async fn a_port_that_cannot_be_bound_is_a_clear_start_error() {
     let addr = taken.local_addr().unwrap();
     let (_dir, config) = config_dir(&service_with_outbound("x", addr, &endpoint("127.0.0.1", 1, 0), ""));
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(["run", "-c", config.to_str().unwrap(), "--admin", "off", "--transparent", "off"])
+        .args(["run", "-c", config.to_str().unwrap(), "--admin", "off", "--transparent", "off", "--dns", "off"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -118,7 +118,17 @@ async fn one_gib_each_way_with_bounded_memory() {
     let admin = free_addr("127.0.0.1");
     let (_dir, config) =
         config_dir(&service_with_outbound("bulk", outbound, &endpoint("127.0.0.1", upstream.port(), 0), ""));
-    let proxy = spawn(&["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string(), "--transparent", "off"]);
+    let proxy = spawn(&[
+        "run",
+        "-c",
+        config.to_str().unwrap(),
+        "--admin",
+        &admin.to_string(),
+        "--transparent",
+        "off",
+        "--dns",
+        "off",
+    ]);
     wait_ready(admin).await;
     let idle_kib = peak_rss_kib(proxy.0.id());
 

@@ -142,7 +142,17 @@ async fn the_binary_honours_kumas_system_ca_variable() {
         config_dir(&service_with_outbound("sys", outbound, &endpoint("127.0.0.1", server.addr.port(), 0), tls));
     let admin = free_addr("127.0.0.1");
     let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string(), "--transparent", "off"])
+        .args([
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+            "--transparent",
+            "off",
+            "--dns",
+            "off",
+        ])
         .env("KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH", &ca_file)
         .stderr(Stdio::null())
         .spawn()

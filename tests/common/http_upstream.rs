@@ -40,7 +40,11 @@ impl HttpUpstream {
 }
 
 pub async fn http_upstream(tls: Option<Arc<rustls::ServerConfig>>) -> HttpUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_upstream_on("127.0.0.1:0".parse().unwrap(), tls).await
+}
+
+pub async fn http_upstream_on(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> HttpUpstream {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let count = connections.clone();

@@ -121,9 +121,13 @@ impl DnsServer {
 }
 
 pub async fn dns_server(ttl: u32) -> DnsServer {
+    dns_server_on("127.0.0.1:0".parse().unwrap(), ttl).await
+}
+
+pub async fn dns_server_on(addr: SocketAddr, ttl: u32) -> DnsServer {
     use hickory_proto::op::{Message, MessageType, ResponseCode};
     use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = UdpSocket::bind(addr).await.unwrap();
     let addr = socket.local_addr().unwrap();
     let records: Arc<Mutex<HashMap<String, Ipv4Addr>>> = Arc::default();
     let queries: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
@@ -174,6 +178,8 @@ pub fn options(config: PathBuf) -> Options {
         state_dir: None,
         compile: CompileOptions::default(),
         admin: None,
+        dns: None,
+        dns_forwarders: Vec::new(),
         transparent: None,
         bind_vips: false,
         passthrough: true,

@@ -1,0 +1,335 @@
+//! The DNS proxy: answers generated hostnames from the live catalog, forwards the rest.
+//!
+//! A query for a generated hostname (exact, case-insensitive) gets the service's VIP (A, or
+//! AAAA for an IPv6 VIP), authoritative, TTL 30; other types for a known name get NOERROR with
+//! no records. Everything else is forwarded verbatim to the system's resolvers, SERVFAIL when
+//! none answers. Malformed packets are dropped and counted.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::live::Live;
+use crate::metrics::{metrics, DnsResult};
+
+pub const TTL: u32 = 30;
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_UDP: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("DNS proxy: cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Where unknown names go.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarders(Vec<SocketAddr>);
+
+impl Forwarders {
+    pub fn new(servers: Vec<SocketAddr>) -> Self {
+        Self(servers)
+    }
+
+    /// The nameservers of `/etc/resolv.conf`, without `exclude` (our own address: no loop).
+    pub fn system(exclude: SocketAddr) -> Self {
+        let servers = match hickory_resolver::system_conf::read_system_conf() {
+            Ok((config, _)) => config.name_servers().iter().map(|ns| ns.socket_addr).collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read /etc/resolv.conf; unknown names will get SERVFAIL");
+                Vec::new()
+            }
+        };
+        let mut unique: Vec<SocketAddr> = Vec::new();
+        for s in servers {
+            if s != exclude && !unique.contains(&s) {
+                unique.push(s);
+            }
+        }
+        Self(unique)
+    }
+}
+
+pub struct DnsProxy {
+    live: Arc<Live>,
+    forwarders: Forwarders,
+}
+
+/// The bound sockets; serving starts with [`DnsProxy::serve`].
+pub struct DnsSockets {
+    pub udp: UdpSocket,
+    pub tcp: TcpListener,
+}
+
+impl DnsProxy {
+    pub fn new(live: Arc<Live>, forwarders: Forwarders) -> Arc<Self> {
+        Arc::new(Self { live, forwarders })
+    }
+
+    pub async fn bind(addr: SocketAddr) -> Result<DnsSockets, DnsError> {
+        let err = |source| DnsError::Bind { addr, source };
+        let udp = UdpSocket::bind(addr).await.map_err(err)?;
+        let bound = udp.local_addr().map_err(err)?;
+        let tcp = crate::listen::bind(bound, false).map_err(err)?;
+        Ok(DnsSockets { udp, tcp })
+    }
+
+    /// Serves both sockets until the tasks are aborted.
+    pub fn serve(self: &Arc<Self>, sockets: DnsSockets) -> [tokio::task::JoinHandle<()>; 2] {
+        let udp = tokio::spawn(self.clone().serve_udp(Arc::new(sockets.udp)));
+        let tcp = tokio::spawn(self.clone().serve_tcp(sockets.tcp));
+        [udp, tcp]
+    }
+
+    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; MAX_UDP];
+        loop {
+            let (n, peer) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(error) => {
+                    tracing::debug!(%error, "DNS recv failed");
+                    continue;
+                }
+            };
+            let packet = &buf[..n];
+            match self.answer_locally(packet) {
+                Answer::Local(bytes) => {
+                    let _ = socket.send_to(&bytes, peer).await;
+                }
+                Answer::Malformed => {}
+                Answer::Forward(query) => {
+                    let (this, socket, packet) = (self.clone(), socket.clone(), packet.to_vec());
+                    tokio::spawn(async move {
+                        let response = this.forward_udp(&packet, &query).await;
+                        let _ = socket.send_to(&response, peer).await;
+                    });
+                }
+            }
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _ = this.serve_tcp_connection(stream).await;
+            });
+        }
+    }
+
+    async fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
+        loop {
+            let len = match stream.read_u16().await {
+                Ok(len) => usize::from(len),
+                Err(_) => return Ok(()), // client closed
+            };
+            let mut packet = vec![0u8; len];
+            stream.read_exact(&mut packet).await?;
+            let response = match self.answer_locally(&packet) {
+                Answer::Local(bytes) => bytes,
+                Answer::Malformed => return Ok(()),
+                Answer::Forward(query) => self.forward_tcp(&packet, &query).await,
+            };
+            let len = u16::try_from(response.len()).map_err(|_| io::Error::other("response too large"))?;
+            stream.write_u16(len).await?;
+            stream.write_all(&response).await?;
+        }
+    }
+
+    /// Answers from the catalog, or says the query must be forwarded.
+    fn answer_locally(&self, packet: &[u8]) -> Answer {
+        let Ok(query) = Message::from_vec(packet) else {
+            metrics().dns_query(DnsResult::Malformed);
+            return Answer::Malformed;
+        };
+        let Some(question) = query.queries().first().filter(|_| query.message_type() == MessageType::Query) else {
+            metrics().dns_query(DnsResult::Malformed);
+            return Answer::Malformed;
+        };
+        let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let snapshot = self.live.load();
+        let Some(vip) = snapshot.catalog.by_hostname(&name).and_then(|s| s.vip) else {
+            return Answer::Forward(query);
+        };
+        let mut response = reply(&query, ResponseCode::NoError);
+        response.set_authoritative(true);
+        let rdata = match (question.query_type(), vip) {
+            (RecordType::A, IpAddr::V4(ip)) => Some(RData::A(A(ip))),
+            (RecordType::AAAA, IpAddr::V6(ip)) => Some(RData::AAAA(AAAA(ip))),
+            _ => None, // NOERROR, no records: the name exists
+        };
+        if let Some(rdata) = rdata {
+            response.add_answer(Record::from_rdata(question.name().clone(), TTL, rdata));
+        }
+        metrics().dns_query(DnsResult::Local);
+        match response.to_vec() {
+            Ok(bytes) => Answer::Local(bytes),
+            Err(_) => Answer::Local(servfail(&query)),
+        }
+    }
+
+    async fn forward_udp(&self, packet: &[u8], query: &Message) -> Vec<u8> {
+        for &server in &self.forwarders.0 {
+            let local: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(server);
+            let attempt = async {
+                let socket = UdpSocket::bind(local).await?;
+                socket.send_to(packet, server).await?;
+                let mut buf = vec![0u8; MAX_UDP];
+                loop {
+                    let (n, from) = socket.recv_from(&mut buf).await?;
+                    // Only the server's answer to this query counts.
+                    if from == server && n >= 2 && buf[..2] == packet[..2] {
+                        buf.truncate(n);
+                        return Ok::<_, io::Error>(buf);
+                    }
+                }
+            };
+            match tokio::time::timeout(FORWARD_TIMEOUT, attempt).await {
+                Ok(Ok(response)) => {
+                    metrics().dns_query(DnsResult::Forwarded);
+                    return response;
+                }
+                Ok(Err(error)) => tracing::debug!(%server, %error, "DNS forward failed"),
+                Err(_) => tracing::debug!(%server, "DNS forward timed out"),
+            }
+        }
+        metrics().dns_query(DnsResult::Servfail);
+        servfail(query)
+    }
+
+    async fn forward_tcp(&self, packet: &[u8], query: &Message) -> Vec<u8> {
+        for &server in &self.forwarders.0 {
+            let attempt = async {
+                let mut stream = TcpStream::connect(server).await?;
+                let len = u16::try_from(packet.len()).map_err(|_| io::Error::other("query too large"))?;
+                stream.write_u16(len).await?;
+                stream.write_all(packet).await?;
+                let len = usize::from(stream.read_u16().await?);
+                let mut response = vec![0u8; len];
+                stream.read_exact(&mut response).await?;
+                Ok::<_, io::Error>(response)
+            };
+            match tokio::time::timeout(FORWARD_TIMEOUT, attempt).await {
+                Ok(Ok(response)) => {
+                    metrics().dns_query(DnsResult::Forwarded);
+                    return response;
+                }
+                Ok(Err(error)) => tracing::debug!(%server, %error, "DNS forward (TCP) failed"),
+                Err(_) => tracing::debug!(%server, "DNS forward (TCP) timed out"),
+            }
+        }
+        metrics().dns_query(DnsResult::Servfail);
+        servfail(query)
+    }
+}
+
+enum Answer {
+    Local(Vec<u8>),
+    Forward(Message),
+    Malformed,
+}
+
+fn reply(query: &Message, code: ResponseCode) -> Message {
+    let mut response = Message::new();
+    response
+        .set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(code);
+    for q in query.queries() {
+        response.add_query(q.clone());
+    }
+    response
+}
+
+fn servfail(query: &Message) -> Vec<u8> {
+    reply(query, ResponseCode::ServFail).to_vec().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{self, CompileOptions, Ipam};
+    use crate::live::Snapshot;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    fn proxy() -> Arc<DnsProxy> {
+        let mut loaded = crate::resources::Loaded::default();
+        let yaml = "type: MeshExternalService\nname: httpbin\nspec:\n  match: {port: 80}\n  endpoints: [{address: 10.0.0.1, port: 80}]\n";
+        crate::resources::load_str(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        let compiled = catalog::compile(
+            &loaded.resources,
+            &CompileOptions::default(),
+            &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()),
+        );
+        let snapshot = Snapshot::new(compiled.catalog, None, &Arc::default());
+        DnsProxy::new(Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)), Forwarders::default())
+    }
+
+    fn query(name: &str, kind: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(4242).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+        m.to_vec().unwrap()
+    }
+
+    fn local(answer: Answer) -> Message {
+        match answer {
+            Answer::Local(bytes) => Message::from_vec(&bytes).unwrap(),
+            Answer::Forward(_) => panic!("forwarded"),
+            Answer::Malformed => panic!("malformed"),
+        }
+    }
+
+    #[test]
+    fn known_name_gets_its_vip_case_insensitively() {
+        let m = local(proxy().answer_locally(&query("HttpBin.ExtSvc.Mesh.Local.", RecordType::A)));
+        assert_eq!(m.id(), 4242);
+        assert!(m.authoritative());
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        let answers = m.answers();
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].ttl(), TTL);
+        assert_eq!(answers[0].data(), &RData::A(A("242.0.0.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn aaaa_for_a_known_name_is_empty_noerror() {
+        let m = local(proxy().answer_locally(&query("httpbin.extsvc.mesh.local.", RecordType::AAAA)));
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        assert!(m.answers().is_empty());
+    }
+
+    #[test]
+    fn unknown_names_are_forwarded_and_fail_without_resolvers() {
+        let p = proxy();
+        let Answer::Forward(q) = p.answer_locally(&query("example.com.", RecordType::A)) else {
+            panic!("not forwarded")
+        };
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(p.forward_udp(&query("example.com.", RecordType::A), &q));
+        let m = Message::from_vec(&bytes).unwrap();
+        assert_eq!(m.response_code(), ResponseCode::ServFail);
+        assert_eq!(m.id(), 4242);
+    }
+
+    #[test]
+    fn malformed_packets_are_dropped() {
+        assert!(matches!(proxy().answer_locally(b"\x00\x01garbage"), Answer::Malformed));
+        assert!(matches!(proxy().answer_locally(&[]), Answer::Malformed));
+    }
+}

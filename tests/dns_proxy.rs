@@ -1,0 +1,92 @@
+//! The DNS proxy in-process, queried by `dig` (a client no one here wrote) over UDP and TCP:
+//! generated names, AAAA, forwarding to a DNS server of the test's own, SERVFAIL, and a
+//! configuration change visible in the next answer.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::*;
+
+fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args([&format!("@{}", server.ip()), "-p", &server.port().to_string(), "+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig must be installed (.ci/run installs dnsutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status(answer: &str) -> &str {
+    answer.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("?")
+}
+
+fn mes(name: &str) -> String {
+    format!("type: MeshExternalService\nname: {name}\nspec:\n  match: {{port: 443}}\n  endpoints: [{{address: 10.0.0.1, port: 443}}]\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_against_the_dns_proxy() {
+    let upstream_dns = dns_server(60).await;
+    upstream_dns.set("elsewhere.test", "192.0.2.7".parse().unwrap());
+    let (dir, config) = config_dir(&mes("httpbin"));
+    let mut opts = options(config.clone());
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    opts.dns_forwarders = vec![upstream_dns.addr];
+    let mut proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || dig(dns, &args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let a = run(vec!["HTTPBIN.extsvc.mesh.local".into(), "A".into()]).await.unwrap();
+    assert_eq!(status(&a), "NOERROR", "{a}");
+    assert!(a.contains("flags: qr aa"), "authoritative:\n{a}");
+    assert!(a.contains("HTTPBIN.extsvc.mesh.local. 30\tIN\tA\t242.0.0.1"), "{a}");
+    let tcp = run(vec!["httpbin.extsvc.mesh.local".into(), "A".into(), "+tcp".into(), "+short".into()]).await.unwrap();
+    assert_eq!(tcp.trim(), "242.0.0.1");
+    let aaaa = run(vec!["httpbin.extsvc.mesh.local".into(), "AAAA".into()]).await.unwrap();
+    assert_eq!(status(&aaaa), "NOERROR");
+    assert!(aaaa.contains("ANSWER: 0"), "{aaaa}");
+
+    // Unknown names are forwarded; a name nobody knows comes back as the resolver said.
+    let forwarded = run(vec!["elsewhere.test".into(), "A".into(), "+short".into()]).await.unwrap();
+    assert_eq!(forwarded.trim(), "192.0.2.7");
+    let forwarded_tcp = run(vec!["elsewhere.test".into(), "A".into(), "+tcp".into()]).await.unwrap();
+    assert_eq!(status(&forwarded_tcp), "SERVFAIL", "the test DNS server speaks UDP only:\n{forwarded_tcp}");
+    let nx = run(vec!["nobody.test".into(), "A".into()]).await.unwrap();
+    assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
+
+    // A configuration change is in the next answer.
+    std::fs::write(&config, format!("{}---\n{}", mes("httpbin"), mes("new-one"))).unwrap();
+    proxy.reload().unwrap();
+    let new = run(vec!["new-one.extsvc.mesh.local".into(), "+short".into()]).await.unwrap();
+    assert_eq!(new.trim(), "242.0.0.2");
+
+    // The resolver goes away: SERVFAIL, and the proxy keeps answering.
+    drop(upstream_dns);
+    let failed = run(vec!["elsewhere.test".into(), "A".into()]).await.unwrap();
+    assert_eq!(status(&failed), "SERVFAIL", "{failed}");
+    let still = run(vec!["httpbin.extsvc.mesh.local".into(), "+short".into()]).await.unwrap();
+    assert_eq!(still.trim(), "242.0.0.1");
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_do_not_stop_the_server() {
+    let (_dir, config) = config_dir(&mes("httpbin"));
+    let mut opts = options(config);
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    opts.dns_forwarders = vec![free_addr("127.0.0.1")];
+    let proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for junk in [&b""[..], b"\x00", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"] {
+        socket.send_to(junk, dns).await.unwrap();
+    }
+    let a = tokio::task::spawn_blocking(move || dig(dns, &["httpbin.extsvc.mesh.local", "+short"])).await.unwrap();
+    assert_eq!(a.trim(), "242.0.0.1");
+    let text = mesh_egress::metrics::metrics().encode();
+    assert!(text.contains("mesh_egress_dns_queries_total{result=\"malformed\"}"), "{text}");
+}
