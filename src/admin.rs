@@ -22,17 +22,17 @@ pub struct AdminState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("admin server: cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("admin server: cannot bind {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
     #[error("admin server: cannot start its thread: {0}")]
     Thread(std::io::Error),
 }
 
 /// Binds `addr` and serves on a dedicated thread; returns the bound address.
 pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> Result<SocketAddr, AdminError> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
-    let bound = listener.local_addr().map_err(|source| AdminError::Bind { addr, source })?;
-    listener.set_nonblocking(true).map_err(|source| AdminError::Bind { addr, source })?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| AdminError::Bind { addr, error })?;
+    let bound = listener.local_addr().map_err(|error| AdminError::Bind { addr, error })?;
+    listener.set_nonblocking(true).map_err(|error| AdminError::Bind { addr, error })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AdminError::Thread)?;
     std::thread::Builder::new()
         .name("admin".into())

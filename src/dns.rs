@@ -25,8 +25,8 @@ const MAX_UDP: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    #[error("DNS proxy: cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    #[error("DNS proxy: cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: io::Error },
 }
 
 /// Where unknown names go.
@@ -74,7 +74,7 @@ impl DnsProxy {
     }
 
     pub async fn bind(addr: SocketAddr) -> Result<DnsSockets, DnsError> {
-        let err = |source| DnsError::Bind { addr, source };
+        let err = |error| DnsError::Bind { addr, error };
         let udp = UdpSocket::bind(addr).await.map_err(err)?;
         let bound = udp.local_addr().map_err(err)?;
         let tcp = crate::listen::bind(bound, false).map_err(err)?;

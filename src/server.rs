@@ -41,8 +41,8 @@ pub struct Options {
 pub enum ServerError {
     #[error("invalid configuration:\n{0}")]
     InvalidConfig(Diagnostics),
-    #[error("cannot listen on {addr} ({kind} listener): {source}")]
-    Bind { addr: SocketAddr, kind: ListenerKind, source: std::io::Error },
+    #[error("cannot listen on {addr} ({kind} listener): {error}")]
+    Bind { addr: SocketAddr, kind: ListenerKind, error: std::io::Error },
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
@@ -176,8 +176,8 @@ impl Server {
                     tracing::info!(listener = %local, %kind, "listening");
                     self.listeners.insert(addr, BoundListener { kind, local, task });
                 }
-                Err(source) => {
-                    let error = ServerError::Bind { addr, kind, source };
+                Err(error) => {
+                    let error = ServerError::Bind { addr, kind, error };
                     tracing::error!("{error}");
                     first_error.get_or_insert(error);
                 }

@@ -17,8 +17,8 @@ const STATE_FILE: &str = "vips.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
-    #[error("{CIDR_ENV}: '{value}' is not a CIDR: {source}")]
-    BadCidr { value: String, source: ipnet::AddrParseError },
+    #[error("{CIDR_ENV}: '{value}' is not a CIDR: {error}")]
+    BadCidr { value: String, error: ipnet::AddrParseError },
     #[error("state file {path}: {message}")]
     State { path: PathBuf, message: String },
 }
@@ -45,7 +45,7 @@ impl Ipam {
     /// The range from `KUMA_IPAM_MESH_EXTERNAL_SERVICE_CIDR`, or Kuma's default `242.0.0.0/8`.
     pub fn cidr_from_env() -> Result<IpNet, IpamError> {
         let value = std::env::var(CIDR_ENV).unwrap_or_else(|_| DEFAULT_CIDR.to_string());
-        value.trim().parse().map_err(|source| IpamError::BadCidr { value, source })
+        value.trim().parse().map_err(|error| IpamError::BadCidr { value, error })
     }
 
     /// An allocator that keeps its assignments in memory only.

@@ -1,0 +1,301 @@
+//! Root-only tier: the transparent proxy, the DNS redirect and VIP binding end to end in network
+//! namespaces this test builds itself. An "app" namespace holds the proxy (as uid 5678), its
+//! iptables rules and the clients (curl, socat, dig: none written here); an "ext" namespace
+//! holds the upstreams and a DNS server; a veth pair joins them. Only their addresses are used.
+//! Without root or the tools it fails, loudly.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PROXY_UID: &str = "5678";
+const HELPER_ENV: &str = "MESH_EGRESS_NETNS_HELPER";
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Net {
+    app: String,
+    ext: String,
+    ext_ip: Ipv4Addr,
+    children: Vec<Child>,
+}
+
+impl Net {
+    fn create() -> Self {
+        let id = std::process::id() % 250 + 1;
+        let (app, ext) = (format!("me-app-{id}"), format!("me-ext-{id}"));
+        let (app_ip, ext_ip) = (Ipv4Addr::new(10, 231, id as u8, 1), Ipv4Addr::new(10, 231, id as u8, 2));
+        let net = Self { app: app.clone(), ext: ext.clone(), ext_ip, children: Vec::new() };
+        net.cleanup();
+        let (veth_app, veth_ext) = (format!("mea{id}"), format!("mee{id}"));
+        ok(&["ip", "netns", "add", &app]);
+        ok(&["ip", "netns", "add", &ext]);
+        ok(&["ip", "link", "add", &veth_app, "type", "veth", "peer", "name", &veth_ext]);
+        ok(&["ip", "link", "set", &veth_app, "netns", &app]);
+        ok(&["ip", "link", "set", &veth_ext, "netns", &ext]);
+        for (ns, dev, ip) in [(&app, &veth_app, app_ip), (&ext, &veth_ext, ext_ip)] {
+            ok(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        // VIPs (242.0.0.0/8) must be routable for the application's connect to happen at all.
+        ok(&["ip", "-n", &app, "route", "add", "default", "via", &ext_ip.to_string()]);
+        // `ip netns exec` shows this file as /etc/resolv.conf inside the namespace.
+        std::fs::create_dir_all(format!("/etc/netns/{app}")).unwrap();
+        std::fs::write(format!("/etc/netns/{app}/resolv.conf"), format!("nameserver {ext_ip}\n")).unwrap();
+        net
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    fn app(&self, args: &[&str]) -> String {
+        let out = self.exec(&self.app, args);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn app_ok(&self, args: &[&str]) -> String {
+        let out = self.exec(&self.app, args);
+        assert!(out.status.success(), "{args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn nat_table(&self) -> String {
+        // Rules only: counters and comments change between dumps.
+        self.app_ok(&["iptables-save", "-t", "nat"])
+            .lines()
+            .filter(|l| l.starts_with('-') || l.starts_with(':'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn spawn(&mut self, ns: &str, args: &[&str], env: &[(&str, String)]) -> usize {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.children.push(cmd.spawn().unwrap());
+        self.children.len() - 1
+    }
+
+    fn stop(&mut self, index: usize) {
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+    }
+
+    fn cleanup(&self) {
+        for ns in [&self.app, &self.ext] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.app));
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.cleanup();
+    }
+}
+
+fn require_root_and_tools() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?")
+        .to_string();
+    assert_eq!(uid, "0", "the network-namespace tier needs root: run `sudo .ci/run` (it installs the tools too)");
+    for tool in ["ip", "iptables", "iptables-save", "curl", "socat", "dig", "setpriv"] {
+        let found =
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+        assert!(found, "{tool} is missing: .ci/run installs iproute2, iptables, curl, socat, dnsutils");
+    }
+}
+
+/// Not a test: the upstreams that run inside the "ext" namespace, started by the test below as
+/// a child process of this same test binary.
+#[test]
+#[ignore = "helper process for transparent_proxy_dns_and_vips_in_network_namespaces"]
+fn netns_helper_servers() {
+    let Ok(ip) = std::env::var(HELPER_ENV) else { return };
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let _echo = common::echo_server((ip, 9000).into(), "echo").await;
+        let _http = common::http_upstream::http_upstream_on((ip, 8080).into(), None).await;
+        let dns = common::dns_server_on((ip, 53).into(), 30).await;
+        dns.set("web.ext.test", ip);
+        dns.set("forwarded.ext.test", Ipv4Addr::new(192, 0, 2, 99));
+        println!("\nhelper-servers-ready");
+        // Until the parent closes our stdin (or kills us).
+        let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+    });
+}
+
+const CONFIG: &str = "\
+type: MeshExternalService
+name: web
+spec:
+  match: {port: 80, protocol: http}
+  endpoints: [{address: web.ext.test, port: 8080}]
+---
+type: MeshExternalService
+name: h2web
+spec:
+  match: {port: 8081, protocol: http2}
+  endpoints: [{address: EXT_IP, port: 8080}]
+---
+type: MeshExternalService
+name: echo
+spec:
+  match: {port: 9000, protocol: tcp}
+  endpoints: [{address: EXT_IP, port: 9000}]
+";
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn transparent_proxy_dns_and_vips_in_network_namespaces() {
+    require_root_and_tools();
+    let mut net = Net::create();
+    let (ext_ip, ext) = (net.ext_ip.to_string(), net.ext.clone());
+    let app = net.app.clone();
+    let me = std::env::current_exe().unwrap();
+    let helper = net.spawn(
+        &ext,
+        &[me.to_str().unwrap(), "--ignored", "--exact", "netns_helper_servers", "--nocapture", "--test-threads=1"],
+        &[(HELPER_ENV, ext_ip.clone())],
+    );
+    let stdout = net.children[helper].stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("helper-servers-ready"))), "helper servers did not start");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, CONFIG.replace("EXT_IP", &ext_ip)).unwrap();
+    // The proxy runs as uid 5678 and must read its configuration.
+    ok(&["chmod", "-R", "a+rwX", dir.path().to_str().unwrap()]);
+    let bin = env!("CARGO_BIN_EXE_mesh-egress");
+    let nat_before = net.nat_table();
+
+    // --- clear errors: not root, no iptables ---
+    let not_root = net.exec(
+        &app,
+        &["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", bin, "transparent-proxy", "install"],
+    );
+    assert_eq!(not_root.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&not_root.stderr).contains("needs root"), "{not_root:?}");
+    let no_iptables = net.exec(&app, &["env", "PATH=/nonexistent", bin, "transparent-proxy", "install"]);
+    assert_eq!(no_iptables.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_iptables.stderr).contains("iptables not found"), "{no_iptables:?}");
+
+    // --- transparent proxy install: dry run, then twice (idempotent) ---
+    let dry = net.app_ok(&[bin, "transparent-proxy", "install", "--dry-run", "--proxy-uid", PROXY_UID]);
+    assert!(dry.contains("-A MESH_EGRESS_OUTPUT -m owner --uid-owner 5678 -j RETURN"), "{dry}");
+    assert_eq!(net.nat_table(), nat_before, "--dry-run changes nothing");
+    net.app_ok(&[bin, "transparent-proxy", "install", "--proxy-uid", PROXY_UID]);
+    let once = net.nat_table();
+    net.app_ok(&[bin, "transparent-proxy", "install", "--proxy-uid", PROXY_UID]);
+    assert_eq!(net.nat_table(), once, "install is idempotent");
+    assert!(once.contains("-A OUTPUT -p tcp -j MESH_EGRESS_OUTPUT"), "{once}");
+
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "setpriv",
+            "--reuid",
+            PROXY_UID,
+            "--regid",
+            PROXY_UID,
+            "--clear-groups",
+            bin,
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let args = run(&[]);
+    let proxy = net.spawn(&app, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[("RUST_LOG", "warn".into())]);
+    wait_for("/ready", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
+
+    // --- DNS: the proxy on 15053, and the application's port 53 redirected to it ---
+    let vip =
+        net.app_ok(&["dig", "@127.0.0.1", "-p", "15053", "web.extsvc.mesh.local", "A", "+short"]).trim().to_string();
+    assert!(vip.starts_with("242."), "{vip}");
+    let aaaa = net.app_ok(&["dig", "@127.0.0.1", "-p", "15053", "web.extsvc.mesh.local", "AAAA"]);
+    assert!(aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"), "{aaaa}");
+    let redirected = net.app_ok(&["dig", "web.extsvc.mesh.local", "+short"]);
+    assert_eq!(redirected.trim(), vip, "port 53 goes to the DNS proxy");
+    let forwarded = net.app_ok(&["dig", "forwarded.ext.test", "+short"]);
+    assert_eq!(forwarded.trim(), "192.0.2.99", "unknown names are forwarded (the proxy's own query is not redirected)");
+    let unknown = net.app_ok(&["dig", "nobody.ext.test"]);
+    assert!(unknown.contains("status: NXDOMAIN"), "{unknown}");
+
+    // --- the application just dials names ---
+    let body = net.app_ok(&["curl", "-sS", "--max-time", "10", "http://web.extsvc.mesh.local/hello"]);
+    assert!(body.contains("path: /hello") && body.contains("host: web.ext.test:8080"), "{body}");
+    let h2 = net.app_ok(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--http2-prior-knowledge",
+        "http://h2web.extsvc.mesh.local:8081/h2",
+    ]);
+    assert!(h2.contains("version: HTTP/2.0") && h2.contains("path: /h2"), "{h2}");
+    let echo = net.app_ok(&["sh", "-c", "printf ping | socat -t5 - TCP:echo.extsvc.mesh.local:9000"]);
+    assert_eq!(echo, "echo\nping<eof>");
+    // Not a VIP: passed through, by the proxy, whose own connection is not redirected again.
+    let direct = net.app_ok(&["curl", "-sS", "--max-time", "10", &format!("http://{ext_ip}:8080/direct")]);
+    assert!(direct.contains("path: /direct"), "{direct}");
+
+    // --- uninstall leaves the nat table as it was ---
+    net.app_ok(&[bin, "transparent-proxy", "uninstall"]);
+    assert_eq!(net.nat_table(), nat_before);
+    net.stop(proxy);
+
+    // --- VIP binding without iptables: the VIP range routed to lo ---
+    net.app_ok(&["ip", "route", "add", "local", "242.0.0.0/8", "dev", "lo"]);
+    // uid 5678 binds VIP:80 (a container gets this from CAP_NET_BIND_SERVICE).
+    net.app_ok(&["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"]);
+    let args = run(&["--bind-vips", "--transparent", "off", "--dns", "off"]);
+    let _proxy = net.spawn(&app, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[("RUST_LOG", "warn".into())]);
+    wait_for("/ready with VIP listeners", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
+    let body = net.app_ok(&["curl", "-sS", "--max-time", "10", &format!("http://{vip}/vip")]);
+    assert!(body.contains("path: /vip") && body.contains("host: web.ext.test:8080"), "{body}");
+}
