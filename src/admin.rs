@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-use crate::live::Live;
+use crate::catalog::ServiceView;
+use crate::live::{Live, Snapshot};
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -68,6 +69,64 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, serde_json::to_string_pretty(value).unwrap_or_default());
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The live configuration. Built from [`ServiceView`]s, which carry no certificate, key or
+/// secret data: only where trust comes from and whether a client certificate is set.
+fn config_dump(snapshot: &Snapshot) -> serde_json::Value {
+    let services: Vec<ServiceView> = snapshot.catalog.services().iter().map(|s| ServiceView::from(&**s)).collect();
+    let outbounds: Vec<serde_json::Value> = snapshot
+        .catalog
+        .outbounds()
+        .iter()
+        .map(|o| {
+            let service = snapshot.catalog.service(o.service).map(|s| s.key());
+            serde_json::json!({ "address": o.address.to_string(), "dataplane": o.dataplane, "service": service })
+        })
+        .collect();
+    serde_json::json!({ "services": services, "outbounds": outbounds })
+}
+
+/// Per service: configured endpoints and the addresses traffic can go to, with their health.
+fn endpoints(snapshot: &Snapshot) -> serde_json::Value {
+    let services: Vec<serde_json::Value> = snapshot
+        .routes()
+        .map(|route| {
+            let configured: Vec<serde_json::Value> = route
+                .upstream
+                .endpoints()
+                .iter()
+                .map(|e| serde_json::json!({ "address": e.to_string(), "priority": e.priority }))
+                .collect();
+            let targets: Vec<serde_json::Value> = route
+                .upstream
+                .targets()
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "address": t.addr.to_string(),
+                        "hostname": t.hostname.as_deref(),
+                        "priority": t.priority,
+                        "healthy": t.health.is_healthy(),
+                        "active": t.health.active(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "service": route.upstream.service().as_ref(),
+                "protocol": route.service.protocol,
+                "endpoints": configured,
+                "targets": targets,
+            })
+        })
+        .collect();
+    serde_json::json!({ "services": services })
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
@@ -75,9 +134,24 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, crate::metrics::metrics().encode());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
+        "/config_dump" => json(&config_dump(&state.live.load())),
+        "/endpoints" => json(&endpoints(&state.live.load())),
         "/" => {
             let services = state.live.load().catalog.services().len();
-            text(StatusCode::OK, format!("mesh-egress admin\nservices: {services}\nendpoints: /ready\n"))
+            text(
+                StatusCode::OK,
+                format!(
+                    "mesh-egress admin\nservices: {services}\nendpoints: /ready /metrics /config_dump /endpoints\n"
+                ),
+            )
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

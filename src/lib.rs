@@ -4,6 +4,7 @@
 //! (compiled, immutable view) → the data path.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod catalog;
 pub mod config;
@@ -18,3 +19,4 @@ pub mod template;
 pub mod tls;
 pub mod tproxy;
 pub mod upstream;
+pub mod watch;

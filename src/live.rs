@@ -18,6 +18,16 @@ pub struct Snapshot {
     upstreams: Vec<Arc<Upstream>>,
 }
 
+/// How a connection (and, for HTTP, each of its requests) finds its service in the snapshot
+/// current at that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKey {
+    /// A Dataplane outbound, by its listener address.
+    Outbound(SocketAddr),
+    /// A VIP listener address, or a transparent connection's original destination.
+    Vip(SocketAddr),
+}
+
 /// What a listener found for a connection.
 pub struct Route<'a> {
     pub service: &'a Arc<Service>,
@@ -44,24 +54,28 @@ impl Snapshot {
             .map(|s| {
                 let key = s.key();
                 match reusable.get(&key) {
-                    Some(up) if up.endpoints() == s.endpoints.as_slice() => Arc::clone(up),
-                    _ => Upstream::new(Arc::from(key), s.endpoints.clone(), settings.clone()),
+                    Some(up) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
+                        Arc::clone(up)
+                    }
+                    _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone()),
                 }
             })
             .collect();
         Self { catalog, upstreams }
     }
 
-    fn route(&self, index: usize) -> Option<Route<'_>> {
+    /// The service behind a listener address (outbound) or a destination (VIP:port).
+    pub fn route(&self, key: RouteKey) -> Option<Route<'_>> {
+        let index = match key {
+            RouteKey::Vip(addr) => self.catalog.index_by_vip(addr)?,
+            RouteKey::Outbound(addr) => self.catalog.outbounds().iter().find(|o| o.address == addr)?.service,
+        };
         Some(Route { service: self.catalog.service(index)?, upstream: self.upstreams.get(index)? })
     }
 
-    pub fn by_vip(&self, addr: SocketAddr) -> Option<Route<'_>> {
-        self.route(self.catalog.index_by_vip(addr)?)
-    }
-
-    pub fn by_outbound(&self, addr: SocketAddr) -> Option<Route<'_>> {
-        self.route(self.catalog.outbounds().iter().find(|o| o.address == addr)?.service)
+    /// Every service with its upstream (for the admin API).
+    pub fn routes(&self) -> impl Iterator<Item = Route<'_>> {
+        self.catalog.services().iter().zip(&self.upstreams).map(|(service, upstream)| Route { service, upstream })
     }
 }
 

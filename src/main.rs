@@ -11,12 +11,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_egress::access_log::{AccessLog, Destination, Format as AccessFormat};
 use mesh_egress::catalog::{CompileOptions, Compiled, Ipam, ServiceView};
 use mesh_egress::config;
 use mesh_egress::listen::SoOriginalDst;
 use mesh_egress::server::{Options, Server};
 use mesh_egress::tproxy;
 use mesh_egress::upstream::{EjectionPolicy, ResolverSource, Settings};
+use mesh_egress::watch::ConfigWatch;
 
 #[derive(Parser)]
 #[command(
@@ -162,6 +164,22 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "MESH_EGRESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Access log: `off`, `stdout`, or a file path. One line per TCP connection and per HTTP
+    /// request, written by a thread of its own.
+    #[arg(long, env = "MESH_EGRESS_ACCESS_LOG", default_value = "off")]
+    access_log: String,
+    /// Access log format.
+    #[arg(long, env = "MESH_EGRESS_ACCESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    access_log_format: LogFormat,
+    /// On SIGTERM/SIGINT: how long in-flight requests and connections may take to finish.
+    #[arg(long, env = "MESH_EGRESS_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Allow the admin server on a non-loopback address (it has no authentication).
+    #[arg(long, env = "MESH_EGRESS_ADMIN_ALLOW_REMOTE")]
+    admin_allow_remote: bool,
+    /// Do not watch the configuration paths (reload on SIGHUP only).
+    #[arg(long, env = "MESH_EGRESS_NO_WATCH")]
+    no_watch: bool,
     #[command(flatten)]
     compile: CompileArgs,
 }
@@ -286,6 +304,26 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
+    if let Some(admin) = args.admin.0 {
+        anyhow::ensure!(
+            admin.ip().is_loopback() || args.admin_allow_remote,
+            "--admin {admin} is not a loopback address: the admin API has no authentication; add --admin-allow-remote to allow it"
+        );
+    }
+    let access_log = match args.access_log.as_str() {
+        "off" => None,
+        dest => {
+            let destination = match dest {
+                "stdout" | "-" => Destination::Stdout,
+                path => Destination::File(PathBuf::from(path)),
+            };
+            let format = match args.access_log_format {
+                LogFormat::Text => AccessFormat::Text,
+                LogFormat::Json => AccessFormat::Json,
+            };
+            Some(AccessLog::start(destination, format).with_context(|| format!("opening the access log {dest}"))?)
+        }
+    };
     let options = Options {
         config_paths: args.config,
         request_timeout: Some(args.request_timeout).filter(|t| !t.is_zero()),
@@ -297,6 +335,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         transparent: args.transparent.0,
         bind_vips: args.bind_vips,
         passthrough: !args.no_passthrough,
+        access_log,
         upstream: Settings {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,
@@ -304,24 +343,38 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
             resolver: ResolverSource::new(args.upstream_dns),
         },
     };
+    let watch_paths = options.config_paths.clone();
     let mut server = Server::start(options, Arc::new(SoOriginalDst)).await?;
+    let mut watch =
+        if args.no_watch { None } else { Some(ConfigWatch::new(&watch_paths).context("watching the configuration")?) };
     if let Some(addr) = server.admin_addr() {
         tracing::info!(admin = %addr, "ready");
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     loop {
-        tokio::select! {
-            _ = hangup.recv() => match server.reload() {
-                Ok(()) => tracing::info!("configuration reloaded"),
-                Err(e) => tracing::error!("reload rejected, the running configuration stays: {e}"),
-            },
+        let changed = async {
+            match watch.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let trigger = tokio::select! {
+            _ = hangup.recv() => "SIGHUP",
+            () = changed => "file change",
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+        };
+        match server.reload() {
+            Ok(()) => tracing::info!(trigger, "configuration reloaded"),
+            Err(e) => tracing::error!(trigger, "reload rejected, the running configuration stays: {e}"),
         }
     }
-    tracing::info!("shutting down");
-    server.stop_listening();
+    tracing::info!(deadline = ?args.drain_timeout, "draining");
+    let left = server.drain(args.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(connections = left, "drain deadline passed; closing the rest");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,16 +1,41 @@
 //! Prometheus metrics (prometheus-client), one registry for the process.
+//!
+//! The data path never looks labels up per request: each service gets a [`ServiceMetrics`] of
+//! pre-resolved handles (atomic counters) when its configuration is compiled.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::catalog::Protocol;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
     pub service: String,
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    pub protocol: &'static str,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -32,33 +57,121 @@ impl DnsResult {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DnsLabels {
-    pub result: &'static str,
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
 pub struct Metrics {
-    pub registry: Registry,
-    pub tls_handshake_failures: Family<TlsFailureLabels, Counter>,
-    pub dns_queries: Family<DnsLabels, Counter>,
+    registry: Registry,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    dns_queries: Family<ResultLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
+    access_log_dropped: Counter,
+    connections: Family<ServiceLabels, Counter>,
+    connections_active: Family<ServiceLabels, Gauge>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    connect_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    connect_errors: Family<ServiceLabels, Counter>,
+    bytes_sent: Family<ServiceLabels, Counter>,
+    bytes_received: Family<ServiceLabels, Counter>,
+}
+
+/// Status classes in the order of [`ServiceMetrics::requests`].
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// A service's handles; cloning shares the same series.
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    pub connections: Counter,
+    pub connections_active: Gauge,
+    requests: [Counter; 6],
+    pub request_duration: Histogram,
+    pub connect_duration: Histogram,
+    pub connect_errors: Counter,
+    /// Bytes from the application to the endpoint.
+    pub bytes_sent: Counter,
+    /// Bytes from the endpoint to the application.
+    pub bytes_received: Counter,
+}
+
+impl ServiceMetrics {
+    pub fn request(&self, status: u16) {
+        let class = match status {
+            100..=599 => usize::from(status / 100 - 1),
+            _ => 5,
+        };
+        self.requests[class].inc();
+    }
 }
 
 impl Metrics {
     fn new() -> Self {
-        let mut registry = Registry::with_prefix("mesh_egress");
-        let tls_handshake_failures = Family::<TlsFailureLabels, Counter>::default();
-        registry.register(
+        let mut r = Registry::with_prefix("mesh_egress");
+        let m = Self {
+            registry: Registry::default(),
+            tls_handshake_failures: Family::default(),
+            dns_queries: Family::default(),
+            config_reloads: Family::default(),
+            access_log_dropped: Counter::default(),
+            connections: Family::default(),
+            connections_active: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            connect_duration: Family::new_with_constructor(latency_histogram),
+            connect_errors: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+        };
+        r.register("connections", "Application connections accepted, by service", m.connections.clone());
+        r.register("connections_active", "Application connections open now, by service", m.connections_active.clone());
+        r.register("requests", "HTTP/gRPC requests by service and response status class", m.requests.clone());
+        r.register("request_duration_seconds", "Time from request to response headers", m.request_duration.clone());
+        r.register(
+            "upstream_connect_duration_seconds",
+            "Time to connect (and handshake TLS) to an endpoint",
+            m.connect_duration.clone(),
+        );
+        r.register("upstream_connect_errors", "Failed connects (TCP or TLS) to endpoints", m.connect_errors.clone());
+        r.register("upstream_bytes_sent", "Bytes sent to endpoints (TCP payload or HTTP bodies)", m.bytes_sent.clone());
+        r.register(
+            "upstream_bytes_received",
+            "Bytes received from endpoints (TCP payload or HTTP bodies)",
+            m.bytes_received.clone(),
+        );
+        r.register(
             "tls_handshake_failures",
             "TLS sessions with an endpoint that failed, by service and reason",
-            tls_handshake_failures.clone(),
+            m.tls_handshake_failures.clone(),
         );
-        let dns_queries = Family::<DnsLabels, Counter>::default();
-        registry.register("dns_queries", "DNS queries by result", dns_queries.clone());
-        Self { registry, tls_handshake_failures, dns_queries }
+        r.register("dns_queries", "DNS queries by result", m.dns_queries.clone());
+        r.register("config_reloads", "Configuration reloads by result", m.config_reloads.clone());
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
+        Self { registry: r, ..m }
     }
 
-    pub fn dns_query(&self, result: DnsResult) {
-        self.dns_queries.get_or_create(&DnsLabels { result: result.as_str() }).inc();
+    /// The handles for one service, created once per configuration.
+    pub fn service(&self, service: &str, protocol: Protocol) -> Arc<ServiceMetrics> {
+        let labels = ServiceLabels { service: service.to_string(), protocol: protocol.as_str() };
+        let requests = STATUS_CLASSES.map(|status_class| {
+            let l = RequestLabels { service: labels.service.clone(), protocol: labels.protocol, status_class };
+            self.requests.get_or_create(&l).clone()
+        });
+        Arc::new(ServiceMetrics {
+            connections: self.connections.get_or_create(&labels).clone(),
+            connections_active: self.connections_active.get_or_create(&labels).clone(),
+            requests,
+            request_duration: self.request_duration.get_or_create(&labels).clone(),
+            connect_duration: self.connect_duration.get_or_create(&labels).clone(),
+            connect_errors: self.connect_errors.get_or_create(&labels).clone(),
+            bytes_sent: self.bytes_sent.get_or_create(&labels).clone(),
+            bytes_received: self.bytes_received.get_or_create(&labels).clone(),
+        })
     }
 
     pub fn tls_failure(&self, service: &str, reason: crate::tls::FailureReason) {
@@ -66,7 +179,20 @@ impl Metrics {
         self.tls_handshake_failures.get_or_create(&labels).inc();
     }
 
-    /// The registry in Prometheus text format.
+    pub fn dns_query(&self, result: DnsResult) {
+        self.dns_queries.get_or_create(&ResultLabels { result: result.as_str() }).inc();
+    }
+
+    pub fn config_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.config_reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.inc();
+    }
+
+    /// The registry in the OpenMetrics text format (which Prometheus reads).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -6,9 +6,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::access_log::AccessLog;
 use crate::admin::{self, AdminError, AdminState};
 use crate::catalog::{ipam::IpamError, CompileOptions, Ipam};
 use crate::config;
@@ -34,6 +38,7 @@ pub struct Options {
     pub transparent: Option<SocketAddr>,
     pub bind_vips: bool,
     pub passthrough: bool,
+    pub access_log: Option<AccessLog>,
     pub upstream: upstream::Settings,
 }
 
@@ -66,6 +71,7 @@ pub struct Server {
     listeners: HashMap<SocketAddr, BoundListener>,
     admin: Option<(SocketAddr, Arc<AdminState>)>,
     dns: Option<(SocketAddr, [tokio::task::JoinHandle<()>; 2])>,
+    draining: watch::Sender<bool>,
 }
 
 impl Server {
@@ -79,6 +85,7 @@ impl Server {
         };
         let settings = Arc::new(std::mem::take(&mut options.upstream));
         let live = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let draining = watch::Sender::new(false);
         let proxy = Arc::new(Proxy {
             live: live.clone(),
             settings: ProxySettings {
@@ -87,9 +94,12 @@ impl Server {
                 request_timeout: options.request_timeout,
             },
             original_dst,
+            access_log: options.access_log.clone(),
+            connections: Arc::default(),
+            draining: draining.subscribe(),
         });
         let mut server =
-            Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None, dns: None };
+            Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None, dns: None, draining };
         if let Some(addr) = server.options.admin {
             let state = Arc::new(AdminState { ready: AtomicBool::new(false), live: server.live.clone() });
             let bound = admin::spawn(addr, state.clone())?;
@@ -115,7 +125,9 @@ impl Server {
 
     /// Loads the configuration again; an invalid one is rejected and the running one stays.
     pub fn reload(&mut self) -> Result<(), ServerError> {
-        self.apply_config()
+        let result = self.apply_config();
+        crate::metrics::metrics().config_reload(result.is_ok());
+        result
     }
 
     fn apply_config(&mut self) -> Result<(), ServerError> {
@@ -202,6 +214,20 @@ impl Server {
     /// The bound address of the transparent listener (useful with port 0).
     pub fn transparent_addr(&self) -> Option<SocketAddr> {
         self.listeners.values().find(|l| l.kind == ListenerKind::Transparent).map(|l| l.local)
+    }
+
+    /// Graceful drain: stops accepting, asks HTTP connections to finish their requests and
+    /// close, and waits for open connections up to `deadline`. Returns how many were still
+    /// open when it gave up (they close when the process exits).
+    pub async fn drain(&mut self, deadline: Duration) -> usize {
+        self.stop_listening();
+        if let Some((_, state)) = &self.admin {
+            state.ready.store(false, Ordering::Release);
+        }
+        self.draining.send_replace(true);
+        let connections = self.proxy.connections.clone();
+        let _ = tokio::time::timeout(deadline, connections.all_closed()).await;
+        connections.count()
     }
 
     /// Stops accepting on every listener.

@@ -20,9 +20,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+
+use crate::access_log::{AccessLog, Record};
 use crate::catalog::{Access, Protocol, Service};
-use crate::upstream::pool::PoolKey;
-use crate::upstream::{ActiveGuard, ConnectError, Target, TlsSetup, Upstream, UpstreamIo};
+use crate::live::{Live, RouteKey};
+use crate::upstream::pool::{PoolKey, RequestBody};
+use crate::upstream::{ActiveGuard, ConnectError, Target, TargetAddr, TlsSetup, Upstream, UpstreamIo};
 
 /// Most request headers accepted from the application (HTTP/1).
 pub const MAX_HEADERS: usize = 100;
@@ -41,17 +50,20 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 ];
 const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
-/// Per-connection context: the service the application reached and its upstream.
+/// Per-connection context. Each request finds its service in the configuration current when
+/// it arrives, so a reload applies to open keep-alive connections too.
 pub struct HttpProxy {
-    pub service: Arc<Service>,
-    pub upstream: Arc<Upstream>,
+    pub live: Arc<Live>,
+    pub key: RouteKey,
+    pub peer: SocketAddr,
     /// Time allowed until the response headers arrive (`None`: no limit).
     pub request_timeout: Option<Duration>,
+    pub access_log: Option<AccessLog>,
 }
 
-/// Serves one application connection until it closes.
-pub async fn serve(client: TcpStream, proxy: HttpProxy) {
-    let http2_only = proxy.service.protocol != Protocol::Http;
+/// Serves one application connection until it closes, or until a drain asks it to finish its
+/// requests and close.
+pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut draining: watch::Receiver<bool>) {
     let proxy = Arc::new(proxy);
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
@@ -62,9 +74,24 @@ pub async fn serve(client: TcpStream, proxy: HttpProxy) {
     builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS).max_header_list_size(MAX_HEADER_BYTES as u32);
     // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
     // HTTP/1.1 or h2c prior knowledge from the first bytes.
-    let builder = if http2_only { builder.http2_only() } else { builder };
-    if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(client), svc).await {
+    let builder = if protocol != Protocol::Http { builder.http2_only() } else { builder };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = drain_requested(&mut draining) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
         tracing::debug!(%error, "application connection ended with an error");
+    }
+}
+
+async fn drain_requested(draining: &mut watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await; // the server is gone without draining: run on
     }
 }
 
@@ -96,12 +123,55 @@ impl Failure {
 
 impl HttpProxy {
     async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let grpc = self.service.protocol == Protocol::Grpc || is_grpc(req.headers());
-        if let Some(reason) = &self.service.broken {
-            tracing::warn!(service = %self.upstream.service(), %reason, "service is broken");
+        let started = Instant::now();
+        let snapshot = self.live.load();
+        let Some(route) = snapshot.route(self.key) else {
+            return failure(is_grpc(req.headers()), Failure::Unavailable, "service is no longer configured");
+        };
+        let ctx = RequestCtx { service: route.service.clone(), upstream: route.upstream.clone() };
+        drop(snapshot);
+        let request_line = self.access_log.as_ref().map(|_| format!("{} {}", req.method(), req.uri().path()));
+        let sent = self.access_log.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+        let mut response = self.respond(&ctx, req, sent.clone()).await;
+        let status = response.status().as_u16();
+        let m = &ctx.upstream.metrics;
+        m.request(status);
+        m.request_duration.observe(started.elapsed().as_secs_f64());
+        if let (Some(log), Some(request)) = (&self.access_log, request_line) {
+            let record = Record {
+                time: SystemTime::now(),
+                service: ctx.upstream.service().clone(),
+                protocol: ctx.service.protocol.as_str(),
+                client: self.peer,
+                endpoint: None,
+                request: Some(request),
+                status: Some(status),
+                outcome: "ok",
+                bytes_sent: 0,
+                bytes_received: 0,
+                duration: Duration::ZERO,
+            };
+            let pending = PendingLog { log: log.clone(), record, started, sent };
+            match response.body_mut() {
+                ProxyBody::Upstream(body) => body.log = Some(pending),
+                ProxyBody::Local(_) => pending.finish("local_reply", 0),
+            }
+        }
+        response
+    }
+
+    async fn respond(
+        &self,
+        ctx: &RequestCtx,
+        req: Request<Incoming>,
+        sent: Option<Arc<AtomicU64>>,
+    ) -> Response<ProxyBody> {
+        let grpc = ctx.service.protocol == Protocol::Grpc || is_grpc(req.headers());
+        if let Some(reason) = &ctx.service.broken {
+            tracing::warn!(service = %ctx.upstream.service(), %reason, "service is broken");
             return failure(grpc, Failure::Unavailable, "service is not available: its configuration is broken");
         }
-        if self.service.access == Access::Forbidden {
+        if ctx.service.access == Access::Forbidden {
             return failure(grpc, Failure::Forbidden, "access to external services is forbidden by the Mesh");
         }
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
@@ -110,7 +180,7 @@ impl HttpProxy {
             (a, b) => a.or(b),
         };
         let deadline = grpc_deadline.map(|d| Instant::now() + d);
-        let exchange = self.exchange(req, grpc, deadline);
+        let exchange = ctx.exchange(req, grpc, deadline, sent);
         match limit {
             Some(limit) => match tokio::time::timeout(limit, exchange).await {
                 Ok(response) => response,
@@ -119,8 +189,22 @@ impl HttpProxy {
             None => exchange.await,
         }
     }
+}
 
-    async fn exchange(&self, req: Request<Incoming>, grpc: bool, deadline: Option<Instant>) -> Response<ProxyBody> {
+/// The service one request goes to.
+struct RequestCtx {
+    service: Arc<Service>,
+    upstream: Arc<Upstream>,
+}
+
+impl RequestCtx {
+    async fn exchange(
+        &self,
+        req: Request<Incoming>,
+        grpc: bool,
+        deadline: Option<Instant>,
+        sent: Option<Arc<AtomicU64>>,
+    ) -> Response<ProxyBody> {
         let http2 = matches!(self.service.protocol, Protocol::Http2 | Protocol::Grpc);
         let tls = self
             .service
@@ -148,6 +232,7 @@ impl HttpProxy {
             return failure(grpc, Failure::Unavailable, reason);
         }
         let active = target.health.track();
+        let body = RequestBody::new(body, self.upstream.metrics.bytes_sent.clone(), sent);
         let request = Request::from_parts(parts, body);
         let result = match &mut sender {
             Sender::H1(s) => s.send_request(request).await,
@@ -183,6 +268,10 @@ impl HttpProxy {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             grpc,
             done: false,
+            received: 0,
+            counter: self.upstream.metrics.bytes_received.clone(),
+            endpoint: target.addr.clone(),
+            log: None,
             _active: active,
         };
         if body.body.is_end_stream() {
@@ -253,12 +342,12 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 
 enum Sender {
     /// Held exclusively for one request, then returned to the pool.
-    H1(http1::SendRequest<Incoming>),
+    H1(http1::SendRequest<RequestBody>),
     /// Shared: every request opens a stream on it.
-    H2(http2::SendRequest<Incoming>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
-async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<Incoming>, hyper::Error> {
+async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
     let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.with_upgrades().await {
@@ -268,7 +357,7 @@ async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<Incoming>, hy
     Ok(sender)
 }
 
-async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<Incoming>, hyper::Error> {
+async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
     let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
@@ -397,7 +486,25 @@ fn failure(grpc: bool, failure: Failure, message: &'static str) -> Response<Prox
 struct PoolReturn {
     upstream: Arc<Upstream>,
     key: PoolKey,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+/// An access log record waiting for its response body to end.
+struct PendingLog {
+    log: AccessLog,
+    record: Record,
+    started: Instant,
+    sent: Option<Arc<AtomicU64>>,
+}
+
+impl PendingLog {
+    fn finish(mut self, outcome: &'static str, received: u64) {
+        self.record.outcome = outcome;
+        self.record.bytes_received = received;
+        self.record.bytes_sent = self.sent.map_or(0, |s| s.load(Ordering::Relaxed));
+        self.record.duration = self.started.elapsed();
+        self.log.log(self.record);
+    }
 }
 
 pub struct UpstreamBody {
@@ -407,7 +514,21 @@ pub struct UpstreamBody {
     deadline: Option<Pin<Box<Sleep>>>,
     grpc: bool,
     done: bool,
+    received: u64,
+    counter: Counter,
+    endpoint: TargetAddr,
+    log: Option<PendingLog>,
     _active: ActiveGuard,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        self.counter.inc_by(self.received);
+        if let Some(mut pending) = self.log.take() {
+            pending.record.endpoint = Some(self.endpoint.to_string());
+            pending.finish(if self.done { "ok" } else { "aborted" }, self.received);
+        }
+    }
 }
 
 impl UpstreamBody {
@@ -439,7 +560,7 @@ impl Body for ProxyBody {
             Self::Local(full) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
             Self::Upstream(up) => up,
         };
-        if up.done {
+        if up.done && up.body.is_end_stream() {
             return Poll::Ready(None);
         }
         if let Some(deadline) = up.deadline.as_mut() {
@@ -452,6 +573,9 @@ impl Body for ProxyBody {
             }
         }
         let frame = Pin::new(&mut up.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame {
+            up.received += f.data_ref().map_or(0, |d| d.len() as u64);
+        }
         // hyper stops polling once a body says it has ended, so return the connection as soon
         // as the last frame is out, not only on the final `None`.
         if matches!(frame, Poll::Ready(None)) || (matches!(frame, Poll::Ready(Some(Ok(_)))) && up.body.is_end_stream())

@@ -5,14 +5,18 @@ pub mod http;
 pub mod tcp;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
 
+use crate::access_log::{AccessLog, Record};
 use crate::catalog::{Access, Protocol};
 use crate::listen::{ListenerKind, OriginalDst};
-use crate::live::Live;
+use crate::live::{Live, RouteKey};
 use crate::metrics::metrics;
 use crate::tls;
 use crate::upstream::{Connected, TargetAddr, TlsSetup, UpstreamStream};
@@ -26,79 +30,136 @@ pub struct ProxySettings {
     pub request_timeout: Option<Duration>,
 }
 
+/// Counts open application connections so a drain can wait for them.
+#[derive(Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+impl Connections {
+    fn open(self: &Arc<Self>) -> ConnectionGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct ConnectionGuard(Arc<Connections>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
 pub struct Proxy {
     pub live: Arc<Live>,
     pub settings: ProxySettings,
     pub original_dst: Arc<dyn OriginalDst>,
+    pub access_log: Option<AccessLog>,
+    pub connections: Arc<Connections>,
+    /// Becomes `true` when the proxy drains: HTTP connections finish their requests and close.
+    pub draining: watch::Receiver<bool>,
 }
 
 impl Proxy {
     pub async fn handle(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, kind: ListenerKind) {
+        let _open = self.connections.open();
         let _ = client.set_nodelay(true);
+        let key = match kind {
+            ListenerKind::Outbound => RouteKey::Outbound(local),
+            ListenerKind::Vip => RouteKey::Vip(local),
+            ListenerKind::Transparent => match self.original_dst.original_dst(&client) {
+                Ok(dst) if dst != local => RouteKey::Vip(dst),
+                Ok(_) => return tracing::debug!(%peer, "connection to the transparent listener itself; closing"),
+                Err(error) => return tracing::warn!(%peer, %error, "no original destination; closing"),
+            },
+        };
         let snapshot = self.live.load();
-        let route = match kind {
-            ListenerKind::Outbound => snapshot.by_outbound(local),
-            ListenerKind::Vip => snapshot.by_vip(local),
-            ListenerKind::Transparent => {
-                let dst = match self.original_dst.original_dst(&client) {
-                    Ok(dst) if dst != local => dst,
-                    Ok(_) => {
-                        tracing::debug!(%peer, "connection to the transparent listener itself; closing");
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%peer, %error, "no original destination; closing");
-                        return;
-                    }
-                };
-                match snapshot.by_vip(dst) {
-                    Some(route) => Some(route),
-                    None => {
-                        drop(snapshot);
-                        return self.passthrough(client, peer, dst).await;
-                    }
-                }
+        let Some(route) = snapshot.route(key) else {
+            drop(snapshot);
+            return match (kind, key) {
+                (ListenerKind::Transparent, RouteKey::Vip(dst)) => self.passthrough(client, peer, dst).await,
+                _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
+            };
+        };
+        let (service, upstream) = (route.service.clone(), route.upstream.clone());
+        drop(snapshot);
+        upstream.metrics.connections.inc();
+        let _active = GaugeGuard::inc(&upstream.metrics.connections_active);
+        // HTTP answers broken/forbidden per request (503/403, or gRPC status) and routes each
+        // request with the configuration current when it arrives.
+        if service.protocol != Protocol::Tcp {
+            let proxy = http::HttpProxy {
+                live: self.live.clone(),
+                key,
+                peer,
+                request_timeout: self.settings.request_timeout,
+                access_log: self.access_log.clone(),
+            };
+            return http::serve(client, proxy, service.protocol, self.draining.clone()).await;
+        }
+        let started = Instant::now();
+        let log = |endpoint: Option<String>, outcome: &'static str, sent: u64, received: u64| {
+            if let Some(log) = &self.access_log {
+                log.log(Record {
+                    time: SystemTime::now(),
+                    service: upstream.service().clone(),
+                    protocol: "tcp",
+                    client: peer,
+                    endpoint,
+                    request: None,
+                    status: None,
+                    outcome,
+                    bytes_sent: sent,
+                    bytes_received: received,
+                    duration: started.elapsed(),
+                });
             }
         };
-        let Some(route) = route else {
-            tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing");
-            return;
-        };
-        let service = route.service.clone();
-        let upstream = route.upstream.clone();
-        drop(snapshot);
-        // HTTP answers broken/forbidden per request (503/403, or gRPC status).
-        if service.protocol != Protocol::Tcp {
-            let request_timeout = self.settings.request_timeout;
-            return http::serve(client, http::HttpProxy { service, upstream, request_timeout }).await;
-        }
         if let Some(reason) = &service.broken {
             tracing::warn!(service = %upstream.service(), %peer, reason = %reason, "service is broken; closing");
-            return;
+            return log(None, "broken_service", 0, 0);
         }
         if service.access == Access::Forbidden {
             tracing::info!(service = %upstream.service(), %peer, "access forbidden by Mesh (defaultForbidMeshExternalServiceAccess); closing");
-            return;
+            return log(None, "forbidden", 0, 0);
         }
         let tls =
             service.tls.as_ref().zip(service.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config });
-        let Connected { mut stream, target, active: _active } = match upstream.connect(tls).await {
+        let Connected { mut stream, target, active: _target_active } = match upstream.connect(tls).await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(%peer, %error, "upstream connect failed; closing");
-                return;
+                return log(None, "connect_failed", 0, 0);
             }
         };
         let (bytes, result) = tcp::proxy(&mut client, &mut stream).await;
+        upstream.metrics.bytes_sent.inc_by(bytes.client_to_upstream);
+        upstream.metrics.bytes_received.inc_by(bytes.upstream_to_client);
         // TLS 1.3 servers reject a client certificate after the handshake: count it too.
         if let Some(reason) = result.as_ref().err().and_then(tls::reason_of_io) {
             metrics().tls_failure(upstream.service(), reason);
         }
-        tracing::debug!(
-            service = %upstream.service(), %peer, endpoint = %target.addr,
-            sent = bytes.client_to_upstream, received = bytes.upstream_to_client,
-            error = result.err().map(|e| e.to_string()), "connection closed"
-        );
+        let outcome = if result.is_ok() { "closed" } else { "reset" };
+        log(Some(target.addr.to_string()), outcome, bytes.client_to_upstream, bytes.upstream_to_client);
     }
 
     async fn passthrough(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
@@ -115,5 +176,21 @@ impl Proxy {
             };
         let (bytes, _) = tcp::proxy(&mut client, &mut upstream).await;
         tracing::debug!(%peer, %dst, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, "passthrough closed");
+    }
+}
+
+/// Holds a gauge up by one until dropped.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn inc(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

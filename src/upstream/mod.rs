@@ -24,8 +24,8 @@ pub use connect::{TargetAddr, UpstreamIo, UpstreamStream};
 pub use health::{ActiveGuard, EjectionPolicy, Health};
 pub use resolve::DnsResolver;
 
-use crate::catalog::{Endpoint, EndpointAddress, TlsPolicy};
-use crate::metrics::metrics;
+use crate::catalog::{Endpoint, EndpointAddress, Protocol, TlsPolicy};
+use crate::metrics::{metrics, ServiceMetrics};
 use crate::tls::{self, TlsError};
 
 /// What TLS origination needs for one service.
@@ -123,7 +123,10 @@ pub struct Connected {
 
 pub struct Upstream {
     service: Arc<str>,
+    protocol: Protocol,
     endpoints: Vec<Endpoint>,
+    /// This service's metric handles.
+    pub metrics: Arc<ServiceMetrics>,
     settings: Arc<Settings>,
     targets: ArcSwap<Vec<Target>>,
     state: Mutex<ResolutionState>,
@@ -159,11 +162,13 @@ impl Drop for Upstream {
 
 impl Upstream {
     /// Builds the upstream and, for DNS endpoints, starts their resolution (needs a tokio runtime).
-    pub fn new(service: Arc<str>, endpoints: Vec<Endpoint>, settings: Arc<Settings>) -> Arc<Self> {
+    pub fn new(service: Arc<str>, protocol: Protocol, endpoints: Vec<Endpoint>, settings: Arc<Settings>) -> Arc<Self> {
         let n = endpoints.len();
         let settings_idle = settings.idle_timeout;
         let upstream = Arc::new(Self {
+            metrics: metrics().service(&service, protocol),
             service,
+            protocol,
             endpoints,
             settings,
             targets: ArcSwap::from_pointee(Vec::new()),
@@ -199,6 +204,10 @@ impl Upstream {
 
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// The addresses traffic can go to now.
@@ -297,6 +306,22 @@ impl Upstream {
     /// Connects to one target. A failed TCP connect counts against the target's health; a
     /// failed TLS handshake is counted in the TLS failure metric.
     pub async fn connect_target(&self, target: &Target, tls: Option<TlsSetup<'_>>) -> Result<Connected, ConnectError> {
+        let started = Instant::now();
+        let result = self.connect_target_inner(target, tls).await;
+        match &result {
+            Ok(_) => self.metrics.connect_duration.observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                self.metrics.connect_errors.inc();
+            }
+        }
+        result
+    }
+
+    async fn connect_target_inner(
+        &self,
+        target: &Target,
+        tls: Option<TlsSetup<'_>>,
+    ) -> Result<Connected, ConnectError> {
         let active = target.health.track();
         let timeout = self.settings.connect_timeout;
         let result = tokio::time::timeout(timeout, UpstreamStream::connect(&target.addr)).await;
@@ -404,7 +429,7 @@ mod tests {
             ejection: EjectionPolicy { consecutive_failures: 1, base_time: Duration::from_secs(600) },
             ..Settings::default()
         };
-        Upstream::new(Arc::from("default/test"), endpoints, Arc::new(settings))
+        Upstream::new(Arc::from("default/test"), Protocol::Tcp, endpoints, Arc::new(settings))
     }
 
     fn port(t: &Target) -> u16 {

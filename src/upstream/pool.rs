@@ -10,10 +10,56 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
+use prometheus_client::metrics::counter::Counter;
 
 use super::TargetAddr;
+
+/// A request body on its way to an endpoint, its bytes counted as they pass.
+pub struct RequestBody {
+    inner: Incoming,
+    counter: Counter,
+    /// For the access log, when it is on.
+    sent: Option<Arc<AtomicU64>>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
+        Self { inner, counter, sent }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame {
+            if let Some(data) = f.data_ref() {
+                self.counter.inc_by(data.len() as u64);
+                if let Some(sent) = &self.sent {
+                    sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// How long an idle HTTP/1 connection is kept (Envoy's default idle timeout is 1 h; Kuma's
 /// MeshTimeout sets 1 h too; we keep sockets shorter as nothing is lost by reconnecting).
@@ -29,9 +75,9 @@ pub struct PoolKey {
     pub http2: bool,
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>;
 /// An idle HTTP/1 connection and when it became idle.
-type IdleH1 = (http1::SendRequest<Incoming>, Instant);
+type IdleH1 = (http1::SendRequest<RequestBody>, Instant);
 
 #[derive(Default)]
 pub struct Pool {
@@ -52,7 +98,7 @@ impl Pool {
     }
 
     /// An idle HTTP/1 connection that is still open and not past the idle timeout.
-    pub fn take_h1(&self, key: &PoolKey) -> Option<http1::SendRequest<Incoming>> {
+    pub fn take_h1(&self, key: &PoolKey) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.h1.lock().ok()?;
         let list = idle.get_mut(key)?;
         while let Some((sender, since)) = list.pop() {
@@ -63,7 +109,7 @@ impl Pool {
         None
     }
 
-    pub fn put_h1(&self, key: PoolKey, sender: http1::SendRequest<Incoming>) {
+    pub fn put_h1(&self, key: PoolKey, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -76,10 +122,10 @@ impl Pool {
 
     /// The shared HTTP/2 connection for `key`, connecting (once, for all waiters) if there is
     /// none or it closed.
-    pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<http2::SendRequest<Incoming>, E>
+    pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<http2::SendRequest<RequestBody>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<http2::SendRequest<Incoming>, E>>,
+        Fut: Future<Output = Result<http2::SendRequest<RequestBody>, E>>,
     {
         let slot = match self.h2.lock() {
             Ok(mut map) => map.entry(key.clone()).or_default().clone(),

@@ -183,6 +183,7 @@ pub fn options(config: PathBuf) -> Options {
         transparent: None,
         bind_vips: false,
         passthrough: true,
+        access_log: None,
         upstream: Settings {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),

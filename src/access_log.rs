@@ -1,0 +1,154 @@
+//! The access log: one line per TCP connection and per HTTP request, as text or JSON.
+//!
+//! The data path only hands a small record to a bounded channel; a thread of its own formats
+//! and writes. When the writer falls behind, records are dropped and counted, never waited for.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::metrics::metrics;
+
+const QUEUE: usize = 8192;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    File(PathBuf),
+}
+
+/// One connection or request.
+#[derive(Debug, Serialize)]
+pub struct Record {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub service: Arc<str>,
+    pub protocol: &'static str,
+    pub client: SocketAddr,
+    /// The endpoint address, when one was reached.
+    pub endpoint: Option<String>,
+    /// `GET /path` for HTTP; absent for TCP.
+    pub request: Option<String>,
+    /// HTTP status; absent for TCP.
+    pub status: Option<u16>,
+    /// How a TCP connection ended, or why a request failed.
+    pub outcome: &'static str,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    #[serde(serialize_with = "millis")]
+    pub duration: Duration,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    sender: SyncSender<Record>,
+}
+
+impl AccessLog {
+    /// Starts the writer thread.
+    pub fn start(destination: Destination, format: Format) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = match &destination {
+            Destination::Stdout => Box::new(std::io::stdout()),
+            Destination::File(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        let (sender, receiver) = sync_channel(QUEUE);
+        std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(receiver, out, format))?;
+        Ok(Self { sender })
+    }
+
+    pub fn log(&self, record: Record) {
+        if let Err(TrySendError::Full(_)) = self.sender.try_send(record) {
+            metrics().access_log_dropped();
+        }
+    }
+}
+
+fn write_loop(receiver: Receiver<Record>, out: Box<dyn Write + Send>, format: Format) {
+    let mut out = std::io::BufWriter::new(out);
+    while let Ok(record) = receiver.recv() {
+        let mut next = Some(record);
+        // Write everything queued, then flush once.
+        while let Some(record) = next {
+            let _ = match format {
+                Format::Json => serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other),
+                Format::Text => write_text(&mut out, &record),
+            };
+            let _ = out.write_all(b"\n");
+            next = receiver.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+fn write_text(out: &mut impl Write, r: &Record) -> std::io::Result<()> {
+    write!(
+        out,
+        "{} {} {} {} {} \"{}\" {} {} sent={} received={} {:.3}ms",
+        humantime::format_rfc3339_millis(r.time),
+        r.service,
+        r.protocol,
+        r.client,
+        r.endpoint.as_deref().unwrap_or("-"),
+        r.request.as_deref().unwrap_or("-"),
+        r.status.map_or("-".to_string(), |s| s.to_string()),
+        r.outcome,
+        r.bytes_sent,
+        r.bytes_received,
+        r.duration.as_secs_f64() * 1000.0
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            time: SystemTime::UNIX_EPOCH,
+            service: Arc::from("default/httpbin"),
+            protocol: "http",
+            client: "127.0.0.1:5555".parse().unwrap(),
+            endpoint: Some("10.0.0.1:80".into()),
+            request: Some("GET /status/200".into()),
+            status: Some(200),
+            outcome: "ok",
+            bytes_sent: 0,
+            bytes_received: 42,
+            duration: Duration::from_micros(1500),
+        }
+    }
+
+    #[test]
+    fn text_and_json_lines() {
+        let mut text = Vec::new();
+        write_text(&mut text, &record()).unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "1970-01-01T00:00:00.000Z default/httpbin http 127.0.0.1:5555 10.0.0.1:80 \"GET /status/200\" 200 ok sent=0 received=42 1.500ms"
+        );
+        let json: serde_json::Value = serde_json::to_value(record()).unwrap();
+        assert_eq!(json["service"], "default/httpbin");
+        assert_eq!(json["status"], 200);
+        assert_eq!(json["duration"], 1.5);
+        assert_eq!(json["time"], "1970-01-01T00:00:00.000Z");
+    }
+}
