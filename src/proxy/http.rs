@@ -153,7 +153,7 @@ impl HttpProxy {
             };
             let pending = PendingLog { log: log.clone(), record, started, sent };
             match response.body_mut() {
-                ProxyBody::Upstream(body) => body.log = Some(pending),
+                ProxyBody::Upstream(body) => body.log = Some(Box::new(pending)),
                 ProxyBody::Local(_) => pending.finish("local_reply", 0),
             }
         }
@@ -517,14 +517,15 @@ pub struct UpstreamBody {
     received: u64,
     counter: Counter,
     endpoint: TargetAddr,
-    log: Option<PendingLog>,
+    /// Boxed: only there when the access log is on.
+    log: Option<Box<PendingLog>>,
     _active: ActiveGuard,
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         self.counter.inc_by(self.received);
-        if let Some(mut pending) = self.log.take() {
+        if let Some(mut pending) = self.log.take().map(|p| *p) {
             pending.record.endpoint = Some(self.endpoint.to_string());
             pending.finish(if self.done { "ok" } else { "aborted" }, self.received);
         }
