@@ -1,0 +1,400 @@
+//! Operations: reload under load, admin API, metrics, access log, drain, SIGHUP and file watch.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::http_upstream::http_upstream;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn http_service(name: &str, outbound: SocketAddr, port: u16) -> String {
+    service_with_outbound(name, outbound, &endpoint("127.0.0.1", port, 0), "")
+        .replace("protocol: tcp", "protocol: http")
+}
+
+fn tcp_service(name: &str, outbound: SocketAddr, port: u16) -> String {
+    service_with_outbound(name, outbound, &endpoint("127.0.0.1", port, 0), "")
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let io = TokioIo::new(TcpStream::connect(addr).await.map_err(|e| e.to_string())?);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path).header("host", "app").body(Empty::new()).unwrap();
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    get(addr, path).await.unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_fails_no_request() {
+    let (u_keep, u_old, u_new) = (http_upstream(None).await, http_upstream(None).await, http_upstream(None).await);
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [keep, changed, removed, added, tcp]: [SocketAddr; 5] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let before = [
+        http_service("keep", keep, u_keep.addr.port()),
+        http_service("changed", changed, u_old.addr.port()),
+        tcp_service("removed", removed, echo.addr.port()),
+        tcp_service("tcp", tcp, echo.addr.port()),
+    ]
+    .join("---\n");
+    let after = [
+        http_service("keep", keep, u_keep.addr.port()),
+        http_service("changed", changed, u_new.addr.port()),
+        tcp_service("added", added, echo.addr.port()),
+        tcp_service("tcp", tcp, echo.addr.port()),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&before);
+    let mut opts = options(config.clone());
+    opts.admin = Some("127.0.0.1:0".parse().unwrap());
+    let mut proxy = start(opts).await;
+    let admin = proxy.admin_addr().unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+    let mut load = Vec::new();
+    for target in [keep, changed] {
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            // One keep-alive connection: a reload must not break it.
+            let io = TokioIo::new(TcpStream::connect(target).await.unwrap());
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await.unwrap();
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                let result = async {
+                    sender.ready().await.map_err(|e| e.to_string())?;
+                    let req = http::Request::get("/").header("host", "app").body(Empty::new()).unwrap();
+                    let r = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = r.status();
+                    r.into_body().collect().await.map_err(|e| e.to_string())?;
+                    if status == 200 {
+                        Ok(())
+                    } else {
+                        Err(format!("status {status}"))
+                    }
+                }
+                .await;
+                match result {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failed.lock().unwrap().push(format!("{target}: {e}"));
+                        0
+                    }
+                };
+            }
+        }));
+    }
+    {
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match greet(tcp).await {
+                    Ok((g, _)) if g == "echo" => done.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        failed.lock().unwrap().push(format!("tcp: {:?}", other.map(|(g, _)| g)));
+                        0
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&config, &after).unwrap();
+    proxy.reload().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An invalid file changes nothing and is reported.
+    std::fs::write(&config, format!("{after}---\ntype: MeshExternalService\nname: bad\nspec:\n  match: {{port: 0}}\n"))
+        .unwrap();
+    let err = proxy.reload().unwrap_err().to_string();
+    assert!(err.contains("spec.match.port: port must be a valid (1-65535)"), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "{} failures of {}: {failed:?}", failed.len(), done.load(Ordering::Relaxed));
+    assert!(done.load(Ordering::Relaxed) > 30, "the load ran");
+
+    assert_eq!(greet(added).await.unwrap().0, "echo", "added service listens");
+    assert!(TcpStream::connect(removed).await.is_err(), "removed service's listener is gone");
+    assert!(u_new.connections() >= 1, "the changed service now reaches its new endpoint");
+    let before_new = u_new.connections();
+    assert_eq!(get(changed, "/").await.unwrap().0, 200);
+    assert_eq!(u_new.connections(), before_new, "pooled");
+    assert_eq!(u_keep.connections(), 1, "the unchanged service kept its pooled upstream connection");
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(metrics.contains("mesh_egress_config_reloads_total{result=\"failure\"}"), "{metrics}");
+    assert!(metrics.contains("mesh_egress_config_reloads_total{result=\"success\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_count_known_traffic() {
+    let upstream = http_upstream(None).await;
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let (web, tcp) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let yaml = format!(
+        "{}---\n{}",
+        http_service("metrics-web", web, upstream.addr.port()),
+        tcp_service("metrics-tcp", tcp, echo.addr.port())
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.admin = Some("127.0.0.1:0".parse().unwrap());
+    let proxy = start(opts).await;
+    for _ in 0..3 {
+        assert_eq!(get(web, "/").await.unwrap().0, 200);
+    }
+    let (status, _) = get(web, "/x").await.unwrap();
+    assert_eq!(status, 200);
+    let mut not_found = TcpStream::connect(web).await.unwrap();
+    not_found.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nx-status: 404\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    not_found.read_to_end(&mut sink).await.unwrap();
+    let (_, mut stream) = greet(tcp).await.unwrap();
+    stream.write_all(b"12345").await.unwrap();
+    stream.shutdown().await.unwrap();
+    stream.read_to_end(&mut sink).await.unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await; // the TCP connection's bookkeeping
+
+    let text = admin_get(proxy.admin_addr().unwrap(), "/metrics").await;
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("a Prometheus text parser reads /metrics");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
+    };
+    let web_labels = [("service", "default/metrics-web"), ("protocol", "http")];
+    assert_eq!(value("mesh_egress_requests_total", &[web_labels[0], ("status_class", "2xx")]), 4.0);
+    assert_eq!(value("mesh_egress_requests_total", &[web_labels[0], ("status_class", "4xx")]), 1.0);
+    assert_eq!(value("mesh_egress_connections_total", &web_labels), 5.0);
+    let tcp_labels = [("service", "default/metrics-tcp"), ("protocol", "tcp")];
+    assert_eq!(value("mesh_egress_connections_total", &tcp_labels), 1.0);
+    assert_eq!(value("mesh_egress_connections_active", &tcp_labels), 0.0);
+    assert_eq!(value("mesh_egress_upstream_bytes_sent_total", &tcp_labels), 5.0);
+    assert_eq!(value("mesh_egress_upstream_bytes_received_total", &tcp_labels), 15.0, "echo\\n + 12345 + <eof>");
+    // Histograms: the +Inf bucket counts every observation.
+    assert_eq!(value("mesh_egress_request_duration_seconds", &web_labels), 5.0);
+    assert_eq!(value("mesh_egress_upstream_connect_duration_seconds", &tcp_labels), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_and_endpoints_never_show_secrets() {
+    let ca = common::pki::Ca::new("ca");
+    let client = ca.client("app");
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let key_body: String = client.key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      caCert:\n        inline: {}\n      clientCert:\n        secret: client-cert\n      clientKey:\n        inlineString: |\n{}",
+        b64(&ca.pem),
+        client.key_pem.lines().map(|l| format!("          {l}\n")).collect::<String>()
+    );
+    let yaml = format!(
+        "type: Secret\nname: client-cert\nmesh: default\ndata: {}\n---\n{}",
+        b64(&client.cert_pem),
+        service_with_outbound("secret-svc", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), &tls)
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.admin = Some("127.0.0.1:0".parse().unwrap());
+    let proxy = start(opts).await;
+    let admin = proxy.admin_addr().unwrap();
+    for path in ["/config_dump", "/endpoints"] {
+        let body = admin_get(admin, path).await;
+        assert!(body.contains("secret-svc"), "{body}");
+        for secret in [&key_body[..40], &b64(&ca.pem)[..40], &b64(&client.cert_pem)[..40], "PRIVATE KEY", "BEGIN"] {
+            assert!(!body.contains(secret), "{path} leaks {secret}:\n{body}");
+        }
+    }
+    let dump: serde_json::Value = serde_json::from_str(&admin_get(admin, "/config_dump").await).unwrap();
+    assert_eq!(dump["services"][0]["tls"]["clientCertificate"], true);
+    assert_eq!(dump["services"][0]["tls"]["trust"], "configured");
+    let endpoints: serde_json::Value = serde_json::from_str(&admin_get(admin, "/endpoints").await).unwrap();
+    assert_eq!(endpoints["services"][0]["targets"][0]["address"], "127.0.0.1:1");
+    assert_eq!(endpoints["services"][0]["targets"][0]["healthy"], true);
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_proxy(config: &std::path::Path, admin: SocketAddr, extra: &[&str]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args([
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+            "--transparent",
+            "off",
+            "--dns",
+            "off",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    eventually("/ready", Duration::from_secs(20), || async { get(admin, "/ready").await.is_ok_and(|(s, _)| s == 200) })
+        .await;
+}
+
+fn signal(proc: &Proc, sig: &str) {
+    let ok = Command::new("kill").args([&format!("-{sig}"), &proc.0.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_completes_requests_in_flight_and_exits_zero() {
+    let upstream = http_upstream(None).await;
+    let (web, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let (_dir, config) = config_dir(&http_service("drain", web, upstream.addr.port()));
+    let mut proxy = spawn_proxy(&config, admin, &["--drain-timeout", "10s"]);
+    wait_ready(admin).await;
+    let mut slow = TcpStream::connect(web).await.unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nx-delay-ms: 1500\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&proxy, "TERM");
+    // No new connections once draining.
+    eventually("listener closed", Duration::from_secs(5), || async { TcpStream::connect(web).await.is_err() }).await;
+    let mut response = String::new();
+    slow.read_to_string(&mut response).await.unwrap(); // keep-alive ends after this response
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("path: /slow"), "{response}");
+    let status = tokio::task::spawn_blocking(move || proxy.0.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_file_changes_reload() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [first, by_hup, by_watch, admin, admin2]: [SocketAddr; 5] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let (_dir, config) = config_dir(&tcp_service("first", first, echo.addr.port()));
+    // SIGHUP, with watching off.
+    let hup = spawn_proxy(&config, admin, &["--no-watch"]);
+    wait_ready(admin).await;
+    std::fs::write(
+        &config,
+        format!(
+            "{}---\n{}",
+            tcp_service("first", first, echo.addr.port()),
+            tcp_service("by-hup", by_hup, echo.addr.port())
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(TcpStream::connect(by_hup).await.is_err(), "no reload without the signal");
+    signal(&hup, "HUP");
+    eventually("SIGHUP adds the listener", Duration::from_secs(10), || async { greet(by_hup).await.is_ok() }).await;
+    drop(hup);
+
+    // File watch.
+    let (_dir2, config2) = config_dir(&tcp_service("first", first, echo.addr.port()));
+    let _watch = spawn_proxy(&config2, admin2, &[]);
+    wait_ready(admin2).await;
+    std::fs::write(
+        &config2,
+        format!(
+            "{}---\n{}",
+            tcp_service("first", first, echo.addr.port()),
+            tcp_service("by-watch", by_watch, echo.addr.port())
+        ),
+    )
+    .unwrap();
+    eventually("a file change adds the listener", Duration::from_secs(10), || async { greet(by_watch).await.is_ok() })
+        .await;
+    // An invalid change is rejected: the running configuration stays.
+    std::fs::write(&config2, "type: MeshExternalService\nname: x\nspec: {match: {port: 0}}\n").unwrap();
+    eventually("the failed reload is counted", Duration::from_secs(10), || async {
+        admin_get(admin2, "/metrics").await.contains("mesh_egress_config_reloads_total{result=\"failure\"} 1")
+    })
+    .await;
+    assert_eq!(greet(by_watch).await.unwrap().0, "echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_a_line_per_connection_and_request() {
+    let upstream = http_upstream(None).await;
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [web, tcp, admin]: [SocketAddr; 3] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let (dir, config) = config_dir(&format!(
+        "{}---\n{}",
+        http_service("log-web", web, upstream.addr.port()),
+        tcp_service("log-tcp", tcp, echo.addr.port())
+    ));
+    let log = dir.path().join("access.log");
+    let _proxy = spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"]);
+    wait_ready(admin).await;
+    assert_eq!(get(web, "/logged").await.unwrap().0, 200);
+    let (_, mut s) = greet(tcp).await.unwrap();
+    s.write_all(b"abc").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut sink = Vec::new();
+    s.read_to_end(&mut sink).await.unwrap();
+    drop(s);
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    eventually("two access log lines", Duration::from_secs(10), || async { read().len() >= 2 }).await;
+    let lines = read();
+    let http = lines.iter().find(|l| l["protocol"] == "http").unwrap();
+    assert_eq!(http["service"], "default/log-web");
+    assert_eq!(http["request"], "GET /logged");
+    assert_eq!(http["status"], 200);
+    assert_eq!(http["endpoint"], upstream.addr.to_string());
+    assert!(http["bytes_received"].as_u64().unwrap() > 0);
+    let tcp_line = lines.iter().find(|l| l["protocol"] == "tcp").unwrap();
+    assert_eq!(tcp_line["service"], "default/log-tcp");
+    assert_eq!(tcp_line["bytes_sent"], 3);
+    assert_eq!(tcp_line["outcome"], "closed");
+}
+
+#[test]
+fn admin_refuses_a_remote_address_unless_asked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+        .args(["run", "-c", "config/demo", "--admin", "0.0.0.0:0", "--transparent", "off", "--dns", "off"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-allow-remote"), "{out:?}");
+}
