@@ -14,7 +14,7 @@ pub use original_dst::{OriginalDst, SoOriginalDst};
 
 use crate::proxy::Proxy;
 
-const BACKLOG: i32 = 1024;
+const BACKLOG: i32 = 4096;
 
 /// How an accepted connection is matched to a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -96,7 +96,7 @@ impl Proxy {
         let Some(route) = snapshot.route(key) else {
             drop(snapshot);
             return match (kind, key) {
-                (ListenerKind::Transparent, RouteKey::Vip(dst)) => self.passthrough(client, peer, dst).await,
+                (ListenerKind::Transparent, RouteKey::Vip(dst)) => Box::pin(self.passthrough(client, peer, dst)).await,
                 _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
             };
         };
@@ -114,7 +114,8 @@ impl Proxy {
                 request_timeout: self.settings.request_timeout,
                 access_log: self.access_log.clone(),
             };
-            return http::serve(client, proxy, service.protocol, self.draining.clone()).await;
+            // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
+            return Box::pin(http::serve(client, proxy, service.protocol, self.draining.clone())).await;
         }
         let started = Instant::now();
         let log = |endpoint: Option<String>, outcome: &'static str, sent: u64, received: u64| {
@@ -144,7 +145,9 @@ impl Proxy {
         }
         let tls =
             service.tls.as_ref().zip(service.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config });
-        let Connected { mut stream, target, active: _target_active } = match upstream.connect(tls).await {
+        // Boxed: the connect (and TLS handshake) state is large and only lives until connected;
+        // inline, every open connection's task would keep room for it.
+        let Connected { mut stream, target, active: _target_active } = match Box::pin(upstream.connect(tls)).await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(%peer, %error, "upstream connect failed; closing");
