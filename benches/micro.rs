@@ -1,0 +1,87 @@
+//! Criterion micro-benchmarks of the work done per connection, per request and per reload:
+//! catalog lookup by VIP:port, hostname template rendering, the gRPC deadline parse, and
+//! compiling 10,000 services. (Protocol detection, h2 preface vs HTTP/1, is hyper-util's.)
+//!
+//!     cargo bench --bench micro
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use mesh_egress::catalog::{self, CompileOptions, Ipam};
+use mesh_egress::resources::{self, Labels, Loaded};
+use mesh_egress::template::{Template, Values};
+
+fn services(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "type: MeshExternalService\nname: svc-{i}\nlabels: {{team: t{}}}\nspec:\n  match: {{port: 443, protocol: http}}\n  endpoints: [{{address: api-{i}.example.com, port: 443}}]\n",
+                i % 10
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn load(text: &str) -> Loaded {
+    let mut loaded = Loaded::default();
+    resources::load_str(Path::new("bench.yaml"), text, &mut loaded);
+    loaded
+}
+
+fn benches(c: &mut Criterion) {
+    let text = services(10_000);
+    let loaded = load(&text);
+    let compiled = catalog::compile(
+        &loaded.resources,
+        &CompileOptions::default(),
+        &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()),
+    );
+    let hit: SocketAddr = "242.0.19.137:443".parse().unwrap();
+    let miss: SocketAddr = "10.0.0.1:443".parse().unwrap();
+    assert!(compiled.catalog.by_vip(hit).is_some());
+    c.bench_function("catalog lookup by VIP:port (10,000 services, hit)", |b| {
+        b.iter(|| compiled.catalog.by_vip(black_box(hit)).is_some())
+    });
+    c.bench_function("catalog lookup by VIP:port (10,000 services, miss)", |b| {
+        b.iter(|| compiled.catalog.by_vip(black_box(miss)).is_some())
+    });
+    c.bench_function("hostname lookup (10,000 services)", |b| {
+        b.iter(|| compiled.catalog.by_hostname(black_box("svc-4242.extsvc.mesh.local")).is_some())
+    });
+
+    let template = Template::parse("{{ .DisplayName }}.{{ .Namespace }}.{{ label \"team\" }}.svc.mesh.local").unwrap();
+    let mut labels = Labels::new();
+    labels.insert("team".into(), "payments".into());
+    let values = Values {
+        name: "httpbin",
+        display_name: "httpbin",
+        namespace: "kuma-demo",
+        mesh: "default",
+        zone: "east",
+        labels: &labels,
+    };
+    c.bench_function("template render", |b| b.iter(|| template.render(black_box(&values)).unwrap()));
+    c.bench_function("template parse", |b| {
+        b.iter(|| Template::parse(black_box("{{ .DisplayName }}.{{ .Namespace }}.svc.mesh.local")).unwrap())
+    });
+
+    let mut headers = http::HeaderMap::new();
+    headers.insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+    c.bench_function("grpc-timeout parse", |b| b.iter(|| mesh_egress::proxy::http::grpc_timeout(black_box(&headers))));
+
+    let mut group = c.benchmark_group("config");
+    group.sample_size(10);
+    group.bench_function("load + validate 10,000 services", |b| b.iter(|| load(black_box(&text))));
+    group.bench_function("compile 10,000 services", |b| {
+        b.iter(|| {
+            let mut ipam = Ipam::in_memory("242.0.0.0/8".parse().unwrap());
+            catalog::compile(black_box(&loaded.resources), &CompileOptions::default(), &mut ipam)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(micro, benches);
+criterion_main!(micro);
