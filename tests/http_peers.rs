@@ -17,10 +17,6 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-fn http_service(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
-    service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
-}
-
 fn tls_block(server_name: &str, ca: &Ca) -> String {
     format!(
         "  tls:\n    enabled: true\n    verification:\n      serverName: {server_name}\n      caCert:\n        inlineString: |\n{}",
@@ -57,16 +53,16 @@ async fn docs_shapes_end_to_end_with_curl_and_tonic() {
     let grpc_tls = grpc_server(Some(tls_config(&ca.server(&["grpcbin.test"])))).await;
     let outs: [SocketAddr; 4] = std::array::from_fn(|_| free_addr("127.0.0.1"));
     let yaml = [
-        http_service("mes-http", "http", outs[0], &endpoint("httpbin.test", plain.addr.port(), 0), ""),
-        http_service(
+        service_with_protocol("mes-http", "http", outs[0], &endpoint("httpbin.test", plain.addr.port(), 0), ""),
+        service_with_protocol(
             "mes-https",
             "http",
             outs[1],
             &endpoint("httpbin.test", tls.addr.port(), 0),
             &tls_block("httpbin.test", &ca),
         ),
-        http_service("mes-grpc", "grpc", outs[2], &endpoint("grpcbin.test", grpc_plain.addr.port(), 0), ""),
-        http_service(
+        service_with_protocol("mes-grpc", "grpc", outs[2], &endpoint("grpcbin.test", grpc_plain.addr.port(), 0), ""),
+        service_with_protocol(
             "mes-grpcs",
             "grpc",
             outs[3],
@@ -110,8 +106,13 @@ async fn docs_shapes_end_to_end_with_curl_and_tonic() {
 async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&http_service("idle", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "idle",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
     let mut opts = options(config);
     opts.upstream.idle_timeout = Duration::from_millis(300);
     let _proxy = start(opts).await;
@@ -125,44 +126,20 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(upstream.connections(), 2, "expired, so a new connection");
 }
 
-struct Proxy(std::process::Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_upload_and_download_stream_with_bounded_memory() {
     const GIB: u64 = 1 << 30;
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
     let admin = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&http_service("bulk", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
-    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args([
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--admin",
-            &admin.to_string(),
-            "--transparent",
-            "off",
-            "--dns",
-            "off",
-        ])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let proxy = Proxy(child);
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "bulk",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
+    let proxy = spawn_proxy(&config, admin, &[], &[]);
     eventually("proxy listens", Duration::from_secs(20), || async { TcpStream::connect(outbound).await.is_ok() }).await;
     let idle = peak_rss_kib(proxy.0.id());
 

@@ -16,10 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn http_service(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
-    service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
-}
-
 type Sender1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn h1(addr: SocketAddr) -> Sender1 {
@@ -62,8 +58,8 @@ async fn host_is_rewritten_for_dns_endpoints_and_kept_for_ip_endpoints() {
     let (by_name, by_ip) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
     let yaml = format!(
         "{}---\n{}",
-        http_service("by-name", "http", by_name, &endpoint("api.example.test", upstream.addr.port(), 0), ""),
-        http_service("by-ip", "http", by_ip, &endpoint("127.0.0.1", upstream.addr.port(), 0), "")
+        service_with_protocol("by-name", "http", by_name, &endpoint("api.example.test", upstream.addr.port(), 0), ""),
+        service_with_protocol("by-ip", "http", by_ip, &endpoint("127.0.0.1", upstream.addr.port(), 0), "")
     );
     let (_dir, config) = config_dir(&yaml);
     let mut opts = options(config);
@@ -84,7 +80,7 @@ async fn keep_alive_reuses_upstream_connections() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
     let (_dir, config) =
-        config_dir(&http_service("ka", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+        config_dir(&service_with_protocol("ka", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
     let _proxy = start(options(config)).await;
     let mut client = h1(outbound).await;
     for _ in 0..20 {
@@ -104,8 +100,13 @@ async fn keep_alive_reuses_upstream_connections() {
 async fn h2_streams_are_multiplexed_on_one_upstream_connection() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&http_service("mux", "http2", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "mux",
+        "http2",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
     let _proxy = start(options(config)).await;
     let client = h2(outbound).await;
     let mut tasks = Vec::new();
@@ -129,8 +130,13 @@ async fn h2_streams_are_multiplexed_on_one_upstream_connection() {
 async fn h2c_prior_knowledge_on_an_http_service_is_detected() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&http_service("detect", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "detect",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
     let _proxy = start(options(config)).await;
     let (status, body) = text(h2(outbound).await.send_request(get("http://app.local/h2", &[])).await.unwrap()).await;
     assert_eq!(status, 200);
@@ -142,8 +148,13 @@ async fn h2c_prior_knowledge_on_an_http_service_is_detected() {
 async fn hop_by_hop_headers_do_not_reach_the_endpoint() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&http_service("hop", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "hop",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
     let _proxy = start(options(config)).await;
     let req =
         get("/", &[("host", "a"), ("connection", "x-private"), ("x-private", "secret"), ("te", "trailers, gzip")]);
@@ -158,7 +169,7 @@ async fn websocket_upgrade_round_trip() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
     let (_dir, config) =
-        config_dir(&http_service("ws", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+        config_dir(&service_with_protocol("ws", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
     let _proxy = start(options(config)).await;
     let mut s = TcpStream::connect(outbound).await.unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
@@ -191,10 +202,10 @@ async fn error_mapping() {
     );
     let yaml = format!(
         "{}---\n{}---\n{}---\ntype: Mesh\nname: locked\nrouting:\n  defaultForbidMeshExternalServiceAccess: true\n---\n{}",
-        http_service("up", "http", up, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
-        http_service("down", "http", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
-        http_service("bad-tls", "http", bad_tls, &endpoint("127.0.0.1", untrusted.addr.port(), 0), &tls),
-        http_service("locked", "http", forbid_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), "").replace("mesh: default", "mesh: locked"),
+        service_with_protocol("up", "http", up, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        service_with_protocol("down", "http", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
+        service_with_protocol("bad-tls", "http", bad_tls, &endpoint("127.0.0.1", untrusted.addr.port(), 0), &tls),
+        service_with_protocol("locked", "http", forbid_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), "").replace("mesh: default", "mesh: locked"),
     );
     let (_dir, config) = config_dir(&yaml);
     let mut opts = options(config);
@@ -223,8 +234,13 @@ async fn error_mapping() {
 async fn header_limits_answer_431() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&http_service("lim", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "lim",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
     let _proxy = start(options(config)).await;
     let mut raw = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
     for i in 0..150 {
@@ -244,9 +260,9 @@ async fn grpc_setup(extra_yaml: &str, mesh: &str) -> (GrpcGuard, SocketAddr, Soc
     let dead = free_addr("127.0.0.1");
     let yaml = format!(
         "{extra_yaml}{}---\n{}",
-        http_service("grpc-live", "grpc", live, &endpoint("127.0.0.1", server.addr.port(), 0), "")
+        service_with_protocol("grpc-live", "grpc", live, &endpoint("127.0.0.1", server.addr.port(), 0), "")
             .replace("mesh: default", &format!("mesh: {mesh}")),
-        http_service("grpc-down", "grpc", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
+        service_with_protocol("grpc-down", "grpc", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
     );
     let (dir, config) = config_dir(&yaml);
     let proxy = start(options(config)).await;
@@ -323,7 +339,7 @@ async fn expect_100_continue_and_chunked_upload() {
     let upstream = http_upstream(None).await;
     let outbound = free_addr("127.0.0.1");
     let (_dir, config) =
-        config_dir(&http_service("up", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+        config_dir(&service_with_protocol("up", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
     let _proxy = start(options(config)).await;
     let mut s = TcpStream::connect(outbound).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")

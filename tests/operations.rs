@@ -3,7 +3,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -242,43 +242,12 @@ async fn config_dump_and_endpoints_never_show_secrets() {
     assert_eq!(endpoints["services"][0]["targets"][0]["healthy"], true);
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_proxy(config: &std::path::Path, admin: SocketAddr, extra: &[&str]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args([
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--admin",
-            &admin.to_string(),
-            "--transparent",
-            "off",
-            "--dns",
-            "off",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
 async fn wait_ready(admin: SocketAddr) {
     eventually("/ready", Duration::from_secs(20), || async { get(admin, "/ready").await.is_ok_and(|(s, _)| s == 200) })
         .await;
 }
 
-fn signal(proc: &Proc, sig: &str) {
+fn signal(proc: &KillOnDrop, sig: &str) {
     let ok = Command::new("kill").args([&format!("-{sig}"), &proc.0.id().to_string()]).status().unwrap();
     assert!(ok.success());
 }
@@ -288,7 +257,7 @@ async fn drain_completes_requests_in_flight_and_exits_zero() {
     let upstream = http_upstream(None).await;
     let (web, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
     let (_dir, config) = config_dir(&http_service("drain", web, upstream.addr.port()));
-    let mut proxy = spawn_proxy(&config, admin, &["--drain-timeout", "10s"]);
+    let mut proxy = spawn_proxy(&config, admin, &["--drain-timeout", "10s"], &[]);
     wait_ready(admin).await;
     let mut slow = TcpStream::connect(web).await.unwrap();
     slow.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nx-delay-ms: 1500\r\n\r\n").await.unwrap();
@@ -310,7 +279,7 @@ async fn sighup_and_file_changes_reload() {
     let [first, by_hup, by_watch, admin, admin2]: [SocketAddr; 5] = std::array::from_fn(|_| free_addr("127.0.0.1"));
     let (_dir, config) = config_dir(&tcp_service("first", first, echo.addr.port()));
     // SIGHUP, with watching off.
-    let hup = spawn_proxy(&config, admin, &["--no-watch"]);
+    let hup = spawn_proxy(&config, admin, &["--no-watch"], &[]);
     wait_ready(admin).await;
     std::fs::write(
         &config,
@@ -329,7 +298,7 @@ async fn sighup_and_file_changes_reload() {
 
     // File watch.
     let (_dir2, config2) = config_dir(&tcp_service("first", first, echo.addr.port()));
-    let _watch = spawn_proxy(&config2, admin2, &[]);
+    let _watch = spawn_proxy(&config2, admin2, &[], &[]);
     wait_ready(admin2).await;
     std::fs::write(
         &config2,
@@ -362,7 +331,8 @@ async fn access_log_has_a_line_per_connection_and_request() {
         tcp_service("log-tcp", tcp, echo.addr.port())
     ));
     let log = dir.path().join("access.log");
-    let _proxy = spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"]);
+    let _proxy =
+        spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"], &[]);
     wait_ready(admin).await;
     assert_eq!(get(web, "/logged").await.unwrap().0, 200);
     let (_, mut s) = greet(tcp).await.unwrap();

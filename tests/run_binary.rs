@@ -4,32 +4,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Proxy {
-    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mesh-egress");
-    Proxy(child)
-}
 
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).await.ok()?;
@@ -44,12 +24,6 @@ async fn wait_ready(admin: SocketAddr) {
         http_get(admin, "/ready").await.is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     })
     .await;
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -118,17 +92,7 @@ async fn one_gib_each_way_with_bounded_memory() {
     let admin = free_addr("127.0.0.1");
     let (_dir, config) =
         config_dir(&service_with_outbound("bulk", outbound, &endpoint("127.0.0.1", upstream.port(), 0), ""));
-    let proxy = spawn(&[
-        "run",
-        "-c",
-        config.to_str().unwrap(),
-        "--admin",
-        &admin.to_string(),
-        "--transparent",
-        "off",
-        "--dns",
-        "off",
-    ]);
+    let proxy = spawn_proxy(&config, admin, &[], &[]);
     wait_ready(admin).await;
     let idle_kib = peak_rss_kib(proxy.0.id());
 

@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -81,15 +81,6 @@ async fn tls_failures_close_the_connection_and_are_counted_by_reason() {
     );
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_s_server_with_client_verification() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +100,7 @@ async fn openssl_s_server_with_client_verification() {
         .stderr(Stdio::null())
         .spawn()
         .expect("openssl must be installed (.ci/run installs it)");
-    let _server = Kill(server);
+    let _server = KillOnDrop(server);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     eventually("openssl s_server listens", Duration::from_secs(10), || async {
         TcpStream::connect(addr).await.is_ok()
@@ -141,23 +132,7 @@ async fn the_binary_honours_kumas_system_ca_variable() {
     let (_cfg, config) =
         config_dir(&service_with_outbound("sys", outbound, &endpoint("127.0.0.1", server.addr.port(), 0), tls));
     let admin = free_addr("127.0.0.1");
-    let child = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args([
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--admin",
-            &admin.to_string(),
-            "--transparent",
-            "off",
-            "--dns",
-            "off",
-        ])
-        .env("KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH", &ca_file)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Kill(child);
+    let _child = spawn_proxy(&config, admin, &[], &[("KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH", &ca_file)]);
     eventually("proxy listens", Duration::from_secs(20), || async { TcpStream::connect(outbound).await.is_ok() }).await;
     assert_eq!(exchange(outbound, b"ping").await, "hello Some(TLSv1_3)\nping");
 }

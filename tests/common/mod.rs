@@ -247,3 +247,40 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `mesh-egress run` on `config` with its admin on `admin`, no transparent or DNS listener.
+pub fn spawn_proxy(config: &Path, admin: SocketAddr, extra: &[&str], env: &[(&str, &Path)]) -> KillOnDrop {
+    let admin = admin.to_string();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-egress"));
+    cmd.args(["run", "-c", config.to_str().unwrap(), "--admin", &admin, "--transparent", "off", "--dns", "off"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    KillOnDrop(cmd.spawn().expect("start mesh-egress"))
+}
+
+/// A process's peak resident memory (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// [`service_with_outbound`] with another protocol than tcp.
+pub fn service_with_protocol(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
+    service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
+}
