@@ -3,8 +3,6 @@
 //!
 //! Parsed once per configuration; rendering is a walk over the parts.
 
-use std::fmt::Write as _;
-
 use crate::resources::Labels;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,7 +98,7 @@ impl Template {
                 }),
                 Part::Label(key) => {
                     let value = values.labels.get(key).ok_or_else(|| RenderError::LabelNotFound(key.clone()))?;
-                    let _ = write!(out, "{value}");
+                    out.push_str(value);
                 }
             }
         }
