@@ -317,6 +317,23 @@ async fn grpc_all_four_call_kinds_deadlines_and_errors() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["grpc-status"], "4", "{:?}", response.headers());
 
+    // A deadline passing mid-stream ends the response with trailers grpc-status 4.
+    let mut message = vec![0u8, 0, 0, 0, 7];
+    message.extend_from_slice(b"slow:20");
+    let request = Request::post("http://app/test.Echo/ServerStream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "700m")
+        .body(Full::new(Bytes::from(message)))
+        .unwrap();
+    let response = h2(live).await.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!response.headers().contains_key("grpc-status"), "the stream started: not trailers-only");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers end the stream");
+    assert_eq!(trailers["grpc-status"], "4", "{trailers:?}");
+    assert!(!collected.to_bytes().is_empty(), "the messages before the deadline came through");
+
     // Endpoint down: UNAVAILABLE, with HTTP 200 and grpc-status.
     let mut client = grpc::client(down).await;
     client.ready().await.unwrap();

@@ -352,6 +352,7 @@ async fn access_log_has_a_line_per_connection_and_request() {
     assert_eq!(http["status"], 200);
     assert_eq!(http["endpoint"], upstream.addr.to_string());
     assert!(http["bytes_received"].as_u64().unwrap() > 0);
+    assert_eq!(http["outcome"], "ok", "a complete response is logged as such");
     let tcp_line = lines.iter().find(|l| l["protocol"] == "tcp").unwrap();
     assert_eq!(tcp_line["service"], "default/log-tcp");
     assert_eq!(tcp_line["bytes_sent"], 3);

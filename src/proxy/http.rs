@@ -267,7 +267,8 @@ impl RequestCtx {
             pool_return,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             grpc,
-            done: false,
+            finished: false,
+            outcome: "aborted",
             received: 0,
             counter: self.upstream.metrics.bytes_received.clone(),
             endpoint: target.addr.clone(),
@@ -513,7 +514,10 @@ pub struct UpstreamBody {
     /// The gRPC deadline: when it passes mid-response, the stream ends with DEADLINE_EXCEEDED.
     deadline: Option<Pin<Box<Sleep>>>,
     grpc: bool,
-    done: bool,
+    /// No more frames will be given (the upstream's ended, or the deadline's trailers went out).
+    finished: bool,
+    /// For the access log: `ok` once every frame of the response has passed.
+    outcome: &'static str,
     received: u64,
     counter: Counter,
     endpoint: TargetAddr,
@@ -527,7 +531,7 @@ impl Drop for UpstreamBody {
         self.counter.inc_by(self.received);
         if let Some(mut pending) = self.log.take().map(|p| *p) {
             pending.record.endpoint = Some(self.endpoint.to_string());
-            pending.finish(if self.done { "ok" } else { "aborted" }, self.received);
+            pending.finish(self.outcome, self.received);
         }
     }
 }
@@ -561,12 +565,13 @@ impl Body for ProxyBody {
             Self::Local(full) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
             Self::Upstream(up) => up,
         };
-        if up.done && up.body.is_end_stream() {
+        if up.finished {
             return Poll::Ready(None);
         }
         if let Some(deadline) = up.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() && up.grpc {
-                up.done = true;
+                up.finished = true;
+                up.outcome = "deadline_exceeded";
                 let mut trailers = HeaderMap::new();
                 trailers.insert("grpc-status", HeaderValue::from_static("4"));
                 trailers.insert("grpc-message", HeaderValue::from_static("deadline exceeded"));
@@ -574,14 +579,22 @@ impl Body for ProxyBody {
             }
         }
         let frame = Pin::new(&mut up.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &frame {
-            up.received += f.data_ref().map_or(0, |d| d.len() as u64);
-        }
-        // hyper stops polling once a body says it has ended, so return the connection as soon
-        // as the last frame is out, not only on the final `None`.
-        if matches!(frame, Poll::Ready(None)) || (matches!(frame, Poll::Ready(Some(Ok(_)))) && up.body.is_end_stream())
-        {
-            up.done = matches!(frame, Poll::Ready(None));
+        // hyper stops polling once a body says it has ended, so the response is complete (and
+        // the connection goes back to the pool) as soon as the last frame is out, not only on
+        // the final `None`.
+        let complete = match &frame {
+            Poll::Ready(None) => {
+                up.finished = true;
+                true
+            }
+            Poll::Ready(Some(Ok(f))) => {
+                up.received += f.data_ref().map_or(0, |d| d.len() as u64);
+                up.body.is_end_stream()
+            }
+            _ => false,
+        };
+        if complete {
+            up.outcome = "ok";
             up.return_to_pool();
         }
         frame
@@ -590,7 +603,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Local(full) => full.is_end_stream(),
-            Self::Upstream(up) => up.done || up.body.is_end_stream(),
+            Self::Upstream(up) => up.finished || up.body.is_end_stream(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! A tonic gRPC service with the four call kinds, on raw-bytes messages (no codegen):
 //! `/test.Echo/Unary` (echo; `sleep:<ms>` sleeps first), `/test.Echo/ServerStream` (`<n>` →
-//! n messages), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each).
+//! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -108,9 +108,16 @@ fn unary(r: Request<Bytes>) -> BoxFuture<Result<Response<Bytes>, Status>> {
 
 fn server_stream(r: Request<Bytes>) -> BoxFuture<Result<Response<MessageStream>, Status>> {
     Box::pin(async move {
-        let n: usize = std::str::from_utf8(&r.into_inner()).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let s: MessageStream =
-            Box::pin(futures_util::stream::iter((0..n).map(|i| Ok(Bytes::from(format!("msg-{i}"))))));
+        let text = String::from_utf8_lossy(&r.into_inner()).into_owned();
+        // `slow:<n>`: n messages, 200 ms apart.
+        let (n, pause) = match text.strip_prefix("slow:") {
+            Some(n) => (n.parse().unwrap_or(0), Duration::from_millis(200)),
+            None => (text.parse().unwrap_or(0), Duration::ZERO),
+        };
+        let s: MessageStream = Box::pin(futures_util::stream::iter(0..n).then(move |i: usize| async move {
+            tokio::time::sleep(pause).await;
+            Ok(Bytes::from(format!("msg-{i}")))
+        }));
         Ok(Response::new(s))
     })
 }
