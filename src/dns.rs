@@ -73,12 +73,20 @@ impl DnsProxy {
         Arc::new(Self { live, forwarders })
     }
 
+    /// Binds UDP and TCP on the same port. With port 0, the port UDP got may be taken for TCP:
+    /// then another one is tried.
     pub async fn bind(addr: SocketAddr) -> Result<DnsSockets, DnsError> {
         let err = |error| DnsError::Bind { addr, error };
-        let udp = UdpSocket::bind(addr).await.map_err(err)?;
-        let bound = udp.local_addr().map_err(err)?;
-        let tcp = crate::listen::bind(bound, false).map_err(err)?;
-        Ok(DnsSockets { udp, tcp })
+        let mut attempts = if addr.port() == 0 { 10 } else { 1 };
+        loop {
+            let udp = UdpSocket::bind(addr).await.map_err(err)?;
+            let bound = udp.local_addr().map_err(err)?;
+            match crate::listen::bind(bound, false) {
+                Ok(tcp) => return Ok(DnsSockets { udp, tcp }),
+                Err(e) if attempts > 1 && e.kind() == io::ErrorKind::AddrInUse => attempts -= 1,
+                Err(e) => return Err(err(e)),
+            }
+        }
     }
 
     /// Serves both sockets until the tasks are aborted.
