@@ -300,19 +300,25 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
     }
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    // One worker: a single-threaded runtime, no work-stealing machinery at all.
-    let mut runtime = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    let runtime = runtime.thread_name("worker").enable_all().build().context("starting the runtime")?;
-    runtime.block_on(serve(args))
+    // The data path: one single-threaded runtime per worker thread, each accepting on its own
+    // SO_REUSEPORT socket (no work stealing, as pingora's "no-steal" runtime). This thread runs
+    // the control plane: loading and reloads, signals, DNS proxy and re-resolution.
+    let handles = (0..workers)
+        .map(|i| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+            Ok(handle)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("starting the worker threads")?;
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    control.block_on(serve(args, handles))
 }
 
-async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
+async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     if let Some(admin) = args.admin.0 {
         anyhow::ensure!(
@@ -346,6 +352,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         bind_vips: args.bind_vips,
         passthrough: !args.no_passthrough,
         access_log,
+        workers,
         upstream: Settings {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,

@@ -40,6 +40,9 @@ pub struct Options {
     pub passthrough: bool,
     pub access_log: Option<AccessLog>,
     pub upstream: upstream::Settings,
+    /// Runtimes that run the data path, one accept loop each per listener; empty: the runtime
+    /// `start` runs on.
+    pub workers: Vec<tokio::runtime::Handle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +62,8 @@ pub enum ServerError {
 struct BoundListener {
     kind: ListenerKind,
     local: SocketAddr,
-    task: AbortHandle,
+    /// One accept loop per worker runtime.
+    tasks: Vec<AbortHandle>,
 }
 
 pub struct Server {
@@ -72,6 +76,7 @@ pub struct Server {
     admin: Option<(SocketAddr, Arc<AdminState>)>,
     dns: Option<(SocketAddr, [tokio::task::JoinHandle<()>; 2])>,
     draining: watch::Sender<bool>,
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 impl Server {
@@ -84,6 +89,10 @@ impl Server {
             None => Ipam::in_memory(cidr),
         };
         let settings = Arc::new(std::mem::take(&mut options.upstream));
+        let workers = match std::mem::take(&mut options.workers) {
+            w if w.is_empty() => vec![tokio::runtime::Handle::current()],
+            w => w,
+        };
         let live = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let draining = watch::Sender::new(false);
         let proxy = Arc::new(Proxy {
@@ -98,8 +107,18 @@ impl Server {
             connections: Arc::default(),
             draining: draining.subscribe(),
         });
-        let mut server =
-            Self { options, settings, ipam, live, proxy, listeners: HashMap::new(), admin: None, dns: None, draining };
+        let mut server = Self {
+            options,
+            settings,
+            ipam,
+            live,
+            proxy,
+            listeners: HashMap::new(),
+            admin: None,
+            dns: None,
+            draining,
+            workers,
+        };
         if let Some(addr) = server.options.admin {
             let state = Arc::new(AdminState { ready: AtomicBool::new(false), live: server.live.clone() });
             let bound = admin::spawn(addr, state.clone())?;
@@ -173,7 +192,7 @@ impl Server {
             let keep = desired.get(addr) == Some(&l.kind);
             if !keep {
                 tracing::info!(listener = %l.local, kind = %l.kind, "listener removed");
-                l.task.abort();
+                l.tasks.iter().for_each(AbortHandle::abort);
             }
             keep
         });
@@ -181,12 +200,10 @@ impl Server {
         let mut new: Vec<_> = desired.into_iter().filter(|(addr, _)| !self.listeners.contains_key(addr)).collect();
         new.sort_by_key(|(addr, _)| *addr);
         for (addr, kind) in new {
-            match listen::bind(addr, kind == ListenerKind::Vip) {
-                Ok(listener) => {
-                    let local = listener.local_addr().unwrap_or(addr);
-                    let task = tokio::spawn(listen::accept_loop(listener, kind, self.proxy.clone())).abort_handle();
-                    tracing::info!(listener = %local, %kind, "listening");
-                    self.listeners.insert(addr, BoundListener { kind, local, task });
+            match listen::serve(addr, kind, &self.workers, &self.proxy) {
+                Ok((local, tasks)) => {
+                    tracing::info!(listener = %local, %kind, workers = tasks.len(), "listening");
+                    self.listeners.insert(addr, BoundListener { kind, local, tasks });
                 }
                 Err(error) => {
                     let error = ServerError::Bind { addr, kind, error };
@@ -233,7 +250,7 @@ impl Server {
     /// Stops accepting on every listener.
     pub fn stop_listening(&mut self) {
         for (_, l) in self.listeners.drain() {
-            l.task.abort();
+            l.tasks.iter().for_each(AbortHandle::abort);
         }
         if let Some((_, tasks)) = self.dns.take() {
             tasks.iter().for_each(tokio::task::JoinHandle::abort);

@@ -40,8 +40,17 @@ impl std::fmt::Display for ListenerKind {
 /// Binds a listening socket. `freebind` allows addresses not (yet) configured on the host,
 /// such as VIPs routed to `lo` by a `local` route.
 pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, freebind, false)?)
+}
+
+/// Binds a listening socket for a runtime to adopt later. With `reuse_port`, several sockets
+/// share the address (one per worker) and the kernel spreads connections among them.
+pub fn bind_std(addr: SocketAddr, freebind: bool, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if freebind {
         match addr {
             SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
@@ -54,7 +63,42 @@ pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// Binds `addr` once per worker runtime and accepts on each; returns the bound address and the
+/// accept tasks.
+pub fn serve(
+    addr: SocketAddr,
+    kind: ListenerKind,
+    workers: &[tokio::runtime::Handle],
+    proxy: &Arc<Proxy>,
+) -> io::Result<(SocketAddr, Vec<tokio::task::AbortHandle>)> {
+    let freebind = kind == ListenerKind::Vip;
+    let reuse_port = workers.len() > 1;
+    let first = bind_std(addr, freebind, reuse_port)?;
+    let local = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers.len() {
+        sockets.push(bind_std(local, freebind, reuse_port)?);
+    }
+    let tasks = workers
+        .iter()
+        .zip(sockets)
+        .map(|(worker, socket)| {
+            let proxy = proxy.clone();
+            // The socket joins the reactor of the runtime that runs its accept loop.
+            worker
+                .spawn(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => accept_loop(listener, kind, proxy).await,
+                        Err(error) => tracing::error!(%kind, listener = %local, %error, "cannot accept"),
+                    }
+                })
+                .abort_handle()
+        })
+        .collect();
+    Ok((local, tasks))
 }
 
 /// Accepts until the task is aborted; each connection runs on its own task.

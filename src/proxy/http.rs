@@ -289,7 +289,7 @@ impl RequestCtx {
         let mut failed: Option<(Target, ConnectError)> = None;
         for _ in 0..2 {
             let Some(target) = self.upstream.pick(failed.as_ref().map(|(t, _)| &t.addr)) else { break };
-            let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2 };
+            let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: std::thread::current().id() };
             let result = if http2 {
                 let connect = || async {
                     let io = self.upstream.connect_target(&target, tls).await?.stream;

@@ -73,6 +73,9 @@ pub struct PoolKey {
     /// Identity of the service's `rustls::ClientConfig` (0 without TLS).
     pub tls: usize,
     pub http2: bool,
+    /// The worker thread: a connection's driver task lives on the runtime that opened it, so
+    /// sharing it across workers would hand every request to another thread.
+    pub worker: std::thread::ThreadId,
 }
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>;

@@ -184,6 +184,7 @@ pub fn options(config: PathBuf) -> Options {
         bind_vips: false,
         passthrough: true,
         access_log: None,
+        workers: Vec::new(),
         upstream: Settings {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),
