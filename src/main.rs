@@ -307,9 +307,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(|i| {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+                mesh_egress::upstream::pool::set_worker(i);
+                runtime.block_on(std::future::pending::<()>())
+            })?;
             Ok(handle)
         })
         .collect::<std::io::Result<Vec<_>>>()

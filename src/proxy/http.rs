@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::access_log::{AccessLog, Record};
 use crate::catalog::{Access, Protocol, Service};
 use crate::live::{Live, RouteKey};
-use crate::upstream::pool::{PoolKey, RequestBody};
+use crate::upstream::pool::{self, PoolKey, RequestBody};
 use crate::upstream::{ActiveGuard, ConnectError, Target, TargetAddr, TlsSetup, Upstream, UpstreamIo};
 
 /// Most request headers accepted from the application (HTTP/1).
@@ -289,7 +289,7 @@ impl RequestCtx {
         let mut failed: Option<(Target, ConnectError)> = None;
         for _ in 0..2 {
             let Some(target) = self.upstream.pick(failed.as_ref().map(|(t, _)| &t.addr)) else { break };
-            let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: std::thread::current().id() };
+            let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: pool::current_worker() };
             let result = if http2 {
                 let connect = || async {
                     let io = self.upstream.connect_target(&target, tls).await?.stream;

@@ -73,9 +73,24 @@ pub struct PoolKey {
     /// Identity of the service's `rustls::ClientConfig` (0 without TLS).
     pub tls: usize,
     pub http2: bool,
-    /// The worker thread: a connection's driver task lives on the runtime that opened it, so
-    /// sharing it across workers would hand every request to another thread.
-    pub worker: std::thread::ThreadId,
+    /// The worker ([`current_worker`]): a connection's driver task lives on the runtime that
+    /// opened it, so sharing it across workers would hand every request to another thread.
+    pub worker: usize,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as data-path worker `index` (called once by each worker thread).
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// The worker this thread belongs to; 0 for threads that are no worker (and in tests, where one
+/// multi-threaded runtime is the single worker).
+pub fn current_worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
 }
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>;
