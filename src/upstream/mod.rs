@@ -107,12 +107,6 @@ pub enum ConnectError {
     Tls { service: Arc<str>, target: TargetAddr, source: TlsError },
 }
 
-impl ConnectError {
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, Self::Timeout { .. })
-    }
-}
-
 /// A connection to an endpoint, counted as active on its target until dropped.
 #[derive(Debug)]
 pub struct Connected {

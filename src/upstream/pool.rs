@@ -170,9 +170,4 @@ impl Pool {
             h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed())));
         }
     }
-
-    /// Idle HTTP/1 connections (for tests and the admin API).
-    pub fn idle_h1(&self) -> usize {
-        self.h1.lock().map(|m| m.values().map(Vec::len).sum()).unwrap_or(0)
-    }
 }
