@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # mesh-egress: multi-stage build. Stage 1 builds the release binary, stage 2 is a slim runtime.
 
 FROM rust:1-bookworm AS builder

@@ -2,6 +2,7 @@
 //! and move the traffic.
 
 pub mod http;
+mod splice;
 pub mod tcp;
 
 use std::net::SocketAddr;
