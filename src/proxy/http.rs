@@ -332,8 +332,6 @@ impl RequestCtx {
     }
 }
 
-impl super::tcp::Stream for TokioIo<hyper::upgrade::Upgraded> {}
-
 async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,

@@ -2,7 +2,6 @@
 //! and move the traffic.
 
 pub mod http;
-mod splice;
 pub mod tcp;
 
 use std::net::SocketAddr;
