@@ -180,13 +180,14 @@ impl HttpProxy {
             (a, b) => a.or(b),
         };
         let deadline = grpc_deadline.map(|d| Instant::now() + d);
-        let exchange = ctx.exchange(req, grpc, deadline, sent);
+        // The exchange is built inside each arm: a future moved into another one before being
+        // awaited would keep two slots in this function's state.
         match limit {
-            Some(limit) => match tokio::time::timeout(limit, exchange).await {
+            Some(limit) => match tokio::time::timeout(limit, ctx.exchange(req, grpc, deadline, sent)).await {
                 Ok(response) => response,
                 Err(_) => failure(grpc, Failure::Timeout, "upstream did not answer in time"),
             },
-            None => exchange.await,
+            None => ctx.exchange(req, grpc, deadline, sent).await,
         }
     }
 }
@@ -290,10 +291,14 @@ impl RequestCtx {
         for _ in 0..2 {
             let Some(target) = self.upstream.pick(failed.as_ref().map(|(t, _)| &t.addr)) else { break };
             let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: pool::current_worker() };
+            // New connections are boxed: their connect, TLS and handshake state is large, and
+            // inline it would make every request's future (moved on each spawn) that large.
             let result = if http2 {
-                let connect = || async {
-                    let io = self.upstream.connect_target(&target, tls).await?.stream;
-                    handshake_h2(io).await.map_err(|e| self.handshake_error(&target, e))
+                let connect = || {
+                    Box::pin(async {
+                        let io = self.upstream.connect_target(&target, tls).await?.stream;
+                        handshake_h2(io).await.map_err(|e| self.handshake_error(&target, e))
+                    })
                 };
                 self.upstream.pool.h2(&key, connect).await.map(Sender::H2)
             } else {
@@ -303,13 +308,16 @@ impl RequestCtx {
                 };
                 match pooled {
                     Some(sender) => Ok(Sender::H1(sender)),
-                    None => match self.upstream.connect_target(&target, tls).await {
-                        Ok(connected) => handshake_h1(connected.stream)
-                            .await
-                            .map(Sender::H1)
-                            .map_err(|e| self.handshake_error(&target, e)),
-                        Err(e) => Err(e),
-                    },
+                    None => {
+                        Box::pin(async {
+                            let connected = self.upstream.connect_target(&target, tls).await?;
+                            handshake_h1(connected.stream)
+                                .await
+                                .map(Sender::H1)
+                                .map_err(|e| self.handshake_error(&target, e))
+                        })
+                        .await
+                    }
                 }
             };
             match result {
@@ -402,6 +410,12 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 /// Removes hop-by-hop headers, including those the `Connection` header names. `TE` survives
 /// only as `trailers` (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is nothing to do: one pass over the names says so without hashing.
+    let needs_work =
+        headers.iter().any(|(name, value)| HOP_BY_HOP.contains(name) || (name == header::TE && value != "trailers"));
+    if !needs_work {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -436,6 +450,24 @@ fn prepare_request(
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, value);
     }
+    let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+    if target.hostname.is_none() {
+        // IP and unix endpoints keep the application's authority. Mostly the request already
+        // has the form the endpoint gets; only the other cases are rebuilt below.
+        let has_host = parts.headers.contains_key(header::HOST);
+        if http2 && !has_host && parts.uri.scheme() == Some(&scheme) && parts.uri.authority().is_some() {
+            parts.version = Version::HTTP_2;
+            return Ok(());
+        }
+        if !http2 && has_host {
+            if parts.uri.authority().is_some() {
+                parts.uri =
+                    Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+            }
+            parts.version = Version::HTTP_11;
+            return Ok(());
+        }
+    }
     let authority: Authority = match (&target.hostname, &target.addr) {
         (Some(name), crate::upstream::TargetAddr::Socket(addr)) => {
             let default_port = if tls { 443 } else { 80 };
@@ -450,7 +482,6 @@ fn prepare_request(
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     if http2 {
         parts.headers.remove(header::HOST);
-        let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
         parts.uri = Uri::builder()
             .scheme(scheme)
             .authority(authority)
@@ -619,6 +650,136 @@ impl Body for ProxyBody {
 mod tests {
     use super::*;
 
+    fn target(addr: &str, hostname: Option<&str>) -> Target {
+        Target {
+            addr: crate::upstream::TargetAddr::Socket(addr.parse().unwrap()),
+            priority: 0,
+            hostname: hostname.map(Arc::from),
+            health: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn requests_take_the_form_the_endpoint_gets() {
+        struct Case {
+            version: Version,
+            uri: &'static str,
+            host: Option<&'static str>,
+            hostname: Option<&'static str>,
+            port: u16,
+            tls: bool,
+            http2: bool,
+            want_uri: &'static str,
+            want_host: Option<&'static str>,
+        }
+        let cases = [
+            // HTTP/1 to an IP endpoint: the application's Host and path stay.
+            Case {
+                version: Version::HTTP_11,
+                uri: "/p?q=1",
+                host: Some("app.example:8080"),
+                hostname: None,
+                port: 80,
+                tls: false,
+                http2: false,
+                want_uri: "/p?q=1",
+                want_host: Some("app.example:8080"),
+            },
+            Case {
+                version: Version::HTTP_11,
+                uri: "http://app.example/p",
+                host: Some("app.example"),
+                hostname: None,
+                port: 80,
+                tls: false,
+                http2: false,
+                want_uri: "/p",
+                want_host: Some("app.example"),
+            },
+            // h2 to an IP endpoint: the URI stays as it is when its scheme fits.
+            Case {
+                version: Version::HTTP_2,
+                uri: "http://10.0.0.1:81/svc/M",
+                host: None,
+                hostname: None,
+                port: 81,
+                tls: false,
+                http2: true,
+                want_uri: "http://10.0.0.1:81/svc/M",
+                want_host: None,
+            },
+            Case {
+                version: Version::HTTP_2,
+                uri: "http://10.0.0.1:81/svc/M",
+                host: None,
+                hostname: None,
+                port: 81,
+                tls: true,
+                http2: true,
+                want_uri: "https://10.0.0.1:81/svc/M",
+                want_host: None,
+            },
+            // HTTP/1 from the application, h2 to the endpoint: Host becomes the authority.
+            Case {
+                version: Version::HTTP_11,
+                uri: "/svc/M",
+                host: Some("app.example"),
+                hostname: None,
+                port: 81,
+                tls: false,
+                http2: true,
+                want_uri: "http://app.example/svc/M",
+                want_host: None,
+            },
+            // DNS endpoints: Host / :authority is the endpoint's name, with its port unless default.
+            Case {
+                version: Version::HTTP_11,
+                uri: "/p",
+                host: Some("app.example"),
+                hostname: Some("api.example.com"),
+                port: 443,
+                tls: true,
+                http2: false,
+                want_uri: "/p",
+                want_host: Some("api.example.com"),
+            },
+            Case {
+                version: Version::HTTP_11,
+                uri: "/p",
+                host: Some("app.example"),
+                hostname: Some("api.example.com"),
+                port: 8443,
+                tls: true,
+                http2: false,
+                want_uri: "/p",
+                want_host: Some("api.example.com:8443"),
+            },
+            Case {
+                version: Version::HTTP_2,
+                uri: "http://app.example/svc/M",
+                host: None,
+                hostname: Some("grpc.example.com"),
+                port: 443,
+                tls: true,
+                http2: true,
+                want_uri: "https://grpc.example.com/svc/M",
+                want_host: None,
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let mut builder = Request::builder().version(c.version).uri(c.uri);
+            if let Some(host) = c.host {
+                builder = builder.header(header::HOST, host);
+            }
+            let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+            let t = target(&format!("10.0.0.1:{}", c.port), c.hostname);
+            prepare_request(&mut parts, &t, c.tls, c.http2, false).unwrap();
+            assert_eq!(parts.uri.to_string(), c.want_uri, "case {i}");
+            assert_eq!(parts.headers.get(header::HOST).map(|h| h.to_str().unwrap()), c.want_host, "case {i}");
+            assert_eq!(parts.version, if c.http2 { Version::HTTP_2 } else { Version::HTTP_11 }, "case {i}");
+        }
+    }
+
     #[test]
     fn grpc_timeouts() {
         let mut h = HeaderMap::new();
@@ -654,5 +815,11 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before, "gRPC's headers pass as they are");
     }
 }
