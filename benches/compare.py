@@ -217,6 +217,16 @@ def wrk(port, conns, duration, load_cpus, extra=(), scheme="http"):
     return parse_wrk(sh(cmd))
 
 
+def paced_wrk(port, duration, load_cpus):
+    """c64 with 2 ms think time per connection: about the same offered load through every
+    target, so latencies compare at equal load (closed-loop c64 gives the faster proxy more
+    load, and on a shared 2-core machine more queueing)."""
+    script = os.path.join(OUT, "think-2ms.lua")
+    with open(script, "w") as f:
+        f.write("function delay() return 2 end\n")
+    return wrk(port, 64, duration, load_cpus, ["-s", script])
+
+
 def h2load(port, duration, load_cpus, grpc=False):
     cmd = load_cpus + ["h2load", "-t1", "-c16", "-m10", "-D", str(duration)]
     url = f"http://127.0.0.1:{port}/"
@@ -265,6 +275,8 @@ def workloads(duration, load_cpus):
          lambda p: wrk(p, 16, duration, load_cpus, ["-H", "Connection: close"])),
         ("http1-c1", "HTTP/1.1 keep-alive, c1 (wrk)", "req/s", "http", HTTP, lambda p: wrk(p, 1, duration, load_cpus)),
         ("http1-c64", "HTTP/1.1 keep-alive, c64 (wrk)", "req/s", "http", HTTP, lambda p: wrk(p, 64, duration, load_cpus)),
+        ("http1-c64-paced", "HTTP/1.1 keep-alive, c64 with 2 ms think time (equal load, wrk)", "req/s", "http", HTTP,
+         lambda p: paced_wrk(p, duration, load_cpus)),
         ("http2-m10", "HTTP/2 c16 m10 (h2load)", "req/s", "http2", HTTP, lambda p: h2load(p, duration, load_cpus)),
         ("grpc-unary", "gRPC unary c16 m10 (h2load)", "req/s", "grpc", HTTP, lambda p: h2load(p, duration, load_cpus, grpc=True)),
         ("tls-http1-pooled", "TLS origination, HTTP/1.1 pooled, c64 (wrk)", "req/s", "https", HTTPS,
