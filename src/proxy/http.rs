@@ -661,122 +661,50 @@ mod tests {
 
     #[test]
     fn requests_take_the_form_the_endpoint_gets() {
-        struct Case {
-            version: Version,
-            uri: &'static str,
-            host: Option<&'static str>,
-            hostname: Option<&'static str>,
-            port: u16,
-            tls: bool,
-            http2: bool,
-            want_uri: &'static str,
-            want_host: Option<&'static str>,
-        }
-        let cases = [
+        use Version as V;
+        // (application's version, URI, Host; endpoint's DNS name, port, TLS, h2) → (URI, Host)
+        type Case = (V, &'static str, Option<&'static str>, Option<&'static str>, u16, bool, bool);
+        let cases: [(Case, (&str, Option<&str>)); 8] = [
             // HTTP/1 to an IP endpoint: the application's Host and path stay.
-            Case {
-                version: Version::HTTP_11,
-                uri: "/p?q=1",
-                host: Some("app.example:8080"),
-                hostname: None,
-                port: 80,
-                tls: false,
-                http2: false,
-                want_uri: "/p?q=1",
-                want_host: Some("app.example:8080"),
-            },
-            Case {
-                version: Version::HTTP_11,
-                uri: "http://app.example/p",
-                host: Some("app.example"),
-                hostname: None,
-                port: 80,
-                tls: false,
-                http2: false,
-                want_uri: "/p",
-                want_host: Some("app.example"),
-            },
+            (
+                (V::HTTP_11, "/p?q=1", Some("app.example:8080"), None, 80, false, false),
+                ("/p?q=1", Some("app.example:8080")),
+            ),
+            (
+                (V::HTTP_11, "http://app.example/p", Some("app.example"), None, 80, false, false),
+                ("/p", Some("app.example")),
+            ),
             // h2 to an IP endpoint: the URI stays as it is when its scheme fits.
-            Case {
-                version: Version::HTTP_2,
-                uri: "http://10.0.0.1:81/svc/M",
-                host: None,
-                hostname: None,
-                port: 81,
-                tls: false,
-                http2: true,
-                want_uri: "http://10.0.0.1:81/svc/M",
-                want_host: None,
-            },
-            Case {
-                version: Version::HTTP_2,
-                uri: "http://10.0.0.1:81/svc/M",
-                host: None,
-                hostname: None,
-                port: 81,
-                tls: true,
-                http2: true,
-                want_uri: "https://10.0.0.1:81/svc/M",
-                want_host: None,
-            },
+            ((V::HTTP_2, "http://10.0.0.1:81/M", None, None, 81, false, true), ("http://10.0.0.1:81/M", None)),
+            ((V::HTTP_2, "http://10.0.0.1:81/M", None, None, 81, true, true), ("https://10.0.0.1:81/M", None)),
             // HTTP/1 from the application, h2 to the endpoint: Host becomes the authority.
-            Case {
-                version: Version::HTTP_11,
-                uri: "/svc/M",
-                host: Some("app.example"),
-                hostname: None,
-                port: 81,
-                tls: false,
-                http2: true,
-                want_uri: "http://app.example/svc/M",
-                want_host: None,
-            },
+            ((V::HTTP_11, "/M", Some("app.example"), None, 81, false, true), ("http://app.example/M", None)),
             // DNS endpoints: Host / :authority is the endpoint's name, with its port unless default.
-            Case {
-                version: Version::HTTP_11,
-                uri: "/p",
-                host: Some("app.example"),
-                hostname: Some("api.example.com"),
-                port: 443,
-                tls: true,
-                http2: false,
-                want_uri: "/p",
-                want_host: Some("api.example.com"),
-            },
-            Case {
-                version: Version::HTTP_11,
-                uri: "/p",
-                host: Some("app.example"),
-                hostname: Some("api.example.com"),
-                port: 8443,
-                tls: true,
-                http2: false,
-                want_uri: "/p",
-                want_host: Some("api.example.com:8443"),
-            },
-            Case {
-                version: Version::HTTP_2,
-                uri: "http://app.example/svc/M",
-                host: None,
-                hostname: Some("grpc.example.com"),
-                port: 443,
-                tls: true,
-                http2: true,
-                want_uri: "https://grpc.example.com/svc/M",
-                want_host: None,
-            },
+            (
+                (V::HTTP_11, "/p", Some("app.example"), Some("api.example.com"), 443, true, false),
+                ("/p", Some("api.example.com")),
+            ),
+            (
+                (V::HTTP_11, "/p", Some("app"), Some("api.example.com"), 8443, true, false),
+                ("/p", Some("api.example.com:8443")),
+            ),
+            (
+                (V::HTTP_2, "http://app.example/M", None, Some("grpc.example.com"), 443, true, true),
+                ("https://grpc.example.com/M", None),
+            ),
         ];
-        for (i, c) in cases.iter().enumerate() {
-            let mut builder = Request::builder().version(c.version).uri(c.uri);
-            if let Some(host) = c.host {
+        for (i, ((version, uri, host, hostname, port, tls, http2), (want_uri, want_host))) in
+            cases.into_iter().enumerate()
+        {
+            let mut builder = Request::builder().version(version).uri(uri);
+            if let Some(host) = host {
                 builder = builder.header(header::HOST, host);
             }
             let (mut parts, ()) = builder.body(()).unwrap().into_parts();
-            let t = target(&format!("10.0.0.1:{}", c.port), c.hostname);
-            prepare_request(&mut parts, &t, c.tls, c.http2, false).unwrap();
-            assert_eq!(parts.uri.to_string(), c.want_uri, "case {i}");
-            assert_eq!(parts.headers.get(header::HOST).map(|h| h.to_str().unwrap()), c.want_host, "case {i}");
-            assert_eq!(parts.version, if c.http2 { Version::HTTP_2 } else { Version::HTTP_11 }, "case {i}");
+            prepare_request(&mut parts, &target(&format!("10.0.0.1:{port}"), hostname), tls, http2, false).unwrap();
+            assert_eq!(parts.uri.to_string(), want_uri, "case {i}");
+            assert_eq!(parts.headers.get(header::HOST).map(|h| h.to_str().unwrap()), want_host, "case {i}");
+            assert_eq!(parts.version, if http2 { V::HTTP_2 } else { V::HTTP_11 }, "case {i}");
         }
     }
 
