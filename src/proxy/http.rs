@@ -180,14 +180,13 @@ impl HttpProxy {
             (a, b) => a.or(b),
         };
         let deadline = grpc_deadline.map(|d| Instant::now() + d);
-        // The exchange is built inside each arm: a future moved into another one before being
-        // awaited would keep two slots in this function's state.
+        let exchange = ctx.exchange(req, grpc, deadline, sent);
         match limit {
-            Some(limit) => match tokio::time::timeout(limit, ctx.exchange(req, grpc, deadline, sent)).await {
+            Some(limit) => match tokio::time::timeout(limit, exchange).await {
                 Ok(response) => response,
                 Err(_) => failure(grpc, Failure::Timeout, "upstream did not answer in time"),
             },
-            None => ctx.exchange(req, grpc, deadline, sent).await,
+            None => exchange.await,
         }
     }
 }
