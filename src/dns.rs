@@ -6,7 +6,7 @@
 //! none answers. Malformed packets are dropped and counted.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,7 +115,7 @@ impl DnsProxy {
                 Answer::Forward(query) => {
                     let (this, socket, packet) = (self.clone(), socket.clone(), packet.to_vec());
                     tokio::spawn(async move {
-                        let response = this.forward_udp(&packet, &query).await;
+                        let response = this.forward(&packet, &query, Transport::Udp).await;
                         let _ = socket.send_to(&response, peer).await;
                     });
                 }
@@ -133,22 +133,16 @@ impl DnsProxy {
         }
     }
 
+    /// Answers queries until the client closes the connection (or sends garbage).
     async fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
         loop {
-            let len = match stream.read_u16().await {
-                Ok(len) => usize::from(len),
-                Err(_) => return Ok(()), // client closed
-            };
-            let mut packet = vec![0u8; len];
-            stream.read_exact(&mut packet).await?;
+            let packet = read_framed(&mut stream).await?;
             let response = match self.answer_locally(&packet) {
                 Answer::Local(bytes) => bytes,
                 Answer::Malformed => return Ok(()),
-                Answer::Forward(query) => self.forward_tcp(&packet, &query).await,
+                Answer::Forward(query) => self.forward(&packet, &query, Transport::Tcp).await,
             };
-            let len = u16::try_from(response.len()).map_err(|_| io::Error::other("response too large"))?;
-            stream.write_u16(len).await?;
-            stream.write_all(&response).await?;
+            write_framed(&mut stream, &response).await?;
         }
     }
 
@@ -184,59 +178,69 @@ impl DnsProxy {
         }
     }
 
-    async fn forward_udp(&self, packet: &[u8], query: &Message) -> Vec<u8> {
+    /// Forwards the query to each forwarder in turn over `transport`; SERVFAIL when none answers.
+    async fn forward(&self, packet: &[u8], query: &Message, transport: Transport) -> Vec<u8> {
         for &server in &self.forwarders.0 {
-            let local: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(server);
-            let attempt = async {
-                let socket = UdpSocket::bind(local).await?;
-                socket.send_to(packet, server).await?;
-                let mut buf = vec![0u8; MAX_UDP];
-                loop {
-                    let (n, from) = socket.recv_from(&mut buf).await?;
-                    // Only the server's answer to this query counts.
-                    if from == server && n >= 2 && buf[..2] == packet[..2] {
-                        buf.truncate(n);
-                        return Ok::<_, io::Error>(buf);
-                    }
-                }
+            let result = match transport {
+                Transport::Udp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_udp(server, packet)).await,
+                Transport::Tcp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_tcp(server, packet)).await,
             };
-            match tokio::time::timeout(FORWARD_TIMEOUT, attempt).await {
+            match result {
                 Ok(Ok(response)) => {
                     metrics().dns_query(DnsResult::Forwarded);
                     return response;
                 }
-                Ok(Err(error)) => tracing::debug!(%server, %error, "DNS forward failed"),
-                Err(_) => tracing::debug!(%server, "DNS forward timed out"),
+                Ok(Err(error)) => tracing::debug!(%server, ?transport, %error, "DNS forward failed"),
+                Err(_) => tracing::debug!(%server, ?transport, "DNS forward timed out"),
             }
         }
         metrics().dns_query(DnsResult::Servfail);
         servfail(query)
     }
+}
 
-    async fn forward_tcp(&self, packet: &[u8], query: &Message) -> Vec<u8> {
-        for &server in &self.forwarders.0 {
-            let attempt = async {
-                let mut stream = TcpStream::connect(server).await?;
-                let len = u16::try_from(packet.len()).map_err(|_| io::Error::other("query too large"))?;
-                stream.write_u16(len).await?;
-                stream.write_all(packet).await?;
-                let len = usize::from(stream.read_u16().await?);
-                let mut response = vec![0u8; len];
-                stream.read_exact(&mut response).await?;
-                Ok::<_, io::Error>(response)
-            };
-            match tokio::time::timeout(FORWARD_TIMEOUT, attempt).await {
-                Ok(Ok(response)) => {
-                    metrics().dns_query(DnsResult::Forwarded);
-                    return response;
-                }
-                Ok(Err(error)) => tracing::debug!(%server, %error, "DNS forward (TCP) failed"),
-                Err(_) => tracing::debug!(%server, "DNS forward (TCP) timed out"),
-            }
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// One query to `server` over UDP: the first datagram from it with the query's id is the answer.
+async fn exchange_udp(server: SocketAddr, packet: &[u8]) -> io::Result<Vec<u8>> {
+    let local =
+        SocketAddr::new(if server.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }, 0);
+    let socket = UdpSocket::bind(local).await?;
+    socket.send_to(packet, server).await?;
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf).await?;
+        // Only the server's answer to this query counts.
+        if from == server && n >= 2 && buf[..2] == packet[..2] {
+            buf.truncate(n);
+            return Ok(buf);
         }
-        metrics().dns_query(DnsResult::Servfail);
-        servfail(query)
     }
+}
+
+/// One query to `server` over TCP.
+async fn exchange_tcp(server: SocketAddr, packet: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(server).await?;
+    write_framed(&mut stream, packet).await?;
+    read_framed(&mut stream).await
+}
+
+/// A DNS message over TCP: two bytes of length, then the message (RFC 1035 4.2.2).
+async fn read_framed(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let len = usize::from(stream.read_u16().await?);
+    let mut message = vec![0u8; len];
+    stream.read_exact(&mut message).await?;
+    Ok(message)
+}
+
+async fn write_framed(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(message.len()).map_err(|_| io::Error::other("DNS message too large for TCP"))?;
+    stream.write_u16(len).await?;
+    stream.write_all(message).await
 }
 
 enum Answer {
@@ -325,11 +329,11 @@ mod tests {
         let Answer::Forward(q) = p.answer_locally(&query("example.com.", RecordType::A)) else {
             panic!("not forwarded")
         };
-        let bytes = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(p.forward_udp(&query("example.com.", RecordType::A), &q));
+        let bytes = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(p.forward(
+            &query("example.com.", RecordType::A),
+            &q,
+            Transport::Udp,
+        ));
         let m = Message::from_vec(&bytes).unwrap();
         assert_eq!(m.response_code(), ResponseCode::ServFail);
         assert_eq!(m.id(), 4242);
