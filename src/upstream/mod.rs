@@ -158,9 +158,9 @@ impl Upstream {
     /// Builds the upstream and, for DNS endpoints, starts their resolution (needs a tokio runtime).
     pub fn new(service: Arc<str>, protocol: Protocol, endpoints: Vec<Endpoint>, settings: Arc<Settings>) -> Arc<Self> {
         let n = endpoints.len();
-        let settings_idle = settings.idle_timeout;
         let upstream = Arc::new(Self {
             metrics: metrics().service(&service, protocol),
+            pool: pool::Pool::new(settings.idle_timeout),
             service,
             protocol,
             endpoints,
@@ -173,7 +173,6 @@ impl Upstream {
             }),
             generation: watch::Sender::new(0),
             tasks: Mutex::new(Vec::new()),
-            pool: pool::Pool::new(settings_idle),
         });
         upstream.rebuild();
         let mut tasks = Vec::new();
@@ -183,7 +182,8 @@ impl Upstream {
                 tasks.push(tokio::spawn(task).abort_handle());
             }
         }
-        if tokio::runtime::Handle::try_current().is_ok() {
+        // Only HTTP services pool connections: TCP ones need no sweeper.
+        if protocol != Protocol::Tcp && tokio::runtime::Handle::try_current().is_ok() {
             tasks.push(tokio::spawn(sweep_loop(Arc::downgrade(&upstream))).abort_handle());
         }
         if let Ok(mut slot) = upstream.tasks.lock() {

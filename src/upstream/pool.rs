@@ -7,12 +7,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -119,12 +118,17 @@ impl Pool {
     pub fn take_h1(&self, key: &PoolKey) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.h1.lock().ok()?;
         let list = idle.get_mut(key)?;
-        while let Some((sender, since)) = list.pop() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
+        while let Some(idle) = list.pop() {
+            if self.reusable(&idle) {
+                return Some(idle.0);
             }
         }
         None
+    }
+
+    /// Still open and not idle past the timeout.
+    fn reusable(&self, (sender, since): &IdleH1) -> bool {
+        !sender.is_closed() && since.elapsed() < self.idle_timeout
     }
 
     pub fn put_h1(&self, key: PoolKey, sender: http1::SendRequest<RequestBody>) {
@@ -162,7 +166,7 @@ impl Pool {
     pub fn sweep(&self) {
         if let Ok(mut idle) = self.h1.lock() {
             idle.retain(|_, list| {
-                list.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < self.idle_timeout);
+                list.retain(|idle| self.reusable(idle));
                 !list.is_empty()
             });
         }
