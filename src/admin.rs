@@ -69,10 +69,15 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = text(StatusCode::OK, serde_json::to_string_pretty(value).unwrap_or_default());
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+/// A 200 response with its own content type.
+fn typed(content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, body);
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     response
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    typed("application/json", serde_json::to_string_pretty(value).unwrap_or_default())
 }
 
 /// The live configuration. Built from [`ServiceView`]s, which carry no certificate, key or
@@ -135,12 +140,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
-            let mut response = text(StatusCode::OK, crate::metrics::metrics().encode());
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
-            response
+            typed("application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::metrics().encode())
         }
         "/config_dump" => json(&config_dump(&state.live.load())),
         "/endpoints" => json(&endpoints(&state.live.load())),
