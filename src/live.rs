@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::catalog::{Catalog, Service};
+use crate::upstream::pool::TlsIdentity;
 use crate::upstream::{Settings, Upstream};
 
 /// One configuration, ready for traffic.
@@ -42,10 +43,10 @@ impl Snapshot {
         if let Some(prev) = previous {
             catalog.reuse_tls_clients(&prev.catalog);
         }
-        let mut reusable: HashMap<String, &Arc<Upstream>> = HashMap::new();
+        let mut reusable: HashMap<String, (&Arc<Service>, &Arc<Upstream>)> = HashMap::new();
         if let Some(prev) = previous {
             for (service, upstream) in prev.catalog.services().iter().zip(&prev.upstreams) {
-                reusable.insert(service.key(), upstream);
+                reusable.insert(service.key(), (service, upstream));
             }
         }
         let upstreams = catalog
@@ -54,7 +55,13 @@ impl Snapshot {
             .map(|s| {
                 let key = s.key();
                 match reusable.get(&key) {
-                    Some(up) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
+                    Some((old, up)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
+                        // Connections made under other TLS settings must never serve this
+                        // configuration's requests: the pool key already tells them apart;
+                        // this closes them.
+                        if TlsIdentity::of(old.tls_client.as_ref()) != TlsIdentity::of(s.tls_client.as_ref()) {
+                            up.pool.clear();
+                        }
                         Arc::clone(up)
                     }
                     _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone()),

@@ -136,3 +136,111 @@ async fn the_binary_honours_kumas_system_ca_variable() {
     eventually("proxy listens", Duration::from_secs(20), || async { TcpStream::connect(outbound).await.is_ok() }).await;
     assert_eq!(exchange(outbound, b"ping").await, "hello Some(TLSv1_3)\nping");
 }
+
+/// One request on a fresh application connection; HTTP/1.1, or h2c prior knowledge.
+async fn status_of(addr: SocketAddr, h2c: bool) -> u16 {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let req = || http::Request::get(format!("http://{addr}/")).body(Empty::<bytes::Bytes>::new()).unwrap();
+    let response = if h2c {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req()).await.unwrap()
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req()).await.unwrap()
+    };
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    status
+}
+
+/// A pooled connection made under `SkipAll` must never serve a request once a reload asks for
+/// verification. The pool key once was the address of the TLS client configuration: a TLS 1.2
+/// connection does not keep its configuration alive, so a later configuration could be
+/// allocated at the same address and find the old connections (here about every other reload).
+/// HTTP/1 pools and the shared HTTP/2 connection, one service per run so that its
+/// configurations are the only ones allocated; the real binary, reloaded by SIGHUP, keeping
+/// idle connections for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_stricter_tls_never_reuses_a_connection_made_under_looser_tls() {
+    for (protocol, h2c) in [("http", false), ("http2", true)] {
+        let accepted = reload_skip_all_to_secured(protocol, h2c).await;
+        assert!(
+            accepted.is_empty(),
+            "{protocol}: (reload, status) served over a connection verified under SkipAll: {accepted:?}"
+        );
+    }
+}
+
+/// Starts under Secured, reloads to SkipAll and sends one request, then reloads to Secured with
+/// a new serverName 40 times, one request each. Returns the requests that were not refused.
+async fn reload_skip_all_to_secured(protocol: &str, h2c: bool) -> Vec<(usize, u16)> {
+    use common::http_upstream::http_upstream;
+    let untrusted = Ca::new("self-signed");
+    let trusted = Ca::new("trusted");
+    let upstream = http_upstream(Some(tls12_only(&untrusted.server(&["upstream.test"])))).await;
+    let [outbound, admin]: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let config_with = |tls: &str| {
+        service_with_protocol("s", protocol, outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), tls)
+    };
+    let secured = |reload: usize| {
+        // A new serverName each time, so each reload builds a new TLS client.
+        format!(
+            "  tls:\n    enabled: true\n    verification:\n      mode: Secured\n      serverName: n{reload}.upstream.test\n      caCert:\n        inline: {}\n",
+            b64(&trusted.pem)
+        )
+    };
+    let (_dir, config) = config_dir(&config_with(&secured(0)));
+    let proxy = spawn_proxy(&config, admin, &["--no-watch", "--idle-timeout", "1h", "--workers", "1"], &[]);
+    eventually("proxy listens", Duration::from_secs(20), || async { TcpStream::connect(outbound).await.is_ok() }).await;
+    let reload_to = |tls: String, reload: usize| {
+        std::fs::write(&config, config_with(&tls)).unwrap();
+        let hup = Command::new("kill").args(["-HUP", &proxy.0.id().to_string()]).status().unwrap();
+        assert!(hup.success());
+        let reloaded = format!("mesh_egress_config_reloads_total{{result=\"success\"}} {reload}\n");
+        async move {
+            eventually("the reload is done", Duration::from_secs(10), || async {
+                admin_text(admin, "/metrics").await.contains(&reloaded)
+            })
+            .await
+        }
+    };
+    // Reloaded (not started) with SkipAll: its configuration is built where later ones are.
+    reload_to("  tls:\n    enabled: true\n    verification:\n      mode: SkipAll\n".into(), 1).await;
+    assert_eq!(status_of(outbound, h2c).await, 200, "{protocol}: SkipAll accepts the self-signed upstream");
+    let mut accepted = Vec::new();
+    for reload in 2..=40 {
+        reload_to(secured(reload), reload).await;
+        let status = status_of(outbound, h2c).await;
+        if status != 503 {
+            accepted.push((reload, status));
+        }
+    }
+    accepted
+}
+
+/// A TLS 1.2-only upstream configuration (ALPN h2 and http/1.1).
+fn tls12_only(leaf: &Leaf) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(common::pki::certs(&leaf.cert_pem), key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+async fn admin_text(admin: SocketAddr, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(admin).await else { return String::new() };
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes()).await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}

@@ -282,11 +282,12 @@ impl RequestCtx {
     /// retried once on another target.
     async fn sender(&self, tls: Option<TlsSetup<'_>>, http2: bool) -> Result<(Sender, Target, PoolKey), ConnectError> {
         self.upstream.wait_for_first_resolution().await;
-        let tls_id = tls.map_or(0, |t| Arc::as_ptr(t.config) as usize);
+        let tls_id = pool::TlsIdentity::of(tls.map(|t| t.config));
         let mut failed: Option<(Target, ConnectError)> = None;
         for _ in 0..2 {
             let Some(target) = self.upstream.pick(failed.as_ref().map(|(t, _)| &t.addr)) else { break };
-            let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: pool::current_worker() };
+            let key =
+                PoolKey { target: target.addr.clone(), tls: tls_id.clone(), http2, worker: pool::current_worker() };
             // New connections are boxed: their connect, TLS and handshake state is large, and
             // inline it would make every request's future (moved on each spawn) that large.
             let result = if http2 {

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use prometheus_client::metrics::counter::Counter;
+use rustls::ClientConfig;
 
 use super::TargetAddr;
 
@@ -69,12 +70,41 @@ const MAX_IDLE_PER_KEY: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub target: TargetAddr,
-    /// Identity of the service's `rustls::ClientConfig` (0 without TLS).
-    pub tls: usize,
+    pub tls: TlsIdentity,
     pub http2: bool,
     /// The worker ([`current_worker`]): a connection's driver task lives on the runtime that
     /// opened it, so sharing it across workers would hand every request to another thread.
     pub worker: usize,
+}
+
+/// The TLS client a connection was made with, compared by identity. The key holds the `Arc`, so
+/// the configuration cannot be freed (and its address reused by a later one with other
+/// verification settings) while any connection made with it is pooled.
+#[derive(Debug, Clone, Default)]
+pub struct TlsIdentity(Option<Arc<ClientConfig>>);
+
+impl TlsIdentity {
+    pub fn of(config: Option<&Arc<ClientConfig>>) -> Self {
+        Self(config.cloned())
+    }
+}
+
+impl PartialEq for TlsIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for TlsIdentity {}
+
+impl std::hash::Hash for TlsIdentity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_ref().map(Arc::as_ptr).hash(state);
+    }
 }
 
 thread_local! {
@@ -160,6 +190,17 @@ impl Pool {
         let sender = connect().await?;
         *current = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// Forgets every pooled connection (idle HTTP/1 ones close; shared HTTP/2 ones close once
+    /// their last in-flight stream ends). Called when the service's TLS settings change.
+    pub fn clear(&self) {
+        if let Ok(mut idle) = self.h1.lock() {
+            idle.clear();
+        }
+        if let Ok(mut h2) = self.h2.lock() {
+            h2.clear();
+        }
     }
 
     /// Closes idle HTTP/1 connections past the idle timeout and forgets closed HTTP/2 ones.
