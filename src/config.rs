@@ -4,16 +4,36 @@
 use std::path::PathBuf;
 
 use crate::catalog::{self, CompileOptions, Compiled, Ipam};
-use crate::resources::{self, Diagnostic, Diagnostics};
+use crate::live::{Snapshot, TlsClients};
+use crate::resources::{self, Diagnostic, Diagnostics, Resource};
 
 /// Reads, validates and compiles `paths`. Load and compile diagnostics come back together, with
 /// one error per broken service, so that callers see every problem at once.
-pub fn load(paths: &[PathBuf], options: &CompileOptions, ipam: &mut Ipam) -> Compiled {
+pub fn load(
+    paths: &[PathBuf],
+    options: &CompileOptions,
+    ipam: &mut Ipam,
+    previous: Option<&Snapshot>,
+) -> (Compiled, TlsClients) {
     let loaded = resources::load_paths(paths);
+    let (mut compiled, tls) = compile(&loaded.resources, options, ipam, previous);
     let mut diagnostics = loaded.diagnostics;
-    let compiled = catalog::compile(&loaded.resources, options, ipam);
     diagnostics.extend(compiled.diagnostics.0);
-    Compiled { catalog: compiled.catalog, diagnostics }
+    compiled.diagnostics = diagnostics;
+    (compiled, tls)
+}
+
+/// Compiles `resources` and builds the TLS clients of their services (reusing `previous`'s
+/// where nothing changed); a client that cannot be built breaks its service.
+pub fn compile(
+    resources: &[Resource],
+    options: &CompileOptions,
+    ipam: &mut Ipam,
+    previous: Option<&Snapshot>,
+) -> (Compiled, TlsClients) {
+    let mut compiled = catalog::compile(resources, options, ipam);
+    let tls = TlsClients::build(&mut compiled.catalog, options.system_ca_file.clone(), previous);
+    (compiled, tls)
 }
 
 /// The errors that make a service unusable, as diagnostics (for `validate`).

@@ -272,7 +272,7 @@ fn servfail(query: &Message) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::catalog::{self, CompileOptions, Ipam};
-    use crate::live::Snapshot;
+    use crate::live::{Snapshot, TlsClients};
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
 
@@ -285,7 +285,7 @@ mod tests {
             &CompileOptions::default(),
             &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()),
         );
-        let snapshot = Snapshot::new(compiled.catalog, None, &Arc::default());
+        let snapshot = Snapshot::new(compiled.catalog, TlsClients::default(), None, &Arc::default());
         DnsProxy::new(Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)), Forwarders::default())
     }
 

@@ -1,8 +1,39 @@
 //! mesh-egress: a sidecar proxy for Kuma `MeshExternalService` resources.
 //!
 //! Data flows one way: [`resources`] (files → typed, validated resources) → [`catalog`]
-//! (compiled, immutable view) → the data path.
+//! (compiled, immutable view) → [`live`] (TLS clients and upstreams) → the data path.
 #![forbid(unsafe_code)]
+
+/// The module layers, bottom first: a module may use only the modules listed before it (and
+/// itself), so the graph has no cycles. `tests/layers.rs` checks every `crate::` path in `src/`
+/// against this list; docs/architecture.md explains each layer.
+pub const LAYERS: &[&str] = &[
+    // Vocabulary: plain data every layer shares.
+    "model",
+    // Configuration as written: files → typed, validated resources (templates are theirs).
+    "template",
+    "resources",
+    // Configuration compiled: pure, no I/O, no clock, no TLS library.
+    "catalog",
+    "vip_store",
+    // Runtime building blocks: TLS origination, metrics, endpoints and pooled connections.
+    "tls",
+    "metrics",
+    "upstream",
+    // A configuration ready for traffic, and loading one.
+    "live",
+    "config",
+    // The data path.
+    "access_log",
+    "listen",
+    "proxy",
+    "dns",
+    // The control plane and the process.
+    "admin",
+    "tproxy",
+    "watch",
+    "server",
+];
 
 pub mod access_log;
 pub mod admin;
@@ -12,6 +43,7 @@ pub mod dns;
 pub mod listen;
 pub mod live;
 pub mod metrics;
+pub mod model;
 pub mod proxy;
 pub mod resources;
 pub mod server;
@@ -19,4 +51,5 @@ pub mod template;
 pub mod tls;
 pub mod tproxy;
 pub mod upstream;
+pub mod vip_store;
 pub mod watch;

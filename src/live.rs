@@ -1,15 +1,20 @@
-//! The live configuration: the catalog plus the per-service runtime state the data path needs,
-//! swapped atomically on reload.
+//! The live configuration: the catalog plus the per-service runtime state the data path needs
+//! (TLS clients and upstreams), swapped atomically on reload.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::ClientConfig;
+use rustls_pki_types::TrustAnchor;
 
 use crate::catalog::{Catalog, Service};
+use crate::model::{TlsPolicy, VerificationMode};
+use crate::tls::{self, SystemRoots};
 use crate::upstream::pool::TlsIdentity;
-use crate::upstream::{Settings, Upstream};
+use crate::upstream::{Settings, TlsSetup, Upstream};
 
 /// One configuration, ready for traffic.
 #[derive(Debug, Default)]
@@ -17,6 +22,83 @@ pub struct Snapshot {
     pub catalog: Catalog,
     /// Indexed like `catalog.services()`.
     upstreams: Vec<Arc<Upstream>>,
+    tls: TlsClients,
+}
+
+/// The TLS client configuration of every service that originates TLS, built once per
+/// configuration and shared by all of its connections.
+#[derive(Debug, Default)]
+pub struct TlsClients {
+    /// Indexed like `catalog.services()`.
+    clients: Vec<Option<Arc<ClientConfig>>>,
+    /// The system trust anchors the clients were built with, when any client uses them.
+    system: Option<Vec<TrustAnchor<'static>>>,
+}
+
+impl TlsClients {
+    /// Builds the clients of `catalog`'s services, reusing `previous`'s where nothing they are
+    /// built from changed (the policy, the protocol, and for system trust the system roots), so
+    /// TLS sessions and pooled connections survive a reload. A client that cannot be built
+    /// breaks its service, with the reason naming the field.
+    pub fn build(catalog: &mut Catalog, system_ca_file: Option<PathBuf>, previous: Option<&Snapshot>) -> Self {
+        let roots = SystemRoots::new(system_ca_file);
+        let old: HashMap<String, (&Service, &Arc<ClientConfig>)> = previous
+            .map(|p| {
+                p.catalog
+                    .services()
+                    .iter()
+                    .zip(&p.tls.clients)
+                    .filter_map(|(s, c)| Some((s.key(), (&**s, c.as_ref()?))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut clients = Vec::with_capacity(catalog.services().len());
+        let mut broken = Vec::new();
+        for (index, service) in catalog.services().iter().enumerate() {
+            let Some(policy) = service.tls.as_ref().filter(|_| service.broken.is_none()) else {
+                clients.push(None);
+                continue;
+            };
+            let system_trust = uses_system_roots(policy);
+            let reusable = old.get(&service.key()).filter(|(o, _)| {
+                o.tls.as_ref() == Some(policy)
+                    && o.protocol == service.protocol
+                    && (!system_trust || previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots))
+            });
+            match reusable {
+                Some((_, client)) => clients.push(Some(Arc::clone(client))),
+                None => match tls::client_config(policy, service.protocol, &roots) {
+                    Ok(client) => clients.push(Some(client)),
+                    Err(reason) => {
+                        broken.push((index, reason));
+                        clients.push(None);
+                    }
+                },
+            }
+        }
+        for (index, reason) in broken {
+            catalog.mark_broken(index, reason);
+        }
+        Self { clients, system: roots.loaded().map(<[_]>::to_vec) }
+    }
+}
+
+impl TlsClients {
+    /// The client of the service at `index` in the catalog it was built for.
+    pub fn get(&self, index: usize) -> Option<&Arc<ClientConfig>> {
+        self.clients.get(index).and_then(Option::as_ref)
+    }
+}
+
+/// Secured and SkipSAN without `caCert` trust the system store.
+fn uses_system_roots(policy: &TlsPolicy) -> bool {
+    policy.ca.is_none() && matches!(policy.mode, VerificationMode::Secured | VerificationMode::SkipSAN)
+}
+
+/// Loads the system roots (once per configuration) and returns them; `None` when they cannot be.
+fn system_anchors(roots: &SystemRoots) -> Option<&[TrustAnchor<'static>]> {
+    roots.get().ok()?;
+    roots.loaded()
 }
 
 /// How a connection (and, for HTTP, each of its requests) finds its service in the snapshot
@@ -29,37 +111,44 @@ pub enum RouteKey {
     Vip(SocketAddr),
 }
 
-/// What a listener found for a connection.
-pub struct Route<'a> {
-    pub service: &'a Arc<Service>,
-    pub upstream: &'a Arc<Upstream>,
+/// A service as a connection or request holds on to it once the snapshot is released: its
+/// compiled settings, its upstream and its TLS client.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub service: Arc<Service>,
+    pub upstream: Arc<Upstream>,
+    tls_client: Option<Arc<ClientConfig>>,
+}
+
+impl Route {
+    /// What TLS origination needs, when the service originates TLS.
+    pub fn tls(&self) -> Option<TlsSetup<'_>> {
+        self.service.tls.as_ref().zip(self.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config })
+    }
 }
 
 impl Snapshot {
     /// Builds upstreams for `catalog`, reusing those of `previous` whose service kept its
-    /// endpoints (their DNS answers, health and pooled connections carry over), and the TLS
-    /// clients of services whose TLS settings did not change.
-    pub fn new(mut catalog: Catalog, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
+    /// endpoints (their DNS answers, health and pooled connections carry over).
+    pub fn new(catalog: Catalog, tls: TlsClients, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
+        let mut reusable: HashMap<String, (&Arc<Upstream>, Option<&Arc<ClientConfig>>)> = HashMap::new();
         if let Some(prev) = previous {
-            catalog.reuse_tls_clients(&prev.catalog);
-        }
-        let mut reusable: HashMap<String, (&Arc<Service>, &Arc<Upstream>)> = HashMap::new();
-        if let Some(prev) = previous {
-            for (service, upstream) in prev.catalog.services().iter().zip(&prev.upstreams) {
-                reusable.insert(service.key(), (service, upstream));
+            for (index, (service, upstream)) in prev.catalog.services().iter().zip(&prev.upstreams).enumerate() {
+                reusable.insert(service.key(), (upstream, prev.tls_client(index)));
             }
         }
         let upstreams = catalog
             .services()
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(index, s)| {
                 let key = s.key();
                 match reusable.get(&key) {
-                    Some((old, up)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
+                    Some((up, old_tls)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
                         // Connections made under other TLS settings must never serve this
                         // configuration's requests: the pool key already tells them apart;
                         // this closes them.
-                        if TlsIdentity::of(old.tls_client.as_ref()) != TlsIdentity::of(s.tls_client.as_ref()) {
+                        if TlsIdentity::of(*old_tls) != TlsIdentity::of(tls.get(index)) {
                             up.pool.clear();
                         }
                         Arc::clone(up)
@@ -68,21 +157,33 @@ impl Snapshot {
                 }
             })
             .collect();
-        Self { catalog, upstreams }
+        Self { catalog, upstreams, tls }
+    }
+
+    fn tls_client(&self, index: usize) -> Option<&Arc<ClientConfig>> {
+        self.tls.get(index)
+    }
+
+    fn route_at(&self, index: usize) -> Option<Route> {
+        Some(Route {
+            service: self.catalog.service(index)?.clone(),
+            upstream: self.upstreams.get(index)?.clone(),
+            tls_client: self.tls_client(index).cloned(),
+        })
     }
 
     /// The service behind a listener address (outbound) or a destination (VIP:port).
-    pub fn route(&self, key: RouteKey) -> Option<Route<'_>> {
+    pub fn route(&self, key: RouteKey) -> Option<Route> {
         let index = match key {
             RouteKey::Vip(addr) => self.catalog.index_by_vip(addr)?,
             RouteKey::Outbound(addr) => self.catalog.outbounds().iter().find(|o| o.address == addr)?.service,
         };
-        Some(Route { service: self.catalog.service(index)?, upstream: self.upstreams.get(index)? })
+        self.route_at(index)
     }
 
     /// Every service with its upstream (for the admin API).
-    pub fn routes(&self) -> impl Iterator<Item = Route<'_>> {
-        self.catalog.services().iter().zip(&self.upstreams).map(|(service, upstream)| Route { service, upstream })
+    pub fn routes(&self) -> impl Iterator<Item = Route> + '_ {
+        (0..self.catalog.services().len()).filter_map(|index| self.route_at(index))
     }
 }
 

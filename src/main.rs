@@ -18,6 +18,7 @@ use mesh_egress::listen::SoOriginalDst;
 use mesh_egress::server::{Options, Server};
 use mesh_egress::tproxy;
 use mesh_egress::upstream::{EjectionPolicy, ResolverSource, Settings};
+use mesh_egress::vip_store::VipStore;
 use mesh_egress::watch::ConfigWatch;
 
 #[derive(Parser)]
@@ -407,18 +408,14 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
-fn load(paths: &[PathBuf], compile: &CompileArgs, state_dir: Option<PathBuf>) -> anyhow::Result<(Compiled, Ipam)> {
-    let cidr = Ipam::cidr_from_env()?;
-    let mut ipam = match state_dir {
-        Some(dir) => Ipam::with_state_dir(cidr, &dir)?,
-        None => Ipam::in_memory(cidr),
-    };
-    let compiled = config::load(paths, &compile.options(), &mut ipam);
+fn load(paths: &[PathBuf], compile: &CompileArgs, store: &VipStore) -> anyhow::Result<(Compiled, Ipam)> {
+    let mut ipam = store.load(Ipam::cidr_from_env()?)?;
+    let (compiled, _) = config::load(paths, &compile.options(), &mut ipam, None);
     Ok((compiled, ipam))
 }
 
 fn validate(paths: &[PathBuf], compile: &CompileArgs) -> anyhow::Result<ExitCode> {
-    let (compiled, _) = load(paths, compile, None)?;
+    let (compiled, _) = load(paths, compile, &VipStore::default())?;
     let mut errors = compiled.diagnostics.errors().cloned().collect::<Vec<_>>();
     errors.extend(config::broken_services(&compiled).0);
     for w in compiled.diagnostics.warnings() {
@@ -444,14 +441,15 @@ fn inspect(
     state_dir: Option<PathBuf>,
     compile: &CompileArgs,
 ) -> anyhow::Result<ExitCode> {
-    let (compiled, mut ipam) = load(paths, compile, state_dir)?;
+    let store = VipStore::new(state_dir.as_deref());
+    let (compiled, mut ipam) = load(paths, compile, &store)?;
     for d in &compiled.diagnostics.0 {
         eprintln!("{d}");
     }
     if compiled.diagnostics.has_errors() {
         return Ok(ExitCode::from(1));
     }
-    ipam.save().context("saving VIP assignments")?;
+    store.save(&mut ipam).context("saving VIP assignments")?;
     let views: Vec<ServiceView> = compiled.catalog.services().iter().map(|s| ServiceView::from(&**s)).collect();
     let mut out = std::io::stdout().lock();
     match format {

@@ -22,6 +22,7 @@ use crate::live::{Live, Snapshot};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::resources::Diagnostics;
 use crate::upstream;
+use crate::vip_store::{VipStore, VipStoreError};
 
 #[derive(Debug)]
 pub struct Options {
@@ -54,6 +55,8 @@ pub enum ServerError {
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
+    VipStore(#[from] VipStoreError),
+    #[error(transparent)]
     Admin(#[from] AdminError),
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
@@ -69,6 +72,7 @@ struct BoundListener {
 pub struct Server {
     options: Options,
     settings: Arc<upstream::Settings>,
+    vip_store: VipStore,
     ipam: Ipam,
     live: Arc<Live>,
     proxy: Arc<Proxy>,
@@ -83,11 +87,8 @@ impl Server {
     /// Loads the configuration and binds everything; fails on an invalid configuration or a
     /// port that cannot be bound. Must run inside a tokio runtime.
     pub async fn start(mut options: Options, original_dst: Arc<dyn OriginalDst>) -> Result<Self, ServerError> {
-        let cidr = Ipam::cidr_from_env()?;
-        let ipam = match &options.state_dir {
-            Some(dir) => Ipam::with_state_dir(cidr, dir)?,
-            None => Ipam::in_memory(cidr),
-        };
+        let vip_store = VipStore::new(options.state_dir.as_deref());
+        let ipam = vip_store.load(Ipam::cidr_from_env()?)?;
         let settings = Arc::new(std::mem::take(&mut options.upstream));
         let workers = match std::mem::take(&mut options.workers) {
             w if w.is_empty() => vec![tokio::runtime::Handle::current()],
@@ -110,6 +111,7 @@ impl Server {
         let mut server = Self {
             options,
             settings,
+            vip_store,
             ipam,
             live,
             proxy,
@@ -150,20 +152,26 @@ impl Server {
     }
 
     fn apply_config(&mut self) -> Result<(), ServerError> {
-        let compiled = config::load(&self.options.config_paths, &self.options.compile, &mut self.ipam);
+        // Compiled against a copy: a rejected configuration assigns no VIPs.
+        let mut ipam = self.ipam.clone();
+        let previous = self.live.load();
+        let (compiled, tls) =
+            config::load(&self.options.config_paths, &self.options.compile, &mut ipam, Some(&previous));
         for warning in compiled.diagnostics.warnings() {
             tracing::warn!("{warning}");
         }
         if compiled.diagnostics.has_errors() {
             return Err(ServerError::InvalidConfig(compiled.diagnostics));
         }
-        if let Err(e) = self.ipam.save() {
+        self.ipam = ipam;
+        if let Err(e) = self.vip_store.save(&mut self.ipam) {
             tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
         }
         for broken in config::broken_services(&compiled).0 {
             tracing::error!("{broken}");
         }
-        let snapshot = Snapshot::new(compiled.catalog, Some(&self.live.load()), &self.settings);
+        let snapshot = Snapshot::new(compiled.catalog, tls, Some(&previous), &self.settings);
+        drop(previous);
         let desired = self.desired_listeners(&snapshot);
         self.live.store(Arc::new(snapshot));
         self.reconcile_listeners(desired)

@@ -3,7 +3,7 @@
 //!
 //! Parsed once per configuration; rendering is a walk over the parts.
 
-use crate::resources::Labels;
+use crate::model::Labels;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {

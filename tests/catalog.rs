@@ -5,6 +5,7 @@ use std::path::Path;
 
 use mesh_egress::catalog::{self, Access, Catalog, CompileOptions, Compiled, Ipam, ServiceView};
 use mesh_egress::resources::{self, Loaded};
+use mesh_egress::vip_store::VipStore;
 
 fn compile_with(files: &[(&str, &str)], options: &CompileOptions, ipam: &mut Ipam) -> Compiled {
     let mut loaded = Loaded::default();
@@ -147,9 +148,10 @@ fn vips_are_stable_across_loads_with_a_state_directory() {
     let dir = tempfile::tempdir().unwrap();
     let cidr = "242.0.0.0/8".parse().unwrap();
     let first = format!("{}{}", mes("b", ""), mes("c", ""));
-    let mut ipam = Ipam::with_state_dir(cidr, dir.path()).unwrap();
+    let store = VipStore::new(Some(dir.path()));
+    let mut ipam = store.load(cidr).unwrap();
     let c1 = compile_with(&[("x.yaml", &first)], &CompileOptions::default(), &mut ipam).catalog;
-    ipam.save().unwrap();
+    store.save(&mut ipam).unwrap();
     let before: Vec<(String, Option<IpAddr>)> = c1.services().iter().map(|s| (s.name.clone(), s.vip)).collect();
     assert_eq!(
         before,
@@ -158,7 +160,7 @@ fn vips_are_stable_across_loads_with_a_state_directory() {
 
     // A new process: "a" is added ahead of the others in file order, "c" is removed.
     let second = format!("{}{}", mes("a", ""), mes("b", ""));
-    let mut ipam = Ipam::with_state_dir(cidr, dir.path()).unwrap();
+    let mut ipam = store.load(cidr).unwrap();
     let c2 = compile_with(&[("x.yaml", &second)], &CompileOptions::default(), &mut ipam).catalog;
     assert_eq!(view(&c2, "b").vip, Some("242.0.0.1".parse().unwrap()));
     assert_eq!(view(&c2, "a").vip, Some("242.0.0.3".parse().unwrap()), "c's address is not reused");

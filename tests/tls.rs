@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use common::pki::{tls_server, Ca, Leaf, ServerSpec, TlsServer};
-use mesh_egress::catalog::{self, CompileOptions, Ipam, Service};
+use mesh_egress::catalog::{CompileOptions, Ipam, Service};
+use mesh_egress::config;
 use mesh_egress::resources::{self, Loaded};
 use mesh_egress::tls::{self, FailureReason};
 use mesh_egress::upstream::{Health, Target, TargetAddr};
@@ -19,31 +20,40 @@ use tokio::net::TcpStream;
 
 const NAME: &str = "svc.test";
 
+/// A compiled service and the TLS client built for it.
+struct TlsService {
+    service: Service,
+    client: Arc<rustls::ClientConfig>,
+}
+
 /// Compiles one service whose single endpoint is `endpoint` and whose `spec.tls` is `tls`.
-fn compile(endpoint: &str, tls: &str, extra: &str, options: &CompileOptions) -> Service {
+fn compile(endpoint: &str, tls: &str, extra: &str, options: &CompileOptions) -> TlsService {
     let yaml = format!(
         "{extra}type: MeshExternalService\nname: s\nmesh: default\nspec:\n  match: {{port: 443, protocol: tcp}}\n  endpoints: [{{address: {endpoint}, port: 443}}]\n  tls:\n    enabled: true\n{tls}"
     );
     let mut loaded = Loaded::default();
     resources::load_str(Path::new("tls.yaml"), &yaml, &mut loaded);
     assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
-    let compiled = catalog::compile(&loaded.resources, options, &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()));
+    let (compiled, clients) =
+        config::compile(&loaded.resources, options, &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()), None);
     assert!(!compiled.diagnostics.has_errors(), "{}", compiled.diagnostics);
     let service = (*compiled.catalog.services()[0]).clone();
     assert!(service.broken.is_none(), "broken: {:?}", service.broken);
-    service
+    TlsService { service, client: clients.get(0).unwrap().clone() }
 }
 
 /// Handshakes with `server` as the proxy would for an endpoint named `endpoint`, then reads the
 /// server's greeting (a TLS 1.3 server rejects a client certificate only after the handshake).
-async fn handshake(service: &Service, endpoint: &str, server: SocketAddr) -> Result<String, FailureReason> {
-    let policy = service.tls.as_ref().unwrap();
-    let config = service.tls_client.as_ref().unwrap();
+async fn handshake(service: &TlsService, endpoint: &str, server: SocketAddr) -> Result<String, FailureReason> {
+    let policy = service.service.tls.as_ref().unwrap();
+    let config = &service.client;
     let hostname = endpoint.parse::<std::net::IpAddr>().is_err().then(|| Arc::from(endpoint));
     let target =
         Target { addr: TargetAddr::Socket(server), priority: 0, hostname, health: Arc::new(Health::default()) };
     let tcp = TcpStream::connect(server).await.unwrap();
-    let stream = tls::connect(config, tls::server_name(policy, &target), tcp).await.map_err(|e| e.reason)?;
+    let stream = tls::connect(config, tls::server_name(policy, target.hostname.as_deref(), &target.addr), tcp)
+        .await
+        .map_err(|e| e.reason)?;
     let mut line = String::new();
     let mut reader = BufReader::new(stream);
     match reader.read_line(&mut line).await {
@@ -299,8 +309,8 @@ async fn sessions_are_resumed() {
     for versions in [&[&TLS12][..], &[&TLS13][..]] {
         let server = tls_server(ServerSpec { versions, ..ServerSpec::new(&leaf) }).await;
         let service = compile(NAME, &verification("Secured", &pki.ca, ""), "", &CompileOptions::default());
-        let config = service.tls_client.clone().unwrap();
-        let policy = service.tls.clone().unwrap();
+        let config = service.client.clone();
+        let policy = service.service.tls.clone().unwrap();
         let target = Target {
             addr: TargetAddr::Socket(server.addr),
             priority: 0,
@@ -310,7 +320,10 @@ async fn sessions_are_resumed() {
         let mut kinds = Vec::new();
         for _ in 0..2 {
             let tcp = TcpStream::connect(server.addr).await.unwrap();
-            let stream = tls::connect(&config, tls::server_name(&policy, &target), tcp).await.unwrap();
+            let stream =
+                tls::connect(&config, tls::server_name(&policy, target.hostname.as_deref(), &target.addr), tcp)
+                    .await
+                    .unwrap();
             let mut reader = BufReader::new(stream);
             let mut line = String::new();
             reader.read_line(&mut line).await.unwrap(); // also takes in TLS 1.3 session tickets
@@ -330,10 +343,11 @@ fn certificate_data_that_cannot_be_used_breaks_only_its_service() {
     );
     let mut loaded = Loaded::default();
     resources::load_str(Path::new("x.yaml"), &yaml, &mut loaded);
-    let compiled = catalog::compile(
+    let (compiled, _) = config::compile(
         &loaded.resources,
         &CompileOptions::default(),
         &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()),
+        None,
     );
     let by_name = |n: &str| compiled.catalog.services().iter().find(|s| s.name == n).unwrap().clone();
     let bad = by_name("bad").broken.clone().unwrap();

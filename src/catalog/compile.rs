@@ -16,11 +16,12 @@ use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ZONE,
 };
 use crate::template::{Template, Values};
-use crate::tls::SystemRoots;
 
 /// Kuma's default template for MeshExternalService hostnames.
 pub const DEFAULT_TEMPLATE: &str = "{{ .DisplayName }}.extsvc.mesh.local";
 pub const DEFAULT_GENERATOR_NAME: &str = "builtin-default";
+/// Kuma's variable naming a CA file that stands in for the OS trust store.
+pub const SYSTEM_CA_ENV: &str = "KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH";
 
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
@@ -42,8 +43,7 @@ impl Default for CompileOptions {
 impl CompileOptions {
     /// Defaults plus what Kuma's environment variables set.
     pub fn from_env() -> Self {
-        let system_ca_file =
-            std::env::var_os(crate::tls::roots::SYSTEM_CA_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let system_ca_file = std::env::var_os(SYSTEM_CA_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
         Self { system_ca_file, ..Self::default() }
     }
 }
@@ -100,7 +100,6 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
     let file_rank = file_ranks(resources);
     services.sort_by(|a, b| (file_rank[&*a.0.origin.file], &a.0.name).cmp(&(file_rank[&*b.0.origin.file], &b.0.name)));
 
-    let system_roots = SystemRoots::new(options.system_ca_file.clone());
     let mut catalog = Catalog::default();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     for (meta, spec, status_vip) in services {
@@ -116,7 +115,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
             continue;
         }
         let access = if forbidden_meshes.contains(&meta.mesh.as_str()) { Access::Forbidden } else { Access::Allowed };
-        let mut service = service(meta, spec, access, options, &secrets, &system_roots);
+        let mut service = service(meta, spec, access, options, &secrets);
         service.vip = ipam.assign(&key, status_vip);
         if service.vip.is_none() && service.broken.is_none() {
             service.broken =
@@ -147,7 +146,6 @@ fn service(
     access: Access,
     options: &CompileOptions,
     secrets: &Secrets,
-    system_roots: &SystemRoots,
 ) -> Service {
     let m = spec.match_.clone().unwrap_or_default();
     let mut broken = None;
@@ -166,14 +164,6 @@ fn service(
         None => None,
     };
     let protocol = m.protocol.as_deref().and_then(Protocol::parse).unwrap_or(Protocol::Tcp);
-    let tls_client = match tls.as_ref().map(|policy| crate::tls::client_config(policy, protocol, system_roots)) {
-        Some(Ok(config)) => Some(config),
-        Some(Err(reason)) => {
-            broken = broken.or(Some(reason));
-            None
-        }
-        None => None,
-    };
     Service {
         name: meta.name.clone(),
         mesh: meta.mesh.clone(),
@@ -185,7 +175,6 @@ fn service(
         protocol,
         endpoints: spec.endpoints.iter().filter_map(endpoint).collect(),
         tls,
-        tls_client,
         extension,
         access,
         vip: None,

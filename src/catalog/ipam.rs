@@ -1,30 +1,28 @@
 //! VIP allocation for MeshExternalServices.
 //!
 //! Addresses come in order from the start of the range and are never handed to another service
-//! while the process lives. With a state directory the assignments survive restarts, so every
-//! service keeps its VIP whatever else is added or removed.
+//! while the process lives. The allocator is plain state: [`crate::vip_store`] keeps it in a
+//! state directory so that every service keeps its VIP across restarts, and a configuration is
+//! compiled against a copy that is kept only when the configuration is accepted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CIDR: &str = "242.0.0.0/8";
 pub const CIDR_ENV: &str = "KUMA_IPAM_MESH_EXTERNAL_SERVICE_CIDR";
-const STATE_FILE: &str = "vips.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error("{CIDR_ENV}: '{value}' is not a CIDR: {error}")]
     BadCidr { value: String, error: ipnet::AddrParseError },
-    #[error("state file {path}: {message}")]
-    State { path: PathBuf, message: String },
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct State {
+/// What survives a restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IpamState {
     cidr: String,
     /// Offset in the range of the next address to try.
     next: u128,
@@ -32,12 +30,12 @@ struct State {
     assigned: BTreeMap<String, IpAddr>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Ipam {
     cidr: IpNet,
-    state_file: Option<PathBuf>,
-    state: State,
+    state: IpamState,
     in_use: HashSet<IpAddr>,
+    /// Assignments changed since [`Ipam::mark_saved`].
     dirty: bool,
 }
 
@@ -48,31 +46,21 @@ impl Ipam {
         value.trim().parse().map_err(|error| IpamError::BadCidr { value, error })
     }
 
-    /// An allocator that keeps its assignments in memory only.
+    /// An empty allocator for `cidr`.
     pub fn in_memory(cidr: IpNet) -> Self {
         Self {
             cidr: cidr.trunc(),
-            state_file: None,
-            state: State { cidr: cidr.trunc().to_string(), ..State::default() },
+            state: IpamState { cidr: cidr.trunc().to_string(), ..IpamState::default() },
             in_use: HashSet::new(),
             dirty: false,
         }
     }
 
-    /// An allocator backed by `dir/vips.json`, created on first save.
-    pub fn with_state_dir(cidr: IpNet, dir: &Path) -> Result<Self, IpamError> {
-        let path = dir.join(STATE_FILE);
+    /// An allocator for `cidr` that keeps the assignments of `saved` that fall in it.
+    pub fn restore(cidr: IpNet, saved: IpamState) -> Self {
         let mut ipam = Self::in_memory(cidr);
-        ipam.state_file = Some(path.clone());
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ipam),
-            Err(e) => return Err(IpamError::State { path, message: e.to_string() }),
-        };
-        let state: State =
-            serde_json::from_str(&text).map_err(|e| IpamError::State { path: path.clone(), message: e.to_string() })?;
-        let same_range = state.cidr == ipam.state.cidr;
-        for (key, ip) in state.assigned {
+        let same_range = saved.cidr == ipam.state.cidr;
+        for (key, ip) in saved.assigned {
             // After a range change, old addresses are meaningless: services get new ones.
             if ipam.cidr.contains(&ip) {
                 ipam.in_use.insert(ip);
@@ -80,9 +68,18 @@ impl Ipam {
             }
         }
         if same_range {
-            ipam.state.next = state.next;
+            ipam.state.next = saved.next;
         }
-        Ok(ipam)
+        ipam
+    }
+
+    /// The state to save, when it changed since the last save.
+    pub fn unsaved(&self) -> Option<&IpamState> {
+        self.dirty.then_some(&self.state)
+    }
+
+    pub fn mark_saved(&mut self) {
+        self.dirty = false;
     }
 
     pub fn cidr(&self) -> IpNet {
@@ -119,24 +116,6 @@ impl Ipam {
         self.in_use.insert(ip);
         self.state.assigned.insert(key.to_string(), ip);
         self.dirty = true;
-    }
-
-    /// Writes the assignments if anything changed since the last save (atomically: temp + rename).
-    pub fn save(&mut self) -> Result<(), IpamError> {
-        let Some(path) = &self.state_file else { return Ok(()) };
-        if !self.dirty {
-            return Ok(());
-        }
-        let err = |e: &dyn std::fmt::Display| IpamError::State { path: path.clone(), message: e.to_string() };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        }
-        let text = serde_json::to_string_pretty(&self.state).map_err(|e| err(&e))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(&e))?;
-        std::fs::rename(&tmp, path).map_err(|e| err(&e))?;
-        self.dirty = false;
-        Ok(())
     }
 
     /// First and last usable offsets: IPv4 skips the network and broadcast addresses, IPv6 the
@@ -196,32 +175,20 @@ mod tests {
 
     #[test]
     fn never_reuses_addresses_of_removed_services() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ipam = Ipam::with_state_dir(net("242.0.0.0/8"), dir.path()).unwrap();
+        let mut ipam = Ipam::in_memory(net("242.0.0.0/8"));
         ipam.assign("m/a", None);
         ipam.assign("m/b", None);
-        ipam.save().unwrap();
         // "m/a" is gone from the configuration; a new service must not get its address.
-        let mut ipam = Ipam::with_state_dir(net("242.0.0.0/8"), dir.path()).unwrap();
+        let mut ipam = Ipam::restore(net("242.0.0.0/8"), ipam.unsaved().unwrap().clone());
         assert_eq!(ipam.assign("m/c", None), Some("242.0.0.3".parse().unwrap()));
         assert_eq!(ipam.assign("m/b", None), Some("242.0.0.2".parse().unwrap()));
     }
 
     #[test]
     fn range_change_drops_old_assignments() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ipam = Ipam::with_state_dir(net("242.0.0.0/8"), dir.path()).unwrap();
+        let mut ipam = Ipam::in_memory(net("242.0.0.0/8"));
         ipam.assign("m/a", None);
-        ipam.save().unwrap();
-        let mut ipam = Ipam::with_state_dir(net("10.1.0.0/16"), dir.path()).unwrap();
+        let mut ipam = Ipam::restore(net("10.1.0.0/16"), ipam.unsaved().unwrap().clone());
         assert_eq!(ipam.assign("m/a", None), Some("10.1.0.1".parse().unwrap()));
-    }
-
-    #[test]
-    fn corrupt_state_names_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
-        let err = Ipam::with_state_dir(net("242.0.0.0/8"), dir.path()).unwrap_err().to_string();
-        assert!(err.contains("vips.json"), "{err}");
     }
 }

@@ -3,6 +3,7 @@
 
 mod original_dst;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +12,6 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
 pub use original_dst::{OriginalDst, SoOriginalDst};
-
-use crate::proxy::Proxy;
 
 const BACKLOG: i32 = 4096;
 
@@ -35,6 +34,17 @@ impl std::fmt::Display for ListenerKind {
             Self::Transparent => "transparent",
         })
     }
+}
+
+/// What a listener does with each connection it accepts (the proxy, in `run`).
+pub trait Accept: Send + Sync + 'static {
+    fn accept(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        kind: ListenerKind,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Binds a listening socket. `freebind` allows addresses not (yet) configured on the host,
@@ -68,11 +78,11 @@ pub fn bind_std(addr: SocketAddr, freebind: bool, reuse_port: bool) -> io::Resul
 
 /// Binds `addr` once per worker runtime and accepts on each; returns the bound address and the
 /// accept tasks.
-pub fn serve(
+pub fn serve<A: Accept>(
     addr: SocketAddr,
     kind: ListenerKind,
     workers: &[tokio::runtime::Handle],
-    proxy: &Arc<Proxy>,
+    handler: &Arc<A>,
 ) -> io::Result<(SocketAddr, Vec<tokio::task::AbortHandle>)> {
     let freebind = kind == ListenerKind::Vip;
     let reuse_port = workers.len() > 1;
@@ -86,12 +96,12 @@ pub fn serve(
         .iter()
         .zip(sockets)
         .map(|(worker, socket)| {
-            let proxy = proxy.clone();
+            let handler = handler.clone();
             // The socket joins the reactor of the runtime that runs its accept loop.
             worker
                 .spawn(async move {
                     match TcpListener::from_std(socket) {
-                        Ok(listener) => accept_loop(listener, kind, proxy).await,
+                        Ok(listener) => accept_loop(listener, kind, handler).await,
                         Err(error) => tracing::error!(%kind, listener = %local, %error, "cannot accept"),
                     }
                 })
@@ -102,7 +112,7 @@ pub fn serve(
 }
 
 /// Accepts until the task is aborted; each connection runs on its own task.
-pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, proxy: Arc<Proxy>) {
+pub async fn accept_loop<A: Accept>(listener: TcpListener, kind: ListenerKind, handler: Arc<A>) {
     let local = match listener.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
@@ -113,8 +123,7 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, proxy: Arc<P
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let proxy = proxy.clone();
-                tokio::spawn(async move { proxy.handle(stream, peer, local, kind).await });
+                tokio::spawn(handler.clone().accept(stream, peer, local, kind));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.

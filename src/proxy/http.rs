@@ -125,8 +125,8 @@ impl HttpProxy {
         let Some(route) = snapshot.route(self.key) else {
             return failure(is_grpc(req.headers()), Failure::Unavailable, "service is no longer configured");
         };
-        let ctx = RequestCtx { service: route.service.clone(), upstream: route.upstream.clone() };
         drop(snapshot);
+        let ctx = RequestCtx { service: route.service.clone(), upstream: route.upstream.clone(), route };
         let request_line = self.access_log.as_ref().map(|_| format!("{} {}", req.method(), req.uri().path()));
         let sent = self.access_log.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
         let mut response = self.respond(&ctx, req, sent.clone()).await;
@@ -192,6 +192,7 @@ impl HttpProxy {
 struct RequestCtx {
     service: Arc<Service>,
     upstream: Arc<Upstream>,
+    route: crate::live::Route,
 }
 
 impl RequestCtx {
@@ -203,12 +204,7 @@ impl RequestCtx {
         sent: Option<Arc<AtomicU64>>,
     ) -> Response<ProxyBody> {
         let http2 = matches!(self.service.protocol, Protocol::Http2 | Protocol::Grpc);
-        let tls = self
-            .service
-            .tls
-            .as_ref()
-            .zip(self.service.tls_client.as_ref())
-            .map(|(policy, config)| TlsSetup { policy, config });
+        let tls = self.route.tls();
         let mut req = req;
         let upgrade = !http2 && is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

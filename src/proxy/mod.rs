@@ -19,7 +19,7 @@ use crate::listen::{ListenerKind, OriginalDst};
 use crate::live::{Live, RouteKey};
 use crate::metrics::metrics;
 use crate::tls;
-use crate::upstream::{Connected, TargetAddr, TlsSetup, UpstreamStream};
+use crate::upstream::{Connected, TargetAddr, UpstreamStream};
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -79,6 +79,18 @@ pub struct Proxy {
     pub draining: watch::Receiver<bool>,
 }
 
+impl crate::listen::Accept for Proxy {
+    fn accept(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        kind: ListenerKind,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move { self.handle(stream, peer, local, kind).await }
+    }
+}
+
 impl Proxy {
     pub async fn handle(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, kind: ListenerKind) {
         let _open = self.connections.open();
@@ -100,8 +112,8 @@ impl Proxy {
                 _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
             };
         };
-        let (service, upstream) = (route.service.clone(), route.upstream.clone());
         drop(snapshot);
+        let (service, upstream) = (&route.service, &route.upstream);
         upstream.metrics.connections.inc();
         let _active = GaugeGuard::inc(&upstream.metrics.connections_active);
         // HTTP answers broken/forbidden per request (503/403, or gRPC status) and routes each
@@ -143,8 +155,7 @@ impl Proxy {
             tracing::info!(service = %upstream.service(), %peer, "access forbidden by Mesh (defaultForbidMeshExternalServiceAccess); closing");
             return log(None, "forbidden", 0, 0);
         }
-        let tls =
-            service.tls.as_ref().zip(service.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config });
+        let tls = route.tls();
         // Boxed: the connect (and TLS handshake) state is large and only lives until connected;
         // inline, every open connection's task would keep room for it.
         let Connected { mut stream, target, active: _target_active } = match Box::pin(upstream.connect(tls)).await {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_norway::Value;
 
-pub type Labels = BTreeMap<String, String>;
+pub use crate::model::Labels;
 
 // ---------- MeshExternalService ----------
 

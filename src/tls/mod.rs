@@ -17,8 +17,7 @@ use tokio_rustls::client::TlsStream;
 pub use roots::SystemRoots;
 pub use verifier::MeshVerifier;
 
-use crate::catalog::{Protocol, TlsPolicy, TlsVersion, VerificationMode};
-use crate::upstream::{Target, TargetAddr};
+use crate::model::{Protocol, TargetAddr, TlsPolicy, TlsVersion, VerificationMode};
 
 /// Builds the client configuration of one service. The error names the field at fault.
 pub fn client_config(
@@ -68,12 +67,13 @@ pub fn client_config(
 
 /// The name to connect with: `serverName`, else the endpoint's DNS name (sent as SNI); else the
 /// endpoint's IP (no SNI is sent for an IP). Unix endpoints without `serverName` use `localhost`.
-pub fn server_name(policy: &TlsPolicy, target: &Target) -> ServerName<'static> {
-    let dns = policy.server_name.as_deref().or(target.hostname.as_deref());
+/// `hostname` is the endpoint's DNS name, `None` for IP and unix endpoints.
+pub fn server_name(policy: &TlsPolicy, hostname: Option<&str>, addr: &TargetAddr) -> ServerName<'static> {
+    let dns = policy.server_name.as_deref().or(hostname);
     if let Some(name) = dns.and_then(|n| ServerName::try_from(n.to_string()).ok()) {
         return name;
     }
-    match &target.addr {
+    match addr {
         TargetAddr::Socket(addr) => ServerName::IpAddress(addr.ip().into()),
         TargetAddr::Unix(_) => {
             ServerName::try_from("localhost").unwrap_or(ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into()))

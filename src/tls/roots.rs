@@ -8,7 +8,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-pub const SYSTEM_CA_ENV: &str = "KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH";
+pub use crate::catalog::SYSTEM_CA_ENV;
 
 /// Builds a store from configured CA certificates.
 pub fn from_certs(certs: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, String> {
@@ -39,6 +39,11 @@ impl SystemRoots {
 
     pub fn get(&self) -> Result<Arc<RootCertStore>, String> {
         self.store.get_or_init(|| self.load()).clone()
+    }
+
+    /// The trust anchors, when they were loaded (and could be), for telling whether they changed.
+    pub fn loaded(&self) -> Option<&[rustls_pki_types::TrustAnchor<'static>]> {
+        self.store.get().and_then(|r| r.as_ref().ok()).map(|s| s.roots.as_slice())
     }
 
     fn load(&self) -> Result<Arc<RootCertStore>, String> {

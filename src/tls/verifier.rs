@@ -18,7 +18,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::catalog::{SanMatch, VerificationMode};
+use crate::model::{SanMatch, VerificationMode};
 
 #[derive(Debug)]
 pub struct MeshVerifier {

@@ -1,8 +1,6 @@
 //! Opening a connection to one upstream address (TCP or unix socket).
 
 use std::io;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -10,21 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 
-/// Where a connection goes: an address from an IP or DNS endpoint, or a unix socket.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum TargetAddr {
-    Socket(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for TargetAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Socket(addr) => write!(f, "{addr}"),
-            Self::Unix(path) => write!(f, "unix://{}", path.display()),
-        }
-    }
-}
+pub use crate::model::TargetAddr;
 
 /// A connected upstream byte stream.
 #[derive(Debug)]

@@ -24,8 +24,8 @@ pub use connect::{TargetAddr, UpstreamIo, UpstreamStream};
 pub use health::{ActiveGuard, EjectionPolicy, Health};
 pub use resolve::DnsResolver;
 
-use crate::catalog::{Endpoint, EndpointAddress, Protocol, TlsPolicy};
 use crate::metrics::{metrics, ServiceMetrics};
+use crate::model::{Endpoint, EndpointAddress, Protocol, TlsPolicy};
 use crate::tls::{self, TlsError};
 
 /// What TLS origination needs for one service.
@@ -325,7 +325,7 @@ impl Upstream {
                 let stream = match tls {
                     None => UpstreamIo::Plain(stream),
                     Some(setup) => {
-                        let name = tls::server_name(setup.policy, target);
+                        let name = tls::server_name(setup.policy, target.hostname.as_deref(), &target.addr);
                         match tls::connect(setup.config, name, stream).await {
                             Ok(tls) => UpstreamIo::Tls(Box::new(tls)),
                             Err(source) => {
