@@ -1,0 +1,184 @@
+//! Moving bytes both ways between the application and the endpoint.
+//!
+//! Each direction has one buffer that starts small (idle connections stay cheap) and grows when
+//! reads keep filling it (bulk flows get large reads), as ztunnel does. A FIN from one side is
+//! passed on with `shutdown` while the other direction keeps flowing (half-close).
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Buffer sizes a direction steps through.
+const SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
+/// Consecutive full reads before a buffer grows.
+const FULL_READS_TO_GROW: u8 = 2;
+
+/// Bytes moved each way, for access logs and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+struct Direction {
+    buf: Vec<u8>,
+    size_step: usize,
+    pos: usize,
+    filled: usize,
+    full_reads: u8,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Direction {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; SIZES[0]],
+            size_step: 0,
+            pos: 0,
+            filled: 0,
+            full_reads: 0,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    fn grow_if_busy(&mut self) {
+        if self.full_reads >= FULL_READS_TO_GROW && self.size_step + 1 < SIZES.len() {
+            self.size_step += 1;
+            self.buf = vec![0; SIZES[self.size_step]];
+            self.full_reads = 0;
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.filled && !self.read_done {
+                self.grow_if_busy();
+                let mut read_buf = ReadBuf::new(&mut self.buf);
+                match reader.as_mut().poll_read(cx, &mut read_buf) {
+                    Poll::Pending => {
+                        // Nothing to read now: make sure what was written is not held back.
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = read_buf.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                        } else {
+                            self.full_reads = if n == self.buf.len() { self.full_reads.saturating_add(1) } else { 0 };
+                            self.pos = 0;
+                            self.filled = n;
+                        }
+                    }
+                }
+            }
+            while self.pos < self.filled {
+                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.filled]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.bytes += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                // Pass the FIN on; the other direction keeps going.
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Copies `client` ⇄ `upstream` until both directions have finished or one fails.
+pub async fn bidirectional<C, U>(client: &mut C, upstream: &mut U) -> (Transferred, io::Result<()>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Direction::new();
+    let mut down = Direction::new();
+    let result = poll_fn(|cx| {
+        if !up.done {
+            if let Poll::Ready(Err(e)) = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *upstream)) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if !down.done {
+            if let Poll::Ready(Err(e)) = down.poll_copy(cx, Pin::new(&mut *upstream), Pin::new(&mut *client)) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if up.done && down.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (Transferred { client_to_upstream: up.bytes, upstream_to_client: down.bytes }, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn half_close_keeps_the_other_direction_open() {
+        let (mut app, mut proxy_side) = tokio::io::duplex(64);
+        let (mut upstream_side, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { bidirectional(&mut proxy_side, &mut upstream_side).await });
+        app.write_all(b"ping").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap(); // sees the FIN
+        assert_eq!(got, b"ping");
+        server.write_all(b"pong after fin").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        app.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"pong after fin");
+        let (bytes, result) = task.await.unwrap();
+        result.unwrap();
+        assert_eq!(bytes, Transferred { client_to_upstream: 4, upstream_to_client: 14 });
+    }
+
+    #[test]
+    fn buffers_grow_only_under_sustained_full_reads() {
+        let mut d = Direction::new();
+        d.grow_if_busy();
+        assert_eq!(d.buf.len(), SIZES[0]);
+        d.full_reads = FULL_READS_TO_GROW;
+        d.grow_if_busy();
+        assert_eq!(d.buf.len(), SIZES[1]);
+        d.full_reads = FULL_READS_TO_GROW;
+        d.grow_if_busy();
+        d.full_reads = FULL_READS_TO_GROW;
+        d.grow_if_busy();
+        assert_eq!(d.buf.len(), SIZES[2], "stops at the largest size");
+    }
+}

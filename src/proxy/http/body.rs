@@ -1,0 +1,154 @@
+//! The response body the application reads: the endpoint's body streamed through (counted,
+//! cut at the gRPC deadline, its connection returned to the pool once complete) or a local
+//! reply; and the access-log record that waits for it to end.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::{Instant, Sleep};
+
+use crate::access_log::{AccessLog, Record};
+use crate::upstream::pool::{PoolKey, RequestBody};
+use crate::upstream::{ActiveGuard, TargetAddr, Upstream};
+
+/// Gives an HTTP/1 connection back to the pool once its response has been read to the end.
+pub struct PoolReturn {
+    pub upstream: Arc<Upstream>,
+    pub key: PoolKey,
+    pub sender: http1::SendRequest<RequestBody>,
+}
+
+/// An access log record waiting for its response body to end.
+pub struct PendingLog {
+    pub log: AccessLog,
+    pub record: Record,
+    pub started: Instant,
+    /// Request body bytes, counted as they pass.
+    pub sent: Arc<AtomicU64>,
+}
+
+impl PendingLog {
+    pub fn finish(mut self, outcome: &'static str, received: u64) {
+        self.record.outcome = outcome;
+        self.record.bytes_received = received;
+        self.record.bytes_sent = self.sent.load(Ordering::Relaxed);
+        self.record.duration = self.started.elapsed();
+        self.log.log(self.record);
+    }
+}
+
+pub struct UpstreamBody {
+    pub body: Incoming,
+    pub pool_return: Option<PoolReturn>,
+    /// The gRPC deadline: when it passes mid-response, the stream ends with DEADLINE_EXCEEDED.
+    pub deadline: Option<Pin<Box<Sleep>>>,
+    pub grpc: bool,
+    /// No more frames will be given (the upstream's ended, or the deadline's trailers went out).
+    pub finished: bool,
+    /// For the access log: `ok` once every frame of the response has passed.
+    pub outcome: &'static str,
+    pub received: u64,
+    pub counter: Counter,
+    pub endpoint: TargetAddr,
+    /// Boxed: only there when the access log is on.
+    pub log: Option<Box<PendingLog>>,
+    pub _active: ActiveGuard,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        self.counter.inc_by(self.received);
+        if let Some(mut pending) = self.log.take().map(|p| *p) {
+            pending.record.endpoint = Some(self.endpoint.to_string());
+            pending.finish(self.outcome, self.received);
+        }
+    }
+}
+
+impl UpstreamBody {
+    pub fn return_to_pool(&mut self) {
+        if let Some(r) = self.pool_return.take() {
+            r.upstream.pool.put_h1(r.key, r.sender);
+        }
+    }
+}
+
+/// The response body the application reads.
+pub enum ProxyBody {
+    Upstream(UpstreamBody),
+    Local(Full<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn empty() -> Self {
+        Self::Local(Full::new(Bytes::new()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let up = match self.get_mut() {
+            Self::Local(full) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Self::Upstream(up) => up,
+        };
+        if up.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = up.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() && up.grpc {
+                up.finished = true;
+                up.outcome = "deadline_exceeded";
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("4"));
+                trailers.insert("grpc-message", HeaderValue::from_static("deadline exceeded"));
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
+        let frame = Pin::new(&mut up.body).poll_frame(cx);
+        // hyper stops polling once a body says it has ended, so the response is complete (and
+        // the connection goes back to the pool) as soon as the last frame is out, not only on
+        // the final `None`.
+        let complete = match &frame {
+            Poll::Ready(None) => {
+                up.finished = true;
+                true
+            }
+            Poll::Ready(Some(Ok(f))) => {
+                up.received += f.data_ref().map_or(0, |d| d.len() as u64);
+                up.body.is_end_stream()
+            }
+            _ => false,
+        };
+        if complete {
+            up.outcome = "ok";
+            up.return_to_pool();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Local(full) => full.is_end_stream(),
+            Self::Upstream(up) => up.finished || up.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Local(full) => full.size_hint(),
+            Self::Upstream(up) => up.body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The upstream client: a connection for one request, pooled when possible, else new (a failed
+//! connect is retried once on another endpoint).
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
+use crate::upstream::{ConnectError, Target, TlsSetup, Upstream, UpstreamIo};
+
+pub enum Sender {
+    /// Held exclusively for one request, then returned to the pool.
+    H1(http1::SendRequest<RequestBody>),
+    /// Shared: every request opens a stream on it.
+    H2(http2::SendRequest<RequestBody>),
+}
+
+/// A connection for one request, the endpoint it goes to and its pool key.
+pub async fn connection(
+    upstream: &Upstream,
+    tls: Option<TlsSetup<'_>>,
+    http2: bool,
+) -> Result<(Sender, Target, PoolKey), ConnectError> {
+    upstream.wait_for_first_resolution().await;
+    let tls_id = TlsIdentity::of(tls.map(|t| t.config));
+    let mut failed: Option<(Target, ConnectError)> = None;
+    for _ in 0..2 {
+        let Some(target) = upstream.pick(failed.as_ref().map(|(t, _)| &t.addr)) else { break };
+        let key = PoolKey { target: target.addr.clone(), tls: tls_id.clone(), http2, worker: pool::current_worker() };
+        // New connections are boxed: their connect, TLS and handshake state is large, and
+        // inline it would make every request's future (moved on each spawn) that large.
+        let result = if http2 {
+            let connect = || {
+                Box::pin(async {
+                    let io = upstream.connect_target(&target, tls).await?.stream;
+                    handshake_h2(io).await.map_err(|e| handshake_error(upstream, &target, e))
+                })
+            };
+            upstream.pool.h2(&key, connect).await.map(Sender::H2)
+        } else {
+            let pooled = match upstream.pool.take_h1(&key) {
+                Some(mut sender) => sender.ready().await.ok().map(|()| sender),
+                None => None,
+            };
+            match pooled {
+                Some(sender) => Ok(Sender::H1(sender)),
+                None => {
+                    Box::pin(async {
+                        let connected = upstream.connect_target(&target, tls).await?;
+                        handshake_h1(connected.stream)
+                            .await
+                            .map(Sender::H1)
+                            .map_err(|e| handshake_error(upstream, &target, e))
+                    })
+                    .await
+                }
+            }
+        };
+        match result {
+            Ok(sender) => return Ok((sender, target, key)),
+            Err(error) => {
+                tracing::debug!(%error, "upstream connection failed; trying another endpoint");
+                failed = Some((target, error));
+            }
+        }
+    }
+    Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
+}
+
+fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -> ConnectError {
+    ConnectError::Io {
+        service: upstream.service().clone(),
+        target: target.addr.clone(),
+        source: std::io::Error::other(source),
+    }
+}
+
+async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
+    let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%error, "upstream HTTP/1 connection closed with an error");
+        }
+    });
+    Ok(sender)
+}
+
+async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream HTTP/2 connection closed with an error");
+        }
+    });
+    Ok(sender)
+}

@@ -1,0 +1,84 @@
+//! HTTP/1.1, HTTP/2 and gRPC: a hyper server facing the application ([`serve`]) and pooled
+//! hyper client connections facing the endpoints ([`client`]). Each request passes the phases
+//! of [`request`] (route → admit → forward → log) with one [`request::RequestCtx`]; bodies
+//! stream through ([`body`]), nothing is collected.
+
+mod body;
+mod client;
+mod forward;
+mod grpc;
+mod reply;
+mod request;
+mod rewrite;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub use body::ProxyBody;
+pub use grpc::grpc_timeout;
+
+use super::Connections;
+use crate::access_log::AccessLog;
+use crate::catalog::Protocol;
+use crate::live::{Live, RouteKey};
+
+/// Most request headers accepted from the application (HTTP/1).
+pub const MAX_HEADERS: usize = 100;
+/// Largest request head (HTTP/1) and header list (HTTP/2) accepted, in bytes.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent HTTP/2 streams per application connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Per-connection context. Each request finds its service in the configuration current when
+/// it arrives, so a reload applies to open keep-alive connections too.
+pub struct HttpProxy {
+    pub live: Arc<Live>,
+    pub key: RouteKey,
+    pub peer: SocketAddr,
+    /// Time allowed until the response headers arrive (`None`: no limit).
+    pub request_timeout: Option<Duration>,
+    pub access_log: Option<AccessLog>,
+    /// Upgraded tunnels count as open connections, so a drain waits for them.
+    pub connections: Arc<Connections>,
+}
+
+/// Serves one application connection until it closes, or until a drain asks it to finish its
+/// requests and close.
+pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut draining: watch::Receiver<bool>) {
+    let proxy = Arc::new(proxy);
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_headers(MAX_HEADERS).max_buf_size(MAX_HEADER_BYTES).preserve_header_case(false);
+    builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS).max_header_list_size(MAX_HEADER_BYTES as u32);
+    // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
+    // HTTP/1.1 or h2c prior knowledge from the first bytes.
+    let builder = if protocol != Protocol::Http { builder.http2_only() } else { builder };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = drain_requested(&mut draining) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "application connection ended with an error");
+    }
+}
+
+async fn drain_requested(draining: &mut watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await; // the server is gone without draining: run on
+    }
+}

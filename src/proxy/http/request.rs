@@ -1,0 +1,106 @@
+//! The phases of one HTTP request, with one [`RequestCtx`]: **route** (the service in the
+//! snapshot current when the request arrives) → **admit** → **forward** ([`super::forward`]) →
+//! **log** (metrics and the access-log record, which waits for the response body to end).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::body::{PendingLog, ProxyBody};
+use super::grpc::{grpc_timeout, is_grpc};
+use super::reply::{self, Failure};
+use super::{forward, HttpProxy};
+use crate::access_log::Record;
+use crate::catalog::Protocol;
+use crate::live::Route;
+use crate::proxy::admit::admit;
+
+/// One request as it passes the phases.
+pub struct RequestCtx {
+    pub route: Route,
+    /// gRPC by the service's protocol or the request's content type: failures are answered
+    /// with a gRPC status.
+    pub grpc: bool,
+    /// The gRPC deadline (`grpc-timeout`): the response ends with DEADLINE_EXCEEDED when it passes.
+    pub deadline: Option<Instant>,
+    /// Time allowed until the response headers arrive: the request timeout or the gRPC
+    /// deadline, whichever is sooner.
+    pub limit: Option<Duration>,
+    pub started: Instant,
+    /// Boxed: only there when the access log is on.
+    pub log: Option<Box<PendingLog>>,
+}
+
+impl RequestCtx {
+    fn new(route: Route, req: &Request<Incoming>, proxy: &HttpProxy) -> Self {
+        let started = Instant::now();
+        let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
+        let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
+        let limit = match (grpc_deadline, proxy.request_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let log = proxy.access_log.as_ref().map(|log| {
+            Box::new(PendingLog {
+                log: log.clone(),
+                record: Record {
+                    time: SystemTime::now(),
+                    service: route.upstream.service().clone(),
+                    protocol: route.service.protocol.as_str(),
+                    client: proxy.peer,
+                    endpoint: None,
+                    request: Some(format!("{} {}", req.method(), req.uri().path())),
+                    status: None,
+                    outcome: "ok",
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    duration: Duration::ZERO,
+                },
+                started,
+                sent: Arc::new(AtomicU64::new(0)),
+            })
+        });
+        Self { route, grpc, deadline: grpc_deadline.map(|d| started + d), limit, started, log }
+    }
+
+    /// The request body's byte counter for the access log, when it is on.
+    pub fn sent_counter(&self) -> Option<Arc<AtomicU64>> {
+        self.log.as_ref().map(|l| l.sent.clone())
+    }
+
+    /// The log phase: counts the request and hands the access-log record to the response body
+    /// (written when the body ends) or writes it now for a local reply.
+    fn log(self, response: &mut Response<ProxyBody>) {
+        let status = response.status().as_u16();
+        let metrics = &self.route.upstream.metrics;
+        metrics.request(status);
+        metrics.request_duration.observe(self.started.elapsed().as_secs_f64());
+        if let Some(mut pending) = self.log {
+            pending.record.time = SystemTime::now();
+            pending.record.status = Some(status);
+            match response.body_mut() {
+                ProxyBody::Upstream(body) => body.log = Some(pending),
+                ProxyBody::Local(_) => pending.finish("local_reply", 0),
+            }
+        }
+    }
+}
+
+impl HttpProxy {
+    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(route) = self.live.load().route(self.key) else {
+            return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);
+        };
+        let ctx = RequestCtx::new(route, &req, self);
+        let mut response = match admit(&ctx.route.service) {
+            Ok(()) => forward::forward(&ctx, req, &self.connections).await,
+            Err(denial) => reply::denied(ctx.grpc, denial),
+        };
+        ctx.log(&mut response);
+        response
+    }
+}

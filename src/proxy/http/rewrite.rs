@@ -1,0 +1,204 @@
+//! Rewriting a request for the endpoint and a response for the application: hop-by-hop
+//! headers, Host / `:authority`, URI form and version.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::Version;
+
+use crate::upstream::{Target, TargetAddr};
+
+static HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+];
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// The comma-separated options of every `Connection` header.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. `TE` survives
+/// only as `trailers` (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is nothing to do: one pass over the names says so without hashing.
+    let needs_work =
+        headers.iter().any(|(name, value)| HOP_BY_HOP.contains(name) || (name == header::TE && value != "trailers"));
+    if !needs_work {
+        return;
+    }
+    let named: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Rewrites the request for the endpoint: hop-by-hop headers, Host / `:authority` (the
+/// endpoint's DNS name for DNS endpoints, as Kuma's `autoHostRewrite`), URI form and version.
+pub fn prepare_request(
+    parts: &mut http::request::Parts,
+    target: &Target,
+    tls: bool,
+    http2: bool,
+    upgrade: bool,
+) -> Result<(), &'static str> {
+    let upgrade_value = upgrade.then(|| parts.headers.get(header::UPGRADE).cloned()).flatten();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(value) = upgrade_value {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, value);
+    }
+    let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+    if target.hostname.is_none() {
+        // IP and unix endpoints keep the application's authority. Mostly the request already
+        // has the form the endpoint gets; only the other cases are rebuilt below.
+        let has_host = parts.headers.contains_key(header::HOST);
+        if http2 && !has_host && parts.uri.scheme() == Some(&scheme) && parts.uri.authority().is_some() {
+            parts.version = Version::HTTP_2;
+            return Ok(());
+        }
+        if !http2 && has_host {
+            if parts.uri.authority().is_some() {
+                parts.uri =
+                    Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+            }
+            parts.version = Version::HTTP_11;
+            return Ok(());
+        }
+    }
+    let authority: Authority = match (&target.hostname, &target.addr) {
+        (Some(name), TargetAddr::Socket(addr)) => {
+            let default_port = if tls { 443 } else { 80 };
+            let text = if addr.port() == default_port { name.to_string() } else { format!("{name}:{}", addr.port()) };
+            text.parse().map_err(|_| "endpoint name is not a valid authority")?
+        }
+        _ => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            Some(host) => host.parse().map_err(|_| "invalid Host header")?,
+            None => parts.uri.authority().cloned().ok_or("request has no Host")?,
+        },
+    };
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if http2 {
+        parts.headers.remove(header::HOST);
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|_| "invalid request URI")?;
+        parts.version = Version::HTTP_2;
+    } else {
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "invalid Host")?;
+        parts.headers.insert(header::HOST, host);
+        parts.uri = Uri::from(path);
+        parts.version = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::Request;
+
+    use super::*;
+
+    fn target(addr: &str, hostname: Option<&str>) -> Target {
+        Target {
+            addr: TargetAddr::Socket(addr.parse().unwrap()),
+            priority: 0,
+            hostname: hostname.map(Arc::from),
+            health: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn requests_take_the_form_the_endpoint_gets() {
+        use Version as V;
+        // (application's version, URI, Host; endpoint's DNS name, port, TLS, h2) → (URI, Host)
+        type Case = (V, &'static str, Option<&'static str>, Option<&'static str>, u16, bool, bool);
+        let cases: [(Case, (&str, Option<&str>)); 8] = [
+            // HTTP/1 to an IP endpoint: the application's Host and path stay.
+            (
+                (V::HTTP_11, "/p?q=1", Some("app.example:8080"), None, 80, false, false),
+                ("/p?q=1", Some("app.example:8080")),
+            ),
+            (
+                (V::HTTP_11, "http://app.example/p", Some("app.example"), None, 80, false, false),
+                ("/p", Some("app.example")),
+            ),
+            // h2 to an IP endpoint: the URI stays as it is when its scheme fits.
+            ((V::HTTP_2, "http://10.0.0.1:81/M", None, None, 81, false, true), ("http://10.0.0.1:81/M", None)),
+            ((V::HTTP_2, "http://10.0.0.1:81/M", None, None, 81, true, true), ("https://10.0.0.1:81/M", None)),
+            // HTTP/1 from the application, h2 to the endpoint: Host becomes the authority.
+            ((V::HTTP_11, "/M", Some("app.example"), None, 81, false, true), ("http://app.example/M", None)),
+            // DNS endpoints: Host / :authority is the endpoint's name, with its port unless default.
+            (
+                (V::HTTP_11, "/p", Some("app.example"), Some("api.example.com"), 443, true, false),
+                ("/p", Some("api.example.com")),
+            ),
+            (
+                (V::HTTP_11, "/p", Some("app"), Some("api.example.com"), 8443, true, false),
+                ("/p", Some("api.example.com:8443")),
+            ),
+            (
+                (V::HTTP_2, "http://app.example/M", None, Some("grpc.example.com"), 443, true, true),
+                ("https://grpc.example.com/M", None),
+            ),
+        ];
+        for (i, ((version, uri, host, hostname, port, tls, http2), (want_uri, want_host))) in
+            cases.into_iter().enumerate()
+        {
+            let mut builder = Request::builder().version(version).uri(uri);
+            if let Some(host) = host {
+                builder = builder.header(header::HOST, host);
+            }
+            let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+            prepare_request(&mut parts, &target(&format!("10.0.0.1:{port}"), hostname), tls, http2, false).unwrap();
+            assert_eq!(parts.uri.to_string(), want_uri, "case {i}");
+            assert_eq!(parts.headers.get(header::HOST).map(|h| h.to_str().unwrap()), want_host, "case {i}");
+            assert_eq!(parts.version, if http2 { V::HTTP_2 } else { V::HTTP_11 }, "case {i}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_do_not_cross() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h[header::TE], "trailers");
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before, "gRPC's headers pass as they are");
+    }
+}

@@ -1,0 +1,24 @@
+//! Transparent traffic to a destination no service claims: sent where it was going, when
+//! passthrough is on.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+
+use super::{copy, ProxySettings};
+use crate::upstream::{TargetAddr, UpstreamStream};
+
+pub async fn forward(settings: &ProxySettings, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    if !settings.passthrough {
+        tracing::debug!(%peer, %dst, "unknown destination and passthrough is off; closing");
+        return;
+    }
+    let target = TargetAddr::Socket(dst);
+    let mut upstream = match tokio::time::timeout(settings.connect_timeout, UpstreamStream::connect(&target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => return tracing::debug!(%peer, %dst, %error, "passthrough connect failed"),
+        Err(_) => return tracing::debug!(%peer, %dst, "passthrough connect timed out"),
+    };
+    let (bytes, _) = copy::bidirectional(&mut client, &mut upstream).await;
+    tracing::debug!(%peer, %dst, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, "passthrough closed");
+}
