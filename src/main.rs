@@ -395,7 +395,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
-        match server.reload() {
+        match server.reload().await {
             Ok(()) => tracing::info!(trigger, "configuration reloaded"),
             Err(e) => tracing::error!(trigger, "reload rejected, the running configuration stays: {e}"),
         }

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, AdminError, AdminState};
-use crate::catalog::{ipam::IpamError, CompileOptions, Ipam};
+use crate::catalog::{ipam::IpamError, Catalog, CompileOptions, Ipam};
 use crate::config;
 use crate::dns::{DnsProxy, Forwarders};
-use crate::listen::{self, ListenerKind, OriginalDst};
+use crate::listen::{self, KindCell, ListenerKind, OriginalDst};
 use crate::live::{Live, Snapshot};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::resources::Diagnostics;
@@ -50,6 +50,8 @@ pub struct Options {
 pub enum ServerError {
     #[error("invalid configuration:\n{0}")]
     InvalidConfig(Diagnostics),
+    #[error("the configuration could not be compiled: {0}")]
+    Compile(String),
     #[error("cannot listen on {addr} ({kind} listener): {error}")]
     Bind { addr: SocketAddr, kind: ListenerKind, error: std::io::Error },
     #[error(transparent)]
@@ -63,10 +65,23 @@ pub enum ServerError {
 }
 
 struct BoundListener {
-    kind: ListenerKind,
+    kind: Arc<KindCell>,
     local: SocketAddr,
     /// One accept loop per worker runtime.
-    tasks: Vec<AbortHandle>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl BoundListener {
+    /// Stops accepting and waits until every accept loop has ended (the sockets are closed).
+    async fn stop(self) {
+        tracing::info!(listener = %self.local, kind = %self.kind.get(), "listener removed");
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 pub struct Server {
@@ -78,7 +93,7 @@ pub struct Server {
     proxy: Arc<Proxy>,
     listeners: HashMap<SocketAddr, BoundListener>,
     admin: Option<(SocketAddr, Arc<AdminState>)>,
-    dns: Option<(SocketAddr, [tokio::task::JoinHandle<()>; 2])>,
+    dns: Option<(SocketAddr, [JoinHandle<()>; 2])>,
     draining: watch::Sender<bool>,
     workers: Vec<tokio::runtime::Handle>,
 }
@@ -126,7 +141,7 @@ impl Server {
             let bound = admin::spawn(addr, state.clone())?;
             server.admin = Some((bound, state));
         }
-        server.apply_config()?;
+        server.apply_config().await?;
         if let Some(addr) = server.options.dns {
             let sockets = DnsProxy::bind(addr).await?;
             let bound = sockets.udp.local_addr().unwrap_or(addr);
@@ -144,46 +159,59 @@ impl Server {
         Ok(server)
     }
 
-    /// Loads the configuration again; an invalid one is rejected and the running one stays.
-    pub fn reload(&mut self) -> Result<(), ServerError> {
-        let result = self.apply_config();
+    /// Loads the configuration again; an invalid one, or one whose new listeners cannot be
+    /// bound, is rejected and the running one stays, whole.
+    pub async fn reload(&mut self) -> Result<(), ServerError> {
+        let result = self.apply_config().await;
         crate::metrics::metrics().config_reload(result.is_ok());
         result
     }
 
-    fn apply_config(&mut self) -> Result<(), ServerError> {
-        // Compiled against a copy: a rejected configuration assigns no VIPs.
+    /// Compile → bind the new listeners → swap the snapshot → retire the old listeners. Nothing
+    /// changes until every step that can fail has succeeded.
+    async fn apply_config(&mut self) -> Result<(), ServerError> {
+        let (paths, options) = (self.options.config_paths.clone(), self.options.compile.clone());
+        // Against a copy of the VIP allocator: a rejected configuration assigns no VIPs.
         let mut ipam = self.ipam.clone();
-        let previous = self.live.load();
-        let (compiled, tls) =
-            config::load(&self.options.config_paths, &self.options.compile, &mut ipam, Some(&previous));
+        let previous = self.live.load_full();
+        // Parsing and compiling a large configuration takes a while: not on this thread, which
+        // also serves DNS.
+        let (compiled, tls, ipam, previous) = tokio::task::spawn_blocking(move || {
+            let (compiled, tls) = config::load(&paths, &options, &mut ipam, Some(&previous));
+            (compiled, tls, ipam, previous)
+        })
+        .await
+        .map_err(|e| ServerError::Compile(e.to_string()))?;
         for warning in compiled.diagnostics.warnings() {
             tracing::warn!("{warning}");
         }
         if compiled.diagnostics.has_errors() {
             return Err(ServerError::InvalidConfig(compiled.diagnostics));
         }
-        self.ipam = ipam;
-        if let Err(e) = self.vip_store.save(&mut self.ipam) {
-            tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
-        }
+        let desired = self.desired_listeners(&compiled.catalog);
+        let new = self.bind_new_listeners(&desired).await?;
         for broken in config::broken_services(&compiled).0 {
             tracing::error!("{broken}");
         }
         let snapshot = Snapshot::new(compiled.catalog, tls, Some(&previous), &self.settings);
         drop(previous);
-        let desired = self.desired_listeners(&snapshot);
+        self.ipam = ipam;
+        if let Err(e) = self.vip_store.save(&mut self.ipam) {
+            tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
+        }
         self.live.store(Arc::new(snapshot));
-        self.reconcile_listeners(desired)
+        self.retire_listeners(&desired).await;
+        self.listeners.extend(new);
+        Ok(())
     }
 
-    fn desired_listeners(&self, snapshot: &Snapshot) -> HashMap<SocketAddr, ListenerKind> {
+    fn desired_listeners(&self, catalog: &Catalog) -> HashMap<SocketAddr, ListenerKind> {
         let mut desired = HashMap::new();
-        for o in snapshot.catalog.outbounds() {
+        for o in catalog.outbounds() {
             desired.insert(o.address, ListenerKind::Outbound);
         }
         if self.options.bind_vips {
-            for (addr, _) in snapshot.catalog.vip_listeners() {
+            for (addr, _) in catalog.vip_listeners() {
                 desired.entry(addr).or_insert(ListenerKind::Vip);
             }
         }
@@ -193,34 +221,52 @@ impl Server {
         desired
     }
 
-    /// Binds what is new, stops what is gone; a failure to bind is reported after the rest
-    /// is in place.
-    fn reconcile_listeners(&mut self, desired: HashMap<SocketAddr, ListenerKind>) -> Result<(), ServerError> {
-        self.listeners.retain(|addr, l| {
-            let keep = desired.get(addr) == Some(&l.kind);
-            if !keep {
-                tracing::info!(listener = %l.local, kind = %l.kind, "listener removed");
-                l.tasks.iter().for_each(AbortHandle::abort);
-            }
-            keep
-        });
-        let mut first_error = None;
-        let mut new: Vec<_> = desired.into_iter().filter(|(addr, _)| !self.listeners.contains_key(addr)).collect();
-        new.sort_by_key(|(addr, _)| *addr);
-        for (addr, kind) in new {
-            match listen::serve(addr, kind, &self.workers, &self.proxy) {
+    /// Binds the addresses no listener holds yet. When one fails, those bound here are closed
+    /// again and the error names the address.
+    async fn bind_new_listeners(
+        &self,
+        desired: &HashMap<SocketAddr, ListenerKind>,
+    ) -> Result<Vec<(SocketAddr, BoundListener)>, ServerError> {
+        let mut new: Vec<_> = desired.iter().filter(|(addr, _)| !self.listeners.contains_key(addr)).collect();
+        new.sort_by_key(|(addr, _)| **addr);
+        let mut bound = Vec::new();
+        for (&addr, &kind) in new {
+            let cell = KindCell::new(kind);
+            match listen::serve(addr, &cell, &self.workers, &self.proxy) {
                 Ok((local, tasks)) => {
                     tracing::info!(listener = %local, %kind, workers = tasks.len(), "listening");
-                    self.listeners.insert(addr, BoundListener { kind, local, tasks });
+                    bound.push((addr, BoundListener { kind: cell, local, tasks }));
                 }
                 Err(error) => {
                     let error = ServerError::Bind { addr, kind, error };
                     tracing::error!("{error}");
-                    first_error.get_or_insert(error);
+                    for (_, listener) in bound {
+                        listener.stop().await;
+                    }
+                    return Err(error);
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        Ok(bound)
+    }
+
+    /// Stops the listeners no longer wanted; one that stays at its address with another kind
+    /// keeps its socket and only changes how it routes.
+    async fn retire_listeners(&mut self, desired: &HashMap<SocketAddr, ListenerKind>) {
+        let gone: Vec<SocketAddr> = self.listeners.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+        for (addr, listener) in &self.listeners {
+            if let Some(&kind) = desired.get(addr) {
+                if listener.kind.get() != kind {
+                    tracing::info!(listener = %listener.local, from = %listener.kind.get(), to = %kind, "listener changes kind");
+                    listener.kind.set(kind);
+                }
+            }
+        }
+        for addr in gone {
+            if let Some(listener) = self.listeners.remove(&addr) {
+                listener.stop().await;
+            }
+        }
     }
 
     pub fn live(&self) -> &Arc<Live> {
@@ -238,7 +284,7 @@ impl Server {
 
     /// The bound address of the transparent listener (useful with port 0).
     pub fn transparent_addr(&self) -> Option<SocketAddr> {
-        self.listeners.values().find(|l| l.kind == ListenerKind::Transparent).map(|l| l.local)
+        self.listeners.values().find(|l| l.kind.get() == ListenerKind::Transparent).map(|l| l.local)
     }
 
     /// Graceful drain: stops accepting, asks HTTP connections to finish their requests and
@@ -258,10 +304,10 @@ impl Server {
     /// Stops accepting on every listener.
     pub fn stop_listening(&mut self) {
         for (_, l) in self.listeners.drain() {
-            l.tasks.iter().for_each(AbortHandle::abort);
+            l.tasks.iter().for_each(JoinHandle::abort);
         }
         if let Some((_, tasks)) = self.dns.take() {
-            tasks.iter().for_each(tokio::task::JoinHandle::abort);
+            tasks.iter().for_each(JoinHandle::abort);
         }
     }
 }

@@ -60,7 +60,7 @@ async fn dig_against_the_dns_proxy() {
 
     // A configuration change is in the next answer.
     std::fs::write(&config, format!("{}---\n{}", mes("httpbin"), mes("new-one"))).unwrap();
-    proxy.reload().unwrap();
+    proxy.reload().await.unwrap();
     let new = run(vec!["new-one.extsvc.mesh.local".into(), "+short".into()]).await.unwrap();
     assert_eq!(new.trim(), "242.0.0.2");
 

@@ -116,12 +116,12 @@ async fn reload_under_load_fails_no_request() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&config, &after).unwrap();
-    proxy.reload().unwrap();
+    proxy.reload().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // An invalid file changes nothing and is reported.
     std::fs::write(&config, format!("{after}---\ntype: MeshExternalService\nname: bad\nspec:\n  match: {{port: 0}}\n"))
         .unwrap();
-    let err = proxy.reload().unwrap_err().to_string();
+    let err = proxy.reload().await.unwrap_err().to_string();
     assert!(err.contains("spec.match.port: port must be a valid (1-65535)"), "{err}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);

@@ -6,6 +6,7 @@ mod original_dst;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
@@ -17,13 +18,14 @@ const BACKLOG: i32 = 4096;
 
 /// How an accepted connection is matched to a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum ListenerKind {
     /// A Dataplane outbound: the listener address names the service.
-    Outbound,
+    Outbound = 0,
     /// `VIP:port` bound locally: the listener address is the service's VIP.
-    Vip,
+    Vip = 1,
     /// iptables-redirected traffic: the original destination names the service.
-    Transparent,
+    Transparent = 2,
 }
 
 impl std::fmt::Display for ListenerKind {
@@ -33,6 +35,29 @@ impl std::fmt::Display for ListenerKind {
             Self::Vip => "vip",
             Self::Transparent => "transparent",
         })
+    }
+}
+
+/// A listener's kind, which a reload may change without closing the socket (so connections
+/// queued on it are not reset).
+#[derive(Debug)]
+pub struct KindCell(AtomicU8);
+
+impl KindCell {
+    pub fn new(kind: ListenerKind) -> Arc<Self> {
+        Arc::new(Self(AtomicU8::new(kind as u8)))
+    }
+
+    pub fn get(&self) -> ListenerKind {
+        match self.0.load(Ordering::Relaxed) {
+            0 => ListenerKind::Outbound,
+            1 => ListenerKind::Vip,
+            _ => ListenerKind::Transparent,
+        }
+    }
+
+    pub fn set(&self, kind: ListenerKind) {
+        self.0.store(kind as u8, Ordering::Relaxed);
     }
 }
 
@@ -77,14 +102,14 @@ pub fn bind_std(addr: SocketAddr, freebind: bool, reuse_port: bool) -> io::Resul
 }
 
 /// Binds `addr` once per worker runtime and accepts on each; returns the bound address and the
-/// accept tasks.
+/// accept tasks. Each connection is handled as the kind in `kind` says when it is accepted.
 pub fn serve<A: Accept>(
     addr: SocketAddr,
-    kind: ListenerKind,
+    kind: &Arc<KindCell>,
     workers: &[tokio::runtime::Handle],
     handler: &Arc<A>,
-) -> io::Result<(SocketAddr, Vec<tokio::task::AbortHandle>)> {
-    let freebind = kind == ListenerKind::Vip;
+) -> io::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
+    let freebind = kind.get() == ListenerKind::Vip;
     let reuse_port = workers.len() > 1;
     let first = bind_std(addr, freebind, reuse_port)?;
     let local = first.local_addr()?;
@@ -96,38 +121,36 @@ pub fn serve<A: Accept>(
         .iter()
         .zip(sockets)
         .map(|(worker, socket)| {
-            let handler = handler.clone();
+            let (handler, kind) = (handler.clone(), kind.clone());
             // The socket joins the reactor of the runtime that runs its accept loop.
-            worker
-                .spawn(async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(listener) => accept_loop(listener, kind, handler).await,
-                        Err(error) => tracing::error!(%kind, listener = %local, %error, "cannot accept"),
-                    }
-                })
-                .abort_handle()
+            worker.spawn(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => accept_loop(listener, kind, handler).await,
+                    Err(error) => tracing::error!(kind = %kind.get(), listener = %local, %error, "cannot accept"),
+                }
+            })
         })
         .collect();
     Ok((local, tasks))
 }
 
 /// Accepts until the task is aborted; each connection runs on its own task.
-pub async fn accept_loop<A: Accept>(listener: TcpListener, kind: ListenerKind, handler: Arc<A>) {
+pub async fn accept_loop<A: Accept>(listener: TcpListener, kind: Arc<KindCell>, handler: Arc<A>) {
     let local = match listener.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
-            tracing::error!(%kind, error = %e, "listener has no local address");
+            tracing::error!(kind = %kind.get(), error = %e, "listener has no local address");
             return;
         }
     };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handler.clone().accept(stream, peer, local, kind));
+                tokio::spawn(handler.clone().accept(stream, peer, local, kind.get()));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(%kind, listener = %local, error = %e, "accept failed");
+                tracing::warn!(kind = %kind.get(), listener = %local, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
