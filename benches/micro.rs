@@ -3,6 +3,7 @@
 //! compiling 10,000 services. (Protocol detection, h2 preface vs HTTP/1, is hyper-util's.)
 //!
 //!     cargo bench --bench micro
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a harness: failing loudly is right
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -7,6 +7,7 @@
 //! - `--tcp ADDR`: TCP echo.
 //!
 //! `--workers N` sets the runtime's threads (default 1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a harness: failing loudly is right
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -2,7 +2,6 @@
 //!
 //! Data flows one way: [`resources`] (files → typed, validated resources) → [`catalog`]
 //! (compiled, immutable view) → [`live`] (TLS clients and upstreams) → the data path.
-#![forbid(unsafe_code)]
 
 /// The module layers, bottom first: a module may use only the modules listed before it (and
 /// itself), so the graph has no cycles. `tests/layers.rs` checks every `crate::` path in `src/`

@@ -1,5 +1,4 @@
 //! The `mesh-egress` command line.
-#![forbid(unsafe_code)]
 
 use std::io::Write as _;
 use std::path::PathBuf;

@@ -1,4 +1,5 @@
 //! Compiling resources into a catalog: hostnames, collisions, VIPs, access, secrets, spellings.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;

@@ -1,4 +1,5 @@
 //! The `validate` and `inspect` commands, run as the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::process::{Command, Output};
 

@@ -1,6 +1,7 @@
 //! The DNS proxy in-process, queried by `dig` (a client no one here wrote) over UDP and TCP:
 //! generated names, AAAA, forwarding to a DNS server of the test's own, SERVFAIL, and a
 //! configuration change visible in the next answer.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! HTTP through the proxy driven by real clients (curl), the docs' mes-http / mes-https /
 //! mes-grpc / mes-grpcs shapes against local upstreams, idle-connection expiry, and 1 GiB
 //! streamed each way through the real binary with bounded memory.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! HTTP/1.1, HTTP/2 and gRPC through the proxy against in-process upstreams.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

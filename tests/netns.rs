@@ -3,6 +3,7 @@
 //! iptables rules and the clients (curl, socat, dig: none written here); an "ext" namespace
 //! holds the upstreams and a DNS server; a veth pair joins them. Only their addresses are used.
 //! Without root or the tools it fails, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

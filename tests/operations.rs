@@ -1,4 +1,5 @@
 //! Operations: reload under load, admin API, metrics, access log, drain, SIGHUP and file watch.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! runs; listeners are bound before the swap and retired after it; a rejected configuration
 //! assigns no VIPs; a new system CA file is used; DNS is answered while a large configuration
 //! compiles; upgraded tunnels hold a drain open.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

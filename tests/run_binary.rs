@@ -1,5 +1,6 @@
 //! `mesh-egress run` as a real process: readiness, start-up errors, and a 1 GiB transfer with
 //! the proxy's memory bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

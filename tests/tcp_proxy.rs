@@ -1,5 +1,6 @@
 //! TCP services end to end through the in-process proxy: every listener kind, half-close,
 //! DNS, unix sockets, failover, priorities, passthrough and forbid.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! TLS origination as a matrix of real handshakes against in-process servers: every mode ×
 //! certificate situation, version bounds, mTLS, certificate sources and resumption.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! TLS origination through the proxy: the docs' `mes-tcp-tls` and `mes-tcp-mtls` shapes against
 //! local TLS servers, a peer no one here wrote (`openssl s_server`), failure metrics, and Kuma's
 //! system-CA variable honoured by the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! One invalid sample per validation rule, each asserting the exact field path and message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::path::Path;
 

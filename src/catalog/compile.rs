@@ -18,8 +18,8 @@ use crate::resources::{
 use crate::template::{Template, Values};
 
 /// Kuma's default template for MeshExternalService hostnames.
-pub const DEFAULT_TEMPLATE: &str = "{{ .DisplayName }}.extsvc.mesh.local";
-pub const DEFAULT_GENERATOR_NAME: &str = "builtin-default";
+pub(super) const DEFAULT_TEMPLATE: &str = "{{ .DisplayName }}.extsvc.mesh.local";
+pub(super) const DEFAULT_GENERATOR_NAME: &str = "builtin-default";
 /// Kuma's variable naming a CA file that stands in for the OS trust store.
 pub const SYSTEM_CA_ENV: &str = "KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH";
 

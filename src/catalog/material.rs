@@ -9,7 +9,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::resources::kinds::DataSource;
 
 /// Kuma secrets by `(mesh, name)`.
-pub type Secrets = HashMap<(String, String), Vec<u8>>;
+pub(super) type Secrets = HashMap<(String, String), Vec<u8>>;
 
 /// Reads a data source's bytes. Errors name what is missing, never the data.
 fn bytes(source: &DataSource, mesh: &str, secrets: &Secrets) -> Result<Vec<u8>, String> {
@@ -35,7 +35,7 @@ fn is_pem(data: &[u8]) -> bool {
 }
 
 /// One or more certificates: PEM, or a single DER certificate.
-pub fn certificates(
+pub(super) fn certificates(
     source: &DataSource,
     mesh: &str,
     secrets: &Secrets,
@@ -60,7 +60,11 @@ pub fn certificates(
 }
 
 /// A private key in PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM.
-pub fn private_key(source: &DataSource, mesh: &str, secrets: &Secrets) -> Result<PrivateKeyDer<'static>, String> {
+pub(super) fn private_key(
+    source: &DataSource,
+    mesh: &str,
+    secrets: &Secrets,
+) -> Result<PrivateKeyDer<'static>, String> {
     let data = bytes(source, mesh, secrets)?;
     PrivateKeyDer::from_pem_slice(&data)
         .map_err(|e| format!("no private key found (PEM PKCS#8, PKCS#1 or SEC1 expected): {e}"))

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use super::{copy, ProxySettings};
 use crate::upstream::{TargetAddr, UpstreamStream};
 
-pub async fn forward(settings: &ProxySettings, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+pub(super) async fn forward(settings: &ProxySettings, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     if !settings.passthrough {
         tracing::debug!(%peer, %dst, "unknown destination and passthrough is off; closing");
         return;

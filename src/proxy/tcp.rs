@@ -9,7 +9,7 @@ use crate::metrics::metrics;
 use crate::tls;
 use crate::upstream::Connected;
 
-pub async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream) {
+pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream) {
     let upstream = &ctx.route.upstream;
     // Boxed: the connect (and TLS handshake) state is large and only lives until connected;
     // inline, every open connection's task would keep room for it.

@@ -11,11 +11,11 @@ const TLS_VERSIONS: [&str; 5] = ["TLSAuto", "TLS10", "TLS11", "TLS12", "TLS13"];
 const MODES: [&str; 4] = ["SkipSAN", "SkipCA", "SkipAll", "Secured"];
 const SAN_TYPES: [&str; 2] = ["Prefix", "Exact"];
 const MAX_NAME_LEN: usize = 63;
-pub const MAX_PRIORITY: i64 = 128;
-pub const UNIX_SCHEME: &str = "unix://";
+pub(super) const MAX_PRIORITY: i64 = 128;
+pub(super) const UNIX_SCHEME: &str = "unix://";
 
 /// Collects the violations of one resource into `out`.
-pub fn resource(r: &Resource, out: &mut Diagnostics) {
+pub(super) fn resource(r: &Resource, out: &mut Diagnostics) {
     let mut v = Violations { origin: &r.meta.origin, out };
     if r.meta.name.is_empty() {
         v.error("name", "must not be empty");
@@ -54,7 +54,7 @@ fn valid_port(port: i64) -> bool {
     (1..=65535).contains(&port)
 }
 
-fn mesh_external_service(spec: &MeshExternalServiceSpec, v: &mut Violations) {
+fn mesh_external_service(spec: &MeshExternalServiceSpec, v: &mut Violations<'_>) {
     let m = spec.match_.clone().unwrap_or_default();
     let match_type = m.type_.as_deref().unwrap_or("HostnameGenerator");
     if match_type != "HostnameGenerator" {
@@ -84,7 +84,7 @@ fn mesh_external_service(spec: &MeshExternalServiceSpec, v: &mut Violations) {
     }
 }
 
-fn endpoint(i: usize, ep: &super::kinds::EndpointSpec, v: &mut Violations) {
+fn endpoint(i: usize, ep: &super::kinds::EndpointSpec, v: &mut Violations<'_>) {
     let at = |field: &str| format!("spec.endpoints[{i}].{field}");
     let address = ep.address.as_deref().unwrap_or_default();
     if let Some(path) = address.strip_prefix(UNIX_SCHEME) {
@@ -111,7 +111,7 @@ fn endpoint(i: usize, ep: &super::kinds::EndpointSpec, v: &mut Violations) {
     }
 }
 
-fn tls(tls: &TlsSpec, v: &mut Violations) {
+fn tls(tls: &TlsSpec, v: &mut Violations<'_>) {
     if tls.allow_renegotiation {
         v.warning(
             "spec.tls.allowRenegotiation",
@@ -176,7 +176,7 @@ fn tls(tls: &TlsSpec, v: &mut Violations) {
     }
 }
 
-fn check_version(field: &str, value: Option<&str>, v: &mut Violations) -> bool {
+fn check_version(field: &str, value: Option<&str>, v: &mut Violations<'_>) -> bool {
     match value {
         Some(value) if !TLS_VERSIONS.contains(&value) => {
             v.error(format!("spec.tls.version.{field}"), one_of(field, &TLS_VERSIONS));
@@ -190,7 +190,7 @@ fn version_order(v: &str) -> usize {
     TLS_VERSIONS.iter().position(|&known| known == v).unwrap_or(0)
 }
 
-fn data_source(path: &str, source: &DataSource, v: &mut Violations) {
+fn data_source(path: &str, source: &DataSource, v: &mut Violations<'_>) {
     let set = [&source.inline, &source.inline_string, &source.secret].into_iter().flatten().count();
     if set != 1 {
         v.error(path, "exactly one of inline, inlineString or secret must be defined");
@@ -206,7 +206,7 @@ fn data_source(path: &str, source: &DataSource, v: &mut Violations) {
     }
 }
 
-fn hostname_generator(spec: &HostnameGeneratorSpec, v: &mut Violations) {
+fn hostname_generator(spec: &HostnameGeneratorSpec, v: &mut Violations<'_>) {
     let s = &spec.selector;
     let kinds = [&s.mesh_service, &s.mesh_external_service, &s.mesh_multi_zone_service].into_iter().flatten().count();
     if kinds != 1 {
@@ -222,7 +222,7 @@ fn hostname_generator(spec: &HostnameGeneratorSpec, v: &mut Violations) {
     }
 }
 
-fn dataplane(spec: &DataplaneSpec, v: &mut Violations) {
+fn dataplane(spec: &DataplaneSpec, v: &mut Violations<'_>) {
     for (i, outbound) in spec.networking.outbound.iter().enumerate() {
         let at = |field: &str| format!("networking.outbound[{i}].{field}");
         if !outbound.port.is_some_and(valid_port) {

@@ -81,16 +81,6 @@ pub enum UpstreamIo {
     Tls(Box<TlsStream<UpstreamStream>>),
 }
 
-impl UpstreamIo {
-    /// The protocol the server chose by ALPN, if TLS negotiated one.
-    pub fn alpn(&self) -> Option<&[u8]> {
-        match self {
-            Self::Plain(_) => None,
-            Self::Tls(tls) => tls.get_ref().1.alpn_protocol(),
-        }
-    }
-}
-
 macro_rules! delegate_io {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -1,6 +1,7 @@
 //! A tonic gRPC service with the four call kinds, on raw-bytes messages (no codegen):
 //! `/test.Echo/Unary` (echo; `sleep:<ms>` sleeps first), `/test.Echo/ServerStream` (`<n>` →
 //! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::convert::Infallible;
 use std::future::Future;

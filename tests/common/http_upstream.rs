@@ -1,6 +1,7 @@
 //! An HTTP/1.1 + h2c (optionally TLS) upstream whose behaviour is set by request headers:
 //! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`; `/upload` counts
 //! the request body; an `Upgrade` request is answered 101 and then echoed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! Shared helpers for integration tests: in-process upstreams, a DNS server, and a proxy.
 #![allow(dead_code)] // each test binary uses a different subset
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 pub mod grpc;
 pub mod http_upstream;

@@ -1,4 +1,5 @@
 //! Throwaway CAs and certificates (rcgen) and an in-process TLS server for tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::net::SocketAddr;
 use std::sync::Arc;

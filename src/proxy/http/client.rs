@@ -7,7 +7,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
 use crate::upstream::{ConnectError, Target, TlsSetup, Upstream, UpstreamIo};
 
-pub enum Sender {
+pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
     H1(http1::SendRequest<RequestBody>),
     /// Shared: every request opens a stream on it.
@@ -15,7 +15,7 @@ pub enum Sender {
 }
 
 /// A connection for one request, the endpoint it goes to and its pool key.
-pub async fn connection(
+pub(super) async fn connection(
     upstream: &Upstream,
     tls: Option<TlsSetup<'_>>,
     http2: bool,

@@ -18,7 +18,11 @@ use crate::proxy::{copy, Connections};
 use crate::upstream::pool::RequestBody;
 
 /// Forwards within the request's time limit.
-pub async fn forward(ctx: &RequestCtx, req: Request<Incoming>, connections: &Arc<Connections>) -> Response<ProxyBody> {
+pub(super) async fn forward(
+    ctx: &RequestCtx,
+    req: Request<Incoming>,
+    connections: &Arc<Connections>,
+) -> Response<ProxyBody> {
     let exchange = exchange(ctx, req, connections);
     match ctx.limit {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap};
 
-pub const GRPC_CONTENT_TYPE: &str = "application/grpc";
+pub(super) const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
-pub fn is_grpc(headers: &HeaderMap) -> bool {
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(GRPC_CONTENT_TYPE))
 }
 

@@ -11,7 +11,7 @@ use super::grpc::GRPC_CONTENT_TYPE;
 use crate::proxy::admit::Denial;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(super) enum Failure {
     Unavailable,
     Timeout,
     Forbidden,
@@ -35,12 +35,12 @@ impl Failure {
     }
 }
 
-pub const NOT_CONFIGURED: &str = "service is no longer configured";
-pub const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
-pub const TIMED_OUT: &str = "upstream did not answer in time";
+pub(super) const NOT_CONFIGURED: &str = "service is no longer configured";
+pub(super) const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
+pub(super) const TIMED_OUT: &str = "upstream did not answer in time";
 
 /// The reply to a request the admit phase refused.
-pub fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {
+pub(super) fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {
     match denial {
         Denial::Broken => {
             local_reply(grpc, Failure::Unavailable, "service is not available: its configuration is broken")
@@ -51,7 +51,7 @@ pub fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {
     }
 }
 
-pub fn local_reply(grpc: bool, failure: Failure, message: &'static str) -> Response<ProxyBody> {
+pub(super) fn local_reply(grpc: bool, failure: Failure, message: &'static str) -> Response<ProxyBody> {
     if grpc {
         let mut response = Response::new(ProxyBody::empty());
         let h = response.headers_mut();

@@ -20,7 +20,7 @@ use crate::live::Route;
 use crate::proxy::admit::admit;
 
 /// One request as it passes the phases.
-pub struct RequestCtx {
+pub(super) struct RequestCtx {
     pub route: Route,
     /// gRPC by the service's protocol or the request's content type: failures are answered
     /// with a gRPC status.
@@ -68,7 +68,7 @@ impl RequestCtx {
     }
 
     /// The request body's byte counter for the access log, when it is on.
-    pub fn sent_counter(&self) -> Option<Arc<AtomicU64>> {
+    pub(super) fn sent_counter(&self) -> Option<Arc<AtomicU64>> {
         self.log.as_ref().map(|l| l.sent.clone())
     }
 

@@ -15,7 +15,7 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
     header::EXPECT,
 ];
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -26,7 +26,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names. `TE` survives
 /// only as `trailers` (gRPC needs it).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there is nothing to do: one pass over the names says so without hashing.
     let needs_work =
         headers.iter().any(|(name, value)| HOP_BY_HOP.contains(name) || (name == header::TE && value != "trailers"));
@@ -49,7 +49,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Rewrites the request for the endpoint: hop-by-hop headers, Host / `:authority` (the
 /// endpoint's DNS name for DNS endpoints, as Kuma's `autoHostRewrite`), URI form and version.
-pub fn prepare_request(
+pub(super) fn prepare_request(
     parts: &mut http::request::Parts,
     target: &Target,
     tls: bool,
