@@ -48,7 +48,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
         Err(e) => return tracing::error!(error = %e, "admin server cannot listen"),
     };
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = crate::listen::accept(&listener, "admin").await;
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {

@@ -125,7 +125,7 @@ impl DnsProxy {
 
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (stream, _) = crate::listen::accept(&listener, "dns-tcp").await;
             let this = self.clone();
             tokio::spawn(async move {
                 let _ = this.serve_tcp_connection(stream).await;

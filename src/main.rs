@@ -177,6 +177,14 @@ struct RunArgs {
     /// Allow the admin server on a non-loopback address (it has no authentication).
     #[arg(long, env = "MESH_EGRESS_ADMIN_ALLOW_REMOTE")]
     admin_allow_remote: bool,
+    /// Allow the DNS proxy on a non-loopback address (it forwards what it does not know: an open
+    /// resolver to whoever can reach it).
+    #[arg(long, env = "MESH_EGRESS_DNS_ALLOW_REMOTE")]
+    dns_allow_remote: bool,
+    /// Allow the transparent listener and Dataplane outbounds on non-loopback addresses (anyone
+    /// who can reach them can use the external services).
+    #[arg(long, env = "MESH_EGRESS_LISTEN_ALLOW_REMOTE")]
+    listen_allow_remote: bool,
     /// Do not watch the configuration paths (reload on SIGHUP only).
     #[arg(long, env = "MESH_EGRESS_NO_WATCH")]
     no_watch: bool,
@@ -338,6 +346,12 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             "--admin {admin} is not a loopback address: the admin API has no authentication; add --admin-allow-remote to allow it"
         );
     }
+    if let Some(dns) = args.dns.0 {
+        anyhow::ensure!(
+            dns.ip().is_loopback() || args.dns_allow_remote,
+            "--dns {dns} is not a loopback address: the DNS proxy forwards unknown names, an open resolver to whoever reaches it; add --dns-allow-remote to allow it"
+        );
+    }
     let access_log = match args.access_log.as_str() {
         "off" => None,
         dest => {
@@ -362,6 +376,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         dns_forwarders: args.dns_upstream,
         transparent: args.transparent.0,
         bind_vips: args.bind_vips,
+        listen_allow_remote: args.listen_allow_remote,
         passthrough: !args.no_passthrough,
         access_log,
         workers,

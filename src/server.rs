@@ -38,6 +38,8 @@ pub struct Options {
     pub dns_forwarders: Vec<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub bind_vips: bool,
+    /// Allow the transparent listener and outbounds on non-loopback addresses.
+    pub listen_allow_remote: bool,
     pub passthrough: bool,
     pub access_log: Option<AccessLog>,
     pub upstream: upstream::Settings,
@@ -52,6 +54,8 @@ pub enum ServerError {
     InvalidConfig(Diagnostics),
     #[error("the configuration could not be compiled: {0}")]
     Compile(String),
+    #[error("{addr} ({kind} listener) is not a loopback address: anyone who reaches it could use the external services; run with --listen-allow-remote to allow it")]
+    RemoteListener { addr: SocketAddr, kind: ListenerKind },
     #[error("cannot listen on {addr} ({kind} listener): {error}")]
     Bind { addr: SocketAddr, kind: ListenerKind, error: std::io::Error },
     #[error(transparent)]
@@ -189,6 +193,15 @@ impl Server {
             return Err(ServerError::InvalidConfig(compiled.diagnostics));
         }
         let desired = self.desired_listeners(&compiled.catalog);
+        if !self.options.listen_allow_remote {
+            let remote = desired
+                .iter()
+                .filter(|(a, k)| **k != ListenerKind::Vip && !a.ip().is_loopback())
+                .min_by_key(|(a, _)| **a);
+            if let Some((&addr, &kind)) = remote {
+                return Err(ServerError::RemoteListener { addr, kind });
+            }
+        }
         let new = self.bind_new_listeners(&desired).await?;
         for broken in config::broken_services(&compiled).0 {
             tracing::error!("{broken}");

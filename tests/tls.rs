@@ -152,6 +152,16 @@ async fn names_that_must_not_match() {
     let more = "      subjectAltNames:\n        - type: Prefix\n          value: web-\n";
     let service = compile(NAME, &verification("Secured", &pki.ca, more), "", &CompileOptions::default());
     assert_eq!(handshake(&service, NAME, server.addr).await, Err(FailureReason::NameMismatch));
+    // Prefix and Exact compare DNS names without regard to case.
+    let leaf = pki.ca.server(&["api-7.backend.test"]);
+    let server = tls_server(ServerSpec::new(&leaf)).await;
+    for more in [
+        "      subjectAltNames:\n        - type: Prefix\n          value: API-\n",
+        "      subjectAltNames:\n        - type: Exact\n          value: API-7.Backend.TEST\n",
+    ] {
+        let service = compile(NAME, &verification("Secured", &pki.ca, more), "", &CompileOptions::default());
+        assert!(handshake(&service, NAME, server.addr).await.is_ok(), "{more}");
+    }
     // An IP endpoint whose certificate has only a DNS name.
     let leaf = pki.ca.server(&[NAME]);
     let server = tls_server(ServerSpec::new(&leaf)).await;

@@ -74,6 +74,12 @@ fn every_rule_has_its_message() {
             "unix socket path must be absolute, e.g. unix:///run/app.sock",
         ),
         (
+            "unix path climbing out",
+            mes(&format!("{MATCH}  endpoints:\n    - address: unix:///run/app/../../etc/x.sock\n")),
+            "spec.endpoints[0].address",
+            "unix socket path must not contain '..' components",
+        ),
+        (
             "priority",
             mes(&format!("{MATCH}  endpoints:\n    - address: example.com\n      port: 443\n      priority: 129\n")),
             "spec.endpoints[0].priority",
@@ -209,6 +215,22 @@ fn warnings_do_not_fail_the_load() {
     assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
     let warnings: Vec<&str> = loaded.diagnostics.warnings().map(|d| d.path.as_str()).collect();
     assert_eq!(warnings, ["spec.tls.allowRenegotiation", "spec.tls.version.min"]);
+}
+
+#[test]
+fn a_san_prefix_that_does_not_end_at_a_label_boundary_is_warned_about() {
+    let sans = "  tls:\n    enabled: true\n    verification:\n      subjectAltNames:\n        - {type: Prefix, value: api.example.com}\n        - {type: Prefix, value: api-}\n        - {type: Prefix, value: web.}\n        - {type: Exact, value: exact.example.com}\n";
+    let loaded = load(&mes(&format!("{MATCH}{ENDPOINTS}{sans}")));
+    assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
+    let warnings: Vec<(&str, &str)> =
+        loaded.diagnostics.warnings().map(|d| (d.path.as_str(), d.message.as_str())).collect();
+    assert_eq!(
+        warnings,
+        [(
+            "spec.tls.verification.subjectAltNames[0].value",
+            "prefix 'api.example.com' does not end at a label boundary ('.' or '-'): it also accepts names such as 'api.example.com.evil.example'"
+        )]
+    );
 }
 
 #[test]

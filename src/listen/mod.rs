@@ -81,11 +81,21 @@ pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
 /// Binds a listening socket for a runtime to adopt later. With `reuse_port`, several sockets
 /// share the address (one per worker) and the kernel spreads connections among them.
 pub fn bind_std(addr: SocketAddr, freebind: bool, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
+    let socket = listening_socket(addr, freebind)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A TCP socket with the options every listener has (SO_REUSEADDR, IPv6-only for IPv6), and
+/// IP_FREEBIND when asked.
+fn listening_socket(addr: SocketAddr, freebind: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
     if freebind {
         match addr {
             SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
@@ -95,10 +105,15 @@ pub fn bind_std(addr: SocketAddr, freebind: bool, reuse_port: bool) -> io::Resul
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds (without listening, without SO_REUSEPORT) and releases `addr`: fails with
+/// `AddrInUse` when anything listens there. Returns the address bound (port 0 made concrete).
+fn exclusive_probe(addr: SocketAddr, freebind: bool) -> io::Result<SocketAddr> {
+    let socket = listening_socket(addr, freebind)?;
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
+    socket.local_addr()?.as_socket().ok_or_else(|| io::Error::other("bound address is not an IP address"))
 }
 
 /// Binds `addr` once per worker runtime and accepts on each; returns the bound address and the
@@ -111,6 +126,9 @@ pub fn serve<A: Accept>(
 ) -> io::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
     let freebind = kind.get() == ListenerKind::Vip;
     let reuse_port = workers.len() > 1;
+    // SO_REUSEPORT would let a second process (of the same user) join the address and take a
+    // share of the traffic: first make sure nobody holds it, with a socket that does not share.
+    let addr = if reuse_port { exclusive_probe(addr, freebind)? } else { addr };
     let first = bind_std(addr, freebind, reuse_port)?;
     let local = first.local_addr()?;
     let mut sockets = vec![first];
@@ -144,14 +162,30 @@ pub async fn accept_loop<A: Accept>(listener: TcpListener, kind: Arc<KindCell>, 
         }
     };
     loop {
+        let (stream, peer) = accept(&listener, "proxy").await;
+        tokio::spawn(handler.clone().accept(stream, peer, local, kind.get()));
+    }
+}
+
+/// Longest pause after failed accepts.
+const MAX_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The next connection. A failed accept (EMFILE and ENFILE at the descriptor limit, above all)
+/// is retried after a pause that doubles up to [`MAX_ACCEPT_BACKOFF`] while failures go on, so
+/// a loop at the limit neither spins nor floods the log.
+pub async fn accept(listener: &TcpListener, what: &'static str) -> (tokio::net::TcpStream, SocketAddr) {
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handler.clone().accept(stream, peer, local, kind.get()));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(kind = %kind.get(), listener = %local, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                if pause >= MAX_ACCEPT_BACKOFF / 2 {
+                    tracing::warn!(listener = what, %error, "accept failing; backing off");
+                } else {
+                    tracing::debug!(listener = what, %error, "accept failed");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_ACCEPT_BACKOFF);
             }
         }
     }

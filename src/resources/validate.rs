@@ -90,6 +90,8 @@ fn endpoint(i: usize, ep: &super::kinds::EndpointSpec, v: &mut Violations<'_>) {
     if let Some(path) = address.strip_prefix(UNIX_SCHEME) {
         if !path.starts_with('/') || path.len() < 2 {
             v.error(at("address"), "unix socket path must be absolute, e.g. unix:///run/app.sock");
+        } else if path.split('/').any(|c| c == "..") {
+            v.error(at("address"), "unix socket path must not contain '..' components");
         }
         if ep.port.is_some() {
             v.warning(at("port"), "is ignored when endpoint is a unix path");
@@ -161,6 +163,15 @@ fn tls(tls: &TlsSpec, v: &mut Violations<'_>) {
         }
         if san.value.is_empty() {
             v.error(format!("spec.tls.verification.subjectAltNames[{i}].value"), "must not be empty");
+        } else if san.type_.as_deref() == Some("Prefix") && !san.value.ends_with(['.', '-']) {
+            // Kuma's rule (a raw string prefix, as its Envoy config) stays; say what it accepts.
+            v.warning(
+                format!("spec.tls.verification.subjectAltNames[{i}].value"),
+                format!(
+                    "prefix '{0}' does not end at a label boundary ('.' or '-'): it also accepts names such as '{0}.evil.example'",
+                    san.value
+                ),
+            );
         }
     }
     match (&ver.client_cert, &ver.client_key) {

@@ -62,10 +62,12 @@ impl MeshVerifier {
                 SanMatch::Exact(value) => {
                     ServerName::try_from(value.as_str()).is_ok_and(|n| verify_server_name(cert, &n).is_ok())
                 }
+                // DNS names compare without regard to case (RFC 4343); Exact goes through
+                // webpki, which already does.
                 SanMatch::Prefix(prefix) => cert_names
                     .get_or_insert_with(|| subject_alt_names(der))
                     .iter()
-                    .any(|n| n.starts_with(prefix.as_str())),
+                    .any(|n| n.get(..prefix.len()).is_some_and(|head| head.eq_ignore_ascii_case(prefix))),
             };
             if matched {
                 return Ok(());

@@ -341,6 +341,12 @@ impl Upstream {
             Ok(Err(source)) => ConnectError::Io { service: self.service.clone(), target: target.addr.clone(), source },
             Err(_) => ConnectError::Timeout { service: self.service.clone(), target: target.addr.clone(), timeout },
         };
+        // Out of local descriptors, buffers or ports says nothing about the endpoint.
+        if let ConnectError::Io { source, .. } = &error {
+            if is_local_resource_error(source) {
+                return Err(error);
+            }
+        }
         if target.health.record_failure(&self.settings.ejection) {
             tracing::warn!(service = %self.service, target = %target.addr, "endpoint ejected after consecutive connect failures");
         }
@@ -370,6 +376,12 @@ impl Upstream {
             }
         }
     }
+}
+
+/// Errors of this host, not of the endpoint (Linux errno values): EMFILE, ENFILE, ENOMEM,
+/// ENOBUFS, EADDRNOTAVAIL (no local port left).
+fn is_local_resource_error(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(24 | 23 | 12 | 105 | 99))
 }
 
 /// Closes idle pooled connections past their idle timeout.

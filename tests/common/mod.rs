@@ -183,6 +183,7 @@ pub fn options(config: PathBuf) -> Options {
         dns_forwarders: Vec::new(),
         transparent: None,
         bind_vips: false,
+        listen_allow_remote: false,
         passthrough: true,
         access_log: None,
         workers: Vec::new(),

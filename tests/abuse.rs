@@ -1,0 +1,129 @@
+//! The fault and abuse tier: what an attacker, a bad neighbour or a starved host does to the
+//! real binary, each case failing before its fix (issue 16): descriptor exhaustion, a second
+//! instance on the same ports, listeners and the DNS proxy on non-loopback addresses.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mesh-egress");
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await.ok()?.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.ok()?.ok()?;
+    Some(out)
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    eventually("/ready answers 200", Duration::from_secs(20), || async {
+        http_get(admin, "/ready").await.is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+}
+
+/// At the descriptor limit, connects fail with EMFILE on this host: that must not eject a
+/// healthy endpoint, and the admin server must still answer once descriptors are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_ejects_no_endpoint() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [outbound, admin]: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let (_dir, config) =
+        config_dir(&service_with_outbound("e", outbound, &endpoint("127.0.0.1", echo.addr.port(), 0), ""));
+    let admin_arg = admin.to_string();
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=64", "--", BIN, "run", "-c", config.to_str().unwrap(), "--admin", &admin_arg])
+        .args(["--transparent", "off", "--dns", "off", "--workers", "1", "--eject-after", "1", "--no-watch"])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _proxy = KillOnDrop(cmd.spawn().expect("prlimit (util-linux) must be installed"));
+    wait_ready(admin).await;
+    // Hold connections until the proxy runs out of descriptors for its upstream side.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(outbound)).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    eventually("the admin server answers again", Duration::from_secs(20), || async {
+        http_get(admin, "/endpoints").await.is_some()
+    })
+    .await;
+    let endpoints = http_get(admin, "/endpoints").await.unwrap_or_default();
+    let body = endpoints.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {endpoints}"));
+    assert_eq!(json["services"][0]["targets"][0]["healthy"], true, "EMFILE is not the endpoint's fault: {body}");
+    let greeting = tokio::time::timeout(Duration::from_secs(10), greet(outbound)).await;
+    assert_eq!(greeting.ok().and_then(Result::ok).map(|g| g.0).as_deref(), Some("echo"));
+}
+
+/// With several workers the listeners use SO_REUSEPORT, which would let a second instance join
+/// the same ports and silently take part of the traffic: it must fail to start instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_cannot_share_the_ports() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [outbound, admin]: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let (_dir, config) =
+        config_dir(&service_with_outbound("s", outbound, &endpoint("127.0.0.1", echo.addr.port(), 0), ""));
+    let _first = spawn_proxy(&config, admin, &["--workers", "2"], &[]);
+    wait_ready(admin).await;
+    let stderr = refused_to_start(&config, &["--workers", "2"]).await;
+    assert!(stderr.contains(&format!("cannot listen on {outbound}")), "{stderr}");
+}
+
+/// Runs the binary on `config` with `args` and its own admin address, and returns its stderr
+/// once it has exited non-zero. Panics if it becomes ready instead.
+async fn refused_to_start(config: &std::path::Path, args: &[&str]) -> String {
+    let admin = free_addr("127.0.0.1");
+    let mut child = Command::new(BIN)
+        .args(["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string()])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if http_get(admin, "/ready").await.is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("started with {args:?}, which it must refuse");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    stderr
+}
+
+/// Non-loopback listeners need an explicit flag: the DNS proxy would be an open resolver, an
+/// outbound or the transparent listener an open gateway to the external services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_on_non_loopback_addresses_need_an_explicit_flag() {
+    let (_dir, config) =
+        config_dir(&service_with_outbound("s", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), ""));
+    let err = refused_to_start(&config, &["--transparent", "off", "--dns", "0.0.0.0:0"]).await;
+    assert!(err.contains("--dns 0.0.0.0:0 is not a loopback address") && err.contains("--dns-allow-remote"), "{err}");
+    let err = refused_to_start(&config, &["--transparent", "0.0.0.0:0", "--dns", "off"]).await;
+    assert!(err.contains("0.0.0.0:0 (transparent listener) is not a loopback address"), "{err}");
+    assert!(err.contains("--listen-allow-remote"), "{err}");
+    let (_dir2, remote) =
+        config_dir(&service_with_outbound("r", "0.0.0.0:18777".parse().unwrap(), &endpoint("127.0.0.1", 1, 0), ""));
+    let err = refused_to_start(&remote, &["--transparent", "off", "--dns", "off"]).await;
+    assert!(err.contains("0.0.0.0:18777 (outbound listener) is not a loopback address"), "{err}");
+}
