@@ -145,6 +145,14 @@ struct RunArgs {
     /// Timeout for connecting to an endpoint (Kuma's default: 5s).
     #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// HTTP/1 `Upgrade` protocols passed through as tunnels, comma-separated; a request asking
+    /// for another (h2c, say) has its upgrade headers removed and is forwarded as it is.
+    #[arg(long, env = "MESH_EGRESS_UPGRADE_PROTOCOLS", value_delimiter = ',', default_value = "websocket")]
+    upgrade_protocols: Vec<String>,
+    /// Open upstream connections per service; connects beyond fail at once (503 for HTTP)
+    /// without counting against an endpoint (Envoy's circuit-breaker default: 1024).
+    #[arg(long, env = "MESH_EGRESS_MAX_UPSTREAM_CONNECTIONS", default_value_t = mesh_egress::upstream::DEFAULT_MAX_CONNECTIONS)]
+    max_upstream_connections: usize,
     /// HTTP/gRPC: time allowed until the response headers arrive, `0s` for none (Kuma's
     /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -377,11 +385,13 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         transparent: args.transparent.0,
         bind_vips: args.bind_vips,
         listen_allow_remote: args.listen_allow_remote,
+        upgrade_protocols: args.upgrade_protocols,
         passthrough: !args.no_passthrough,
         access_log,
         workers,
         upstream: Settings {
             connect_timeout: args.connect_timeout,
+            max_connections: args.max_upstream_connections,
             idle_timeout: args.idle_timeout,
             ejection: EjectionPolicy { consecutive_failures: args.eject_after, base_time: args.ejection_time },
             resolver: ResolverSource::new(args.upstream_dns),

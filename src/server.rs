@@ -38,6 +38,8 @@ pub struct Options {
     pub dns_forwarders: Vec<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub bind_vips: bool,
+    /// HTTP/1 `Upgrade` protocols passed through as tunnels (default: `websocket`).
+    pub upgrade_protocols: Vec<String>,
     /// Allow the transparent listener and outbounds on non-loopback addresses.
     pub listen_allow_remote: bool,
     pub passthrough: bool,
@@ -121,6 +123,7 @@ impl Server {
                 passthrough: options.passthrough,
                 connect_timeout: settings.connect_timeout,
                 request_timeout: options.request_timeout,
+                upgrade_protocols: options.upgrade_protocols.iter().cloned().collect(),
             },
             original_dst,
             access_log: options.access_log.clone(),

@@ -127,3 +127,134 @@ async fn listeners_on_non_loopback_addresses_need_an_explicit_flag() {
     let err = refused_to_start(&remote, &["--transparent", "off", "--dns", "off"]).await;
     assert!(err.contains("0.0.0.0:18777 (outbound listener) is not a loopback address"), "{err}");
 }
+
+/// One h2c connection opening 150 streams at once gets at most 100 served concurrently (the
+/// advertised limit), so it cannot open more than 100 upstream HTTP/1 connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_application_connection_cannot_fan_out_past_the_stream_limit() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "fan",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
+    let _proxy = start(options(config)).await;
+    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let requests = (0..150).map(|_| {
+        let mut sender = sender.clone();
+        async move {
+            let req = http::Request::get(format!("http://{outbound}/"))
+                .header("x-delay-ms", "300")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(req).await.unwrap();
+            let status = response.status();
+            let _ = response.into_body().collect().await;
+            status
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| s.is_success()), "{statuses:?}");
+    assert!(
+        upstream.connections() <= 100,
+        "{} upstream connections for one application connection",
+        upstream.connections()
+    );
+}
+
+/// A service has at most `max_connections` upstream connections open; a request beyond that
+/// is answered 503 at once instead of opening one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_per_service_are_capped() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "cap",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
+    let mut opts = options(config);
+    opts.upstream.max_connections = 2;
+    let _proxy = start(opts).await;
+    let slow = |delay: &'static str| async move {
+        let mut s = TcpStream::connect(outbound).await.unwrap();
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: a\r\nx-delay-ms: {delay}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let (a, b) = (tokio::spawn(slow("1500")), tokio::spawn(slow("1500")));
+    eventually("two upstream connections open", Duration::from_secs(10), || async { upstream.connections() == 2 })
+        .await;
+    let third = slow("0").await;
+    assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+    assert!(a.await.unwrap().starts_with("HTTP/1.1 200"));
+    assert!(b.await.unwrap().starts_with("HTTP/1.1 200"));
+    assert_eq!(upstream.connections(), 2, "the third request opened no connection");
+    assert!(slow("0").await.starts_with("HTTP/1.1 200"), "slots come back when connections close");
+}
+
+/// Sends `request` as it is on a fresh connection and returns everything the proxy answers.
+async fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// HTTP/1 requests the proxy must refuse or clean up itself, not pass on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_edge_cases_get_the_answer_the_rfc_asks_for() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "edge",
+        "http",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
+    let _proxy = start(options(config)).await;
+    let close = "Connection: close\r\n";
+    for (what, request, want) in [
+        ("no Host", format!("GET / HTTP/1.1\r\n{close}\r\n"), "HTTP/1.1 400"),
+        ("two Hosts", format!("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n{close}\r\n"), "HTTP/1.1 400"),
+        (
+            "malformed chunk",
+            format!("POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n{close}\r\nzz\r\nhello\r\n0\r\n\r\n"),
+            "HTTP/1.1 400",
+        ),
+        ("CONNECT", format!("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n{close}\r\n"), "HTTP/1.1 405"),
+        (
+            "h2c upgrade (not allowed): forwarded as an ordinary request",
+            format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n{close}\r\n"),
+            "HTTP/1.1 200",
+        ),
+    ] {
+        let answer = raw(outbound, &request).await;
+        assert!(answer.starts_with(want), "{what}: want {want}, got:\n{answer}");
+    }
+    // Credentials for the proxy and its challenges do not cross it.
+    let answer = raw(
+        outbound,
+        &format!("GET / HTTP/1.1\r\nHost: a\r\nProxy-Authorization: Basic c2VjcmV0\r\nx-challenge: 1\r\n{close}\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("proxy-authorization: -\n"), "forwarded to the endpoint:\n{answer}");
+    assert!(!answer.to_ascii_lowercase().contains("proxy-authenticate"), "passed back to the application:\n{answer}");
+}

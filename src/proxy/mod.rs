@@ -38,6 +38,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// HTTP: time allowed until the response headers arrive.
     pub request_timeout: Option<Duration>,
+    /// HTTP/1 `Upgrade` protocols passed through as tunnels.
+    pub upgrade_protocols: Arc<[String]>,
 }
 
 pub struct Proxy {
@@ -81,6 +83,7 @@ impl Proxy {
                 request_timeout: self.settings.request_timeout,
                 access_log: self.access_log.clone(),
                 connections: self.connections.clone(),
+                upgrades: self.settings.upgrade_protocols.clone(),
             };
             // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
             return Box::pin(http::serve(client, proxy, protocol, self.draining.clone())).await;

@@ -13,7 +13,7 @@ pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream) {
     let upstream = &ctx.route.upstream;
     // Boxed: the connect (and TLS handshake) state is large and only lives until connected;
     // inline, every open connection's task would keep room for it.
-    let Connected { mut stream, target, active: _target_active } =
+    let Connected { mut stream, target, active: _target_active, slot: _slot } =
         match Box::pin(upstream.connect(ctx.route.tls())).await {
             Ok(c) => c,
             Err(error) => {

@@ -11,6 +11,7 @@ pub mod resolve;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub struct TlsSetup<'a> {
     pub policy: &'a TlsPolicy,
     pub config: &'a Arc<rustls::ClientConfig>,
 }
+
+/// Open upstream connections per service by default (Envoy's `max_connections` default).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Kuma's default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +72,9 @@ impl ResolverSource {
 #[derive(Debug)]
 pub struct Settings {
     pub connect_timeout: Duration,
+    /// Open upstream connections per service (Envoy's circuit-breaker default, 1024); more
+    /// connects fail at once without counting against an endpoint.
+    pub max_connections: usize,
     /// Idle HTTP/1 upstream connections are closed after this long.
     pub idle_timeout: Duration,
     pub ejection: EjectionPolicy,
@@ -78,6 +85,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: pool::DEFAULT_IDLE_TIMEOUT,
             ejection: EjectionPolicy::default(),
             resolver: ResolverSource::default(),
@@ -105,6 +113,8 @@ pub enum ConnectError {
     Io { service: Arc<str>, target: TargetAddr, source: io::Error },
     #[error("service {service}: endpoint {target}: {source}")]
     Tls { service: Arc<str>, target: TargetAddr, source: TlsError },
+    #[error("service {service}: {max} upstream connections are open, the most allowed")]
+    Overflow { service: Arc<str>, max: usize },
 }
 
 /// A connection to an endpoint, counted as active on its target until dropped.
@@ -113,6 +123,18 @@ pub struct Connected {
     pub stream: UpstreamIo,
     pub target: Target,
     pub active: ActiveGuard,
+    /// Holds one of the service's connection slots for as long as the connection lives.
+    pub slot: ConnectionSlot,
+}
+
+/// One of a service's open upstream connections, released when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub struct Upstream {
@@ -129,6 +151,8 @@ pub struct Upstream {
     tasks: Mutex<Vec<AbortHandle>>,
     /// HTTP connections; kept with the upstream so they survive reloads that keep it.
     pub pool: pool::Pool,
+    /// Open upstream connections (see [`Settings::max_connections`]).
+    open: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -173,6 +197,7 @@ impl Upstream {
             }),
             generation: watch::Sender::new(0),
             tasks: Mutex::new(Vec::new()),
+            open: Arc::default(),
         });
         upstream.rebuild();
         let mut tasks = Vec::new();
@@ -311,11 +336,22 @@ impl Upstream {
         result
     }
 
+    /// A connection slot, unless the service has as many connections open as it may.
+    fn reserve_slot(&self) -> Result<ConnectionSlot, ConnectError> {
+        let max = self.settings.max_connections;
+        let reserved = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        match reserved {
+            Ok(_) => Ok(ConnectionSlot(self.open.clone())),
+            Err(_) => Err(ConnectError::Overflow { service: self.service.clone(), max }),
+        }
+    }
+
     async fn connect_target_inner(
         &self,
         target: &Target,
         tls: Option<TlsSetup<'_>>,
     ) -> Result<Connected, ConnectError> {
+        let slot = self.reserve_slot()?;
         let active = target.health.track();
         let timeout = self.settings.connect_timeout;
         let result = tokio::time::timeout(timeout, UpstreamStream::connect(&target.addr)).await;
@@ -336,7 +372,7 @@ impl Upstream {
                         }
                     }
                 };
-                return Ok(Connected { stream, target: target.clone(), active });
+                return Ok(Connected { stream, target: target.clone(), active, slot });
             }
             Ok(Err(source)) => ConnectError::Io { service: self.service.clone(), target: target.addr.clone(), source },
             Err(_) => ConnectError::Timeout { service: self.service.clone(), target: target.addr.clone(), timeout },

@@ -1,5 +1,6 @@
 //! An HTTP/1.1 + h2c (optionally TLS) upstream whose behaviour is set by request headers:
-//! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`; `/upload` counts
+//! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-challenge`
+//! (answers with `Proxy-Authenticate`); `/upload` counts
 //! the request body; an `Upgrade` request is answered 101 and then echoed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
@@ -111,7 +112,7 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
     let size: Option<u64> = header(&req, "x-size").and_then(|s| s.parse().ok());
     let reset_mid = header(&req, "x-reset") == Some("mid");
     let description = format!(
-        "conn: {conn}\nversion: {:?}\nmethod: {}\npath: {}\nhost: {}\nauthority: {}\nconnection: {}\nte: {}\nx-private: {}\n",
+        "conn: {conn}\nversion: {:?}\nmethod: {}\npath: {}\nhost: {}\nauthority: {}\nconnection: {}\nte: {}\nx-private: {}\nproxy-authorization: {}\n",
         req.version(),
         req.method(),
         req.uri().path(),
@@ -120,8 +121,12 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
         header(&req, "connection").unwrap_or("-"),
         header(&req, "te").unwrap_or("-"),
         header(&req, "x-private").unwrap_or("-"),
+        header(&req, "proxy-authorization").unwrap_or("-"),
     );
     let mut builder = Response::builder().status(status).header("x-upstream-conn", conn.to_string());
+    if header(&req, "x-challenge").is_some() {
+        builder = builder.header(http::header::PROXY_AUTHENTICATE, "Basic realm=upstream");
+    }
     if req.uri().path() == "/upload" {
         let mut body = req.into_body();
         let mut received = 0u64;

@@ -184,11 +184,13 @@ pub fn options(config: PathBuf) -> Options {
         transparent: None,
         bind_vips: false,
         listen_allow_remote: false,
+        upgrade_protocols: vec!["websocket".to_string()],
         passthrough: true,
         access_log: None,
         workers: Vec::new(),
         upstream: Settings {
             connect_timeout: Duration::from_secs(2),
+            max_connections: mesh_egress::upstream::DEFAULT_MAX_CONNECTIONS,
             idle_timeout: Duration::from_secs(30),
             ejection: EjectionPolicy { consecutive_failures: 2, base_time: Duration::from_millis(500) },
             resolver: ResolverSource::new(Vec::new()),

@@ -5,7 +5,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
-use crate::upstream::{ConnectError, Target, TlsSetup, Upstream, UpstreamIo};
+use crate::upstream::{ConnectError, ConnectionSlot, Target, TlsSetup, Upstream, UpstreamIo};
 
 pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
@@ -31,8 +31,10 @@ pub(super) async fn connection(
         let result = if http2 {
             let connect = || {
                 Box::pin(async {
-                    let io = upstream.connect_target(&target, tls).await?.stream;
-                    handshake_h2(io).await.map_err(|e| handshake_error(upstream, &target, e))
+                    let connected = upstream.connect_target(&target, tls).await?;
+                    handshake_h2(connected.stream, connected.slot)
+                        .await
+                        .map_err(|e| handshake_error(upstream, &target, e))
                 })
             };
             upstream.pool.h2(&key, connect).await.map(Sender::H2)
@@ -46,7 +48,7 @@ pub(super) async fn connection(
                 None => {
                     Box::pin(async {
                         let connected = upstream.connect_target(&target, tls).await?;
-                        handshake_h1(connected.stream)
+                        handshake_h1(connected.stream, connected.slot)
                             .await
                             .map(Sender::H1)
                             .map_err(|e| handshake_error(upstream, &target, e))
@@ -74,9 +76,11 @@ fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -
     }
 }
 
-async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
+/// The connection runs on its own task, which holds its slot.
+async fn handshake_h1(io: UpstreamIo, slot: ConnectionSlot) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
     let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream HTTP/1 connection closed with an error");
         }
@@ -84,9 +88,10 @@ async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<RequestBody>,
     Ok(sender)
 }
 
-async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
+async fn handshake_h2(io: UpstreamIo, slot: ConnectionSlot) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
     let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(error) = connection.await {
             tracing::debug!(%error, "upstream HTTP/2 connection closed with an error");
         }

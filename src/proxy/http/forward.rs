@@ -2,8 +2,6 @@
 //! rewritten for the endpoint, the exchange, and the response body streamed back (or an
 //! upgraded tunnel).
 
-use std::sync::Arc;
-
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
@@ -12,18 +10,15 @@ use super::body::{PoolReturn, ProxyBody, UpstreamBody};
 use super::client::{self, Sender};
 use super::reply::{self, Failure};
 use super::request::RequestCtx;
-use super::rewrite::{is_upgrade, prepare_request, strip_hop_by_hop};
+use super::rewrite::{check, is_upgrade, prepare_request, strip_hop_by_hop};
+use super::HttpProxy;
 use crate::catalog::Protocol;
-use crate::proxy::{copy, Connections};
+use crate::proxy::copy;
 use crate::upstream::pool::RequestBody;
 
 /// Forwards within the request's time limit.
-pub(super) async fn forward(
-    ctx: &RequestCtx,
-    req: Request<Incoming>,
-    connections: &Arc<Connections>,
-) -> Response<ProxyBody> {
-    let exchange = exchange(ctx, req, connections);
+pub(super) async fn forward(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
+    let exchange = exchange(ctx, req, proxy);
     match ctx.limit {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
             Ok(response) => response,
@@ -33,14 +28,17 @@ pub(super) async fn forward(
     }
 }
 
-async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, connections: &Arc<Connections>) -> Response<ProxyBody> {
+async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = ctx.route.tls();
     let mut req = req;
-    let upgrade = !http2 && is_upgrade(req.headers());
+    let upgrade = !http2 && is_upgrade(req.headers(), &proxy.upgrades);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if let Err(refusal) = check(&parts) {
+        return reply::refused(grpc, refusal);
+    }
     let client_version = parts.version;
     let (mut sender, target, key) = match client::connection(upstream, tls, http2).await {
         Ok(s) => s,
@@ -49,8 +47,8 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, connections: &Arc<Co
             return reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED);
         }
     };
-    if let Err(reason) = prepare_request(&mut parts, &target, tls.is_some(), http2, upgrade) {
-        return reply::local_reply(grpc, Failure::Unavailable, reason);
+    if let Err(refusal) = prepare_request(&mut parts, &target, tls.is_some(), http2, upgrade) {
+        return reply::refused(grpc, refusal);
     }
     let active = target.health.track();
     let body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
@@ -61,6 +59,10 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, connections: &Arc<Co
     };
     let mut response = match result {
         Ok(r) => r,
+        Err(error) if request_body_failed(&error) => {
+            tracing::debug!(service = %upstream.service(), %error, "the application's request body is malformed");
+            return reply::local_reply(grpc, Failure::BadRequest, reply::BAD_REQUEST_BODY);
+        }
         Err(error) => {
             tracing::warn!(service = %upstream.service(), endpoint = %target.addr, %error, "upstream request failed before the response");
             return reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED);
@@ -68,7 +70,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, connections: &Arc<Co
     };
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, connections.open()));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, proxy.connections.open()));
         let (parts, _) = response.into_parts();
         return Response::from_parts(parts, ProxyBody::empty());
     }
@@ -96,6 +98,12 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, connections: &Arc<Co
         body.return_to_pool(); // hyper will not poll an empty body
     }
     Response::from_parts(parts, ProxyBody::Upstream(body))
+}
+
+/// The exchange failed because reading the application's request body did (malformed chunked
+/// framing, say): the error hyper's client reports wraps the server side's `hyper::Error`.
+fn request_body_failed(error: &hyper::Error) -> bool {
+    std::error::Error::source(error).is_some_and(|source| source.downcast_ref::<hyper::Error>().is_some())
 }
 
 /// Moves an upgraded connection's bytes; counted as an open connection until it closes.

@@ -33,8 +33,9 @@ use crate::live::{Live, RouteKey};
 pub const MAX_HEADERS: usize = 100;
 /// Largest request head (HTTP/1) and header list (HTTP/2) accepted, in bytes.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Concurrent HTTP/2 streams per application connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Concurrent HTTP/2 streams per application connection (Envoy's default, 100): each may need
+/// an upstream HTTP/1 connection of its own.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// Per-connection context. Each request finds its service in the configuration current when
 /// it arrives, so a reload applies to open keep-alive connections too.
@@ -47,6 +48,8 @@ pub struct HttpProxy {
     pub access_log: Option<AccessLog>,
     /// Upgraded tunnels count as open connections, so a drain waits for them.
     pub connections: Arc<Connections>,
+    /// `Upgrade` protocols passed through as tunnels (`--upgrade-protocols`).
+    pub upgrades: Arc<[String]>,
 }
 
 /// Serves one application connection until it closes, or until a drain asks it to finish its

@@ -8,6 +8,7 @@ use http_body_util::Full;
 
 use super::body::ProxyBody;
 use super::grpc::GRPC_CONTENT_TYPE;
+use super::rewrite::Refusal;
 use crate::proxy::admit::Denial;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub(super) enum Failure {
     Unavailable,
     Timeout,
     Forbidden,
+    BadRequest,
+    MethodNotAllowed,
 }
 
 impl Failure {
@@ -23,6 +26,8 @@ impl Failure {
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -31,6 +36,9 @@ impl Failure {
             Self::Unavailable => "14",
             Self::Timeout => "4",
             Self::Forbidden => "7",
+            // As Envoy maps 400 and 405 for gRPC: INTERNAL, UNIMPLEMENTED.
+            Self::BadRequest => "13",
+            Self::MethodNotAllowed => "12",
         }
     }
 }
@@ -38,6 +46,18 @@ impl Failure {
 pub(super) const NOT_CONFIGURED: &str = "service is no longer configured";
 pub(super) const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
 pub(super) const TIMED_OUT: &str = "upstream did not answer in time";
+pub(super) const BAD_REQUEST_BODY: &str = "malformed request body";
+
+/// The reply to a request that cannot be forwarded as it is.
+pub(super) fn refused(grpc: bool, refusal: Refusal) -> Response<ProxyBody> {
+    match refusal {
+        Refusal::BadRequest(message) => local_reply(grpc, Failure::BadRequest, message),
+        Refusal::Method => {
+            local_reply(grpc, Failure::MethodNotAllowed, "CONNECT is not supported: mesh-egress is no forward proxy")
+        }
+        Refusal::Unavailable(message) => local_reply(grpc, Failure::Unavailable, message),
+    }
+}
 
 /// The reply to a request the admit phase refused.
 pub(super) fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {

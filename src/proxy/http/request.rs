@@ -97,7 +97,7 @@ impl HttpProxy {
         };
         let ctx = RequestCtx::new(route, &req, self);
         let mut response = match admit(&ctx.route.service) {
-            Ok(()) => forward::forward(&ctx, req, &self.connections).await,
+            Ok(()) => forward::forward(&ctx, req, self).await,
             Err(denial) => reply::denied(ctx.grpc, denial),
         };
         ctx.log(&mut response);

@@ -7,16 +7,55 @@ use http::Version;
 
 use crate::upstream::{Target, TargetAddr};
 
-static HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::EXPECT,
+    // Credentials for this proxy, and its challenge: never for the next hop.
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
-pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+
+/// An upgrade the application asked for and the proxy allows: `Connection: upgrade` and an
+/// `Upgrade` whose first protocol is in `allowed` (case-insensitive; `websocket` by default).
+/// Others (h2c among them) are not upgrades: their headers are stripped and the request goes on
+/// as an ordinary one, as a server that ignores `Upgrade` would answer it.
+pub(super) fn is_upgrade(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(protocol) = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()) else { return false };
+    let name = protocol.split(',').next().unwrap_or("").trim().split('/').next().unwrap_or("");
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// Why a request cannot be forwarded as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The request is malformed: 400.
+    BadRequest(&'static str),
+    /// CONNECT: 405 (mesh-egress is no forward proxy).
+    Method,
+    /// The endpoint's name does not make an authority: 503.
+    Unavailable(&'static str),
+}
+
+/// What the application must get right whatever the endpoint: an HTTP/1.1 request names one
+/// Host (RFC 9112 §3.2; as Envoy, an absolute-form URI's authority stands in for a missing
+/// one), and CONNECT is not a request to forward.
+pub(super) fn check(parts: &http::request::Parts) -> Result<(), Refusal> {
+    if parts.method == http::Method::CONNECT {
+        return Err(Refusal::Method);
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err(Refusal::BadRequest("more than one Host header")),
+        (None, _) if parts.version == Version::HTTP_11 && parts.uri.authority().is_none() => {
+            Err(Refusal::BadRequest("request has no Host"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The comma-separated options of every `Connection` header.
@@ -55,7 +94,7 @@ pub(super) fn prepare_request(
     tls: bool,
     http2: bool,
     upgrade: bool,
-) -> Result<(), &'static str> {
+) -> Result<(), Refusal> {
     let upgrade_value = upgrade.then(|| parts.headers.get(header::UPGRADE).cloned()).flatten();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(value) = upgrade_value {
@@ -84,11 +123,11 @@ pub(super) fn prepare_request(
         (Some(name), TargetAddr::Socket(addr)) => {
             let default_port = if tls { 443 } else { 80 };
             let text = if addr.port() == default_port { name.to_string() } else { format!("{name}:{}", addr.port()) };
-            text.parse().map_err(|_| "endpoint name is not a valid authority")?
+            text.parse().map_err(|_| Refusal::Unavailable("endpoint name is not a valid authority"))?
         }
         _ => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-            Some(host) => host.parse().map_err(|_| "invalid Host header")?,
-            None => parts.uri.authority().cloned().ok_or("request has no Host")?,
+            Some(host) => host.parse().map_err(|_| Refusal::BadRequest("invalid Host header"))?,
+            None => parts.uri.authority().cloned().ok_or(Refusal::BadRequest("request has no Host"))?,
         },
     };
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -99,10 +138,10 @@ pub(super) fn prepare_request(
             .authority(authority)
             .path_and_query(path)
             .build()
-            .map_err(|_| "invalid request URI")?;
+            .map_err(|_| Refusal::BadRequest("invalid request URI"))?;
         parts.version = Version::HTTP_2;
     } else {
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "invalid Host")?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| Refusal::BadRequest("invalid Host"))?;
         parts.headers.insert(header::HOST, host);
         parts.uri = Uri::from(path);
         parts.version = Version::HTTP_11;
