@@ -4,15 +4,22 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Time for an admin request's head to arrive.
+const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An admin connection with no byte either way for this long is closed.
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::catalog::ServiceView;
+use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, Snapshot};
 
 /// What the admin endpoints read.
@@ -55,7 +62,17 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            // A scraper or a stuck client must not hold a connection forever.
+            let activity = Activity::new();
+            let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
+                .serve_connection(io, service);
+            tokio::select! {
+                _ = connection => {}
+                () = activity.idle_for(ADMIN_IDLE_TIMEOUT) => {}
+            }
         });
     }
 }

@@ -21,6 +21,8 @@ use crate::metrics::{metrics, DnsResult};
 
 pub const TTL: u32 = 30;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// A DNS-over-TCP connection waiting this long for its next query is closed.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_UDP: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +138,11 @@ impl DnsProxy {
     /// Answers queries until the client closes the connection (or sends garbage).
     async fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
         loop {
-            let packet = read_framed(&mut stream).await?;
+            // RFC 7766 §6.2.3: close idle TCP connections after a few seconds.
+            let Ok(packet) = tokio::time::timeout(TCP_IDLE_TIMEOUT, read_framed(&mut stream)).await else {
+                return Ok(());
+            };
+            let packet = packet?;
             let response = match self.answer_locally(&packet) {
                 Answer::Local(bytes) => bytes,
                 Answer::Malformed => return Ok(()),

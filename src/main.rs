@@ -145,6 +145,17 @@ struct RunArgs {
     /// Timeout for connecting to an endpoint (Kuma's default: 5s).
     #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// Close an application connection (TCP flow, HTTP connection, tunnel, passthrough) after
+    /// this long without a byte either way (Kuma's MeshTimeout `idleTimeout` default: 1h).
+    #[arg(long, env = "MESH_EGRESS_CONNECTION_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    connection_idle_timeout: Duration,
+    /// TCP: once one side has closed its half, the other has this long to finish.
+    #[arg(long, env = "MESH_EGRESS_HALF_CLOSE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    half_close_timeout: Duration,
+    /// HTTP/1: time to receive a request's head; also how long a keep-alive connection waits
+    /// for its next request.
+    #[arg(long, env = "MESH_EGRESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
     /// HTTP/1 `Upgrade` protocols passed through as tunnels, comma-separated; a request asking
     /// for another (h2c, say) has its upgrade headers removed and is forwarded as it is.
     #[arg(long, env = "MESH_EGRESS_UPGRADE_PROTOCOLS", value_delimiter = ',', default_value = "websocket")]
@@ -386,6 +397,11 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         bind_vips: args.bind_vips,
         listen_allow_remote: args.listen_allow_remote,
         upgrade_protocols: args.upgrade_protocols,
+        timeouts: mesh_egress::proxy::ConnectionTimeouts {
+            idle: args.connection_idle_timeout,
+            half_close: args.half_close_timeout,
+            header_read: args.header_read_timeout,
+        },
         passthrough: !args.no_passthrough,
         access_log,
         workers,

@@ -38,6 +38,7 @@ pub struct Options {
     pub dns_forwarders: Vec<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub bind_vips: bool,
+    pub timeouts: crate::proxy::ConnectionTimeouts,
     /// HTTP/1 `Upgrade` protocols passed through as tunnels (default: `websocket`).
     pub upgrade_protocols: Vec<String>,
     /// Allow the transparent listener and outbounds on non-loopback addresses.
@@ -124,6 +125,7 @@ impl Server {
                 connect_timeout: settings.connect_timeout,
                 request_timeout: options.request_timeout,
                 upgrade_protocols: options.upgrade_protocols.iter().cloned().collect(),
+                timeouts: options.timeouts,
             },
             original_dst,
             access_log: options.access_log.clone(),

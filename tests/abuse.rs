@@ -258,3 +258,82 @@ async fn http1_edge_cases_get_the_answer_the_rfc_asks_for() {
     assert!(answer.contains("proxy-authorization: -\n"), "forwarded to the endpoint:\n{answer}");
     assert!(!answer.to_ascii_lowercase().contains("proxy-authenticate"), "passed back to the application:\n{answer}");
 }
+
+/// An upstream that accepts and then neither reads, writes nor closes.
+async fn silent_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// Reads until the proxy closes the connection; `None` if it has not after 20 s (the case
+/// fails: before the timeouts, such connections stayed open for good).
+async fn closed_by_proxy(mut s: TcpStream) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await {
+        Ok(_) => Some(out),
+        Err(_) => None,
+    }
+}
+
+/// Quiet connections end: a TCP flow with no bytes (idle timeout), a TCP flow half-closed by
+/// the application behind a silent upstream (half-close timeout), an HTTP/1 request head that
+/// never completes (header-read timeout) and an h2c connection that sends nothing (idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_application_connections_are_closed() {
+    let (silent, _task) = silent_upstream().await;
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let [tcp_out, http_out, h2_out]: [SocketAddr; 3] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let yaml = [
+        service_with_outbound("silent", tcp_out, &endpoint("127.0.0.1", silent.port(), 0), ""),
+        service_with_protocol("web", "http", http_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        service_with_protocol("h2", "http2", h2_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.timeouts = mesh_egress::proxy::ConnectionTimeouts {
+        idle: Duration::from_millis(500),
+        half_close: Duration::from_millis(300),
+        header_read: Duration::from_millis(300),
+    };
+    let _proxy = start(opts).await;
+
+    let idle = TcpStream::connect(tcp_out).await.unwrap();
+    assert!(closed_by_proxy(idle).await.is_some(), "idle TCP flow");
+
+    let mut half = TcpStream::connect(tcp_out).await.unwrap();
+    half.write_all(b"request").await.unwrap();
+    half.shutdown().await.unwrap();
+    assert!(closed_by_proxy(half).await.is_some(), "half-closed TCP flow behind a silent upstream");
+
+    let mut slow = TcpStream::connect(http_out).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nx-slow: ").await.unwrap();
+    assert!(closed_by_proxy(slow).await.is_some(), "HTTP/1 head never completed");
+
+    let mut h2 = TcpStream::connect(h2_out).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    assert!(closed_by_proxy(h2).await.is_some(), "idle h2c connection");
+}
+
+/// The admin server and DNS-over-TCP close connections that send nothing (10 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_dns_tcp_close_quiet_connections() {
+    let (_dir, config) =
+        config_dir(&service_with_outbound("s", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), ""));
+    let mut opts = options(config);
+    opts.admin = Some("127.0.0.1:0".parse().unwrap());
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    let proxy = start(opts).await;
+    let admin = TcpStream::connect(proxy.admin_addr().unwrap()).await.unwrap();
+    let dns = TcpStream::connect(proxy.dns_addr().unwrap()).await.unwrap();
+    let (admin, dns) = tokio::join!(closed_by_proxy(admin), closed_by_proxy(dns));
+    assert!(admin.is_some(), "admin connection with no request");
+    assert!(dns.is_some(), "DNS-over-TCP connection with no query");
+}

@@ -1,6 +1,7 @@
 //! Listening sockets and their accept loops, for the three ways traffic reaches the proxy:
 //! manual outbounds, VIP listeners and the transparent (iptables-redirected) listener.
 
+pub mod idle;
 mod original_dst;
 
 use std::future::Future;

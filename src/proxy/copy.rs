@@ -4,12 +4,18 @@
 //! reads keep filling it (bulk flows get large reads), as ztunnel does. A FIN from one side is
 //! passed on with `shutdown` while the other direction keeps flowing (half-close).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future as _};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The error messages of a flow ended by a timeout.
+pub const IDLE_TIMED_OUT: &str = "idle timeout";
+pub const HALF_CLOSE_TIMED_OUT: &str = "half-close timeout";
 
 /// Buffer sizes a direction steps through.
 const SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
@@ -113,14 +119,33 @@ impl Direction {
     }
 }
 
-/// Copies `client` ⇄ `upstream` until both directions have finished or one fails.
-pub async fn bidirectional<C, U>(client: &mut C, upstream: &mut U) -> (Transferred, io::Result<()>)
+/// How long a flow may go quiet. `None`: as long as it takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowTimeouts {
+    /// No byte either way for this long ends the flow.
+    pub idle: Option<Duration>,
+    /// Once one direction has finished, the other has this long to finish too.
+    pub half_close: Option<Duration>,
+}
+
+/// Copies `client` ⇄ `upstream` until both directions have finished or one fails; a flow past
+/// one of its `timeouts` ends with a `TimedOut` error ([`IDLE_TIMED_OUT`], [`HALF_CLOSE_TIMED_OUT`]).
+pub async fn bidirectional<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    timeouts: FlowTimeouts,
+) -> (Transferred, io::Result<()>)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut up = Direction::new();
     let mut down = Direction::new();
+    // One timer per flow, re-armed only when it fires (not on every byte): the idle deadline,
+    // or the half-close one once a direction has finished.
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    let (mut last_progress, mut moved) = (Instant::now(), 0u64);
+    let mut half_closed_at: Option<Instant> = None;
     let result = poll_fn(|cx| {
         if !up.done {
             if let Poll::Ready(Err(e)) = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *upstream)) {
@@ -133,10 +158,31 @@ where
             }
         }
         if up.done && down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        let now_moved = up.bytes + down.bytes;
+        if now_moved != moved {
+            (moved, last_progress) = (now_moved, Instant::now());
+        }
+        if (up.done || down.done) && half_closed_at.is_none() {
+            half_closed_at = Some(Instant::now());
+        }
+        let idle_at = timeouts.idle.map(|d| last_progress + d);
+        let half_close_at = half_closed_at.zip(timeouts.half_close).map(|(at, d)| at + d);
+        let Some(deadline) = idle_at.into_iter().chain(half_close_at).min() else { return Poll::Pending };
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        // A timer that fires early (bytes moved since it was set) is re-armed for the deadline.
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                let why = if half_close_at == Some(deadline) { HALF_CLOSE_TIMED_OUT } else { IDLE_TIMED_OUT };
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
     })
     .await;
     (Transferred { client_to_upstream: up.bytes, upstream_to_client: down.bytes }, result)
@@ -151,7 +197,10 @@ mod tests {
     async fn half_close_keeps_the_other_direction_open() {
         let (mut app, mut proxy_side) = tokio::io::duplex(64);
         let (mut upstream_side, mut server) = tokio::io::duplex(64);
-        let task = tokio::spawn(async move { bidirectional(&mut proxy_side, &mut upstream_side).await });
+        let task =
+            tokio::spawn(
+                async move { bidirectional(&mut proxy_side, &mut upstream_side, FlowTimeouts::default()).await },
+            );
         app.write_all(b"ping").await.unwrap();
         app.shutdown().await.unwrap();
         let mut got = Vec::new();

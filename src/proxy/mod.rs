@@ -40,6 +40,36 @@ pub struct ProxySettings {
     pub request_timeout: Option<Duration>,
     /// HTTP/1 `Upgrade` protocols passed through as tunnels.
     pub upgrade_protocols: Arc<[String]>,
+    pub timeouts: ConnectionTimeouts,
+}
+
+/// How long application connections may go quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    /// No byte either way for this long closes an application connection: TCP flows, tunnels,
+    /// passthrough and HTTP connections (Kuma's MeshTimeout `idleTimeout` default, 1 h).
+    pub idle: Duration,
+    /// Once one side of a TCP flow has closed, the other has this long to finish.
+    pub half_close: Duration,
+    /// HTTP/1: time to receive a request's head; also how long a keep-alive connection waits
+    /// for its next request.
+    pub header_read: Duration,
+}
+
+impl Default for ConnectionTimeouts {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(3600),
+            half_close: Duration::from_secs(60),
+            header_read: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConnectionTimeouts {
+    pub fn flow(&self) -> copy::FlowTimeouts {
+        copy::FlowTimeouts { idle: Some(self.idle), half_close: Some(self.half_close) }
+    }
 }
 
 pub struct Proxy {
@@ -84,13 +114,14 @@ impl Proxy {
                 access_log: self.access_log.clone(),
                 connections: self.connections.clone(),
                 upgrades: self.settings.upgrade_protocols.clone(),
+                timeouts: self.settings.timeouts,
             };
             // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
             return Box::pin(http::serve(client, proxy, protocol, self.draining.clone())).await;
         }
         let mut ctx = ConnCtx::new(kind, peer, route);
         match admit::admit(&ctx.route.service) {
-            Ok(()) => tcp::forward(&mut ctx, &mut client).await,
+            Ok(()) => tcp::forward(&mut ctx, &mut client, self.settings.timeouts.flow()).await,
             Err(denial) => ctx.outcome = denial.outcome(),
         }
         if let Some(log) = &self.access_log {

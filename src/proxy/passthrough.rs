@@ -19,6 +19,6 @@ pub(super) async fn forward(settings: &ProxySettings, mut client: TcpStream, pee
         Ok(Err(error)) => return tracing::debug!(%peer, %dst, %error, "passthrough connect failed"),
         Err(_) => return tracing::debug!(%peer, %dst, "passthrough connect timed out"),
     };
-    let (bytes, _) = copy::bidirectional(&mut client, &mut upstream).await;
+    let (bytes, _) = copy::bidirectional(&mut client, &mut upstream, settings.timeouts.flow()).await;
     tracing::debug!(%peer, %dst, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, "passthrough closed");
 }

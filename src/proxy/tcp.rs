@@ -9,7 +9,7 @@ use crate::metrics::metrics;
 use crate::tls;
 use crate::upstream::Connected;
 
-pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream) {
+pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream, timeouts: copy::FlowTimeouts) {
     let upstream = &ctx.route.upstream;
     // Boxed: the connect (and TLS handshake) state is large and only lives until connected;
     // inline, every open connection's task would keep room for it.
@@ -23,7 +23,7 @@ pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream) {
             }
         };
     ctx.endpoint = Some(target.addr);
-    let (bytes, result) = copy::bidirectional(client, &mut stream).await;
+    let (bytes, result) = copy::bidirectional(client, &mut stream, timeouts).await;
     upstream.metrics.bytes_sent.inc_by(bytes.client_to_upstream);
     upstream.metrics.bytes_received.inc_by(bytes.upstream_to_client);
     // TLS 1.3 servers reject a client certificate after the handshake: count it too.
@@ -31,5 +31,12 @@ pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream) {
         metrics().tls_failure(upstream.service(), reason);
     }
     ctx.bytes = bytes;
-    ctx.outcome = if result.is_ok() { "closed" } else { "reset" };
+    ctx.outcome = match &result {
+        Ok(()) => "closed",
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && e.to_string() == copy::IDLE_TIMED_OUT => "idle_timeout",
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && e.to_string() == copy::HALF_CLOSE_TIMED_OUT => {
+            "half_close_timeout"
+        }
+        Err(_) => "reset",
+    };
 }

@@ -184,6 +184,7 @@ pub fn options(config: PathBuf) -> Options {
         transparent: None,
         bind_vips: false,
         listen_allow_remote: false,
+        timeouts: Default::default(),
         upgrade_protocols: vec!["websocket".to_string()],
         passthrough: true,
         access_log: None,

@@ -70,7 +70,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
     };
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, proxy.connections.open()));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, proxy.timeouts.flow(), proxy.connections.open()));
         let (parts, _) = response.into_parts();
         return Response::from_parts(parts, ProxyBody::empty());
     }
@@ -110,6 +110,7 @@ fn request_body_failed(error: &hyper::Error) -> bool {
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    timeouts: copy::FlowTimeouts,
     _open: crate::proxy::conn::ConnectionGuard,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -117,5 +118,5 @@ async fn tunnel(
         Err(error) => return tracing::debug!(%error, "upgrade failed"),
     };
     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    let _ = copy::bidirectional(&mut client, &mut upstream).await;
+    let _ = copy::bidirectional(&mut client, &mut upstream, timeouts).await;
 }

@@ -17,16 +17,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub use body::ProxyBody;
 pub use grpc::grpc_timeout;
 
-use super::Connections;
+use super::{ConnectionTimeouts, Connections};
 use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
+use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
 
 /// Most request headers accepted from the application (HTTP/1).
@@ -50,26 +51,40 @@ pub struct HttpProxy {
     pub connections: Arc<Connections>,
     /// `Upgrade` protocols passed through as tunnels (`--upgrade-protocols`).
     pub upgrades: Arc<[String]>,
+    pub timeouts: ConnectionTimeouts,
 }
 
 /// Serves one application connection until it closes, or until a drain asks it to finish its
 /// requests and close.
 pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut draining: watch::Receiver<bool>) {
+    let timeouts = proxy.timeouts;
     let proxy = Arc::new(proxy);
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_headers(MAX_HEADERS).max_buf_size(MAX_HEADER_BYTES).preserve_header_case(false);
+    builder
+        .http1()
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .preserve_header_case(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
     builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS).max_header_list_size(MAX_HEADER_BYTES as u32);
     // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
     // HTTP/1.1 or h2c prior knowledge from the first bytes.
     let builder = if protocol != Protocol::Http { builder.http2_only() } else { builder };
+    let activity = Activity::new();
+    let client = Tracked::new(client, activity.clone());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        () = activity.idle_for(timeouts.idle) => {
+            tracing::debug!("application connection idle past the idle timeout; closing");
+            return;
+        }
         () = drain_requested(&mut draining) => {
             connection.as_mut().graceful_shutdown();
             connection.await
