@@ -337,3 +337,32 @@ async fn admin_and_dns_tcp_close_quiet_connections() {
     assert!(admin.is_some(), "admin connection with no request");
     assert!(dns.is_some(), "DNS-over-TCP connection with no query");
 }
+
+/// A slow upload answered before its body is complete must not lend its upstream connection to
+/// the next request: that one would wait for the upload (before: forever here, since the
+/// upload finishes only once the second request is answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_does_not_stall_the_next_request() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("up", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut upload = TcpStream::connect(outbound).await.unwrap();
+    upload.write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(upload.read(&mut byte).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let next = tokio::time::timeout(
+        Duration::from_secs(20),
+        raw(outbound, "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+    .expect("the next request was held up by the unfinished upload");
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    upload.write_all(b"0\r\n\r\n").await.unwrap();
+}

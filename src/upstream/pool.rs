@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -27,11 +27,82 @@ pub struct RequestBody {
     counter: Counter,
     /// For the access log, when it is on.
     sent: Option<Arc<AtomicU64>>,
+    /// When the body is still to be sent: its half of the connection's way back to the pool.
+    pool_return: Option<Arc<SharedReturn>>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner, counter, sent }
+        Self { inner, counter, sent, pool_return: None }
+    }
+
+    /// Makes the connection's return to the pool wait for this body to be sent too (a slow
+    /// upload must not hold up the next request that takes the connection). Returns the
+    /// response side's half; `None` when the body is already complete.
+    pub fn share_pool_return(&mut self) -> Option<Arc<SharedReturn>> {
+        if self.inner.is_end_stream() {
+            return None;
+        }
+        let shared = Arc::new(SharedReturn::default());
+        self.pool_return = Some(shared.clone());
+        Some(shared)
+    }
+}
+
+/// An HTTP/1 connection that goes back to its pool once it is idle.
+pub struct PoolReturn {
+    pub pool: Arc<super::Upstream>,
+    pub key: PoolKey,
+    pub sender: http1::SendRequest<RequestBody>,
+}
+
+impl PoolReturn {
+    fn put(self) {
+        self.pool.pool.put_h1(self.key, self.sender);
+    }
+}
+
+/// A connection's way back to the pool when both the response and the request body must be
+/// complete first: whichever finishes second returns it.
+#[derive(Default)]
+pub struct SharedReturn {
+    finished: AtomicU8,
+    connection: Mutex<Option<PoolReturn>>,
+}
+
+impl SharedReturn {
+    /// The response side hands the connection over once the response head has arrived.
+    pub fn set(&self, connection: PoolReturn) {
+        if let Ok(mut slot) = self.connection.lock() {
+            *slot = Some(connection);
+        }
+    }
+
+    /// One side is complete; the second one returns the connection.
+    pub fn finish(&self) {
+        if self.finished.fetch_add(1, Ordering::AcqRel) == 1 {
+            if let Some(connection) = self.connection.lock().ok().and_then(|mut slot| slot.take()) {
+                connection.put();
+            }
+        }
+    }
+}
+
+/// How a response gives its HTTP/1 connection back.
+pub enum ReturnTicket {
+    /// The request body was complete: the connection goes back when the response is.
+    Alone(PoolReturn),
+    /// The request body may still be streaming.
+    Shared(Arc<SharedReturn>),
+}
+
+impl ReturnTicket {
+    /// The response is complete.
+    pub fn response_done(self) {
+        match self {
+            Self::Alone(connection) => connection.put(),
+            Self::Shared(shared) => shared.finish(),
+        }
     }
 }
 
@@ -47,6 +118,17 @@ impl Body for RequestBody {
                 if let Some(sent) = &self.sent {
                     sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
+            }
+        }
+        // Complete (not failed): the request side is done with the connection.
+        let complete = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if complete {
+            if let Some(shared) = self.pool_return.take() {
+                shared.finish();
             }
         }
         frame

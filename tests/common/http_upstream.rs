@@ -1,6 +1,6 @@
 //! An HTTP/1.1 + h2c (optionally TLS) upstream whose behaviour is set by request headers:
 //! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-challenge`
-//! (answers with `Proxy-Authenticate`); `/upload` counts
+//! (answers with `Proxy-Authenticate`); `/early` answers before reading the body; `/upload` counts
 //! the request body; an `Upgrade` request is answered 101 and then echoed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
@@ -126,6 +126,13 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
     let mut builder = Response::builder().status(status).header("x-upstream-conn", conn.to_string());
     if header(&req, "x-challenge").is_some() {
         builder = builder.header(http::header::PROXY_AUTHENTICATE, "Basic realm=upstream");
+    }
+    if req.uri().path() == "/early" {
+        // Answers at once and reads the body afterwards: the connection stays busy (and
+        // kept alive) until the upload ends.
+        let mut body = req.into_body();
+        tokio::spawn(async move { while body.frame().await.is_some() {} });
+        return Ok(builder.body(full("early\n".to_string())).unwrap());
     }
     if req.uri().path() == "/upload" {
         let mut body = req.into_body();

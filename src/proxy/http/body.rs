@@ -12,20 +12,12 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLog, Record};
-use crate::upstream::pool::{PoolKey, RequestBody};
-use crate::upstream::{ActiveGuard, TargetAddr, Upstream};
-
-/// Gives an HTTP/1 connection back to the pool once its response has been read to the end.
-pub struct PoolReturn {
-    pub upstream: Arc<Upstream>,
-    pub key: PoolKey,
-    pub sender: http1::SendRequest<RequestBody>,
-}
+use crate::upstream::pool::ReturnTicket;
+use crate::upstream::{ActiveGuard, TargetAddr};
 
 /// An access log record waiting for its response body to end.
 pub struct PendingLog {
@@ -48,7 +40,7 @@ impl PendingLog {
 
 pub struct UpstreamBody {
     pub body: Incoming,
-    pub pool_return: Option<PoolReturn>,
+    pub pool_return: Option<ReturnTicket>,
     /// The gRPC deadline: when it passes mid-response, the stream ends with DEADLINE_EXCEEDED.
     pub deadline: Option<Pin<Box<Sleep>>>,
     pub grpc: bool,
@@ -76,8 +68,8 @@ impl Drop for UpstreamBody {
 
 impl UpstreamBody {
     pub fn return_to_pool(&mut self) {
-        if let Some(r) = self.pool_return.take() {
-            r.upstream.pool.put_h1(r.key, r.sender);
+        if let Some(ticket) = self.pool_return.take() {
+            ticket.response_done();
         }
     }
 }

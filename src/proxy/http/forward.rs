@@ -6,7 +6,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::body::{PoolReturn, ProxyBody, UpstreamBody};
+use super::body::{ProxyBody, UpstreamBody};
 use super::client::{self, Sender};
 use super::reply::{self, Failure};
 use super::request::RequestCtx;
@@ -14,7 +14,7 @@ use super::rewrite::{check, is_upgrade, prepare_request, strip_hop_by_hop};
 use super::HttpProxy;
 use crate::catalog::Protocol;
 use crate::proxy::copy;
-use crate::upstream::pool::RequestBody;
+use crate::upstream::pool::{PoolReturn, RequestBody, ReturnTicket};
 
 /// Forwards within the request's time limit.
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
@@ -51,7 +51,11 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
         return reply::refused(grpc, refusal);
     }
     let active = target.health.track();
-    let body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+    let mut body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+    let shared_return = match &sender {
+        Sender::H1(_) => body.share_pool_return(),
+        Sender::H2(_) => None,
+    };
     let request = Request::from_parts(parts, body);
     let result = match &mut sender {
         Sender::H1(s) => s.send_request(request).await,
@@ -78,7 +82,16 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
     strip_hop_by_hop(&mut parts.headers);
     parts.version = client_version;
     let pool_return = match sender {
-        Sender::H1(sender) => Some(PoolReturn { upstream: upstream.clone(), key, sender }),
+        Sender::H1(sender) => {
+            let connection = PoolReturn { pool: upstream.clone(), key, sender };
+            Some(match shared_return {
+                Some(shared) => {
+                    shared.set(connection);
+                    ReturnTicket::Shared(shared)
+                }
+                None => ReturnTicket::Alone(connection),
+            })
+        }
         Sender::H2(_) => None,
     };
     let mut body = UpstreamBody {
