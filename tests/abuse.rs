@@ -349,7 +349,10 @@ async fn a_slow_upload_does_not_stall_the_next_request() {
         config_dir(&service_with_protocol("up", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
     let _proxy = start(options(config)).await;
     let mut upload = TcpStream::connect(outbound).await.unwrap();
-    upload.write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n").await.unwrap();
+    upload
+        .write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await
+        .unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];

@@ -20,6 +20,12 @@ const KUMA_SECRET_TYPE: &str = "system.kuma.io/secret";
 /// Envelope keys of the Universal spelling of kinds that keep their fields at the top level.
 const UNIVERSAL_ENVELOPE: [&str; 6] = ["type", "name", "mesh", "labels", "creationTime", "modificationTime"];
 
+/// Largest configuration file read (10,000 services take about 1.5 MiB).
+pub(super) const MAX_FILE_BYTES: u64 = 16 << 20;
+/// Deepest flow nesting (`[`, `{`) accepted: Kuma's resources need about ten levels, and the
+/// YAML parser's time grows with the square of the depth.
+pub(super) const MAX_NESTING: usize = 64;
+
 /// Loads every file named, and every `*.yaml`, `*.yml` and `*.json` below the directories named,
 /// in path order, then validates what was read.
 pub fn load_paths(paths: &[PathBuf]) -> Loaded {
@@ -31,6 +37,17 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
             continue;
         }
         for file in files {
+            match fs::metadata(&file).map(|m| m.len()) {
+                Ok(size) if size > MAX_FILE_BYTES => {
+                    let message = format!(
+                        "is {size} bytes, more than the {} MiB a configuration file may have",
+                        MAX_FILE_BYTES >> 20
+                    );
+                    out.diagnostics.push(Diagnostic::file_error(&file, message));
+                    continue;
+                }
+                _ => {}
+            }
             match fs::read_to_string(&file) {
                 Ok(text) => load_str(&file, &text, &mut out),
                 Err(e) => out.diagnostics.push(Diagnostic::file_error(&file, format!("cannot read: {e}"))),
@@ -64,6 +81,11 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// Reads the documents of one file's text into `out`.
 pub fn load_str(file: &Path, text: &str, out: &mut Loaded) {
+    if let Some(line) = nesting_beyond(text, MAX_NESTING) {
+        let message = format!("nesting deeper than {MAX_NESTING} levels at line {line}: not a Kuma resource");
+        out.diagnostics.push(Diagnostic::file_error(file, message));
+        return;
+    }
     let file: Arc<Path> = Arc::from(file);
     for (doc, first_line) in split_documents(text) {
         let origin = Origin { file: file.clone(), line: Some(first_line) };
@@ -79,6 +101,50 @@ pub fn load_str(file: &Path, text: &str, out: &mut Loaded) {
         }
         Document { text: Some(doc), origin, path: String::new() }.load(value, out);
     }
+}
+
+/// The line where flow collections (`[`, `{`) nest deeper than `max`, outside quotes and
+/// comments; a cheap scan that spares the parser inputs built to be slow.
+fn nesting_beyond(text: &str, max: usize) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut previous = ' ';
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (_, '\n') => {
+                line += 1;
+                // Quoted scalars may span lines; a comment never does.
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') if previous.is_whitespace() => {
+                // A comment: skip to the end of the line.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+                previous = ' ';
+                continue;
+            }
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > max {
+                    return Some(line);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        previous = c;
+    }
+    None
 }
 
 /// Splits YAML text on `---` lines; yields each document with the line its content starts on.
@@ -287,11 +353,16 @@ impl Document<'_> {
             .map_err(|e| self.error(field, format!("must be base64: {e}")))
     }
 
-    /// Deserializes the whole document with its field path and line on error.
+    /// Deserializes the whole document. The text is parsed again only when that fails, for the
+    /// error's line.
     fn typed<T: DeserializeOwned>(&self, value: &Value) -> Result<T, Diagnostic> {
+        let error = match self.deserialize_value(value.clone()) {
+            Ok(typed) => return Ok(typed),
+            Err(error) => error,
+        };
         match self.text {
             Some(text) => serde_norway::from_str(text).map_err(|e| yaml_error(&self.origin, &e)),
-            None => self.deserialize_value(value.clone()),
+            None => Err(error),
         }
     }
 
