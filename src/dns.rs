@@ -25,10 +25,16 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_UDP: usize = 4096;
 
+/// Forwarded queries waiting for an answer at once; more are answered SERVFAIL at once (a flood
+/// must not take a socket and a task per query).
+pub const MAX_FORWARDS_IN_FLIGHT: usize = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     #[error("DNS proxy: cannot listen on {addr}: {error}")]
     Bind { addr: SocketAddr, error: io::Error },
+    #[error("--dns-upstream {server} is this DNS proxy's own address ({bound}): its queries would come back to it")]
+    OwnAddress { server: SocketAddr, bound: SocketAddr },
 }
 
 /// Where unknown names go.
@@ -36,8 +42,13 @@ pub enum DnsError {
 pub struct Forwarders(Vec<SocketAddr>);
 
 impl Forwarders {
-    pub fn new(servers: Vec<SocketAddr>) -> Self {
-        Self(servers)
+    /// `servers`, none of which may be the proxy's own address `bound` (in any form that
+    /// reaches it: the same IP, a wildcard, or loopback for loopback).
+    pub fn new(servers: Vec<SocketAddr>, bound: SocketAddr) -> Result<Self, DnsError> {
+        match servers.iter().find(|s| reaches(**s, bound)) {
+            Some(&server) => Err(DnsError::OwnAddress { server, bound }),
+            None => Ok(Self(servers)),
+        }
     }
 
     /// The nameservers of `/etc/resolv.conf`, without `exclude` (our own address: no loop).
@@ -51,7 +62,7 @@ impl Forwarders {
         };
         let mut unique: Vec<SocketAddr> = Vec::new();
         for s in servers {
-            if s != exclude && !unique.contains(&s) {
+            if !reaches(s, exclude) && !unique.contains(&s) {
                 unique.push(s);
             }
         }
@@ -59,9 +70,17 @@ impl Forwarders {
     }
 }
 
+/// Whether a query sent to `server` would arrive at a socket bound to `bound`.
+fn reaches(server: SocketAddr, bound: SocketAddr) -> bool {
+    let (s, b) = (server.ip(), bound.ip());
+    server.port() == bound.port()
+        && (s == b || s.is_unspecified() || b.is_unspecified() || (s.is_loopback() && b.is_loopback()))
+}
+
 pub struct DnsProxy {
     live: Arc<Live>,
     forwarders: Forwarders,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// The bound sockets; serving starts with [`DnsProxy::serve`].
@@ -72,7 +91,7 @@ pub struct DnsSockets {
 
 impl DnsProxy {
     pub fn new(live: Arc<Live>, forwarders: Forwarders) -> Arc<Self> {
-        Arc::new(Self { live, forwarders })
+        Arc::new(Self { live, forwarders, in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)) })
     }
 
     /// Binds UDP and TCP on the same port. With port 0, the port UDP got may be taken for TCP:
@@ -186,9 +205,14 @@ impl DnsProxy {
 
     /// Forwards the query to each forwarder in turn over `transport`; SERVFAIL when none answers.
     async fn forward(&self, packet: &[u8], query: &Message, transport: Transport) -> Vec<u8> {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            tracing::debug!("too many DNS queries being forwarded; SERVFAIL");
+            metrics().dns_query(DnsResult::Servfail);
+            return servfail(query);
+        };
         for &server in &self.forwarders.0 {
             let result = match transport {
-                Transport::Udp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_udp(server, packet)).await,
+                Transport::Udp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_udp(server, packet, query)).await,
                 Transport::Tcp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_tcp(server, packet)).await,
             };
             match result {
@@ -211,8 +235,9 @@ enum Transport {
     Tcp,
 }
 
-/// One query to `server` over UDP: the first datagram from it with the query's id is the answer.
-async fn exchange_udp(server: SocketAddr, packet: &[u8]) -> io::Result<Vec<u8>> {
+/// One query to `server` over UDP: the first datagram from it with the query's id and question
+/// is the answer (a spoofed datagram has to guess both).
+async fn exchange_udp(server: SocketAddr, packet: &[u8], query: &Message) -> io::Result<Vec<u8>> {
     let local =
         SocketAddr::new(if server.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }, 0);
     let socket = UdpSocket::bind(local).await?;
@@ -221,11 +246,17 @@ async fn exchange_udp(server: SocketAddr, packet: &[u8]) -> io::Result<Vec<u8>> 
     loop {
         let (n, from) = socket.recv_from(&mut buf).await?;
         // Only the server's answer to this query counts.
-        if from == server && n >= 2 && buf[..2] == packet[..2] {
+        if from == server && n >= 2 && buf[..2] == packet[..2] && answers(&buf[..n], query) {
             buf.truncate(n);
             return Ok(buf);
         }
     }
+}
+
+/// A response whose question section is the query's.
+fn answers(response: &[u8], query: &Message) -> bool {
+    Message::from_vec(response)
+        .is_ok_and(|r| r.message_type() == MessageType::Response && r.queries() == query.queries())
 }
 
 /// One query to `server` over TCP.

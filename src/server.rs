@@ -156,7 +156,7 @@ impl Server {
             let bound = sockets.udp.local_addr().unwrap_or(addr);
             let forwarders = match server.options.dns_forwarders.clone() {
                 servers if servers.is_empty() => Forwarders::system(bound),
-                servers => Forwarders::new(servers),
+                servers => Forwarders::new(servers, bound)?,
             };
             let tasks = DnsProxy::new(server.live.clone(), forwarders).serve(sockets);
             tracing::info!(dns = %bound, "DNS proxy listening (UDP and TCP)");

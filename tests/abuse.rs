@@ -369,3 +369,77 @@ async fn a_slow_upload_does_not_stall_the_next_request() {
     assert!(next.starts_with("HTTP/1.1 200"), "{next}");
     upload.write_all(b"0\r\n\r\n").await.unwrap();
 }
+
+/// `--dns-upstream` naming the proxy's own DNS address (or a wildcard of it) would make each
+/// unknown query loop through the proxy until descriptors ran out: refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_proxy_refuses_itself_as_upstream() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    for upstream in [format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"), format!("127.0.0.2:{port}")] {
+        let (_dir, config) =
+            config_dir(&service_with_outbound("s", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), ""));
+        let mut opts = options(config);
+        opts.dns = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        opts.dns_forwarders = vec![upstream.parse().unwrap()];
+        let err = mesh_egress::server::Server::start(opts, std::sync::Arc::new(mesh_egress::listen::SoOriginalDst))
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains(&format!("--dns-upstream {upstream} is this DNS proxy's own address")),
+            "{upstream}: {err:?}"
+        );
+    }
+}
+
+/// A flood of queries for unknown names behind an upstream that never answers: at most
+/// MAX_FORWARDS_IN_FLIGHT reach it at once; the rest get SERVFAIL at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_dns_queries_are_capped() {
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = received.clone();
+    let _silent = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while silent.recv_from(&mut buf).await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let (_dir, config) =
+        config_dir(&service_with_outbound("s", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), ""));
+    let mut opts = options(config);
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    opts.dns_forwarders = vec![silent_addr];
+    let proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+    let client = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    const QUERIES: u16 = 1000;
+    // Answers are read while the queries go out, so that the client's buffer does not overflow.
+    let reader = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let (mut servfails, mut buf) = (0usize, [0u8; 512]);
+            while servfails < usize::from(QUERIES) - mesh_egress::dns::MAX_FORWARDS_IN_FLIGHT {
+                let (n, _) = client.recv_from(&mut buf).await.unwrap();
+                assert_eq!(Message::from_vec(&buf[..n]).unwrap().response_code(), ResponseCode::ServFail);
+                servfails += 1;
+            }
+        })
+    };
+    for id in 0..QUERIES {
+        let mut m = Message::new();
+        m.set_id(id).add_query(Query::query(Name::from_ascii(format!("n{id}.unknown.test.")).unwrap(), RecordType::A));
+        client.send_to(&m.to_vec().unwrap(), dns).await.unwrap();
+        if id % 50 == 49 {
+            // Paced so that no socket buffer overflows (all within the 2 s the first ones wait).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(20), reader).await.expect("SERVFAIL answers").unwrap();
+    let reached = received.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(reached <= mesh_egress::dns::MAX_FORWARDS_IN_FLIGHT, "{reached} queries forwarded at once");
+}
