@@ -443,3 +443,41 @@ async fn forwarded_dns_queries_are_capped() {
     let reached = received.load(std::sync::atomic::Ordering::SeqCst);
     assert!(reached <= mesh_egress::dns::MAX_FORWARDS_IN_FLIGHT, "{reached} queries forwarded at once");
 }
+
+/// Paced rapid reset: HEADERS, a moment, RST_STREAM, over and over on one connection. The proxy
+/// sends GOAWAY once most of the connection's streams are cancelled (past 100), so the
+/// connection refuses new streams well before 1,000 resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_rapid_reset_gets_goaway() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) = config_dir(&service_with_protocol(
+        "rr",
+        "http2",
+        outbound,
+        &endpoint("127.0.0.1", upstream.addr.port(), 0),
+        "",
+    ));
+    let _proxy = start(options(config)).await;
+    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut refused_after = None;
+    for i in 0..1000 {
+        if sender.ready().await.is_err() {
+            refused_after = Some(i);
+            break;
+        }
+        let req = http::Request::get(format!("http://{outbound}/"))
+            .header("x-delay-ms", "2000")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        // Dropped unanswered: hyper resets the stream.
+        let _ = tokio::time::timeout(Duration::from_millis(2), sender.send_request(req)).await;
+    }
+    let refused_after = refused_after.expect("1,000 streams reset on one connection and it still takes more");
+    assert!(refused_after > 100, "a connection within the budget is left alone ({refused_after})");
+    drop(conn);
+}

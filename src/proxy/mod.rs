@@ -106,16 +106,7 @@ impl Proxy {
         // HTTP admits and routes each request with the configuration current when it arrives.
         if route.service.protocol != Protocol::Tcp {
             let protocol = route.service.protocol;
-            let proxy = http::HttpProxy {
-                live: self.live.clone(),
-                key,
-                peer,
-                request_timeout: self.settings.request_timeout,
-                access_log: self.access_log.clone(),
-                connections: self.connections.clone(),
-                upgrades: self.settings.upgrade_protocols.clone(),
-                timeouts: self.settings.timeouts,
-            };
+            let proxy = http::HttpProxy::new(self, key, peer);
             // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
             return Box::pin(http::serve(client, proxy, protocol, self.draining.clone())).await;
         }

@@ -9,6 +9,7 @@ mod forward;
 mod grpc;
 mod reply;
 mod request;
+mod resets;
 mod rewrite;
 
 use std::convert::Infallible;
@@ -24,7 +25,7 @@ use tokio::sync::watch;
 pub use body::ProxyBody;
 pub use grpc::grpc_timeout;
 
-use super::{ConnectionTimeouts, Connections};
+use super::{ConnectionTimeouts, Connections, Proxy};
 use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
@@ -41,17 +42,35 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Per-connection context. Each request finds its service in the configuration current when
 /// it arrives, so a reload applies to open keep-alive connections too.
 pub struct HttpProxy {
-    pub live: Arc<Live>,
-    pub key: RouteKey,
-    pub peer: SocketAddr,
+    live: Arc<Live>,
+    key: RouteKey,
+    peer: SocketAddr,
     /// Time allowed until the response headers arrive (`None`: no limit).
-    pub request_timeout: Option<Duration>,
-    pub access_log: Option<AccessLog>,
+    request_timeout: Option<Duration>,
+    access_log: Option<AccessLog>,
     /// Upgraded tunnels count as open connections, so a drain waits for them.
-    pub connections: Arc<Connections>,
+    connections: Arc<Connections>,
     /// `Upgrade` protocols passed through as tunnels (`--upgrade-protocols`).
-    pub upgrades: Arc<[String]>,
-    pub timeouts: ConnectionTimeouts,
+    upgrades: Arc<[String]>,
+    timeouts: ConnectionTimeouts,
+    /// Streams cancelled before their answer (rapid reset).
+    resets: resets::ResetBudget,
+}
+
+impl HttpProxy {
+    pub fn new(proxy: &Proxy, key: RouteKey, peer: SocketAddr) -> Self {
+        Self {
+            live: proxy.live.clone(),
+            key,
+            peer,
+            request_timeout: proxy.settings.request_timeout,
+            access_log: proxy.access_log.clone(),
+            connections: proxy.connections.clone(),
+            upgrades: proxy.settings.upgrade_protocols.clone(),
+            timeouts: proxy.settings.timeouts,
+            resets: resets::ResetBudget::default(),
+        }
+    }
 }
 
 /// Serves one application connection until it closes, or until a drain asks it to finish its
@@ -59,6 +78,7 @@ pub struct HttpProxy {
 pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut draining: watch::Receiver<bool>) {
     let timeouts = proxy.timeouts;
     let proxy = Arc::new(proxy);
+    let watched = proxy.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req).await) }
@@ -86,6 +106,11 @@ pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut 
             return;
         }
         () = drain_requested(&mut draining) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = watched.resets.exceeded() => {
+            tracing::warn!(peer = %watched.peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY");
             connection.as_mut().graceful_shutdown();
             connection.await
         }

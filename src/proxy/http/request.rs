@@ -92,6 +92,13 @@ impl RequestCtx {
 
 impl HttpProxy {
     pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let stream = self.resets.stream();
+        let response = self.phases(req).await;
+        stream.answered();
+        response
+    }
+
+    async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let Some(route) = self.live.load().route(self.key) else {
             return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);
         };
