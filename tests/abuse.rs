@@ -481,3 +481,60 @@ async fn paced_rapid_reset_gets_goaway() {
     assert!(refused_after > 100, "a connection within the budget is left alone ({refused_after})");
     drop(conn);
 }
+
+/// A TLS endpoint that ends its connection without close_notify (many do) has still sent all it
+/// had: the application gets every byte and a clean end, and the access log says `closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_peer_without_close_notify_is_a_normal_close() {
+    use common::pki::{certs, Ca};
+    use rustls::pki_types::pem::PemObject;
+    let ca = Ca::new("abrupt-ca");
+    let leaf = ca.server(&["abrupt.test"]);
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs(&leaf.cert_pem), key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+            let _ = tls.write_all(b"bye\n").await;
+            let _ = tls.flush().await;
+            drop(tls.into_inner().0); // TCP FIN, no close_notify
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: abrupt.test\n      caCert:\n        inlineString: |\n{}",
+        ca.pem.lines().map(|l| format!("          {l}\n")).collect::<String>()
+    );
+    let (dir, config) =
+        config_dir(&service_with_outbound("abrupt", outbound, &endpoint("127.0.0.1", server_addr.port(), 0), &tls));
+    let log_path = dir.path().join("access.log");
+    let mut opts = options(config);
+    opts.access_log = Some(
+        mesh_egress::access_log::AccessLog::start(
+            mesh_egress::access_log::Destination::File(log_path.clone()),
+            mesh_egress::access_log::Format::Text,
+        )
+        .unwrap(),
+    );
+    let _proxy = start(opts).await;
+    let mut client = TcpStream::connect(outbound).await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got, "bye\n");
+    drop(client);
+    eventually("the access log line", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log_path).is_ok_and(|t| t.contains("default/abrupt"))
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains(" closed sent="), "{log}");
+}

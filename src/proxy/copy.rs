@@ -87,6 +87,9 @@ impl Direction {
                         }
                         return Poll::Pending;
                     }
+                    // A TLS peer that closes without close_notify has still said all it had
+                    // to say (as ztunnel treats it): an end of this direction, not a reset.
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.read_done = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {
                         let n = read_buf.filled().len();
