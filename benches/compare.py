@@ -96,7 +96,8 @@ def envoy_config(inspect, services, ca_file):
         host, port = svc["endpoints"][0]["address"].rsplit(":", 1)
         cluster = {
             "name": name, "type": "STATIC", "connect_timeout": "5s", "lb_policy": "LEAST_REQUEST",
-            # Envoy's default circuit breakers stop at 1,024 connections; mesh-egress has none.
+            # Both proxies stop at 1,024 connections per service by default (circuit breakers,
+            # --max-upstream-connections); the idle-connection row holds more: both are raised.
             "circuit_breakers": {"thresholds": [{"max_connections": 1000000, "max_pending_requests": 1000000,
                                                  "max_requests": 1000000}]},
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
@@ -165,7 +166,8 @@ class Proxy:
         pin = ["taskset", "-c", cpus] if cpus else []
         if kind == "mesh-egress":
             cmd = pin + [MESH, "run", "-c", os.path.join(config_dir, "mesh.yaml"), "--workers", str(workers),
-                         "--admin", f"127.0.0.1:{MESH_ADMIN}", "--transparent", "off", "--dns", "off", "--no-watch"]
+                         "--admin", f"127.0.0.1:{MESH_ADMIN}", "--transparent", "off", "--dns", "off", "--no-watch",
+                         "--max-upstream-connections", "1000000"]
             ready = f"http://127.0.0.1:{MESH_ADMIN}/ready"
             env = dict(os.environ, RUST_LOG="error")
         else:

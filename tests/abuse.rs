@@ -135,14 +135,7 @@ async fn one_application_connection_cannot_fan_out_past_the_stream_limit() {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream = common::http_upstream::http_upstream(None).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) = config_dir(&service_with_protocol(
-        "fan",
-        "http",
-        outbound,
-        &endpoint("127.0.0.1", upstream.addr.port(), 0),
-        "",
-    ));
+    let (outbound, _dir, config) = single_service("fan", "http", upstream.addr.port());
     let _proxy = start(options(config)).await;
     let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
     let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
@@ -174,14 +167,7 @@ async fn one_application_connection_cannot_fan_out_past_the_stream_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_per_service_are_capped() {
     let upstream = common::http_upstream::http_upstream(None).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) = config_dir(&service_with_protocol(
-        "cap",
-        "http",
-        outbound,
-        &endpoint("127.0.0.1", upstream.addr.port(), 0),
-        "",
-    ));
+    let (outbound, _dir, config) = single_service("cap", "http", upstream.addr.port());
     let mut opts = options(config);
     opts.upstream.max_connections = 2;
     let _proxy = start(opts).await;
@@ -220,14 +206,7 @@ async fn raw(addr: SocketAddr, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_edge_cases_get_the_answer_the_rfc_asks_for() {
     let upstream = common::http_upstream::http_upstream(None).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) = config_dir(&service_with_protocol(
-        "edge",
-        "http",
-        outbound,
-        &endpoint("127.0.0.1", upstream.addr.port(), 0),
-        "",
-    ));
+    let (outbound, _dir, config) = single_service("edge", "http", upstream.addr.port());
     let _proxy = start(options(config)).await;
     let close = "Connection: close\r\n";
     for (what, request, want) in [
@@ -344,9 +323,7 @@ async fn admin_and_dns_tcp_close_quiet_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_does_not_stall_the_next_request() {
     let upstream = common::http_upstream::http_upstream(None).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&service_with_protocol("up", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (outbound, _dir, config) = single_service("up", "http", upstream.addr.port());
     let _proxy = start(options(config)).await;
     let mut upload = TcpStream::connect(outbound).await.unwrap();
     upload
@@ -452,14 +429,7 @@ async fn paced_rapid_reset_gets_goaway() {
     use http_body_util::Empty;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream = common::http_upstream::http_upstream(None).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) = config_dir(&service_with_protocol(
-        "rr",
-        "http2",
-        outbound,
-        &endpoint("127.0.0.1", upstream.addr.port(), 0),
-        "",
-    ));
+    let (outbound, _dir, config) = single_service("rr", "http2", upstream.addr.port());
     let _proxy = start(options(config)).await;
     let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
     let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();

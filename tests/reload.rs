@@ -202,9 +202,7 @@ async fn dns_is_answered_while_a_large_configuration_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_waits_for_upgraded_tunnels() {
     let upstream = common::http_upstream::http_upstream(None).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&service_with_protocol("ws", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let (outbound, _dir, config) = single_service("ws", "http", upstream.addr.port());
     let mut proxy = start(options(config)).await;
     let mut s = TcpStream::connect(outbound).await.unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();

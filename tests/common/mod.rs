@@ -286,6 +286,15 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// One `protocol` service on a fresh loopback outbound, its endpoint 127.0.0.1:`port`, written
+/// to a new configuration directory: the outbound, the directory guard and the file.
+pub fn single_service(name: &str, protocol: &str, port: u16) -> (SocketAddr, tempfile::TempDir, PathBuf) {
+    let outbound = free_addr("127.0.0.1");
+    let (dir, config) =
+        config_dir(&service_with_protocol(name, protocol, outbound, &endpoint("127.0.0.1", port, 0), ""));
+    (outbound, dir, config)
+}
+
 /// [`service_with_outbound`] with another protocol than tcp.
 pub fn service_with_protocol(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
     service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
