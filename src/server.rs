@@ -126,6 +126,8 @@ impl Server {
                 request_timeout: options.request_timeout,
                 upgrade_protocols: options.upgrade_protocols.iter().cloned().collect(),
                 timeouts: options.timeouts,
+                vip_cidr: Some(ipam.cidr()),
+                own_listeners: [options.admin, options.dns, options.transparent].into_iter().flatten().collect(),
             },
             original_dst,
             access_log: options.access_log.clone(),

@@ -197,3 +197,29 @@ async fn dns_failure_keeps_the_last_good_answer() {
     assert!(asked >= 1);
     assert_eq!(greet(outbound).await.unwrap().0, "kept");
 }
+
+/// Passthrough never goes to the proxy itself (its admin server, DNS proxy, outbounds: a loop
+/// through the proxy) nor to a VIP no service has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_refuses_the_proxys_own_listeners() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let (outbound, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let (_dir, config) =
+        config_dir(&service_with_outbound("own", outbound, &endpoint("127.0.0.1", echo.addr.port(), 0), ""));
+    let mut opts = options(config);
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    opts.admin = Some(admin);
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    let listener = proxy.transparent_addr().unwrap();
+    for dst in [outbound, admin] {
+        let mut stream = injected.connect(listener, dst).await;
+        stream.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+        assert!(buf.is_empty(), "{dst}: closed without reaching it, got {:?}", String::from_utf8_lossy(&buf));
+    }
+    // Elsewhere still works.
+    assert_eq!(round_trip(injected.connect(listener, echo.addr).await).await, "echo\nping<eof>");
+}

@@ -41,6 +41,10 @@ pub struct ProxySettings {
     /// HTTP/1 `Upgrade` protocols passed through as tunnels.
     pub upgrade_protocols: Arc<[String]>,
     pub timeouts: ConnectionTimeouts,
+    /// The VIP range: passthrough never goes there.
+    pub vip_cidr: Option<ipnet::IpNet>,
+    /// The admin, DNS and transparent addresses: passthrough never goes there either.
+    pub own_listeners: Vec<SocketAddr>,
 }
 
 /// How long application connections may go quiet.
@@ -93,14 +97,20 @@ impl Proxy {
         let _open = self.connections.open();
         let _ = client.set_nodelay(true);
         let Some(key) = self.classify(&client, peer, local, kind) else { return };
-        let Some(route) = self.live.load().route(key) else {
+        let snapshot = self.live.load();
+        let Some(route) = snapshot.route(key) else {
             return match (kind, key) {
                 (ListenerKind::Transparent, RouteKey::Vip(dst)) => {
+                    if let Some(why) = passthrough::refused(&self.settings, &snapshot, dst) {
+                        return tracing::warn!(%peer, %dst, "passthrough refused: the destination is {why}");
+                    }
+                    drop(snapshot);
                     Box::pin(passthrough::forward(&self.settings, client, peer, dst)).await
                 }
                 _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
             };
         };
+        drop(snapshot);
         route.upstream.metrics.connections.inc();
         let _active = GaugeGuard::inc(&route.upstream.metrics.connections_active);
         // HTTP admits and routes each request with the configuration current when it arrives.

@@ -6,7 +6,21 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::{copy, ProxySettings};
+use crate::live::Snapshot;
 use crate::upstream::{TargetAddr, UpstreamStream};
+
+/// Destinations passthrough never goes to: the proxy itself (a loop), and VIPs no service has
+/// (they lead nowhere outside).
+pub(super) fn refused(settings: &ProxySettings, snapshot: &Snapshot, dst: SocketAddr) -> Option<&'static str> {
+    if settings.vip_cidr.is_some_and(|cidr| cidr.contains(&dst.ip())) {
+        return Some("in the VIP range but no service's");
+    }
+    let own = |addr: &SocketAddr| addr.port() == dst.port() && (addr.ip() == dst.ip() || addr.ip().is_unspecified());
+    if settings.own_listeners.iter().any(own) || snapshot.catalog.outbounds().iter().any(|o| own(&o.address)) {
+        return Some("one of the proxy's own listeners");
+    }
+    None
+}
 
 pub(super) async fn forward(settings: &ProxySettings, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     if !settings.passthrough {
