@@ -508,3 +508,28 @@ async fn a_tls_peer_without_close_notify_is_a_normal_close() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains(" closed sent="), "{log}");
 }
+
+/// An upstream that resets a gRPC stream after its headers went out: the client gets trailers
+/// with `grpc-status: 14` (UNAVAILABLE), as from Envoy, not a bare reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_reset_mid_response_ends_with_unavailable() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("g", "grpc", upstream.addr.port());
+    let _proxy = start(options(config)).await;
+    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{outbound}/svc/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-reset", "mid")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let collected = response.into_body().collect().await.expect("the stream ends with trailers, not a reset");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(trailers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("14"), "{trailers:?}");
+}

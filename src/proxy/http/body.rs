@@ -67,6 +67,21 @@ impl Drop for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// Ends the response with gRPC trailers; the access log gets `outcome`.
+    fn end_with_grpc_status(
+        &mut self,
+        outcome: &'static str,
+        status: &'static str,
+        message: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.finished = true;
+        self.outcome = outcome;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static(status));
+        trailers.insert("grpc-message", HeaderValue::from_static(message));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
     pub fn return_to_pool(&mut self) {
         if let Some(ticket) = self.pool_return.take() {
             ticket.response_done();
@@ -100,15 +115,15 @@ impl Body for ProxyBody {
         }
         if let Some(deadline) = up.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() && up.grpc {
-                up.finished = true;
-                up.outcome = "deadline_exceeded";
-                let mut trailers = HeaderMap::new();
-                trailers.insert("grpc-status", HeaderValue::from_static("4"));
-                trailers.insert("grpc-message", HeaderValue::from_static("deadline exceeded"));
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                return up.end_with_grpc_status("deadline_exceeded", "4", "deadline exceeded");
             }
         }
         let frame = Pin::new(&mut up.body).poll_frame(cx);
+        // The headers are out, so a gRPC client learns of an upstream failure from the
+        // trailers (UNAVAILABLE), as from Envoy, not from a bare stream reset.
+        if up.grpc && matches!(frame, Poll::Ready(Some(Err(_)))) {
+            return up.end_with_grpc_status("aborted", "14", "upstream reset the stream");
+        }
         // hyper stops polling once a body says it has ended, so the response is complete (and
         // the connection goes back to the pool) as soon as the last frame is out, not only on
         // the final `None`.
@@ -140,6 +155,9 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Local(full) => full.size_hint(),
+            // A gRPC response may end early with the proxy's trailers: no exact length (hyper
+            // would send it as Content-Length).
+            Self::Upstream(up) if up.grpc => SizeHint::default(),
             Self::Upstream(up) => up.body.size_hint(),
         }
     }

@@ -80,6 +80,11 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if grpc {
+        // The proxy may end a gRPC response early with its own trailers (deadline, upstream
+        // reset): a Content-Length would then be a lie the client must treat as an error.
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     parts.version = client_version;
     let pool_return = match sender {
         Sender::H1(sender) => {
