@@ -13,9 +13,21 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The error messages of a flow ended by a timeout.
-pub const IDLE_TIMED_OUT: &str = "idle timeout";
-pub const HALF_CLOSE_TIMED_OUT: &str = "half-close timeout";
+/// Why a flow was ended by one of its [`FlowTimeouts`] (inside a `TimedOut` I/O error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FlowTimedOut {
+    #[error("idle timeout")]
+    Idle,
+    #[error("half-close timeout")]
+    HalfClose,
+}
+
+impl FlowTimedOut {
+    /// The timeout behind `error`, if a flow timeout ended it.
+    pub fn of(error: &io::Error) -> Option<Self> {
+        error.get_ref().and_then(|e| e.downcast_ref::<Self>()).copied()
+    }
+}
 
 /// Buffer sizes a direction steps through.
 const SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
@@ -132,7 +144,7 @@ pub struct FlowTimeouts {
 }
 
 /// Copies `client` ⇄ `upstream` until both directions have finished or one fails; a flow past
-/// one of its `timeouts` ends with a `TimedOut` error ([`IDLE_TIMED_OUT`], [`HALF_CLOSE_TIMED_OUT`]).
+/// one of its `timeouts` ends with a `TimedOut` error carrying a [`FlowTimedOut`].
 pub async fn bidirectional<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -180,7 +192,7 @@ where
         // A timer that fires early (bytes moved since it was set) is re-armed for the deadline.
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
-                let why = if half_close_at == Some(deadline) { HALF_CLOSE_TIMED_OUT } else { IDLE_TIMED_OUT };
+                let why = if half_close_at == Some(deadline) { FlowTimedOut::HalfClose } else { FlowTimedOut::Idle };
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
             }
             timer.as_mut().reset(deadline);
@@ -217,6 +229,25 @@ mod tests {
         let (bytes, result) = task.await.unwrap();
         result.unwrap();
         assert_eq!(bytes, Transferred { client_to_upstream: 4, upstream_to_client: 14 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_and_half_closed_flows_end_with_their_timeout() {
+        let timeouts = FlowTimeouts {
+            idle: Some(std::time::Duration::from_secs(60)),
+            half_close: Some(std::time::Duration::from_secs(5)),
+        };
+        // Nothing moves: the idle timeout.
+        let (_app, mut proxy_side) = tokio::io::duplex(64);
+        let (mut upstream_side, _server) = tokio::io::duplex(64);
+        let (_, result) = bidirectional(&mut proxy_side, &mut upstream_side, timeouts).await;
+        assert_eq!(result.as_ref().err().and_then(FlowTimedOut::of), Some(FlowTimedOut::Idle), "{result:?}");
+        // The application closes its half; the upstream never answers: the half-close timeout.
+        let (mut app, mut proxy_side) = tokio::io::duplex(64);
+        let (mut upstream_side, _server) = tokio::io::duplex(64);
+        app.shutdown().await.unwrap();
+        let (_, result) = bidirectional(&mut proxy_side, &mut upstream_side, timeouts).await;
+        assert_eq!(result.as_ref().err().and_then(FlowTimedOut::of), Some(FlowTimedOut::HalfClose), "{result:?}");
     }
 
     #[test]

@@ -33,10 +33,10 @@ pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream, timeouts:
     ctx.bytes = bytes;
     ctx.outcome = match &result {
         Ok(()) => "closed",
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && e.to_string() == copy::IDLE_TIMED_OUT => "idle_timeout",
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && e.to_string() == copy::HALF_CLOSE_TIMED_OUT => {
-            "half_close_timeout"
-        }
-        Err(_) => "reset",
+        Err(e) => match copy::FlowTimedOut::of(e) {
+            Some(copy::FlowTimedOut::Idle) => "idle_timeout",
+            Some(copy::FlowTimedOut::HalfClose) => "half_close_timeout",
+            None => "reset",
+        },
     };
 }
