@@ -23,6 +23,16 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(out)
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An h2c (prior knowledge) client connection to `addr`, driven on its own task.
+async fn h2c(addr: SocketAddr) -> (H2Sender, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 async fn wait_ready(admin: SocketAddr) {
     eventually("/ready answers 200", Duration::from_secs(20), || async {
         http_get(admin, "/ready").await.is_some_and(|r| r.starts_with("HTTP/1.1 200"))
@@ -133,13 +143,10 @@ async fn listeners_on_non_loopback_addresses_need_an_explicit_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_application_connection_cannot_fan_out_past_the_stream_limit() {
     use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream = common::http_upstream::http_upstream(None).await;
     let (outbound, _dir, config) = single_service("fan", "http", upstream.addr.port());
     let _proxy = start(options(config)).await;
-    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
-    tokio::spawn(conn);
+    let (sender, _conn) = h2c(outbound).await;
     let requests = (0..150).map(|_| {
         let mut sender = sender.clone();
         async move {
@@ -427,13 +434,10 @@ async fn forwarded_dns_queries_are_capped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_rapid_reset_gets_goaway() {
     use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream = common::http_upstream::http_upstream(None).await;
     let (outbound, _dir, config) = single_service("rr", "http2", upstream.addr.port());
     let _proxy = start(options(config)).await;
-    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(outbound).await;
     let mut refused_after = None;
     for i in 0..1000 {
         if sender.ready().await.is_err() {
@@ -514,13 +518,10 @@ async fn a_tls_peer_without_close_notify_is_a_normal_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_stream_reset_mid_response_ends_with_unavailable() {
     use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream = common::http_upstream::http_upstream(None).await;
     let (outbound, _dir, config) = single_service("g", "grpc", upstream.addr.port());
     let _proxy = start(options(config)).await;
-    let io = TokioIo::new(TcpStream::connect(outbound).await.unwrap());
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(outbound).await;
     let req = http::Request::post(format!("http://{outbound}/svc/Method"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
