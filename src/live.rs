@@ -52,6 +52,8 @@ impl TlsClients {
                     .collect()
             })
             .unwrap_or_default();
+        // Compared once per configuration, and only if a reusable client trusts the system store.
+        let system_unchanged = std::cell::OnceCell::new();
         let mut clients = Vec::with_capacity(catalog.services().len());
         let mut broken = Vec::new();
         for (index, service) in catalog.services().iter().enumerate() {
@@ -63,7 +65,9 @@ impl TlsClients {
             let reusable = old.get(&service.key()).filter(|(o, _)| {
                 o.tls.as_ref() == Some(policy)
                     && o.protocol == service.protocol
-                    && (!system_trust || previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots))
+                    && (!system_trust
+                        || *system_unchanged
+                            .get_or_init(|| previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots)))
             });
             match reusable {
                 Some((_, client)) => clients.push(Some(Arc::clone(client))),
@@ -81,9 +85,7 @@ impl TlsClients {
         }
         Self { clients, system: roots.loaded().map(<[_]>::to_vec) }
     }
-}
 
-impl TlsClients {
     /// The client of the service at `index` in the catalog it was built for.
     pub fn get(&self, index: usize) -> Option<&Arc<ClientConfig>> {
         self.clients.get(index).and_then(Option::as_ref)
@@ -134,7 +136,7 @@ impl Snapshot {
         let mut reusable: HashMap<String, (&Arc<Upstream>, Option<&Arc<ClientConfig>>)> = HashMap::new();
         if let Some(prev) = previous {
             for (index, (service, upstream)) in prev.catalog.services().iter().zip(&prev.upstreams).enumerate() {
-                reusable.insert(service.key(), (upstream, prev.tls_client(index)));
+                reusable.insert(service.key(), (upstream, prev.tls.get(index)));
             }
         }
         let upstreams = catalog
@@ -160,15 +162,11 @@ impl Snapshot {
         Self { catalog, upstreams, tls }
     }
 
-    fn tls_client(&self, index: usize) -> Option<&Arc<ClientConfig>> {
-        self.tls.get(index)
-    }
-
     fn route_at(&self, index: usize) -> Option<Route> {
         Some(Route {
             service: self.catalog.service(index)?.clone(),
             upstream: self.upstreams.get(index)?.clone(),
-            tls_client: self.tls_client(index).cloned(),
+            tls_client: self.tls.get(index).cloned(),
         })
     }
 
