@@ -110,7 +110,8 @@ fn config_dump(snapshot: &Snapshot) -> serde_json::Value {
             serde_json::json!({ "address": o.address.to_string(), "dataplane": o.dataplane, "service": service })
         })
         .collect();
-    serde_json::json!({ "services": services, "outbounds": outbounds })
+    let ignored = snapshot.catalog.ignored_policies();
+    serde_json::json!({ "services": services, "outbounds": outbounds, "ignoredPolicies": ignored })
 }
 
 /// Per service: configured endpoints and the addresses traffic can go to, with their health.

@@ -12,6 +12,8 @@ pub const LAYERS: &[&str] = &[
     // Configuration as written: files → typed, validated resources (templates are theirs).
     "template",
     "resources",
+    // Which policies apply to each service, merged as Kuma merges them.
+    "policy",
     // Configuration compiled: pure, no I/O, no clock, no TLS library.
     "catalog",
     "vip_store",
@@ -43,6 +45,7 @@ pub mod listen;
 pub mod live;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod proxy;
 pub mod resources;
 pub mod server;

@@ -493,7 +493,12 @@ fn inspect(
     let views: Vec<ServiceView> = compiled.catalog.services().iter().map(|s| ServiceView::from(&**s)).collect();
     let mut out = std::io::stdout().lock();
     match format {
-        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?,
+        Format::Json => {
+            writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?;
+            for i in compiled.catalog.ignored_policies() {
+                eprintln!("note: {} {} is not applied: {}", i.kind.as_str(), i.policy, i.reason);
+            }
+        }
         Format::Table => write_table(&mut out, &views, &compiled)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -544,6 +549,14 @@ fn write_table(out: &mut impl std::io::Write, views: &[ServiceView], compiled: &
         if let Some(s) = compiled.catalog.service(o.service) {
             writeln!(out, "outbound {} (Dataplane {}) -> {}", o.address, o.dataplane, s.key())?;
         }
+    }
+    for v in views {
+        for source in &v.policies.sources {
+            writeln!(out, "policy {}/{}: {} {} {}", v.mesh, v.name, source.kind.as_str(), source.policy, source.item)?;
+        }
+    }
+    for i in compiled.catalog.ignored_policies() {
+        writeln!(out, "policy {} {} not applied: {}", i.kind.as_str(), i.policy, i.reason)?;
     }
     Ok(())
 }

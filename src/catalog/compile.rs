@@ -11,6 +11,7 @@ use super::{
     Access, Catalog, ClientIdentity, Condition, Endpoint, EndpointAddress, Ipam, Outbound, Protocol, SanMatch, Service,
     TlsPolicy, TlsVersion, VerificationMode,
 };
+use crate::policy::{PolicySet, Target as PolicyTarget};
 use crate::resources::kinds::{HostnameGeneratorSpec, MeshExternalServiceSpec, TlsSpec};
 use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ZONE,
@@ -125,6 +126,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
         catalog.services.push(Arc::new(service));
     }
 
+    apply_policies(resources, &mut catalog, &mut diagnostics);
     assign_hostnames(&mut catalog, &generators, options);
     index_vips(&mut catalog, &mut diagnostics);
     outbounds(resources, &mut catalog, &by_key, &mut diagnostics);
@@ -181,6 +183,38 @@ fn service(
         hostnames: Vec::new(),
         conditions: Vec::new(),
         broken,
+        policies: Arc::default(),
+    }
+}
+
+/// Merges the policies that apply to each service into it.
+fn apply_policies(resources: &[Resource], catalog: &mut Catalog, diagnostics: &mut Diagnostics) {
+    let set = PolicySet::new(resources);
+    let origin_of = |policy: &str| {
+        resources
+            .iter()
+            .find(|r| matches!(r.kind, Kind::Policy(_)) && format!("{}/{}", r.meta.mesh, r.meta.name) == policy)
+            .map(|r| r.meta.origin.clone())
+    };
+    let targets: Vec<PolicyTarget<'_>> = catalog.services.iter().map(|s| target(s)).collect();
+    diagnostics.extend(set.check_references(&targets, origin_of).0);
+    let effective: Vec<_> =
+        catalog.services.iter().map(|s| set.effective(&target(s), &s.origin, diagnostics)).collect();
+    for (service, effective) in catalog.services.iter_mut().zip(effective) {
+        if !effective.is_empty() {
+            Arc::make_mut(service).policies = Arc::new(effective);
+        }
+    }
+    catalog.ignored_policies = set.ignored().to_vec();
+}
+
+fn target(s: &Service) -> PolicyTarget<'_> {
+    PolicyTarget {
+        mesh: &s.mesh,
+        name: &s.name,
+        display_name: &s.display_name,
+        namespace: &s.namespace,
+        labels: &s.labels,
     }
 }
 

@@ -21,6 +21,7 @@ pub use crate::model::{
     ClientIdentity, Endpoint, EndpointAddress, Protocol, SanMatch, TlsPolicy, TlsVersion, TrustSource, VerificationMode,
 };
 
+use crate::policy::{Effective, Ignored};
 use crate::resources::{Labels, Origin};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -63,6 +64,8 @@ pub struct Service {
     pub conditions: Vec<Condition>,
     /// Why the service cannot carry traffic (missing secret, bad certificate, no VIP, ...).
     pub broken: Option<String>,
+    /// The policies that apply to it, merged.
+    pub policies: Arc<Effective>,
 }
 
 impl Service {
@@ -86,9 +89,15 @@ pub struct Catalog {
     by_vip: HashMap<SocketAddr, usize>,
     by_hostname: HashMap<String, usize>,
     outbounds: Vec<Outbound>,
+    ignored_policies: Vec<Ignored>,
 }
 
 impl Catalog {
+    /// Policies that select no part of this sidecar, and why.
+    pub fn ignored_policies(&self) -> &[Ignored] {
+        &self.ignored_policies
+    }
+
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services
     }

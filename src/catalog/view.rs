@@ -4,6 +4,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::policy::Effective;
+
 use super::{Access, Condition, Protocol, SanMatch, Service, TlsVersion, TrustSource, VerificationMode};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -21,6 +23,9 @@ pub struct ServiceView {
     pub access: Access,
     pub conditions: Vec<Condition>,
     pub broken: Option<String>,
+    /// The merged policies and the items they came from (absent when none applies).
+    #[serde(skip_serializing_if = "Effective::is_empty")]
+    pub policies: Effective,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -68,6 +73,7 @@ impl From<&Service> for ServiceView {
             access: s.access,
             conditions: s.conditions.clone(),
             broken: s.broken.clone(),
+            policies: (*s.policies).clone(),
         }
     }
 }

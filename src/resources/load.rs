@@ -12,6 +12,7 @@ use super::kinds::{
     DataplaneSpec, HostnameGeneratorSpec, KubeObject, KubeSecret, Labels, MeshExternalServiceSpec, MeshSpec,
     UniversalSecret, UniversalWithSpec,
 };
+use super::policy::{Policy, PolicyKind, PolicySpec};
 use super::validate;
 use super::{Diagnostic, Kind, Loaded, Meta, Origin, Resource, DEFAULT_MESH, LABEL_MESH, LABEL_NAMESPACE};
 use base64::Engine as _;
@@ -245,6 +246,11 @@ impl Document<'_> {
     }
 
     fn load_kube(&self, kind: &str, value: &Value) -> Result<Option<Resource>, Diagnostic> {
+        if let Some(kind) = PolicyKind::parse(kind) {
+            let obj: KubeObject<PolicySpec> = self.typed(value)?;
+            let policy = Policy { kind, spec: obj.spec.unwrap_or_default() };
+            return Ok(Some(Resource { meta: self.kube_meta(obj.metadata), kind: Kind::Policy(policy) }));
+        }
         Ok(Some(match kind {
             "MeshExternalService" => {
                 let obj: KubeObject<MeshExternalServiceSpec> = self.typed(value)?;
@@ -283,6 +289,12 @@ impl Document<'_> {
     }
 
     fn load_universal(&self, kind: &str, value: &Value) -> Result<Option<Resource>, Diagnostic> {
+        if let Some(kind) = PolicyKind::parse(kind) {
+            let r: UniversalWithSpec<PolicySpec> = self.typed(value)?;
+            let policy = Policy { kind, spec: r.spec.unwrap_or_default() };
+            let meta = universal_meta(r.name, r.mesh, r.labels, &self.origin);
+            return Ok(Some(Resource { meta, kind: Kind::Policy(policy) }));
+        }
         Ok(Some(match kind {
             "MeshExternalService" => {
                 let r: UniversalWithSpec<MeshExternalServiceSpec> = self.typed(value)?;
@@ -384,7 +396,16 @@ impl Document<'_> {
     }
 }
 
-const KNOWN_KINDS: [&str; 5] = ["MeshExternalService", "HostnameGenerator", "Mesh", "Secret", "Dataplane"];
+const KNOWN_KINDS: [&str; 8] = [
+    "MeshExternalService",
+    "HostnameGenerator",
+    "Mesh",
+    "Secret",
+    "Dataplane",
+    "MeshTimeout",
+    "MeshRetry",
+    "MeshCircuitBreaker",
+];
 
 fn universal_meta(name: String, mesh: Option<String>, labels: Labels, origin: &Origin) -> Meta {
     Meta { name, mesh: mesh.unwrap_or_else(|| DEFAULT_MESH.to_string()), labels, origin: origin.clone() }
@@ -392,6 +413,7 @@ fn universal_meta(name: String, mesh: Option<String>, labels: Labels, origin: &O
 
 pub(super) fn resource_label(r: &Resource) -> String {
     let kind = match &r.kind {
+        Kind::Policy(p) => p.kind.as_str(),
         Kind::MeshExternalService { .. } => "MeshExternalService",
         Kind::HostnameGenerator(_) => "HostnameGenerator",
         Kind::Mesh(_) => "Mesh",

@@ -6,6 +6,7 @@
 mod diagnostic;
 pub mod kinds;
 mod load;
+pub mod policy;
 mod validate;
 
 use std::net::IpAddr;
@@ -22,6 +23,10 @@ pub const LABEL_DISPLAY_NAME: &str = "kuma.io/display-name";
 pub const LABEL_NAMESPACE: &str = "k8s.kuma.io/namespace";
 pub const LABEL_ZONE: &str = "kuma.io/zone";
 pub const LABEL_MESH: &str = "kuma.io/mesh";
+pub const LABEL_ORIGIN: &str = "kuma.io/origin";
+pub const LABEL_POLICY_ROLE: &str = "kuma.io/policy-role";
+/// Kuma's system namespace on Kubernetes: policies there apply mesh-wide.
+pub const SYSTEM_NAMESPACE: &str = "kuma-system";
 
 /// Where a resource came from: the file and the line its document starts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +55,7 @@ pub enum Kind {
     Mesh(kinds::MeshSpec),
     Secret(Vec<u8>),
     Dataplane(kinds::DataplaneSpec),
+    Policy(policy::Policy),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -26,17 +26,18 @@ pub(super) fn resource(r: &Resource, out: &mut Diagnostics) {
         Kind::MeshExternalService { spec, .. } => mesh_external_service(spec, &mut v),
         Kind::HostnameGenerator(spec) => hostname_generator(spec, &mut v),
         Kind::Dataplane(spec) => dataplane(spec, &mut v),
+        Kind::Policy(policy) => super::policy::validate(policy, &r.meta, &mut v),
         Kind::Mesh(_) | Kind::Secret(_) => {}
     }
 }
 
-struct Violations<'a> {
+pub(super) struct Violations<'a> {
     origin: &'a super::Origin,
     out: &'a mut Diagnostics,
 }
 
 impl Violations<'_> {
-    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.out.push(Diagnostic::error(self.origin, path, message));
     }
 

@@ -1,0 +1,540 @@
+//! Which policies apply to each MeshExternalService, merged as Kuma 2.14 merges them.
+//!
+//! Pure. For one service: take the policies whose top-level `targetRef` selects this sidecar,
+//! flatten their `to[]` items, keep the `Mesh` items of the service's mesh and the items that
+//! name (or label-select) the service, sort them by Kuma's precedence (lowest first), and merge
+//! their `default`s with RFC 7396 JSON merge-patch: objects merge field by field, lists are
+//! replaced. The merged value is then read as the kind's typed conf ([`Effective`]), and
+//! [`runtime`] turns that into what the data path applies.
+
+pub mod runtime;
+
+use std::cmp::Reverse;
+
+use serde::Serialize;
+use serde_norway::Value;
+
+use crate::resources::kinds::Labels;
+use crate::resources::policy::{
+    CircuitBreakerConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef, TimeoutConf,
+};
+use crate::resources::{
+    Diagnostic, Diagnostics, Kind, Meta, Origin, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ORIGIN,
+};
+
+/// The service a policy entry may target.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub mesh: &'a str,
+    pub name: &'a str,
+    pub display_name: &'a str,
+    pub namespace: &'a str,
+    pub labels: &'a Labels,
+}
+
+/// A policy item that contributed to a service's conf, in merge order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub kind: PolicyKind,
+    /// `mesh/name` of the policy resource.
+    pub policy: String,
+    /// The `to[]` item, e.g. `to[0] Mesh` or `to[1] MeshExternalService httpbin`.
+    pub item: String,
+}
+
+/// A policy that selects no part of this sidecar, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ignored {
+    pub kind: PolicyKind,
+    pub policy: String,
+    pub reason: String,
+}
+
+/// What the policies say about one service: the merged conf of each kind (`None` when no
+/// policy of that kind applies) and where it came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Effective {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_timeout: Option<TimeoutConf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_retry: Option<RetryConf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_circuit_breaker: Option<CircuitBreakerConf>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Source>,
+}
+
+impl Effective {
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+}
+
+/// One `to[]` item of a selected policy, with its precedence.
+#[derive(Debug)]
+struct Entry {
+    kind: PolicyKind,
+    mesh: String,
+    policy: String,
+    /// The policy's namespace (Kubernetes spelling): a `to` name without one means this one.
+    namespace: Option<String>,
+    index: usize,
+    target_ref: TargetRef,
+    default: serde_json::Value,
+    rank: Rank,
+}
+
+/// Kuma's sort key (`outbound.Sort`), compared field by field; higher wins.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    top_kind: u8,
+    /// Dataplane only: selected by name (2) over by labels (1).
+    dataplane_by_name: u8,
+    origin: u8,
+    role: Role,
+    to_kind: u8,
+    /// Reverse lexicographic: `aaa` wins over `zzz`.
+    name: Reverse<String>,
+}
+
+fn kind_rank(kind: &str) -> u8 {
+    match kind {
+        "Mesh" | "" => 1,
+        "Dataplane" => 2,
+        "MeshSubset" => 3,
+        "MeshGateway" => 4,
+        "MeshService" => 5,
+        "MeshExternalService" => 6,
+        "MeshMultiZoneService" => 7,
+        "MeshServiceSubset" => 8,
+        "MeshHTTPRoute" => 9,
+        _ => 0,
+    }
+}
+
+/// The Dataplanes this sidecar serves, as policies select them.
+#[derive(Debug, Default)]
+struct Proxies {
+    dataplanes: Vec<DataplaneIdentity>,
+}
+
+#[derive(Debug)]
+struct DataplaneIdentity {
+    mesh: String,
+    name: String,
+    namespace: Option<String>,
+    labels: Labels,
+    /// Tags of each inbound.
+    inbound_tags: Vec<Labels>,
+}
+
+impl Proxies {
+    fn new(resources: &[Resource]) -> Self {
+        let dataplanes = resources
+            .iter()
+            .filter_map(|r| {
+                let Kind::Dataplane(spec) = &r.kind else { return None };
+                Some(DataplaneIdentity {
+                    mesh: r.meta.mesh.clone(),
+                    name: r.meta.name.clone(),
+                    namespace: r.meta.labels.get(LABEL_NAMESPACE).cloned(),
+                    labels: r.meta.labels.clone(),
+                    inbound_tags: inbound_tags(spec.networking.inbound.as_ref()),
+                })
+            })
+            .collect();
+        Self { dataplanes }
+    }
+
+    /// `None` when the top-level targetRef selects this sidecar; else why not.
+    fn not_selected(&self, mesh: &str, policy_namespace: Option<&str>, top: &TargetRef) -> Option<String> {
+        let in_mesh = || self.dataplanes.iter().filter(move |d| d.mesh == mesh);
+        let none = |what: String| Some(format!("no Dataplane in the configuration matches {what}"));
+        match top.kind.as_str() {
+            "" | "Mesh" => match &top.proxy_types {
+                Some(types) if !types.iter().any(|t| t == "Sidecar") => {
+                    Some("proxyTypes does not include Sidecar".to_string())
+                }
+                _ => None,
+            },
+            "Dataplane" => {
+                let found = match (&top.name, &top.labels) {
+                    (Some(name), _) if !name.is_empty() => {
+                        let namespace = top.namespace.as_deref().or(policy_namespace);
+                        in_mesh()
+                            .any(|d| &d.name == name && (namespace.is_none() || d.namespace.as_deref() == namespace))
+                    }
+                    (_, Some(labels)) => in_mesh().any(|d| subset(labels, &d.labels)),
+                    _ => in_mesh().next().is_some(),
+                };
+                if found {
+                    None
+                } else {
+                    none(format!("targetRef {}", describe(top)))
+                }
+            }
+            "MeshSubset" => {
+                let tags = top.tags.clone().unwrap_or_default();
+                let found = in_mesh().any(|d| tags.is_empty() || d.inbound_tags.iter().any(|t| subset(&tags, t)));
+                if found {
+                    None
+                } else {
+                    none(format!("targetRef {}", describe(top)))
+                }
+            }
+            "MeshService" | "MeshServiceSubset" => {
+                let name = top.name.clone().unwrap_or_default();
+                let tags = top.tags.clone().unwrap_or_default();
+                let found = in_mesh().any(|d| {
+                    d.inbound_tags.iter().any(|t| t.get("kuma.io/service") == Some(&name) && subset(&tags, t))
+                });
+                if found {
+                    None
+                } else {
+                    none(format!("targetRef {} (by the kuma.io/service tag of an inbound)", describe(top)))
+                }
+            }
+            "MeshGateway" => Some("a top-level MeshGateway selects gateways, not this sidecar".to_string()),
+            "MeshHTTPRoute" => {
+                Some("a top-level MeshHTTPRoute applies to that route's traffic; routes are not supported yet".into())
+            }
+            other => Some(format!("top-level kind {other} cannot select a sidecar")),
+        }
+    }
+}
+
+fn inbound_tags(inbound: Option<&Value>) -> Vec<Labels> {
+    let Some(list) = inbound.and_then(Value::as_sequence) else { return Vec::new() };
+    list.iter()
+        .filter_map(|i| i.get("tags"))
+        .filter_map(|t| serde_norway::from_value::<Labels>(t.clone()).ok())
+        .collect()
+}
+
+fn subset(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn describe(r: &TargetRef) -> String {
+    let mut out = if r.kind.is_empty() { "Mesh".to_string() } else { r.kind.clone() };
+    if let Some(name) = r.name.as_deref().filter(|n| !n.is_empty()) {
+        out.push(' ');
+        out.push_str(name);
+        if let Some(ns) = r.namespace.as_deref().filter(|n| !n.is_empty()) {
+            out.push('.');
+            out.push_str(ns);
+        }
+    }
+    for (what, map) in [("labels", &r.labels), ("tags", &r.tags)] {
+        if let Some(map) = map.as_ref().filter(|m| !m.is_empty()) {
+            let pairs: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!(" {what} {{{}}}", pairs.join(",")));
+        }
+    }
+    out
+}
+
+/// Every selected policy's entries, sorted lowest precedence first.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    entries: Vec<Entry>,
+    ignored: Vec<Ignored>,
+}
+
+impl PolicySet {
+    /// Selects and sorts the policies in `resources`. Entries naming a MeshExternalService that
+    /// does not exist are reported (as warnings) by [`PolicySet::check_references`].
+    pub fn new(resources: &[Resource]) -> Self {
+        let proxies = Proxies::new(resources);
+        let mut set = Self::default();
+        for r in resources {
+            let Kind::Policy(Policy { kind, spec }) = &r.kind else { continue };
+            let policy = format!("{}/{}", r.meta.mesh, r.meta.name);
+            let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
+            let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
+            if let Some(reason) = proxies.not_selected(&r.meta.mesh, namespace.as_deref(), &top) {
+                set.ignored.push(Ignored { kind: *kind, policy, reason });
+                continue;
+            }
+            if spec.to.as_ref().is_none_or(Vec::is_empty) {
+                let reason =
+                    "no `to` items: its `from`/`rules` apply to inbound traffic, which an egress sidecar has none of";
+                set.ignored.push(Ignored { kind: *kind, policy, reason: reason.to_string() });
+                continue;
+            }
+            for (index, item) in spec.to.iter().flatten().enumerate() {
+                set.entries.push(Entry {
+                    kind: *kind,
+                    mesh: r.meta.mesh.clone(),
+                    policy: policy.clone(),
+                    namespace: namespace.clone(),
+                    index,
+                    target_ref: item.target_ref.clone(),
+                    default: item.default.clone(),
+                    rank: rank(&r.meta, spec, &top, &item.target_ref),
+                });
+            }
+        }
+        // Stable: equal ranks keep file order.
+        set.entries.sort_by(|a, b| a.rank.cmp(&b.rank));
+        set
+    }
+
+    /// Policies that apply to no part of this sidecar.
+    pub fn ignored(&self) -> &[Ignored] {
+        &self.ignored
+    }
+
+    /// Warns about `to` items that name a MeshExternalService no resource defines: valid, and
+    /// applied to nothing.
+    pub fn check_references(&self, services: &[Target<'_>], origin_of: impl Fn(&str) -> Option<Origin>) -> Diagnostics {
+        let mut out = Diagnostics::default();
+        for e in &self.entries {
+            if e.target_ref.kind != "MeshExternalService" || e.target_ref.name.as_deref().is_none_or(str::is_empty) {
+                continue;
+            }
+            if !services.iter().any(|s| s.mesh == e.mesh && e.selects(s)) {
+                let Some(origin) = origin_of(&e.policy) else { continue };
+                let message = format!(
+                    "{} is not defined in mesh {}: this item applies to nothing",
+                    describe(&e.target_ref),
+                    e.mesh
+                );
+                out.push(
+                    Diagnostic::warning(&origin, format!("spec.to[{}].targetRef", e.index), message).about(format!(
+                        "{} {}",
+                        e.kind.as_str(),
+                        e.policy
+                    )),
+                );
+            }
+        }
+        out
+    }
+
+    /// The merged confs for `service`; a merged conf that cannot be read (it should not happen:
+    /// every item was validated) is reported in `diagnostics` and left out.
+    pub fn effective(&self, service: &Target<'_>, origin: &Origin, diagnostics: &mut Diagnostics) -> Effective {
+        let mut effective = Effective::default();
+        for kind in PolicyKind::ALL {
+            let mut merged: Option<serde_json::Value> = None;
+            for e in self.entries.iter().filter(|e| e.kind == kind && e.mesh == service.mesh) {
+                let applies = match e.target_ref.kind.as_str() {
+                    "Mesh" | "" => true,
+                    "MeshExternalService" => e.selects(service),
+                    _ => false,
+                };
+                if !applies {
+                    continue;
+                }
+                let into = merged.get_or_insert_with(|| serde_json::Value::Object(Default::default()));
+                json_patch::merge(into, &e.default);
+                effective.sources.push(Source {
+                    kind,
+                    policy: e.policy.clone(),
+                    item: format!("to[{}] {}", e.index, describe(&e.target_ref)),
+                });
+            }
+            let Some(merged) = merged else { continue };
+            let read = match kind {
+                PolicyKind::MeshTimeout => serde_json::from_value(merged).map(|c| effective.mesh_timeout = Some(c)),
+                PolicyKind::MeshRetry => serde_json::from_value(merged).map(|c| effective.mesh_retry = Some(c)),
+                PolicyKind::MeshCircuitBreaker => {
+                    serde_json::from_value(merged).map(|c| effective.mesh_circuit_breaker = Some(c))
+                }
+            };
+            if let Err(e) = read {
+                let message = format!("the merged {} does not read: {e}", kind.as_str());
+                diagnostics.push(Diagnostic::error(origin, "", message));
+            }
+        }
+        effective
+    }
+}
+
+impl Entry {
+    /// Whether this `to: MeshExternalService` item targets `service`.
+    fn selects(&self, service: &Target<'_>) -> bool {
+        let r = &self.target_ref;
+        if let Some(name) = r.name.as_deref().filter(|n| !n.is_empty()) {
+            let namespace = r.namespace.as_deref().or(self.namespace.as_deref());
+            let name_matches = name == service.name || name == service.display_name;
+            let namespace_matches = namespace.is_none_or(|ns| service.namespace.is_empty() || ns == service.namespace);
+            return name_matches && namespace_matches;
+        }
+        r.labels.as_ref().is_some_and(|labels| subset(labels, service.labels))
+    }
+}
+
+fn rank(meta: &Meta, spec: &PolicySpec, top: &TargetRef, item: &TargetRef) -> Rank {
+    let dataplane_by_name = match top.kind.as_str() {
+        "Dataplane" if top.name.as_deref().is_some_and(|n| !n.is_empty()) => 2,
+        "Dataplane" => 1,
+        _ => 0,
+    };
+    let origin = match meta.labels.get(LABEL_ORIGIN).map(String::as_str) {
+        Some("global") => 0,
+        Some("zone") => 2,
+        _ => 1,
+    };
+    Rank {
+        top_kind: kind_rank(&top.kind),
+        dataplane_by_name,
+        origin,
+        role: Role::of(meta, spec),
+        to_kind: kind_rank(&item.kind),
+        name: Reverse(meta.labels.get(LABEL_DISPLAY_NAME).cloned().unwrap_or_else(|| meta.name.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::load_str;
+    use crate::resources::Loaded;
+    use std::path::Path;
+
+    fn set(yaml: &str) -> (Vec<Resource>, PolicySet) {
+        let mut loaded = Loaded::default();
+        load_str(Path::new("test.yaml"), yaml, &mut loaded);
+        assert!(!loaded.diagnostics.has_errors(), "{:?}", loaded.diagnostics);
+        let set = PolicySet::new(&loaded.resources);
+        (loaded.resources, set)
+    }
+
+    fn effective(set: &PolicySet, name: &str, labels: &Labels) -> Effective {
+        let origin = Origin { file: Path::new("x").into(), line: None };
+        let target = Target { mesh: "default", name, display_name: name, namespace: "", labels };
+        let mut diagnostics = Diagnostics::default();
+        let e = set.effective(&target, &origin, &mut diagnostics);
+        assert!(diagnostics.0.is_empty(), "{diagnostics:?}");
+        e
+    }
+
+    /// Kuma's `mretry_with_mes` testdata: the MES item overrides the Mesh item field by field,
+    /// and lists (retryOn) are kept from the Mesh item since the MES item has none.
+    #[test]
+    fn mes_item_merges_over_the_mesh_item() {
+        let (_, set) = set(r#"
+type: MeshRetry
+name: mesh-wide
+mesh: default
+spec:
+  targetRef: {kind: Mesh}
+  to:
+  - targetRef: {kind: MeshExternalService, name: httpbin}
+    default: {http: {numRetries: 10, backOff: {baseInterval: 15s, maxInterval: 20m}}}
+  - targetRef: {kind: Mesh}
+    default: {http: {numRetries: 99, backOff: {baseInterval: 55s}, retryOn: [5xx]}}
+"#);
+        let e = effective(&set, "httpbin", &Labels::new());
+        let http = e.mesh_retry.unwrap().http.unwrap();
+        assert_eq!(http.num_retries, Some(10));
+        let back_off = http.back_off.unwrap();
+        assert_eq!(back_off.base_interval.unwrap().get().as_secs(), 15);
+        assert_eq!(back_off.max_interval.unwrap().get().as_secs(), 1200);
+        assert_eq!(http.retry_on, Some(vec!["5xx".to_string()]));
+        // Merge order: the Mesh item first (lower precedence), then the MES item.
+        assert_eq!(
+            e.sources.iter().map(|s| s.item.as_str()).collect::<Vec<_>>(),
+            ["to[1] Mesh", "to[0] MeshExternalService httpbin"]
+        );
+        let other = effective(&set, "other", &Labels::new());
+        assert_eq!(other.mesh_retry.unwrap().http.unwrap().num_retries, Some(99));
+    }
+
+    #[test]
+    fn precedence_follows_kumas_sort_and_lists_are_replaced() {
+        let (_, set) = set(r#"
+type: MeshTimeout
+name: bbb
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    default: {connectionTimeout: 1s, idleTimeout: 1m}
+---
+type: MeshTimeout
+name: aaa
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    default: {connectionTimeout: 2s}
+---
+type: MeshRetry
+name: one
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, labels: {team: a}}
+    default: {http: {retryOn: [5xx, Reset]}}
+---
+type: MeshRetry
+name: two
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, labels: {team: a}}
+    default: {http: {retryOn: [ConnectFailure]}}
+"#);
+        let labels: Labels = [("team".to_string(), "a".to_string())].into();
+        let e = effective(&set, "svc", &labels);
+        let timeout = e.mesh_timeout.unwrap();
+        // `aaa` outranks `bbb` (reverse lexicographic), so its 2s wins; idleTimeout stays.
+        assert_eq!(timeout.connection_timeout.unwrap().get().as_secs(), 2);
+        assert_eq!(timeout.idle_timeout.unwrap().get().as_secs(), 60);
+        // `one` outranks `two`: its list replaces the other wholesale.
+        assert_eq!(e.mesh_retry.unwrap().http.unwrap().retry_on, Some(vec!["5xx".into(), "Reset".into()]));
+        assert!(effective(&set, "svc", &Labels::new()).mesh_retry.is_none(), "labels must match");
+    }
+
+    #[test]
+    fn top_level_selection() {
+        let (resources, set) = set(r#"
+type: Dataplane
+name: app-1
+mesh: default
+labels: {app: web}
+networking:
+  address: 127.0.0.1
+  inbound: [{port: 8080, tags: {kuma.io/service: web, version: v2}}]
+---
+type: MeshTimeout
+name: by-dataplane-labels
+mesh: default
+spec:
+  targetRef: {kind: Dataplane, labels: {app: web}}
+  to: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 3s}}]
+---
+type: MeshTimeout
+name: other-dataplane
+mesh: default
+spec:
+  targetRef: {kind: Dataplane, name: app-2}
+  to: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 9s}}]
+---
+type: MeshTimeout
+name: subset
+mesh: default
+spec:
+  targetRef: {kind: MeshSubset, tags: {version: v2}}
+  to: [{targetRef: {kind: Mesh}, default: {idleTimeout: 7s}}]
+---
+type: MeshTimeout
+name: gateway
+mesh: default
+spec:
+  targetRef: {kind: MeshGateway, name: edge}
+  to: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 8s}}]
+"#);
+        assert_eq!(resources.len(), 5);
+        let e = effective(&set, "svc", &Labels::new());
+        let t = e.mesh_timeout.unwrap();
+        assert_eq!(t.connection_timeout.unwrap().get().as_secs(), 3);
+        assert_eq!(t.idle_timeout.unwrap().get().as_secs(), 7);
+        let ignored: Vec<&str> = set.ignored().iter().map(|i| i.policy.as_str()).collect();
+        assert_eq!(ignored, ["default/other-dataplane", "default/gateway"]);
+    }
+}

@@ -1,0 +1,356 @@
+//! The merged policy confs turned into what the data path applies, once per configuration.
+//!
+//! Each value is `None` when no policy sets it: the process defaults (flags, which default to
+//! Kuma's code defaults) then apply.
+
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::{HeaderMap, Method};
+
+use super::Effective;
+use crate::model::Protocol;
+use crate::resources::policy::{HeaderMatch, HttpRetry};
+
+/// MeshTimeout, per service. A zero duration turns its timeout off (except `connect`, which
+/// validation keeps positive).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Option<Duration>,
+    pub idle: Option<Duration>,
+    pub request: Option<Duration>,
+    pub stream_idle: Option<Duration>,
+    pub max_stream: Option<Duration>,
+    pub max_connection: Option<Duration>,
+    pub request_headers: Option<Duration>,
+}
+
+/// MeshCircuitBreaker `connectionLimits`, per service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: Option<usize>,
+    pub max_pending_requests: Option<usize>,
+    pub max_requests: Option<usize>,
+    pub max_retries: Option<usize>,
+}
+
+/// Envoy's circuit-breaker defaults (what Kuma's `mesh-circuit-breaker-all` sets too).
+pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 1024;
+pub const DEFAULT_MAX_REQUESTS: usize = 1024;
+pub const DEFAULT_MAX_RETRIES: usize = 3;
+
+/// MeshCircuitBreaker `outlierDetection`, per service.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Outlier {
+    /// No policy: the process's `--eject-after` connect-failure ejection.
+    #[default]
+    Default,
+    /// `disabled: true`: nothing is ejected.
+    Disabled,
+    Detect(OutlierDetection),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierDetection {
+    /// How often success rate and failure percentage are evaluated (Envoy's default 10 s).
+    pub interval: Duration,
+    /// Ejection time is this times the number of ejections in a row (Envoy's default 30 s),
+    /// at most [`MAX_EJECTION_TIME`].
+    pub base_ejection_time: Duration,
+    /// At most this share of a service's addresses is ejected at once (Envoy: 10), but one
+    /// address always can be.
+    pub max_ejection_percent: u8,
+    /// Locally originated failures (connect failures, resets, timeouts) are counted apart from
+    /// the endpoint's responses.
+    pub split_local_errors: bool,
+    pub consecutive_total: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub consecutive_local: Option<u32>,
+    pub success_rate: Option<SuccessRate>,
+    pub failure_percentage: Option<FailurePercentage>,
+    /// Below this share of healthy addresses the balancer ignores health (Envoy: 50).
+    pub healthy_panic_threshold: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SuccessRate {
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+    pub stdev_factor: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailurePercentage {
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+    pub threshold: u32,
+}
+
+/// Envoy's `max_ejection_time` default.
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+
+/// MeshRetry for HTTP-family services, compiled.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+    pub rate_limited: Vec<ResetHeader>,
+    pub rate_limited_max: Duration,
+    pub on: RetryOn,
+    pub status_codes: Vec<u16>,
+    /// gRPC status codes (from the response headers of a trailers-only response).
+    pub grpc_statuses: Vec<u32>,
+    /// `HttpMethod*` items: only requests with one of these methods are retried.
+    pub methods: Vec<Method>,
+    pub retriable_response_headers: Vec<HeaderMatcher>,
+    pub retriable_request_headers: Vec<HeaderMatcher>,
+    pub omit_previous_hosts: bool,
+}
+
+/// Envoy's `retry_on` conditions that do not name a status code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub retriable_4xx: bool,
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    pub envoy_ratelimited: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResetHeader {
+    pub name: HeaderName,
+    /// `UnixTimestamp` rather than `Seconds`.
+    pub unix_timestamp: bool,
+}
+
+/// Envoy's `retry_back_off` default base interval.
+pub const DEFAULT_BASE_INTERVAL: Duration = Duration::from_millis(25);
+/// Envoy's `rate_limited_retry_back_off` default max interval.
+pub const DEFAULT_RATE_LIMITED_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatcher {
+    pub name: HeaderName,
+    pub test: HeaderTest,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeaderTest {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+    Present,
+    Absent,
+}
+
+impl HeaderMatcher {
+    fn compile(m: &HeaderMatch) -> Option<Self> {
+        let name = HeaderName::from_bytes(m.name.as_bytes()).ok()?;
+        let value = m.value.clone().unwrap_or_default();
+        let test = match m.type_.as_deref().unwrap_or("Exact") {
+            "Present" => HeaderTest::Present,
+            "Absent" => HeaderTest::Absent,
+            // Envoy: a prefix match with an empty prefix is a presence match.
+            "Prefix" if value.is_empty() => HeaderTest::Present,
+            "Prefix" => HeaderTest::Prefix(value),
+            "RegularExpression" => HeaderTest::Regex(regex::Regex::new(&format!("^(?:{value})$")).ok()?),
+            _ => HeaderTest::Exact(value),
+        };
+        Some(Self { name, test })
+    }
+
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        let value = headers.get(&self.name).and_then(|v| v.to_str().ok());
+        match (&self.test, value) {
+            (HeaderTest::Absent, v) => v.is_none(),
+            (_, None) => false,
+            (HeaderTest::Present, Some(_)) => true,
+            (HeaderTest::Exact(want), Some(v)) => v == want,
+            (HeaderTest::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
+            (HeaderTest::Regex(re), Some(v)) => re.is_match(v),
+        }
+    }
+}
+
+/// The retry policy's HTTP `retryOn` default when none (or only methods) is given.
+const HTTP_DEFAULT_RETRY_ON: RetryOn =
+    RetryOn { gateway_error: true, connect_failure: true, refused_stream: true, ..NONE };
+/// The gRPC default: `cancelled,connect-failure,gateway-error,refused-stream,reset,resource-exhausted,unavailable`.
+const GRPC_DEFAULT: (RetryOn, &[u32]) =
+    (RetryOn { gateway_error: true, connect_failure: true, refused_stream: true, reset: true, ..NONE }, &[1, 8, 14]);
+const NONE: RetryOn = RetryOn {
+    five_xx: false,
+    gateway_error: false,
+    reset: false,
+    retriable_4xx: false,
+    connect_failure: false,
+    refused_stream: false,
+    envoy_ratelimited: false,
+};
+
+fn grpc_status(name: &str) -> Option<u32> {
+    Some(match name {
+        "Canceled" => 1,
+        "DeadlineExceeded" => 4,
+        "ResourceExhausted" => 8,
+        "Internal" => 13,
+        "Unavailable" => 14,
+        _ => return None,
+    })
+}
+
+impl Effective {
+    pub fn timeouts(&self) -> Timeouts {
+        let Some(c) = &self.mesh_timeout else { return Timeouts::default() };
+        let http = c.http.clone().unwrap_or_default();
+        let get = |d: Option<crate::resources::policy::GoDuration>| d.map(|d| d.get());
+        Timeouts {
+            connect: get(c.connection_timeout),
+            idle: get(c.idle_timeout),
+            request: get(http.request_timeout),
+            stream_idle: get(http.stream_idle_timeout),
+            max_stream: get(http.max_stream_duration),
+            max_connection: get(http.max_connection_duration),
+            request_headers: get(http.request_headers_timeout),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        let Some(l) = self.mesh_circuit_breaker.as_ref().and_then(|c| c.connection_limits.as_ref()) else {
+            return Limits::default();
+        };
+        let get = |n: Option<i64>| n.and_then(|n| usize::try_from(n).ok());
+        Limits {
+            max_connections: get(l.max_connections),
+            max_pending_requests: get(l.max_pending_requests),
+            max_requests: get(l.max_requests),
+            max_retries: get(l.max_retries),
+        }
+    }
+
+    pub fn outlier(&self) -> Outlier {
+        let Some(o) = self.mesh_circuit_breaker.as_ref().and_then(|c| c.outlier_detection.as_ref()) else {
+            return Outlier::Default;
+        };
+        if o.disabled == Some(true) {
+            return Outlier::Disabled;
+        }
+        let d = o.detectors.clone().unwrap_or_default();
+        let count = |n: Option<i64>, default: u32| n.and_then(|n| u32::try_from(n).ok()).unwrap_or(default);
+        let consecutive =
+            |c: &Option<crate::resources::policy::Consecutive>| c.as_ref().map(|c| count(c.consecutive, 5));
+        Outlier::Detect(OutlierDetection {
+            interval: o.interval.map_or(Duration::from_secs(10), |d| d.get()),
+            base_ejection_time: o.base_ejection_time.map_or(Duration::from_secs(30), |d| d.get()),
+            max_ejection_percent: o.max_ejection_percent.and_then(|p| u8::try_from(p).ok()).unwrap_or(10),
+            split_local_errors: o.split_external_and_local_errors.unwrap_or(false),
+            consecutive_total: consecutive(&d.total_failures),
+            consecutive_gateway: consecutive(&d.gateway_failures),
+            consecutive_local: consecutive(&d.local_origin_failures),
+            success_rate: d.success_rate.as_ref().map(|s| SuccessRate {
+                minimum_hosts: count(s.minimum_hosts, 5),
+                request_volume: count(s.request_volume, 100),
+                stdev_factor: s.standard_deviation_factor.as_ref().and_then(|f| f.decimal()).unwrap_or(1.9),
+            }),
+            failure_percentage: d.failure_percentage.as_ref().map(|f| FailurePercentage {
+                minimum_hosts: count(f.minimum_hosts, 5),
+                request_volume: count(f.request_volume, 50),
+                threshold: count(f.threshold, 85),
+            }),
+            healthy_panic_threshold: o.healthy_panic_threshold.as_ref().and_then(|p| p.decimal()).unwrap_or(50.0),
+        })
+    }
+
+    /// `tcp.maxConnectAttempt`, for TCP services.
+    pub fn tcp_connect_attempts(&self) -> Option<u32> {
+        let n = self.mesh_retry.as_ref()?.tcp.as_ref()?.max_connect_attempt?;
+        u32::try_from(n).ok()
+    }
+
+    /// The retry policy for an HTTP-family service: `grpc` for gRPC services, `http` for HTTP/1
+    /// and HTTP/2 ones (Kuma 2.14 emits none for http2: we apply `http`, see docs/policies.md).
+    /// `None` when no policy applies or `numRetries` is 0.
+    pub fn retry(&self, protocol: Protocol) -> Option<RetryPolicy> {
+        let conf = self.mesh_retry.as_ref()?;
+        let (section, grpc) = match protocol {
+            Protocol::Grpc => (conf.grpc.as_ref()?, true),
+            Protocol::Http | Protocol::Http2 => (conf.http.as_ref()?, false),
+            Protocol::Tcp => return None,
+        };
+        compile_retry(section, grpc)
+    }
+}
+
+fn compile_retry(r: &HttpRetry, grpc: bool) -> Option<RetryPolicy> {
+    let num_retries = r.num_retries.map_or(Some(1), |n| u32::try_from(n).ok())?;
+    if num_retries == 0 {
+        return None;
+    }
+    let back_off = r.back_off.clone().unwrap_or_default();
+    let base_interval = back_off.base_interval.map_or(DEFAULT_BASE_INTERVAL, |d| d.get());
+    let max_interval = back_off.max_interval.map_or(base_interval * 10, |d| d.get());
+    let mut on = NONE;
+    let mut status_codes = Vec::new();
+    let mut grpc_statuses = Vec::new();
+    let mut methods = Vec::new();
+    let mut conditions = 0;
+    for item in r.retry_on.iter().flatten() {
+        if let Some(method) = item.strip_prefix("HttpMethod").filter(|_| !grpc) {
+            if let Ok(m) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) {
+                methods.push(m);
+            }
+            continue;
+        }
+        conditions += 1;
+        match item.as_str() {
+            "5xx" => on.five_xx = true,
+            "GatewayError" => on.gateway_error = true,
+            "Reset" => on.reset = true,
+            "Retriable4xx" => on.retriable_4xx = true,
+            "ConnectFailure" => on.connect_failure = true,
+            "RefusedStream" => on.refused_stream = true,
+            "EnvoyRatelimited" => on.envoy_ratelimited = true,
+            other if grpc => grpc_statuses.extend(grpc_status(other)),
+            other => status_codes.extend(other.parse::<u16>().ok()),
+        }
+    }
+    if conditions == 0 {
+        if grpc {
+            on = GRPC_DEFAULT.0;
+            grpc_statuses = GRPC_DEFAULT.1.to_vec();
+        } else {
+            on = HTTP_DEFAULT_RETRY_ON;
+        }
+    }
+    let headers = |list: &Option<Vec<HeaderMatch>>| list.iter().flatten().filter_map(HeaderMatcher::compile).collect();
+    let rate_limited = r.rate_limited_back_off.clone().unwrap_or_default();
+    Some(RetryPolicy {
+        num_retries,
+        per_try_timeout: r.per_try_timeout.map(|d| d.get()).filter(|d| !d.is_zero()),
+        base_interval,
+        max_interval,
+        rate_limited: rate_limited
+            .reset_headers
+            .iter()
+            .flatten()
+            .filter_map(|h| {
+                let name = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).ok()?;
+                Some(ResetHeader { name, unix_timestamp: h.format == "UnixTimestamp" })
+            })
+            .collect(),
+        rate_limited_max: rate_limited.max_interval.map_or(DEFAULT_RATE_LIMITED_MAX, |d| d.get()),
+        on,
+        status_codes,
+        grpc_statuses,
+        methods,
+        retriable_response_headers: headers(&r.retriable_response_headers),
+        retriable_request_headers: headers(&r.retriable_request_headers),
+        omit_previous_hosts: r.host_selection.iter().flatten().any(|p| p.predicate == "OmitPreviousHosts"),
+    })
+}
