@@ -14,7 +14,7 @@ use crate::catalog::{Catalog, Service};
 use crate::model::{TlsPolicy, VerificationMode};
 use crate::tls::{self, SystemRoots};
 use crate::upstream::pool::TlsIdentity;
-use crate::upstream::{Settings, TlsSetup, Upstream};
+use crate::upstream::{Settings, TlsSetup, Upstream, UpstreamPolicy};
 
 /// One configuration, ready for traffic.
 #[derive(Debug, Default)]
@@ -145,6 +145,7 @@ impl Snapshot {
             .enumerate()
             .map(|(index, s)| {
                 let key = s.key();
+                let policy = UpstreamPolicy::new(settings, &s.policies, s.protocol);
                 match reusable.get(&key) {
                     Some((up, old_tls)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
                         // Connections made under other TLS settings must never serve this
@@ -153,9 +154,10 @@ impl Snapshot {
                         if TlsIdentity::of(*old_tls) != TlsIdentity::of(tls.get(index)) {
                             up.pool.clear();
                         }
+                        up.set_policy(policy);
                         Arc::clone(up)
                     }
-                    _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone()),
+                    _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone(), policy),
                 }
             })
             .collect();

@@ -34,6 +34,35 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub service: String,
+    pub protocol: &'static str,
+    pub limit: &'static str,
+}
+
+/// A MeshCircuitBreaker connection limit that was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    MaxConnections,
+    MaxPendingRequests,
+    MaxRequests,
+    MaxRetries,
+}
+
+impl Limit {
+    const ALL: [Limit; 4] = [Self::MaxConnections, Self::MaxPendingRequests, Self::MaxRequests, Self::MaxRetries];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "maxConnections",
+            Self::MaxPendingRequests => "maxPendingRequests",
+            Self::MaxRequests => "maxRequests",
+            Self::MaxRetries => "maxRetries",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -76,6 +105,9 @@ pub struct Metrics {
     connect_errors: Family<ServiceLabels, Counter>,
     bytes_sent: Family<ServiceLabels, Counter>,
     bytes_received: Family<ServiceLabels, Counter>,
+    retries: Family<ServiceLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
 }
 
 /// Status classes in the order of [`ServiceMetrics::requests`].
@@ -94,6 +126,12 @@ pub struct ServiceMetrics {
     pub bytes_sent: Counter,
     /// Bytes from the endpoint to the application.
     pub bytes_received: Counter,
+    /// Requests (or connects) sent again by MeshRetry.
+    pub retries: Counter,
+    /// Indexed like [`Limit::ALL`].
+    overflows: [Counter; 4],
+    /// Endpoint addresses ejected by outlier detection.
+    pub ejections: Counter,
 }
 
 impl ServiceMetrics {
@@ -103,6 +141,11 @@ impl ServiceMetrics {
             _ => 5,
         };
         self.requests[class].inc();
+    }
+
+    /// Counts a request, connect or retry refused because `limit` was reached.
+    pub fn overflow(&self, limit: Limit) {
+        self.overflows[limit as usize].inc();
     }
 }
 
@@ -123,6 +166,9 @@ impl Metrics {
             connect_errors: Family::default(),
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
+            retries: Family::default(),
+            overflows: Family::default(),
+            ejections: Family::default(),
         };
         r.register("connections", "Application connections accepted, by service", m.connections.clone());
         r.register("connections_active", "Application connections open now, by service", m.connections_active.clone());
@@ -140,6 +186,13 @@ impl Metrics {
             "Bytes received from endpoints (TCP payload or HTTP bodies)",
             m.bytes_received.clone(),
         );
+        r.register("upstream_retries", "Requests and TCP connects retried by MeshRetry", m.retries.clone());
+        r.register(
+            "upstream_overflows",
+            "Requests, connects and retries refused because a MeshCircuitBreaker connection limit was reached",
+            m.overflows.clone(),
+        );
+        r.register("upstream_ejections", "Endpoint addresses ejected by outlier detection", m.ejections.clone());
         r.register(
             "tls_handshake_failures",
             "TLS sessions with an endpoint that failed, by service and reason",
@@ -171,6 +224,16 @@ impl Metrics {
             connect_errors: self.connect_errors.get_or_create(&labels).clone(),
             bytes_sent: self.bytes_sent.get_or_create(&labels).clone(),
             bytes_received: self.bytes_received.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            overflows: Limit::ALL.map(|limit| {
+                let l = OverflowLabels {
+                    service: labels.service.clone(),
+                    protocol: labels.protocol,
+                    limit: limit.as_str(),
+                };
+                self.overflows.get_or_create(&l).clone()
+            }),
+            ejections: self.ejections.get_or_create(&labels).clone(),
         })
     }
 

@@ -257,7 +257,7 @@ impl PolicySet {
                 set.ignored.push(Ignored { kind: *kind, policy, reason });
                 continue;
             }
-            if spec.to.as_ref().is_none_or(Vec::is_empty) {
+            if !spec.to.as_ref().is_some_and(|to| !to.is_empty()) {
                 let reason =
                     "no `to` items: its `from`/`rules` apply to inbound traffic, which an egress sidecar has none of";
                 set.ignored.push(Ignored { kind: *kind, policy, reason: reason.to_string() });
@@ -291,7 +291,9 @@ impl PolicySet {
     pub fn check_references(&self, services: &[Target<'_>], origin_of: impl Fn(&str) -> Option<Origin>) -> Diagnostics {
         let mut out = Diagnostics::default();
         for e in &self.entries {
-            if e.target_ref.kind != "MeshExternalService" || e.target_ref.name.as_deref().is_none_or(str::is_empty) {
+            if e.target_ref.kind != "MeshExternalService"
+                || !e.target_ref.name.as_deref().is_some_and(|n| !n.is_empty())
+            {
                 continue;
             }
             if !services.iter().any(|s| s.mesh == e.mesh && e.selects(s)) {
@@ -360,7 +362,8 @@ impl Entry {
         if let Some(name) = r.name.as_deref().filter(|n| !n.is_empty()) {
             let namespace = r.namespace.as_deref().or(self.namespace.as_deref());
             let name_matches = name == service.name || name == service.display_name;
-            let namespace_matches = namespace.is_none_or(|ns| service.namespace.is_empty() || ns == service.namespace);
+            let namespace_matches =
+                namespace.map_or(true, |ns| service.namespace.is_empty() || ns == service.namespace);
             return name_matches && namespace_matches;
         }
         r.labels.as_ref().is_some_and(|labels| subset(labels, service.labels))

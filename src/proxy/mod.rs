@@ -114,15 +114,26 @@ impl Proxy {
         route.upstream.metrics.connections.inc();
         let _active = GaugeGuard::inc(&route.upstream.metrics.connections_active);
         // HTTP admits and routes each request with the configuration current when it arrives.
+        let policy = route.upstream.policy_arc();
         if route.service.protocol != Protocol::Tcp {
             let protocol = route.service.protocol;
-            let proxy = http::HttpProxy::new(self, key, peer);
+            let mut proxy = http::HttpProxy::new(self, key, peer);
+            // MeshTimeout `http.requestHeadersTimeout` (0: off) for this connection's requests.
+            if let Some(t) = policy.timeouts.request_headers {
+                proxy.set_header_read_timeout(t);
+            }
             // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
             return Box::pin(http::serve(client, proxy, protocol, self.draining.clone())).await;
         }
         let mut ctx = ConnCtx::new(kind, peer, route);
+        let mut flow = self.settings.timeouts.flow();
+        // MeshTimeout `idleTimeout` (0: off).
+        if let Some(idle) = policy.timeouts.idle {
+            flow.idle = Some(idle).filter(|d| !d.is_zero());
+        }
+        drop(policy);
         match admit::admit(&ctx.route.service) {
-            Ok(()) => tcp::forward(&mut ctx, &mut client, self.settings.timeouts.flow()).await,
+            Ok(()) => tcp::forward(&mut ctx, &mut client, flow).await,
             Err(denial) => ctx.outcome = denial.outcome(),
         }
         if let Some(log) = &self.access_log {

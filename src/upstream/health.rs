@@ -31,6 +31,17 @@ impl Default for EjectionPolicy {
     }
 }
 
+/// Outlier-detection counters (see [`super::outlier`]).
+#[derive(Debug, Default)]
+pub struct OutlierCounters {
+    pub(super) consecutive_5xx: AtomicU32,
+    pub(super) consecutive_gateway: AtomicU32,
+    pub(super) consecutive_local: AtomicU32,
+    pub(super) interval_successes: AtomicU32,
+    pub(super) interval_failures: AtomicU32,
+    pub(super) times_ejected: AtomicU32,
+}
+
 #[derive(Debug, Default)]
 pub struct Health {
     /// Connections (or requests) open now; the balancer prefers the lower count.
@@ -39,6 +50,7 @@ pub struct Health {
     ejections: AtomicU32,
     /// Milliseconds since the process epoch; 0 when not ejected.
     ejected_until: AtomicU64,
+    pub(super) outlier: OutlierCounters,
 }
 
 impl Health {
@@ -63,9 +75,13 @@ impl Health {
         }
         self.failures.store(0, Relaxed);
         let doublings = self.ejections.fetch_add(1, Relaxed).min(MAX_EJECTION_DOUBLINGS);
-        let duration = policy.base_time.saturating_mul(1 << doublings);
-        self.ejected_until.store(now_ms() + duration.as_millis() as u64, Relaxed);
+        self.eject_for(policy.base_time.saturating_mul(1 << doublings));
         true
+    }
+
+    /// Ejects the address for `duration` from now.
+    pub fn eject_for(&self, duration: Duration) {
+        self.ejected_until.store(now_ms() + duration.as_millis() as u64, Relaxed);
     }
 
     /// Marks one connection or request open until the guard drops.

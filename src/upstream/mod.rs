@@ -5,7 +5,9 @@
 
 mod connect;
 pub mod health;
+pub mod outlier;
 pub mod pool;
+pub mod replay;
 pub mod resolve;
 
 use std::collections::HashMap;
@@ -23,10 +25,13 @@ use tokio::time::Instant;
 
 pub use connect::{TargetAddr, UpstreamIo, UpstreamStream};
 pub use health::{ActiveGuard, EjectionPolicy, Health};
+pub use outlier::Outcome;
 pub use resolve::DnsResolver;
 
-use crate::metrics::{metrics, ServiceMetrics};
+use crate::metrics::{metrics, Limit, ServiceMetrics};
 use crate::model::{Endpoint, EndpointAddress, Protocol, TlsPolicy};
+use crate::policy::runtime::{self as policy_runtime, Outlier};
+use crate::policy::Effective;
 use crate::tls::{self, TlsError};
 
 /// What TLS origination needs for one service.
@@ -69,6 +74,7 @@ impl ResolverSource {
     }
 }
 
+/// The process defaults (flags); a service's policies override them ([`UpstreamPolicy`]).
 #[derive(Debug)]
 pub struct Settings {
     pub connect_timeout: Duration,
@@ -93,6 +99,77 @@ impl Default for Settings {
     }
 }
 
+/// What a service's policies, over the process defaults, say about reaching its endpoints.
+/// Replaced on every reload, also for an upstream that is kept.
+#[derive(Debug, Clone)]
+pub struct UpstreamPolicy {
+    pub connect_timeout: Duration,
+    /// MeshCircuitBreaker `connectionLimits`.
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
+    pub max_requests: usize,
+    pub max_retries: usize,
+    /// Idle pooled connections close after this long (`None`: never).
+    pub pool_idle_timeout: Option<Duration>,
+    /// MeshTimeout `http.maxConnectionDuration`: a connection takes no new request after this.
+    pub max_connection_duration: Option<Duration>,
+    /// TCP: endpoints tried per connection (MeshRetry `tcp.maxConnectAttempt`; else 2: one
+    /// retry on another endpoint).
+    pub connect_attempts: u32,
+    pub outlier: Outlier,
+    /// MeshTimeout as set by policies (the HTTP and TCP layers apply their own defaults).
+    pub timeouts: policy_runtime::Timeouts,
+    /// MeshRetry for HTTP-family services.
+    pub retry: Option<Arc<policy_runtime::RetryPolicy>>,
+}
+
+impl UpstreamPolicy {
+    pub fn new(settings: &Settings, policies: &Effective, protocol: Protocol) -> Self {
+        let timeouts = policies.timeouts();
+        let limits = policies.limits();
+        Self {
+            connect_timeout: timeouts.connect.unwrap_or(settings.connect_timeout),
+            max_connections: limits.max_connections.unwrap_or(settings.max_connections),
+            max_pending_requests: limits.max_pending_requests.unwrap_or(policy_runtime::DEFAULT_MAX_PENDING_REQUESTS),
+            max_requests: limits.max_requests.unwrap_or(policy_runtime::DEFAULT_MAX_REQUESTS),
+            max_retries: limits.max_retries.unwrap_or(policy_runtime::DEFAULT_MAX_RETRIES),
+            pool_idle_timeout: match timeouts.idle {
+                Some(idle) if idle.is_zero() => None,
+                Some(idle) => Some(idle),
+                None => Some(settings.idle_timeout),
+            },
+            max_connection_duration: timeouts.max_connection.filter(|d| !d.is_zero()),
+            connect_attempts: policies.tcp_connect_attempts().unwrap_or(2).max(1),
+            outlier: policies.outlier(),
+            timeouts,
+            retry: policies.retry(protocol).map(Arc::new),
+        }
+    }
+
+    fn has_interval_detectors(&self) -> bool {
+        matches!(&self.outlier, Outlier::Detect(d) if d.success_rate.is_some() || d.failure_percentage.is_some())
+    }
+}
+
+/// One of a limited number of things in use (connections, requests, retries), released when
+/// dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<AtomicUsize>);
+
+impl Permit {
+    /// A permit, unless `max` are taken.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One address traffic can go to.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -113,8 +190,18 @@ pub enum ConnectError {
     Io { service: Arc<str>, target: TargetAddr, source: io::Error },
     #[error("service {service}: endpoint {target}: {source}")]
     Tls { service: Arc<str>, target: TargetAddr, source: TlsError },
-    #[error("service {service}: {max} upstream connections are open, the most allowed")]
+    #[error("service {service}: {max} upstream connections are open, the most allowed (maxConnections)")]
     Overflow { service: Arc<str>, max: usize },
+    #[error("service {service}: {max} requests are waiting for a connection, the most allowed (maxPendingRequests)")]
+    Pending { service: Arc<str>, max: usize },
+}
+
+impl ConnectError {
+    /// Failed before or during the TCP/TLS connect with the endpoint, not because of a local
+    /// limit.
+    pub fn is_connect_failure(&self) -> bool {
+        !matches!(self, Self::Overflow { .. } | Self::Pending { .. } | Self::NoEndpoint { .. })
+    }
 }
 
 /// A connection to an endpoint, counted as active on its target until dropped.
@@ -124,17 +211,7 @@ pub struct Connected {
     pub target: Target,
     pub active: ActiveGuard,
     /// Holds one of the service's connection slots for as long as the connection lives.
-    pub slot: ConnectionSlot,
-}
-
-/// One of a service's open upstream connections, released when dropped.
-#[derive(Debug)]
-pub struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+    pub slot: Permit,
 }
 
 pub struct Upstream {
@@ -151,8 +228,15 @@ pub struct Upstream {
     tasks: Mutex<Vec<AbortHandle>>,
     /// HTTP connections; kept with the upstream so they survive reloads that keep it.
     pub pool: pool::Pool,
-    /// Open upstream connections (see [`Settings::max_connections`]).
+    policy: ArcSwap<UpstreamPolicy>,
+    /// Open upstream connections, requests in flight, requests waiting for a connection and
+    /// retries in flight (MeshCircuitBreaker `connectionLimits`).
     open: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    pending: Arc<AtomicUsize>,
+    retries: Arc<AtomicUsize>,
+    /// The interval-detector task runs.
+    interval_task: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -180,11 +264,22 @@ impl Drop for Upstream {
 
 impl Upstream {
     /// Builds the upstream and, for DNS endpoints, starts their resolution (needs a tokio runtime).
-    pub fn new(service: Arc<str>, protocol: Protocol, endpoints: Vec<Endpoint>, settings: Arc<Settings>) -> Arc<Self> {
+    pub fn new(
+        service: Arc<str>,
+        protocol: Protocol,
+        endpoints: Vec<Endpoint>,
+        settings: Arc<Settings>,
+        policy: UpstreamPolicy,
+    ) -> Arc<Self> {
         let n = endpoints.len();
         let upstream = Arc::new(Self {
             metrics: metrics().service(&service, protocol),
             pool: pool::Pool::new(settings.idle_timeout),
+            policy: ArcSwap::from_pointee(policy.clone()),
+            requests: Arc::default(),
+            pending: Arc::default(),
+            retries: Arc::default(),
+            interval_task: Default::default(),
             service,
             protocol,
             endpoints,
@@ -214,7 +309,59 @@ impl Upstream {
         if let Ok(mut slot) = upstream.tasks.lock() {
             *slot = tasks;
         }
+        upstream.set_policy(policy);
         upstream
+    }
+
+    pub fn policy(&self) -> arc_swap::Guard<Arc<UpstreamPolicy>> {
+        self.policy.load()
+    }
+
+    /// The policy, to hold across awaits.
+    pub fn policy_arc(&self) -> Arc<UpstreamPolicy> {
+        self.policy.load_full()
+    }
+
+    /// Applies a configuration's policy to this (possibly kept) upstream.
+    pub fn set_policy(self: &Arc<Self>, policy: UpstreamPolicy) {
+        self.pool.set_timeouts(policy.pool_idle_timeout, policy.max_connection_duration);
+        let interval = policy.has_interval_detectors();
+        self.policy.store(Arc::new(policy));
+        if interval && !self.interval_task.swap(true, Ordering::AcqRel) && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let task = tokio::spawn(interval_loop(Arc::downgrade(self)));
+            if let Ok(mut tasks) = self.tasks.lock() {
+                tasks.push(task.abort_handle());
+            }
+        }
+    }
+
+    /// A request slot (`maxRequests`), held until its response ends; counted when refused.
+    pub fn request_permit(&self) -> Option<Permit> {
+        self.permit(&self.requests, self.policy().max_requests, Limit::MaxRequests)
+    }
+
+    /// A slot for a request waiting for a new connection (`maxPendingRequests`).
+    pub fn pending_permit(&self) -> Option<Permit> {
+        self.permit(&self.pending, self.policy().max_pending_requests, Limit::MaxPendingRequests)
+    }
+
+    /// A slot for a retry in flight (`maxRetries`).
+    pub fn retry_permit(&self) -> Option<Permit> {
+        self.permit(&self.retries, self.policy().max_retries, Limit::MaxRetries)
+    }
+
+    fn permit(&self, count: &Arc<AtomicUsize>, max: usize, limit: Limit) -> Option<Permit> {
+        let permit = Permit::take(count, max);
+        if permit.is_none() {
+            self.metrics.overflow(limit);
+        }
+        permit
+    }
+
+    /// Counts what an exchange with `target` told us (outlier detection).
+    pub fn record(&self, target: &Target, outcome: Outcome) {
+        outlier::record(self, target, outcome);
     }
 
     pub fn service(&self) -> &Arc<str> {
@@ -277,10 +424,14 @@ impl Upstream {
     /// Least-request with two random choices among the healthy targets of the most preferred
     /// priority level that has one. When every target is ejected, the most preferred level is
     /// tried anyway rather than failing outright.
-    pub fn pick(&self, exclude: Option<&TargetAddr>) -> Option<Target> {
+    pub fn pick(&self, exclude: &[TargetAddr]) -> Option<Target> {
         let targets = self.targets.load();
-        let allowed = |t: &&Target| Some(&t.addr) != exclude;
-        let healthy_level = targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min();
+        let allowed = |t: &&Target| !exclude.contains(&t.addr);
+        let healthy_level = match self.panic_threshold() {
+            // Below the panic threshold health is ignored, as Envoy does.
+            Some(threshold) if healthy_percent(&targets) < threshold => None,
+            _ => targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min(),
+        };
         let (level, only_healthy) = match healthy_level {
             Some(level) => (level, true),
             None => (targets.iter().filter(allowed).map(|t| t.priority).min()?, false),
@@ -302,20 +453,48 @@ impl Upstream {
         chosen.cloned()
     }
 
-    /// Connects (and handshakes TLS) to a picked target, retrying once on another target when
-    /// the first fails.
+    /// `healthyPanicThreshold` when outlier detection is configured.
+    fn panic_threshold(&self) -> Option<f64> {
+        match &self.policy().outlier {
+            Outlier::Detect(d) => Some(d.healthy_panic_threshold),
+            _ => None,
+        }
+    }
+
+    /// Connects (and handshakes TLS) to a picked target; a failed connect is tried again on
+    /// another target, up to the policy's attempts (MeshRetry `tcp.maxConnectAttempt`; else one
+    /// retry). When every target was tried, tried ones are picked again.
     pub async fn connect(&self, tls: Option<TlsSetup<'_>>) -> Result<Connected, ConnectError> {
         self.wait_for_first_resolution().await;
-        let first = self.pick(None).ok_or_else(|| self.no_endpoint())?;
-        let error = match self.connect_target(&first, tls).await {
-            Ok(connected) => return Ok(connected),
-            Err(e) => e,
-        };
-        tracing::debug!(service = %self.service, target = %first.addr, error = %error, "connect failed; retrying on another endpoint");
-        match self.pick(Some(&first.addr)) {
-            Some(second) => self.connect_target(&second, tls).await,
-            None => Err(error),
+        let attempts = self.policy().connect_attempts;
+        let mut tried: Vec<TargetAddr> = Vec::new();
+        let mut last = None;
+        for attempt in 0..attempts {
+            let target = match self.pick(&tried) {
+                Some(t) => t,
+                None if attempt > 0 && attempts > 2 => {
+                    tried.clear();
+                    match self.pick(&tried) {
+                        Some(t) => t,
+                        None => break,
+                    }
+                }
+                None => break,
+            };
+            if attempt > 0 {
+                self.metrics.retries.inc();
+            }
+            match self.connect_target(&target, tls).await {
+                Ok(connected) => return Ok(connected),
+                Err(error) if error.is_connect_failure() => {
+                    tracing::debug!(service = %self.service, target = %target.addr, %error, "connect failed; trying another endpoint");
+                    tried.push(target.addr);
+                    last = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
         }
+        Err(last.unwrap_or_else(|| self.no_endpoint()))
     }
 
     pub fn no_endpoint(&self) -> ConnectError {
@@ -337,13 +516,10 @@ impl Upstream {
     }
 
     /// A connection slot, unless the service has as many connections open as it may.
-    fn reserve_slot(&self) -> Result<ConnectionSlot, ConnectError> {
-        let max = self.settings.max_connections;
-        let reserved = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
-        match reserved {
-            Ok(_) => Ok(ConnectionSlot(self.open.clone())),
-            Err(_) => Err(ConnectError::Overflow { service: self.service.clone(), max }),
-        }
+    fn reserve_slot(&self) -> Result<Permit, ConnectError> {
+        let max = self.policy().max_connections;
+        self.permit(&self.open, max, Limit::MaxConnections)
+            .ok_or_else(|| ConnectError::Overflow { service: self.service.clone(), max })
     }
 
     async fn connect_target_inner(
@@ -353,11 +529,11 @@ impl Upstream {
     ) -> Result<Connected, ConnectError> {
         let slot = self.reserve_slot()?;
         let active = target.health.track();
-        let timeout = self.settings.connect_timeout;
+        let timeout = self.policy().connect_timeout;
         let result = tokio::time::timeout(timeout, UpstreamStream::connect(&target.addr)).await;
         let error = match result {
             Ok(Ok(stream)) => {
-                target.health.record_success();
+                self.record(target, Outcome::Connected);
                 let stream = match tls {
                     None => UpstreamIo::Plain(stream),
                     Some(setup) => {
@@ -383,9 +559,7 @@ impl Upstream {
                 return Err(error);
             }
         }
-        if target.health.record_failure(&self.settings.ejection) {
-            tracing::warn!(service = %self.service, target = %target.addr, "endpoint ejected after consecutive connect failures");
-        }
+        self.record(target, Outcome::ConnectFailed);
         Err(error)
     }
 
@@ -404,7 +578,7 @@ impl Upstream {
         if !pending() {
             return;
         }
-        let deadline = Instant::now() + self.settings.connect_timeout;
+        let deadline = Instant::now() + self.policy().connect_timeout;
         let mut changes = self.generation.subscribe();
         while pending() {
             if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
@@ -420,14 +594,51 @@ fn is_local_resource_error(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(24 | 23 | 12 | 105 | 99))
 }
 
-/// Closes idle pooled connections past their idle timeout.
+/// Share of addresses not ejected, in percent.
+fn healthy_percent(targets: &[Target]) -> f64 {
+    if targets.is_empty() {
+        return 100.0;
+    }
+    let healthy = targets.iter().filter(|t| t.health.is_healthy()).count();
+    healthy as f64 * 100.0 / targets.len() as f64
+}
+
+/// Closes idle pooled connections past their idle timeout (checked at half of it, at most
+/// every minute, so a reload that shortens it takes effect).
 async fn sweep_loop(upstream: Weak<Upstream>) {
-    let period = upstream.upgrade().map_or(pool::DEFAULT_IDLE_TIMEOUT, |u| u.settings.idle_timeout) / 2;
     loop {
-        tokio::time::sleep(period.max(Duration::from_millis(100))).await;
+        let period = upstream.upgrade().map_or(pool::DEFAULT_IDLE_TIMEOUT, |u| u.pool.idle_timeout()) / 2;
+        tokio::time::sleep(period.clamp(Duration::from_millis(100), Duration::from_secs(60))).await;
         let Some(up) = upstream.upgrade() else { return };
         up.pool.sweep();
     }
+}
+
+/// Runs the success-rate and failure-percentage detectors every `interval`, while the policy
+/// has them.
+async fn interval_loop(upstream: Weak<Upstream>) {
+    loop {
+        let interval = {
+            let Some(up) = upstream.upgrade() else { return };
+            let policy = up.policy();
+            match &policy.outlier {
+                Outlier::Detect(d) if up_has_interval(&policy) => d.interval,
+                _ => {
+                    up.interval_task.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep(interval).await;
+        let Some(up) = upstream.upgrade() else { return };
+        if let Outlier::Detect(d) = &up.policy().outlier {
+            outlier::evaluate_interval(&up, d);
+        }
+    }
+}
+
+fn up_has_interval(policy: &UpstreamPolicy) -> bool {
+    policy.has_interval_detectors()
 }
 
 async fn refresh_loop(upstream: Weak<Upstream>, index: usize, name: String) {
@@ -471,7 +682,8 @@ mod tests {
             ejection: EjectionPolicy { consecutive_failures: 1, base_time: Duration::from_secs(600) },
             ..Settings::default()
         };
-        Upstream::new(Arc::from("default/test"), Protocol::Tcp, endpoints, Arc::new(settings))
+        let policy = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Tcp);
+        Upstream::new(Arc::from("default/test"), Protocol::Tcp, endpoints, Arc::new(settings), policy)
     }
 
     fn port(t: &Target) -> u16 {
@@ -485,24 +697,24 @@ mod tests {
     fn prefers_the_lowest_priority_level_with_a_healthy_target() {
         let up = upstream(vec![ip_endpoint(1, 1), ip_endpoint(2, 0), ip_endpoint(3, 0)]);
         for _ in 0..50 {
-            assert_ne!(port(&up.pick(None).unwrap()), 1);
+            assert_ne!(port(&up.pick(&[]).unwrap()), 1);
         }
         let targets = up.targets();
         for t in targets.iter().filter(|t| t.priority == 0) {
             t.health.record_failure(&up.settings.ejection);
         }
-        assert_eq!(port(&up.pick(None).unwrap()), 1, "fails over when level 0 has no healthy target");
+        assert_eq!(port(&up.pick(&[]).unwrap()), 1, "fails over when level 0 has no healthy target");
     }
 
     #[test]
     fn excluding_the_failed_target_picks_another() {
         let up = upstream(vec![ip_endpoint(1, 0), ip_endpoint(2, 0)]);
-        let first = up.pick(None).unwrap();
-        let second = up.pick(Some(&first.addr)).unwrap();
+        let first = up.pick(&[]).unwrap();
+        let second = up.pick(std::slice::from_ref(&first.addr)).unwrap();
         assert_ne!(first.addr, second.addr);
         let single = upstream(vec![ip_endpoint(1, 0)]);
-        let only = single.pick(None).unwrap();
-        assert!(single.pick(Some(&only.addr)).is_none());
+        let only = single.pick(&[]).unwrap();
+        assert!(single.pick(std::slice::from_ref(&only.addr)).is_none());
     }
 
     #[test]
@@ -511,7 +723,7 @@ mod tests {
         for t in up.targets().iter() {
             t.health.record_failure(&up.settings.ejection);
         }
-        assert_eq!(port(&up.pick(None).unwrap()), 1);
+        assert_eq!(port(&up.pick(&[]).unwrap()), 1);
     }
 
     #[test]
@@ -521,7 +733,7 @@ mod tests {
         let busy = targets.iter().find(|t| port(t) == 1).unwrap();
         let _guards: Vec<_> = (0..5).map(|_| busy.health.track()).collect();
         for _ in 0..50 {
-            assert_eq!(port(&up.pick(None).unwrap()), 2);
+            assert_eq!(port(&up.pick(&[]).unwrap()), 2);
         }
     }
 }

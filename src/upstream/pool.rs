@@ -19,11 +19,12 @@ use hyper::client::conn::{http1, http2};
 use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 
+use super::replay::ReplayBody;
 use super::TargetAddr;
 
 /// A request body on its way to an endpoint, its bytes counted as they pass.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Source,
     counter: Counter,
     /// For the access log, when it is on.
     sent: Option<Arc<AtomicU64>>,
@@ -31,9 +32,29 @@ pub struct RequestBody {
     pool_return: Option<Arc<SharedReturn>>,
 }
 
+/// Straight from the application, or through a copy kept for retries.
+enum Source {
+    Direct(Incoming),
+    Replay(ReplayBody),
+}
+
+impl Source {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Direct(b) => b.is_end_stream(),
+            Self::Replay(b) => b.is_end_stream(),
+        }
+    }
+}
+
 impl RequestBody {
     pub fn new(inner: Incoming, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner, counter, sent, pool_return: None }
+        Self { inner: Source::Direct(inner), counter, sent, pool_return: None }
+    }
+
+    /// One attempt's body of a request that may be retried.
+    pub fn replay(inner: ReplayBody, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
+        Self { inner: Source::Replay(inner), counter, sent, pool_return: None }
     }
 
     /// Makes the connection's return to the pool wait for this body to be sent too (a slow
@@ -53,13 +74,19 @@ impl RequestBody {
 pub struct PoolReturn {
     pub pool: Arc<super::Upstream>,
     pub key: PoolKey,
-    pub sender: http1::SendRequest<RequestBody>,
+    pub sender: H1Sender,
 }
 
 impl PoolReturn {
     fn put(self) {
         self.pool.pool.put_h1(self.key, self.sender);
     }
+}
+
+/// An HTTP/1 connection and when it was opened (for `maxConnectionDuration`).
+pub struct H1Sender {
+    pub sender: http1::SendRequest<RequestBody>,
+    pub opened: Instant,
 }
 
 /// A connection's way back to the pool when both the response and the request body must be
@@ -111,7 +138,10 @@ impl Body for RequestBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        let frame = match &mut self.inner {
+            Source::Direct(b) => Pin::new(b).poll_frame(cx),
+            Source::Replay(b) => Pin::new(b).poll_frame(cx),
+        };
         if let Poll::Ready(Some(Ok(f))) = &frame {
             if let Some(data) = f.data_ref() {
                 self.counter.inc_by(data.len() as u64);
@@ -139,7 +169,10 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Direct(b) => b.size_hint(),
+            Source::Replay(b) => b.size_hint(),
+        }
     }
 }
 
@@ -204,30 +237,65 @@ pub fn current_worker() -> usize {
     WORKER.with(std::cell::Cell::get)
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<RequestBody>, Instant)>>>;
 /// An idle HTTP/1 connection and when it became idle.
-type IdleH1 = (http1::SendRequest<RequestBody>, Instant);
+type IdleH1 = (H1Sender, Instant);
 
-#[derive(Default)]
+/// No limit, in [`Pool`]'s nanosecond settings.
+const UNLIMITED: u64 = u64::MAX;
+
 pub struct Pool {
-    idle_timeout: Duration,
+    /// Nanoseconds an idle connection is kept (MeshTimeout `idleTimeout`, else `--idle-timeout`).
+    idle_timeout: AtomicU64,
+    /// Nanoseconds a connection is used for new requests (`http.maxConnectionDuration`).
+    max_lifetime: AtomicU64,
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
     h2: Mutex<HashMap<PoolKey, H2Slot>>,
 }
 
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(DEFAULT_IDLE_TIMEOUT)
+    }
+}
+
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout).finish()
+        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout()).finish()
     }
+}
+
+fn nanos(d: Option<Duration>) -> u64 {
+    d.map_or(UNLIMITED, |d| u64::try_from(d.as_nanos()).unwrap_or(UNLIMITED))
 }
 
 impl Pool {
     pub fn new(idle_timeout: Duration) -> Self {
-        Self { idle_timeout, ..Self::default() }
+        Self {
+            idle_timeout: AtomicU64::new(nanos(Some(idle_timeout))),
+            max_lifetime: AtomicU64::new(UNLIMITED),
+            h1: Mutex::default(),
+            h2: Mutex::default(),
+        }
+    }
+
+    /// Applies a configuration's timeouts (`None`: no limit).
+    pub fn set_timeouts(&self, idle: Option<Duration>, max_lifetime: Option<Duration>) {
+        self.idle_timeout.store(nanos(idle), Ordering::Relaxed);
+        self.max_lifetime.store(nanos(max_lifetime), Ordering::Relaxed);
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
+    }
+
+    fn young(&self, opened: Instant) -> bool {
+        let max = self.max_lifetime.load(Ordering::Relaxed);
+        max == UNLIMITED || opened.elapsed() < Duration::from_nanos(max)
     }
 
     /// An idle HTTP/1 connection that is still open and not past the idle timeout.
-    pub fn take_h1(&self, key: &PoolKey) -> Option<http1::SendRequest<RequestBody>> {
+    pub fn take_h1(&self, key: &PoolKey) -> Option<H1Sender> {
         let mut idle = self.h1.lock().ok()?;
         let list = idle.get_mut(key)?;
         while let Some(idle) = list.pop() {
@@ -238,13 +306,15 @@ impl Pool {
         None
     }
 
-    /// Still open and not idle past the timeout.
+    /// Still open, not idle past the timeout, and not older than the connection lifetime.
     fn reusable(&self, (sender, since): &IdleH1) -> bool {
-        !sender.is_closed() && since.elapsed() < self.idle_timeout
+        !sender.sender.is_closed()
+            && since.elapsed() < Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
+            && self.young(sender.opened)
     }
 
-    pub fn put_h1(&self, key: PoolKey, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    pub fn put_h1(&self, key: PoolKey, sender: H1Sender) {
+        if sender.sender.is_closed() || !self.young(sender.opened) {
             return;
         }
         let Ok(mut idle) = self.h1.lock() else { return };
@@ -266,11 +336,12 @@ impl Pool {
             Err(_) => H2Slot::default(),
         };
         let mut current = slot.lock().await;
-        if let Some(sender) = current.as_ref().filter(|s| !s.is_closed()) {
+        if let Some((sender, _)) = current.as_ref().filter(|(s, opened)| !s.is_closed() && self.young(*opened)) {
             return Ok(sender.clone());
         }
+        // An old connection is only forgotten: it closes once its last stream ends.
         let sender = connect().await?;
-        *current = Some(sender.clone());
+        *current = Some((sender.clone(), Instant::now()));
         Ok(sender)
     }
 
@@ -294,7 +365,7 @@ impl Pool {
             });
         }
         if let Ok(mut h2) = self.h2.lock() {
-            h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed())));
+            h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
         }
     }
 }

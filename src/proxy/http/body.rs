@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
@@ -17,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLog, Record};
 use crate::upstream::pool::ReturnTicket;
-use crate::upstream::{ActiveGuard, TargetAddr};
+use crate::upstream::{ActiveGuard, Permit, TargetAddr};
 
 /// An access log record waiting for its response body to end.
 pub struct PendingLog {
@@ -41,8 +42,12 @@ impl PendingLog {
 pub struct UpstreamBody {
     pub body: Incoming,
     pub pool_return: Option<ReturnTicket>,
-    /// The gRPC deadline: when it passes mid-response, the stream ends with DEADLINE_EXCEEDED.
+    /// The stream's deadline (gRPC `grpc-timeout`, MeshTimeout `maxStreamDuration`): when it
+    /// passes mid-response, a gRPC stream ends with DEADLINE_EXCEEDED, another is aborted.
     pub deadline: Option<Pin<Box<Sleep>>>,
+    /// MeshTimeout `streamIdleTimeout`: no frame for this long aborts the response (a gRPC one
+    /// ends with UNAVAILABLE).
+    pub stream_idle: Option<(Duration, Pin<Box<Sleep>>)>,
     pub grpc: bool,
     /// No more frames will be given (the upstream's ended, or the deadline's trailers went out).
     pub finished: bool,
@@ -54,6 +59,19 @@ pub struct UpstreamBody {
     /// Boxed: only there when the access log is on.
     pub log: Option<Box<PendingLog>>,
     pub _active: ActiveGuard,
+    /// The service's request slot (MeshCircuitBreaker `maxRequests`), held until the end.
+    pub _request_slot: Permit,
+}
+
+/// Why the proxy cut a response short.
+#[derive(Debug, thiserror::Error)]
+pub enum Cut {
+    #[error("the stream's maximum duration passed")]
+    MaxStreamDuration,
+    #[error("no data for the stream idle timeout")]
+    StreamIdle,
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
 }
 
 impl Drop for UpstreamBody {
@@ -73,7 +91,7 @@ impl UpstreamBody {
         outcome: &'static str,
         status: &'static str,
         message: &'static str,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
         self.finished = true;
         self.outcome = outcome;
         let mut trailers = HeaderMap::new();
@@ -90,6 +108,8 @@ impl UpstreamBody {
 }
 
 /// The response body the application reads.
+// Not boxed: the upstream variant is the common one, boxing it would allocate per request.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Upstream(UpstreamBody),
     Local(Full<Bytes>),
@@ -103,7 +123,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Cut;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let up = match self.get_mut() {
@@ -114,11 +134,28 @@ impl Body for ProxyBody {
             return Poll::Ready(None);
         }
         if let Some(deadline) = up.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() && up.grpc {
-                return up.end_with_grpc_status("deadline_exceeded", "4", "deadline exceeded");
+            if deadline.as_mut().poll(cx).is_ready() {
+                if up.grpc {
+                    return up.end_with_grpc_status("deadline_exceeded", "4", "deadline exceeded");
+                }
+                up.finished = true;
+                up.outcome = "max_stream_duration";
+                return Poll::Ready(Some(Err(Cut::MaxStreamDuration)));
             }
         }
-        let frame = Pin::new(&mut up.body).poll_frame(cx);
+        let frame = Pin::new(&mut up.body).poll_frame(cx).map_err(Cut::from);
+        if let Some((idle, sleep)) = up.stream_idle.as_mut() {
+            if frame.is_ready() {
+                sleep.as_mut().reset(Instant::now() + *idle);
+            } else if sleep.as_mut().poll(cx).is_ready() {
+                if up.grpc {
+                    return up.end_with_grpc_status("stream_idle_timeout", "14", "stream idle timeout");
+                }
+                up.finished = true;
+                up.outcome = "stream_idle_timeout";
+                return Poll::Ready(Some(Err(Cut::StreamIdle)));
+            }
+        }
         // The headers are out, so a gRPC client learns of an upstream failure from the
         // trailers (UNAVAILABLE), as from Envoy, not from a bare stream reset.
         if up.grpc && matches!(frame, Poll::Ready(Some(Err(_)))) {

@@ -1,36 +1,49 @@
 //! The upstream client: a connection for one request, pooled when possible, else new (a failed
 //! connect is retried once on another endpoint).
+//!
+//! A request that needs a new connection waits for it as a pending request
+//! (MeshCircuitBreaker `maxPendingRequests`).
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
-use crate::upstream::{ConnectError, ConnectionSlot, Target, TlsSetup, Upstream, UpstreamIo};
+use crate::upstream::{ConnectError, Permit, Target, TargetAddr, TlsSetup, Upstream, UpstreamIo};
 
 pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
-    H1(http1::SendRequest<RequestBody>),
+    H1(H1Sender),
     /// Shared: every request opens a stream on it.
     H2(http2::SendRequest<RequestBody>),
 }
 
-/// A connection for one request, the endpoint it goes to and its pool key.
+/// A connection for one request, the endpoint it goes to and its pool key; `exclude` are
+/// endpoints earlier attempts used (MeshRetry `OmitPreviousHosts`).
 pub(super) async fn connection(
     upstream: &Upstream,
     tls: Option<TlsSetup<'_>>,
     http2: bool,
+    exclude: &[TargetAddr],
 ) -> Result<(Sender, Target, PoolKey), ConnectError> {
     upstream.wait_for_first_resolution().await;
     let tls_id = TlsIdentity::of(tls.map(|t| t.config));
     let mut failed: Option<(Target, ConnectError)> = None;
     for _ in 0..2 {
-        let Some(target) = upstream.pick(failed.as_ref().map(|(t, _)| &t.addr)) else { break };
+        // Prefer endpoints neither earlier attempts nor this one used; else any but the one
+        // that just failed.
+        let failed_addr = failed.as_ref().map(|(t, _)| std::slice::from_ref(&t.addr)).unwrap_or_default();
+        let mut avoid = exclude.to_vec();
+        avoid.extend_from_slice(failed_addr);
+        let pick = upstream.pick(&avoid).or_else(|| upstream.pick(failed_addr).filter(|_| !exclude.is_empty()));
+        let Some(target) = pick else { break };
         let key = PoolKey { target: target.addr.clone(), tls: tls_id.clone(), http2, worker: pool::current_worker() };
         // New connections are boxed: their connect, TLS and handshake state is large, and
         // inline it would make every request's future (moved on each spawn) that large.
         let result = if http2 {
             let connect = || {
                 Box::pin(async {
+                    let _pending = pending(upstream)?;
                     let connected = upstream.connect_target(&target, tls).await?;
                     handshake_h2(connected.stream, connected.slot)
                         .await
@@ -40,17 +53,19 @@ pub(super) async fn connection(
             upstream.pool.h2(&key, connect).await.map(Sender::H2)
         } else {
             let pooled = match upstream.pool.take_h1(&key) {
-                Some(mut sender) => sender.ready().await.ok().map(|()| sender),
+                Some(mut h1) => h1.sender.ready().await.ok().map(|()| h1),
                 None => None,
             };
             match pooled {
-                Some(sender) => Ok(Sender::H1(sender)),
+                Some(h1) => Ok(Sender::H1(h1)),
                 None => {
                     Box::pin(async {
+                        let _pending = pending(upstream)?;
                         let connected = upstream.connect_target(&target, tls).await?;
+                        let opened = tokio::time::Instant::now().into_std();
                         handshake_h1(connected.stream, connected.slot)
                             .await
-                            .map(Sender::H1)
+                            .map(|sender| Sender::H1(H1Sender { sender, opened }))
                             .map_err(|e| handshake_error(upstream, &target, e))
                     })
                     .await
@@ -59,6 +74,7 @@ pub(super) async fn connection(
         };
         match result {
             Ok(sender) => return Ok((sender, target, key)),
+            Err(error) if !error.is_connect_failure() => return Err(error),
             Err(error) => {
                 tracing::debug!(%error, "upstream connection failed; trying another endpoint");
                 failed = Some((target, error));
@@ -66,6 +82,14 @@ pub(super) async fn connection(
         }
     }
     Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
+}
+
+/// A pending-request slot, or the overflow error.
+fn pending(upstream: &Upstream) -> Result<Permit, ConnectError> {
+    upstream.pending_permit().ok_or_else(|| ConnectError::Pending {
+        service: upstream.service().clone(),
+        max: upstream.policy().max_pending_requests,
+    })
 }
 
 fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -> ConnectError {
@@ -77,7 +101,7 @@ fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -
 }
 
 /// The connection runs on its own task, which holds its slot.
-async fn handshake_h1(io: UpstreamIo, slot: ConnectionSlot) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
+async fn handshake_h1(io: UpstreamIo, slot: Permit) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
     let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _slot = slot;
@@ -88,7 +112,7 @@ async fn handshake_h1(io: UpstreamIo, slot: ConnectionSlot) -> Result<http1::Sen
     Ok(sender)
 }
 
-async fn handshake_h2(io: UpstreamIo, slot: ConnectionSlot) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
+async fn handshake_h2(io: UpstreamIo, slot: Permit) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
     let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _slot = slot;

@@ -1,8 +1,13 @@
 //! The forward phase of a request: a connection from the upstream client, the request
 //! rewritten for the endpoint, the exchange, and the response body streamed back (or an
-//! upgraded tunnel).
+//! upgraded tunnel). With a MeshRetry, attempts repeat (on a copy of the body, see
+//! [`crate::upstream::replay`]) until one gives a response that is not to be retried; a
+//! response is only ever retried before any of it went to the application.
 
-use http::{Request, Response, StatusCode};
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
@@ -10,11 +15,15 @@ use super::body::{ProxyBody, UpstreamBody};
 use super::client::{self, Sender};
 use super::reply::{self, Failure};
 use super::request::RequestCtx;
+use super::retry::AttemptFailure;
 use super::rewrite::{check, is_upgrade, prepare_request, strip_hop_by_hop};
 use super::HttpProxy;
 use crate::catalog::Protocol;
+use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
-use crate::upstream::pool::{PoolReturn, RequestBody, ReturnTicket};
+use crate::upstream::pool::{PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
+use crate::upstream::replay::Replay;
+use crate::upstream::{ActiveGuard, ConnectError, Outcome, Permit, Target, TargetAddr};
 
 /// Forwards within the request's time limit.
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
@@ -28,50 +37,196 @@ pub(super) async fn forward(ctx: &RequestCtx, req: Request<Incoming>, proxy: &Ht
     }
 }
 
+/// A response head from an endpoint, with what the response body needs.
+struct Exchanged {
+    response: Response<Incoming>,
+    sender: Sender,
+    target: Target,
+    key: PoolKey,
+    active: ActiveGuard,
+    shared_return: Option<std::sync::Arc<SharedReturn>>,
+}
+
+enum Attempt {
+    Answered(Exchanged),
+    Failed(AttemptFailure, Response<ProxyBody>),
+}
+
 async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
-    let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
+    let upstream = &ctx.route.upstream;
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
-    let tls = ctx.route.tls();
     let mut req = req;
     let upgrade = !http2 && is_upgrade(req.headers(), &proxy.upgrades);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     if let Err(refusal) = check(&parts) {
-        return reply::refused(grpc, refusal);
+        return reply::refused(ctx.grpc, refusal);
     }
+    let Some(request_slot) = upstream.request_permit() else {
+        return reply::overflow(ctx.grpc);
+    };
+    let retry = ctx.policy.retry.as_deref().filter(|r| !upgrade && r.admits(&parts));
     let client_version = parts.version;
-    let (mut sender, target, key) = match client::connection(upstream, tls, http2).await {
+    let result = match retry {
+        None => {
+            let body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+            attempt(ctx, parts, body, upgrade, &[]).await
+        }
+        Some(retry) => with_retries(ctx, retry, parts, body).await,
+    };
+    match result {
+        Attempt::Answered(exchanged) => respond(ctx, proxy, exchanged, client_upgrade, client_version, request_slot),
+        Attempt::Failed(_, reply) => reply,
+    }
+}
+
+/// Attempts until a response or failure that the policy does not retry, or until the retries,
+/// the body copy or the retry budget (`maxRetries`) run out.
+async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body: Incoming) -> Attempt {
+    let upstream = &ctx.route.upstream;
+    let replay = Replay::new(body);
+    let template = Template::of(&parts);
+    let mut next_parts = Some(parts);
+    let mut tried: Vec<TargetAddr> = Vec::new();
+    let mut retries = 0;
+    let mut _retry_slot: Option<Permit> = None;
+    loop {
+        let parts = next_parts.take().unwrap_or_else(|| template.parts());
+        let body = RequestBody::replay(replay.attempt(), upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+        let attempt = attempt(ctx, parts, body, false, if retry.omit_previous_hosts { &tried } else { &[] });
+        let result = match retry.per_try_timeout {
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(result) => result,
+                Err(_) => Attempt::Failed(
+                    AttemptFailure::Reset,
+                    reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
+                ),
+            },
+            None => attempt.await,
+        };
+        let (again, headers, target) = match &result {
+            Attempt::Answered(e) => {
+                (retry.retries_response(&e.response), Some(e.response.headers()), Some(e.target.addr.clone()))
+            }
+            Attempt::Failed(failure, _) => (retry.retries_failure(*failure), None, None),
+        };
+        if !again || retries >= retry.num_retries || !replay.replayable() {
+            return result;
+        }
+        let Some(slot) = upstream.retry_permit() else { return result };
+        retries += 1;
+        let wait: Duration = retry.back_off(retries, headers.cloned().as_ref());
+        drop(result);
+        tried.extend(target);
+        _retry_slot = Some(slot);
+        upstream.metrics.retries.inc();
+        tracing::debug!(service = %upstream.service(), retry = retries, ?wait, "retrying the request");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// What a retry needs to build the request again (the first attempt uses the original).
+struct Template {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Template {
+    fn of(parts: &Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn parts(&self) -> Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method.clone();
+        parts.uri = self.uri.clone();
+        parts.version = self.version;
+        parts.headers = self.headers.clone();
+        parts
+    }
+}
+
+/// One attempt: a connection, the rewritten request, and its response head.
+async fn attempt(
+    ctx: &RequestCtx,
+    mut parts: Parts,
+    mut body: RequestBody,
+    upgrade: bool,
+    exclude: &[TargetAddr],
+) -> Attempt {
+    let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
+    let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
+    let tls = ctx.route.tls();
+    let failed = |failure, reply| Attempt::Failed(failure, reply);
+    let (mut sender, target, key) = match client::connection(upstream, tls, http2, exclude).await {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "no upstream connection");
-            return reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED);
+            return match error {
+                ConnectError::Overflow { .. } | ConnectError::Pending { .. } => {
+                    failed(AttemptFailure::Local, reply::overflow(grpc))
+                }
+                ConnectError::NoEndpoint { .. } => failed(
+                    AttemptFailure::Local,
+                    reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED),
+                ),
+                _ => failed(
+                    AttemptFailure::Connect,
+                    reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED),
+                ),
+            };
         }
     };
     if let Err(refusal) = prepare_request(&mut parts, &target, tls.is_some(), http2, upgrade) {
-        return reply::refused(grpc, refusal);
+        return failed(AttemptFailure::Local, reply::refused(grpc, refusal));
     }
     let active = target.health.track();
-    let mut body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
     let shared_return = match &sender {
         Sender::H1(_) => body.share_pool_return(),
         Sender::H2(_) => None,
     };
     let request = Request::from_parts(parts, body);
     let result = match &mut sender {
-        Sender::H1(s) => s.send_request(request).await,
+        Sender::H1(s) => s.sender.send_request(request).await,
         Sender::H2(s) => s.send_request(request).await,
     };
-    let mut response = match result {
-        Ok(r) => r,
+    match result {
+        Ok(response) => {
+            upstream.record(&target, Outcome::Response(response.status().as_u16()));
+            Attempt::Answered(Exchanged { response, sender, target, key, active, shared_return })
+        }
         Err(error) if request_body_failed(&error) => {
             tracing::debug!(service = %upstream.service(), %error, "the application's request body is malformed");
-            return reply::local_reply(grpc, Failure::BadRequest, reply::BAD_REQUEST_BODY);
+            failed(AttemptFailure::Local, reply::local_reply(grpc, Failure::BadRequest, reply::BAD_REQUEST_BODY))
         }
         Err(error) => {
             tracing::warn!(service = %upstream.service(), endpoint = %target.addr, %error, "upstream request failed before the response");
-            return reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED);
+            upstream.record(&target, Outcome::LocalFailure);
+            let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
+            failed(failure, reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED))
         }
-    };
+    }
+}
+
+/// The response for the application: the endpoint's head with its body streamed through, or
+/// an upgraded tunnel.
+fn respond(
+    ctx: &RequestCtx,
+    proxy: &HttpProxy,
+    exchanged: Exchanged,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_version: http::Version,
+    request_slot: Permit,
+) -> Response<ProxyBody> {
+    let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
+    let Exchanged { mut response, sender, target, key, active, shared_return } = exchanged;
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(tunnel(client_upgrade, upstream_upgrade, proxy.timeouts.flow(), proxy.connections.open()));
@@ -99,10 +254,12 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
         }
         Sender::H2(_) => None,
     };
+    let stream_idle = ctx.stream_idle.map(|idle| (idle, Box::pin(tokio::time::sleep(idle))));
     let mut body = UpstreamBody {
         body,
         pool_return,
         deadline: ctx.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        stream_idle,
         grpc,
         finished: false,
         outcome: "aborted",
@@ -111,6 +268,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
         endpoint: target.addr.clone(),
         log: None,
         _active: active,
+        _request_slot: request_slot,
     };
     if body.body.is_end_stream() {
         body.return_to_pool(); // hyper will not poll an empty body
@@ -122,6 +280,18 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
 /// framing, say): the error hyper's client reports wraps the server side's `hyper::Error`.
 fn request_body_failed(error: &hyper::Error) -> bool {
     std::error::Error::source(error).is_some_and(|source| source.downcast_ref::<hyper::Error>().is_some())
+}
+
+/// The endpoint refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the request.
+fn refused_stream(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Moves an upgraded connection's bytes; counted as an open connection until it closes.

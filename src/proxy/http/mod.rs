@@ -10,6 +10,7 @@ mod grpc;
 mod reply;
 mod request;
 mod resets;
+mod retry;
 mod rewrite;
 
 use std::convert::Infallible;
@@ -70,6 +71,11 @@ impl HttpProxy {
             timeouts: proxy.settings.timeouts,
             resets: resets::ResetBudget::default(),
         }
+    }
+
+    /// Time to receive a request head (`Duration::ZERO`: no limit but the idle timeout).
+    pub fn set_header_read_timeout(&mut self, timeout: Duration) {
+        self.timeouts.header_read = if timeout.is_zero() { self.timeouts.idle } else { timeout };
     }
 }
 

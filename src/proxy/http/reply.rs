@@ -47,6 +47,14 @@ pub(super) const NOT_CONFIGURED: &str = "service is no longer configured";
 pub(super) const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
 pub(super) const TIMED_OUT: &str = "upstream did not answer in time";
 pub(super) const BAD_REQUEST_BODY: &str = "malformed request body";
+pub(super) const OVERFLOW: &str = "upstream overflow: a MeshCircuitBreaker connection limit was reached";
+
+/// A connection limit was reached: 503 (gRPC UNAVAILABLE) at once, marked as Envoy marks it.
+pub(super) fn overflow(grpc: bool) -> Response<ProxyBody> {
+    let mut response = local_reply(grpc, Failure::Unavailable, OVERFLOW);
+    response.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    response
+}
 
 /// The reply to a request that cannot be forwarded as it is.
 pub(super) fn refused(grpc: bool, refusal: Refusal) -> Response<ProxyBody> {

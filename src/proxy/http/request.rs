@@ -18,18 +18,24 @@ use crate::access_log::Record;
 use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::proxy::admit::admit;
+use crate::upstream::UpstreamPolicy;
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {
     pub route: Route,
+    /// The service's policies as the upstream holds them now.
+    pub policy: Arc<UpstreamPolicy>,
     /// gRPC by the service's protocol or the request's content type: failures are answered
     /// with a gRPC status.
     pub grpc: bool,
-    /// The gRPC deadline (`grpc-timeout`): the response ends with DEADLINE_EXCEEDED when it passes.
+    /// The stream's deadline, the sooner of the gRPC one (`grpc-timeout`) and MeshTimeout
+    /// `http.maxStreamDuration`: the response is cut when it passes.
     pub deadline: Option<Instant>,
-    /// Time allowed until the response headers arrive: the request timeout or the gRPC
-    /// deadline, whichever is sooner.
+    /// Time allowed until the response headers arrive: the request timeout (MeshTimeout
+    /// `http.requestTimeout`, else `--request-timeout`) or the deadline, whichever is sooner.
     pub limit: Option<Duration>,
+    /// MeshTimeout `http.streamIdleTimeout`, when a policy sets it.
+    pub stream_idle: Option<Duration>,
     pub started: Instant,
     /// Boxed: only there when the access log is on.
     pub log: Option<Box<PendingLog>>,
@@ -38,12 +44,18 @@ pub(super) struct RequestCtx {
 impl RequestCtx {
     fn new(route: Route, req: &Request<Incoming>, proxy: &HttpProxy) -> Self {
         let started = Instant::now();
+        let policy = route.upstream.policy_arc();
+        let timeouts = &policy.timeouts;
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
-        let limit = match (grpc_deadline, proxy.request_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let max_stream = timeouts.max_stream.filter(|d| !d.is_zero());
+        let stream_limit = sooner(grpc_deadline, max_stream);
+        let request_timeout = match timeouts.request {
+            Some(t) => Some(t).filter(|t| !t.is_zero()),
+            None => proxy.request_timeout,
         };
+        let limit = sooner(stream_limit, request_timeout);
+        let stream_idle = timeouts.stream_idle.filter(|d| !d.is_zero());
         let log = proxy.access_log.as_ref().map(|log| {
             Box::new(PendingLog {
                 log: log.clone(),
@@ -64,7 +76,7 @@ impl RequestCtx {
                 sent: Arc::new(AtomicU64::new(0)),
             })
         });
-        Self { route, grpc, deadline: grpc_deadline.map(|d| started + d), limit, started, log }
+        Self { route, policy, grpc, deadline: stream_limit.map(|d| started + d), limit, stream_idle, started, log }
     }
 
     /// The request body's byte counter for the access log, when it is on.
@@ -87,6 +99,13 @@ impl RequestCtx {
                 ProxyBody::Local(_) => pending.finish("local_reply", 0),
             }
         }
+    }
+}
+
+fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

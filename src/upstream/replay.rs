@@ -1,0 +1,141 @@
+//! A request body that can be sent again: each attempt reads what earlier attempts already read
+//! from a copy, then the rest from the application, so a retry does not wait for the whole body
+//! first (a gRPC stream that waits for its first answer still works).
+//!
+//! The copy is bounded ([`RETRY_BUFFER_LIMIT`], as Envoy's per-request buffer limit): once a
+//! body has passed more than that, the copy is dropped and the request can no longer be retried.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// Request bytes kept for a retry; a larger body is sent once.
+pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug)]
+struct State {
+    source: Incoming,
+    hint: SizeHint,
+    copy: Vec<Bytes>,
+    copied: usize,
+    trailers: Option<HeaderMap>,
+    /// The application's body has ended.
+    done: bool,
+    /// More than the limit passed: the copy is gone.
+    overflowed: bool,
+    /// Only the current attempt's body may read the source.
+    attempt: u32,
+}
+
+/// The shared state of one request's body across its attempts.
+#[derive(Debug, Clone)]
+pub struct Replay(Arc<Mutex<State>>);
+
+impl Replay {
+    pub fn new(source: Incoming) -> Self {
+        let hint = source.size_hint();
+        let done = source.is_end_stream();
+        let state =
+            State { source, hint, copy: Vec::new(), copied: 0, trailers: None, done, overflowed: false, attempt: 0 };
+        Self(Arc::new(Mutex::new(state)))
+    }
+
+    /// Whether another attempt can send the whole body.
+    pub fn replayable(&self) -> bool {
+        self.0.lock().is_ok_and(|s| !s.overflowed)
+    }
+
+    /// The body of the next attempt; earlier attempts' bodies end.
+    pub fn attempt(&self) -> ReplayBody {
+        let attempt = match self.0.lock() {
+            Ok(mut s) => {
+                s.attempt += 1;
+                s.attempt
+            }
+            Err(_) => 0,
+        };
+        ReplayBody { state: self.clone(), attempt, position: 0, trailers_sent: false }
+    }
+}
+
+/// One attempt's view of the body.
+#[derive(Debug)]
+pub struct ReplayBody {
+    state: Replay,
+    attempt: u32,
+    /// Frames of the copy already sent by this attempt.
+    position: usize,
+    trailers_sent: bool,
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Ok(mut s) = this.state.0.lock() else { return Poll::Ready(None) };
+        if s.attempt != this.attempt {
+            return Poll::Ready(None); // a newer attempt owns the source
+        }
+        if this.position < s.copy.len() {
+            this.position += 1;
+            return Poll::Ready(Some(Ok(Frame::data(s.copy[this.position - 1].clone()))));
+        }
+        if s.done {
+            return match s.trailers.clone().filter(|_| !this.trailers_sent) {
+                Some(trailers) => {
+                    this.trailers_sent = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                None => Poll::Ready(None),
+            };
+        }
+        let frame = match Pin::new(&mut s.source).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                s.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        if s.source.is_end_stream() {
+            s.done = true;
+        }
+        if let Some(data) = frame.data_ref() {
+            if !s.overflowed {
+                s.copied += data.len();
+                if s.copied > RETRY_BUFFER_LIMIT {
+                    s.overflowed = true;
+                    s.copy = Vec::new();
+                } else {
+                    s.copy.push(data.clone());
+                    this.position = s.copy.len();
+                }
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            s.trailers = Some(trailers.clone());
+            s.done = true;
+            this.trailers_sent = true;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.0.lock().is_ok_and(|s| {
+            s.attempt == self.attempt
+                && s.done
+                && self.position >= s.copy.len()
+                && (self.trailers_sent || s.trailers.is_none())
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.state.0.lock().map(|s| s.hint).unwrap_or_default()
+    }
+}
