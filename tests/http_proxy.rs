@@ -8,48 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::grpc::{self, grpc_server, RawCodec};
+use common::http_client::*;
 use common::http_upstream::{http_upstream, tls_config};
 use common::pki::Ca;
 use common::*;
-use http::{Request, StatusCode};
+use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-type Sender1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-async fn h1(addr: SocketAddr) -> Sender1 {
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(TcpStream::connect(addr).await.unwrap())).await.unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-fn get(uri: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
-    let mut b = Request::get(uri);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::new(Bytes::new())).unwrap()
-}
-
-async fn text(response: http::Response<hyper::body::Incoming>) -> (StatusCode, String) {
-    let status = response.status();
-    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-fn field<'a>(body: &'a str, name: &str) -> &'a str {
-    body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_else(|| panic!("no {name} in {body}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_is_rewritten_for_dns_endpoints_and_kept_for_ip_endpoints() {

@@ -162,8 +162,11 @@ impl Proxies {
                 let found = match (&top.name, &top.labels) {
                     (Some(name), _) if !name.is_empty() => {
                         let namespace = top.namespace.as_deref().or(policy_namespace);
-                        in_mesh()
-                            .any(|d| &d.name == name && (namespace.is_none() || d.namespace.as_deref() == namespace))
+                        // A Dataplane without a namespace (Universal) matches by name alone.
+                        in_mesh().any(|d| {
+                            &d.name == name
+                                && (namespace.is_none() || d.namespace.is_none() || d.namespace.as_deref() == namespace)
+                        })
                     }
                     (_, Some(labels)) => in_mesh().any(|d| subset(labels, &d.labels)),
                     _ => in_mesh().next().is_some(),

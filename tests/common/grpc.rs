@@ -1,5 +1,6 @@
 //! A tonic gRPC service with the four call kinds, on raw-bytes messages (no codegen):
-//! `/test.Echo/Unary` (echo; `sleep:<ms>` sleeps first), `/test.Echo/ServerStream` (`<n>` →
+//! `/test.Echo/Unary` (echo; `sleep:<ms>` sleeps first; `fail:<key>:<n>` answers UNAVAILABLE to
+//! the first n calls with that key), `/test.Echo/ServerStream` (`<n>` →
 //! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
@@ -100,6 +101,20 @@ impl tonic::server::StreamingService<Bytes> for BidiSvc {
 fn unary(r: Request<Bytes>) -> BoxFuture<Result<Response<Bytes>, Status>> {
     Box::pin(async move {
         let msg = r.into_inner();
+        if let Some((key, n)) = std::str::from_utf8(&msg).ok().and_then(|s| s.strip_prefix("fail:")?.split_once(':')) {
+            static SEEN: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> =
+                std::sync::Mutex::new(None);
+            let attempt = {
+                let mut seen = SEEN.lock().unwrap();
+                let n = seen.get_or_insert_with(Default::default).entry(key.to_string()).or_default();
+                *n += 1;
+                *n
+            };
+            if attempt <= n.parse().unwrap_or(0) {
+                return Err(Status::unavailable(format!("failing attempt {attempt}")));
+            }
+            return Ok(Response::new(Bytes::from(format!("attempt {attempt}"))));
+        }
         if let Some(ms) = std::str::from_utf8(&msg).ok().and_then(|s| s.strip_prefix("sleep:")) {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         }

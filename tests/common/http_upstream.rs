@@ -1,7 +1,10 @@
 //! An HTTP/1.1 + h2c (optionally TLS) upstream whose behaviour is set by request headers:
 //! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-challenge`
-//! (answers with `Proxy-Authenticate`); `/early` answers before reading the body; `/upload` counts
-//! the request body; an `Upgrade` request is answered 101 and then echoed.
+//! (answers with `Proxy-Authenticate`), `x-fail-first: <n>` with `x-key: <k>` (the first n
+//! requests with that key get `x-fail-status`, default 503, and `x-fail-header` as a response
+//! header; later ones succeed; every response says `x-attempt`), `x-drip: <n>` (n one-byte
+//! chunks, `x-drip-ms` apart); `/early` answers before reading the body; `/upload` counts the
+//! request body; an `Upgrade` request is answered 101 and then echoed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::convert::Infallible;
@@ -81,9 +84,53 @@ fn full(text: String) -> BoxBody {
     http_body_util::Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
 }
 
+/// Requests seen per `x-key`, across every upstream of the test process.
+fn attempts(key: &str) -> usize {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
+        std::sync::OnceLock::new();
+    let mut seen = SEEN.get_or_init(Default::default).lock().unwrap();
+    let n = seen.entry(key.to_string()).or_default();
+    *n += 1;
+    *n
+}
+
 async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxBody>, std::io::Error> {
     if let Some(ms) = header(&req, "x-delay-ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let (Some(fail_first), Some(key)) =
+        (header(&req, "x-fail-first").and_then(|v| v.parse::<usize>().ok()), header(&req, "x-key"))
+    {
+        let attempt = attempts(key);
+        let mut builder = Response::builder().header("x-attempt", attempt.to_string());
+        if attempt <= fail_first {
+            let status = header(&req, "x-fail-status").and_then(|s| s.parse().ok()).unwrap_or(503);
+            builder = builder.status(status);
+            if let Some((name, value)) = header(&req, "x-fail-header").and_then(|h| h.split_once(':')) {
+                builder = builder.header(name.trim(), value.trim());
+            }
+            return Ok(builder.body(full(format!("failed attempt {attempt}\n"))).unwrap());
+        }
+        // The body is read (and counted) so that a replayed upload can be checked.
+        let mut body = req.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
+                received += data.len() as u64;
+            }
+        }
+        return Ok(builder.body(full(format!("attempt {attempt} received: {received}\n"))).unwrap());
+    }
+    if let Some(drips) = header(&req, "x-drip").and_then(|v| v.parse::<usize>().ok()) {
+        let pause = Duration::from_millis(header(&req, "x-drip-ms").and_then(|v| v.parse().ok()).unwrap_or(100));
+        let chunks = stream::unfold(0, move |i| async move {
+            (i < drips).then_some(())?;
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            Some((Ok(Frame::data(Bytes::from_static(b"."))), i + 1))
+        });
+        return Ok(Response::builder().body(StreamBody::new(chunks).boxed()).unwrap());
     }
     if header(&req, "x-reset") == Some("before") {
         return Err(std::io::Error::other("reset before the response"));

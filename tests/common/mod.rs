@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 pub mod grpc;
+pub mod http_client;
 pub mod http_upstream;
 pub mod pki;
 

@@ -1,0 +1,330 @@
+//! MeshTimeout, MeshRetry and MeshCircuitBreaker applied to traffic, against real upstreams:
+//! every field that changes behaviour, merge precedence (MeshExternalService over Mesh), label
+//! targetRefs, the Kubernetes spelling and hot reload of a policy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::grpc::{self, grpc_server, RawCodec};
+use common::http_client::*;
+use common::http_upstream::http_upstream;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A unique `x-key` per call, so the upstream's failure counters never collide.
+fn key(name: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{name}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One `protocol` service named `name` on a fresh outbound to `port`, plus `policies` (YAML
+/// documents), written to a new configuration directory.
+fn service_and_policies(
+    name: &str,
+    protocol: &str,
+    port: u16,
+    policies: &str,
+) -> (SocketAddr, tempfile::TempDir, std::path::PathBuf) {
+    let outbound = free_addr("127.0.0.1");
+    let service = service_with_protocol(name, protocol, outbound, &endpoint("127.0.0.1", port, 0), "").replacen(
+        "mesh: default\nspec:",
+        "mesh: default\nlabels: {team: payments}\nspec:",
+        1,
+    );
+    let (dir, config) = config_dir(&format!("{service}---\n{policies}"));
+    (outbound, dir, config)
+}
+
+fn counter(name: &str, service: &str) -> f64 {
+    let text = mesh_egress::metrics::metrics().encode();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!("service=\"default/{service}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get_status(outbound: SocketAddr, headers: &[(&str, &str)]) -> (http::StatusCode, String, http::HeaderMap) {
+    let response = h1(outbound).await.send_request(get("http://app/", headers)).await.unwrap();
+    let headers = response.headers().clone();
+    let (status, body) = text(response).await;
+    (status, body, headers)
+}
+
+const RETRY_5XX: &str = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, labels: {team: payments}}\n    default:\n      http: {numRetries: 2, retryOn: [5xx], backOff: {baseInterval: 1ms, maxInterval: 5ms}}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_retry_retries_5xx_up_to_num_retries() {
+    let upstream = http_upstream(None).await;
+    let (outbound, _dir, config) = service_and_policies("retried", "http", upstream.addr.port(), RETRY_5XX);
+    let _proxy = start(options(config)).await;
+    let before = counter("mesh_egress_upstream_retries_total", "retried");
+
+    let k = key("two-failures");
+    let (status, body, headers) = get_status(outbound, &[("x-fail-first", "2"), ("x-key", &k)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-attempt"], "3", "two retries after two 503s");
+    assert_eq!(counter("mesh_egress_upstream_retries_total", "retried") - before, 2.0);
+
+    let k = key("three-failures");
+    let (status, _, headers) = get_status(outbound, &[("x-fail-first", "3"), ("x-key", &k)]).await;
+    assert_eq!(status, 503, "numRetries 2: the third failure is the answer");
+    assert_eq!(headers["x-attempt"], "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_nothing_is_retried() {
+    let upstream = http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("plain", "http", upstream.addr.port());
+    let _proxy = start(options(config)).await;
+    let k = key("no-policy");
+    let (status, _, headers) = get_status(outbound, &[("x-fail-first", "1"), ("x-key", &k)]).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-attempt"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_status_codes_methods_and_response_headers() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: codes}\n    default:\n      http:\n        numRetries: 1\n        retryOn: [\"418\", HttpMethodGet]\n        backOff: {baseInterval: 1ms}\n        retriableResponseHeaders: [{name: x-try-again, type: Exact, value: \"yes\"}]\n";
+    let (outbound, _dir, config) = service_and_policies("codes", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+
+    let k = key("418");
+    let (status, _, _) = get_status(outbound, &[("x-fail-first", "1"), ("x-fail-status", "418"), ("x-key", &k)]).await;
+    assert_eq!(status, 200, "418 is listed");
+    let k = key("503");
+    let (status, _, _) = get_status(outbound, &[("x-fail-first", "1"), ("x-key", &k)]).await;
+    assert_eq!(status, 503, "503 is not listed (retryOn replaces the defaults)");
+    let k = key("header");
+    let headers =
+        [("x-fail-first", "1"), ("x-fail-status", "200"), ("x-fail-header", "x-try-again: yes"), ("x-key", &k)];
+    let (status, body, _) = get_status(outbound, &headers).await;
+    assert_eq!((status.as_u16(), body.starts_with("attempt 2")), (200, true), "retriable response header: {body}");
+
+    // HttpMethodGet restricts retries to GET: a POST's 418 is the answer.
+    let k = key("post");
+    let request = Request::post("http://app/")
+        .header("x-fail-first", "1")
+        .header("x-fail-status", "418")
+        .header("x-key", &k)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _) = text(h1(outbound).await.send_request(request).await.unwrap()).await;
+    assert_eq!(status, 418);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_body_is_replayed_and_a_large_one_is_not_retried() {
+    let upstream = http_upstream(None).await;
+    let (outbound, _dir, config) = service_and_policies("uploads", "http", upstream.addr.port(), RETRY_5XX);
+    let _proxy = start(options(config)).await;
+    let post = |k: &str, size: usize| {
+        Request::post("http://app/")
+            .header("x-fail-first", "1")
+            .header("x-key", k)
+            .body(Full::new(Bytes::from(vec![b'u'; size])))
+            .unwrap()
+    };
+    let k = key("small-body");
+    let (status, body) = text(h1(outbound).await.send_request(post(&k, 50_000)).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.trim(), "attempt 2 received: 50000", "the body went again, whole");
+
+    let k = key("large-body");
+    let (status, _) = text(h1(outbound).await.send_request(post(&k, 200_000)).await.unwrap()).await;
+    assert_eq!(status, 503, "over the 64 KiB replay buffer: sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_retries_on_unavailable() {
+    let server = grpc_server(None).await;
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      grpc: {numRetries: 3, retryOn: [Unavailable], backOff: {baseInterval: 1ms}}\n";
+    let (outbound, _dir, config) = service_and_policies("grpc-retried", "grpc", server.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let mut client = grpc::client(outbound).await;
+    client.ready().await.unwrap();
+    let message = format!("fail:{}:2", key("grpc"));
+    let reply = client.unary(tonic::Request::new(Bytes::from(message)), grpc::path("Unary"), RawCodec).await;
+    assert_eq!(reply.unwrap().into_inner(), Bytes::from("attempt 3"));
+
+    client.ready().await.unwrap();
+    let message = format!("fail:{}:9", key("grpc-exhausted"));
+    let reply = client.unary(tonic::Request::new(Bytes::from(message)), grpc::path("Unary"), RawCodec).await;
+    assert_eq!(reply.unwrap_err().code(), tonic::Code::Unavailable);
+}
+
+const TIMEOUTS: &str = "type: MeshTimeout\nname: timeouts\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 5s}}\n  - targetRef: {kind: MeshExternalService, name: slow}\n    default: {http: {requestTimeout: 200ms}}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_of_the_mes_item_overrides_the_mesh_item() {
+    let upstream = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let other = free_addr("127.0.0.1");
+    let ep = endpoint("127.0.0.1", upstream.addr.port(), 0);
+    let yaml = format!(
+        "{}---\n{}---\n{TIMEOUTS}",
+        service_with_protocol("slow", "http", outbound, &ep, ""),
+        service_with_protocol("other", "http", other, &ep, "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.request_timeout = Some(Duration::from_millis(100)); // the flag: overridden by both items
+    let _proxy = start(opts).await;
+    let (status, _, _) = get_status(outbound, &[("x-delay-ms", "1500")]).await;
+    assert_eq!(status, 504, "the MES item's 200ms");
+    let (status, _, _) = get_status(other, &[("x-delay-ms", "500")]).await;
+    assert_eq!(status, 200, "the Mesh item's 5s, over the 100ms flag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_applies_to_the_next_request() {
+    let upstream = http_upstream(None).await;
+    let slow = TIMEOUTS.replace("requestTimeout: 200ms", "requestTimeout: 10s");
+    let (outbound, dir, config) = service_and_policies("slow", "http", upstream.addr.port(), &slow);
+    let mut proxy = start(options(config.clone())).await;
+    let mut client = h1(outbound).await;
+    let (status, _) = text(client.send_request(get("http://app/", &[("x-delay-ms", "600")])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let text_now = std::fs::read_to_string(&config).unwrap().replace("requestTimeout: 10s", "requestTimeout: 100ms");
+    std::fs::write(&config, text_now).unwrap();
+    proxy.reload().await.unwrap();
+    client.ready().await.unwrap();
+    let (status, _) = text(client.send_request(get("http://app/", &[("x-delay-ms", "1500")])).await.unwrap()).await;
+    assert_eq!(status, 504, "the same keep-alive connection gets the new policy");
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_spelling_and_a_dataplane_targetref() {
+    let upstream = http_upstream(None).await;
+    // The service's Dataplane is `app-kube`; a policy for another Dataplane does not apply.
+    let policies = "apiVersion: kuma.io/v1alpha1\nkind: MeshTimeout\nmetadata:\n  name: kube-timeout\n  namespace: kuma-system\n  labels: {kuma.io/mesh: default}\nspec:\n  targetRef: {kind: Dataplane, name: app-kube}\n  to:\n  - targetRef: {kind: MeshExternalService, name: kube}\n    default: {http: {requestTimeout: 150ms}}\n---\ntype: MeshTimeout\nname: elsewhere\nmesh: default\nspec:\n  targetRef: {kind: Dataplane, name: another}\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 10s}}\n";
+    let (outbound, _dir, config) = service_and_policies("kube", "http", upstream.addr.port(), policies);
+    let _proxy = start(options(config)).await;
+    let (status, _, _) = get_status(outbound, &[("x-delay-ms", "1500")]).await;
+    assert_eq!(status, 504);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_idle_and_max_stream_duration_cut_responses() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshTimeout\nname: streams\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: idle}\n    default: {http: {streamIdleTimeout: 300ms}}\n  - targetRef: {kind: MeshExternalService, name: capped}\n    default: {http: {maxStreamDuration: 400ms}}\n";
+    let (idle, capped) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let ep = endpoint("127.0.0.1", upstream.addr.port(), 0);
+    let yaml = format!(
+        "{}---\n{}---\n{policy}",
+        service_with_protocol("idle", "http", idle, &ep, ""),
+        service_with_protocol("capped", "http", capped, &ep, "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let body = |addr: SocketAddr, drips: &'static str, ms: &'static str| async move {
+        let response =
+            h1(addr).await.send_request(get("http://app/", &[("x-drip", drips), ("x-drip-ms", ms)])).await.unwrap();
+        response.into_body().collect().await.map(|b| b.to_bytes().len())
+    };
+    assert_eq!(body(idle, "5", "50").await.unwrap(), 5, "chunks well inside the idle timeout pass");
+    assert!(body(idle, "3", "1200").await.is_err(), "a pause past streamIdleTimeout cuts the response");
+    assert_eq!(body(capped, "3", "20").await.unwrap(), 3);
+    assert!(body(capped, "10", "200").await.is_err(), "maxStreamDuration cuts a long response");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_idle_timeout_and_max_connect_attempt() {
+    let live = echo_server("127.0.0.1:0".parse().unwrap(), "live").await;
+    let dead = [free_addr("127.0.0.1"), free_addr("127.0.0.1")];
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!(
+        "{}{}{}",
+        endpoint("127.0.0.1", dead[0].port(), 0),
+        endpoint("127.0.0.1", dead[1].port(), 0),
+        endpoint("127.0.0.1", live.addr.port(), 0)
+    );
+    // Ejection off, so that every connection picks among all three endpoints.
+    let policies = "type: MeshRetry\nname: attempts\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {tcp: {maxConnectAttempt: 3}}\n---\ntype: MeshCircuitBreaker\nname: no-ejection\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {outlierDetection: {disabled: true, detectors: {totalFailures: {}}}}\n---\ntype: MeshTimeout\nname: idle\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {idleTimeout: 300ms}\n";
+    let yaml = format!("{}---\n{policies}", service_with_outbound("tcp-svc", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    // With the default (one retry), a third of these would pick two dead endpoints in a row.
+    for _ in 0..20 {
+        let (greeting, _stream) = greet(outbound).await.unwrap();
+        assert_eq!(greeting, "live");
+    }
+    let (_, mut stream) = greet(outbound).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(stream.read(&mut buf).await.unwrap(), 4);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "closed after idleTimeout without traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_overflow_is_answered_503_at_once() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshCircuitBreaker\nname: limits\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: limited}\n    default: {connectionLimits: {maxRequests: 1}}\n";
+    let (outbound, _dir, config) = service_and_policies("limited", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let before = counter("mesh_egress_upstream_overflows_total", "limited");
+    let first = tokio::spawn(get_status(outbound, &[("x-delay-ms", "800")]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body, headers) = get_status(outbound, &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(counter("mesh_egress_upstream_overflows_total", "limited") - before, 1.0);
+    let (status, _, _) = get_status(outbound, &[]).await;
+    assert_eq!(status, 200, "the slot is free again once the first response ended");
+}
+
+/// An HTTP server that answers every request with `status` and names itself.
+async fn fixed_upstream(status: u16, name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    let response = http::Response::builder()
+                        .status(status)
+                        .header("x-who", name)
+                        .body(Full::new(Bytes::from_static(b"fixed")))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
+    let (bad, _bad_task) = fixed_upstream(500, "bad").await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policy = "type: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        baseEjectionTime: 1m\n        maxEjectionPercent: 50\n        detectors: {totalFailures: {consecutive: 2}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("outliers", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let mut from_bad = 0;
+    for _ in 0..40 {
+        let (_, _, headers) = get_status(outbound, &[]).await;
+        if headers["x-who"] == "bad" {
+            from_bad += 1;
+        }
+    }
+    assert_eq!(from_bad, 2, "two 500s in a row eject the bad endpoint for the rest of the run");
+    assert_eq!(counter("mesh_egress_upstream_ejections_total", "outliers"), 1.0);
+}
