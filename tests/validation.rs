@@ -306,3 +306,121 @@ fn hostile_files_are_refused_before_parsing() {
     ));
     assert!(!fine.diagnostics.has_errors(), "{}", fine.diagnostics);
 }
+
+/// A Universal policy of `kind` with `spec` (YAML flow or block, indented by 2).
+fn policy(kind: &str, spec: &str) -> String {
+    format!("type: {kind}\nname: p\nmesh: default\nspec:\n{spec}")
+}
+
+/// One `to: Mesh` item with `default`.
+fn to_mesh(kind: &str, default: &str) -> String {
+    policy(kind, &format!("  to:\n  - targetRef: {{kind: Mesh}}\n    default: {default}\n"))
+}
+
+#[test]
+fn every_policy_rule_has_its_message() {
+    let mt = |d: &str| to_mesh("MeshTimeout", d);
+    let mr = |d: &str| to_mesh("MeshRetry", d);
+    let mcb = |d: &str| to_mesh("MeshCircuitBreaker", d);
+    let to_ref = |kind: &str, r: &str| {
+        policy(kind, &format!("  to:\n  - targetRef: {r}\n    default: {{connectionTimeout: 1s}}\n"))
+    };
+    let top = |r: &str| {
+        policy(
+            "MeshTimeout",
+            &format!("  targetRef: {r}\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{idleTimeout: 1s}}\n"),
+        )
+    };
+    let d = "spec.to[0].default";
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        // Envelope and targetRefs (Kuma's ValidateTargetRef).
+        ("nothing to apply", policy("MeshTimeout", "  targetRef: {kind: Mesh}\n"), "spec".into(), "at least one of 'from', 'to' or 'rules' has to be defined"),
+        (
+            "rules with to",
+            policy("MeshTimeout", "  rules: [{default: {idleTimeout: 1s}}]\n  to:\n  - targetRef: {kind: Mesh}\n    default: {idleTimeout: 1s}\n"),
+            "spec".into(),
+            "fields 'to' and 'from' must be empty when 'rules' is defined",
+        ),
+        ("top kind unsupported", top("{kind: MeshExternalService, name: x}"), "spec.targetRef.kind".into(), "value 'MeshExternalService' is not supported"),
+        ("top kind missing", top("{name: x}"), "spec.targetRef.kind".into(), "must be defined"),
+        ("mesh with name", top("{kind: Mesh, name: x}"), "spec.targetRef.name".into(), "using name with kind Mesh is not yet supported"),
+        ("mesh with labels", top("{kind: Mesh, labels: {a: b}}"), "spec.targetRef.labels".into(), "must not be set with kind Mesh"),
+        ("mesh empty proxyTypes", top("{kind: Mesh, proxyTypes: []}"), "spec.targetRef.proxyTypes".into(), "must be undefined or have at least one element"),
+        ("dataplane labels and name", top("{kind: Dataplane, name: a, labels: {a: b}}"), "spec.targetRef.labels".into(), "either labels or name and namespace must be specified"),
+        ("dataplane sectionName", top("{kind: Dataplane, name: a, sectionName: http}"), "spec.targetRef.sectionName".into(), "can only be used with inbound policies"),
+        ("dataplane tags", top("{kind: Dataplane, tags: {a: b}}"), "spec.targetRef.tags".into(), "must not be set with kind Dataplane"),
+        ("subset name", top("{kind: MeshSubset, name: a}"), "spec.targetRef.name".into(), "must not be set with kind MeshSubset"),
+        ("gateway without name", policy("MeshCircuitBreaker", "  targetRef: {kind: MeshGateway}\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxConnections: 1}}\n"), "spec.targetRef.name".into(), "must be set when kind is MeshGateway"),
+        ("mes without name or labels", to_ref("MeshTimeout", "{kind: MeshExternalService}"), "spec.to[0].targetRef".into(), "name or labels must be set when kind is MeshExternalService"),
+        ("mes name and labels", to_ref("MeshTimeout", "{kind: MeshExternalService, name: a, labels: {a: b}}"), "spec.to[0].targetRef.labels".into(), "either labels or name must be specified"),
+        ("mes name characters", to_ref("MeshTimeout", "{kind: MeshExternalService, name: Bad_Name}"), "spec.to[0].targetRef.name".into(), "invalid characters: must consist of lower case alphanumeric characters, '-', '.' and '_'."),
+        ("mes sectionName", to_ref("MeshTimeout", "{kind: MeshExternalService, name: a, sectionName: x}"), "spec.to[0].targetRef.sectionName".into(), "must not be set with kind MeshExternalService"),
+        ("mes tags", to_ref("MeshTimeout", "{kind: MeshExternalService, name: a, tags: {a: b}}"), "spec.to[0].targetRef.tags".into(), "must not be set with kind MeshExternalService"),
+        ("to kind unsupported", to_ref("MeshTimeout", "{kind: Dataplane, name: a}"), "spec.to[0].targetRef.kind".into(), "value 'Dataplane' is not supported"),
+        ("MCB to MeshHTTPRoute", policy("MeshCircuitBreaker", "  to:\n  - targetRef: {kind: MeshHTTPRoute, name: r}\n    default: {connectionLimits: {maxConnections: 1}}\n"), "spec.to[0].targetRef.kind".into(), "value 'MeshHTTPRoute' is not supported"),
+        ("unknown conf field", mt("{connectTimeout: 1s}"), format!("{d}.connectTimeout"), "unknown field `connectTimeout`, expected one of `connectionTimeout`, `idleTimeout`, `http`"),
+        ("bad duration", mt("{idleTimeout: 5}"), format!("{d}.idleTimeout"), "invalid type: integer `5`, expected a string"),
+        ("unparsable duration", mt("{idleTimeout: 5x}"), format!("{d}.idleTimeout"), "time: invalid duration \"5x\""),
+        // MeshTimeout.
+        ("timeout empty", mt("{}"), d.into(), "at least one timeout should be configured"),
+        ("timeout http empty", mt("{http: {requestHeadersTimeout: 1s}}"), format!("{d}.http"), "at least one timeout in this section should be configured"),
+        ("connect timeout zero", mt("{connectionTimeout: 0s}"), format!("{d}.connectionTimeout"), "must be greater than zero when defined"),
+        ("idle negative", mt("{idleTimeout: -1s}"), format!("{d}.idleTimeout"), "must not be negative when defined"),
+        ("request negative", mt("{http: {requestTimeout: -1s}}"), format!("{d}.http.requestTimeout"), "must not be negative when defined"),
+        (
+            "route top level",
+            policy("MeshTimeout", "  targetRef: {kind: MeshHTTPRoute, name: r}\n  to:\n  - targetRef: {kind: Mesh}\n    default: {idleTimeout: 1s}\n"),
+            "spec.to[0].default.idleTimeout".into(),
+            "can't be specified when top-level TargetRef is referencing MeshHTTPRoute",
+        ),
+        // MeshRetry.
+        ("retry empty", mr("{}"), d.into(), "at least one of the 'tcp', 'http', 'grpc' must be specified"),
+        ("retry tcp empty", mr("{tcp: {}}"), format!("{d}.tcp"), "must not be empty"),
+        ("retry tcp zero", mr("{tcp: {maxConnectAttempt: 0}}"), format!("{d}.tcp.maxConnectAttempt"), "must be greater than 0"),
+        ("retry http empty", mr("{http: {}}"), format!("{d}.http"), "must not be empty"),
+        ("retry backOff empty", mr("{http: {backOff: {}}}"), format!("{d}.http.backOff"), "must not be empty"),
+        ("retry 5XX", mr("{http: {retryOn: [5XX]}}"), format!("{d}.http.retryOn[0]"), "unknown item '5XX'"),
+        ("retry status 952", mr("{http: {retryOn: [\"952\"]}}"), format!("{d}.http.retryOn[0]"), "unknown item '952'"),
+        ("retry grpc item", mr("{grpc: {retryOn: [5xx]}}"), format!("{d}.grpc.retryOn[0]"), "unknown item '5xx'"),
+        ("reset headers missing", mr("{http: {rateLimitedBackOff: {maxInterval: 1s}}}"), format!("{d}.http.rateLimitedBackOff.resetHeaders"), "must be defined"),
+        ("reset header name", mr("{http: {rateLimitedBackOff: {resetHeaders: [{format: Seconds}]}}}"), format!("{d}.http.rateLimitedBackOff.resetHeaders[0].name"), "must be defined"),
+        ("rate limited max zero", mr("{http: {rateLimitedBackOff: {maxInterval: 0s, resetHeaders: [{name: retry-after, format: Seconds}]}}}"), format!("{d}.http.rateLimitedBackOff.maxInterval"), "must be greater than zero when defined"),
+        ("omit tags without tags", mr("{http: {hostSelection: [{predicate: OmitHostsWithTags}]}}"), format!("{d}.http.hostSelection[0].tags"), "must be defined"),
+        ("priorities frequency", mr("{http: {hostSelection: [{predicate: OmitPreviousPriorities}]}}"), format!("{d}.http.hostSelection[0].updateFrequency"), "must be defined and greater than zero"),
+        ("unknown predicate", mr("{http: {hostSelection: [{predicate: Nope}]}}"), format!("{d}.http.hostSelection[0].predicate"), "unknown predicate type 'Nope'"),
+        ("header match value", mr("{http: {retriableResponseHeaders: [{name: x-a, type: Present, value: v}]}}"), format!("{d}.http.retriableResponseHeaders[0].value"), "must not be defined"),
+        ("retry has no from", policy("MeshRetry", "  from: []\n  to:\n  - targetRef: {kind: Mesh}\n    default: {tcp: {maxConnectAttempt: 1}}\n"), "spec.from".into(), "unknown field `from`: MeshRetry has only `to`"),
+        // MeshCircuitBreaker.
+        ("breaker empty", mcb("{}"), d.into(), "at least one of: 'connectionLimits' or 'outlierDetection' should be configured"),
+        ("limit zero", mcb("{connectionLimits: {maxRequests: 0}}"), format!("{d}.connectionLimits.maxRequests"), "must be greater than 0"),
+        ("detectors missing", mcb("{outlierDetection: {disabled: true}}"), format!("{d}.outlierDetection.detectors"), "must be defined"),
+        ("detectors empty", mcb("{outlierDetection: {detectors: {}}}"), format!("{d}.outlierDetection.detectors"), "must have at least one defined: totalFailures, gatewayFailures, localOriginFailures, successRate, failurePercentage"),
+        ("interval zero", mcb("{outlierDetection: {interval: 0s, detectors: {totalFailures: {}}}}"), format!("{d}.outlierDetection.interval"), "must be greater than zero when defined"),
+        ("ejection percent", mcb("{outlierDetection: {maxEjectionPercent: 101, detectors: {totalFailures: {}}}}"), format!("{d}.outlierDetection.maxEjectionPercent"), "must be in inclusive range [0, 100]"),
+        ("panic threshold", mcb("{outlierDetection: {healthyPanicThreshold: \"100.5\", detectors: {totalFailures: {}}}}"), format!("{d}.outlierDetection.healthyPanicThreshold"), "must be in inclusive range [0.0, 100.0]"),
+        ("panic threshold number", mcb("{outlierDetection: {healthyPanicThreshold: abc, detectors: {totalFailures: {}}}}"), format!("{d}.outlierDetection.healthyPanicThreshold"), "string must be a valid number"),
+        ("consecutive zero", mcb("{outlierDetection: {detectors: {gatewayFailures: {consecutive: 0}}}}"), format!("{d}.outlierDetection.detectors.gatewayFailures.consecutive"), "must be greater than 0"),
+        ("stdev factor", mcb("{outlierDetection: {detectors: {successRate: {standardDeviationFactor: x}}}}"), format!("{d}.outlierDetection.detectors.successRate.standardDeviationFactor"), "invalid number"),
+        ("stdev factor zero", mcb("{outlierDetection: {detectors: {successRate: {standardDeviationFactor: \"0\"}}}}"), format!("{d}.outlierDetection.detectors.successRate.standardDeviationFactor"), "must be greater than 0"),
+        ("failure threshold", mcb("{outlierDetection: {detectors: {failurePercentage: {threshold: 200}}}}"), format!("{d}.outlierDetection.detectors.failurePercentage.threshold"), "must be in inclusive range [0, 100]"),
+    ];
+    let mut failures = Vec::new();
+    for (name, yaml, path, message) in &cases {
+        let loaded = load(yaml);
+        let got = errors(&loaded);
+        if got != vec![(path.to_string(), message.to_string())] {
+            failures.push(format!("{name}: want [{path}: {message}], got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn valid_policies_load_in_both_spellings_with_all_errors_at_once() {
+    let kube = "apiVersion: kuma.io/v1alpha1\nkind: MeshRetry\nmetadata:\n  name: r\n  namespace: kuma-system\n  labels: {kuma.io/mesh: default}\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: httpbin, namespace: kuma-system}\n    default: {http: {numRetries: 3, retryOn: [5xx, \"503\", HttpMethodGet]}}\n";
+    let loaded = load(kube);
+    assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
+    assert_eq!(loaded.resources.len(), 1);
+    let two = to_mesh("MeshTimeout", "{connectionTimeout: 0s, idleTimeout: -1s}");
+    assert_eq!(errors(&load(&two)).len(), 2, "every violation is reported");
+}
