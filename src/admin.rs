@@ -135,6 +135,7 @@ fn endpoints(snapshot: &Snapshot) -> serde_json::Value {
                         "hostname": t.hostname.as_deref(),
                         "priority": t.priority,
                         "healthy": t.health.is_healthy(),
+                        "failingHealthCheck": t.health.failing_active_check(),
                         "active": t.health.active(),
                     })
                 })

@@ -145,7 +145,8 @@ impl Snapshot {
             .enumerate()
             .map(|(index, s)| {
                 let key = s.key();
-                let policy = UpstreamPolicy::new(settings, &s.policies, s.protocol);
+                let mut policy = UpstreamPolicy::new(settings, &s.policies, s.protocol);
+                policy.tls = s.tls.clone().zip(tls.get(index).cloned());
                 match reusable.get(&key) {
                     Some((up, old_tls)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
                         // Connections made under other TLS settings must never serve this

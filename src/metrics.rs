@@ -63,6 +63,19 @@ impl Limit {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthCheckLabels {
+    pub service: String,
+    pub protocol: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthCheckResult {
+    Success,
+    Failure,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -108,6 +121,7 @@ pub struct Metrics {
     retries: Family<ServiceLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
+    health_checks: Family<HealthCheckLabels, Counter>,
 }
 
 /// Status classes in the order of [`ServiceMetrics::requests`].
@@ -132,6 +146,8 @@ pub struct ServiceMetrics {
     overflows: [Counter; 4],
     /// Endpoint addresses ejected by outlier detection.
     pub ejections: Counter,
+    /// Active health checks by result: success, failure.
+    health_checks: [Counter; 2],
 }
 
 impl ServiceMetrics {
@@ -146,6 +162,10 @@ impl ServiceMetrics {
     /// Counts a request, connect or retry refused because `limit` was reached.
     pub fn overflow(&self, limit: Limit) {
         self.overflows[limit as usize].inc();
+    }
+
+    pub fn health_check(&self, result: HealthCheckResult) {
+        self.health_checks[result as usize].inc();
     }
 }
 
@@ -169,6 +189,7 @@ impl Metrics {
             retries: Family::default(),
             overflows: Family::default(),
             ejections: Family::default(),
+            health_checks: Family::default(),
         };
         r.register("connections", "Application connections accepted, by service", m.connections.clone());
         r.register("connections_active", "Application connections open now, by service", m.connections_active.clone());
@@ -193,6 +214,11 @@ impl Metrics {
             m.overflows.clone(),
         );
         r.register("upstream_ejections", "Endpoint addresses ejected by outlier detection", m.ejections.clone());
+        r.register(
+            "upstream_health_checks",
+            "Active health checks (MeshHealthCheck) by result",
+            m.health_checks.clone(),
+        );
         r.register(
             "tls_handshake_failures",
             "TLS sessions with an endpoint that failed, by service and reason",
@@ -234,6 +260,10 @@ impl Metrics {
                 self.overflows.get_or_create(&l).clone()
             }),
             ejections: self.ejections.get_or_create(&labels).clone(),
+            health_checks: ["success", "failure"].map(|result| {
+                let l = HealthCheckLabels { service: labels.service.clone(), protocol: labels.protocol, result };
+                self.health_checks.get_or_create(&l).clone()
+            }),
         })
     }
 

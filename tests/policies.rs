@@ -286,26 +286,41 @@ async fn max_requests_overflow_is_answered_503_at_once() {
 
 /// An HTTP server that answers every request with `status` and names itself.
 async fn fixed_upstream(status: u16, name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (addr, task, _) = switchable_upstream(status, name).await;
+    (addr, task)
+}
+
+/// [`fixed_upstream`] whose status can be changed while it runs.
+async fn switchable_upstream(
+    status: u16,
+    name: &'static str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::atomic::AtomicU16>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let current = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status));
+    let shared = current.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
+            let shared = shared.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| async move {
-                    let response = http::Response::builder()
-                        .status(status)
-                        .header("x-who", name)
-                        .body(Full::new(Bytes::from_static(b"fixed")))
-                        .unwrap();
-                    Ok::<_, std::convert::Infallible>(response)
+                let service = hyper::service::service_fn(move |_req| {
+                    let status = shared.load(std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        let response = http::Response::builder()
+                            .status(status)
+                            .header("x-who", name)
+                            .body(Full::new(Bytes::from_static(b"fixed")))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
                 let io = hyper_util::rt::TokioIo::new(tcp);
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
             });
         }
     });
-    (addr, task)
+    (addr, task, current)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,4 +342,192 @@ async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
     }
     assert_eq!(from_bad, 2, "two 500s in a row eject the bad endpoint for the rest of the run");
     assert_eq!(counter("mesh_egress_upstream_ejections_total", "outliers"), 1.0);
+}
+
+fn health_checks(service: &str, result: &str) -> f64 {
+    let text = mesh_egress::metrics::metrics().encode();
+    text.lines()
+        .filter(|l| l.starts_with("mesh_egress_upstream_health_checks_total"))
+        .filter(|l| {
+            l.contains(&format!("service=\"default/{service}\"")) && l.contains(&format!("result=\"{result}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_for_checks(service: &str, result: &str, at_least: f64) {
+    eventually("health checks", Duration::from_secs(15), || async { health_checks(service, result) >= at_least }).await;
+}
+
+async fn wait_for_failed_checks(service: &str, at_least: f64) {
+    wait_for_checks(service, "failure", at_least).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_take_a_failing_endpoint_out_and_log_the_event() {
+    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let events = tempfile::tempdir().unwrap();
+    let log = events.path().join("hc.log");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policy = format!(
+        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: checked}}\n    default:\n      interval: 100ms\n      noTrafficInterval: 100ms\n      unhealthyThreshold: 2\n      eventLogPath: {}\n      http: {{path: /health, expectedStatuses: [200], requestHeadersToAdd: {{set: [{{name: x-check, value: \"1\"}}]}}}}\n",
+        log.display()
+    );
+    let yaml = format!("{}---\n{policy}", service_with_protocol("checked", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    wait_for_failed_checks("checked", 2.0).await;
+    for _ in 0..30 {
+        let (status, _, headers) = get_status(outbound, &[]).await;
+        assert_eq!(
+            (status.as_u16(), headers["x-who"].to_str().unwrap()),
+            (200, "good"),
+            "the failing endpoint gets no traffic"
+        );
+    }
+    let events = std::fs::read_to_string(&log).unwrap();
+    let event: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(event["event"], "unhealthy");
+    assert_eq!(event["endpoint"], bad.to_string());
+    assert!(event["reason"].as_str().unwrap().contains("status 503"), "{event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_health_checks_a_failing_endpoint_keeps_its_share() {
+    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let (_dir, config) = config_dir(&service_with_protocol("unchecked", "http", outbound, &endpoints, ""));
+    let _proxy = start(options(config)).await;
+    let mut bad_answers = 0;
+    for _ in 0..30 {
+        if get_status(outbound, &[]).await.2["x-who"] == "bad" {
+            bad_answers += 1;
+        }
+    }
+    assert!(bad_answers > 0, "the control: both endpoints take traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_traffic_on_panic_fails_requests_when_no_endpoint_is_healthy() {
+    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
+    let outbound = free_addr("127.0.0.1");
+    let policy = |fail: bool| {
+        format!(
+        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{interval: 100ms, unhealthyThreshold: 1, failTrafficOnPanic: {fail}, http: {{path: /}}}}\n"
+    )
+    };
+    let service = service_with_protocol("panicky", "http", outbound, &endpoint("127.0.0.1", bad.port(), 0), "");
+    let (_dir, config) = config_dir(&format!("{service}---\n{}", policy(true)));
+    let mut proxy = start(options(config.clone())).await;
+    wait_for_failed_checks("panicky", 1.0).await;
+    let (status, _, headers) = get_status(outbound, &[]).await;
+    assert_eq!(status, 503);
+    assert!(!headers.contains_key("x-who"), "failed by the proxy, not by the endpoint");
+    // Without failTrafficOnPanic the only (unhealthy) endpoint is tried anyway.
+    std::fs::write(&config, format!("{service}---\n{}", policy(false))).unwrap();
+    proxy.reload().await.unwrap();
+    let (_, _, headers) = get_status(outbound, &[]).await;
+    assert_eq!(headers["x-who"], "bad");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_use_the_standard_health_service() {
+    let healthy = grpc_server(None).await;
+    // An HTTP server that is no gRPC health service: its checks fail.
+    let other = http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints =
+        format!("{}{}", endpoint("127.0.0.1", healthy.addr.port(), 0), endpoint("127.0.0.1", other.addr.port(), 0));
+    let policy = "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {interval: 100ms, unhealthyThreshold: 1, grpc: {serviceName: test.Echo}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("grpc-checked", "grpc", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    wait_for_failed_checks("grpc-checked", 1.0).await;
+    let mut client = grpc::client(outbound).await;
+    for i in 0..20 {
+        client.ready().await.unwrap();
+        let reply =
+            client.unary(tonic::Request::new(Bytes::from(format!("m{i}"))), grpc::path("Unary"), RawCodec).await;
+        assert_eq!(reply.unwrap().into_inner(), Bytes::from(format!("m{i}")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_checks_send_and_expect_payloads() {
+    let live = echo_server("127.0.0.1:0".parse().unwrap(), "live").await;
+    // Accepts and closes at once: the expected answer never comes.
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closer_addr = closer.local_addr().unwrap();
+    let _closer = tokio::spawn(async move {
+        while let Ok((stream, _)) = closer.accept().await {
+            drop(stream);
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let endpoints =
+        format!("{}{}", endpoint("127.0.0.1", closer_addr.port(), 0), endpoint("127.0.0.1", live.addr.port(), 0));
+    let policy = "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {interval: 100ms, unhealthyThreshold: 1, tcp: {send: ping, receive: [live, ping]}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_outbound("tcp-checked", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    wait_for_failed_checks("tcp-checked", 1.0).await;
+    for _ in 0..20 {
+        let (greeting, _stream) = greet(outbound).await.unwrap();
+        assert_eq!(greeting, "live");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_passing_healthy_threshold_checks_gets_traffic_again() {
+    let (toggler, _task, status) = switchable_upstream(503, "toggler").await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", toggler.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policy = "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {interval: 100ms, noTrafficInterval: 100ms, unhealthyThreshold: 1, healthyThreshold: 2, http: {}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("recovering", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    wait_for_failed_checks("recovering", 1.0).await;
+    for _ in 0..10 {
+        assert_eq!(get_status(outbound, &[]).await.2["x-who"], "good");
+    }
+    status.store(200, std::sync::atomic::Ordering::SeqCst);
+    let passed = health_checks("recovering", "success");
+    // Both endpoints pass from now on: two rounds make the toggler healthy again.
+    wait_for_checks("recovering", "success", passed + 4.0).await;
+    let mut toggler_answers = 0;
+    for _ in 0..40 {
+        if get_status(outbound, &[]).await.2["x-who"] == "toggler" {
+            toggler_answers += 1;
+        }
+    }
+    assert!(toggler_answers > 0, "back in traffic after healthyThreshold passing checks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_go_over_tls_when_the_service_originates_it() {
+    use base64::Engine as _;
+    let ca = common::pki::Ca::new("hc-ca");
+    let leaf = ca.server(&["api.hc.test"]);
+    let upstream = http_upstream(Some(common::http_upstream::tls_config(&leaf))).await;
+    let outbound = free_addr("127.0.0.1");
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: api.hc.test\n      caCert:\n        inline: {}\n",
+        base64::engine::general_purpose::STANDARD.encode(&ca.pem)
+    );
+    // Plaintext checks against this TLS endpoint would fail, and failTrafficOnPanic would then
+    // fail every request.
+    let policy = "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {interval: 100ms, noTrafficInterval: 100ms, unhealthyThreshold: 1, failTrafficOnPanic: true, http: {path: /}}\n";
+    let service =
+        service_with_protocol("tls-checked", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), &tls);
+    let (_dir, config) = config_dir(&format!("{service}---\n{policy}"));
+    let _proxy = start(options(config)).await;
+    wait_for_checks("tls-checked", "success", 3.0).await;
+    assert_eq!(health_checks("tls-checked", "failure"), 0.0);
+    let (status, body, _) = get_status(outbound, &[]).await;
+    assert_eq!(status, 200, "{body}");
 }

@@ -402,6 +402,14 @@ fn every_policy_rule_has_its_message() {
         ("consecutive zero", mcb("{outlierDetection: {detectors: {gatewayFailures: {consecutive: 0}}}}"), format!("{d}.outlierDetection.detectors.gatewayFailures.consecutive"), "must be greater than 0"),
         ("stdev factor", mcb("{outlierDetection: {detectors: {successRate: {standardDeviationFactor: x}}}}"), format!("{d}.outlierDetection.detectors.successRate.standardDeviationFactor"), "invalid number"),
         ("stdev factor zero", mcb("{outlierDetection: {detectors: {successRate: {standardDeviationFactor: \"0\"}}}}"), format!("{d}.outlierDetection.detectors.successRate.standardDeviationFactor"), "must be greater than 0"),
+        // MeshHealthCheck.
+        ("health check none", to_mesh("MeshHealthCheck", "{interval: 1s}"), d.into(), "must have at least one defined: http, tcp, grpc"),
+        ("health interval", to_mesh("MeshHealthCheck", "{interval: 0s, tcp: {}}"), format!("{d}.interval"), "must be greater than zero when defined"),
+        ("health threshold", to_mesh("MeshHealthCheck", "{unhealthyThreshold: 0, tcp: {}}"), format!("{d}.unhealthyThreshold"), "must be greater than zero when defined"),
+        ("health jitter percent", to_mesh("MeshHealthCheck", "{intervalJitterPercent: 101, tcp: {}}"), format!("{d}.intervalJitterPercent"), "must be in inclusive range [0, 100]"),
+        ("health path", to_mesh("MeshHealthCheck", "{http: {path: \"\"}}"), format!("{d}.http.path"), "must be defined"),
+        ("health status", to_mesh("MeshHealthCheck", "{http: {expectedStatuses: [99]}}"), format!("{d}.http.expectedStatuses[0]"), "must be in inclusive range [100, 599]"),
+        ("health to route", policy("MeshHealthCheck", "  to:\n  - targetRef: {kind: MeshHTTPRoute, name: r}\n    default: {tcp: {}}\n"), "spec.to[0].targetRef.kind".into(), "value 'MeshHTTPRoute' is not supported"),
         ("failure threshold", mcb("{outlierDetection: {detectors: {failurePercentage: {threshold: 200}}}}"), format!("{d}.outlierDetection.detectors.failurePercentage.threshold"), "must be in inclusive range [0, 100]"),
     ];
     let mut failures = Vec::new();

@@ -16,7 +16,7 @@ use serde_norway::Value;
 
 use crate::resources::kinds::Labels;
 use crate::resources::policy::{
-    CircuitBreakerConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef, TimeoutConf,
+    CircuitBreakerConf, HealthCheckConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef, TimeoutConf,
 };
 use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Origin, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ORIGIN,
@@ -61,6 +61,8 @@ pub struct Effective {
     pub mesh_retry: Option<RetryConf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh_circuit_breaker: Option<CircuitBreakerConf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_health_check: Option<HealthCheckConf>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<Source>,
 }
@@ -347,6 +349,9 @@ impl PolicySet {
                 PolicyKind::MeshRetry => serde_json::from_value(merged).map(|c| effective.mesh_retry = Some(c)),
                 PolicyKind::MeshCircuitBreaker => {
                     serde_json::from_value(merged).map(|c| effective.mesh_circuit_breaker = Some(c))
+                }
+                PolicyKind::MeshHealthCheck => {
+                    serde_json::from_value(merged).map(|c| effective.mesh_health_check = Some(c))
                 }
             };
             if let Err(e) = read {

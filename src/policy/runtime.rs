@@ -354,3 +354,89 @@ fn compile_retry(r: &HttpRetry, grpc: bool) -> Option<RetryPolicy> {
         omit_previous_hosts: r.host_selection.iter().flatten().any(|p| p.predicate == "OmitPreviousHosts"),
     })
 }
+
+/// MeshHealthCheck, compiled for a service's protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub initial_jitter: Duration,
+    pub interval_jitter: Duration,
+    pub interval_jitter_percent: u32,
+    /// Used instead of `interval` while the service had no traffic since the last check.
+    pub no_traffic_interval: Duration,
+    /// When no address is healthy, fail requests instead of trying unhealthy addresses.
+    pub fail_traffic_on_panic: bool,
+    /// Deprecated here (Kuma moved it to MeshCircuitBreaker), still honoured when set.
+    pub healthy_panic_threshold: Option<f64>,
+    pub event_log_path: Option<std::path::PathBuf>,
+    pub always_log_failures: bool,
+    pub check: Check,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    /// An HTTP GET (HTTP/2 for http2 services); healthy when the status is expected.
+    Http { path: String, http2: bool, set: Vec<(String, String)>, add: Vec<(String, String)>, expected: Vec<u16> },
+    /// `grpc.health.v1.Health/Check`; healthy when it answers SERVING.
+    Grpc { service_name: String, authority: Option<String> },
+    /// A connect, optionally a payload sent and blocks expected back, in order.
+    Tcp { send: Option<Vec<u8>>, receive: Vec<Vec<u8>> },
+}
+
+impl Effective {
+    /// The active check for a service of `protocol`: the matching checker (http for http and
+    /// http2, grpc for grpc, tcp for tcp), else tcp when it is enabled, as Kuma chooses.
+    pub fn health_check(&self, protocol: Protocol) -> Option<HealthCheck> {
+        let c = self.mesh_health_check.as_ref()?;
+        let enabled = |disabled: Option<bool>| disabled != Some(true);
+        let tcp = c.tcp.as_ref().filter(|t| enabled(t.disabled)).map(|t| Check::Tcp {
+            send: t.send.as_ref().map(|s| s.as_bytes().to_vec()),
+            receive: t.receive.iter().flatten().map(|r| r.as_bytes().to_vec()).collect(),
+        });
+        let matching = match protocol {
+            Protocol::Http | Protocol::Http2 => c.http.as_ref().filter(|h| enabled(h.disabled)).map(|h| {
+                let pairs = |list: &Option<Vec<crate::resources::policy::HeaderKeyValue>>| {
+                    list.iter().flatten().map(|kv| (kv.name.clone(), kv.value.clone())).collect()
+                };
+                let headers = h.request_headers_to_add.clone().unwrap_or_default();
+                Check::Http {
+                    path: h.path.clone().unwrap_or_else(|| "/".to_string()),
+                    http2: protocol == Protocol::Http2,
+                    set: pairs(&headers.set),
+                    add: pairs(&headers.add),
+                    expected: h
+                        .expected_statuses
+                        .as_ref()
+                        .map_or_else(|| vec![200], |s| s.iter().filter_map(|&c| u16::try_from(c).ok()).collect()),
+                }
+            }),
+            Protocol::Grpc => c.grpc.as_ref().filter(|g| enabled(g.disabled)).map(|g| Check::Grpc {
+                service_name: g.service_name.clone().unwrap_or_default(),
+                authority: g.authority.clone(),
+            }),
+            Protocol::Tcp => None,
+        };
+        let check = matching.or(tcp)?;
+        let duration =
+            |d: Option<crate::resources::policy::GoDuration>, default: Duration| d.map_or(default, |d| d.get());
+        let count = |n: Option<i64>, default: u32| n.and_then(|n| u32::try_from(n).ok()).unwrap_or(default);
+        Some(HealthCheck {
+            interval: duration(c.interval, Duration::from_secs(60)),
+            timeout: duration(c.timeout, Duration::from_secs(15)),
+            unhealthy_threshold: count(c.unhealthy_threshold, 5).max(1),
+            healthy_threshold: count(c.healthy_threshold, 1).max(1),
+            initial_jitter: duration(c.initial_jitter, Duration::ZERO),
+            interval_jitter: duration(c.interval_jitter, Duration::ZERO),
+            interval_jitter_percent: count(c.interval_jitter_percent, 0),
+            no_traffic_interval: duration(c.no_traffic_interval, Duration::from_secs(60)),
+            fail_traffic_on_panic: c.fail_traffic_on_panic.unwrap_or(false),
+            healthy_panic_threshold: c.healthy_panic_threshold.as_ref().and_then(|p| p.decimal()),
+            event_log_path: c.event_log_path.as_ref().map(std::path::PathBuf::from),
+            always_log_failures: c.always_log_health_check_failures.unwrap_or(false),
+            check,
+        })
+    }
+}

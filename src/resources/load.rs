@@ -396,7 +396,7 @@ impl Document<'_> {
     }
 }
 
-const KNOWN_KINDS: [&str; 8] = [
+const KNOWN_KINDS: [&str; 9] = [
     "MeshExternalService",
     "HostnameGenerator",
     "Mesh",
@@ -405,6 +405,7 @@ const KNOWN_KINDS: [&str; 8] = [
     "MeshTimeout",
     "MeshRetry",
     "MeshCircuitBreaker",
+    "MeshHealthCheck",
 ];
 
 fn universal_meta(name: String, mesh: Option<String>, labels: Labels, origin: &Origin) -> Meta {

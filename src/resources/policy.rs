@@ -3,7 +3,8 @@
 //!
 //! The envelope (`targetRef`, `to[]`, `from[]`, `rules[]`) is shared; each item's `default` is
 //! kept as JSON so that several policies can be merged (RFC 7396) before the merged value is read
-//! as the kind's typed conf ([`TimeoutConf`], [`RetryConf`], [`CircuitBreakerConf`]).
+//! as the kind's typed conf ([`TimeoutConf`], [`RetryConf`], [`CircuitBreakerConf`],
+//! [`HealthCheckConf`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -17,10 +18,12 @@ pub enum PolicyKind {
     MeshTimeout,
     MeshRetry,
     MeshCircuitBreaker,
+    MeshHealthCheck,
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 3] = [Self::MeshTimeout, Self::MeshRetry, Self::MeshCircuitBreaker];
+    pub const ALL: [PolicyKind; 4] =
+        [Self::MeshTimeout, Self::MeshRetry, Self::MeshCircuitBreaker, Self::MeshHealthCheck];
 
     pub fn parse(kind: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == kind)
@@ -31,12 +34,14 @@ impl PolicyKind {
             Self::MeshTimeout => "MeshTimeout",
             Self::MeshRetry => "MeshRetry",
             Self::MeshCircuitBreaker => "MeshCircuitBreaker",
+            Self::MeshHealthCheck => "MeshHealthCheck",
         }
     }
 
-    /// Whether the kind has `from` and `rules` sections (MeshRetry has only `to`).
+    /// Whether the kind has `from` and `rules` sections (MeshRetry and MeshHealthCheck have
+    /// only `to`).
     fn has_inbound_sections(self) -> bool {
-        !matches!(self, Self::MeshRetry)
+        !matches!(self, Self::MeshRetry | Self::MeshHealthCheck)
     }
 }
 
@@ -428,6 +433,98 @@ pub struct FailurePercentage {
     pub threshold: Option<i64>,
 }
 
+// ---------- MeshHealthCheck ----------
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheckConf {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<GoDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<GoDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_jitter: Option<GoDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_jitter: Option<GoDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_jitter_percent: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthy_panic_threshold: Option<IntOrString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_traffic_on_panic: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_log_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub always_log_health_check_failures: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_traffic_interval: Option<GoDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHealthCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpHealthCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcHealthCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reuse_connection: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpHealthCheck {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpHealthCheck {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers_to_add: Option<HeaderModifier>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_statuses: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderModifier {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set: Option<Vec<HeaderKeyValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub add: Option<Vec<HeaderKeyValue>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderKeyValue {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcHealthCheck {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
 // ---------- validation ----------
 
 const NAME_CHARS: &str = "invalid characters: must consist of lower case alphanumeric characters, '-', '.' and '_'.";
@@ -442,7 +539,7 @@ const PERCENT: &str = "must be in inclusive range [0.0, 100.0]";
 fn top_level_kinds(kind: PolicyKind, system: bool) -> Vec<&'static str> {
     let mut kinds = vec!["Mesh", "MeshSubset", "MeshService", "MeshServiceSubset", "Dataplane"];
     match kind {
-        PolicyKind::MeshCircuitBreaker => kinds.push("MeshGateway"),
+        PolicyKind::MeshCircuitBreaker | PolicyKind::MeshHealthCheck => kinds.push("MeshGateway"),
         _ if system => kinds.extend(["MeshGateway", "MeshHTTPRoute"]),
         _ => {}
     }
@@ -451,7 +548,9 @@ fn top_level_kinds(kind: PolicyKind, system: bool) -> Vec<&'static str> {
 
 fn to_kinds(kind: PolicyKind, top: &str) -> &'static [&'static str] {
     match (kind, top) {
-        (PolicyKind::MeshCircuitBreaker, _) => &["Mesh", "MeshService", "MeshExternalService", "MeshMultiZoneService"],
+        (PolicyKind::MeshCircuitBreaker | PolicyKind::MeshHealthCheck, _) => {
+            &["Mesh", "MeshService", "MeshExternalService", "MeshMultiZoneService"]
+        }
         (_, "MeshGateway" | "MeshHTTPRoute") => &["Mesh", "MeshExternalService"],
         _ => &["Mesh", "MeshService", "MeshExternalService", "MeshMultiZoneService", "MeshHTTPRoute"],
     }
@@ -671,6 +770,57 @@ fn conf(kind: PolicyKind, path: &str, value: &serde_json::Value, top: &str, v: &
                 circuit_breaker_conf(path, &c, v);
             }
         }
+        PolicyKind::MeshHealthCheck => {
+            if let Some(c) = typed::<HealthCheckConf>(path, value, v) {
+                health_check_conf(path, &c, v);
+            }
+        }
+    }
+}
+
+fn health_check_conf(path: &str, c: &HealthCheckConf, v: &mut Violations<'_>) {
+    let at = |field: &str| format!("{path}.{field}");
+    for (field, value) in [
+        ("interval", c.interval),
+        ("timeout", c.timeout),
+        ("initialJitter", c.initial_jitter),
+        ("intervalJitter", c.interval_jitter),
+        ("noTrafficInterval", c.no_traffic_interval),
+    ] {
+        if value.is_some_and(|d| !d.is_positive()) {
+            v.error(at(field), GT_ZERO_DURATION);
+        }
+    }
+    for (field, value) in [("unhealthyThreshold", c.unhealthy_threshold), ("healthyThreshold", c.healthy_threshold)] {
+        if value.is_some_and(|n| n <= 0) {
+            v.error(at(field), GT_ZERO_DURATION);
+        }
+    }
+    if c.interval_jitter_percent.is_some_and(|p| !(0..=100).contains(&p)) {
+        v.error(at("intervalJitterPercent"), UINT_PERCENT);
+    }
+    if let Some(threshold) = &c.healthy_panic_threshold {
+        match threshold.decimal() {
+            None => v.error(at("healthyPanicThreshold"), "string must be a valid number"),
+            Some(p) if !(0.0..=100.0).contains(&p) => v.error(at("healthyPanicThreshold"), PERCENT),
+            Some(_) => {}
+        }
+    }
+    if c.event_log_path.as_deref().is_some_and(|p| p.is_empty() || p.contains('\0')) {
+        v.error(at("eventLogPath"), "must be a valid path when defined");
+    }
+    if let Some(http) = &c.http {
+        if http.path.as_deref() == Some("") {
+            v.error(at("http.path"), "must be defined");
+        }
+        for (i, status) in http.expected_statuses.iter().flatten().enumerate() {
+            if !(100..=599).contains(status) {
+                v.error(format!("{path}.http.expectedStatuses[{i}]"), "must be in inclusive range [100, 599]");
+            }
+        }
+    }
+    if c.http.is_none() && c.tcp.is_none() && c.grpc.is_none() {
+        v.error(path, "must have at least one defined: http, tcp, grpc");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Passive health of one upstream address: consecutive connect failures eject it for a back-off
 //! period that doubles with each ejection in a row, as Envoy's outlier detection does.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,15 @@ pub struct OutlierCounters {
     pub(super) times_ejected: AtomicU32,
 }
 
+/// Active health-check state (see [`super::active`]).
+#[derive(Debug, Default)]
+pub struct ActiveState {
+    pub(super) failures: AtomicU32,
+    pub(super) successes: AtomicU32,
+    /// Failed `unhealthyThreshold` checks in a row: no new traffic.
+    pub(super) unhealthy: AtomicBool,
+}
+
 #[derive(Debug, Default)]
 pub struct Health {
     /// Connections (or requests) open now; the balancer prefers the lower count.
@@ -51,11 +60,25 @@ pub struct Health {
     /// Milliseconds since the process epoch; 0 when not ejected.
     ejected_until: AtomicU64,
     pub(super) outlier: OutlierCounters,
+    pub(super) checks: ActiveState,
 }
 
 impl Health {
+    /// Not ejected and not failing its active health check.
     pub fn is_healthy(&self) -> bool {
-        self.ejected_until.load(Relaxed) <= now_ms()
+        self.ejected_until.load(Relaxed) <= now_ms() && !self.checks.unhealthy.load(Relaxed)
+    }
+
+    /// Failing its active health check (for the admin API).
+    pub fn failing_active_check(&self) -> bool {
+        self.checks.unhealthy.load(Relaxed)
+    }
+
+    /// Forgets the active health-check state (the check was removed).
+    pub fn clear_active(&self) {
+        self.checks.unhealthy.store(false, Relaxed);
+        self.checks.failures.store(0, Relaxed);
+        self.checks.successes.store(0, Relaxed);
     }
 
     pub fn active(&self) -> u32 {

@@ -3,6 +3,7 @@
 //! An [`Upstream`] is built per service and reused across reloads while the service's endpoints
 //! do not change, so DNS answers and health survive a configuration swap.
 
+pub mod active;
 mod connect;
 pub mod health;
 pub mod outlier;
@@ -121,6 +122,10 @@ pub struct UpstreamPolicy {
     pub timeouts: policy_runtime::Timeouts,
     /// MeshRetry for HTTP-family services.
     pub retry: Option<Arc<policy_runtime::RetryPolicy>>,
+    /// MeshHealthCheck: active checks of every address.
+    pub health_check: Option<Arc<policy_runtime::HealthCheck>>,
+    /// The service's TLS origination, for health checks (set by the live snapshot).
+    pub tls: Option<(TlsPolicy, Arc<rustls::ClientConfig>)>,
 }
 
 impl UpstreamPolicy {
@@ -143,6 +148,8 @@ impl UpstreamPolicy {
             outlier: policies.outlier(),
             timeouts,
             retry: policies.retry(protocol).map(Arc::new),
+            health_check: policies.health_check(protocol).map(Arc::new),
+            tls: None,
         }
     }
 
@@ -237,6 +244,10 @@ pub struct Upstream {
     retries: Arc<AtomicUsize>,
     /// The interval-detector task runs.
     interval_task: std::sync::atomic::AtomicBool,
+    /// The active health checker of the current policy's check.
+    checker: Mutex<Option<AbortHandle>>,
+    /// Some request or connection went to this service (for MeshHealthCheck `noTrafficInterval`).
+    traffic: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -280,6 +291,8 @@ impl Upstream {
             pending: Arc::default(),
             retries: Arc::default(),
             interval_task: Default::default(),
+            checker: Mutex::new(None),
+            traffic: Default::default(),
             service,
             protocol,
             endpoints,
@@ -326,7 +339,15 @@ impl Upstream {
     pub fn set_policy(self: &Arc<Self>, policy: UpstreamPolicy) {
         self.pool.set_timeouts(policy.pool_idle_timeout, policy.max_connection_duration);
         let interval = policy.has_interval_detectors();
+        let old_check = self.policy().health_check.clone();
+        let check = policy.health_check.clone();
+        // An unchanged check keeps its task (and timers); the new policy carries the same Arc.
+        let check_unchanged = old_check.as_deref() == check.as_deref();
+        let policy = UpstreamPolicy { health_check: if check_unchanged { old_check } else { check.clone() }, ..policy };
         self.policy.store(Arc::new(policy));
+        if !check_unchanged || self.checker.lock().is_ok_and(|c| c.is_none()) {
+            self.restart_checker();
+        }
         if interval && !self.interval_task.swap(true, Ordering::AcqRel) && tokio::runtime::Handle::try_current().is_ok()
         {
             let task = tokio::spawn(interval_loop(Arc::downgrade(self)));
@@ -336,9 +357,35 @@ impl Upstream {
         }
     }
 
+    /// Stops the active checker and starts the current policy's, if it has one.
+    fn restart_checker(self: &Arc<Self>) {
+        let Ok(mut checker) = self.checker.lock() else { return };
+        if let Some(old) = checker.take() {
+            old.abort();
+        }
+        match self.policy().health_check.clone() {
+            Some(check) if tokio::runtime::Handle::try_current().is_ok() => {
+                *checker = Some(tokio::spawn(active::run(Arc::downgrade(self), check)).abort_handle());
+            }
+            Some(_) => {}
+            None => self.targets().iter().for_each(|t| t.health.clear_active()),
+        }
+    }
+
+    fn had_traffic(&self) -> bool {
+        self.traffic.load(Ordering::Relaxed)
+    }
+
     /// A request slot (`maxRequests`), held until its response ends; counted when refused.
     pub fn request_permit(&self) -> Option<Permit> {
+        self.mark_traffic();
         self.permit(&self.requests, self.policy().max_requests, Limit::MaxRequests)
+    }
+
+    fn mark_traffic(&self) {
+        if !self.traffic.load(Ordering::Relaxed) {
+            self.traffic.store(true, Ordering::Relaxed);
+        }
     }
 
     /// A slot for a request waiting for a new connection (`maxPendingRequests`).
@@ -432,6 +479,10 @@ impl Upstream {
             Some(threshold) if healthy_percent(&targets) < threshold => None,
             _ => targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min(),
         };
+        // MeshHealthCheck `failTrafficOnPanic`: no healthy address fails the request.
+        if healthy_level.is_none() && self.policy().health_check.as_ref().is_some_and(|c| c.fail_traffic_on_panic) {
+            return None;
+        }
         let (level, only_healthy) = match healthy_level {
             Some(level) => (level, true),
             None => (targets.iter().filter(allowed).map(|t| t.priority).min()?, false),
@@ -453,11 +504,13 @@ impl Upstream {
         chosen.cloned()
     }
 
-    /// `healthyPanicThreshold` when outlier detection is configured.
+    /// `healthyPanicThreshold` of MeshCircuitBreaker's outlier detection, else of MeshHealthCheck
+    /// (deprecated there).
     fn panic_threshold(&self) -> Option<f64> {
-        match &self.policy().outlier {
+        let policy = self.policy();
+        match &policy.outlier {
             Outlier::Detect(d) => Some(d.healthy_panic_threshold),
-            _ => None,
+            _ => policy.health_check.as_ref().and_then(|c| c.healthy_panic_threshold),
         }
     }
 
@@ -517,6 +570,7 @@ impl Upstream {
 
     /// A connection slot, unless the service has as many connections open as it may.
     fn reserve_slot(&self) -> Result<Permit, ConnectError> {
+        self.mark_traffic();
         let max = self.policy().max_connections;
         self.permit(&self.open, max, Limit::MaxConnections)
             .ok_or_else(|| ConnectError::Overflow { service: self.service.clone(), max })

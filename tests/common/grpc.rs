@@ -1,7 +1,7 @@
 //! A tonic gRPC service with the four call kinds, on raw-bytes messages (no codegen):
 //! `/test.Echo/Unary` (echo; `sleep:<ms>` sleeps first; `fail:<key>:<n>` answers UNAVAILABLE to
 //! the first n calls with that key), `/test.Echo/ServerStream` (`<n>` →
-//! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each).
+//! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each); and the standard health service, always SERVING.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::convert::Infallible;
@@ -63,6 +63,16 @@ struct UnarySvc;
 struct ServerStreamSvc;
 struct ClientStreamSvc;
 struct BidiSvc;
+struct HealthSvc;
+
+impl tonic::server::UnaryService<Bytes> for HealthSvc {
+    type Response = Bytes;
+    type Future = BoxFuture<Result<Response<Bytes>, Status>>;
+    /// `grpc.health.v1.HealthCheckResponse { status: SERVING }`, whatever the request.
+    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+        Box::pin(async { Ok(Response::new(Bytes::from_static(&[0x08, 0x01]))) })
+    }
+}
 
 impl tonic::server::UnaryService<Bytes> for UnarySvc {
     type Response = Bytes;
@@ -164,6 +174,7 @@ async fn route(req: http::Request<hyper::body::Incoming>) -> Result<http::Respon
         "/test.Echo/ServerStream" => grpc.server_streaming(ServerStreamSvc, req).await,
         "/test.Echo/ClientStream" => grpc.client_streaming(ClientStreamSvc, req).await,
         "/test.Echo/Bidi" => grpc.streaming(BidiSvc, req).await,
+        "/grpc.health.v1.Health/Check" => grpc.unary(HealthSvc, req).await,
         _ => Status::unimplemented("no such method").into_http(),
     })
 }
