@@ -2,6 +2,13 @@
 //!
 //! The data path only hands a small record to a bounded channel; a thread of its own formats
 //! and writes. When the writer falls behind, records are dropped and counted, never waited for.
+//!
+//! Two kinds of log share the records: the process-wide `--access-log` ([`AccessLog`]) and each
+//! service's MeshAccessLog backends ([`ServiceLog`], with Envoy formats, see [`sink`]).
+
+pub mod sink;
+
+pub use sink::ServiceLog;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -31,8 +38,12 @@ pub enum Destination {
 /// One connection or request.
 #[derive(Debug, Serialize)]
 pub struct Record {
+    /// When the response headers arrived (HTTP) or the connection ended (TCP).
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
+    /// When the connection or request began (`%START_TIME%`).
+    #[serde(skip)]
+    pub start: SystemTime,
     pub service: Arc<str>,
     pub protocol: &'static str,
     pub client: SocketAddr,
@@ -48,6 +59,19 @@ pub struct Record {
     pub bytes_received: u64,
     #[serde(serialize_with = "millis")]
     pub duration: Duration,
+    /// `HTTP/1.1`, `HTTP/2`; absent for TCP.
+    #[serde(skip)]
+    pub http_version: Option<&'static str>,
+    /// Headers a MeshAccessLog format reads (lowercase names; request ones include `:method`,
+    /// `:path`, `:authority`); only captured when a service's formats need them.
+    #[serde(skip)]
+    pub headers: Option<Box<Headers>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Headers {
+    pub request: std::collections::BTreeMap<String, String>,
+    pub response: std::collections::BTreeMap<String, String>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -60,7 +84,7 @@ fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 #[derive(Clone, Debug)]
 pub struct AccessLog {
-    sender: SyncSender<Record>,
+    sender: SyncSender<Arc<Record>>,
 }
 
 impl AccessLog {
@@ -75,21 +99,44 @@ impl AccessLog {
         Ok(Self { sender })
     }
 
-    pub fn log(&self, record: Record) {
+    pub fn log(&self, record: Arc<Record>) {
         if let Err(TrySendError::Full(_)) = self.sender.try_send(record) {
             metrics().access_log_dropped();
         }
     }
 }
 
-fn write_loop(receiver: Receiver<Record>, out: Box<dyn Write + Send>, format: Format) {
+/// Where a finished record goes: the process-wide log and the service's backends.
+#[derive(Clone, Debug, Default)]
+pub struct Logs {
+    pub global: Option<AccessLog>,
+    pub service: Option<Arc<ServiceLog>>,
+}
+
+impl Logs {
+    pub fn is_on(&self) -> bool {
+        self.global.is_some() || self.service.is_some()
+    }
+
+    pub fn log(&self, record: Record) {
+        let record = Arc::new(record);
+        if let Some(service) = &self.service {
+            service.log(&record);
+        }
+        if let Some(global) = &self.global {
+            global.log(record);
+        }
+    }
+}
+
+fn write_loop(receiver: Receiver<Arc<Record>>, out: Box<dyn Write + Send>, format: Format) {
     let mut out = std::io::BufWriter::new(out);
     while let Ok(record) = receiver.recv() {
         let mut next = Some(record);
         // Write everything queued, then flush once.
         while let Some(record) = next {
             let _ = match format {
-                Format::Json => serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other),
+                Format::Json => serde_json::to_writer(&mut out, &*record).map_err(std::io::Error::other),
                 Format::Text => write_text(&mut out, &record),
             };
             let _ = out.write_all(b"\n");
@@ -124,6 +171,9 @@ mod tests {
     fn record() -> Record {
         Record {
             time: SystemTime::UNIX_EPOCH,
+            start: SystemTime::UNIX_EPOCH,
+            http_version: Some("HTTP/1.1"),
+            headers: None,
             service: Arc::from("default/httpbin"),
             protocol: "http",
             client: "127.0.0.1:5555".parse().unwrap(),

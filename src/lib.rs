@@ -11,6 +11,7 @@ pub const LAYERS: &[&str] = &[
     "model",
     // Configuration as written: files → typed, validated resources (templates are theirs).
     "template",
+    "log_format",
     "resources",
     // Which policies apply to each service, merged as Kuma merges them.
     "policy",
@@ -20,12 +21,12 @@ pub const LAYERS: &[&str] = &[
     // Runtime building blocks: TLS origination, metrics, endpoints and pooled connections.
     "tls",
     "metrics",
+    "access_log",
     "upstream",
     // A configuration ready for traffic, and loading one.
     "live",
     "config",
     // The data path.
-    "access_log",
     "listen",
     "proxy",
     "dns",
@@ -43,6 +44,7 @@ pub mod config;
 pub mod dns;
 pub mod listen;
 pub mod live;
+pub mod log_format;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -145,7 +145,7 @@ impl Snapshot {
             .enumerate()
             .map(|(index, s)| {
                 let key = s.key();
-                let mut policy = UpstreamPolicy::new(settings, &s.policies, s.protocol);
+                let mut policy = UpstreamPolicy::new(settings, &s.policies, s.protocol, &key);
                 policy.tls = s.tls.clone().zip(tls.get(index).cloned());
                 match reusable.get(&key) {
                     Some((up, old_tls)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {

@@ -410,6 +410,20 @@ fn every_policy_rule_has_its_message() {
         ("health path", to_mesh("MeshHealthCheck", "{http: {path: \"\"}}"), format!("{d}.http.path"), "must be defined"),
         ("health status", to_mesh("MeshHealthCheck", "{http: {expectedStatuses: [99]}}"), format!("{d}.http.expectedStatuses[0]"), "must be in inclusive range [100, 599]"),
         ("health to route", policy("MeshHealthCheck", "  to:\n  - targetRef: {kind: MeshHTTPRoute, name: r}\n    default: {tcp: {}}\n"), "spec.to[0].targetRef.kind".into(), "value 'MeshHTTPRoute' is not supported"),
+        // MeshAccessLog.
+        ("log backends missing", to_mesh("MeshAccessLog", "{}"), format!("{d}.backends"), "must be defined"),
+        ("log file missing", to_mesh("MeshAccessLog", "{backends: [{type: File}]}"), format!("{d}.backends[0].file"), "must be defined"),
+        ("log file path", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: \"\"}}]}"), format!("{d}.backends[0].file.path"), "file backend requires a valid path"),
+        ("log tcp address", to_mesh("MeshAccessLog", "{backends: [{type: Tcp, tcp: {address: nowhere}}]}"), format!("{d}.backends[0].tcp.address"), "tcp backend requires valid address"),
+        ("log otel both", to_mesh("MeshAccessLog", "{backends: [{type: OpenTelemetry, openTelemetry: {}}]}"), format!("{d}.backends[0].openTelemetry"), "openTelemetry must have exactly one defined: endpoint, backendRef"),
+        ("log otel attribute", to_mesh("MeshAccessLog", "{backends: [{type: OpenTelemetry, openTelemetry: {endpoint: \"c:4317\", attributes: [{key: Bad, value: x}]}}]}"), format!("{d}.backends[0].openTelemetry.attributes[0].key"), "must start with a lowercase letter, use only lowercase letters, digits, '.' or '_', avoid consecutive delimiters, and end with a letter or digit"),
+        ("log plain missing", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Plain}}}]}"), format!("{d}.backends[0].file.format.plain"), "must be defined"),
+        ("log plain empty", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Plain, plain: \"\"}}}]}"), format!("{d}.backends[0].file.format.plain"), "must not be empty"),
+        ("log json empty", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Json, json: []}}}]}"), format!("{d}.backends[0].file.format.json"), "must not be empty"),
+        ("log json key", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Json, json: [{key: \"\", value: v}]}}}]}"), format!("{d}.backends[0].file.format.json[0].key"), "key cannot be empty"),
+        ("log json value", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Json, json: [{key: k, value: \"\"}]}}}]}"), format!("{d}.backends[0].file.format.json[0].value"), "value cannot be empty"),
+        ("log json object", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Json, json: [{key: 'a\"b', value: v}]}}}]}"), format!("{d}.backends[0].file.format.json[0]"), "is not a valid JSON object"),
+        ("log operator", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Plain, plain: \"%NOPE%\"}}}]}"), format!("{d}.backends[0].file.format.plain"), "unsupported command operator %NOPE%"),
         ("failure threshold", mcb("{outlierDetection: {detectors: {failurePercentage: {threshold: 200}}}}"), format!("{d}.outlierDetection.detectors.failurePercentage.threshold"), "must be in inclusive range [0, 100]"),
     ];
     let mut failures = Vec::new();

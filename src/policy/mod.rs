@@ -16,7 +16,8 @@ use serde_norway::Value;
 
 use crate::resources::kinds::Labels;
 use crate::resources::policy::{
-    CircuitBreakerConf, HealthCheckConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef, TimeoutConf,
+    AccessLogConf, CircuitBreakerConf, HealthCheckConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef,
+    TimeoutConf,
 };
 use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Origin, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ORIGIN,
@@ -42,6 +43,13 @@ pub struct Source {
     pub item: String,
 }
 
+/// This sidecar's Dataplane, as `%KUMA_SOURCE_SERVICE%` and `%KUMA_SOURCE_ADDRESS%` name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceDataplane {
+    pub name: String,
+    pub address: String,
+}
+
 /// A policy that selects no part of this sidecar, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Ignored {
@@ -63,6 +71,11 @@ pub struct Effective {
     pub mesh_circuit_breaker: Option<CircuitBreakerConf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh_health_check: Option<HealthCheckConf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_access_log: Option<AccessLogConf>,
+    /// This sidecar's Dataplane in the service's mesh (for `%KUMA_SOURCE_*%`).
+    #[serde(skip)]
+    pub source: Option<SourceDataplane>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<Source>,
 }
@@ -127,6 +140,7 @@ struct DataplaneIdentity {
     name: String,
     namespace: Option<String>,
     labels: Labels,
+    address: String,
     /// Tags of each inbound.
     inbound_tags: Vec<Labels>,
 }
@@ -142,6 +156,7 @@ impl Proxies {
                     name: r.meta.name.clone(),
                     namespace: r.meta.labels.get(LABEL_NAMESPACE).cloned(),
                     labels: r.meta.labels.clone(),
+                    address: spec.networking.address.clone().unwrap_or_default(),
                     inbound_tags: inbound_tags(spec.networking.inbound.as_ref()),
                 })
             })
@@ -245,6 +260,7 @@ fn describe(r: &TargetRef) -> String {
 pub struct PolicySet {
     entries: Vec<Entry>,
     ignored: Vec<Ignored>,
+    proxies: Proxies,
 }
 
 impl PolicySet {
@@ -252,7 +268,7 @@ impl PolicySet {
     /// does not exist are reported (as warnings) by [`PolicySet::check_references`].
     pub fn new(resources: &[Resource]) -> Self {
         let proxies = Proxies::new(resources);
-        let mut set = Self::default();
+        let mut set = Self { proxies: Proxies::default(), ..Self::default() };
         for r in resources {
             let Kind::Policy(Policy { kind, spec }) = &r.kind else { continue };
             let policy = format!("{}/{}", r.meta.mesh, r.meta.name);
@@ -283,6 +299,7 @@ impl PolicySet {
         }
         // Stable: equal ranks keep file order.
         set.entries.sort_by(|a, b| a.rank.cmp(&b.rank));
+        set.proxies = proxies;
         set
     }
 
@@ -353,11 +370,22 @@ impl PolicySet {
                 PolicyKind::MeshHealthCheck => {
                     serde_json::from_value(merged).map(|c| effective.mesh_health_check = Some(c))
                 }
+                PolicyKind::MeshAccessLog => {
+                    serde_json::from_value(merged).map(|c| effective.mesh_access_log = Some(c))
+                }
             };
             if let Err(e) = read {
                 let message = format!("the merged {} does not read: {e}", kind.as_str());
                 diagnostics.push(Diagnostic::error(origin, "", message));
             }
+        }
+        if effective.mesh_access_log.is_some() {
+            effective.source = self
+                .proxies
+                .dataplanes
+                .iter()
+                .find(|d| d.mesh == service.mesh)
+                .map(|d| SourceDataplane { name: d.name.clone(), address: d.address.clone() });
         }
         effective
     }

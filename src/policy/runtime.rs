@@ -9,6 +9,7 @@ use http::header::HeaderName;
 use http::{HeaderMap, Method};
 
 use super::Effective;
+use crate::log_format::{Format, KumaValues, DEFAULT_HTTP_FORMAT, DEFAULT_TCP_FORMAT};
 use crate::model::Protocol;
 use crate::resources::policy::{HeaderMatch, HttpRetry};
 
@@ -438,5 +439,117 @@ impl Effective {
             always_log_failures: c.always_log_health_check_failures.unwrap_or(false),
             check,
         })
+    }
+}
+
+/// MeshAccessLog, compiled: where each record goes and how it is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogPlan {
+    pub backends: Vec<LogBackendPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogBackendPlan {
+    pub sink: SinkTarget,
+    pub line: LineFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SinkTarget {
+    File(std::path::PathBuf),
+    /// `host:port` of a collector reading one line per entry.
+    Tcp(String),
+    /// `host:port` of an OTLP/gRPC receiver.
+    OpenTelemetry(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LineFormat {
+    Plain {
+        format: Format,
+        omit_empty: bool,
+    },
+    Json {
+        fields: Vec<(String, Format)>,
+        omit_empty: bool,
+    },
+    /// An OTLP log record: its body (text) and attributes.
+    Otel {
+        body: Format,
+        attributes: Vec<(String, Format)>,
+    },
+}
+
+/// OTLP/gRPC's port when an endpoint has none.
+pub const OTLP_DEFAULT_PORT: u16 = 4317;
+
+impl Effective {
+    /// The access log of service `mesh/name`; `None` without a MeshAccessLog or with an empty
+    /// backend list. Backends that cannot be compiled (validation reports them) are left out.
+    pub fn access_log(&self, mesh: &str, name: &str, protocol: Protocol, zone: &str) -> Option<AccessLogPlan> {
+        let conf = self.mesh_access_log.as_ref()?;
+        let source = self.source.clone().unwrap_or_default();
+        let kuma = KumaValues {
+            mesh: mesh.to_string(),
+            source_service: source.name,
+            source_address: source.address,
+            destination_service: name.to_string(),
+            zone: zone.to_string(),
+        };
+        let default = if protocol == Protocol::Tcp { DEFAULT_TCP_FORMAT } else { DEFAULT_HTTP_FORMAT };
+        let parse = |text: &str| Format::parse(text, &kuma).ok();
+        let line = |format: &Option<crate::resources::policy::LogFormat>| -> Option<LineFormat> {
+            let Some(f) = format else { return Some(LineFormat::Plain { format: parse(default)?, omit_empty: false }) };
+            let omit_empty = f.omit_empty_values.unwrap_or(false);
+            match f.type_.as_str() {
+                "Json" => {
+                    let fields = f
+                        .json
+                        .iter()
+                        .flatten()
+                        .map(|j| Some((j.key.clone(), parse(&j.value)?)))
+                        .collect::<Option<_>>()?;
+                    Some(LineFormat::Json { fields, omit_empty })
+                }
+                _ => Some(LineFormat::Plain { format: parse(f.plain.as_deref()?)?, omit_empty }),
+            }
+        };
+        let mut backends = Vec::new();
+        for b in conf.backends.iter().flatten() {
+            let plan = match b.type_.as_str() {
+                "File" => b.file.as_ref().and_then(|f| {
+                    Some(LogBackendPlan { sink: SinkTarget::File(f.path.clone().into()), line: line(&f.format)? })
+                }),
+                "Tcp" => b.tcp.as_ref().and_then(|t| {
+                    Some(LogBackendPlan { sink: SinkTarget::Tcp(t.address.clone()), line: line(&t.format)? })
+                }),
+                "OpenTelemetry" => b.open_telemetry.as_ref().and_then(|o| {
+                    let endpoint = o.endpoint.clone().filter(|e| !e.is_empty())?;
+                    let endpoint = if endpoint.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+                        endpoint
+                    } else {
+                        format!("{}:{OTLP_DEFAULT_PORT}", endpoint.trim_end_matches(':'))
+                    };
+                    let body = match &o.body {
+                        Some(serde_json::Value::String(text)) => parse(text)?,
+                        Some(other) => parse(&other.to_string())?,
+                        None => parse(default)?,
+                    };
+                    let attributes = o
+                        .attributes
+                        .iter()
+                        .flatten()
+                        .map(|a| Some((a.key.clone(), parse(&a.value)?)))
+                        .collect::<Option<_>>()?;
+                    Some(LogBackendPlan {
+                        sink: SinkTarget::OpenTelemetry(endpoint),
+                        line: LineFormat::Otel { body, attributes },
+                    })
+                }),
+                _ => None,
+            };
+            backends.extend(plan);
+        }
+        (!backends.is_empty()).then_some(AccessLogPlan { backends })
     }
 }

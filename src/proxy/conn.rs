@@ -43,8 +43,13 @@ impl ConnCtx {
 
     /// The access-log record of the connection as it ended.
     pub fn record(&self) -> Record {
+        let duration = self.started.elapsed();
+        let time = SystemTime::now();
         Record {
-            time: SystemTime::now(),
+            time,
+            start: time.checked_sub(duration).unwrap_or(time),
+            http_version: None,
+            headers: None,
             service: self.route.upstream.service().clone(),
             protocol: "tcp",
             client: self.peer,
@@ -54,7 +59,7 @@ impl ConnCtx {
             outcome: self.outcome,
             bytes_sent: self.bytes.client_to_upstream,
             bytes_received: self.bytes.upstream_to_client,
-            duration: self.started.elapsed(),
+            duration,
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 pub use conn::Connections;
 
-use crate::access_log::AccessLog;
+use crate::access_log::{AccessLog, Logs};
 use crate::catalog::Protocol;
 use crate::listen::{Accept, ListenerKind, OriginalDst};
 use crate::live::{Live, RouteKey};
@@ -131,13 +131,14 @@ impl Proxy {
         if let Some(idle) = policy.timeouts.idle {
             flow.idle = Some(idle).filter(|d| !d.is_zero());
         }
+        let logs = Logs { global: self.access_log.clone(), service: policy.access_log.clone() };
         drop(policy);
         match admit::admit(&ctx.route.service) {
             Ok(()) => tcp::forward(&mut ctx, &mut client, flow).await,
             Err(denial) => ctx.outcome = denial.outcome(),
         }
-        if let Some(log) = &self.access_log {
-            log.log(ctx.record());
+        if logs.is_on() {
+            logs.log(ctx.record());
         }
     }
 

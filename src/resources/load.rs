@@ -210,7 +210,9 @@ impl Document<'_> {
         if kube_kind == Some("List") {
             return self.load_list(map, out);
         }
-        if let Some(kind) = kube_kind.or(universal_type).filter(|k| !KNOWN_KINDS.contains(k)) {
+        if let Some(kind) =
+            kube_kind.or(universal_type).filter(|k| !KNOWN_KINDS.contains(k) && PolicyKind::parse(k).is_none())
+        {
             let message = format!("kind {kind} is not used by mesh-egress; skipped");
             out.diagnostics.push(Diagnostic::warning(&self.origin, &self.path, message));
             return;
@@ -396,17 +398,7 @@ impl Document<'_> {
     }
 }
 
-const KNOWN_KINDS: [&str; 9] = [
-    "MeshExternalService",
-    "HostnameGenerator",
-    "Mesh",
-    "Secret",
-    "Dataplane",
-    "MeshTimeout",
-    "MeshRetry",
-    "MeshCircuitBreaker",
-    "MeshHealthCheck",
-];
+const KNOWN_KINDS: [&str; 5] = ["MeshExternalService", "HostnameGenerator", "Mesh", "Secret", "Dataplane"];
 
 fn universal_meta(name: String, mesh: Option<String>, labels: Labels, origin: &Origin) -> Meta {
     Meta { name, mesh: mesh.unwrap_or_else(|| DEFAULT_MESH.to_string()), labels, origin: origin.clone() }

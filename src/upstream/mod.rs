@@ -126,10 +126,13 @@ pub struct UpstreamPolicy {
     pub health_check: Option<Arc<policy_runtime::HealthCheck>>,
     /// The service's TLS origination, for health checks (set by the live snapshot).
     pub tls: Option<(TlsPolicy, Arc<rustls::ClientConfig>)>,
+    /// MeshAccessLog backends.
+    pub access_log: Option<Arc<crate::access_log::ServiceLog>>,
 }
 
 impl UpstreamPolicy {
-    pub fn new(settings: &Settings, policies: &Effective, protocol: Protocol) -> Self {
+    /// The policy of service `key` (`mesh/name`).
+    pub fn new(settings: &Settings, policies: &Effective, protocol: Protocol, key: &str) -> Self {
         let timeouts = policies.timeouts();
         let limits = policies.limits();
         Self {
@@ -150,6 +153,11 @@ impl UpstreamPolicy {
             retry: policies.retry(protocol).map(Arc::new),
             health_check: policies.health_check(protocol).map(Arc::new),
             tls: None,
+            access_log: {
+                let (mesh, name) = key.split_once('/').unwrap_or(("", key));
+                let plan = policies.access_log(mesh, name, protocol, "");
+                plan.and_then(|plan| crate::access_log::ServiceLog::start(key, &plan))
+            },
         }
     }
 
@@ -736,7 +744,7 @@ mod tests {
             ejection: EjectionPolicy { consecutive_failures: 1, base_time: Duration::from_secs(600) },
             ..Settings::default()
         };
-        let policy = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Tcp);
+        let policy = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Tcp, "default/test");
         Upstream::new(Arc::from("default/test"), Protocol::Tcp, endpoints, Arc::new(settings), policy)
     }
 

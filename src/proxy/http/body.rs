@@ -16,13 +16,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 
-use crate::access_log::{AccessLog, Record};
+use crate::access_log::{Logs, Record};
 use crate::upstream::pool::ReturnTicket;
 use crate::upstream::{ActiveGuard, Permit, TargetAddr};
 
 /// An access log record waiting for its response body to end.
 pub struct PendingLog {
-    pub log: AccessLog,
+    pub log: Logs,
     pub record: Record,
     pub started: Instant,
     /// Request body bytes, counted as they pass.

@@ -14,7 +14,7 @@ use super::body::{PendingLog, ProxyBody};
 use super::grpc::{grpc_timeout, is_grpc};
 use super::reply::{self, Failure};
 use super::{forward, HttpProxy};
-use crate::access_log::Record;
+use crate::access_log::{Headers, Logs, Record, ServiceLog};
 use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::proxy::admit::admit;
@@ -56,11 +56,17 @@ impl RequestCtx {
         };
         let limit = sooner(stream_limit, request_timeout);
         let stream_idle = timeouts.stream_idle.filter(|d| !d.is_zero());
-        let log = proxy.access_log.as_ref().map(|log| {
+        let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
+        let log = logs.is_on().then(|| {
+            let headers = logs.service.as_ref().map(|service| capture_request(req, service));
+            let now = SystemTime::now();
             Box::new(PendingLog {
-                log: log.clone(),
+                log: logs,
                 record: Record {
-                    time: SystemTime::now(),
+                    time: now,
+                    start: now,
+                    http_version: Some(if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" }),
+                    headers,
                     service: route.upstream.service().clone(),
                     protocol: route.service.protocol.as_str(),
                     client: proxy.peer,
@@ -94,12 +100,38 @@ impl RequestCtx {
         if let Some(mut pending) = self.log {
             pending.record.time = SystemTime::now();
             pending.record.status = Some(status);
+            if let (Some(headers), Some(service)) = (pending.record.headers.as_mut(), pending.log.service.as_ref()) {
+                for name in &service.response_headers {
+                    if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
+                        headers.response.insert(name.as_str().to_string(), value.to_string());
+                    }
+                }
+            }
             match response.body_mut() {
                 ProxyBody::Upstream(body) => body.log = Some(pending),
                 ProxyBody::Local(_) => pending.finish("local_reply", 0),
             }
         }
     }
+}
+
+/// The request headers the service's MeshAccessLog formats read, and the pseudo-headers.
+fn capture_request(req: &Request<Incoming>, log: &ServiceLog) -> Box<Headers> {
+    let mut headers = Headers::default();
+    let uri = req.uri();
+    headers.request.insert(":method".into(), req.method().to_string());
+    headers.request.insert(":path".into(), uri.path_and_query().map_or("/", |p| p.as_str()).to_string());
+    let authority =
+        uri.authority().map(|a| a.as_str()).or_else(|| req.headers().get(http::header::HOST)?.to_str().ok());
+    if let Some(authority) = authority {
+        headers.request.insert(":authority".into(), authority.to_string());
+    }
+    for name in &log.request_headers {
+        if let Some(value) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
+            headers.request.insert(name.as_str().to_string(), value.to_string());
+        }
+    }
+    Box::new(headers)
 }
 
 fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {

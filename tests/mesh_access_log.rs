@@ -1,0 +1,202 @@
+//! MeshAccessLog against real traffic: File backends (plain with Envoy operators and Kuma
+//! values, JSON with omitEmptyValues, Kuma's default formats for HTTP and TCP), a TCP collector,
+//! and an OTLP/gRPC receiver written with grpcio and the OpenTelemetry protos (a real peer).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
+
+mod common;
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::http_client::*;
+use common::http_upstream::http_upstream;
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).map(|t| t.lines().map(str::to_string).collect()).unwrap_or_default()
+}
+
+async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    eventually("access log lines", Duration::from_secs(10), || async { lines(path).len() >= n }).await;
+    lines(path)
+}
+
+/// `name` on a fresh outbound, with a Dataplane `app-<name>` at 10.1.2.3, plus `policies`.
+fn config(name: &str, protocol: &str, port: u16, policies: &str) -> (std::net::SocketAddr, tempfile::TempDir, PathBuf) {
+    let outbound = free_addr("127.0.0.1");
+    let service = service_with_protocol(name, protocol, outbound, &endpoint("127.0.0.1", port, 0), "")
+        .replace("networking:\n  outbound:", "networking:\n  address: 10.1.2.3\n  outbound:");
+    let (dir, path) = config_dir(&format!("{service}---\n{policies}"));
+    (outbound, dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_backends_with_plain_json_and_default_formats() {
+    let upstream = http_upstream(None).await;
+    let logs = tempfile::tempdir().unwrap();
+    let (plain, json, default) =
+        (logs.path().join("plain.log"), logs.path().join("json.log"), logs.path().join("default.log"));
+    let policy = format!(
+        r#"type: MeshAccessLog
+name: logs
+mesh: default
+spec:
+  to:
+  - targetRef: {{kind: MeshExternalService, name: logged}}
+    default:
+      backends:
+      - type: File
+        file:
+          path: {}
+          format: {{type: Plain, plain: "%KUMA_MESH% %KUMA_SOURCE_SERVICE%@%KUMA_SOURCE_ADDRESS_WITHOUT_PORT%->%KUMA_DESTINATION_SERVICE% %REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %REQ(X-MISSING?USER-AGENT)% %RESP(X-UPSTREAM-CONN)% %REQ(X-NONE)% %BYTES_SENT%"}}
+      - type: File
+        file:
+          path: {}
+          format:
+            type: Json
+            omitEmptyValues: true
+            json:
+            - {{key: status, value: "%RESPONSE_CODE%"}}
+            - {{key: upstream, value: "%UPSTREAM_HOST%"}}
+            - {{key: absent, value: "%REQ(X-NONE)%"}}
+            - {{key: route, value: "%KUMA_MESH%/%KUMA_DESTINATION_SERVICE%"}}
+      - type: File
+        file: {{path: {}}}
+"#,
+        plain.display(),
+        json.display(),
+        default.display()
+    );
+    let (outbound, _dir, config) = config("logged", "http", upstream.addr.port(), &policy);
+    let _proxy = start(options(config)).await;
+    let response = h1(outbound)
+        .await
+        .send_request(get("http://logged.test/hello?x=1", &[("user-agent", "curl/8.0")]))
+        .await
+        .unwrap();
+    let (status, body) = text(response).await;
+    assert_eq!(status, 200);
+
+    let plain = wait_for_lines(&plain, 1).await;
+    assert_eq!(
+        plain[0],
+        format!("default app-logged@10.1.2.3->logged GET /hello?x=1 HTTP/1.1 200 curl/8.0 1 - {}", body.len())
+    );
+    let json: serde_json::Value = serde_json::from_str(&wait_for_lines(&json, 1).await[0]).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"status": 200, "upstream": upstream.addr.to_string(), "route": "default/logged"})
+    );
+    let default = wait_for_lines(&default, 1).await;
+    // Kuma's default HTTP format.
+    let expected_tail = format!("] default \"GET /hello?x=1 HTTP/1.1\" 200 - 0 {} ", body.len());
+    assert!(default[0].starts_with('[') && default[0].contains(&expected_tail), "{}", default[0]);
+    assert!(
+        default[0].ends_with(&format!(
+            "\"curl/8.0\" \"-\" \"-\" \"logged.test\" \"app-logged\" \"logged\" \"10.1.2.3\" \"{}\"",
+            upstream.addr
+        )),
+        "{}",
+        default[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_services_use_kumas_default_tcp_format_and_a_tcp_collector_gets_lines() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = collector.local_addr().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let file = logs.path().join("tcp.log");
+    let policy = format!(
+        "type: MeshAccessLog\nname: logs\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default:\n      backends:\n      - {{type: File, file: {{path: {}}}}}\n      - {{type: Tcp, tcp: {{address: \"{collector_addr}\", format: {{type: Plain, plain: \"tcp %KUMA_DESTINATION_SERVICE% %UPSTREAM_HOST% %BYTES_RECEIVED%\"}}}}}}\n",
+        file.display()
+    );
+    let outbound = free_addr("127.0.0.1");
+    let yaml = format!(
+        "{}---\n{policy}",
+        service_with_outbound("tcp-logged", outbound, &endpoint("127.0.0.1", echo.addr.port(), 0), "")
+            .replace("networking:\n  outbound:", "networking:\n  address: 10.1.2.3\n  outbound:")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let (_, mut stream) = greet(outbound).await.unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await;
+    drop(stream);
+
+    let line = &wait_for_lines(&file, 1).await[0];
+    let pattern = format!("] - default 10.1.2.3(app-tcp-logged)->{}(tcp-logged) took ", echo.addr);
+    assert!(line.starts_with('[') && line.contains(&pattern), "{line}");
+    assert!(line.ends_with("bytes, received: 5 bytes"), "{line}");
+
+    let (collected, _) = tokio::time::timeout(Duration::from_secs(10), collector.accept()).await.unwrap().unwrap();
+    let mut reader = tokio::io::BufReader::new(collected);
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got, format!("tcp tcp-logged {} 5\n", echo.addr));
+}
+
+/// The OTLP receiver (Python, grpcio): its port and its output lines.
+struct Receiver {
+    child: KillOnDrop,
+    port: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn otlp_receiver() -> Receiver {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run .ci/run, or `python3 -m venv target/venv && target/venv/bin/pip install grpcio opentelemetry-proto`",
+        python.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/otlp_receiver.py");
+    let mut child =
+        std::process::Command::new(python).arg(script).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = lines.recv_timeout(Duration::from_secs(30)).expect("the OTLP receiver did not start");
+    let port =
+        first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("unexpected: {first}"));
+    Receiver { child: KillOnDrop(child), port, lines }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_telemetry_backend_exports_to_a_real_otlp_receiver() {
+    let receiver = otlp_receiver();
+    let upstream = http_upstream(None).await;
+    let policy = format!(
+        "type: MeshAccessLog\nname: otel\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default:\n      backends:\n      - type: OpenTelemetry\n        openTelemetry:\n          endpoint: 127.0.0.1:{}\n          body: \"%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE%\"\n          attributes:\n          - {{key: mesh.destination, value: \"%KUMA_DESTINATION_SERVICE%\"}}\n          - {{key: upstream.host, value: \"%UPSTREAM_HOST%\"}}\n",
+        receiver.port
+    );
+    let (outbound, _dir, config) = config("otel-logged", "http", upstream.addr.port(), &policy);
+    let _proxy = start(options(config)).await;
+    for path in ["/one", "/two"] {
+        let (status, _) =
+            text(h1(outbound).await.send_request(get(&format!("http://x{path}"), &[])).await.unwrap()).await;
+        assert_eq!(status, 200);
+    }
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        let line = receiver.lines.recv_timeout(Duration::from_secs(15)).expect("no log record reached the receiver");
+        records.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    let bodies: Vec<&str> = records.iter().map(|r| r["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["GET /one 200", "GET /two 200"]);
+    assert_eq!(records[0]["attributes"]["mesh.destination"], "otel-logged");
+    assert_eq!(records[0]["attributes"]["upstream.host"], upstream.addr.to_string());
+    assert_eq!(records[0]["resource"]["service.name"], "mesh-egress");
+    drop(receiver.child);
+}
