@@ -531,3 +531,60 @@ async fn health_checks_go_over_tls_when_the_service_originates_it() {
     let (status, body, _) = get_status(outbound, &[]).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_retries_a_slow_attempt() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 200ms, retryOn: [Reset], backOff: {baseInterval: 1ms}}\n";
+    let (outbound, _dir, config) = service_and_policies("per-try", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let k = key("slow-first");
+    let headers = [("x-fail-first", "1"), ("x-fail-status", "200"), ("x-fail-delay-ms", "3000"), ("x-key", &k)];
+    let (status, body, response_headers) = get_status(outbound, &headers).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(response_headers["x-attempt"], "2", "the first attempt passed its per-try timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_overflow_answers_503_without_a_new_connection() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshCircuitBreaker\nname: limits\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxConnections: 1}}\n";
+    let (outbound, _dir, config) = service_and_policies("one-conn", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let slow = tokio::spawn(get_status(outbound, &[("x-delay-ms", "800")]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The only connection is busy: a second request would need another.
+    let (status, _, headers) = get_status(outbound, &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-envoy-overloaded"], "true");
+    assert_eq!(slow.await.unwrap().0, 200);
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_failures_and_failure_percentage_detectors_eject() {
+    let (gateway, _g) = fixed_upstream(502, "gateway").await;
+    let (flaky, _f) = fixed_upstream(500, "flaky").await;
+    let (good, _good) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!(
+        "{}{}{}",
+        endpoint("127.0.0.1", gateway.port(), 0),
+        endpoint("127.0.0.1", flaky.port(), 0),
+        endpoint("127.0.0.1", good.port(), 0)
+    );
+    // 502s trip gatewayFailures; the 500s only the failure percentage, evaluated each interval.
+    let policy = "type: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        interval: 300ms\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        healthyPanicThreshold: 0\n        detectors:\n          gatewayFailures: {consecutive: 2}\n          failurePercentage: {minimumHosts: 1, requestVolume: 3, threshold: 90}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("detectors", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let before = counter("mesh_egress_upstream_ejections_total", "detectors");
+    eventually("both failing endpoints ejected", Duration::from_secs(15), || async {
+        get_status(outbound, &[]).await;
+        counter("mesh_egress_upstream_ejections_total", "detectors") - before >= 2.0
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(get_status(outbound, &[]).await.2["x-who"], "good");
+    }
+}

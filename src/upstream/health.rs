@@ -69,6 +69,11 @@ impl Health {
         self.ejected_until.load(Relaxed) <= now_ms() && !self.checks.unhealthy.load(Relaxed)
     }
 
+    /// Ejected by outlier detection now.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.load(Relaxed) > now_ms()
+    }
+
     /// Failing its active health check (for the admin API).
     pub fn failing_active_check(&self) -> bool {
         self.checks.unhealthy.load(Relaxed)

@@ -51,7 +51,8 @@ pub(super) fn record(upstream: &Upstream, target: &Target, outcome: Outcome) -> 
             Outcome::LocalFailure | Outcome::Response(_) => false,
         },
         crate::policy::runtime::Outlier::Detect(detect) => {
-            detect_consecutive(health, detect, outcome) && may_eject(upstream, detect) && {
+            // An address already ejected (still picked in panic mode) is not ejected again.
+            detect_consecutive(health, detect, outcome) && !health.is_ejected() && may_eject(upstream, detect) && {
                 health.eject_for(ejection_time(health, detect));
                 true
             }
@@ -117,7 +118,7 @@ fn detect_consecutive(health: &Health, d: &OutlierDetection, outcome: Outcome) -
 /// stays below the limit.
 fn may_eject(upstream: &Upstream, d: &OutlierDetection) -> bool {
     let targets = upstream.targets();
-    let ejected = targets.iter().filter(|t| !t.health.is_healthy()).count();
+    let ejected = targets.iter().filter(|t| t.health.is_ejected()).count();
     ejected == 0 || (ejected + 1) * 100 <= usize::from(d.max_ejection_percent) * targets.len()
 }
 
@@ -171,12 +172,12 @@ pub(super) fn evaluate_interval(upstream: &Upstream, d: &OutlierDetection) -> us
     }
     let mut ejected = 0;
     for (target, eject) in targets.iter().zip(eject) {
-        if eject && target.health.is_healthy() && may_eject(upstream, d) {
+        if eject && !target.health.is_ejected() && may_eject(upstream, d) {
             target.health.eject_for(ejection_time(&target.health, d));
             upstream.metrics.ejections.inc();
             tracing::warn!(service = %upstream.service(), target = %target.addr, "endpoint ejected by outlier detection (interval detectors)");
             ejected += 1;
-        } else if target.health.is_healthy() {
+        } else if !target.health.is_ejected() {
             let _ = target.health.outlier.times_ejected.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
         }
     }

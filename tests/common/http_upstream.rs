@@ -2,7 +2,7 @@
 //! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-challenge`
 //! (answers with `Proxy-Authenticate`), `x-fail-first: <n>` with `x-key: <k>` (the first n
 //! requests with that key get `x-fail-status`, default 503, and `x-fail-header` as a response
-//! header; later ones succeed; every response says `x-attempt`), `x-drip: <n>` (n one-byte
+//! header, after `x-fail-delay-ms`; later ones succeed; every response says `x-attempt`), `x-drip: <n>` (n one-byte
 //! chunks, `x-drip-ms` apart); `/early` answers before reading the body; `/upload` counts the
 //! request body; an `Upgrade` request is answered 101 and then echoed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
@@ -104,6 +104,9 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
         let attempt = attempts(key);
         let mut builder = Response::builder().header("x-attempt", attempt.to_string());
         if attempt <= fail_first {
+            if let Some(ms) = header(&req, "x-fail-delay-ms").and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let status = header(&req, "x-fail-status").and_then(|s| s.parse().ok()).unwrap_or(503);
             builder = builder.status(status);
             if let Some((name, value)) = header(&req, "x-fail-header").and_then(|h| h.split_once(':')) {
