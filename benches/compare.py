@@ -45,7 +45,32 @@ SERVICES = [
     ("https",     "http",  HTTPS,    True,  20006, 21006),
     ("tcp-tls",   "tcp",   HTTPS,    True,  20007, 21007),
     ("tcp-echo",  "tcp",   ECHO,     False, 20008, 21008),
+    # The http service again, with a MeshTimeout, a MeshRetry and a MeshCircuitBreaker.
+    ("http-policies", "http", HTTP,  False, 20009, 21009),
 ]
+POLICIES = """type: MeshTimeout
+name: bench-timeouts
+spec:
+  to:
+    - targetRef: {kind: MeshExternalService, name: http-policies}
+      default: {connectionTimeout: 5s, idleTimeout: 1h, http: {requestTimeout: 15s, streamIdleTimeout: 30m}}
+---
+type: MeshRetry
+name: bench-retries
+spec:
+  to:
+    - targetRef: {kind: MeshExternalService, name: http-policies}
+      default: {http: {numRetries: 3, retryOn: [5xx, ConnectFailure]}}
+---
+type: MeshCircuitBreaker
+name: bench-limits
+spec:
+  to:
+    - targetRef: {kind: MeshExternalService, name: http-policies}
+      default:
+        connectionLimits: {maxConnections: 1000000, maxPendingRequests: 1000000, maxRequests: 1000000, maxRetries: 1000}
+        outlierDetection: {detectors: {totalFailures: {consecutive: 5}}}
+"""
 MESH_ADMIN, ENVOY_ADMIN = 29901, 29902
 
 
@@ -84,6 +109,7 @@ def mes_yaml(ca_pem, services):
         docs.append(doc)
         outbounds.append(f"    - port: {mesh_port}\n      backendRef: {{kind: MeshExternalService, name: {name}}}\n")
     docs.append("type: Dataplane\nname: bench\nnetworking:\n  outbound:\n" + "".join(outbounds))
+    docs.append(POLICIES)
     return "---\n".join(docs)
 
 
@@ -99,10 +125,12 @@ def envoy_config(inspect, services, ca_file):
             # Both proxies stop at 1,024 connections per service by default (circuit breakers,
             # --max-upstream-connections); the idle-connection row holds more: both are raised.
             "circuit_breakers": {"thresholds": [{"max_connections": 1000000, "max_pending_requests": 1000000,
-                                                 "max_requests": 1000000}]},
+                                                 "max_requests": 1000000, "max_retries": 1000}]},
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}]},
         }
+        if name == "http-policies":
+            cluster["outlier_detection"] = {"consecutive_5xx": 5, "enforcing_consecutive_5xx": 100}
         if svc["protocol"] in ("http2", "grpc"):
             cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -129,12 +157,21 @@ def envoy_config(inspect, services, ca_file):
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": name, "codec_type": "AUTO",
                 "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": [
-                    {"match": match, "route": {"cluster": name, "auto_host_rewrite": True, "timeout": "15s"}}]}]},
+                    {"match": match, "route": route_action(name)}]}]},
                 "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}
         listeners.append({"name": name, "address": address, "filter_chains": [{"filters": [filt]}]})
     return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ENVOY_ADMIN}}},
             "static_resources": {"listeners": listeners, "clusters": clusters}}
+
+
+def route_action(name):
+    """Envoy's route; for http-policies, what the policies in POLICIES ask for."""
+    route = {"cluster": name, "auto_host_rewrite": True, "timeout": "15s"}
+    if name == "http-policies":
+        route["idle_timeout"] = "1800s"
+        route["retry_policy"] = {"retry_on": "5xx,connect-failure", "num_retries": 3}
+    return route
 
 
 def wait_http(url, timeout=60.0):
@@ -277,6 +314,8 @@ def workloads(duration, load_cpus):
          lambda p: wrk(p, 16, duration, load_cpus, ["-H", "Connection: close"])),
         ("http1-c1", "HTTP/1.1 keep-alive, c1 (wrk)", "req/s", "http", HTTP, lambda p: wrk(p, 1, duration, load_cpus)),
         ("http1-c64", "HTTP/1.1 keep-alive, c64 (wrk)", "req/s", "http", HTTP, lambda p: wrk(p, 64, duration, load_cpus)),
+        ("http1-c64-policies", "HTTP/1.1 keep-alive, c64, MeshTimeout + MeshRetry + MeshCircuitBreaker (wrk)", "req/s",
+         "http-policies", HTTP, lambda p: wrk(p, 64, duration, load_cpus)),
         ("http1-c64-paced", "HTTP/1.1 keep-alive, c64 with 2 ms think time (equal load, wrk)", "req/s", "http", HTTP,
          lambda p: paced_wrk(p, duration, load_cpus)),
         ("http2-m10", "HTTP/2 c16 m10 (h2load)", "req/s", "http2", HTTP, lambda p: h2load(p, duration, load_cpus)),

@@ -36,6 +36,8 @@ pub struct RequestBody {
 enum Source {
     Direct(Incoming),
     Replay(ReplayBody),
+    /// A retry of a request that had no body.
+    Empty,
 }
 
 impl Source {
@@ -43,6 +45,7 @@ impl Source {
         match self {
             Self::Direct(b) => b.is_end_stream(),
             Self::Replay(b) => b.is_end_stream(),
+            Self::Empty => true,
         }
     }
 }
@@ -50,6 +53,11 @@ impl Source {
 impl RequestBody {
     pub fn new(inner: Incoming, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
         Self { inner: Source::Direct(inner), counter, sent, pool_return: None }
+    }
+
+    /// A retry's body when the request had none.
+    pub fn empty(counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
+        Self { inner: Source::Empty, counter, sent, pool_return: None }
     }
 
     /// One attempt's body of a request that may be retried.
@@ -141,6 +149,7 @@ impl Body for RequestBody {
         let frame = match &mut self.inner {
             Source::Direct(b) => Pin::new(b).poll_frame(cx),
             Source::Replay(b) => Pin::new(b).poll_frame(cx),
+            Source::Empty => Poll::Ready(None),
         };
         if let Poll::Ready(Some(Ok(f))) = &frame {
             if let Some(data) = f.data_ref() {
@@ -172,6 +181,7 @@ impl Body for RequestBody {
         match &self.inner {
             Source::Direct(b) => b.size_hint(),
             Source::Replay(b) => b.size_hint(),
+            Source::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -47,7 +47,7 @@ pub struct UpstreamBody {
     pub deadline: Option<Pin<Box<Sleep>>>,
     /// MeshTimeout `streamIdleTimeout`: no frame for this long aborts the response (a gRPC one
     /// ends with UNAVAILABLE).
-    pub stream_idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    pub stream_idle: Option<StreamIdle>,
     pub grpc: bool,
     /// No more frames will be given (the upstream's ended, or the deadline's trailers went out).
     pub finished: bool,
@@ -61,6 +61,38 @@ pub struct UpstreamBody {
     pub _active: ActiveGuard,
     /// The service's request slot (MeshCircuitBreaker `maxRequests`), held until the end.
     pub _request_slot: Permit,
+}
+
+/// The stream idle timer, armed only once the body first has to wait (a response that is
+/// complete at once, the common case, never costs a timer).
+pub struct StreamIdle {
+    pub idle: Duration,
+    pub timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl StreamIdle {
+    pub fn new(idle: Duration) -> Self {
+        Self { idle, timer: None }
+    }
+
+    /// `true` when the body has waited longer than the timeout.
+    fn expired(&mut self, cx: &mut Context<'_>, ready: bool) -> bool {
+        let deadline = Instant::now() + self.idle;
+        match (&mut self.timer, ready) {
+            (Some(timer), true) => {
+                timer.as_mut().reset(deadline);
+                false
+            }
+            (Some(timer), false) => timer.as_mut().poll(cx).is_ready(),
+            (None, true) => false,
+            (None, false) => {
+                let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+                let expired = timer.as_mut().poll(cx).is_ready();
+                self.timer = Some(timer);
+                expired
+            }
+        }
+    }
 }
 
 /// Why the proxy cut a response short.
@@ -144,10 +176,8 @@ impl Body for ProxyBody {
             }
         }
         let frame = Pin::new(&mut up.body).poll_frame(cx).map_err(Cut::from);
-        if let Some((idle, sleep)) = up.stream_idle.as_mut() {
-            if frame.is_ready() {
-                sleep.as_mut().reset(Instant::now() + *idle);
-            } else if sleep.as_mut().poll(cx).is_ready() {
+        if let Some(stream_idle) = up.stream_idle.as_mut() {
+            if stream_idle.expired(cx, frame.is_ready()) {
                 if up.grpc {
                     return up.end_with_grpc_status("stream_idle_timeout", "14", "stream idle timeout");
                 }

@@ -11,7 +11,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::body::{ProxyBody, UpstreamBody};
+use super::body::{ProxyBody, StreamIdle, UpstreamBody};
 use super::client::{self, Sender};
 use super::reply::{self, Failure};
 use super::request::RequestCtx;
@@ -84,7 +84,8 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
 /// the body copy or the retry budget (`maxRetries`) run out.
 async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body: Incoming) -> Attempt {
     let upstream = &ctx.route.upstream;
-    let replay = Replay::new(body);
+    // A request without a body (most GETs) needs no copy: retries send an empty body.
+    let mut bodies = if body.is_end_stream() { Bodies::Empty(Some(body)) } else { Bodies::Replay(Replay::new(body)) };
     let template = Template::of(&parts);
     let mut next_parts = Some(parts);
     let mut tried: Vec<TargetAddr> = Vec::new();
@@ -92,7 +93,14 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
     let mut _retry_slot: Option<Permit> = None;
     loop {
         let parts = next_parts.take().unwrap_or_else(|| template.parts());
-        let body = RequestBody::replay(replay.attempt(), upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+        let (counter, sent) = (upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+        let body = match &mut bodies {
+            Bodies::Empty(first) => match first.take() {
+                Some(body) => RequestBody::new(body, counter, sent),
+                None => RequestBody::empty(counter, sent),
+            },
+            Bodies::Replay(replay) => RequestBody::replay(replay.attempt(), counter, sent),
+        };
         let attempt = attempt(ctx, parts, body, false, if retry.omit_previous_hosts { &tried } else { &[] });
         let result = match retry.per_try_timeout {
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
@@ -110,7 +118,11 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
             }
             Attempt::Failed(failure, _) => (retry.retries_failure(*failure), None, None),
         };
-        if !again || retries >= retry.num_retries || !replay.replayable() {
+        let replayable = match &bodies {
+            Bodies::Empty(_) => true,
+            Bodies::Replay(replay) => replay.replayable(),
+        };
+        if !again || retries >= retry.num_retries || !replayable {
             return result;
         }
         let Some(slot) = upstream.retry_permit() else { return result };
@@ -123,6 +135,13 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
         tracing::debug!(service = %upstream.service(), retry = retries, ?wait, "retrying the request");
         tokio::time::sleep(wait).await;
     }
+}
+
+/// The request body of each attempt.
+enum Bodies {
+    /// No body: the first attempt takes the (finished) original, retries send nothing.
+    Empty(Option<Incoming>),
+    Replay(Replay),
 }
 
 /// What a retry needs to build the request again (the first attempt uses the original).
@@ -254,7 +273,7 @@ fn respond(
         }
         Sender::H2(_) => None,
     };
-    let stream_idle = ctx.stream_idle.map(|idle| (idle, Box::pin(tokio::time::sleep(idle))));
+    let stream_idle = ctx.stream_idle.map(StreamIdle::new);
     let mut body = UpstreamBody {
         body,
         pool_return,
