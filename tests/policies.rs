@@ -588,3 +588,77 @@ async fn gateway_failures_and_failure_percentage_detectors_eject() {
         assert_eq!(get_status(outbound, &[]).await.2["x-who"], "good");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_request_headers_and_a_rate_limited_back_off_header() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http:\n        numRetries: 1\n        retryOn: [\"429\"]\n        retriableRequestHeaders: [{name: x-idempotent, type: Present}]\n        rateLimitedBackOff: {resetHeaders: [{name: retry-after, format: Seconds}], maxInterval: 5s}\n";
+    let (outbound, _dir, config) = service_and_policies("rate-limited", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let k = key("marked");
+    let marked = [
+        ("x-fail-first", "1"),
+        ("x-fail-status", "429"),
+        ("x-fail-header", "retry-after: 0"),
+        ("x-idempotent", "1"),
+        ("x-key", &k),
+    ];
+    let (status, _, headers) = get_status(outbound, &marked).await;
+    assert_eq!(
+        (status.as_u16(), headers["x-attempt"].to_str().unwrap()),
+        (200, "2"),
+        "retried after the Retry-After wait"
+    );
+    let k = key("unmarked");
+    let unmarked = [("x-fail-first", "1"), ("x-fail-status", "429"), ("x-key", &k)];
+    let (status, _, _) = get_status(outbound, &unmarked).await;
+    assert_eq!(status, 429, "without a retriable request header the request is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omit_previous_hosts_sends_the_retry_to_another_endpoint() {
+    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, retryOn: [5xx], backOff: {baseInterval: 1ms}, hostSelection: [{predicate: OmitPreviousHosts}]}\n---\ntype: MeshCircuitBreaker\nname: keep-both\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {outlierDetection: {disabled: true, detectors: {totalFailures: {}}}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("omit", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    // One retry: without OmitPreviousHosts a request that hit `bad` would pick it again half the time.
+    for _ in 0..30 {
+        let (status, _, headers) = get_status(outbound, &[]).await;
+        assert_eq!((status.as_u16(), headers["x-who"].to_str().unwrap()), (200, "good"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_duration_retires_pooled_connections() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshTimeout\nname: lifetime\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {maxConnectionDuration: 300ms}}\n";
+    let (outbound, _dir, config) = service_and_policies("lifetime", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let mut client = h1(outbound).await;
+    let (status, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (_, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
+    assert_eq!(upstream.connections(), 1, "reused while young");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    client.ready().await.unwrap();
+    let (status, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(upstream.connections(), 2, "an old connection takes no new request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_timeout_closes_a_slow_request_head() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshTimeout\nname: heads\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 15s, requestHeadersTimeout: 300ms}}\n";
+    let (outbound, _dir, config) = service_and_policies("heads", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await; // --header-read-timeout stays at its 30 s default
+    let mut stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the proxy closes the connection well before the 30 s default");
+}

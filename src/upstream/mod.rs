@@ -756,6 +756,48 @@ mod tests {
     }
 
     #[test]
+    fn policies_override_the_process_defaults() {
+        use crate::resources::policy::{
+            CircuitBreakerConf, ConnectionLimits, GoDuration, HttpTimeouts, RetryConf, TcpRetry, TimeoutConf,
+        };
+        let d = |s: &str| Some(GoDuration::parse(s).unwrap());
+        let settings = Settings::default();
+        let defaults = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Http, "default/x");
+        assert_eq!(defaults.connect_timeout, settings.connect_timeout);
+        assert_eq!(defaults.pool_idle_timeout, Some(settings.idle_timeout));
+        assert_eq!((defaults.max_connections, defaults.max_requests, defaults.max_retries), (1024, 1024, 3));
+        assert_eq!(defaults.connect_attempts, 2);
+        let effective = Effective {
+            mesh_timeout: Some(TimeoutConf {
+                connection_timeout: d("2s"),
+                idle_timeout: d("0s"),
+                http: Some(HttpTimeouts { max_connection_duration: d("1m"), ..HttpTimeouts::default() }),
+            }),
+            mesh_circuit_breaker: Some(CircuitBreakerConf {
+                connection_limits: Some(ConnectionLimits {
+                    max_connections: Some(7),
+                    max_pending_requests: Some(8),
+                    max_requests: Some(9),
+                    max_retries: Some(10),
+                    max_connection_pools: None,
+                }),
+                outlier_detection: None,
+            }),
+            mesh_retry: Some(RetryConf {
+                tcp: Some(TcpRetry { max_connect_attempt: Some(4) }),
+                ..RetryConf::default()
+            }),
+            ..Effective::default()
+        };
+        let p = UpstreamPolicy::new(&settings, &effective, Protocol::Tcp, "default/x");
+        assert_eq!(p.connect_timeout, Duration::from_secs(2));
+        assert_eq!(p.pool_idle_timeout, None, "idleTimeout 0s: never");
+        assert_eq!(p.max_connection_duration, Some(Duration::from_secs(60)));
+        assert_eq!((p.max_connections, p.max_pending_requests, p.max_requests, p.max_retries), (7, 8, 9, 10));
+        assert_eq!(p.connect_attempts, 4);
+    }
+
+    #[test]
     fn prefers_the_lowest_priority_level_with_a_healthy_target() {
         let up = upstream(vec![ip_endpoint(1, 1), ip_endpoint(2, 0), ip_endpoint(3, 0)]);
         for _ in 0..50 {
