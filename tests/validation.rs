@@ -19,6 +19,18 @@ fn mes(spec: &str) -> String {
 const MATCH: &str = "  match:\n    port: 80\n    protocol: tcp\n";
 const ENDPOINTS: &str = "  endpoints:\n    - address: example.com\n      port: 443\n";
 
+/// Each case's YAML must give exactly one error, at its path with its message.
+fn expect_each<P: AsRef<str>>(cases: &[(&str, String, P, &str)]) {
+    let mut failures = Vec::new();
+    for (name, yaml, path, message) in cases {
+        let got = errors(&load(yaml));
+        if got != vec![(path.as_ref().to_string(), message.to_string())] {
+            failures.push(format!("{name}: want [{}: {message}], got {got:?}", path.as_ref()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
 fn errors(loaded: &Loaded) -> Vec<(String, String)> {
     loaded.diagnostics.errors().map(|d| (d.path.clone(), d.message.clone())).collect()
 }
@@ -195,15 +207,7 @@ fn every_rule_has_its_message() {
             "neither `type` (Universal) nor `apiVersion` and `kind` (Kubernetes) is set",
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, yaml, path, message) in &cases {
-        let loaded = load(yaml);
-        let got = errors(&loaded);
-        if got != vec![(path.to_string(), message.to_string())] {
-            failures.push(format!("{name}: want [{path}: {message}], got {got:?}"));
-        }
-    }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    expect_each(&cases);
 }
 
 #[test]
@@ -426,15 +430,7 @@ fn every_policy_rule_has_its_message() {
         ("log operator", to_mesh("MeshAccessLog", "{backends: [{type: File, file: {path: /x, format: {type: Plain, plain: \"%NOPE%\"}}}]}"), format!("{d}.backends[0].file.format.plain"), "unsupported command operator %NOPE%"),
         ("failure threshold", mcb("{outlierDetection: {detectors: {failurePercentage: {threshold: 200}}}}"), format!("{d}.outlierDetection.detectors.failurePercentage.threshold"), "must be in inclusive range [0, 100]"),
     ];
-    let mut failures = Vec::new();
-    for (name, yaml, path, message) in &cases {
-        let loaded = load(yaml);
-        let got = errors(&loaded);
-        if got != vec![(path.to_string(), message.to_string())] {
-            failures.push(format!("{name}: want [{path}: {message}], got {got:?}"));
-        }
-    }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    expect_each(&cases);
 }
 
 #[test]

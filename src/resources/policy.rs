@@ -732,78 +732,55 @@ fn target_ref_violations(path: &str, r: &TargetRef, supported: &[&str], v: &mut 
         return v.error(at("kind"), format!("value '{}' is not supported", r.kind));
     }
     let kind = r.kind.as_str();
-    let mut not_set = |field: &str, set: bool| {
-        if set {
-            v.error(at(field), format!("must not be set with kind {kind}"));
-        }
-    };
     let name_set = !r.name().is_empty();
     let namespace_set = r.namespace.as_deref().is_some_and(|n| !n.is_empty());
-    let tags_set = r.tags.as_ref().is_some_and(|t| !t.is_empty());
-    let mesh_set = r.mesh.as_deref().is_some_and(|m| !m.is_empty());
-    let section_set = r.section_name.as_deref().is_some_and(|s| !s.is_empty());
-    let proxy_types_set = r.proxy_types.as_ref().is_some_and(|p| !p.is_empty());
+    let set = |field: &str| match field {
+        "name" => name_set,
+        "namespace" => namespace_set,
+        "labels" => r.has_labels(),
+        "tags" => r.tags.as_ref().is_some_and(|t| !t.is_empty()),
+        "mesh" => r.mesh.as_deref().is_some_and(|m| !m.is_empty()),
+        "sectionName" => r.section_name.as_deref().is_some_and(|s| !s.is_empty()),
+        "proxyTypes" => r.proxy_types.as_ref().is_some_and(|p| !p.is_empty()),
+        _ => false,
+    };
+    // The fields each kind rejects with "must not be set with kind X".
+    let disallowed: &[&str] = match kind {
+        "Mesh" => &["mesh", "tags", "labels", "namespace", "sectionName"],
+        "Dataplane" => &["tags", "mesh", "proxyTypes"],
+        "MeshSubset" => &["name", "mesh", "labels", "namespace", "sectionName"],
+        "MeshServiceSubset" | "MeshGateway" => &["mesh", "proxyTypes", "labels", "namespace", "sectionName"],
+        "MeshExternalService" | "MeshHTTPRoute" => &["mesh", "tags", "proxyTypes", "sectionName"],
+        _ => &["mesh", "tags", "proxyTypes"],
+    };
+    for field in disallowed.iter().filter(|f| set(f)) {
+        v.error(at(field), format!("must not be set with kind {kind}"));
+    }
     match kind {
         "Mesh" => {
-            not_set("mesh", mesh_set);
-            not_set("tags", tags_set);
-            not_set("labels", r.has_labels());
-            not_set("namespace", namespace_set);
-            not_set("sectionName", section_set);
             if name_set {
                 v.error(at("name"), "using name with kind Mesh is not yet supported");
             }
             proxy_types(&at("proxyTypes"), r, v);
         }
         "Dataplane" => {
-            not_set("tags", tags_set);
-            not_set("mesh", mesh_set);
-            not_set("proxyTypes", proxy_types_set);
             if r.has_labels() && (name_set || namespace_set) {
                 v.error(at("labels"), "either labels or name and namespace must be specified");
             }
-            if section_set {
+            if set("sectionName") {
                 v.error(at("sectionName"), "can only be used with inbound policies");
             }
         }
-        "MeshSubset" => {
-            not_set("name", name_set);
-            not_set("mesh", mesh_set);
-            not_set("labels", r.has_labels());
-            not_set("namespace", namespace_set);
-            not_set("sectionName", section_set);
-            proxy_types(&at("proxyTypes"), r, v);
-        }
+        "MeshSubset" => proxy_types(&at("proxyTypes"), r, v),
         "MeshServiceSubset" | "MeshGateway" => {
             if !name_set {
                 v.error(at("name"), format!("must be set when kind is {kind}"));
             }
             name_chars(path, r, v);
-            let mut not_set = |field: &str, set: bool| {
-                if set {
-                    v.error(at(field), format!("must not be set with kind {kind}"));
-                }
-            };
-            not_set("mesh", mesh_set);
-            not_set("proxyTypes", proxy_types_set);
-            not_set("labels", r.has_labels());
-            not_set("namespace", namespace_set);
-            not_set("sectionName", section_set);
         }
         // MeshService, MeshHTTPRoute, MeshExternalService, MeshMultiZoneService
         _ => {
             name_chars(path, r, v);
-            let mut not_set = |field: &str, set: bool| {
-                if set {
-                    v.error(at(field), format!("must not be set with kind {kind}"));
-                }
-            };
-            not_set("mesh", mesh_set);
-            not_set("tags", tags_set);
-            not_set("proxyTypes", proxy_types_set);
-            if matches!(kind, "MeshExternalService" | "MeshHTTPRoute") {
-                not_set("sectionName", section_set);
-            }
             if !r.has_labels() && !name_set {
                 v.error(path, format!("name or labels must be set when kind is {kind}"));
             }
@@ -816,6 +793,15 @@ fn target_ref_violations(path: &str, r: &TargetRef, supported: &[&str], v: &mut 
                 v.error(at("labels"), message);
             }
         }
+    }
+}
+
+/// Kuma's `ValidatePercentageOrNil`: a decimal in [0, 100].
+fn percentage(path: &str, value: Option<&IntOrString>, v: &mut Violations<'_>) {
+    match value.map(IntOrString::decimal) {
+        Some(None) => v.error(path, "string must be a valid number"),
+        Some(Some(p)) if !(0.0..=100.0).contains(&p) => v.error(path, PERCENT),
+        _ => {}
     }
 }
 
@@ -1016,13 +1002,7 @@ fn health_check_conf(path: &str, c: &HealthCheckConf, v: &mut Violations<'_>) {
     if c.interval_jitter_percent.is_some_and(|p| !(0..=100).contains(&p)) {
         v.error(at("intervalJitterPercent"), UINT_PERCENT);
     }
-    if let Some(threshold) = &c.healthy_panic_threshold {
-        match threshold.decimal() {
-            None => v.error(at("healthyPanicThreshold"), "string must be a valid number"),
-            Some(p) if !(0.0..=100.0).contains(&p) => v.error(at("healthyPanicThreshold"), PERCENT),
-            Some(_) => {}
-        }
-    }
+    percentage(&at("healthyPanicThreshold"), c.healthy_panic_threshold.as_ref(), v);
     if c.event_log_path.as_deref().is_some_and(|p| p.is_empty() || p.contains('\0')) {
         v.error(at("eventLogPath"), "must be a valid path when defined");
     }
@@ -1258,13 +1238,7 @@ fn circuit_breaker_conf(path: &str, c: &CircuitBreakerConf, v: &mut Violations<'
     if o.max_ejection_percent.is_some_and(|p| !(0..=100).contains(&p)) {
         v.error(at("maxEjectionPercent"), UINT_PERCENT);
     }
-    if let Some(threshold) = &o.healthy_panic_threshold {
-        match threshold.decimal() {
-            None => v.error(at("healthyPanicThreshold"), "string must be a valid number"),
-            Some(p) if !(0.0..=100.0).contains(&p) => v.error(at("healthyPanicThreshold"), PERCENT),
-            Some(_) => {}
-        }
-    }
+    percentage(&at("healthyPanicThreshold"), o.healthy_panic_threshold.as_ref(), v);
     let Some(d) = &o.detectors else {
         return v.error(at("detectors"), "must be defined");
     };

@@ -84,6 +84,16 @@ fn full(text: String) -> BoxBody {
     http_body_util::Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
 }
 
+async fn count_body(mut body: Incoming) -> Result<u64, std::io::Error> {
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
+            received += data.len() as u64;
+        }
+    }
+    Ok(received)
+}
+
 /// Requests seen per `x-key`, across every upstream of the test process.
 fn attempts(key: &str) -> usize {
     static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
@@ -115,13 +125,7 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
             return Ok(builder.body(full(format!("failed attempt {attempt}\n"))).unwrap());
         }
         // The body is read (and counted) so that a replayed upload can be checked.
-        let mut body = req.into_body();
-        let mut received = 0u64;
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
-                received += data.len() as u64;
-            }
-        }
+        let received = count_body(req.into_body()).await?;
         return Ok(builder.body(full(format!("attempt {attempt} received: {received}\n"))).unwrap());
     }
     if let Some(drips) = header(&req, "x-drip").and_then(|v| v.parse::<usize>().ok()) {
@@ -185,13 +189,7 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
         return Ok(builder.body(full("early\n".to_string())).unwrap());
     }
     if req.uri().path() == "/upload" {
-        let mut body = req.into_body();
-        let mut received = 0u64;
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
-                received += data.len() as u64;
-            }
-        }
+        let received = count_body(req.into_body()).await?;
         return Ok(builder.body(full(format!("received: {received}\n"))).unwrap());
     }
     if reset_mid {
