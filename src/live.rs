@@ -165,6 +165,11 @@ impl Snapshot {
         Self { catalog, upstreams, tls }
     }
 
+    /// The route of the service at `index` in the catalog (a route's backend).
+    pub fn route_by_index(&self, index: usize) -> Option<Route> {
+        self.route_at(index)
+    }
+
     fn route_at(&self, index: usize) -> Option<Route> {
         Some(Route {
             service: self.catalog.service(index)?.clone(),

@@ -496,7 +496,7 @@ fn inspect(
         Format::Json => {
             writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?;
             for i in compiled.catalog.ignored_policies() {
-                eprintln!("note: {} {} is not applied: {}", i.kind.as_str(), i.policy, i.reason);
+                eprintln!("note: {} {} is not applied: {}", i.kind, i.policy, i.reason);
             }
         }
         Format::Table => write_table(&mut out, &views, &compiled)?,
@@ -555,8 +555,34 @@ fn write_table(out: &mut impl std::io::Write, views: &[ServiceView], compiled: &
             writeln!(out, "policy {}/{}: {} {} {}", v.mesh, v.name, source.kind.as_str(), source.policy, source.item)?;
         }
     }
+    for v in views {
+        let Some(routes) = &v.routes else { continue };
+        let describe = |backends: &[mesh_egress::policy::routes::Backend]| -> String {
+            if backends.is_empty() {
+                return "itself".to_string();
+            }
+            let each: Vec<String> = backends
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {} (weight {})",
+                        b.reference.kind,
+                        b.reference.name.as_deref().unwrap_or("(labels)"),
+                        b.weight
+                    )
+                })
+                .collect();
+            each.join(", ")
+        };
+        for rule in &routes.http {
+            writeln!(out, "route {}/{}: MeshHTTPRoute {} -> {}", v.mesh, v.name, rule.name, describe(&rule.backends))?;
+        }
+        if let Some(tcp) = &routes.tcp {
+            writeln!(out, "route {}/{}: MeshTCPRoute {} -> {}", v.mesh, v.name, tcp.name, describe(&tcp.backends))?;
+        }
+    }
     for i in compiled.catalog.ignored_policies() {
-        writeln!(out, "policy {} {} not applied: {}", i.kind.as_str(), i.policy, i.reason)?;
+        writeln!(out, "policy {} {} not applied: {}", i.kind, i.policy, i.reason)?;
     }
     Ok(())
 }

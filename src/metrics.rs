@@ -63,6 +63,13 @@ impl Limit {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub service: String,
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HealthCheckLabels {
     pub service: String,
     pub protocol: &'static str,
@@ -122,6 +129,7 @@ pub struct Metrics {
     overflows: Family<OverflowLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     health_checks: Family<HealthCheckLabels, Counter>,
+    route_requests: Family<RouteLabels, Counter>,
 }
 
 /// Status classes in the order of [`ServiceMetrics::requests`].
@@ -190,6 +198,7 @@ impl Metrics {
             overflows: Family::default(),
             ejections: Family::default(),
             health_checks: Family::default(),
+            route_requests: Family::default(),
         };
         r.register("connections", "Application connections accepted, by service", m.connections.clone());
         r.register("connections_active", "Application connections open now, by service", m.connections_active.clone());
@@ -265,6 +274,13 @@ impl Metrics {
                 self.health_checks.get_or_create(&l).clone()
             }),
         })
+    }
+
+    /// Counts a request (or TCP connection) a route rule sent to `backend`.
+    pub fn route_request(&self, service: &str, route: &str, backend: &str) {
+        let labels =
+            RouteLabels { service: service.to_string(), route: route.to_string(), backend: backend.to_string() };
+        self.route_requests.get_or_create(&labels).inc();
     }
 
     pub fn tls_failure(&self, service: &str, reason: crate::tls::FailureReason) {

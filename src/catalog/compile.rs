@@ -11,8 +11,10 @@ use super::{
     Access, Catalog, ClientIdentity, Condition, Endpoint, EndpointAddress, Ipam, Outbound, Protocol, SanMatch, Service,
     TlsPolicy, TlsVersion, VerificationMode,
 };
-use crate::policy::{PolicySet, Target as PolicyTarget};
+use crate::policy::routes::{Backend, RouteSet, ServiceRoutes};
+use crate::policy::{selects_service, PolicySet, Target as PolicyTarget};
 use crate::resources::kinds::{HostnameGeneratorSpec, MeshExternalServiceSpec, TlsSpec};
+use crate::resources::policy::TargetRef;
 use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ZONE,
 };
@@ -184,6 +186,7 @@ fn service(
         conditions: Vec::new(),
         broken,
         policies: Arc::default(),
+        routes: None,
     }
 }
 
@@ -200,12 +203,77 @@ fn apply_policies(resources: &[Resource], catalog: &mut Catalog, diagnostics: &m
     diagnostics.extend(set.check_references(&targets, origin_of).0);
     let effective: Vec<_> =
         catalog.services.iter().map(|s| set.effective(&target(s), &s.origin, diagnostics)).collect();
-    for (service, effective) in catalog.services.iter_mut().zip(effective) {
+    let route_set = RouteSet::new(resources);
+    let routes: Vec<ServiceRoutes> = catalog
+        .services
+        .iter()
+        .map(|s| route_set.for_service(&target(s), s.protocol != Protocol::Tcp, diagnostics))
+        .collect();
+    for (index, (mut routes, effective)) in routes.into_iter().zip(effective).enumerate() {
+        resolve_backends(catalog, index, &mut routes, diagnostics);
+        let service = Arc::make_mut(&mut catalog.services[index]);
         if !effective.is_empty() {
-            Arc::make_mut(service).policies = Arc::new(effective);
+            service.policies = Arc::new(effective);
+        }
+        if routes.http.is_some() || routes.tcp.is_some() {
+            service.routes = Some(Arc::new(routes));
         }
     }
-    catalog.ignored_policies = set.ignored().to_vec();
+    catalog.ignored_policies = set.ignored().iter().chain(&route_set.ignored).cloned().collect();
+}
+
+/// Points each route backend at the catalog's service it names (same mesh, by name or labels).
+/// HTTP routes split only to HTTP-family services (as Kuma); a backend that names nothing
+/// usable is reported and gets no traffic.
+fn resolve_backends(catalog: &Catalog, index: usize, routes: &mut ServiceRoutes, diagnostics: &mut Diagnostics) {
+    let owner = &catalog.services[index];
+    let find = |backend: &mut Backend, http: bool, diagnostics: &mut Diagnostics| {
+        let r = &backend.reference;
+        let found = catalog.services.iter().position(|s| {
+            s.mesh == owner.mesh
+                && r.kind == "MeshExternalService"
+                && selects_service(
+                    &TargetRef {
+                        name: r.name.clone(),
+                        namespace: r.namespace.clone(),
+                        labels: r.labels.clone(),
+                        ..TargetRef::default()
+                    },
+                    None,
+                    &target(s),
+                )
+        });
+        let problem = match found {
+            None => Some(format!(
+                "backendRef {} {} names no MeshExternalService of mesh {}",
+                r.kind,
+                r.name.as_deref().unwrap_or("(by labels)"),
+                owner.mesh
+            )),
+            Some(i) if http && catalog.services[i].protocol == Protocol::Tcp => Some(format!(
+                "backendRef {} is a tcp service: an HTTP route splits only to http, http2 and grpc services",
+                catalog.services[i].key()
+            )),
+            Some(_) => None,
+        };
+        match problem {
+            Some(message) => {
+                let about = format!("MeshExternalService {}", owner.key());
+                diagnostics.push(Diagnostic::warning(&owner.origin, "routes", message).about(about));
+            }
+            None => backend.service = found,
+        }
+    };
+    if let Some(http) = routes.http.as_mut() {
+        for backend in http.backends_mut() {
+            find(backend, true, diagnostics);
+        }
+    }
+    if let Some(tcp) = routes.tcp.as_mut() {
+        for backend in &mut tcp.backends {
+            find(backend, false, diagnostics);
+        }
+    }
 }
 
 fn target(s: &Service) -> PolicyTarget<'_> {

@@ -21,6 +21,7 @@ pub use crate::model::{
     ClientIdentity, Endpoint, EndpointAddress, Protocol, SanMatch, TlsPolicy, TlsVersion, TrustSource, VerificationMode,
 };
 
+use crate::policy::routes::ServiceRoutes;
 use crate::policy::{Effective, Ignored};
 use crate::resources::{Labels, Origin};
 
@@ -66,6 +67,8 @@ pub struct Service {
     pub broken: Option<String>,
     /// The policies that apply to it, merged.
     pub policies: Arc<Effective>,
+    /// MeshHTTPRoute / MeshTCPRoute rules, with backends resolved to this catalog's services.
+    pub routes: Option<Arc<ServiceRoutes>>,
 }
 
 impl Service {

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::policy::routes::{HttpRule, TcpRoute};
 use crate::policy::Effective;
 
 use super::{Access, Condition, Protocol, SanMatch, Service, TlsVersion, TrustSource, VerificationMode};
@@ -26,6 +27,23 @@ pub struct ServiceView {
     /// The merged policies and the items they came from (absent when none applies).
     #[serde(skip_serializing_if = "Effective::is_empty")]
     pub policies: Effective,
+    /// MeshHTTPRoute rules in match order's rules, and the MeshTCPRoute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes: Option<RoutesView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutesView {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpRoute>,
+}
+
+impl PartialEq for RoutesView {
+    fn eq(&self, other: &Self) -> bool {
+        self.http.iter().map(|r| &r.name).eq(other.http.iter().map(|r| &r.name)) && self.tcp == other.tcp
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -74,6 +92,10 @@ impl From<&Service> for ServiceView {
             conditions: s.conditions.clone(),
             broken: s.broken.clone(),
             policies: (*s.policies).clone(),
+            routes: s.routes.as_ref().map(|r| RoutesView {
+                http: r.http.as_ref().map(|t| t.rules.clone()).unwrap_or_default(),
+                tcp: r.tcp.clone(),
+            }),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! replaced. The merged value is then read as the kind's typed conf ([`Effective`]), and
 //! [`runtime`] turns that into what the data path applies.
 
+pub mod routes;
 pub mod runtime;
 
 use std::cmp::Reverse;
@@ -53,7 +54,7 @@ pub struct SourceDataplane {
 /// A policy that selects no part of this sidecar, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Ignored {
-    pub kind: PolicyKind,
+    pub kind: &'static str,
     pub policy: String,
     pub reason: String,
 }
@@ -275,13 +276,13 @@ impl PolicySet {
             let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
             if let Some(reason) = proxies.not_selected(&r.meta.mesh, namespace.as_deref(), &top) {
-                set.ignored.push(Ignored { kind: *kind, policy, reason });
+                set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }
             if !spec.to.as_ref().is_some_and(|to| !to.is_empty()) {
                 let reason =
                     "no `to` items: its `from`/`rules` apply to inbound traffic, which an egress sidecar has none of";
-                set.ignored.push(Ignored { kind: *kind, policy, reason: reason.to_string() });
+                set.ignored.push(Ignored { kind: kind.as_str(), policy, reason: reason.to_string() });
                 continue;
             }
             for (index, item) in spec.to.iter().flatten().enumerate() {
@@ -394,19 +395,27 @@ impl PolicySet {
 impl Entry {
     /// Whether this `to: MeshExternalService` item targets `service`.
     fn selects(&self, service: &Target<'_>) -> bool {
-        let r = &self.target_ref;
-        if let Some(name) = r.name.as_deref().filter(|n| !n.is_empty()) {
-            let namespace = r.namespace.as_deref().or(self.namespace.as_deref());
-            let name_matches = name == service.name || name == service.display_name;
-            let namespace_matches =
-                namespace.map_or(true, |ns| service.namespace.is_empty() || ns == service.namespace);
-            return name_matches && namespace_matches;
-        }
-        r.labels.as_ref().is_some_and(|labels| subset(labels, service.labels))
+        selects_service(&self.target_ref, self.namespace.as_deref(), service)
     }
 }
 
+/// Whether a MeshExternalService reference (`name`, with `namespace` defaulting to the
+/// policy's, or `labels`) names `service`.
+pub fn selects_service(r: &TargetRef, policy_namespace: Option<&str>, service: &Target<'_>) -> bool {
+    if let Some(name) = r.name.as_deref().filter(|n| !n.is_empty()) {
+        let namespace = r.namespace.as_deref().or(policy_namespace);
+        let name_matches = name == service.name || name == service.display_name;
+        let namespace_matches = namespace.map_or(true, |ns| service.namespace.is_empty() || ns == service.namespace);
+        return name_matches && namespace_matches;
+    }
+    r.labels.as_ref().is_some_and(|labels| subset(labels, service.labels))
+}
+
 fn rank(meta: &Meta, spec: &PolicySpec, top: &TargetRef, item: &TargetRef) -> Rank {
+    rank_of(meta, spec.to.as_ref().is_some_and(|to| !to.is_empty()), top, item)
+}
+
+fn rank_of(meta: &Meta, has_to_items: bool, top: &TargetRef, item: &TargetRef) -> Rank {
     let dataplane_by_name = match top.kind.as_str() {
         "Dataplane" if top.name.as_deref().is_some_and(|n| !n.is_empty()) => 2,
         "Dataplane" => 1,
@@ -421,7 +430,7 @@ fn rank(meta: &Meta, spec: &PolicySpec, top: &TargetRef, item: &TargetRef) -> Ra
         top_kind: kind_rank(&top.kind),
         dataplane_by_name,
         origin,
-        role: Role::of(meta, spec),
+        role: Role::of(meta, has_to_items),
         to_kind: kind_rank(&item.kind),
         name: Reverse(meta.labels.get(LABEL_DISPLAY_NAME).cloned().unwrap_or_else(|| meta.name.clone())),
     }

@@ -151,7 +151,7 @@ pub enum HeaderTest {
 }
 
 impl HeaderMatcher {
-    fn compile(m: &HeaderMatch) -> Option<Self> {
+    pub(crate) fn compile(m: &HeaderMatch) -> Option<Self> {
         let name = HeaderName::from_bytes(m.name.as_bytes()).ok()?;
         let value = m.value.clone().unwrap_or_default();
         let test = match m.type_.as_deref().unwrap_or("Exact") {

@@ -110,6 +110,21 @@ impl Proxy {
                 _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
             };
         };
+        // MeshTCPRoute: the connection goes to one of the route's backends.
+        let route = match route.service.routes.as_ref().and_then(|r| r.tcp.as_ref()) {
+            None => route,
+            Some(tcp) => {
+                match crate::policy::routes::pick(&tcp.backends).and_then(|b| snapshot.route_by_index(b.service?)) {
+                    Some(target) => {
+                        crate::metrics::metrics().route_request(&route.service.key(), &tcp.name, &target.service.key());
+                        target
+                    }
+                    None => {
+                        return tracing::warn!(%peer, service = %route.service.key(), "no backend of the MeshTCPRoute can take traffic; closing")
+                    }
+                }
+            }
+        };
         drop(snapshot);
         route.upstream.metrics.connections.inc();
         let _active = GaugeGuard::inc(&route.upstream.metrics.connections_active);

@@ -13,6 +13,7 @@ use super::kinds::{
     UniversalSecret, UniversalWithSpec,
 };
 use super::policy::{Policy, PolicyKind, PolicySpec};
+use super::route::{Route, RouteKind, RouteSpec};
 use super::validate;
 use super::{Diagnostic, Kind, Loaded, Meta, Origin, Resource, DEFAULT_MESH, LABEL_MESH, LABEL_NAMESPACE};
 use base64::Engine as _;
@@ -210,8 +211,9 @@ impl Document<'_> {
         if kube_kind == Some("List") {
             return self.load_list(map, out);
         }
-        if let Some(kind) =
-            kube_kind.or(universal_type).filter(|k| !KNOWN_KINDS.contains(k) && PolicyKind::parse(k).is_none())
+        if let Some(kind) = kube_kind
+            .or(universal_type)
+            .filter(|k| !KNOWN_KINDS.contains(k) && PolicyKind::parse(k).is_none() && RouteKind::parse(k).is_none())
         {
             let message = format!("kind {kind} is not used by mesh-egress; skipped");
             out.diagnostics.push(Diagnostic::warning(&self.origin, &self.path, message));
@@ -248,6 +250,11 @@ impl Document<'_> {
     }
 
     fn load_kube(&self, kind: &str, value: &Value) -> Result<Option<Resource>, Diagnostic> {
+        if let Some(kind) = RouteKind::parse(kind) {
+            let obj: KubeObject<RouteSpec> = self.typed(value)?;
+            let route = Route { kind, spec: obj.spec.unwrap_or_default() };
+            return Ok(Some(Resource { meta: self.kube_meta(obj.metadata), kind: Kind::Route(route) }));
+        }
         if let Some(kind) = PolicyKind::parse(kind) {
             let obj: KubeObject<PolicySpec> = self.typed(value)?;
             let policy = Policy { kind, spec: obj.spec.unwrap_or_default() };
@@ -291,6 +298,12 @@ impl Document<'_> {
     }
 
     fn load_universal(&self, kind: &str, value: &Value) -> Result<Option<Resource>, Diagnostic> {
+        if let Some(kind) = RouteKind::parse(kind) {
+            let r: UniversalWithSpec<RouteSpec> = self.typed(value)?;
+            let route = Route { kind, spec: r.spec.unwrap_or_default() };
+            let meta = universal_meta(r.name, r.mesh, r.labels, &self.origin);
+            return Ok(Some(Resource { meta, kind: Kind::Route(route) }));
+        }
         if let Some(kind) = PolicyKind::parse(kind) {
             let r: UniversalWithSpec<PolicySpec> = self.typed(value)?;
             let policy = Policy { kind, spec: r.spec.unwrap_or_default() };
@@ -407,6 +420,7 @@ fn universal_meta(name: String, mesh: Option<String>, labels: Labels, origin: &O
 pub(super) fn resource_label(r: &Resource) -> String {
     let kind = match &r.kind {
         Kind::Policy(p) => p.kind.as_str(),
+        Kind::Route(r) => r.kind.as_str(),
         Kind::MeshExternalService { .. } => "MeshExternalService",
         Kind::HostnameGenerator(_) => "HostnameGenerator",
         Kind::Mesh(_) => "Mesh",

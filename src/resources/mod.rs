@@ -7,6 +7,7 @@ mod diagnostic;
 pub mod kinds;
 mod load;
 pub mod policy;
+pub mod route;
 mod validate;
 
 use std::net::IpAddr;
@@ -56,6 +57,7 @@ pub enum Kind {
     Secret(Vec<u8>),
     Dataplane(kinds::DataplaneSpec),
     Policy(policy::Policy),
+    Route(route::Route),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -663,7 +663,7 @@ impl Role {
     /// Universal policy or one in the system namespace is `system`, one with `to` items is
     /// `consumer` (MeshExternalService items are never producer items), the rest are
     /// `workload-owner`.
-    pub fn of(meta: &Meta, spec: &PolicySpec) -> Self {
+    pub fn of(meta: &Meta, has_to_items: bool) -> Self {
         match meta.labels.get(LABEL_POLICY_ROLE).map(String::as_str) {
             Some("system") => return Self::System,
             Some("producer") => return Self::Producer,
@@ -674,7 +674,7 @@ impl Role {
         match meta.labels.get(LABEL_NAMESPACE) {
             None => Self::System,
             Some(ns) if ns == SYSTEM_NAMESPACE => Self::System,
-            Some(_) if spec.to.as_ref().is_some_and(|to| !to.is_empty()) => Self::Consumer,
+            Some(_) if has_to_items => Self::Consumer,
             Some(_) => Self::WorkloadOwner,
         }
     }
@@ -682,7 +682,8 @@ impl Role {
 
 /// Validates a policy with Kuma's messages, all problems at once.
 pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
-    let system = Role::of(meta, &policy.spec) == Role::System;
+    let has_to = policy.spec.to.as_ref().is_some_and(|to| !to.is_empty());
+    let system = Role::of(meta, has_to) == Role::System;
     let spec = &policy.spec;
     let kind = policy.kind;
     let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
@@ -723,7 +724,7 @@ pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
 }
 
 /// Kuma's `ValidateTargetRef` for the kinds a policy about MeshExternalServices can use.
-fn target_ref_violations(path: &str, r: &TargetRef, supported: &[&str], v: &mut Violations<'_>) {
+pub(super) fn target_ref_violations(path: &str, r: &TargetRef, supported: &[&str], v: &mut Violations<'_>) {
     let at = |field: &str| format!("{path}.{field}");
     if r.kind.is_empty() {
         return v.error(at("kind"), "must be defined");

@@ -27,6 +27,7 @@ pub(super) fn resource(r: &Resource, out: &mut Diagnostics) {
         Kind::HostnameGenerator(spec) => hostname_generator(spec, &mut v),
         Kind::Dataplane(spec) => dataplane(spec, &mut v),
         Kind::Policy(policy) => super::policy::validate(policy, &r.meta, &mut v),
+        Kind::Route(route) => super::route::validate(route, &mut v),
         Kind::Mesh(_) | Kind::Secret(_) => {}
     }
 }

@@ -12,6 +12,7 @@ mod request;
 mod resets;
 mod retry;
 mod rewrite;
+mod routing;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::body::{PendingLog, ProxyBody};
 use super::grpc::{grpc_timeout, is_grpc};
 use super::reply::{self, Failure};
+use super::routing::{self, Routed};
 use super::{forward, HttpProxy};
 use crate::access_log::{Headers, Logs, Record, ServiceLog};
 use crate::catalog::Protocol;
@@ -149,15 +150,26 @@ impl HttpProxy {
         response
     }
 
-    async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(route) = self.live.load().route(self.key) else {
+    async fn phases(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let snapshot = self.live.load();
+        let Some(route) = snapshot.route(self.key) else {
             return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);
         };
+        // MeshHTTPRoute: the rule may send the request to another service, or answer it.
+        let grpc = is_grpc(req.headers());
+        let (route, matched) = match routing::route(&snapshot, route, &mut req, grpc) {
+            Routed::Forward(route, matched) => (route, matched),
+            Routed::Reply(response) => return *response,
+        };
+        drop(snapshot);
         let ctx = RequestCtx::new(route, &req, self);
         let mut response = match admit(&ctx.route.service) {
             Ok(()) => forward::forward(&ctx, req, self).await,
             Err(denial) => reply::denied(ctx.grpc, denial),
         };
+        if let Some(matched) = matched {
+            matched.apply(&mut response);
+        }
         ctx.log(&mut response);
         response
     }

@@ -1,0 +1,135 @@
+//! The route phase's MeshHTTPRoute step: the first matching rule (in Kuma's order) of the
+//! service the application dialled decides where the request goes (a weighted backend, or the
+//! service itself), what changes on the way (headers, host, path) and whether it is answered
+//! with a redirect instead. A service without routes skips all of it.
+
+use std::sync::Arc;
+
+use http::header::{HeaderValue, HOST, LOCATION};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+
+use super::body::ProxyBody;
+use super::reply::{self, Failure};
+use crate::catalog::Service;
+use crate::live::{Route, Snapshot};
+use crate::metrics::metrics;
+use crate::policy::routes::{pick, HttpRule, PathChange, Redirect};
+
+/// What the route step decided.
+pub(super) enum Routed {
+    /// Forward to this route; `rule` is kept for the response's header changes.
+    Forward(Route, Option<MatchedRule>),
+    /// Answer at once (a redirect, or no usable backend).
+    Reply(Box<Response<ProxyBody>>),
+}
+
+/// The rule a request matched, held for the response side.
+pub(super) struct MatchedRule {
+    service: Arc<Service>,
+    rule: usize,
+}
+
+impl MatchedRule {
+    /// Applies the rule's ResponseHeaderModifier.
+    pub(super) fn apply(&self, response: &mut Response<ProxyBody>) {
+        let rule = self.service.routes.as_ref().and_then(|r| r.http.as_ref()).and_then(|t| t.rules.get(self.rule));
+        if let Some(ops) = rule.and_then(|r| r.response_headers.as_ref()) {
+            ops.apply(response.headers_mut());
+        }
+    }
+}
+
+pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<Incoming>, grpc: bool) -> Routed {
+    let Some(table) = route.service.routes.as_ref().and_then(|r| r.http.as_ref()) else {
+        return Routed::Forward(route, None);
+    };
+    let uri = req.uri();
+    let Some((matched, rule)) = table.find(req.method(), uri.path(), uri.query(), req.headers()) else {
+        return Routed::Forward(route, None);
+    };
+    let prefix = matched.prefix().map(str::to_string);
+    let rule_index = matched.rule;
+    if let Some(redirect) = &rule.redirect {
+        count(&route.service, rule, "redirect");
+        return Routed::Reply(Box::new(redirect_reply(redirect, req, prefix.as_deref())));
+    }
+    if let Some(ops) = &rule.request_headers {
+        ops.apply(req.headers_mut());
+    }
+    if let Some(rewrite) = &rule.rewrite {
+        if let Some(host) = rewrite.hostname.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            req.headers_mut().insert(HOST, host);
+        }
+        if let Some(change) = &rewrite.path {
+            rewrite_path(req, change, prefix.as_deref());
+        }
+    }
+    let matched = MatchedRule { service: route.service.clone(), rule: rule_index };
+    if rule.backends.is_empty() {
+        count(&route.service, rule, &route.service.key());
+        return Routed::Forward(route, Some(matched));
+    }
+    let Some(backend) = pick(&rule.backends) else {
+        let reply = reply::local_reply(grpc, Failure::Unavailable, "no backend of the matched route can take traffic");
+        return Routed::Reply(Box::new(reply));
+    };
+    match backend.service.and_then(|i| snapshot.route_by_index(i)) {
+        Some(target) => {
+            count(&route.service, rule, &target.service.key());
+            Routed::Forward(target, Some(matched))
+        }
+        None => {
+            let reply = reply::local_reply(grpc, Failure::Unavailable, "the route's backend is not configured");
+            Routed::Reply(Box::new(reply))
+        }
+    }
+}
+
+fn count(service: &Service, rule: &HttpRule, backend: &str) {
+    metrics().route_request(&service.key(), &rule.name, backend);
+}
+
+fn rewrite_path(req: &mut Request<Incoming>, change: &PathChange, prefix: Option<&str>) {
+    let uri = req.uri();
+    let path_and_query = change.apply(uri.path(), uri.query(), prefix);
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(new) = Uri::from_parts(parts) {
+            *req.uri_mut() = new;
+        }
+    }
+}
+
+/// The redirect's `Location`: each part from the filter when it sets it, else the request's.
+fn redirect_reply(redirect: &Redirect, req: &Request<Incoming>, prefix: Option<&str>) -> Response<ProxyBody> {
+    let uri = req.uri();
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+    let (request_host, request_port) = match authority.as_deref().map(|a| a.rsplit_once(':')) {
+        Some(Some((host, port))) if port.parse::<u16>().is_ok() => (host.to_string(), port.parse().ok()),
+        _ => (authority.unwrap_or_default(), None),
+    };
+    let scheme = redirect.scheme.clone().unwrap_or_else(|| uri.scheme_str().unwrap_or("http").to_string());
+    let host = redirect.hostname.clone().unwrap_or(request_host);
+    // A port is kept only while the scheme stays; a new scheme takes its default port.
+    let port = redirect.port.or(if redirect.scheme.is_some() { None } else { request_port });
+    let port = port.filter(|&p| !matches!((scheme.as_str(), p), ("http", 80) | ("https", 443)));
+    let path_and_query = match &redirect.path {
+        Some(change) => change.apply(uri.path(), uri.query(), prefix),
+        None => uri.path_and_query().map_or("/".to_string(), |p| p.as_str().to_string()),
+    };
+    let location = match port {
+        Some(port) => format!("{scheme}://{host}:{port}{path_and_query}"),
+        None => format!("{scheme}://{host}{path_and_query}"),
+    };
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    response
+}

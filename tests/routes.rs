@@ -1,0 +1,306 @@
+//! MeshHTTPRoute and MeshTCPRoute on MeshExternalServices, against real upstreams: every match
+//! type and their order, header modifiers, URL rewrite, redirects (with curl), weighted splits
+//! (with curl, within a statistical bound), weight 0, the unmatched default, TCP splits and a
+//! route reload.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Command;
+
+use bytes::Bytes;
+use common::http_client::*;
+use common::*;
+use http_body_util::Full;
+
+/// An HTTP server that names itself in `x-who` and echoes what it got:
+/// `who path host x-added x-set x-gone`.
+async fn named(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+                    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+                    let added: Vec<String> = req
+                        .headers()
+                        .get_all("x-added")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .map(String::from)
+                        .collect();
+                    let body = format!(
+                        "{name} {} {} {} {} {}",
+                        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                        h("host"),
+                        if added.is_empty() { "-".to_string() } else { added.join("+") },
+                        h("x-set"),
+                        h("x-gone")
+                    );
+                    let response = http::Response::builder()
+                        .header("x-who", name)
+                        .header("x-upstream-only", "1")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Services `main` (the one dialled), `v2` and `legacy`, each on its own upstream, plus `routes`.
+struct Setup {
+    outbound: SocketAddr,
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    _upstreams: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn setup(routes: &str) -> Setup {
+    let mut yaml = String::new();
+    let mut upstreams = Vec::new();
+    let outbound = free_addr("127.0.0.1");
+    for name in ["main", "v2", "legacy"] {
+        let (addr, task) = named(name).await;
+        upstreams.push(task);
+        let out = if name == "main" { outbound } else { free_addr("127.0.0.1") };
+        yaml.push_str(&service_with_protocol(name, "http", out, &endpoint("127.0.0.1", addr.port(), 0), ""));
+        yaml.push_str("---\n");
+    }
+    yaml =
+        yaml.replacen("name: v2\nmesh: default\nspec:", "name: v2\nmesh: default\nlabels: {track: canary}\nspec:", 1);
+    yaml.push_str(routes);
+    let (dir, config) = config_dir(&yaml);
+    Setup { outbound, _dir: dir, config, _upstreams: upstreams }
+}
+
+async fn ask(outbound: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> (u16, String, http::HeaderMap) {
+    let response = h1(outbound).await.send_request(get(uri, headers)).await.unwrap();
+    let headers = response.headers().clone();
+    let (status, body) = text(response).await;
+    (status.as_u16(), body, headers)
+}
+
+fn who(body: &str) -> &str {
+    body.split(' ').next().unwrap_or("")
+}
+
+const MATCHES: &str = r#"type: MeshHTTPRoute
+name: matches
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      default: {backendRefs: [{kind: MeshExternalService, name: legacy}]}
+    - matches: [{path: {type: PathPrefix, value: /api/v2}}]
+      default: {backendRefs: [{kind: MeshExternalService, labels: {track: canary}}]}
+    - matches: [{path: {type: Exact, value: /api/v2/exact}}]
+      default: {backendRefs: [{kind: MeshExternalService, name: main}]}
+    - matches: [{path: {type: RegularExpression, value: "/re/[0-9]+"}}]
+      default: {backendRefs: [{kind: MeshExternalService, name: v2}]}
+    - matches: [{method: DELETE}]
+      default: {backendRefs: [{kind: MeshExternalService, name: legacy}]}
+    - matches: [{headers: [{name: x-canary, value: "yes"}]}, {queryParams: [{type: Exact, name: canary, value: "1"}]}]
+      default: {backendRefs: [{kind: MeshExternalService, name: v2}]}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_match_type_in_kumas_order() {
+    let s = setup(MATCHES).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let cases = [
+        ("http://x/api", &[][..], "legacy"),
+        ("http://x/api/users", &[], "legacy"),
+        ("http://x/apix", &[], "main"),         // a prefix matches whole segments only
+        ("http://x/api/v2/users", &[], "v2"),   // the longer prefix wins
+        ("http://x/api/v2/exact", &[], "main"), // Exact before any prefix
+        ("http://x/re/123", &[], "v2"),
+        ("http://x/re/abc", &[], "main"), // the regex matches the whole path
+        ("http://x/other", &[("x-canary", "yes")], "v2"),
+        ("http://x/other?canary=1", &[], "v2"),
+        ("http://x/other?canary=2", &[], "main"),
+        ("http://x/nothing", &[], "main"), // no rule: the service itself
+    ];
+    for (uri, headers, want) in cases {
+        let (status, body, _) = ask(s.outbound, uri, headers).await;
+        assert_eq!((status, who(&body)), (200, want), "{uri} {headers:?}");
+    }
+    let request = http::Request::delete("http://x/anything").body(Full::new(Bytes::new())).unwrap();
+    let (_, body) = text(h1(s.outbound).await.send_request(request).await.unwrap()).await;
+    assert_eq!(who(&body), "legacy", "method match");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_modifiers_and_url_rewrite() {
+    let routes = r#"type: MeshHTTPRoute
+name: filters
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{path: {type: PathPrefix, value: /v1}}]
+      default:
+        filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-set, value: "set"}], add: [{name: x-added, value: "two"}], remove: [x-gone]}
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {add: [{name: x-route, value: "filters"}], remove: [x-upstream-only]}
+        - type: URLRewrite
+          urlRewrite: {hostname: api.internal.test, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    - matches: [{path: {type: PathPrefix, value: /strip}}]
+      default:
+        filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
+    - matches: [{path: {type: Exact, value: /old}}]
+      default:
+        filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /new}}
+"#;
+    let s = setup(routes).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let headers = [("x-added", "one"), ("x-gone", "bye"), ("x-set", "client")];
+    let (status, body, response_headers) = ask(s.outbound, "http://app.local/v1/users?q=1", &headers).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "main /v2/users?q=1 api.internal.test one+two set -");
+    assert_eq!(response_headers["x-route"], "filters");
+    assert!(!response_headers.contains_key("x-upstream-only"));
+    let (_, body, _) = ask(s.outbound, "http://x/strip/a/b?k=v", &[]).await;
+    assert!(body.starts_with("main /a/b?k=v "), "{body}");
+    let (_, body, _) = ask(s.outbound, "http://x/strip", &[]).await;
+    assert!(body.starts_with("main / "), "prefix `/` of a whole path: {body}");
+    let (_, body, _) = ask(s.outbound, "http://x/old?z=9", &[]).await;
+    assert!(body.starts_with("main /new?z=9 "), "{body}");
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_seen_by_curl() {
+    let routes = r#"type: MeshHTTPRoute
+name: redirects
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{path: {type: PathPrefix, value: /moved}}]
+      default:
+        filters:
+        - type: RequestRedirect
+          requestRedirect: {scheme: https, hostname: new.example.test, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /here}}
+    - matches: [{path: {type: Exact, value: /temp}}]
+      default:
+        filters:
+        - type: RequestRedirect
+          requestRedirect: {port: 8443}
+"#;
+    let s = setup(routes).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let base = format!("http://{}", s.outbound);
+    let out = curl(&["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", &format!("{base}/moved/a?x=1")]);
+    assert_eq!(out, "301 https://new.example.test/here/a?x=1");
+    let out = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        "Host: shop.test",
+        &format!("{base}/temp"),
+    ]);
+    assert_eq!(out, "302 http://shop.test:8443/temp");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_seen_by_curl_and_weight_zero_drops_a_backend() {
+    let routes = r#"type: MeshHTTPRoute
+name: split
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{path: {type: PathPrefix, value: /}}]
+      default:
+        backendRefs:
+        - {kind: MeshExternalService, name: main, weight: 80}
+        - {kind: MeshExternalService, name: v2, weight: 20}
+        - {kind: MeshExternalService, name: legacy, weight: 0}
+"#;
+    let s = setup(routes).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let url = format!("http://{}/split", s.outbound);
+    // One curl process, 300 requests over keep-alive: every request is routed on its own.
+    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 300).collect();
+    let out = curl(&[&["-w", "\n"][..], &urls].concat());
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for line in out.lines().filter(|l| !l.is_empty()) {
+        *counts.entry(who(line)).or_default() += 1;
+    }
+    let v2 = counts.get("v2").copied().unwrap_or(0);
+    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
+    assert_eq!(counts.get("legacy"), None, "weight 0 gets nothing");
+    // Binomial(300, 0.2): mean 60, sd 6.9; ±4 sd.
+    assert!((32..=88).contains(&v2), "v2 got {v2} of 300: {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_reload_applies_to_open_keep_alive_connections() {
+    let route = |backend: &str| {
+        format!("type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: {backend}}}]}}\n")
+    };
+    let s = setup(&route("v2")).await;
+    let mut proxy = start(options(s.config.clone())).await;
+    let mut client = h1(s.outbound).await;
+    let (_, body) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
+    assert_eq!(who(&body), "v2");
+    let text_now = std::fs::read_to_string(&s.config).unwrap().replace("name: v2}]}", "name: legacy}]}");
+    std::fs::write(&s.config, text_now).unwrap();
+    proxy.reload().await.unwrap();
+    client.ready().await.unwrap();
+    let (_, body) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
+    assert_eq!(who(&body), "legacy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_route_splits_connections() {
+    let a = echo_server("127.0.0.1:0".parse().unwrap(), "a").await;
+    let b = echo_server("127.0.0.1:0".parse().unwrap(), "b").await;
+    let c = echo_server("127.0.0.1:0".parse().unwrap(), "c").await;
+    let outbound = free_addr("127.0.0.1");
+    let mut yaml = service_with_outbound("tcp-main", outbound, &endpoint("127.0.0.1", a.addr.port(), 0), "");
+    for (name, port) in [("tcp-b", b.addr.port()), ("tcp-c", c.addr.port())] {
+        yaml.push_str("---\n");
+        yaml.push_str(&service_with_outbound(name, free_addr("127.0.0.1"), &endpoint("127.0.0.1", port, 0), ""));
+    }
+    yaml.push_str("---\ntype: MeshTCPRoute\nname: split\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: tcp-main}\n    rules:\n    - default:\n        backendRefs:\n        - {kind: MeshExternalService, name: tcp-b, weight: 1}\n        - {kind: MeshExternalService, name: tcp-c, weight: 1}\n        - {kind: MeshExternalService, name: tcp-main, weight: 0}\n");
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        let (greeting, _) = greet(outbound).await.unwrap();
+        *seen.entry(greeting).or_default() += 1;
+    }
+    assert_eq!(seen.get("a"), None, "weight 0");
+    assert!(seen.get("b").is_some_and(|&n| n > 0) && seen.get("c").is_some_and(|&n| n > 0), "{seen:?}");
+}
