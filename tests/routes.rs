@@ -304,3 +304,68 @@ async fn tcp_route_splits_connections() {
     assert_eq!(seen.get("a"), None, "weight 0");
     assert!(seen.get("b").is_some_and(|&n| n > 0) && seen.get("c").is_some_and(|&n| n > 0), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_mirror_gets_a_copy_and_never_changes_the_primary_answer() {
+    let mirror = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let (primary, _task) = named("main").await;
+    let mut yaml = service_with_protocol("main", "http", outbound, &endpoint("127.0.0.1", primary.port(), 0), "");
+    yaml.push_str("---\n");
+    yaml.push_str(&service_with_protocol(
+        "shadow",
+        "http",
+        free_addr("127.0.0.1"),
+        &endpoint("127.0.0.1", mirror.addr.port(), 0),
+        "",
+    ));
+    // `down` has an endpoint nothing listens on.
+    yaml.push_str("---\n");
+    yaml.push_str(&service_with_protocol(
+        "down",
+        "http",
+        free_addr("127.0.0.1"),
+        &endpoint("127.0.0.1", free_addr("127.0.0.1").port(), 0),
+        "",
+    ));
+    yaml.push_str("---\ntype: MeshHTTPRoute\nname: mirror\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /m}}]\n      default:\n        filters:\n        - {type: RequestMirror, requestMirror: {backendRef: {kind: MeshExternalService, name: shadow}}}\n    - matches: [{path: {type: PathPrefix, value: /d}}]\n      default:\n        filters:\n        - {type: RequestMirror, requestMirror: {percentage: 100, backendRef: {kind: MeshExternalService, name: down}}}\n");
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    // The mirror is slow (it honours x-delay-ms; the primary does not): the answer does not wait.
+    let (status, body, _) = ask(outbound, "http://x/m/1", &[("x-delay-ms", "300")]).await;
+    assert_eq!((status, who(&body)), (200, "main"));
+    eventually("the mirror got its copy", std::time::Duration::from_secs(10), || async { mirror.connections() >= 1 })
+        .await;
+    let (status, body, _) = ask(outbound, "http://x/d/1", &[]).await;
+    assert_eq!((status, who(&body)), (200, "main"), "a mirror that is down changes nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_reloads_under_load_fail_no_request() {
+    let route = |backend: &str| {
+        format!("type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: {backend}}}]}}\n")
+    };
+    let s = setup(&route("v2")).await;
+    let mut proxy = start(options(s.config.clone())).await;
+    let outbound = s.outbound;
+    let load = tokio::spawn(async move {
+        let mut seen = HashMap::<String, usize>::new();
+        let mut client = h1(outbound).await;
+        for _ in 0..400 {
+            client.ready().await.unwrap();
+            let (status, body) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
+            assert_eq!(status, 200, "{body}");
+            *seen.entry(who(&body).to_string()).or_default() += 1;
+        }
+        seen
+    });
+    for backend in ["legacy", "v2", "legacy", "v2", "legacy"] {
+        let current = std::fs::read_to_string(&s.config).unwrap();
+        let next = current.replace("name: v2}]}", "name: NEXT}]}").replace("name: legacy}]}", "name: NEXT}]}");
+        std::fs::write(&s.config, next.replace("NEXT", backend)).unwrap();
+        proxy.reload().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    let seen = load.await.unwrap();
+    assert_eq!(seen.values().sum::<usize>(), 400);
+}

@@ -433,6 +433,43 @@ fn every_policy_rule_has_its_message() {
     expect_each(&cases);
 }
 
+/// A MeshHTTPRoute to `svc` with one rule.
+fn http_route(rule: &str) -> String {
+    format!("type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: svc}}\n    rules:\n    - {rule}\n")
+}
+
+#[test]
+fn every_route_rule_has_its_message() {
+    let r = "spec.to[0].rules[0]";
+    let filter = |f: &str| {
+        http_route(&format!("{{matches: [{{path: {{type: PathPrefix, value: /a}}}}], default: {{filters: [{f}]}}}}"))
+    };
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        ("to Mesh", "type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    rules: []\n".into(), "spec.to[0].targetRef.kind".into(), "value 'Mesh' is not supported"),
+        ("hostnames", "type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: svc}\n    hostnames: [a.test]\n    rules: []\n".into(), "spec.to[0].hostnames".into(), "must not be defined"),
+        ("no matches", http_route("{matches: [], default: {}}"), format!("{r}.matches"), "must not be empty"),
+        ("relative path", http_route("{matches: [{path: {type: Exact, value: a}}], default: {}}"), format!("{r}.matches[0].path.value"), "must be an absolute path"),
+        ("trailing slash", http_route("{matches: [{path: {type: PathPrefix, value: /a/}}], default: {}}"), format!("{r}.matches[0].path.value"), "does not need a trailing slash because only a `/`-separated prefix or an entire path is matched"),
+        ("bad regex", http_route("{matches: [{path: {type: RegularExpression, value: \"(\"}}], default: {}}"), format!("{r}.matches[0].path.value"), "must be a valid regular expression"),
+        ("method", http_route("{matches: [{method: FETCH}], default: {}}"), format!("{r}.matches[0].method"), "must be one of: CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE"),
+        ("query duplicate", http_route("{matches: [{queryParams: [{type: Exact, name: a, value: b}, {type: Exact, name: a, value: c}]}], default: {}}"), format!("{r}.matches[0].queryParams"), "multiple entries for name a"),
+        ("header present value", http_route("{matches: [{headers: [{type: Present, name: x-a, value: b}]}], default: {}}"), format!("{r}.matches[0].headers[0].value"), "must not be defined"),
+        ("filter body missing", filter("{type: RequestHeaderModifier}"), format!("{r}.default.filters[0].requestHeaderModifier"), "must be defined"),
+        ("modifier empty", filter("{type: RequestHeaderModifier, requestHeaderModifier: {}}"), format!("{r}.default.filters[0].requestHeaderModifier"), "must have at least one defined: set, add, remove"),
+        ("modifier duplicate", filter("{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-a, value: b}], remove: [x-a]}}"), format!("{r}.default.filters[0].responseHeaderModifier"), "duplicate header name x-a"),
+        ("redirect status", filter("{type: RequestRedirect, requestRedirect: {statusCode: 304}}"), format!("{r}.default.filters[0].requestRedirect.statusCode"), "must be one of: 301, 302, 303, 307, 308"),
+        ("redirect ip host", filter("{type: RequestRedirect, requestRedirect: {hostname: 10.0.0.1}}"), format!("{r}.default.filters[0].requestRedirect.hostname"), "cannot be an IP address"),
+        ("redirect port", filter("{type: RequestRedirect, requestRedirect: {port: 70000}}"), format!("{r}.default.filters[0].requestRedirect.port"), "port must be a valid (1-65535)"),
+        ("prefix rewrite without prefix matches", http_route("{matches: [{path: {type: Exact, value: /a}}], default: {filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}}"), format!("{r}.default.filters[0].urlRewrite.path.replacePrefixMatch"), "can only appear if all matches match a path prefix"),
+        ("host to backend", filter("{type: URLRewrite, urlRewrite: {hostToBackendHostname: true}}"), format!("{r}.default.filters[0].urlRewrite.hostToBackendHostname"), "can only be set with MeshGateway"),
+        ("mirror percentage", filter("{type: RequestMirror, requestMirror: {percentage: 150, backendRef: {kind: MeshExternalService, name: m}}}"), format!("{r}.default.filters[0].requestMirror.percentage"), "must be in inclusive range [0.0, 100.0]"),
+        ("backend kind", http_route("{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: Mesh, name: x}]}}"), format!("{r}.default.backendRefs[0].kind"), "value 'Mesh' is not supported"),
+        ("multi-zone port", http_route("{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: MeshMultiZoneService, name: x}]}}"), format!("{r}.default.backendRefs[0].port"), "must be defined with kind MeshMultiZoneService"),
+        ("tcp backends", "type: MeshTCPRoute\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: svc}\n    rules: [{default: {}}]\n".into(), "spec.to[0].rules[0].default.backendRefs".into(), "must be defined"),
+    ];
+    expect_each(&cases);
+}
+
 #[test]
 fn valid_policies_load_in_both_spellings_with_all_errors_at_once() {
     let kube = "apiVersion: kuma.io/v1alpha1\nkind: MeshRetry\nmetadata:\n  name: r\n  namespace: kuma-system\n  labels: {kuma.io/mesh: default}\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: httpbin, namespace: kuma-system}\n    default: {http: {numRetries: 3, retryOn: [5xx, \"503\", HttpMethodGet]}}\n";

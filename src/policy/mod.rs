@@ -217,9 +217,10 @@ impl Proxies {
                 }
             }
             "MeshGateway" => Some("a top-level MeshGateway selects gateways, not this sidecar".to_string()),
-            "MeshHTTPRoute" => {
-                Some("a top-level MeshHTTPRoute applies to that route's traffic; routes are not supported yet".into())
-            }
+            "MeshHTTPRoute" => Some(
+                "a top-level MeshHTTPRoute applies to that route's traffic; policies on routes are not supported yet"
+                    .into(),
+            ),
             other => Some(format!("top-level kind {other} cannot select a sidecar")),
         }
     }

@@ -45,7 +45,17 @@ pub struct HttpRule {
     pub redirect: Option<Redirect>,
     #[serde(skip)]
     pub rewrite: Option<Rewrite>,
+    /// RequestMirror: a copy of a share of the requests goes to another service.
+    #[serde(skip)]
+    pub mirror: Option<Mirror>,
     pub filters: Vec<Filter>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub backend: Backend,
+    /// Share of requests mirrored, 0–100.
+    pub percentage: f64,
 }
 
 /// `set`, `add` and `remove` of a header modifier.
@@ -224,8 +234,9 @@ impl HttpRouteTable {
         Some((m, self.rules.get(m.rule)?))
     }
 
+    /// Every backend, mirrors included (for the catalog to resolve).
     pub fn backends_mut(&mut self) -> impl Iterator<Item = &mut Backend> {
-        self.rules.iter_mut().flat_map(|r| r.backends.iter_mut())
+        self.rules.iter_mut().flat_map(|r| r.backends.iter_mut().chain(r.mirror.as_mut().map(|m| &mut m.backend)))
     }
 }
 
@@ -397,6 +408,7 @@ fn compile_http(
             response_headers: None,
             redirect: None,
             rewrite: None,
+            mirror: None,
             filters: filters.clone(),
         };
         for f in &filters {
@@ -414,6 +426,18 @@ fn compile_http(
                         port: r.port.and_then(|p| u16::try_from(p).ok()),
                         path: r.path.as_ref().and_then(PathChange::compile),
                         status: r.status_code.and_then(|c| u16::try_from(c).ok()).unwrap_or(302),
+                    });
+                }
+                "RequestMirror" => {
+                    rule.mirror = f.request_mirror.as_ref().and_then(|m| {
+                        let reference: BackendRef = serde_json::from_value(m.get("backendRef")?.clone()).ok()?;
+                        let percentage = match m.get("percentage") {
+                            None => 100.0,
+                            Some(serde_json::Value::Number(n)) => n.as_f64()?,
+                            Some(serde_json::Value::String(s)) => s.trim().parse().ok()?,
+                            Some(_) => return None,
+                        };
+                        Some(Mirror { backend: Backend { reference, weight: 1, service: None }, percentage })
                     });
                 }
                 "URLRewrite" => {

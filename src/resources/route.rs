@@ -367,11 +367,30 @@ fn filter(path: &str, f: &Filter, all_prefix: bool, gateway: bool, v: &mut Viola
                 }
             }
         },
-        "RequestMirror" => {
-            if f.request_mirror.is_none() {
-                missing("requestMirror", v);
+        "RequestMirror" => match &f.request_mirror {
+            None => missing("requestMirror", v),
+            Some(m) => {
+                let at = format!("{path}.requestMirror");
+                match m.get("backendRef").map(|r| serde_json::from_value::<BackendRef>(r.clone())) {
+                    None => v.error(format!("{at}.backendRef"), "must be defined"),
+                    Some(Err(e)) => v.error(format!("{at}.backendRef"), e.to_string()),
+                    Some(Ok(r)) => backend_refs(&format!("{at}.backendRef"), std::slice::from_ref(&r), v),
+                }
+                let percentage = match m.get("percentage") {
+                    None => Some(100.0),
+                    Some(serde_json::Value::Number(n)) => n.as_f64(),
+                    Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+                    Some(_) => None,
+                };
+                match percentage {
+                    None => v.error(format!("{at}.percentage"), "string must be a valid number"),
+                    Some(p) if !(0.0..=100.0).contains(&p) => {
+                        v.error(format!("{at}.percentage"), "must be in inclusive range [0.0, 100.0]");
+                    }
+                    Some(_) => {}
+                }
             }
-        }
+        },
         "" => v.error(format!("{path}.type"), "must be defined"),
         other => v.error(format!("{path}.type"), format!("unknown filter type '{other}'")),
     }

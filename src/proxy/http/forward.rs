@@ -327,3 +327,20 @@ async fn tunnel(
     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     let _ = copy::bidirectional(&mut client, &mut upstream, timeouts).await;
 }
+
+/// Sends a bodiless copy of a request to `route` and drops the answer (RequestMirror).
+pub(super) async fn send_copy(route: &crate::live::Route, mut parts: Parts) -> Result<(), String> {
+    let upstream = &route.upstream;
+    let http2 = matches!(route.service.protocol, Protocol::Http2 | Protocol::Grpc);
+    let tls = route.tls();
+    let (mut sender, target, _) = client::connection(upstream, tls, http2, &[]).await.map_err(|e| e.to_string())?;
+    prepare_request(&mut parts, &target, tls.is_some(), http2, false).map_err(|_| "refused".to_string())?;
+    let request = Request::from_parts(parts, RequestBody::empty(upstream.metrics.bytes_sent.clone(), None));
+    let response = match &mut sender {
+        Sender::H1(s) => s.sender.send_request(request).await,
+        Sender::H2(s) => s.send_request(request).await,
+    };
+    let response = response.map_err(|e| e.to_string())?;
+    upstream.record(&target, Outcome::Response(response.status().as_u16()));
+    Ok(())
+}

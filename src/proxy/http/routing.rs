@@ -14,7 +14,9 @@ use super::reply::{self, Failure};
 use crate::catalog::Service;
 use crate::live::{Route, Snapshot};
 use crate::metrics::metrics;
-use crate::policy::routes::{pick, HttpRule, PathChange, Redirect};
+use crate::policy::routes::{pick, HttpRule, Mirror, PathChange, Redirect};
+use hyper::body::Body as _;
+use rand::Rng as _;
 
 /// What the route step decided.
 pub(super) enum Routed {
@@ -64,6 +66,9 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<Incomin
         if let Some(change) = &rewrite.path {
             rewrite_path(req, change, prefix.as_deref());
         }
+    }
+    if let Some(mirror) = &rule.mirror {
+        mirror_request(snapshot, mirror, req);
     }
     let matched = MatchedRule { service: route.service.clone(), rule: rule_index };
     if rule.backends.is_empty() {
@@ -133,3 +138,28 @@ fn redirect_reply(redirect: &Redirect, req: &Request<Incoming>, prefix: Option<&
     }
     response
 }
+
+/// RequestMirror: a copy of the request (its head; requests with a body are not mirrored, see
+/// docs/routes.md) goes to the mirror service on a task of its own; its answer is dropped and
+/// nothing about it reaches the application.
+fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &Request<Incoming>) {
+    if !req.body().is_end_stream() || rand::rng().random_range(0.0..100.0) >= mirror.percentage {
+        return;
+    }
+    let Some(route) = mirror.backend.service.and_then(|i| snapshot.route_by_index(i)) else { return };
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = req.method().clone();
+    parts.uri = req.uri().clone();
+    parts.version = req.version();
+    parts.headers = req.headers().clone();
+    tokio::spawn(async move {
+        let sent = tokio::time::timeout(MIRROR_TIMEOUT, super::forward::send_copy(&route, parts)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::debug!(service = %route.service.key(), "mirrored request failed");
+        }
+        metrics().route_request(&route.service.key(), "mirror", &route.service.key());
+    });
+}
+
+/// How long a mirrored request may take before it is abandoned.
+const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
