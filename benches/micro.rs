@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the work done per connection, per request and per reload:
-//! catalog lookup by VIP:port, hostname template rendering, the gRPC deadline parse, and
-//! compiling 10,000 services. (Protocol detection, h2 preface vs HTTP/1, is hyper-util's.)
+//! catalog lookup by VIP:port, hostname template rendering, the gRPC deadline parse, a
+//! 100-rule MeshHTTPRoute lookup, and compiling 10,000 services. (Protocol detection, h2 preface vs HTTP/1, is hyper-util's.)
 //!
 //!     cargo bench --bench micro
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a harness: failing loudly is right
@@ -71,6 +71,37 @@ fn benches(c: &mut Criterion) {
     let mut headers = http::HeaderMap::new();
     headers.insert("grpc-timeout", http::HeaderValue::from_static("250m"));
     c.bench_function("grpc-timeout parse", |b| b.iter(|| mesh_egress::proxy::http::grpc_timeout(black_box(&headers))));
+
+    // A 100-rule MeshHTTPRoute: the per-request lookup of a routed service.
+    let rules: String = (0..100)
+        .map(|i| match i % 4 {
+            0 => format!("    - matches: [{{path: {{type: PathPrefix, value: /p{i}}}}}]\n      default: {{}}\n"),
+            1 => format!("    - matches: [{{path: {{type: Exact, value: /e{i}}}, method: GET}}]\n      default: {{}}\n"),
+            2 => format!("    - matches: [{{path: {{type: RegularExpression, value: \"/r{i}/[0-9]+\"}}}}]\n      default: {{}}\n"),
+            _ => format!("    - matches: [{{headers: [{{name: x-h{i}, value: v}}], queryParams: [{{type: Exact, name: q, value: \"{i}\"}}]}}]\n      default: {{}}\n"),
+        })
+        .collect();
+    let routed = format!(
+        "{}---\ntype: MeshHTTPRoute\nname: big\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: svc-0}}\n    rules:\n{rules}",
+        services(1)
+    );
+    let loaded_routes = load(&routed);
+    assert!(!loaded_routes.diagnostics.has_errors(), "{}", loaded_routes.diagnostics);
+    let routed = catalog::compile(
+        &loaded_routes.resources,
+        &CompileOptions::default(),
+        &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()),
+    );
+    let table = routed.catalog.services()[0].routes.as_ref().and_then(|r| r.http.clone()).unwrap();
+    let get = http::Method::GET;
+    let no_headers = http::HeaderMap::new();
+    assert!(table.find(&get, "/p96/users", None, &no_headers).is_some());
+    c.bench_function("route lookup, 100 rules (a late prefix rule)", |b| {
+        b.iter(|| table.find(black_box(&get), black_box("/p96/users"), None, &no_headers).is_some())
+    });
+    c.bench_function("route lookup, 100 rules (no rule matches)", |b| {
+        b.iter(|| table.find(black_box(&get), black_box("/nothing/here"), Some("q=1"), &no_headers).is_some())
+    });
 
     let mut group = c.benchmark_group("config");
     group.sample_size(10);
