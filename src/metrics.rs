@@ -224,6 +224,11 @@ impl Metrics {
         );
         r.register("upstream_ejections", "Endpoint addresses ejected by outlier detection", m.ejections.clone());
         r.register(
+            "route_requests",
+            "Requests and connections routed by MeshHTTPRoute / MeshTCPRoute, by route rule and backend",
+            m.route_requests.clone(),
+        );
+        r.register(
             "upstream_health_checks",
             "Active health checks (MeshHealthCheck) by result",
             m.health_checks.clone(),

@@ -369,3 +369,74 @@ async fn route_reloads_under_load_fail_no_request() {
     let seen = load.await.unwrap();
     assert_eq!(seen.values().sum::<usize>(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_matches_merge_across_routes_and_routed_requests_are_counted() {
+    // `zzz` ranks below `aaa`: its rule's filters stay, `aaa`'s backendRefs replace its list.
+    let routes = r#"type: MeshHTTPRoute
+name: zzz
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{path: {type: PathPrefix, value: /x}}]
+      default:
+        filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-set, value: zzz}]}}]
+        backendRefs: [{kind: MeshExternalService, name: v2}]
+---
+type: MeshHTTPRoute
+name: aaa
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{path: {type: PathPrefix, value: /x}}]
+      default:
+        backendRefs: [{kind: MeshExternalService, name: legacy}]
+---
+type: MeshTCPRoute
+name: ignored-for-http
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules: [{default: {backendRefs: [{kind: MeshExternalService, name: v2}]}}]
+"#;
+    let s = setup(routes).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let (_, body, _) = ask(s.outbound, "http://x/x/1", &[]).await;
+    assert!(body.starts_with("legacy /x/1 ") && body.ends_with(" zzz -"), "{body}");
+    let (_, body, _) = ask(s.outbound, "http://x/other", &[]).await;
+    assert_eq!(who(&body), "main", "an HTTP route applies, so the MeshTCPRoute does not");
+    let metrics = mesh_egress::metrics::metrics().encode();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("mesh_egress_route_requests_total") && l.contains("route=\"default/aaa rules[0]\""))
+        .unwrap_or_else(|| panic!("no route metric in:\n{metrics}"));
+    assert!(line.contains("backend=\"default/legacy\"") && line.ends_with(" 1"), "{line}");
+}
+
+#[test]
+fn an_http_route_to_a_tcp_service_is_reported_and_gets_no_traffic() {
+    let yaml = format!(
+        "{}---\n{}---\ntype: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: web}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: raw}}, {{kind: MeshExternalService, name: nowhere}}]}}\n",
+        service_with_protocol("web", "http", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), ""),
+        service_with_outbound("raw", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 2, 0), "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress")).args(["validate"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warnings only: {stderr}");
+    assert!(
+        stderr.contains(
+            "backendRef default/raw is a tcp service: an HTTP route splits only to http, http2 and grpc services"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("backendRef MeshExternalService nowhere names no MeshExternalService of mesh default"),
+        "{stderr}"
+    );
+}
