@@ -47,10 +47,12 @@ pub enum Limit {
     MaxPendingRequests,
     MaxRequests,
     MaxRetries,
+    MaxConnectionPools,
 }
 
 impl Limit {
-    const ALL: [Limit; 4] = [Self::MaxConnections, Self::MaxPendingRequests, Self::MaxRequests, Self::MaxRetries];
+    const ALL: [Limit; 5] =
+        [Self::MaxConnections, Self::MaxPendingRequests, Self::MaxRequests, Self::MaxRetries, Self::MaxConnectionPools];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -58,6 +60,7 @@ impl Limit {
             Self::MaxPendingRequests => "maxPendingRequests",
             Self::MaxRequests => "maxRequests",
             Self::MaxRetries => "maxRetries",
+            Self::MaxConnectionPools => "maxConnectionPools",
         }
     }
 }
@@ -151,7 +154,7 @@ pub struct ServiceMetrics {
     /// Requests (or connects) sent again by MeshRetry.
     pub retries: Counter,
     /// Indexed like [`Limit::ALL`].
-    overflows: [Counter; 4],
+    overflows: [Counter; 5],
     /// Endpoint addresses ejected by outlier detection.
     pub ejections: Counter,
     /// Active health checks by result: success, failure.

@@ -662,3 +662,176 @@ async fn request_headers_timeout_closes_a_slow_request_head() {
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the proxy closes the connection well before the 30 s default");
 }
+
+/// A TCP listener that accepts and never says a word (a TLS handshake to it never ends).
+async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+const SKIP_ALL_TLS: &str = "  tls:\n    enabled: true\n    verification: {mode: SkipAll}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_timeout_bounds_connect_and_tls_handshake() {
+    let (silent, _task) = silent_listener().await;
+    let outbound = free_addr("127.0.0.1");
+    let policy = "type: MeshTimeout\nname: connect\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionTimeout: 300ms}\n";
+    let service =
+        service_with_protocol("silent", "http", outbound, &endpoint("127.0.0.1", silent.port(), 0), SKIP_ALL_TLS);
+    let (_dir, config) = config_dir(&format!("{service}---\n{policy}"));
+    let mut opts = options(config);
+    opts.upstream.connect_timeout = Duration::from_secs(60);
+    opts.request_timeout = Some(Duration::from_secs(20));
+    let _proxy = start(opts).await;
+    // 503 (the connect failed) rather than 504 (the 20 s request timeout): 300 ms bounded it.
+    let (status, body, _) = get_status(outbound, &[]).await;
+    assert_eq!(status, 503, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pending_requests_overflow() {
+    let (silent, _task) = silent_listener().await;
+    let outbound = free_addr("127.0.0.1");
+    let policy = "type: MeshCircuitBreaker\nname: pending\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxPendingRequests: 1}}\n";
+    let service =
+        service_with_protocol("pending", "http", outbound, &endpoint("127.0.0.1", silent.port(), 0), SKIP_ALL_TLS);
+    let (_dir, config) = config_dir(&format!("{service}---\n{policy}"));
+    let _proxy = start(options(config)).await;
+    // The first request waits in the (never-ending, 2 s-bounded) TLS handshake of a new connection.
+    let first = tokio::spawn(get_status(outbound, &[]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, headers) = get_status(outbound, &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-envoy-overloaded"], "true", "refused at once as pending overflow");
+    assert_eq!(first.await.unwrap().0, 503, "the first one's connect timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_retries_bounds_retries_in_flight() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 2, retryOn: [5xx], backOff: {baseInterval: 1ms}}\n---\ntype: MeshCircuitBreaker\nname: budget\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxRetries: 1}}\n";
+    let (outbound, _dir, config) = service_and_policies("budget", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let before = counter("mesh_egress_upstream_overflows_total", "budget");
+    // A's failing attempts take 600 ms each; B fails once while A's retry is in flight.
+    let ka = key("a");
+    let a = {
+        let ka = ka.clone();
+        tokio::spawn(async move {
+            get_status(outbound, &[("x-fail-first", "2"), ("x-fail-delay-ms", "600"), ("x-key", &ka)]).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let kb = key("b");
+    let (status_b, _, headers_b) = get_status(outbound, &[("x-fail-first", "1"), ("x-key", &kb)]).await;
+    assert_eq!((status_b.as_u16(), headers_b["x-attempt"].to_str().unwrap()), (503, "1"), "no retry budget left for B");
+    let (status_a, _, headers_a) = a.await.unwrap();
+    assert_eq!(
+        (status_a.as_u16(), headers_a["x-attempt"].to_str().unwrap()),
+        (200, "3"),
+        "A retried twice, one at a time"
+    );
+    assert!(counter("mesh_egress_upstream_overflows_total", "budget") - before >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_pools_refuses_a_second_pool() {
+    let (a, _ta) = fixed_upstream(200, "a").await;
+    let (b, _tb) = fixed_upstream(200, "b").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", a.port(), 0), endpoint("127.0.0.1", b.port(), 0));
+    let policy = "type: MeshCircuitBreaker\nname: pools\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxConnectionPools: 1}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("pools", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let mut answered = std::collections::HashSet::new();
+    let mut overflows = 0;
+    for _ in 0..30 {
+        let (status, _, headers) = get_status(outbound, &[]).await;
+        match status.as_u16() {
+            200 => {
+                answered.insert(headers["x-who"].to_str().unwrap().to_string());
+            }
+            _ => overflows += 1,
+        }
+    }
+    assert_eq!(answered.len(), 1, "one endpoint's pool only: {answered:?}");
+    assert!(overflows > 0, "requests picking the other endpoint overflow");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_reuse_their_connection_unless_told_not_to() {
+    let reused = http_upstream(None).await;
+    let fresh = http_upstream(None).await;
+    let policy = |reuse: bool| {
+        format!("type: MeshHealthCheck\nname: hc-{reuse}\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: reuse-{reuse}}}\n    default: {{interval: 100ms, noTrafficInterval: 100ms, reuseConnection: {reuse}, http: {{path: /}}}}\n")
+    };
+    let yaml = format!(
+        "{}---\n{}---\n{}---\n{}",
+        service_with_protocol(
+            "reuse-true",
+            "http",
+            free_addr("127.0.0.1"),
+            &endpoint("127.0.0.1", reused.addr.port(), 0),
+            ""
+        ),
+        service_with_protocol(
+            "reuse-false",
+            "http",
+            free_addr("127.0.0.1"),
+            &endpoint("127.0.0.1", fresh.addr.port(), 0),
+            ""
+        ),
+        policy(true),
+        policy(false)
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    wait_for_checks("reuse-true", "success", 5.0).await;
+    wait_for_checks("reuse-false", "success", 5.0).await;
+    assert_eq!(reused.connections(), 1, "one connection for every check");
+    assert!(fresh.connections() >= 5, "a new connection per check: {}", fresh.connections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_rate_and_local_origin_detectors_eject() {
+    let (bad, _b) = fixed_upstream(500, "bad").await;
+    let (g1, _g1) = fixed_upstream(200, "g1").await;
+    let (g2, _g2) = fixed_upstream(200, "g2").await;
+    let dead = free_addr("127.0.0.1");
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!(
+        "{}{}{}{}",
+        endpoint("127.0.0.1", bad.port(), 0),
+        endpoint("127.0.0.1", g1.port(), 0),
+        endpoint("127.0.0.1", g2.port(), 0),
+        endpoint("127.0.0.1", dead.port(), 0)
+    );
+    // With the split, connect failures count as local-origin failures only; the 500s count for
+    // the success rate only.
+    let policy = "type: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        interval: 300ms\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        healthyPanicThreshold: 0\n        splitExternalAndLocalErrors: true\n        detectors:\n          localOriginFailures: {consecutive: 1}\n          successRate: {minimumHosts: 3, requestVolume: 3, standardDeviationFactor: \"1\"}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("rates", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let before = counter("mesh_egress_upstream_ejections_total", "rates");
+    eventually("the dead and the failing endpoint ejected", Duration::from_secs(15), || async {
+        // Enough requests in each 300 ms interval for every address to reach requestVolume.
+        for _ in 0..20 {
+            get_status(outbound, &[]).await;
+        }
+        counter("mesh_egress_upstream_ejections_total", "rates") - before >= 2.0
+    })
+    .await;
+    for _ in 0..20 {
+        let (status, _, headers) = get_status(outbound, &[]).await;
+        assert_eq!(status, 200);
+        assert_ne!(headers["x-who"], "bad");
+    }
+}

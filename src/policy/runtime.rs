@@ -33,6 +33,7 @@ pub struct Limits {
     pub max_pending_requests: Option<usize>,
     pub max_requests: Option<usize>,
     pub max_retries: Option<usize>,
+    pub max_connection_pools: Option<usize>,
 }
 
 /// Envoy's circuit-breaker defaults (what Kuma's `mesh-circuit-breaker-all` sets too).
@@ -232,6 +233,7 @@ impl Effective {
             max_pending_requests: get(l.max_pending_requests),
             max_requests: get(l.max_requests),
             max_retries: get(l.max_retries),
+            max_connection_pools: get(l.max_connection_pools),
         }
     }
 
@@ -374,6 +376,8 @@ pub struct HealthCheck {
     pub healthy_panic_threshold: Option<f64>,
     pub event_log_path: Option<std::path::PathBuf>,
     pub always_log_failures: bool,
+    /// Keep a check's HTTP/gRPC connection for the next check (Envoy's default).
+    pub reuse_connection: bool,
     pub check: Check,
 }
 
@@ -437,6 +441,7 @@ impl Effective {
             healthy_panic_threshold: c.healthy_panic_threshold.as_ref().and_then(|p| p.decimal()),
             event_log_path: c.event_log_path.as_ref().map(std::path::PathBuf::from),
             always_log_failures: c.always_log_health_check_failures.unwrap_or(false),
+            reuse_connection: c.reuse_connection.unwrap_or(true),
             check,
         })
     }

@@ -23,6 +23,7 @@ use crate::tls;
 /// Runs until the upstream is gone or its policy has another (or no) health check.
 pub(super) async fn run(upstream: Weak<Upstream>, check: Arc<HealthCheck>) {
     let mut first = true;
+    let kept: Kept = Arc::default();
     loop {
         let wait = {
             let Some(up) = upstream.upgrade() else { return };
@@ -39,9 +40,10 @@ pub(super) async fn run(upstream: Weak<Upstream>, check: Arc<HealthCheck>) {
         let mut round = tokio::task::JoinSet::new();
         for target in targets.iter() {
             let target = target.clone();
-            let (up, check) = (up.clone(), check.clone());
+            let (up, check, kept) = (up.clone(), check.clone(), kept.clone());
             round.spawn(async move {
-                let result = tokio::time::timeout(check.timeout, probe(&up, &target, &check.check)).await;
+                let reuse = check.reuse_connection.then_some(&kept);
+                let result = tokio::time::timeout(check.timeout, probe(&up, &target, &check.check, reuse)).await;
                 let result = result.unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
                 record(&up, &target, &check, result).await;
             });
@@ -115,20 +117,54 @@ async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Res
     }
 }
 
-/// One check of one address.
-async fn probe(up: &Upstream, target: &Target, check: &Check) -> Result<(), String> {
+/// HTTP/gRPC check connections kept between rounds (`reuseConnection`), per address.
+type Kept = Arc<std::sync::Mutex<std::collections::HashMap<super::TargetAddr, Client>>>;
+
+/// A check's client connection.
+enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// A new connection to the address, over the service's TLS when it originates TLS.
+async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
     let stream = UpstreamStream::connect(&target.addr).await.map_err(|e| format!("connect: {e}"))?;
     let policy = up.policy_arc();
-    let mut io = match &policy.tls {
+    Ok(match &policy.tls {
         None => UpstreamIo::Plain(stream),
         Some((tls_policy, config)) => {
             let name = tls::server_name(tls_policy, target.hostname.as_deref(), &target.addr);
             UpstreamIo::Tls(Box::new(tls::connect(config, name, stream).await.map_err(|e| format!("TLS: {e}"))?))
         }
-    };
+    })
+}
+
+/// One check of one address.
+async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), String> {
     let authority = target.hostname.as_deref().map_or_else(|| target.addr.to_string(), str::to_string);
+    // A kept connection (taken out while in use) or a new one.
+    let reused = kept.and_then(|k| k.lock().ok()?.remove(&target.addr));
+    let client = |http2: bool| async move {
+        match reused {
+            Some(Client::H1(mut s)) if !http2 => {
+                if s.ready().await.is_ok() {
+                    return Ok(Client::H1(s));
+                }
+                handshake(open(up, target).await?, false).await
+            }
+            Some(Client::H2(s)) if http2 && !s.is_closed() => Ok(Client::H2(s)),
+            _ => handshake(open(up, target).await?, http2).await,
+        }
+    };
+    let give_back = |client: Client| {
+        if let Some(k) = kept {
+            if let Ok(mut map) = k.lock() {
+                map.insert(target.addr.clone(), client);
+            }
+        }
+    };
     match check {
-        Check::Tcp { send, receive } => tcp(&mut io, send.as_deref(), receive).await,
+        Check::Tcp { send, receive } => tcp(&mut open(up, target).await?, send.as_deref(), receive).await,
         Check::Http { path, http2, set, add, expected } => {
             let mut request =
                 Request::get(format!("http://{authority}{path}").parse::<Uri>().map_err(|e| e.to_string())?);
@@ -142,7 +178,12 @@ async fn probe(up: &Upstream, target: &Target, check: &Check) -> Result<(), Stri
                 }
             }
             let request = request.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
-            let status = send(io, request, *http2).await?.status().as_u16();
+            let mut client = client(*http2).await?;
+            let response = send(&mut client, request).await?;
+            let status = response.status().as_u16();
+            // The body is read so that the connection can serve the next check.
+            response.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
+            give_back(client);
             if expected.contains(&status) {
                 Ok(())
             } else {
@@ -169,9 +210,11 @@ async fn probe(up: &Upstream, target: &Target, check: &Check) -> Result<(), Stri
             .header(http::header::TE, "trailers")
             .body(Full::new(framed.freeze()))
             .map_err(|e| e.to_string())?;
-            let response = send(io, request, true).await?;
+            let mut client = client(true).await?;
+            let response = send(&mut client, request).await?;
             let (parts, body) = response.into_parts();
             let collected = body.collect().await.map_err(|e| format!("body: {e}"))?;
+            give_back(client);
             let status = collected.trailers().or(Some(&parts.headers)).and_then(|h| h.get("grpc-status")).cloned();
             if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") {
                 return Err(format!("grpc-status {status:?}"));
@@ -184,32 +227,44 @@ async fn probe(up: &Upstream, target: &Target, check: &Check) -> Result<(), Stri
     }
 }
 
-async fn send(
-    io: UpstreamIo,
-    request: Request<Full<Bytes>>,
-    http2: bool,
-) -> Result<http::Response<hyper::body::Incoming>, String> {
+async fn handshake(io: UpstreamIo, http2: bool) -> Result<Client, String> {
     let io = TokioIo::new(io);
     if http2 {
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         tokio::spawn(connection);
-        return sender.send_request(request).await.map_err(|e| e.to_string());
+        return Ok(Client::H2(sender));
     }
-    // HTTP/1 wants the origin form and a Host header (HTTP/2 takes `:authority` from the URI).
-    let mut request = request;
-    if let Some(authority) = request.uri().authority().map(|a| a.to_string()) {
-        let path =
-            request.uri().path_and_query().map_or("/", |p| p.as_str()).parse::<Uri>().map_err(|e| e.to_string())?;
-        *request.uri_mut() = path;
-        let host = http::HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
-        request.headers_mut().entry(http::header::HOST).or_insert(host);
-    }
-    let (mut sender, connection) =
+    let (sender, connection) =
         hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP/1 handshake: {e}"))?;
     tokio::spawn(connection);
-    sender.send_request(request).await.map_err(|e| e.to_string())
+    Ok(Client::H1(sender))
+}
+
+async fn send(
+    client: &mut Client,
+    request: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    match client {
+        Client::H2(sender) => sender.send_request(request).await.map_err(|e| e.to_string()),
+        Client::H1(sender) => {
+            // HTTP/1 wants the origin form and a Host header (HTTP/2 takes `:authority` from the URI).
+            let mut request = request;
+            if let Some(authority) = request.uri().authority().map(|a| a.to_string()) {
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .parse::<Uri>()
+                    .map_err(|e| e.to_string())?;
+                *request.uri_mut() = path;
+                let host = http::HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
+                request.headers_mut().entry(http::header::HOST).or_insert(host);
+            }
+            sender.send_request(request).await.map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// Sends `send`, then reads until every `receive` block was seen, in order (Envoy's fuzzy match).

@@ -110,6 +110,9 @@ pub struct UpstreamPolicy {
     pub max_pending_requests: usize,
     pub max_requests: usize,
     pub max_retries: usize,
+    /// `maxConnectionPools`: HTTP connection pools (one per endpoint address, TLS client,
+    /// protocol and worker); `None`: unlimited.
+    pub max_connection_pools: Option<usize>,
     /// Idle pooled connections close after this long (`None`: never).
     pub pool_idle_timeout: Option<Duration>,
     /// MeshTimeout `http.maxConnectionDuration`: a connection takes no new request after this.
@@ -141,6 +144,7 @@ impl UpstreamPolicy {
             max_pending_requests: limits.max_pending_requests.unwrap_or(policy_runtime::DEFAULT_MAX_PENDING_REQUESTS),
             max_requests: limits.max_requests.unwrap_or(policy_runtime::DEFAULT_MAX_REQUESTS),
             max_retries: limits.max_retries.unwrap_or(policy_runtime::DEFAULT_MAX_RETRIES),
+            max_connection_pools: limits.max_connection_pools,
             pool_idle_timeout: match timeouts.idle {
                 Some(idle) if idle.is_zero() => None,
                 Some(idle) => Some(idle),
@@ -209,13 +213,15 @@ pub enum ConnectError {
     Overflow { service: Arc<str>, max: usize },
     #[error("service {service}: {max} requests are waiting for a connection, the most allowed (maxPendingRequests)")]
     Pending { service: Arc<str>, max: usize },
+    #[error("service {service}: {max} connection pools are in use, the most allowed (maxConnectionPools)")]
+    Pools { service: Arc<str>, max: usize },
 }
 
 impl ConnectError {
     /// Failed before or during the TCP/TLS connect with the endpoint, not because of a local
     /// limit.
     pub fn is_connect_failure(&self) -> bool {
-        !matches!(self, Self::Overflow { .. } | Self::Pending { .. } | Self::NoEndpoint { .. })
+        !matches!(self, Self::Overflow { .. } | Self::Pending { .. } | Self::Pools { .. } | Self::NoEndpoint { .. })
     }
 }
 
@@ -399,6 +405,16 @@ impl Upstream {
     /// A slot for a request waiting for a new connection (`maxPendingRequests`).
     pub fn pending_permit(&self) -> Option<Permit> {
         self.permit(&self.pending, self.policy().max_pending_requests, Limit::MaxPendingRequests)
+    }
+
+    /// Whether a new connection may open the pool of `key` (`maxConnectionPools`); counted when not.
+    pub fn pool_admits(&self, key: &pool::PoolKey) -> Result<(), ConnectError> {
+        let max = self.policy().max_connection_pools;
+        if self.pool.admit(key, max) {
+            return Ok(());
+        }
+        self.metrics.overflow(Limit::MaxConnectionPools);
+        Err(ConnectError::Pools { service: self.service.clone(), max: max.unwrap_or(0) })
     }
 
     /// A slot for a retry in flight (`maxRetries`).
@@ -592,24 +608,33 @@ impl Upstream {
         let slot = self.reserve_slot()?;
         let active = target.health.track();
         let timeout = self.policy().connect_timeout;
-        let result = tokio::time::timeout(timeout, UpstreamStream::connect(&target.addr)).await;
+        // The connect timeout bounds the TLS handshake too: an endpoint that accepts and then
+        // says nothing must not hold the connection (and its slot) for ever.
+        let deadline = Instant::now() + timeout;
+        let result = tokio::time::timeout_at(deadline, UpstreamStream::connect(&target.addr)).await;
         let error = match result {
             Ok(Ok(stream)) => {
-                self.record(target, Outcome::Connected);
                 let stream = match tls {
                     None => UpstreamIo::Plain(stream),
                     Some(setup) => {
                         let name = tls::server_name(setup.policy, target.hostname.as_deref(), &target.addr);
-                        match tls::connect(setup.config, name, stream).await {
-                            Ok(tls) => UpstreamIo::Tls(Box::new(tls)),
-                            Err(source) => {
+                        match tokio::time::timeout_at(deadline, tls::connect(setup.config, name, stream)).await {
+                            Ok(Ok(tls)) => UpstreamIo::Tls(Box::new(tls)),
+                            Ok(Err(source)) => {
+                                self.record(target, Outcome::Connected);
                                 metrics().tls_failure(&self.service, source.reason);
                                 let target = target.addr.clone();
                                 return Err(ConnectError::Tls { service: self.service.clone(), target, source });
                             }
+                            Err(_) => {
+                                self.record(target, Outcome::ConnectFailed);
+                                let target = target.addr.clone();
+                                return Err(ConnectError::Timeout { service: self.service.clone(), target, timeout });
+                            }
                         }
                     }
                 };
+                self.record(target, Outcome::Connected);
                 return Ok(Connected { stream, target: target.clone(), active, slot });
             }
             Ok(Err(source)) => ConnectError::Io { service: self.service.clone(), target: target.addr.clone(), source },

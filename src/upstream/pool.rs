@@ -261,6 +261,8 @@ pub struct Pool {
     max_lifetime: AtomicU64,
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
     h2: Mutex<HashMap<PoolKey, H2Slot>>,
+    /// The connection pools in use (MeshCircuitBreaker `maxConnectionPools`): one per key.
+    pools: Mutex<std::collections::HashSet<PoolKey>>,
 }
 
 impl Default for Pool {
@@ -286,7 +288,23 @@ impl Pool {
             max_lifetime: AtomicU64::new(UNLIMITED),
             h1: Mutex::default(),
             h2: Mutex::default(),
+            pools: Mutex::default(),
         }
+    }
+
+    /// Whether a new connection for `key` may be made: its pool exists, or fewer than `max`
+    /// pools do (then it is created).
+    pub fn admit(&self, key: &PoolKey, max: Option<usize>) -> bool {
+        let Some(max) = max else { return true };
+        let Ok(mut pools) = self.pools.lock() else { return true };
+        if pools.contains(key) {
+            return true;
+        }
+        if pools.len() >= max {
+            return false;
+        }
+        pools.insert(key.clone());
+        true
     }
 
     /// Applies a configuration's timeouts (`None`: no limit).
@@ -358,6 +376,9 @@ impl Pool {
     /// Forgets every pooled connection (idle HTTP/1 ones close; shared HTTP/2 ones close once
     /// their last in-flight stream ends). Called when the service's TLS settings change.
     pub fn clear(&self) {
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.clear();
+        }
         if let Ok(mut idle) = self.h1.lock() {
             idle.clear();
         }
@@ -376,6 +397,10 @@ impl Pool {
         }
         if let Ok(mut h2) = self.h2.lock() {
             h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
+        }
+        // A pool with nothing idle and no shared connection is gone.
+        if let (Ok(mut pools), Ok(h1), Ok(h2)) = (self.pools.lock(), self.h1.lock(), self.h2.lock()) {
+            pools.retain(|key| h1.contains_key(key) || h2.contains_key(key));
         }
     }
 }

@@ -43,6 +43,7 @@ pub(super) async fn connection(
         let result = if http2 {
             let connect = || {
                 Box::pin(async {
+                    upstream.pool_admits(&key)?;
                     let _pending = pending(upstream)?;
                     let connected = upstream.connect_target(&target, tls).await?;
                     handshake_h2(connected.stream, connected.slot)
@@ -60,6 +61,7 @@ pub(super) async fn connection(
                 Some(h1) => Ok(Sender::H1(h1)),
                 None => {
                     Box::pin(async {
+                        upstream.pool_admits(&key)?;
                         let _pending = pending(upstream)?;
                         let connected = upstream.connect_target(&target, tls).await?;
                         let opened = tokio::time::Instant::now().into_std();

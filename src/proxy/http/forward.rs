@@ -125,6 +125,8 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
         if !again || retries >= retry.num_retries || !replayable {
             return result;
         }
+        // The previous retry's slot is given back first: one request holds at most one.
+        _retry_slot = None;
         let Some(slot) = upstream.retry_permit() else { return result };
         retries += 1;
         let wait: Duration = retry.back_off(retries, headers.cloned().as_ref());
@@ -189,7 +191,7 @@ async fn attempt(
         Err(error) => {
             tracing::warn!(%error, "no upstream connection");
             return match error {
-                ConnectError::Overflow { .. } | ConnectError::Pending { .. } => {
+                ConnectError::Overflow { .. } | ConnectError::Pending { .. } | ConnectError::Pools { .. } => {
                     failed(AttemptFailure::Local, reply::overflow(grpc))
                 }
                 ConnectError::NoEndpoint { .. } => failed(
