@@ -168,9 +168,14 @@ struct RunArgs {
     /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
-    /// Idle pooled HTTP/1 connections to endpoints are closed after this long.
-    #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    /// Idle pooled HTTP/1 connections to endpoints are closed after this long (Kuma's
+    /// MeshTimeout `idleTimeout` default: 1h).
+    #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// HTTP: a response body without data for this long is cut, `0s` for never (Kuma's
+    /// MeshTimeout `streamIdleTimeout` default: 30m).
+    #[arg(long, env = "MESH_EGRESS_STREAM_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
     /// DNS server(s) for endpoint names, IP:PORT (repeatable). Default: /etc/resolv.conf.
     #[arg(long, env = "MESH_EGRESS_UPSTREAM_DNS", value_delimiter = ',')]
     upstream_dns: Vec<SocketAddr>,
@@ -401,6 +406,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             idle: args.connection_idle_timeout,
             half_close: args.half_close_timeout,
             header_read: args.header_read_timeout,
+            stream_idle: args.stream_idle_timeout,
         },
         passthrough: !args.no_passthrough,
         access_log,

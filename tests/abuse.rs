@@ -288,6 +288,7 @@ async fn quiet_application_connections_are_closed() {
         idle: Duration::from_millis(500),
         half_close: Duration::from_millis(300),
         header_read: Duration::from_millis(300),
+        ..Default::default()
     };
     let _proxy = start(opts).await;
 

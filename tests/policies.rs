@@ -835,3 +835,15 @@ async fn success_rate_and_local_origin_detectors_eject() {
         assert_ne!(headers["x-who"], "bad");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_the_stream_idle_default_applies() {
+    let upstream = http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("idle-default", "http", upstream.addr.port());
+    let mut opts = options(config);
+    opts.timeouts.stream_idle = Duration::from_millis(300); // the flag (default 30 min)
+    let _proxy = start(opts).await;
+    let response =
+        h1(outbound).await.send_request(get("http://x/", &[("x-drip", "3"), ("x-drip-ms", "1200")])).await.unwrap();
+    assert!(response.into_body().collect().await.is_err(), "cut by --stream-idle-timeout");
+}

@@ -58,6 +58,10 @@ pub struct ConnectionTimeouts {
     /// HTTP/1: time to receive a request's head; also how long a keep-alive connection waits
     /// for its next request.
     pub header_read: Duration,
+    /// HTTP: a response body without a frame for this long is cut (Kuma's MeshTimeout
+    /// `streamIdleTimeout` default, 30 min; zero: off). The timer is armed only once a body
+    /// has to wait.
+    pub stream_idle: Duration,
 }
 
 impl Default for ConnectionTimeouts {
@@ -66,6 +70,7 @@ impl Default for ConnectionTimeouts {
             idle: Duration::from_secs(3600),
             half_close: Duration::from_secs(60),
             header_read: Duration::from_secs(30),
+            stream_idle: Duration::from_secs(30 * 60),
         }
     }
 }

@@ -186,9 +186,9 @@ impl Body for RequestBody {
     }
 }
 
-/// How long an idle HTTP/1 connection is kept (Envoy's default idle timeout is 1 h; Kuma's
-/// MeshTimeout sets 1 h too; we keep sockets shorter as nothing is lost by reconnecting).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle HTTP/1 connection is kept: Envoy's default idle timeout, and Kuma's
+/// MeshTimeout `idleTimeout` default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Idle HTTP/1 connections kept per key.
 const MAX_IDLE_PER_KEY: usize = 256;
 

@@ -2,7 +2,7 @@
 //! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-challenge`
 //! (answers with `Proxy-Authenticate`), `x-fail-first: <n>` with `x-key: <k>` (the first n
 //! requests with that key get `x-fail-status`, default 503, and `x-fail-header` as a response
-//! header, after `x-fail-delay-ms`; later ones succeed; every response says `x-attempt`), `x-drip: <n>` (n one-byte
+//! header, after `x-fail-delay-ms` and after reading the whole body; later ones succeed; every response says `x-attempt`), `x-drip: <n>` (n one-byte
 //! chunks, `x-drip-ms` apart); `/early` answers before reading the body; `/upload` counts the
 //! request body; an `Upgrade` request is answered 101 and then echoed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
@@ -122,6 +122,8 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
             if let Some((name, value)) = header(&req, "x-fail-header").and_then(|h| h.split_once(':')) {
                 builder = builder.header(name.trim(), value.trim());
             }
+            // The whole body is read first: the failure comes after the upload, deterministically.
+            count_body(req.into_body()).await?;
             return Ok(builder.body(full(format!("failed attempt {attempt}\n"))).unwrap());
         }
         // The body is read (and counted) so that a replayed upload can be checked.

@@ -63,34 +63,41 @@ pub struct UpstreamBody {
     pub _request_slot: Permit,
 }
 
-/// The stream idle timer, armed only once the body first has to wait (a response that is
-/// complete at once, the common case, never costs a timer).
+/// The stream idle timer. It is created lazily, when the body has to wait: at once for a
+/// timeout a policy set, and only after the body's first frame for the process default (a small
+/// response, complete as soon as its first frame is, then never costs a timer; a body that
+/// never starts is bounded by the connection idle timeout instead).
 pub struct StreamIdle {
     pub idle: Duration,
+    /// Arm on the first wait, even before any frame (a MeshTimeout set it).
+    pub from_start: bool,
+    pub started: bool,
     pub timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl StreamIdle {
-    pub fn new(idle: Duration) -> Self {
-        Self { idle, timer: None }
+    pub fn new(idle: Duration, from_start: bool) -> Self {
+        Self { idle, from_start, started: false, timer: None }
     }
 
     /// `true` when the body has waited longer than the timeout.
     fn expired(&mut self, cx: &mut Context<'_>, ready: bool) -> bool {
-        let deadline = Instant::now() + self.idle;
-        match (&mut self.timer, ready) {
-            (Some(timer), true) => {
-                timer.as_mut().reset(deadline);
-                false
+        if ready {
+            self.started = true;
+            if let Some(timer) = self.timer.as_mut() {
+                timer.as_mut().reset(Instant::now() + self.idle);
             }
-            (Some(timer), false) => timer.as_mut().poll(cx).is_ready(),
-            (None, true) => false,
-            (None, false) => {
-                let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+            return false;
+        }
+        match self.timer.as_mut() {
+            Some(timer) => timer.as_mut().poll(cx).is_ready(),
+            None if self.from_start || self.started => {
+                let mut timer = Box::pin(tokio::time::sleep_until(Instant::now() + self.idle));
                 let expired = timer.as_mut().poll(cx).is_ready();
                 self.timer = Some(timer);
                 expired
             }
+            None => false,
         }
     }
 }

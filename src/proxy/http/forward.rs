@@ -275,7 +275,7 @@ fn respond(
         }
         Sender::H2(_) => None,
     };
-    let stream_idle = ctx.stream_idle.map(StreamIdle::new);
+    let stream_idle = ctx.stream_idle.map(|(idle, from_start)| StreamIdle::new(idle, from_start));
     let mut body = UpstreamBody {
         body,
         pool_return,

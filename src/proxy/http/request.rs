@@ -35,8 +35,9 @@ pub(super) struct RequestCtx {
     /// Time allowed until the response headers arrive: the request timeout (MeshTimeout
     /// `http.requestTimeout`, else `--request-timeout`) or the deadline, whichever is sooner.
     pub limit: Option<Duration>,
-    /// MeshTimeout `http.streamIdleTimeout`, when a policy sets it.
-    pub stream_idle: Option<Duration>,
+    /// MeshTimeout `http.streamIdleTimeout` (armed from the start), else `--stream-idle-timeout`
+    /// (armed from the first body frame); `None`: off.
+    pub stream_idle: Option<(Duration, bool)>,
     pub started: Instant,
     /// Boxed: only there when the access log is on.
     pub log: Option<Box<PendingLog>>,
@@ -56,7 +57,11 @@ impl RequestCtx {
             None => proxy.request_timeout,
         };
         let limit = sooner(stream_limit, request_timeout);
-        let stream_idle = timeouts.stream_idle.filter(|d| !d.is_zero());
+        let stream_idle = match timeouts.stream_idle {
+            Some(policy) => Some((policy, true)),
+            None => Some((proxy.timeouts.stream_idle, false)),
+        }
+        .filter(|(d, _)| !d.is_zero());
         let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
         let log = logs.is_on().then(|| {
             let headers = logs.service.as_ref().map(|service| capture_request(req, service));
