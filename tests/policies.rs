@@ -847,3 +847,19 @@ async fn without_a_policy_the_stream_idle_default_applies() {
         h1(outbound).await.send_request(get("http://x/", &[("x-drip", "3"), ("x-drip-ms", "1200")])).await.unwrap();
     assert!(response.into_body().collect().await.is_err(), "cut by --stream-idle-timeout");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_send_the_configured_authority() {
+    let server = grpc_server(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let policy = "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {interval: 100ms, noTrafficInterval: 100ms, initialJitter: 10ms, intervalJitter: 10ms, intervalJitterPercent: 10, unhealthyThreshold: 1, grpc: {authority: not-serving.test}}\n";
+    let yaml = format!(
+        "{}---\n{policy}",
+        service_with_protocol("grpc-authority", "grpc", outbound, &endpoint("127.0.0.1", server.addr.port(), 0), "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    // The server answers NOT_SERVING only to that authority: the check must have sent it.
+    wait_for_failed_checks("grpc-authority", 2.0).await;
+    assert_eq!(health_checks("grpc-authority", "success"), 0.0);
+}

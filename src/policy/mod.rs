@@ -165,6 +165,16 @@ impl Proxies {
         Self { dataplanes }
     }
 
+    /// Kuma: consumer and workload-owner policies select only proxies of their own namespace.
+    /// `Some(reason)` when this sidecar's Dataplanes have namespaces and none is `namespace`.
+    fn outside_namespace(&self, mesh: &str, role: Role, namespace: Option<&str>) -> Option<String> {
+        let namespace = namespace.filter(|_| matches!(role, Role::Consumer | Role::WorkloadOwner))?;
+        let namespaces: Vec<&str> =
+            self.dataplanes.iter().filter(|d| d.mesh == mesh).filter_map(|d| d.namespace.as_deref()).collect();
+        (!namespaces.is_empty() && !namespaces.contains(&namespace))
+            .then(|| format!("a {role:?} policy in namespace {namespace} selects only proxies of its own namespace"))
+    }
+
     /// `None` when the top-level targetRef selects this sidecar; else why not.
     fn not_selected(&self, mesh: &str, policy_namespace: Option<&str>, top: &TargetRef) -> Option<String> {
         let in_mesh = || self.dataplanes.iter().filter(move |d| d.mesh == mesh);
@@ -276,7 +286,12 @@ impl PolicySet {
             let policy = format!("{}/{}", r.meta.mesh, r.meta.name);
             let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
-            if let Some(reason) = proxies.not_selected(&r.meta.mesh, namespace.as_deref(), &top) {
+            let has_to = spec.to.as_ref().is_some_and(|to| !to.is_empty());
+            let role = Role::of(&r.meta, has_to);
+            let not_selected = proxies
+                .not_selected(&r.meta.mesh, namespace.as_deref(), &top)
+                .or_else(|| proxies.outside_namespace(&r.meta.mesh, role, namespace.as_deref()));
+            if let Some(reason) = not_selected {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }
@@ -537,6 +552,39 @@ spec:
         // `one` outranks `two`: its list replaces the other wholesale.
         assert_eq!(e.mesh_retry.unwrap().http.unwrap().retry_on, Some(vec!["5xx".into(), "Reset".into()]));
         assert!(effective(&set, "svc", &Labels::new()).mesh_retry.is_none(), "labels must match");
+    }
+
+    #[test]
+    fn consumer_policies_select_only_proxies_of_their_namespace() {
+        let (_, set) = set(r#"
+apiVersion: kuma.io/v1alpha1
+kind: Dataplane
+metadata: {name: app, namespace: shop, labels: {kuma.io/mesh: default}}
+spec: {networking: {address: 10.0.0.1}}
+---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTimeout
+metadata: {name: other-team, namespace: billing, labels: {kuma.io/mesh: default}}
+spec:
+  to: [{targetRef: {kind: MeshExternalService, name: svc}, default: {connectionTimeout: 1s}}]
+---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTimeout
+metadata: {name: same-team, namespace: shop, labels: {kuma.io/mesh: default}}
+spec:
+  to: [{targetRef: {kind: MeshExternalService, name: svc}, default: {connectionTimeout: 2s}}]
+---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTimeout
+metadata: {name: system, namespace: kuma-system, labels: {kuma.io/mesh: default}}
+spec:
+  to: [{targetRef: {kind: MeshExternalService, name: svc}, default: {idleTimeout: 1m}}]
+"#);
+        let e = effective(&set, "svc", &Labels::new());
+        let t = e.mesh_timeout.unwrap();
+        assert_eq!(t.connection_timeout.unwrap().get().as_secs(), 2);
+        assert_eq!(t.idle_timeout.unwrap().get().as_secs(), 60, "system policies select every proxy");
+        assert_eq!(set.ignored().iter().map(|i| i.policy.as_str()).collect::<Vec<_>>(), ["default/other-team"]);
     }
 
     #[test]

@@ -283,7 +283,11 @@ impl RouteSet {
             let policy = format!("{}/{}", r.meta.mesh, r.meta.name);
             let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
-            if let Some(reason) = proxies.not_selected(&r.meta.mesh, namespace.as_deref(), &top) {
+            let role = crate::resources::policy::Role::of(&r.meta, true);
+            let not_selected = proxies
+                .not_selected(&r.meta.mesh, namespace.as_deref(), &top)
+                .or_else(|| proxies.outside_namespace(&r.meta.mesh, role, namespace.as_deref()));
+            if let Some(reason) = not_selected {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }

@@ -1,7 +1,7 @@
 //! A tonic gRPC service with the four call kinds, on raw-bytes messages (no codegen):
 //! `/test.Echo/Unary` (echo; `sleep:<ms>` sleeps first; `fail:<key>:<n>` answers UNAVAILABLE to
 //! the first n calls with that key), `/test.Echo/ServerStream` (`<n>` →
-//! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each); and the standard health service, always SERVING.
+//! n messages; `slow:<n>` 200 ms apart), `/test.Echo/ClientStream` (→ `got <count>`), `/test.Echo/Bidi` (echo each); and the standard health service, SERVING unless asked with `:authority` not-serving.test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
 
 use std::convert::Infallible;
@@ -64,6 +64,16 @@ struct ServerStreamSvc;
 struct ClientStreamSvc;
 struct BidiSvc;
 struct HealthSvc;
+struct NotServingSvc;
+
+impl tonic::server::UnaryService<Bytes> for NotServingSvc {
+    type Response = Bytes;
+    type Future = BoxFuture<Result<Response<Bytes>, Status>>;
+    /// `HealthCheckResponse { status: NOT_SERVING }`.
+    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+        Box::pin(async { Ok(Response::new(Bytes::from_static(&[0x08, 0x02]))) })
+    }
+}
 
 impl tonic::server::UnaryService<Bytes> for HealthSvc {
     type Response = Bytes;
@@ -174,6 +184,9 @@ async fn route(req: http::Request<hyper::body::Incoming>) -> Result<http::Respon
         "/test.Echo/ServerStream" => grpc.server_streaming(ServerStreamSvc, req).await,
         "/test.Echo/ClientStream" => grpc.client_streaming(ClientStreamSvc, req).await,
         "/test.Echo/Bidi" => grpc.streaming(BidiSvc, req).await,
+        "/grpc.health.v1.Health/Check" if req.uri().authority().is_some_and(|a| a.as_str() == "not-serving.test") => {
+            grpc.unary(NotServingSvc, req).await
+        }
         "/grpc.health.v1.Health/Check" => grpc.unary(HealthSvc, req).await,
         _ => Status::unimplemented("no such method").into_http(),
     })
