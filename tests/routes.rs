@@ -440,3 +440,48 @@ fn an_http_route_to_a_tcp_service_is_reported_and_gets_no_traffic() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_request_body_is_copied_to_the_mirror() {
+    // The mirror records the size of each body it receives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mirror_addr = listener.local_addr().unwrap();
+    let (sizes_tx, mut sizes) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let _mirror = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let sizes_tx = sizes_tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let sizes_tx = sizes_tx.clone();
+                    async move {
+                        use http_body_util::BodyExt as _;
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(usize::MAX);
+                        let _ = sizes_tx.send(body);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    let (primary, _task) = named("main").await;
+    let outbound = free_addr("127.0.0.1");
+    let mut yaml = service_with_protocol("main", "http", outbound, &endpoint("127.0.0.1", primary.port(), 0), "");
+    yaml.push_str("---\n");
+    yaml.push_str(&service_with_protocol(
+        "copy",
+        "http",
+        free_addr("127.0.0.1"),
+        &endpoint("127.0.0.1", mirror_addr.port(), 0),
+        "",
+    ));
+    yaml.push_str("---\ntype: MeshHTTPRoute\nname: mirror\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /}}]\n      default:\n        filters:\n        - {type: RequestMirror, requestMirror: {backendRef: {kind: MeshExternalService, name: copy}}}\n");
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let request = http::Request::post("http://x/upload").body(Full::new(Bytes::from(vec![b'm'; 10_000]))).unwrap();
+    let (status, body) = text(h1(outbound).await.send_request(request).await.unwrap()).await;
+    assert_eq!((status.as_u16(), who(&body)), (200, "main"));
+    let mirrored = tokio::time::timeout(std::time::Duration::from_secs(10), sizes.recv()).await.unwrap().unwrap();
+    assert_eq!(mirrored, 10_000, "the mirror got the whole body");
+}

@@ -30,12 +30,18 @@ pub struct RequestBody {
     sent: Option<Arc<AtomicU64>>,
     /// When the body is still to be sent: its half of the connection's way back to the pool.
     pool_return: Option<Arc<SharedReturn>>,
+    /// A mirror's copy of the body (RequestMirror); dropped when the mirror falls behind.
+    tee: Option<tokio::sync::mpsc::Sender<Bytes>>,
 }
 
-/// Straight from the application, or through a copy kept for retries.
+/// Frames of a body copied for a mirrored request.
+pub const MIRROR_QUEUE: usize = 16;
+
+/// Straight from the application, or through a copy kept for retries, or a mirror's copy.
 enum Source {
     Direct(Incoming),
     Replay(ReplayBody),
+    Mirror(tokio::sync::mpsc::Receiver<Bytes>),
     /// A retry of a request that had no body.
     Empty,
 }
@@ -45,6 +51,7 @@ impl Source {
         match self {
             Self::Direct(b) => b.is_end_stream(),
             Self::Replay(b) => b.is_end_stream(),
+            Self::Mirror(_) => false,
             Self::Empty => true,
         }
     }
@@ -52,17 +59,27 @@ impl Source {
 
 impl RequestBody {
     pub fn new(inner: Incoming, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Source::Direct(inner), counter, sent, pool_return: None }
+        Self { inner: Source::Direct(inner), counter, sent, pool_return: None, tee: None }
+    }
+
+    /// Copies the body's data to a mirrored request as it passes.
+    pub fn tee(&mut self, to: tokio::sync::mpsc::Sender<Bytes>) {
+        self.tee = Some(to);
+    }
+
+    /// A mirrored request's body: the frames the primary's body copies.
+    pub fn mirror(from: tokio::sync::mpsc::Receiver<Bytes>, counter: Counter) -> Self {
+        Self { inner: Source::Mirror(from), counter, sent: None, pool_return: None, tee: None }
     }
 
     /// A retry's body when the request had none.
     pub fn empty(counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Source::Empty, counter, sent, pool_return: None }
+        Self { inner: Source::Empty, counter, sent, pool_return: None, tee: None }
     }
 
     /// One attempt's body of a request that may be retried.
     pub fn replay(inner: ReplayBody, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Source::Replay(inner), counter, sent, pool_return: None }
+        Self { inner: Source::Replay(inner), counter, sent, pool_return: None, tee: None }
     }
 
     /// Makes the connection's return to the pool wait for this body to be sent too (a slow
@@ -149,10 +166,15 @@ impl Body for RequestBody {
         let frame = match &mut self.inner {
             Source::Direct(b) => Pin::new(b).poll_frame(cx),
             Source::Replay(b) => Pin::new(b).poll_frame(cx),
+            Source::Mirror(r) => r.poll_recv(cx).map(|data| data.map(|d| Ok(Frame::data(d)))),
             Source::Empty => Poll::Ready(None),
         };
         if let Poll::Ready(Some(Ok(f))) = &frame {
             if let Some(data) = f.data_ref() {
+                // A mirror that cannot keep up loses its copy, never delays the primary.
+                if self.tee.as_ref().is_some_and(|tee| tee.try_send(data.clone()).is_err()) {
+                    self.tee = None;
+                }
                 self.counter.inc_by(data.len() as u64);
                 if let Some(sent) = &self.sent {
                     sent.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -181,6 +203,7 @@ impl Body for RequestBody {
         match &self.inner {
             Source::Direct(b) => b.size_hint(),
             Source::Replay(b) => b.size_hint(),
+            Source::Mirror(_) => SizeHint::default(),
             Source::Empty => SizeHint::with_exact(0),
         }
     }

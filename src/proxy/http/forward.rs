@@ -17,6 +17,7 @@ use super::reply::{self, Failure};
 use super::request::RequestCtx;
 use super::retry::AttemptFailure;
 use super::rewrite::{check, is_upgrade, prepare_request, strip_hop_by_hop};
+use super::routing::MirrorTee;
 use super::HttpProxy;
 use crate::catalog::Protocol;
 use crate::policy::runtime::RetryPolicy;
@@ -58,7 +59,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
     let mut req = req;
     let upgrade = !http2 && is_upgrade(req.headers(), &proxy.upgrades);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     if let Err(refusal) = check(&parts) {
         return reply::refused(ctx.grpc, refusal);
     }
@@ -69,10 +70,17 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
     let client_version = parts.version;
     let result = match retry {
         None => {
-            let body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+            let mut body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+            if let Some(MirrorTee(tee)) = parts.extensions.remove::<MirrorTee>() {
+                body.tee(tee);
+            }
             attempt(ctx, parts, body, upgrade, &[]).await
         }
-        Some(retry) => with_retries(ctx, retry, parts, body).await,
+        Some(retry) => {
+            // A retried body is not copied to a mirror: its copy ends now.
+            parts.extensions.remove::<MirrorTee>();
+            with_retries(ctx, retry, parts, body).await
+        }
     };
     match result {
         Attempt::Answered(exchanged) => respond(ctx, proxy, exchanged, client_upgrade, client_version, request_slot),
@@ -330,14 +338,23 @@ async fn tunnel(
     let _ = copy::bidirectional(&mut client, &mut upstream, timeouts).await;
 }
 
-/// Sends a bodiless copy of a request to `route` and drops the answer (RequestMirror).
-pub(super) async fn send_copy(route: &crate::live::Route, mut parts: Parts) -> Result<(), String> {
+/// Sends a copy of a request to `route` and drops the answer (RequestMirror).
+pub(super) async fn send_copy(
+    route: &crate::live::Route,
+    mut parts: Parts,
+    body: Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>,
+) -> Result<(), String> {
     let upstream = &route.upstream;
     let http2 = matches!(route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = route.tls();
     let (mut sender, target, _) = client::connection(upstream, tls, http2, &[]).await.map_err(|e| e.to_string())?;
     prepare_request(&mut parts, &target, tls.is_some(), http2, false).map_err(|_| "refused".to_string())?;
-    let request = Request::from_parts(parts, RequestBody::empty(upstream.metrics.bytes_sent.clone(), None));
+    let counter = upstream.metrics.bytes_sent.clone();
+    let body = match body {
+        Some(receiver) => RequestBody::mirror(receiver, counter),
+        None => RequestBody::empty(counter, None),
+    };
+    let request = Request::from_parts(parts, body);
     let response = match &mut sender {
         Sender::H1(s) => s.sender.send_request(request).await,
         Sender::H2(s) => s.send_request(request).await,

@@ -15,6 +15,7 @@ use crate::catalog::Service;
 use crate::live::{Route, Snapshot};
 use crate::metrics::metrics;
 use crate::policy::routes::{pick, HttpRule, Mirror, PathChange, Redirect};
+use crate::upstream::pool::MIRROR_QUEUE;
 use hyper::body::Body as _;
 use rand::Rng as _;
 
@@ -139,11 +140,12 @@ fn redirect_reply(redirect: &Redirect, req: &Request<Incoming>, prefix: Option<&
     response
 }
 
-/// RequestMirror: a copy of the request (its head; requests with a body are not mirrored, see
-/// docs/routes.md) goes to the mirror service on a task of its own; its answer is dropped and
-/// nothing about it reaches the application.
-fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &Request<Incoming>) {
-    if !req.body().is_end_stream() || rand::rng().random_range(0.0..100.0) >= mirror.percentage {
+/// RequestMirror: a copy of the request goes to the mirror service on a task of its own; its
+/// answer is dropped and nothing about it reaches the application. A body is copied frame by
+/// frame as the primary sends it (a [`MirrorTee`] for the forward phase); a mirror that falls
+/// behind loses its copy, and never slows the primary.
+fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<Incoming>) {
+    if rand::rng().random_range(0.0..100.0) >= mirror.percentage {
         return;
     }
     let Some(route) = mirror.backend.service.and_then(|i| snapshot.route_by_index(i)) else { return };
@@ -152,14 +154,25 @@ fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &Request<Incoming>)
     parts.uri = req.uri().clone();
     parts.version = req.version();
     parts.headers = req.headers().clone();
+    let body = if req.body().is_end_stream() {
+        None
+    } else {
+        let (sender, receiver) = tokio::sync::mpsc::channel(MIRROR_QUEUE);
+        req.extensions_mut().insert(MirrorTee(sender));
+        Some(receiver)
+    };
     tokio::spawn(async move {
-        let sent = tokio::time::timeout(MIRROR_TIMEOUT, super::forward::send_copy(&route, parts)).await;
+        let sent = tokio::time::timeout(MIRROR_TIMEOUT, super::forward::send_copy(&route, parts, body)).await;
         if !matches!(sent, Ok(Ok(()))) {
             tracing::debug!(service = %route.service.key(), "mirrored request failed");
         }
         metrics().route_request(&route.service.key(), "mirror", &route.service.key());
     });
 }
+
+/// The mirror's end of a request body copy, carried in the request's extensions.
+#[derive(Clone)]
+pub(super) struct MirrorTee(pub tokio::sync::mpsc::Sender<bytes::Bytes>);
 
 /// How long a mirrored request may take before it is abandoned.
 const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
