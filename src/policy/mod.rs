@@ -165,6 +165,12 @@ impl Proxies {
         Self { dataplanes }
     }
 
+    /// `None` when a policy (or route) of `role` in `namespace` with top-level `top` selects
+    /// this sidecar; else why not.
+    fn why_not_selected(&self, mesh: &str, namespace: Option<&str>, top: &TargetRef, role: Role) -> Option<String> {
+        self.not_selected(mesh, namespace, top).or_else(|| self.outside_namespace(mesh, role, namespace))
+    }
+
     /// Kuma: consumer and workload-owner policies select only proxies of their own namespace.
     /// `Some(reason)` when this sidecar's Dataplanes have namespaces and none is `namespace`.
     fn outside_namespace(&self, mesh: &str, role: Role, namespace: Option<&str>) -> Option<String> {
@@ -288,10 +294,7 @@ impl PolicySet {
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
             let has_to = spec.to.as_ref().is_some_and(|to| !to.is_empty());
             let role = Role::of(&r.meta, has_to);
-            let not_selected = proxies
-                .not_selected(&r.meta.mesh, namespace.as_deref(), &top)
-                .or_else(|| proxies.outside_namespace(&r.meta.mesh, role, namespace.as_deref()));
-            if let Some(reason) = not_selected {
+            if let Some(reason) = proxies.why_not_selected(&r.meta.mesh, namespace.as_deref(), &top, role) {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }

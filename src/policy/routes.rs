@@ -68,7 +68,7 @@ pub struct HeaderOps {
 
 impl HeaderOps {
     fn compile(m: &HeaderModifier) -> Self {
-        let pairs = |list: &Option<Vec<crate::resources::route::HeaderValue>>| {
+        let pairs = |list: &Option<Vec<crate::resources::policy::HeaderKeyValue>>| {
             list.iter()
                 .flatten()
                 .filter_map(|h| {
@@ -284,10 +284,7 @@ impl RouteSet {
             let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
             let role = crate::resources::policy::Role::of(&r.meta, true);
-            let not_selected = proxies
-                .not_selected(&r.meta.mesh, namespace.as_deref(), &top)
-                .or_else(|| proxies.outside_namespace(&r.meta.mesh, role, namespace.as_deref()));
-            if let Some(reason) = not_selected {
+            if let Some(reason) = proxies.why_not_selected(&r.meta.mesh, namespace.as_deref(), &top, role) {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }

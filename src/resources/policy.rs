@@ -820,7 +820,11 @@ fn proxy_types(path: &str, r: &TargetRef, v: &mut Violations<'_>) {
 }
 
 /// Reads `value` as `T`; a shape error (unknown field, wrong type) is reported at its path.
-fn typed<T: serde::de::DeserializeOwned>(path: &str, value: &serde_json::Value, v: &mut Violations<'_>) -> Option<T> {
+pub(super) fn typed<T: serde::de::DeserializeOwned>(
+    path: &str,
+    value: &serde_json::Value,
+    v: &mut Violations<'_>,
+) -> Option<T> {
     let value = if value.is_null() { serde_json::Value::Object(Default::default()) } else { value.clone() };
     match serde_path_to_error::deserialize(value) {
         Ok(conf) => Some(conf),

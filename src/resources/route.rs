@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kinds::Labels;
-use super::policy::{header_match, HeaderMatch, TargetRef};
+use super::policy::{header_match, typed, HeaderKeyValue, HeaderMatch, TargetRef};
 use super::validate::Violations;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -144,20 +144,11 @@ pub struct Filter {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderModifier {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub set: Option<Vec<HeaderValue>>,
+    pub set: Option<Vec<HeaderKeyValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub add: Option<Vec<HeaderValue>>,
+    pub add: Option<Vec<HeaderKeyValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remove: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HeaderValue {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub value: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -247,19 +238,6 @@ pub(super) fn validate(route: &Route, v: &mut Violations<'_>) {
                     }
                 }
             }
-        }
-    }
-}
-
-fn typed<T: serde::de::DeserializeOwned>(path: &str, value: &serde_json::Value, v: &mut Violations<'_>) -> Option<T> {
-    let value = if value.is_null() { serde_json::Value::Object(Default::default()) } else { value.clone() };
-    match serde_path_to_error::deserialize(value) {
-        Ok(conf) => Some(conf),
-        Err(e) => {
-            let inner = e.path().to_string();
-            let at = if inner == "." { path.to_string() } else { format!("{path}.{inner}") };
-            v.error(at, e.inner().to_string());
-            None
         }
     }
 }
