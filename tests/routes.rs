@@ -485,3 +485,87 @@ async fn a_mirrored_request_body_is_copied_to_the_mirror() {
     let mirrored = tokio::time::timeout(std::time::Duration::from_secs(10), sizes.recv()).await.unwrap().unwrap();
     assert_eq!(mirrored, 10_000, "the mirror got the whole body");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_is_reached_with_its_own_endpoints_tls_host_and_policies() {
+    use base64::Engine as _;
+    // `secure` is TLS to a DNS endpoint name; `slow` has a MeshTimeout of its own.
+    let ca = common::pki::Ca::new("route-ca");
+    let leaf = ca.server(&["api.partner.test"]);
+    let tls_upstream = common::http_upstream::http_upstream(Some(common::http_upstream::tls_config(&leaf))).await;
+    let plain_upstream = common::http_upstream::http_upstream(None).await;
+    let dns = dns_server(30).await;
+    dns.set("api.partner.test", "127.0.0.1".parse().unwrap());
+    let (primary, _task) = named("main").await;
+    let outbound = free_addr("127.0.0.1");
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      caCert:\n        inline: {}\n",
+        base64::engine::general_purpose::STANDARD.encode(&ca.pem)
+    );
+    let yaml = [
+        service_with_protocol("main", "http", outbound, &endpoint("127.0.0.1", primary.port(), 0), ""),
+        service_with_protocol("secure", "http", free_addr("127.0.0.1"), &endpoint("api.partner.test", tls_upstream.addr.port(), 0), &tls),
+        service_with_protocol("slow", "http", free_addr("127.0.0.1"), &endpoint("127.0.0.1", plain_upstream.addr.port(), 0), ""),
+        "type: MeshTimeout\nname: slow-only\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: slow}\n    default: {http: {requestTimeout: 200ms}}\n".to_string(),
+        "type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /secure}}]\n      default: {backendRefs: [{kind: MeshExternalService, name: secure}]}\n    - matches: [{path: {type: PathPrefix, value: /slow}}]\n      default: {backendRefs: [{kind: MeshExternalService, name: slow}]}\n".to_string(),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.upstream.resolver = mesh_egress::upstream::ResolverSource::new(vec![dns.addr]);
+    let _proxy = start(opts).await;
+    let (status, body, _) = ask(outbound, "http://app.local/secure/x", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        field(&body, "host"),
+        format!("api.partner.test:{}", tls_upstream.addr.port()),
+        "TLS, SNI and Host of the backend"
+    );
+    let (status, _, _) = ask(outbound, "http://app.local/slow/x", &[("x-delay-ms", "1500")]).await;
+    assert_eq!(status, 504, "the backend's own MeshTimeout");
+    let (status, body, _) = ask(outbound, "http://app.local/other", &[("x-delay-ms", "400")]).await;
+    assert_eq!((status, who(&body)), (200, "main"), "the dialled service keeps its own (default) timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_and_query_match_types_full_path_redirect_and_a_zero_percent_mirror() {
+    let routes = r#"type: MeshHTTPRoute
+name: kinds
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshExternalService, name: main}
+    rules:
+    - matches: [{headers: [{type: Prefix, name: x-p, value: "ab"}]}]
+      default: {backendRefs: [{kind: MeshExternalService, name: v2}]}
+    - matches: [{headers: [{type: RegularExpression, name: x-r, value: "v[0-9]+"}]}]
+      default: {backendRefs: [{kind: MeshExternalService, name: legacy}]}
+    - matches: [{path: {type: PathPrefix, value: /absent}, headers: [{type: Absent, name: x-token}]}]
+      default: {backendRefs: [{kind: MeshExternalService, name: legacy}]}
+    - matches: [{queryParams: [{type: RegularExpression, name: id, value: "[0-9]+"}]}]
+      default: {backendRefs: [{kind: MeshExternalService, name: v2}]}
+    - matches: [{path: {type: Exact, value: /go}}]
+      default:
+        filters:
+        - {type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /gone}, statusCode: 308}}
+        - {type: RequestMirror, requestMirror: {percentage: 0, backendRef: {kind: MeshExternalService, name: v2}}}
+"#;
+    let s = setup(routes).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let cases: [(&str, &[(&str, &str)], &str); 8] = [
+        ("http://x/a", &[("x-p", "abc")], "v2"),
+        ("http://x/a", &[("x-p", "xab")], "main"),
+        ("http://x/a", &[("x-r", "v12")], "legacy"),
+        ("http://x/a", &[("x-r", "v12x")], "main"), // the whole value must match
+        ("http://x/absent", &[], "legacy"),
+        ("http://x/absent", &[("x-token", "t")], "main"),
+        ("http://x/a?id=42", &[], "v2"),
+        ("http://x/a?id=4x", &[], "main"),
+    ];
+    for (uri, headers, want) in cases {
+        let (_, body, _) = ask(s.outbound, uri, headers).await;
+        assert_eq!(who(&body), want, "{uri} {headers:?}");
+    }
+    let (status, _, headers) = ask(s.outbound, "http://shop.test/go?x=1", &[]).await;
+    assert_eq!((status, headers["location"].to_str().unwrap()), (308, "http://shop.test/gone?x=1"));
+}
