@@ -552,7 +552,8 @@ spec:
 "#;
     let s = setup(routes).await;
     let _proxy = start(options(s.config.clone())).await;
-    let cases: [(&str, &[(&str, &str)], &str); 8] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 8] = [
         ("http://x/a", &[("x-p", "abc")], "v2"),
         ("http://x/a", &[("x-p", "xab")], "main"),
         ("http://x/a", &[("x-r", "v12")], "legacy"),
