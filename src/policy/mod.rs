@@ -286,7 +286,7 @@ impl PolicySet {
     /// does not exist are reported (as warnings) by [`PolicySet::check_references`].
     pub fn new(resources: &[Resource]) -> Self {
         let proxies = Proxies::new(resources);
-        let mut set = Self { proxies: Proxies::default(), ..Self::default() };
+        let mut set = Self::default();
         for r in resources {
             let Kind::Policy(Policy { kind, spec }) = &r.kind else { continue };
             let policy = format!("{}/{}", r.meta.mesh, r.meta.name);

@@ -709,7 +709,7 @@ async fn interval_loop(upstream: Weak<Upstream>) {
             let Some(up) = upstream.upgrade() else { return };
             let policy = up.policy();
             match &policy.outlier {
-                Outlier::Detect(d) if up_has_interval(&policy) => d.interval,
+                Outlier::Detect(d) if policy.has_interval_detectors() => d.interval,
                 _ => {
                     up.interval_task.store(false, Ordering::Release);
                     return;
@@ -722,10 +722,6 @@ async fn interval_loop(upstream: Weak<Upstream>) {
             outlier::evaluate_interval(&up, d);
         }
     }
-}
-
-fn up_has_interval(policy: &UpstreamPolicy) -> bool {
-    policy.has_interval_detectors()
 }
 
 async fn refresh_loop(upstream: Weak<Upstream>, index: usize, name: String) {
