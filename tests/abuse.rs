@@ -535,3 +535,51 @@ async fn a_grpc_stream_reset_mid_response_ends_with_unavailable() {
     let trailers = collected.trailers().cloned().unwrap_or_default();
     assert_eq!(trailers.get("grpc-status").map(|v| v.to_str().unwrap()), Some("14"), "{trailers:?}");
 }
+
+/// An HTTP/1 upstream that answers each request with `response` (raw bytes) and then closes.
+async fn raw_upstream(response: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(response).await;
+                // Stays open without sending more: the stalled case.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_mid_response_end_that_response_only() {
+    // A body shorter than its Content-Length, then silence; and the same cut by a policy's
+    // stream idle timeout. Either way the application sees that response fail, and the proxy
+    // keeps serving.
+    let (short, _a) = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly ten!!").await;
+    let healthy = common::http_upstream::http_upstream(None).await;
+    let (short_out, healthy_out) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let yaml = format!(
+        "{}---\n{}---\ntype: MeshTimeout\nname: stalls\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: short}}\n    default: {{http: {{streamIdleTimeout: 300ms}}}}\n",
+        service_with_protocol("short", "http", short_out, &endpoint("127.0.0.1", short.port(), 0), ""),
+        service_with_protocol("healthy", "http", healthy_out, &endpoint("127.0.0.1", healthy.addr.port(), 0), "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let mut s = TcpStream::connect(short_out).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    // The upstream stays silent for 30 s: only the stream idle timeout ends this read early.
+    let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let response = String::from_utf8_lossy(&out);
+    assert!(ended.is_ok(), "the proxy cut the stalled response: {response:?}");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("only ten!!"), "the ten bytes pass, then the connection ends short: {response:?}");
+    let ok = http_get(healthy_out, "/").await.unwrap_or_default();
+    assert!(ok.starts_with("HTTP/1.1 200"), "other services are unaffected: {ok}");
+    let again = http_get(short_out, "/").await.unwrap_or_default();
+    assert!(again.starts_with("HTTP/1.1 200"), "the faulty service still takes requests: {again}");
+}
