@@ -12,6 +12,8 @@ pub const LAYERS: &[&str] = &[
     // Configuration as written: files → typed, validated resources (templates are theirs).
     "template",
     "log_format",
+    // Speaking gRPC as a client (health checks, OTLP export).
+    "grpc_wire",
     "resources",
     // Which policies apply to each service, merged as Kuma merges them.
     "policy",
@@ -42,6 +44,7 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod dns;
+pub mod grpc_wire;
 pub mod listen;
 pub mod live;
 pub mod log_format;

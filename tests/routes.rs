@@ -89,6 +89,11 @@ async fn ask(outbound: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> (u16,
     (status.as_u16(), body, headers)
 }
 
+/// A route sending every request for `main` to `backend`.
+fn catch_all_to(backend: &str) -> String {
+    format!("type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: {backend}}}]}}\n")
+}
+
 fn who(body: &str) -> &str {
     body.split(' ').next().unwrap_or("")
 }
@@ -266,10 +271,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_reload_applies_to_open_keep_alive_connections() {
-    let route = |backend: &str| {
-        format!("type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: {backend}}}]}}\n")
-    };
-    let s = setup(&route("v2")).await;
+    let s = setup(&catch_all_to("v2")).await;
     let mut proxy = start(options(s.config.clone())).await;
     let mut client = h1(s.outbound).await;
     let (_, body) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
@@ -342,10 +344,7 @@ async fn request_mirror_gets_a_copy_and_never_changes_the_primary_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_reloads_under_load_fail_no_request() {
-    let route = |backend: &str| {
-        format!("type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: {backend}}}]}}\n")
-    };
-    let s = setup(&route("v2")).await;
+    let s = setup(&catch_all_to("v2")).await;
     let mut proxy = start(options(s.config.clone())).await;
     let outbound = s.outbound;
     let load = tokio::spawn(async move {

@@ -9,10 +9,12 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::HeaderName;
 
 use super::Record;
+use crate::grpc_wire;
+use crate::grpc_wire::{put_bytes, put_fixed64};
 use crate::log_format::{header_value, render_json_object, Lookup, Operator, Value};
 use crate::metrics::metrics;
 use crate::policy::runtime::{AccessLogPlan, LineFormat, SinkTarget};
@@ -216,7 +218,6 @@ fn otlp_loop(receiver: Receiver<Entry>, endpoint: String) {
 type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>;
 
 async fn export(client: &mut Option<H2>, endpoint: &str, message: Vec<u8>) -> Result<(), String> {
-    use http_body_util::BodyExt as _;
     if client.as_ref().map_or(true, H2::is_closed) {
         let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(endpoint))
             .await
@@ -231,49 +232,16 @@ async fn export(client: &mut Option<H2>, endpoint: &str, message: Vec<u8>) -> Re
         *client = Some(sender);
     }
     let Some(sender) = client.as_mut() else { return Err("no connection".into()) };
-    let mut framed = BytesMut::with_capacity(5 + message.len());
-    framed.put_u8(0);
-    framed.put_u32(message.len() as u32);
-    framed.put_slice(&message);
     let request =
-        http::Request::post(format!("http://{endpoint}/opentelemetry.proto.collector.logs.v1.LogsService/Export"))
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
-            .body(http_body_util::Full::new(framed.freeze()))
-            .map_err(|e| e.to_string())?;
+        grpc_wire::unary_request(endpoint, "/opentelemetry.proto.collector.logs.v1.LogsService/Export", &message)?;
     let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
         .await
         .map_err(|_| "no answer in 10s".to_string())?
         .map_err(|e| e.to_string())?;
-    let (parts, body) = response.into_parts();
-    let collected = body.collect().await.map_err(|e| e.to_string())?;
-    let status = collected.trailers().or(Some(&parts.headers)).and_then(|h| h.get("grpc-status")).cloned();
-    match status.as_ref().map(|s| s.as_bytes()) {
-        Some(b"0") => Ok(()),
-        other => Err(format!("grpc-status {:?}", other.map(String::from_utf8_lossy))),
-    }
+    grpc_wire::unary_response(response).await.map(drop)
 }
 
 // ---------- OTLP protobuf (opentelemetry/proto/collector/logs/v1) ----------
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    put_varint(out, u64::from(field << 3 | 2));
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-fn put_fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
-    put_varint(out, u64::from(field << 3 | 1));
-    out.extend_from_slice(&value.to_le_bytes());
-}
 
 /// `AnyValue { string_value = 1 }`.
 fn any_string(text: &str) -> Vec<u8> {

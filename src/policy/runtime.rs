@@ -26,6 +26,11 @@ pub struct Timeouts {
     pub request_headers: Option<Duration>,
 }
 
+/// A policy's timeout (`set`) over the process default; a zero duration turns it off.
+pub fn timeout_over(set: Option<Duration>, default: Option<Duration>) -> Option<Duration> {
+    set.map_or(default, |d| Some(d).filter(|d| !d.is_zero()))
+}
+
 /// MeshCircuitBreaker `connectionLimits`, per service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {

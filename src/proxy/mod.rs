@@ -147,10 +147,7 @@ impl Proxy {
         }
         let mut ctx = ConnCtx::new(kind, peer, route);
         let mut flow = self.settings.timeouts.flow();
-        // MeshTimeout `idleTimeout` (0: off).
-        if let Some(idle) = policy.timeouts.idle {
-            flow.idle = Some(idle).filter(|d| !d.is_zero());
-        }
+        flow.idle = crate::policy::runtime::timeout_over(policy.timeouts.idle, flow.idle);
         let logs = Logs { global: self.access_log.clone(), service: policy.access_log.clone() };
         drop(policy);
         match admit::admit(&ctx.route.service) {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -16,6 +16,7 @@ use rand::Rng as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Target, Upstream, UpstreamIo, UpstreamStream};
+use crate::grpc_wire;
 use crate::metrics::HealthCheckResult;
 use crate::policy::runtime::{Check, HealthCheck};
 use crate::tls;
@@ -192,34 +193,17 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
         }
         Check::Grpc { service_name, authority: configured } => {
             let authority = configured.clone().unwrap_or(authority);
-            let mut message = BytesMut::new();
+            // HealthCheckRequest { string service = 1; }
+            let mut message = Vec::new();
             if !service_name.is_empty() {
-                // HealthCheckRequest { string service = 1; }
-                message.put_u8(0x0a);
-                put_varint(&mut message, service_name.len() as u64);
-                message.put_slice(service_name.as_bytes());
+                grpc_wire::put_bytes(&mut message, 1, service_name.as_bytes());
             }
-            let mut framed = BytesMut::with_capacity(5 + message.len());
-            framed.put_u8(0);
-            framed.put_u32(message.len() as u32);
-            framed.put_slice(&message);
-            let request = Request::post(
-                format!("http://{authority}/grpc.health.v1.Health/Check").parse::<Uri>().map_err(|e| e.to_string())?,
-            )
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
-            .body(Full::new(framed.freeze()))
-            .map_err(|e| e.to_string())?;
+            let request = grpc_wire::unary_request(&authority, "/grpc.health.v1.Health/Check", &message)?;
             let mut client = client(true).await?;
             let response = send(&mut client, request).await?;
-            let (parts, body) = response.into_parts();
-            let collected = body.collect().await.map_err(|e| format!("body: {e}"))?;
+            let body = grpc_wire::unary_response(response).await;
             give_back(client);
-            let status = collected.trailers().or(Some(&parts.headers)).and_then(|h| h.get("grpc-status")).cloned();
-            if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") {
-                return Err(format!("grpc-status {status:?}"));
-            }
-            match serving_status(collected.to_bytes()) {
+            match serving_status(body?) {
                 Some(1) => Ok(()),
                 other => Err(format!("health status {other:?}, not SERVING")),
             }
@@ -300,14 +284,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         return Some(0);
     }
     haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn put_varint(out: &mut BytesMut, mut value: u64) {
-    while value >= 0x80 {
-        out.put_u8((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.put_u8(value as u8);
 }
 
 /// `HealthCheckResponse.status` (field 1, an enum) of the first message of a gRPC body.

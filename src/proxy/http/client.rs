@@ -9,13 +9,25 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
-use crate::upstream::{ConnectError, Permit, Target, TargetAddr, TlsSetup, Upstream, UpstreamIo};
+use crate::upstream::{ConnectError, Connected, Permit, Target, TargetAddr, TlsSetup, Upstream, UpstreamIo};
 
 pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
     H1(H1Sender),
     /// Shared: every request opens a stream on it.
     H2(http2::SendRequest<RequestBody>),
+}
+
+impl Sender {
+    pub(super) async fn send(
+        &mut self,
+        request: http::Request<RequestBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Self::H1(s) => s.sender.send_request(request).await,
+            Self::H2(s) => s.send_request(request).await,
+        }
+    }
 }
 
 /// A connection for one request, the endpoint it goes to and its pool key; `exclude` are
@@ -43,9 +55,7 @@ pub(super) async fn connection(
         let result = if http2 {
             let connect = || {
                 Box::pin(async {
-                    upstream.pool_admits(&key)?;
-                    let _pending = pending(upstream)?;
-                    let connected = upstream.connect_target(&target, tls).await?;
+                    let connected = open(upstream, &key, &target, tls).await?;
                     handshake_h2(connected.stream, connected.slot)
                         .await
                         .map_err(|e| handshake_error(upstream, &target, e))
@@ -61,9 +71,7 @@ pub(super) async fn connection(
                 Some(h1) => Ok(Sender::H1(h1)),
                 None => {
                     Box::pin(async {
-                        upstream.pool_admits(&key)?;
-                        let _pending = pending(upstream)?;
-                        let connected = upstream.connect_target(&target, tls).await?;
+                        let connected = open(upstream, &key, &target, tls).await?;
                         let opened = tokio::time::Instant::now().into_std();
                         handshake_h1(connected.stream, connected.slot)
                             .await
@@ -86,12 +94,20 @@ pub(super) async fn connection(
     Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
 }
 
-/// A pending-request slot, or the overflow error.
-fn pending(upstream: &Upstream) -> Result<Permit, ConnectError> {
-    upstream.pending_permit().ok_or_else(|| ConnectError::Pending {
+/// A new connection for `key`'s pool, within `maxConnectionPools`, the request waiting for it
+/// as a pending request (`maxPendingRequests`).
+async fn open(
+    upstream: &Upstream,
+    key: &PoolKey,
+    target: &Target,
+    tls: Option<TlsSetup<'_>>,
+) -> Result<Connected, ConnectError> {
+    upstream.pool_admits(key)?;
+    let _pending = upstream.pending_permit().ok_or_else(|| ConnectError::Pending {
         service: upstream.service().clone(),
         max: upstream.policy().max_pending_requests,
-    })
+    })?;
+    upstream.connect_target(target, tls).await
 }
 
 fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -> ConnectError {

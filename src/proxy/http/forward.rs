@@ -222,11 +222,7 @@ async fn attempt(
         Sender::H2(_) => None,
     };
     let request = Request::from_parts(parts, body);
-    let result = match &mut sender {
-        Sender::H1(s) => s.sender.send_request(request).await,
-        Sender::H2(s) => s.send_request(request).await,
-    };
-    match result {
+    match sender.send(request).await {
         Ok(response) => {
             upstream.record(&target, Outcome::Response(response.status().as_u16()));
             Attempt::Answered(Exchanged { response, sender, target, key, active, shared_return })
@@ -355,11 +351,7 @@ pub(super) async fn send_copy(
         None => RequestBody::empty(counter, None),
     };
     let request = Request::from_parts(parts, body);
-    let response = match &mut sender {
-        Sender::H1(s) => s.sender.send_request(request).await,
-        Sender::H2(s) => s.send_request(request).await,
-    };
-    let response = response.map_err(|e| e.to_string())?;
+    let response = sender.send(request).await.map_err(|e| e.to_string())?;
     upstream.record(&target, Outcome::Response(response.status().as_u16()));
     Ok(())
 }

@@ -18,6 +18,7 @@ use super::{forward, HttpProxy};
 use crate::access_log::{Headers, Logs, Record, ServiceLog};
 use crate::catalog::Protocol;
 use crate::live::Route;
+use crate::policy::runtime::timeout_over;
 use crate::proxy::admit::admit;
 use crate::upstream::UpstreamPolicy;
 
@@ -50,13 +51,8 @@ impl RequestCtx {
         let timeouts = &policy.timeouts;
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
-        let max_stream = timeouts.max_stream.filter(|d| !d.is_zero());
-        let stream_limit = sooner(grpc_deadline, max_stream);
-        let request_timeout = match timeouts.request {
-            Some(t) => Some(t).filter(|t| !t.is_zero()),
-            None => proxy.request_timeout,
-        };
-        let limit = sooner(stream_limit, request_timeout);
+        let stream_limit = sooner(grpc_deadline, timeout_over(timeouts.max_stream, None));
+        let limit = sooner(stream_limit, timeout_over(timeouts.request, proxy.request_timeout));
         let stream_idle = match timeouts.stream_idle {
             Some(policy) => Some((policy, true)),
             None => Some((proxy.timeouts.stream_idle, false)),

@@ -1,0 +1,69 @@
+//! The little of gRPC and protobuf that the proxy speaks itself, as a client: unary calls
+//! (health checks, OTLP log export) with hand-encoded messages. Not for the data path, where
+//! gRPC passes through untouched.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::Request;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+
+/// Appends a protobuf varint.
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Appends a length-delimited field (string, bytes or an embedded message).
+pub fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    put_varint(out, u64::from(field << 3 | 2));
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+pub fn put_fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
+    put_varint(out, u64::from(field << 3 | 1));
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+/// A unary call of `path` (`/package.Service/Method`) carrying one encoded message.
+pub fn unary_request(authority: &str, path: &str, message: &[u8]) -> Result<Request<Full<Bytes>>, String> {
+    let mut framed = BytesMut::with_capacity(5 + message.len());
+    framed.put_u8(0);
+    framed.put_u32(u32::try_from(message.len()).map_err(|_| "message too large".to_string())?);
+    framed.put_slice(message);
+    Request::post(format!("http://{authority}{path}"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Full::new(framed.freeze()))
+        .map_err(|e| e.to_string())
+}
+
+/// The answer's body (still framed), when its `grpc-status` (trailers, or the headers of a
+/// trailers-only answer) is 0.
+pub async fn unary_response(response: http::Response<Incoming>) -> Result<Bytes, String> {
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.map_err(|e| format!("body: {e}"))?;
+    let status = collected.trailers().or(Some(&parts.headers)).and_then(|h| h.get("grpc-status"));
+    match status.map(http::HeaderValue::as_bytes) {
+        Some(b"0") => Ok(collected.to_bytes()),
+        other => Err(format!("grpc-status {:?}", other.map(String::from_utf8_lossy))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_and_fields() {
+        let mut out = Vec::new();
+        put_varint(&mut out, 300);
+        assert_eq!(out, [0xac, 0x02]);
+        let mut field = Vec::new();
+        put_bytes(&mut field, 1, b"abc");
+        assert_eq!(field, [0x0a, 3, b'a', b'b', b'c']);
+    }
+}
