@@ -11,7 +11,7 @@ use super::{
     Access, Catalog, ClientIdentity, Condition, Endpoint, EndpointAddress, Ipam, Outbound, Protocol, SanMatch, Service,
     TlsPolicy, TlsVersion, VerificationMode,
 };
-use crate::policy::routes::{Backend, RouteSet, ServiceRoutes};
+use crate::policy::routes::{Backend, ServiceRoutes};
 use crate::policy::{selects_service, PolicySet, Target as PolicyTarget};
 use crate::resources::kinds::{HostnameGeneratorSpec, MeshExternalServiceSpec, TlsSpec};
 use crate::resources::policy::TargetRef;
@@ -203,7 +203,7 @@ fn apply_policies(resources: &[Resource], catalog: &mut Catalog, diagnostics: &m
     diagnostics.extend(set.check_references(&targets, origin_of).0);
     let effective: Vec<_> =
         catalog.services.iter().map(|s| set.effective(&target(s), &s.origin, diagnostics)).collect();
-    let route_set = RouteSet::new(resources);
+    let route_set = set.routes(resources);
     let routes: Vec<ServiceRoutes> = catalog
         .services
         .iter()

@@ -323,6 +323,11 @@ impl PolicySet {
         set
     }
 
+    /// The routes in `resources`, selected for the same Dataplanes.
+    pub fn routes(&self, resources: &[Resource]) -> routes::RouteSet {
+        routes::RouteSet::new(resources, &self.proxies)
+    }
+
     /// Policies that apply to no part of this sidecar.
     pub fn ignored(&self) -> &[Ignored] {
         &self.ignored

@@ -275,8 +275,8 @@ pub struct RouteSet {
 }
 
 impl RouteSet {
-    pub fn new(resources: &[Resource]) -> Self {
-        let proxies = Proxies::new(resources);
+    /// The routes in `resources` that select this sidecar (`proxies`: its Dataplanes).
+    pub(super) fn new(resources: &[Resource], proxies: &Proxies) -> Self {
         let mut set = Self::default();
         for r in resources {
             let Kind::Route(Route { kind, spec }) = &r.kind else { continue };
