@@ -111,7 +111,13 @@ fn config_dump(snapshot: &Snapshot) -> serde_json::Value {
         })
         .collect();
     let ignored = snapshot.catalog.ignored_policies();
-    serde_json::json!({ "services": services, "outbounds": outbounds, "ignoredPolicies": ignored })
+    let passthrough = &**snapshot.catalog.passthrough();
+    serde_json::json!({
+        "services": services,
+        "outbounds": outbounds,
+        "passthrough": passthrough,
+        "ignoredPolicies": ignored,
+    })
 }
 
 /// Per service: configured endpoints and the addresses traffic can go to, with their health.

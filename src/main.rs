@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_egress::access_log::{AccessLog, Destination, Format as AccessFormat};
-use mesh_egress::catalog::{CompileOptions, Compiled, Ipam, ServiceView};
+use mesh_egress::catalog::{Access, CompileOptions, Compiled, Ipam, ServiceView};
 use mesh_egress::config;
 use mesh_egress::listen::SoOriginalDst;
+use mesh_egress::resources::egress::PassthroughMode;
 use mesh_egress::server::{Options, Server};
 use mesh_egress::tproxy;
 use mesh_egress::upstream::{EjectionPolicy, ResolverSource, Settings};
@@ -136,7 +137,9 @@ struct RunArgs {
     /// `ip route add local 242.0.0.0/8 dev lo`; binds with IP_FREEBIND).
     #[arg(long, env = "MESH_EGRESS_BIND_VIPS")]
     bind_vips: bool,
-    /// Close transparent connections to unknown destinations instead of passing them through.
+    /// Close transparent connections to destinations that are no MeshExternalService, whatever
+    /// MeshPassthrough says (as `passthroughMode: None`). Without it and without a
+    /// MeshPassthrough, they pass through (`All`).
     #[arg(long, env = "MESH_EGRESS_NO_PASSTHROUGH")]
     no_passthrough: bool,
     /// Data-path worker threads (default: one per core).
@@ -242,6 +245,11 @@ struct CompileArgs {
     /// when the configuration has no HostnameGenerator.
     #[arg(long, env = "MESH_EGRESS_NO_DEFAULT_HOSTNAMES")]
     no_default_hostnames: bool,
+    /// The Dataplane this sidecar serves: policies select it, and MeshTrafficPermission
+    /// `from` items match its name, labels and inbound tags. Default: every Dataplane in the
+    /// configuration, and in each mesh the only one as the workload.
+    #[arg(long, env = "MESH_EGRESS_DATAPLANE")]
+    dataplane: Option<String>,
 }
 
 impl CompileArgs {
@@ -249,6 +257,7 @@ impl CompileArgs {
         CompileOptions {
             zone: self.zone.clone(),
             default_hostnames: !self.no_default_hostnames,
+            dataplane: self.dataplane.clone(),
             ..CompileOptions::from_env()
         }
     }
@@ -500,7 +509,9 @@ fn inspect(
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
-            writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?;
+            let passthrough = compiled.catalog.passthrough();
+            let json = serde_json::json!({ "services": views, "passthrough": &**passthrough });
+            writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
             for i in compiled.catalog.ignored_policies() {
                 eprintln!("note: {} {} is not applied: {}", i.kind, i.policy, i.reason);
             }
@@ -520,8 +531,12 @@ fn write_table(out: &mut impl std::io::Write, views: &[ServiceView], compiled: &
             let status = match (&v.broken, v.conditions.iter().find(|c| c.status == "False")) {
                 (Some(reason), _) => format!("broken: {reason}"),
                 (None, Some(c)) => format!("{}: {}", c.reason, c.message),
-                (None, None) if v.access == mesh_egress::catalog::Access::Forbidden => "forbidden by Mesh".into(),
-                _ => "ok".into(),
+                (None, None) => match v.access {
+                    Access::Allowed => "ok".into(),
+                    Access::Forbidden => "forbidden by Mesh".into(),
+                    Access::Denied => "denied by MeshTrafficPermission".into(),
+                    Access::ShadowDenied => "ok (shadow deny)".into(),
+                },
             };
             [
                 v.name.clone(),
@@ -585,6 +600,24 @@ fn write_table(out: &mut impl std::io::Write, views: &[ServiceView], compiled: &
         }
         if let Some(tcp) = &routes.tcp {
             writeln!(out, "route {}/{}: MeshTCPRoute {} -> {}", v.mesh, v.name, tcp.name, describe(&tcp.backends))?;
+        }
+    }
+    for v in views {
+        if let Some(by) = &v.access_by {
+            writeln!(out, "access {}/{}: {:?} by {by}", v.mesh, v.name, v.access)?;
+        }
+    }
+    let passthrough = compiled.catalog.passthrough();
+    let from = if passthrough.policies.is_empty() {
+        "no MeshPassthrough: the default".to_string()
+    } else {
+        format!("MeshPassthrough {}", passthrough.policies.join(", "))
+    };
+    writeln!(out, "passthrough {:?} ({from})", passthrough.mode)?;
+    if passthrough.mode == PassthroughMode::Matched {
+        for m in &passthrough.rules {
+            let port = m.port.map_or("all ports".to_string(), |p| format!("port {p}"));
+            writeln!(out, "passthrough allows {} {} {port} {}", m.type_, m.value, m.protocol)?;
         }
     }
     for i in compiled.catalog.ignored_policies() {

@@ -86,6 +86,20 @@ pub enum HealthCheckResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PassthroughLabels {
+    /// `connection` (TCP, TLS, or an HTTP connection refused whole) or `request` (HTTP).
+    pub unit: &'static str,
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccessLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -133,6 +147,8 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     health_checks: Family<HealthCheckLabels, Counter>,
     route_requests: Family<RouteLabels, Counter>,
+    passthrough: Family<PassthroughLabels, Counter>,
+    access_refused: Family<AccessLabels, Counter>,
 }
 
 /// Status classes in the order of [`ServiceMetrics::requests`].
@@ -202,6 +218,8 @@ impl Metrics {
             ejections: Family::default(),
             health_checks: Family::default(),
             route_requests: Family::default(),
+            passthrough: Family::default(),
+            access_refused: Family::default(),
         };
         r.register("connections", "Application connections accepted, by service", m.connections.clone());
         r.register("connections_active", "Application connections open now, by service", m.connections_active.clone());
@@ -240,6 +258,16 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS sessions with an endpoint that failed, by service and reason",
             m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "passthrough",
+            "Transparent traffic to destinations that are no MeshExternalService, allowed or denied (MeshPassthrough), by reason",
+            m.passthrough.clone(),
+        );
+        r.register(
+            "access_refused",
+            "Uses of a service refused (forbidden by the Mesh, denied by a MeshTrafficPermission) or that a shadow deny would refuse",
+            m.access_refused.clone(),
         );
         r.register("dns_queries", "DNS queries by result", m.dns_queries.clone());
         r.register("config_reloads", "Configuration reloads by result", m.config_reloads.clone());
@@ -289,6 +317,17 @@ impl Metrics {
         let labels =
             RouteLabels { service: service.to_string(), route: route.to_string(), backend: backend.to_string() };
         self.route_requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts a passthrough decision: `allowed` or `denied`, and why.
+    pub fn passthrough(&self, unit: &'static str, allowed: bool, reason: &'static str) {
+        let decision = if allowed { "allowed" } else { "denied" };
+        self.passthrough.get_or_create(&PassthroughLabels { unit, decision, reason }).inc();
+    }
+
+    /// Counts a use of `service` refused (`forbidden`, `denied`) or shadow-denied.
+    pub fn access_refused(&self, service: &str, reason: &'static str) {
+        self.access_refused.get_or_create(&AccessLabels { service: service.to_string(), reason }).inc();
     }
 
     pub fn tls_failure(&self, service: &str, reason: crate::tls::FailureReason) {

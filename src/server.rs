@@ -133,6 +133,7 @@ impl Server {
             access_log: options.access_log.clone(),
             connections: Arc::default(),
             draining: draining.subscribe(),
+            upstream_settings: settings.clone(),
         });
         let mut server = Self {
             options,

@@ -76,8 +76,9 @@ fn inspect_shows_services_and_records_vips_like_run() {
     let state_dir = state.path().to_str().unwrap();
     let out = mesh_egress(&["inspect", "config/examples", "-o", "json", "--state-dir", state_dir]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let services: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let https = services.as_array().unwrap().iter().find(|s| s["name"] == "mes-https").unwrap();
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["passthrough"]["mode"], "All", "no MeshPassthrough: everything passes");
+    let https = inspected["services"].as_array().unwrap().iter().find(|s| s["name"] == "mes-https").unwrap();
     assert_eq!(https["protocol"], "http");
     assert_eq!(https["port"], 80);
     assert_eq!(https["tls"]["mode"], "Secured");

@@ -16,7 +16,7 @@ use crate::policy::{selects_service, PolicySet, Target as PolicyTarget};
 use crate::resources::kinds::{HostnameGeneratorSpec, MeshExternalServiceSpec, TlsSpec};
 use crate::resources::policy::TargetRef;
 use crate::resources::{
-    Diagnostic, Diagnostics, Kind, Meta, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ZONE,
+    Diagnostic, Diagnostics, Kind, Meta, Origin, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ZONE,
 };
 use crate::template::{Template, Values};
 
@@ -35,11 +35,20 @@ pub struct CompileOptions {
     pub extensions: Registry,
     /// CA file standing in for the OS store (`KUMA_DATAPLANE_RUNTIME_DYNAMIC_SYSTEM_CA_PATH`).
     pub system_ca_file: Option<PathBuf>,
+    /// The Dataplane this sidecar serves (`--dataplane`); `None`: every Dataplane in the
+    /// configuration, and in each mesh the only one as the workload.
+    pub dataplane: Option<String>,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        Self { zone: String::new(), default_hostnames: true, extensions: Registry::default(), system_ca_file: None }
+        Self {
+            zone: String::new(),
+            default_hostnames: true,
+            extensions: Registry::default(),
+            system_ca_file: None,
+            dataplane: None,
+        }
     }
 }
 
@@ -117,8 +126,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
             diagnostics.push(Diagnostic::error(&meta.origin, "name", message));
             continue;
         }
-        let access = if forbidden_meshes.contains(&meta.mesh.as_str()) { Access::Forbidden } else { Access::Allowed };
-        let mut service = service(meta, spec, access, options, &secrets);
+        let mut service = service(meta, spec, options, &secrets);
         service.vip = ipam.assign(&key, status_vip);
         if service.vip.is_none() && service.broken.is_none() {
             service.broken =
@@ -128,7 +136,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
         catalog.services.push(Arc::new(service));
     }
 
-    apply_policies(resources, &mut catalog, &mut diagnostics);
+    apply_policies(resources, options, &forbidden_meshes, &mut catalog, &mut diagnostics);
     assign_hostnames(&mut catalog, &generators, options);
     index_vips(&mut catalog, &mut diagnostics);
     outbounds(resources, &mut catalog, &by_key, &mut diagnostics);
@@ -144,13 +152,7 @@ fn file_ranks(resources: &[Resource]) -> HashMap<&Path, usize> {
     ranks
 }
 
-fn service(
-    meta: &Meta,
-    spec: &MeshExternalServiceSpec,
-    access: Access,
-    options: &CompileOptions,
-    secrets: &Secrets,
-) -> Service {
+fn service(meta: &Meta, spec: &MeshExternalServiceSpec, options: &CompileOptions, secrets: &Secrets) -> Service {
     let m = spec.match_.clone().unwrap_or_default();
     let mut broken = None;
     let extension = spec.extension.as_ref().map(|e| e.type_.clone());
@@ -180,7 +182,8 @@ fn service(
         endpoints: spec.endpoints.iter().filter_map(endpoint).collect(),
         tls,
         extension,
-        access,
+        access: Access::Allowed,
+        access_by: None,
         vip: None,
         hostnames: Vec::new(),
         conditions: Vec::new(),
@@ -191,8 +194,32 @@ fn service(
 }
 
 /// Merges the policies that apply to each service into it.
-fn apply_policies(resources: &[Resource], catalog: &mut Catalog, diagnostics: &mut Diagnostics) {
-    let set = PolicySet::new(resources);
+fn apply_policies(
+    resources: &[Resource],
+    options: &CompileOptions,
+    forbidden_meshes: &[&str],
+    catalog: &mut Catalog,
+    diagnostics: &mut Diagnostics,
+) {
+    let set = PolicySet::new(resources, options.dataplane.as_deref());
+    if let Some(name) = &options.dataplane {
+        if !resources.iter().any(|r| matches!(r.kind, Kind::Dataplane(_)) && &r.meta.name == name) {
+            diagnostics.push(Diagnostic::warning(
+                &Origin::flag("--dataplane"),
+                "",
+                format!(
+                    "no Dataplane named {name} in the configuration: policies that select Dataplanes select nothing"
+                ),
+            ));
+        }
+    }
+    for mesh in set.workload_unknown() {
+        diagnostics.push(Diagnostic::warning(
+            &Origin::flag("--dataplane"),
+            "",
+            format!("mesh {mesh} has several Dataplanes: name this sidecar's with --dataplane, or MeshTrafficPermission items that select Dataplanes, services or subsets match none"),
+        ));
+    }
     let origin_of = |policy: &str| {
         resources
             .iter()
@@ -209,9 +236,13 @@ fn apply_policies(resources: &[Resource], catalog: &mut Catalog, diagnostics: &m
         .iter()
         .map(|s| route_set.for_service(&target(s), s.protocol != Protocol::Tcp, diagnostics))
         .collect();
-    for (index, (mut routes, effective)) in routes.into_iter().zip(effective).enumerate() {
+    let access: Vec<_> =
+        catalog.services.iter().map(|s| set.access(&target(s), forbidden_meshes.contains(&s.mesh.as_str()))).collect();
+    for (index, ((mut routes, effective), access)) in routes.into_iter().zip(effective).zip(access).enumerate() {
         resolve_backends(catalog, index, &mut routes, diagnostics);
         let service = Arc::make_mut(&mut catalog.services[index]);
+        service.access = access.access;
+        service.access_by = access.by;
         if !effective.is_empty() {
             service.policies = Arc::new(effective);
         }
@@ -220,6 +251,7 @@ fn apply_policies(resources: &[Resource], catalog: &mut Catalog, diagnostics: &m
         }
     }
     catalog.ignored_policies = set.ignored().iter().chain(&route_set.ignored).cloned().collect();
+    catalog.passthrough = Arc::new(set.passthrough().clone());
 }
 
 /// Points each route backend at the catalog's service it names (same mesh, by name or labels).

@@ -21,17 +21,12 @@ pub use crate::model::{
     ClientIdentity, Endpoint, EndpointAddress, Protocol, SanMatch, TlsPolicy, TlsVersion, TrustSource, VerificationMode,
 };
 
+use crate::policy::passthrough::Passthrough;
 use crate::policy::routes::ServiceRoutes;
 use crate::policy::{Effective, Ignored};
 use crate::resources::{Labels, Origin};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Access {
-    Allowed,
-    /// The Mesh sets `routing.defaultForbidMeshExternalServiceAccess: true`.
-    Forbidden,
-}
+pub use crate::policy::permission::Access;
 
 /// A status condition, as Kuma reports on `status.hostnameGenerators[].conditions`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -60,6 +55,8 @@ pub struct Service {
     /// `spec.extension.type`, when the service is driven by an extension.
     pub extension: Option<String>,
     pub access: Access,
+    /// What decided `access` (a MeshTrafficPermission item, or the Mesh switch).
+    pub access_by: Option<String>,
     pub vip: Option<IpAddr>,
     pub hostnames: Vec<String>,
     pub conditions: Vec<Condition>,
@@ -93,9 +90,15 @@ pub struct Catalog {
     by_hostname: HashMap<String, usize>,
     outbounds: Vec<Outbound>,
     ignored_policies: Vec<Ignored>,
+    passthrough: Arc<Passthrough>,
 }
 
 impl Catalog {
+    /// MeshPassthrough, merged: what the transparent listener does with other destinations.
+    pub fn passthrough(&self) -> &Arc<Passthrough> {
+        &self.passthrough
+    }
+
     /// Policies that select no part of this sidecar, and why.
     pub fn ignored_policies(&self) -> &[Ignored] {
         &self.ignored_policies

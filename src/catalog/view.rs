@@ -22,6 +22,9 @@ pub struct ServiceView {
     pub tls: Option<TlsView>,
     pub extension: Option<String>,
     pub access: Access,
+    /// What decided `access` (a MeshTrafficPermission item, or the Mesh switch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_by: Option<String>,
     pub conditions: Vec<Condition>,
     pub broken: Option<String>,
     /// The merged policies and the items they came from (absent when none applies).
@@ -89,6 +92,7 @@ impl From<&Service> for ServiceView {
             }),
             extension: s.extension.clone(),
             access: s.access,
+            access_by: s.access_by.clone(),
             conditions: s.conditions.clone(),
             broken: s.broken.clone(),
             policies: (*s.policies).clone(),

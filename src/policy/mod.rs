@@ -7,6 +7,8 @@
 //! replaced. The merged value is then read as the kind's typed conf ([`Effective`]), and
 //! [`runtime`] turns that into what the data path applies.
 
+pub mod passthrough;
+pub mod permission;
 pub mod routes;
 pub mod runtime;
 
@@ -15,6 +17,7 @@ use std::cmp::Reverse;
 use serde::Serialize;
 use serde_norway::Value;
 
+use crate::resources::egress::{PassthroughConf, PermissionConf};
 use crate::resources::kinds::Labels;
 use crate::resources::policy::{
     AccessLogConf, CircuitBreakerConf, HealthCheckConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef,
@@ -147,11 +150,15 @@ struct DataplaneIdentity {
 }
 
 impl Proxies {
-    fn new(resources: &[Resource]) -> Self {
+    /// The Dataplanes in `resources`; only the one named `workload` when given.
+    fn new(resources: &[Resource], workload: Option<&str>) -> Self {
         let dataplanes = resources
             .iter()
             .filter_map(|r| {
                 let Kind::Dataplane(spec) = &r.kind else { return None };
+                if workload.is_some_and(|w| w != r.meta.name) {
+                    return None;
+                }
                 Some(DataplaneIdentity {
                     mesh: r.meta.mesh.clone(),
                     name: r.meta.name.clone(),
@@ -163,6 +170,15 @@ impl Proxies {
             })
             .collect();
         Self { dataplanes }
+    }
+
+    /// The workload this sidecar serves in `mesh`: its only Dataplane there.
+    fn workload(&self, mesh: &str) -> Option<&DataplaneIdentity> {
+        let mut in_mesh = self.dataplanes.iter().filter(|d| d.mesh == mesh);
+        match (in_mesh.next(), in_mesh.next()) {
+            (Some(one), None) => Some(one),
+            _ => None,
+        }
     }
 
     /// `None` when a policy (or route) of `role` in `namespace` with top-level `top` selects
@@ -279,23 +295,37 @@ pub struct PolicySet {
     entries: Vec<Entry>,
     ignored: Vec<Ignored>,
     proxies: Proxies,
+    passthrough: passthrough::Passthrough,
+    permissions: Vec<permission::PermissionEntry>,
 }
 
 impl PolicySet {
-    /// Selects and sorts the policies in `resources`. Entries naming a MeshExternalService that
-    /// does not exist are reported (as warnings) by [`PolicySet::check_references`].
-    pub fn new(resources: &[Resource]) -> Self {
-        let proxies = Proxies::new(resources);
+    /// Selects and sorts the policies in `resources` for this sidecar: its Dataplanes in the
+    /// configuration, or only the one named `workload`. Entries naming a MeshExternalService
+    /// that does not exist are reported (as warnings) by [`PolicySet::check_references`].
+    pub fn new(resources: &[Resource], workload: Option<&str>) -> Self {
+        let proxies = Proxies::new(resources, workload);
         let mut set = Self::default();
+        let mut passthroughs = Vec::new();
         for r in resources {
             let Kind::Policy(Policy { kind, spec }) = &r.kind else { continue };
             let policy = format!("{}/{}", r.meta.mesh, r.meta.name);
             let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
+            if *kind == PolicyKind::MeshTrafficPermission {
+                set.add_permission(&r.meta, spec, policy, namespace, top);
+                continue;
+            }
             let has_to = spec.to.as_ref().is_some_and(|to| !to.is_empty());
             let role = Role::of(&r.meta, has_to);
             if let Some(reason) = proxies.why_not_selected(&r.meta.mesh, namespace.as_deref(), &top, role) {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
+                continue;
+            }
+            if *kind == PolicyKind::MeshPassthrough {
+                let conf: PassthroughConf =
+                    spec.default.clone().and_then(|d| serde_json::from_value(d).ok()).unwrap_or_default();
+                passthroughs.push((rank_of(&r.meta, false, &top, &TargetRef::mesh()), policy, conf));
                 continue;
             }
             if !spec.to.as_ref().is_some_and(|to| !to.is_empty()) {
@@ -319,8 +349,70 @@ impl PolicySet {
         }
         // Stable: equal ranks keep file order.
         set.entries.sort_by(|a, b| a.rank.cmp(&b.rank));
+        passthroughs.sort_by(|a, b| a.0.cmp(&b.0));
+        set.passthrough = passthrough::Passthrough::merge(passthroughs.iter().map(|(_, p, c)| (p.clone(), c)));
         set.proxies = proxies;
         set
+    }
+
+    /// A MeshTrafficPermission: on a MeshExternalService, its `from` items decide who may use
+    /// it; on anything else it is about inbound traffic, which an egress sidecar has none of.
+    fn add_permission(
+        &mut self,
+        meta: &Meta,
+        spec: &PolicySpec,
+        policy: String,
+        namespace: Option<String>,
+        top: TargetRef,
+    ) {
+        if top.kind != "MeshExternalService" {
+            let reason = format!(
+                "a MeshTrafficPermission on {} governs inbound traffic, which an egress sidecar has none of",
+                describe(&top)
+            );
+            return self.ignored.push(Ignored { kind: PolicyKind::MeshTrafficPermission.as_str(), policy, reason });
+        }
+        for (index, item) in spec.from.iter().flatten().enumerate() {
+            let Some(action) =
+                serde_json::from_value::<PermissionConf>(item.default.clone()).ok().and_then(|c| c.action)
+            else {
+                continue;
+            };
+            self.permissions.push(permission::PermissionEntry {
+                mesh: meta.mesh.clone(),
+                policy: policy.clone(),
+                namespace: namespace.clone(),
+                top: top.clone(),
+                index,
+                from: item.target_ref.clone(),
+                action,
+            });
+        }
+    }
+
+    /// The transparent listener's passthrough.
+    pub fn passthrough(&self) -> &passthrough::Passthrough {
+        &self.passthrough
+    }
+
+    /// Whether this sidecar's workload may use `service`; `mesh_forbids`: its Mesh sets
+    /// `defaultForbidMeshExternalServiceAccess`.
+    pub fn access(&self, service: &Target<'_>, mesh_forbids: bool) -> permission::AccessDecision {
+        permission::decide(&self.permissions, service, self.proxies.workload(service.mesh), mesh_forbids)
+    }
+
+    /// Why a MeshTrafficPermission's Dataplane and MeshSubset items cannot match: the mesh has
+    /// several Dataplanes and none was named with `--dataplane`.
+    pub fn workload_unknown(&self) -> Vec<String> {
+        let mut meshes: Vec<String> = self
+            .permissions
+            .iter()
+            .filter(|e| !matches!(e.from.kind.as_str(), "Mesh" | ""))
+            .filter(|e| self.proxies.workload(&e.mesh).is_none())
+            .map(|e| e.mesh.clone())
+            .collect();
+        meshes.dedup();
+        meshes
     }
 
     /// The routes in `resources`, selected for the same Dataplanes.
@@ -398,6 +490,7 @@ impl PolicySet {
                 PolicyKind::MeshAccessLog => {
                     serde_json::from_value(merged).map(|c| effective.mesh_access_log = Some(c))
                 }
+                PolicyKind::MeshPassthrough | PolicyKind::MeshTrafficPermission => continue,
             };
             if let Err(e) = read {
                 let message = format!("the merged {} does not read: {e}", kind.as_str());
@@ -471,7 +564,7 @@ mod tests {
         let mut loaded = Loaded::default();
         load_str(Path::new("test.yaml"), yaml, &mut loaded);
         assert!(!loaded.diagnostics.has_errors(), "{:?}", loaded.diagnostics);
-        let set = PolicySet::new(&loaded.resources);
+        let set = PolicySet::new(&loaded.resources, None);
         (loaded.resources, set)
     }
 

@@ -2,6 +2,7 @@
 //! every request (HTTP) passes here after routing; limits and access policies join here.
 
 use crate::catalog::{Access, Service};
+use crate::metrics::metrics;
 
 /// Why traffic to a service is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,6 +11,8 @@ pub enum Denial {
     Broken,
     /// The Mesh sets `routing.defaultForbidMeshExternalServiceAccess: true`.
     Forbidden,
+    /// A MeshTrafficPermission denies this workload the service.
+    Denied,
 }
 
 impl Denial {
@@ -18,6 +21,7 @@ impl Denial {
         match self {
             Self::Broken => "broken_service",
             Self::Forbidden => "forbidden",
+            Self::Denied => "denied",
         }
     }
 }
@@ -27,9 +31,23 @@ pub fn admit(service: &Service) -> Result<(), Denial> {
         tracing::warn!(service = %service.key(), %reason, "service is broken");
         return Err(Denial::Broken);
     }
-    if service.access == Access::Forbidden {
-        tracing::info!(service = %service.key(), "access forbidden by Mesh (defaultForbidMeshExternalServiceAccess)");
-        return Err(Denial::Forbidden);
+    let by = service.access_by.as_deref().unwrap_or_default();
+    match service.access {
+        Access::Allowed => Ok(()),
+        Access::Forbidden => {
+            tracing::info!(service = %service.key(), "access forbidden by {by}");
+            metrics().access_refused(&service.key(), "forbidden");
+            Err(Denial::Forbidden)
+        }
+        Access::Denied => {
+            tracing::info!(service = %service.key(), "access denied by {by}");
+            metrics().access_refused(&service.key(), "denied");
+            Err(Denial::Denied)
+        }
+        Access::ShadowDenied => {
+            tracing::info!(service = %service.key(), "shadow deny: {by} would deny this; allowed");
+            metrics().access_refused(&service.key(), "shadow_denied");
+            Ok(())
+        }
     }
-    Ok(())
 }

@@ -89,6 +89,8 @@ pub struct Proxy {
     pub connections: Arc<Connections>,
     /// Becomes `true` when the proxy drains: HTTP connections finish their requests and close.
     pub draining: watch::Receiver<bool>,
+    /// The upstream defaults; passthrough resolves allowed domains with their resolver.
+    pub upstream_settings: Arc<crate::upstream::Settings>,
 }
 
 impl Accept for Proxy {
@@ -98,7 +100,13 @@ impl Accept for Proxy {
 }
 
 impl Proxy {
-    pub async fn handle(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, kind: ListenerKind) {
+    pub async fn handle(
+        self: &Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        kind: ListenerKind,
+    ) {
         let _open = self.connections.open();
         let _ = client.set_nodelay(true);
         let Some(key) = self.classify(&client, peer, local, kind) else { return };
@@ -110,7 +118,7 @@ impl Proxy {
                         return tracing::warn!(%peer, %dst, "passthrough refused: the destination is {why}");
                     }
                     drop(snapshot);
-                    Box::pin(passthrough::forward(&self.settings, client, peer, dst)).await
+                    Box::pin(passthrough::forward(self, client, peer, dst)).await
                 }
                 _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
             };

@@ -4,6 +4,7 @@
 //! the load, so a caller can report all problems at once.
 
 mod diagnostic;
+pub mod egress;
 pub mod kinds;
 mod load;
 pub mod policy;
@@ -34,6 +35,13 @@ pub const SYSTEM_NAMESPACE: &str = "kuma-system";
 pub struct Origin {
     pub file: Arc<Path>,
     pub line: Option<usize>,
+}
+
+impl Origin {
+    /// A command-line flag, for what it says about the configuration.
+    pub fn flag(name: &str) -> Self {
+        Self { file: Arc::from(Path::new(name)), line: None }
+    }
 }
 
 /// What every resource has, whatever its spelling.

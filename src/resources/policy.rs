@@ -20,14 +20,18 @@ pub enum PolicyKind {
     MeshCircuitBreaker,
     MeshHealthCheck,
     MeshAccessLog,
+    /// Egress control ([`super::egress`]): not merged per service like the kinds above.
+    MeshPassthrough,
+    MeshTrafficPermission,
 }
 
 impl PolicyKind {
+    /// The kinds whose `to[]` items are merged per service.
     pub const ALL: [PolicyKind; 5] =
         [Self::MeshTimeout, Self::MeshRetry, Self::MeshCircuitBreaker, Self::MeshHealthCheck, Self::MeshAccessLog];
 
     pub fn parse(kind: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == kind)
+        Self::ALL.into_iter().chain([Self::MeshPassthrough, Self::MeshTrafficPermission]).find(|k| k.as_str() == kind)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +41,8 @@ impl PolicyKind {
             Self::MeshCircuitBreaker => "MeshCircuitBreaker",
             Self::MeshHealthCheck => "MeshHealthCheck",
             Self::MeshAccessLog => "MeshAccessLog",
+            Self::MeshPassthrough => "MeshPassthrough",
+            Self::MeshTrafficPermission => "MeshTrafficPermission",
         }
     }
 
@@ -61,6 +67,8 @@ pub struct PolicySpec {
     /// Inbound sections: validated, never applied (an egress sidecar has no inbound traffic).
     pub from: Option<Vec<PolicyItem>>,
     pub rules: Option<Vec<serde_json::Value>>,
+    /// MeshPassthrough only: its conf sits at `spec.default`.
+    pub default: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -682,6 +690,14 @@ impl Role {
 
 /// Validates a policy with Kuma's messages, all problems at once.
 pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
+    match policy.kind {
+        PolicyKind::MeshPassthrough => return super::egress::validate_passthrough(&policy.spec, v),
+        PolicyKind::MeshTrafficPermission => return super::egress::validate_permission(&policy.spec, v),
+        _ => {}
+    }
+    if policy.spec.default.is_some() {
+        v.error("spec.default", format!("unknown field `default`: {} sets `default` per item", policy.kind.as_str()));
+    }
     let has_to = policy.spec.to.as_ref().is_some_and(|to| !to.is_empty());
     let system = Role::of(meta, has_to) == Role::System;
     let spec = &policy.spec;
@@ -864,6 +880,7 @@ fn conf(kind: PolicyKind, path: &str, value: &serde_json::Value, top: &str, v: &
                 access_log_conf(path, &c, v);
             }
         }
+        PolicyKind::MeshPassthrough | PolicyKind::MeshTrafficPermission => {}
     }
 }
 

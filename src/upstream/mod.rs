@@ -61,7 +61,7 @@ impl ResolverSource {
         Self { nameservers, resolver: OnceLock::new() }
     }
 
-    fn get(&self) -> Result<&DnsResolver, &str> {
+    pub fn get(&self) -> Result<&DnsResolver, &str> {
         self.resolver
             .get_or_init(|| {
                 if self.nameservers.is_empty() {

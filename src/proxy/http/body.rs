@@ -152,6 +152,8 @@ impl UpstreamBody {
 pub enum ProxyBody {
     Upstream(UpstreamBody),
     Local(Full<Bytes>),
+    /// A passthrough response, as the destination sends it.
+    Passthrough(Incoming),
 }
 
 impl ProxyBody {
@@ -167,6 +169,7 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let up = match self.get_mut() {
             Self::Local(full) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Self::Passthrough(body) => return Pin::new(body).poll_frame(cx).map_err(Cut::from),
             Self::Upstream(up) => up,
         };
         if up.finished {
@@ -222,6 +225,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Local(full) => full.is_end_stream(),
+            Self::Passthrough(body) => body.is_end_stream(),
             Self::Upstream(up) => up.finished || up.body.is_end_stream(),
         }
     }
@@ -229,6 +233,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Local(full) => full.size_hint(),
+            Self::Passthrough(body) => body.size_hint(),
             // A gRPC response may end early with the proxy's trailers: no exact length (hyper
             // would send it as Content-Length).
             Self::Upstream(up) if up.grpc => SizeHint::default(),

@@ -7,6 +7,7 @@ mod body;
 mod client;
 mod forward;
 mod grpc;
+mod passthrough;
 mod reply;
 mod request;
 mod resets;
@@ -15,10 +16,13 @@ mod rewrite;
 mod routing;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -26,6 +30,7 @@ use tokio::sync::watch;
 
 pub use body::ProxyBody;
 pub use grpc::grpc_timeout;
+pub use passthrough::PassthroughHttp;
 
 use super::{ConnectionTimeouts, Connections, Proxy};
 use crate::access_log::AccessLog;
@@ -80,11 +85,56 @@ impl HttpProxy {
     }
 }
 
-/// Serves one application connection until it closes, or until a drain asks it to finish its
-/// requests and close.
-pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut draining: watch::Receiver<bool>) {
+/// What answers the requests of one application connection: a service's [`HttpProxy`], or
+/// passthrough's [`PassthroughHttp`].
+trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
+    fn resets(&self) -> &resets::ResetBudget;
+    fn peer(&self) -> SocketAddr;
+}
+
+impl Handler for HttpProxy {
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
+        HttpProxy::handle(self, req)
+    }
+
+    fn resets(&self) -> &resets::ResetBudget {
+        &self.resets
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+/// Serves one application connection of a service until it closes, or until a drain asks it
+/// to finish its requests and close.
+pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, draining: watch::Receiver<bool>) {
     let timeouts = proxy.timeouts;
-    let proxy = Arc::new(proxy);
+    // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
+    // HTTP/1.1 or h2c prior knowledge from the first bytes.
+    serve_with(client, proxy, timeouts, protocol != Protocol::Http, draining).await;
+}
+
+/// Serves a passthrough connection that speaks HTTP (`http2`: with prior knowledge).
+pub async fn serve_passthrough(
+    client: TcpStream,
+    passthrough: PassthroughHttp,
+    http2: bool,
+    draining: watch::Receiver<bool>,
+) {
+    let timeouts = passthrough.timeouts();
+    serve_with(client, passthrough, timeouts, http2, draining).await;
+}
+
+async fn serve_with<H: Handler>(
+    client: TcpStream,
+    handler: H,
+    timeouts: ConnectionTimeouts,
+    http2_only: bool,
+    mut draining: watch::Receiver<bool>,
+) {
+    let proxy = Arc::new(handler);
     let watched = proxy.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
@@ -99,9 +149,7 @@ pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut 
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read);
     builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS).max_header_list_size(MAX_HEADER_BYTES as u32);
-    // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
-    // HTTP/1.1 or h2c prior knowledge from the first bytes.
-    let builder = if protocol != Protocol::Http { builder.http2_only() } else { builder };
+    let builder = if http2_only { builder.http2_only() } else { builder };
     let activity = Activity::new();
     let client = Tracked::new(client, activity.clone());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
@@ -116,8 +164,8 @@ pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, mut 
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-        () = watched.resets.exceeded() => {
-            tracing::warn!(peer = %watched.peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY");
+        () = watched.resets().exceeded() => {
+            tracing::warn!(peer = %watched.peer(), "application connection cancels most of its streams (rapid reset); sending GOAWAY");
             connection.as_mut().graceful_shutdown();
             connection.await
         }

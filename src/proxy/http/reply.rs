@@ -76,6 +76,11 @@ pub(super) fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {
         Denial::Forbidden => {
             local_reply(grpc, Failure::Forbidden, "access to external services is forbidden by the Mesh")
         }
+        Denial::Denied => local_reply(
+            grpc,
+            Failure::Forbidden,
+            "access to this external service is denied by a MeshTrafficPermission",
+        ),
     }
 }
 
@@ -85,7 +90,8 @@ pub(super) fn local_reply(grpc: bool, failure: Failure, message: &'static str) -
         let h = response.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(GRPC_CONTENT_TYPE));
         h.insert("grpc-status", HeaderValue::from_static(failure.grpc_status()));
-        h.insert("grpc-message", HeaderValue::from_static(message));
+        // A header value has no line breaks; bodies may end with one.
+        h.insert("grpc-message", HeaderValue::from_static(message.trim_end()));
         return response;
     }
     let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(message.as_bytes()))));

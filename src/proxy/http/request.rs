@@ -111,7 +111,7 @@ impl RequestCtx {
             }
             match response.body_mut() {
                 ProxyBody::Upstream(body) => body.log = Some(pending),
-                ProxyBody::Local(_) => pending.finish("local_reply", 0),
+                ProxyBody::Local(_) | ProxyBody::Passthrough(_) => pending.finish("local_reply", 0),
             }
         }
     }

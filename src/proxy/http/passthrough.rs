@@ -1,0 +1,196 @@
+//! Passthrough HTTP (MeshPassthrough `Matched` with `http`, `http2` or `grpc` domain rules):
+//! each request is allowed by its Host / `:authority` and the original destination's port,
+//! then sent to an address the allowed name resolves to (pinned, see
+//! [`crate::proxy::passthrough`]) in the HTTP version the application speaks. A request no rule
+//! allows gets 503, as from Kuma's sidecar. Connections to destinations are kept for the
+//! application connection's later requests.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::body::ProxyBody;
+use super::grpc::is_grpc;
+use super::reply::{self, Failure};
+use super::resets::ResetBudget;
+use super::rewrite::{self, strip_hop_by_hop};
+use super::{ConnectionTimeouts, Handler};
+use crate::metrics::metrics;
+use crate::proxy::{passthrough, Proxy};
+use crate::upstream::{TargetAddr, UpstreamStream};
+
+/// Kuma's answer when no MeshPassthrough domain matches, with our name in place of Kuma's.
+pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No routes matched this domain - check configuration of your MeshPassthrough policy.\n";
+const UNRESOLVED: &str =
+    "mesh-egress: the MeshPassthrough rule allows this domain, but it does not resolve to a usable address\n";
+
+enum Conn {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+/// One passthrough application connection that speaks HTTP.
+pub struct PassthroughHttp {
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    /// The original destination: its port is what rules match, its address what the
+    /// application dialled.
+    dst: SocketAddr,
+    /// Open connections to destinations, by address.
+    conns: Mutex<Vec<(SocketAddr, Conn)>>,
+    resets: ResetBudget,
+}
+
+impl PassthroughHttp {
+    pub fn new(proxy: &Arc<Proxy>, peer: SocketAddr, dst: SocketAddr) -> Self {
+        Self { proxy: proxy.clone(), peer, dst, conns: Mutex::default(), resets: ResetBudget::default() }
+    }
+
+    pub(super) fn timeouts(&self) -> ConnectionTimeouts {
+        self.proxy.settings.timeouts
+    }
+
+    async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let grpc = is_grpc(req.headers());
+        let (mut parts, body) = req.into_parts();
+        if let Err(refusal) = rewrite::check(&parts) {
+            return reply::refused(grpc, refusal);
+        }
+        let authority = parts
+            .uri
+            .authority()
+            .cloned()
+            .or_else(|| parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
+        let port = self.dst.port();
+        let plan = self.proxy.live.load().catalog.passthrough().clone();
+        let allowed = authority.as_ref().filter(|a| {
+            a.port_u16().map_or(true, |p| p == port) && plan.allows_host(a.host().trim_matches(['[', ']']), port)
+        });
+        let Some(authority) = allowed else {
+            metrics().passthrough("request", false, "no_match");
+            let host = authority.as_ref().map_or("(none)", Authority::as_str);
+            tracing::info!(peer = %self.peer, dst = %self.dst, host, "passthrough request denied: no MeshPassthrough rule matches this domain");
+            return reply::local_reply(grpc, Failure::Unavailable, NO_MATCH);
+        };
+        let target = match passthrough::pin(&self.proxy, authority.host(), self.dst).await {
+            Ok(target) => target,
+            Err(why) => {
+                metrics().passthrough("request", false, "unresolved");
+                tracing::info!(peer = %self.peer, host = authority.host(), "passthrough request denied: {why}");
+                return reply::local_reply(grpc, Failure::Unavailable, UNRESOLVED);
+            }
+        };
+        metrics().passthrough("request", true, "host");
+        strip_hop_by_hop(&mut parts.headers);
+        let http2 = parts.version == Version::HTTP_2;
+        if !http2 {
+            // Origin form, with the Host the application named.
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(header::HOST, host);
+                }
+            }
+            if parts.uri.authority().is_some() {
+                parts.uri =
+                    Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+            }
+        }
+        match self.send(target, http2, Request::from_parts(parts, body)).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, ProxyBody::Passthrough(body))
+            }
+            Err(error) => {
+                tracing::debug!(peer = %self.peer, %target, %error, "passthrough request failed");
+                reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED)
+            }
+        }
+    }
+
+    /// Sends on a kept connection to `target`, else on a new one.
+    async fn send(
+        &self,
+        target: SocketAddr,
+        http2: bool,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+        let kept = {
+            let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match conns.iter().position(|(addr, c)| *addr == target && matches!(c, Conn::H2(_)) == http2) {
+                // HTTP/2 is shared; an HTTP/1 connection is taken for the request.
+                Some(i) => match &conns[i].1 {
+                    Conn::H2(s) => Some(Conn::H2(s.clone())),
+                    Conn::H1(_) => Some(conns.swap_remove(i).1),
+                },
+                None => None,
+            }
+        };
+        let reusable = match kept {
+            Some(Conn::H1(mut s)) => s.ready().await.is_ok().then_some(Conn::H1(s)),
+            Some(Conn::H2(s)) => (!s.is_closed()).then_some(Conn::H2(s)),
+            None => None,
+        };
+        let mut conn = match reusable {
+            Some(conn) => conn,
+            None => self.connect(target, http2).await?,
+        };
+        let response = match &mut conn {
+            Conn::H1(s) => s.send_request(req).await,
+            Conn::H2(s) => s.send_request(req).await,
+        };
+        if response.is_ok() {
+            let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let known =
+                matches!(conn, Conn::H2(_)) && conns.iter().any(|(a, c)| *a == target && matches!(c, Conn::H2(_)));
+            if !known {
+                conns.push((target, conn));
+            }
+        }
+        Ok(response?)
+    }
+
+    async fn connect(&self, target: SocketAddr, http2: bool) -> Result<Conn, Box<dyn std::error::Error + Send + Sync>> {
+        let addr = TargetAddr::Socket(target);
+        let stream = tokio::time::timeout(self.proxy.settings.connect_timeout, UpstreamStream::connect(&addr))
+            .await
+            .map_err(|_| format!("connect to {target} timed out"))??;
+        let io = TokioIo::new(stream);
+        if http2 {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(io).await?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(Conn::H2(sender))
+        } else {
+            let (sender, connection) = http1::Builder::new().handshake(io).await?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(Conn::H1(sender))
+        }
+    }
+}
+
+impl Handler for PassthroughHttp {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let stream = self.resets.stream();
+        let response = self.phases(req).await;
+        stream.answered();
+        response
+    }
+
+    fn resets(&self) -> &ResetBudget {
+        &self.resets
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}

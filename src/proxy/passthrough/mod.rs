@@ -1,0 +1,124 @@
+//! Transparent traffic to a destination no service claims, as MeshPassthrough decides:
+//!
+//! - `All`: sent where it was going; `None`: closed;
+//! - `Matched`: an IP/CIDR match on the original destination passes it whatever it speaks;
+//!   else its first bytes are peeked ([`sniff`]): a TLS ClientHello whose SNI a `tls` rule
+//!   allows, or HTTP (decided per request, [`crate::proxy::http::serve_passthrough`]) whose
+//!   Host an HTTP rule allows.
+//!
+//! A domain match is **pinned**: the connection goes to an address the allowed name resolves
+//! to (the original destination when it is one of them), never blindly to the address the
+//! application dialled, so a client cannot present an allowed SNI or Host to reach any IP.
+
+pub(crate) mod sniff;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::{copy, Proxy, ProxySettings};
+use crate::live::Snapshot;
+use crate::metrics::metrics;
+use crate::policy::passthrough::Allowed;
+use crate::resources::egress::PassthroughMode;
+use crate::upstream::{ResolverSource, TargetAddr, UpstreamStream};
+use sniff::Sniffed;
+
+/// Destinations passthrough never goes to: the proxy itself (a loop), and VIPs no service has
+/// (they lead nowhere outside).
+pub(super) fn refused(settings: &ProxySettings, snapshot: &Snapshot, dst: SocketAddr) -> Option<&'static str> {
+    if settings.vip_cidr.is_some_and(|cidr| cidr.contains(&dst.ip())) {
+        return Some("in the VIP range but no service's");
+    }
+    let own = |addr: &SocketAddr| addr.port() == dst.port() && (addr.ip() == dst.ip() || addr.ip().is_unspecified());
+    if settings.own_listeners.iter().any(own) || snapshot.catalog.outbounds().iter().any(|o| own(&o.address)) {
+        return Some("one of the proxy's own listeners");
+    }
+    None
+}
+
+fn deny(peer: SocketAddr, dst: SocketAddr, reason: &'static str, detail: &str) {
+    metrics().passthrough("connection", false, reason);
+    tracing::info!(%peer, %dst, reason, "passthrough denied{detail}");
+}
+
+pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let settings = &proxy.settings;
+    if !settings.passthrough {
+        return deny(peer, dst, "passthrough_off", " (--no-passthrough)");
+    }
+    let plan = proxy.live.load().catalog.passthrough().clone();
+    if let Some(allowed) = plan.allows_address(dst) {
+        let reason = match allowed {
+            Allowed::All => "mode_all",
+            Allowed::Address => "address",
+        };
+        metrics().passthrough("connection", true, reason);
+        return tunnel(settings, client, peer, dst).await;
+    }
+    if plan.mode == PassthroughMode::None {
+        return deny(peer, dst, "mode_none", " (MeshPassthrough passthroughMode: None)");
+    }
+    if !plan.has_domain_rules(dst.port()) {
+        return deny(peer, dst, "no_match", ": no MeshPassthrough rule matches this address and port");
+    }
+    match sniff::sniff(&client, settings.timeouts.header_read).await {
+        Sniffed::Tls { sni: Some(name) } if plan.allows_sni(&name, dst.port()) => match pin(proxy, &name, dst).await {
+            Ok(target) => {
+                metrics().passthrough("connection", true, "sni");
+                tunnel(settings, client, peer, target).await;
+            }
+            Err(why) => deny(peer, dst, "unresolved", &format!(": SNI {name} is allowed but {why}")),
+        },
+        Sniffed::Tls { sni } => {
+            let sni = sni.unwrap_or_else(|| "(none)".into());
+            deny(peer, dst, "no_match", &format!(": no MeshPassthrough tls rule matches SNI {sni}"))
+        }
+        sniffed @ (Sniffed::Http1 | Sniffed::Http2) => {
+            let passthrough = super::http::PassthroughHttp::new(proxy, peer, dst);
+            Box::pin(super::http::serve_passthrough(
+                client,
+                passthrough,
+                sniffed == Sniffed::Http2,
+                proxy.draining.clone(),
+            ))
+            .await;
+        }
+        Sniffed::Opaque => deny(peer, dst, "no_match", ": neither TLS nor HTTP, and no IP or CIDR rule matches"),
+    }
+}
+
+/// Where a connection for the allowed `name` goes: the original destination when `name`
+/// resolves to it, else the first address it resolves to (on the same port); `Err`: why none.
+pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<SocketAddr, String> {
+    let resolved = resolve(&proxy.upstream_settings.resolver, name).await?;
+    let target = if resolved.contains(&dst.ip()) {
+        dst
+    } else {
+        let ip = *resolved.first().ok_or_else(|| format!("{name} resolves to no address"))?;
+        tracing::debug!(%dst, name, %ip, "the allowed name does not resolve to the dialled address; pinned to its own");
+        SocketAddr::new(ip, dst.port())
+    };
+    if let Some(why) = refused(&proxy.settings, &proxy.live.load(), target) {
+        return Err(format!("it resolves to {target}, which is {why}"));
+    }
+    Ok(target)
+}
+
+async fn resolve(source: &ResolverSource, name: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    let resolver = source.get().map_err(|e| format!("no resolver: {e}"))?;
+    resolver.resolve(name).await.map(|r| r.addresses).map_err(|e| e.to_string())
+}
+
+/// Connects to `target` and copies both ways.
+async fn tunnel(settings: &ProxySettings, mut client: TcpStream, peer: SocketAddr, target: SocketAddr) {
+    let addr = TargetAddr::Socket(target);
+    let mut upstream = match tokio::time::timeout(settings.connect_timeout, UpstreamStream::connect(&addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => return tracing::debug!(%peer, %target, %error, "passthrough connect failed"),
+        Err(_) => return tracing::debug!(%peer, %target, "passthrough connect timed out"),
+    };
+    let (bytes, _) = copy::bidirectional(&mut client, &mut upstream, settings.timeouts.flow()).await;
+    tracing::debug!(%peer, %target, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, "passthrough closed");
+}

@@ -1,0 +1,262 @@
+//! MeshPassthrough on the transparent listener, in process: the original destination is
+//! injected, the "internet" is loopback addresses (127.0.0.2 allowed servers, 127.0.0.3 the
+//! same ports elsewhere), names resolve through a DNS server of the test's own. The root
+//! network-namespace tier (tests/netns.rs) runs the same modes with iptables and real clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub)] // test code
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::http_upstream::{http_upstream_on, tls_config};
+use common::pki::Ca;
+use common::*;
+use mesh_egress::server::Server;
+use mesh_egress::upstream::ResolverSource;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ALLOWED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+/// Reads what the peer sends until it closes (or 10 s pass).
+async fn read_all(stream: &mut (impl AsyncReadExt + Unpin)) -> String {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// `requests` on one HTTP/1.1 connection, each `(host, path)`; returns each response's status
+/// line and body.
+async fn http1(mut stream: TcpStream, requests: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, (host, path)) in requests.iter().enumerate() {
+        let close = if i + 1 == requests.len() { "Connection: close\r\n" } else { "" };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{close}\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                panic!("closed before a response to {host}{path}: {:?}", String::from_utf8_lossy(&head));
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+        out.push((head.lines().next().unwrap().to_string(), String::from_utf8_lossy(&body).into_owned()));
+    }
+    out
+}
+
+fn tls_connector(ca: &Ca) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(common::pki::certs(&ca.pem).remove(0)).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// An HTTPS GET with `sni` over `stream`: the status line, or the TLS error.
+async fn https_get(connector: &tokio_rustls::TlsConnector, stream: TcpStream, sni: &str) -> Result<String, String> {
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = connector.connect(name, stream).await.map_err(|e| e.to_string())?;
+    let req = format!("GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    Ok(read_all(&mut tls).await)
+}
+
+const POLICY: &str = "\
+---
+type: MeshPassthrough
+name: egress
+mesh: default
+spec:
+  targetRef: {kind: Mesh}
+  default:
+    passthroughMode: MODE
+    appendMatch:
+      - {type: IP, value: 127.0.0.4, port: ECHO_PORT, protocol: tcp}
+      - {type: CIDR, value: 127.0.5.0/24}
+      - {type: Domain, value: tls.test, port: TLS_PORT, protocol: tls}
+      - {type: Domain, value: '*.wild.test', port: TLS_PORT, protocol: tls}
+      - {type: Domain, value: web.test, protocol: http}
+      - {type: Domain, value: '*.web.test', port: HTTP_PORT, protocol: http}
+";
+
+struct World {
+    proxy: Server,
+    injected: Arc<InjectedOriginalDst>,
+    listener: SocketAddr,
+    config: std::path::PathBuf,
+    policy: String,
+    mes: String,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn dial(&self, dst: SocketAddr) -> TcpStream {
+        self.injected.connect(self.listener, dst).await
+    }
+
+    async fn set_mode(&mut self, mode: &str) {
+        std::fs::write(&self.config, format!("{}{}", self.mes, self.policy.replace("MODE", mode))).unwrap();
+        self.proxy.reload().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matched_mode_allows_only_what_the_rules_name_and_pins_domains() {
+    let dns = dns_server(30).await;
+    for name in ["tls.test", "a.wild.test", "b.c.wild.test", "web.test", "api.web.test", "other.test"] {
+        dns.set(name, ALLOWED);
+    }
+    dns.set("wild.test", ALLOWED);
+    let ca = Ca::new("passthrough-ca");
+    let leaf = ca.server(&["tls.test", "*.wild.test", "b.c.wild.test", "wild.test", "other.test"]);
+    let https = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), Some(tls_config(&leaf))).await;
+    let https_elsewhere =
+        http_upstream_on(SocketAddr::new(ELSEWHERE.into(), https.addr.port()), Some(tls_config(&leaf))).await;
+    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let web_elsewhere = http_upstream_on(SocketAddr::new(ELSEWHERE.into(), web.addr.port()), None).await;
+    let echo = echo_server("127.0.0.4:0".parse().unwrap(), "echo").await;
+    let cidr_echo = echo_server("127.0.5.9:0".parse().unwrap(), "cidr").await;
+    let not_listed = echo_server("127.0.6.1:0".parse().unwrap(), "unlisted").await;
+    let mes_echo = echo_server("127.0.0.1:0".parse().unwrap(), "mes").await;
+
+    let outbound = free_addr("127.0.0.1");
+    let mes = service_with_outbound("mes", outbound, &endpoint("127.0.0.1", mes_echo.addr.port(), 0), "");
+    let policy = POLICY
+        .replace("ECHO_PORT", &echo.addr.port().to_string())
+        .replace("TLS_PORT", &https.addr.port().to_string())
+        .replace("HTTP_PORT", &web.addr.port().to_string());
+    let (dir, config) = config_dir(&format!("{mes}{}", policy.replace("MODE", "Matched")));
+    let mut opts = options(config.clone());
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    let listener = proxy.transparent_addr().unwrap();
+    let mut world = World { proxy, injected, listener, config, policy, mes, _dir: dir };
+    let connector = tls_connector(&ca);
+    let round_trip = |mut s: TcpStream| async move {
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        read_all(&mut s).await
+    };
+
+    // IP and CIDR: by address (and port), whatever the bytes.
+    assert_eq!(round_trip(world.dial(echo.addr).await).await, "echo\nping<eof>");
+    assert_eq!(round_trip(world.dial(cidr_echo.addr).await).await, "cidr\nping<eof>");
+    assert_eq!(round_trip(world.dial(not_listed.addr).await).await, "", "no rule: closed");
+
+    // TLS by SNI, never terminated: the client verifies the destination's own certificate.
+    let tls_dst = https.addr;
+    let ok = https_get(&connector, world.dial(tls_dst).await, "tls.test").await.unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("path: /tls"), "{ok}");
+    for sni in ["a.wild.test", "b.c.wild.test"] {
+        let ok = https_get(&connector, world.dial(tls_dst).await, sni).await.unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200"), "{sni}: {ok}");
+    }
+    for sni in ["wild.test", "other.test"] {
+        let denied = https_get(&connector, world.dial(tls_dst).await, sni).await;
+        assert!(denied.is_err(), "{sni}: *.wild.test and tls.test only, got {denied:?}");
+    }
+    // Pinned: an allowed SNI dialled at another address goes to the name's own address.
+    let before = (https.connections(), https_elsewhere.connections());
+    let pinned = https_get(&connector, world.dial(https_elsewhere.addr).await, "tls.test").await.unwrap();
+    assert!(pinned.starts_with("HTTP/1.1 200"), "{pinned}");
+    assert_eq!((https.connections(), https_elsewhere.connections()), (before.0 + 1, before.1), "never the dialled IP");
+
+    // HTTP by Host, per request on one keep-alive connection; 503 with Kuma's text otherwise.
+    let host = |name: &str| format!("{name}:{}", web.addr.port());
+    let responses = http1(
+        world.dial(web.addr).await,
+        &[
+            (&host("web.test"), "/one"),
+            (&host("other.test"), "/two"),
+            (&host("api.web.test"), "/three"),
+            ("web.test", "/four"),
+        ],
+    )
+    .await;
+    assert!(responses[0].0.contains(" 200 ") && responses[0].1.contains("path: /one"), "{responses:?}");
+    assert!(responses[1].0.contains(" 503 "), "{responses:?}");
+    assert!(responses[1]
+        .1
+        .contains("No routes matched this domain - check configuration of your MeshPassthrough policy"));
+    assert!(responses[2].0.contains(" 200 ") && responses[2].1.contains("path: /three"), "{responses:?}");
+    assert!(responses[3].0.contains(" 200 "), "a Host without a port matches the destination's: {responses:?}");
+    let wrong_port = http1(world.dial(web.addr).await, &[("web.test:1", "/x")]).await;
+    assert!(wrong_port[0].0.contains(" 503 "), "Host names another port: {wrong_port:?}");
+    // Pinned too: web.test dialled at the other address is served by web.test's.
+    let before = web_elsewhere.connections();
+    let pinned = http1(world.dial(web_elsewhere.addr).await, &[(&host("web.test"), "/pinned")]).await;
+    assert!(pinned[0].0.contains(" 200 "), "{pinned:?}");
+    assert_eq!(web_elsewhere.connections(), before, "the dialled address is never reached");
+
+    // The MeshExternalService is unaffected by any of it.
+    assert_eq!(round_trip(TcpStream::connect(outbound).await.unwrap()).await, "mes\nping<eof>");
+
+    // Hot reload: None closes even the IP rule's destination; All passes anything.
+    world.set_mode("None").await;
+    assert_eq!(round_trip(world.dial(echo.addr).await).await, "");
+    assert!(https_get(&connector, world.dial(tls_dst).await, "tls.test").await.is_err());
+    world.set_mode("All").await;
+    assert_eq!(round_trip(world.dial(not_listed.addr).await).await, "unlisted\nping<eof>");
+    assert_eq!(round_trip(TcpStream::connect(outbound).await.unwrap()).await, "mes\nping<eof>");
+
+    let metrics = mesh_egress::metrics::metrics().encode();
+    for series in [
+        r#"mesh_egress_passthrough_total{unit="connection",decision="allowed",reason="address"}"#,
+        r#"mesh_egress_passthrough_total{unit="connection",decision="allowed",reason="sni"}"#,
+        r#"mesh_egress_passthrough_total{unit="connection",decision="denied",reason="no_match"}"#,
+        r#"mesh_egress_passthrough_total{unit="connection",decision="denied",reason="mode_none"}"#,
+        r#"mesh_egress_passthrough_total{unit="connection",decision="allowed",reason="mode_all"}"#,
+        r#"mesh_egress_passthrough_total{unit="request",decision="allowed",reason="host"}"#,
+        r#"mesh_egress_passthrough_total{unit="request",decision="denied",reason="no_match"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+}
+
+/// h2c with prior knowledge: each stream is decided by its `:authority`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_are_decided_by_authority() {
+    let dns = dns_server(30).await;
+    dns.set("web.test", ALLOWED);
+    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let policy = format!(
+        "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    appendMatch:\n      - {{type: Domain, value: web.test, port: {}, protocol: http2}}\n",
+        web.addr.port()
+    );
+    let (_dir, config) = config_dir(&policy);
+    let mut opts = options(config);
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    for (authority, status) in [("web.test", 200), ("evil.test", 503), ("web.test", 200)] {
+        let uri = format!("http://{authority}:{}/h2", web.addr.port());
+        let req = http::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        assert_eq!(response.status(), status, "{authority}");
+    }
+}
