@@ -863,3 +863,67 @@ async fn grpc_health_checks_send_the_configured_authority() {
     wait_for_failed_checks("grpc-authority", 2.0).await;
     assert_eq!(health_checks("grpc-authority", "success"), 0.0);
 }
+
+fn permission(name: &str, service: &str, from: &str, action: &str) -> String {
+    format!("---\ntype: MeshTrafficPermission\nname: {name}\nmesh: default\nspec:\n  targetRef: {{kind: MeshExternalService, name: {service}}}\n  from:\n  - targetRef: {from}\n    default: {{action: {action}}}\n")
+}
+
+/// MeshTrafficPermission on a MeshExternalService, for the workload named by `--dataplane`:
+/// denied HTTP gets 403, gRPC PERMISSION_DENIED, TCP a close; a shadow deny passes and is
+/// counted; the most specific item wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_permissions_decide_per_workload() {
+    let upstream = http_upstream(None).await;
+    let grpc_upstream = grpc_server(None).await;
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let outbounds: Vec<SocketAddr> = (0..5).map(|_| free_addr("127.0.0.1")).collect();
+    let mut yaml = String::new();
+    for (i, (name, protocol, port)) in [
+        ("denied", "http", upstream.addr.port()),
+        ("rpc", "grpc", grpc_upstream.addr.port()),
+        ("raw", "tcp", echo.addr.port()),
+        ("shadowed", "http", upstream.addr.port()),
+        ("opened", "http", upstream.addr.port()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        yaml.push_str(&service_with_protocol(name, protocol, outbounds[i], &endpoint("127.0.0.1", port, 0), ""));
+        yaml.push_str("---\n");
+    }
+    yaml.push_str(&permission("deny-denied", "denied", "{kind: Dataplane, name: app-denied}", "Deny"));
+    yaml.push_str(&permission("deny-rpc", "rpc", "{kind: Mesh}", "Deny"));
+    yaml.push_str(&permission("deny-raw", "raw", "{kind: Mesh}", "Deny"));
+    yaml.push_str(&permission("shadow", "shadowed", "{kind: Mesh}", "AllowWithShadowDeny"));
+    yaml.push_str(&permission("close-opened", "opened", "{kind: Mesh}", "Deny"));
+    yaml.push_str(&permission("open-opened", "opened", "{kind: Dataplane, name: app-denied}", "Allow"));
+    // Another workload's item changes nothing for this one.
+    yaml.push_str(&permission("other-workload", "shadowed", "{kind: Dataplane, name: app-rpc}", "Deny"));
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.compile.dataplane = Some("app-denied".into());
+    let _proxy = start(opts).await;
+
+    let (status, body, _) = get_status(outbounds[0], &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("denied by a MeshTrafficPermission"), "{body}");
+
+    let mut client = grpc::client(outbounds[1]).await;
+    client.ready().await.unwrap();
+    let reply = client.unary(tonic::Request::new(Bytes::from("hello")), grpc::path("Unary"), RawCodec).await;
+    assert_eq!(reply.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    let mut raw = tokio::net::TcpStream::connect(outbounds[2]).await.unwrap();
+    let _ = raw.write_all(b"ping").await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut buf)).await;
+    assert!(buf.is_empty(), "closed without reaching the endpoint: {:?}", String::from_utf8_lossy(&buf));
+
+    let before = counter("mesh_egress_access_refused_total", "shadowed");
+    for _ in 0..3 {
+        assert_eq!(get_status(outbounds[3], &[]).await.0, 200);
+    }
+    assert_eq!(counter("mesh_egress_access_refused_total", "shadowed") - before, 3.0, "each use is counted");
+    assert_eq!(get_status(outbounds[4], &[]).await.0, 200, "the Dataplane item beats the Mesh one");
+    assert_eq!(counter("mesh_egress_access_refused_total", "denied"), 1.0);
+}

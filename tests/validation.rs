@@ -479,3 +479,107 @@ fn valid_policies_load_in_both_spellings_with_all_errors_at_once() {
     let two = to_mesh("MeshTimeout", "{connectionTimeout: 0s, idleTimeout: -1s}");
     assert_eq!(errors(&load(&two)).len(), 2, "every violation is reported");
 }
+
+fn passthrough(default: &str) -> String {
+    policy("MeshPassthrough", &format!("  default:\n    passthroughMode: Matched\n    appendMatch:\n{default}"))
+}
+
+fn permission(spec: &str) -> String {
+    policy("MeshTrafficPermission", spec)
+}
+
+/// MeshPassthrough's messages (Kuma's, typos kept) and MeshTrafficPermission's, with the
+/// MeshExternalService extension's.
+#[test]
+fn every_egress_rule_has_its_message() {
+    let m = |fields: &str| passthrough(&format!("    - {{{fields}}}\n"));
+    let at = |i: usize, field: &str| format!("spec.default.appendMatch[{i}].{field}");
+    let on_mes = "  targetRef: {kind: MeshExternalService, name: httpbin}\n";
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        ("mysql without port", m("type: IP, value: 192.0.2.1, protocol: mysql"), at(0, "port"), "port must be defined for Mysql protocol"),
+        ("port zero", m("type: IP, value: 192.0.2.1, port: 0"), at(0, "port"), "port must be a valid (1-65535)"),
+        ("port high", m("type: IP, value: 192.0.2.1, port: 70000"), at(0, "port"), "port must be a valid (1-65535)"),
+        (
+            "one port, two L7 protocols",
+            passthrough("    - {type: Domain, value: a.test, port: 80, protocol: http}\n    - {type: Domain, value: b.test, port: 80, protocol: grpc}\n"),
+            at(1, "port"),
+            "using the same port in multiple matches requires the same protocol for the following protocols: [grpc http http2]",
+        ),
+        (
+            "duplicate",
+            passthrough("    - {type: Domain, value: a.test, port: 443, protocol: tls}\n    - {type: Domain, value: a.test, port: 443, protocol: tls}\n"),
+            at(1, "value"),
+            "value a.test is already defiend for this port and protocol",
+        ),
+        ("protocol", m("type: IP, value: 192.0.2.1, protocol: udp"), at(0, "protocol"), r#""protocol" must be one of ["tcp", "tls", "grpc", "http", "http2", "mysql"]"#),
+        ("bad CIDR", m("type: CIDR, value: 192.0.2.0/33"), at(0, "value"), "provided CIDR has incorrect value"),
+        ("bad IP", m("type: IP, value: 192.0.2.300"), at(0, "value"), "provided IP has incorrect value"),
+        ("tcp for a domain", m("type: Domain, value: a.test, protocol: tcp"), at(0, "protocol"), "protocol tcp is not supported for a domain"),
+        ("mysql for a domain", m("type: Domain, value: a.test, port: 3306, protocol: mysql"), at(0, "protocol"), "protocol mysql is not supported for a domain"),
+        (
+            "partial wildcard",
+            m("type: Domain, value: '*w.example.com', port: 443, protocol: tls"),
+            at(0, "value"),
+            "provided DNS has incorrect value, partial wildcard is currently not supported",
+        ),
+        (
+            "wildcard on all ports with L7",
+            m("type: Domain, value: '*.example.com', protocol: http"),
+            at(0, "port"),
+            "wildcard domains doesn't work for all ports and layer 7 protocol",
+        ),
+        ("bad DNS", m("type: Domain, value: 'exa mple.com', protocol: tls"), at(0, "value"), "provided DNS has incorrect value"),
+        ("IP as a domain", m("type: Domain, value: 192.0.2.1, protocol: tls"), at(0, "value"), "provided DNS has incorrect value"),
+        ("type", m("type: Host, value: a.test, protocol: tls"), at(0, "type"), "provided type Host is not supported, one of Domain, IP, or CIDR is supported"),
+        (
+            "passthrough targetRef",
+            policy("MeshPassthrough", "  targetRef: {kind: MeshService, name: web}\n  default: {passthroughMode: All}\n"),
+            "spec.targetRef.kind".into(),
+            "value 'MeshService' is not supported",
+        ),
+        (
+            "passthrough to",
+            policy("MeshPassthrough", "  to: []\n  default: {passthroughMode: All}\n"),
+            "spec.to".into(),
+            "unknown field `to`: MeshPassthrough has only `default`",
+        ),
+        (
+            "permission without from",
+            permission(on_mes),
+            "spec".into(),
+            "at least one of 'from' or 'rules' has to be defined",
+        ),
+        (
+            "permission action",
+            permission(&format!("{on_mes}  from:\n  - targetRef: {{kind: Mesh}}\n    default: {{}}\n")),
+            "spec.from[0].default.action".into(),
+            "must be defined",
+        ),
+        (
+            "permission from kind",
+            permission(&format!("{on_mes}  from:\n  - targetRef: {{kind: MeshExternalService, name: x}}\n    default: {{action: Deny}}\n")),
+            "spec.from[0].targetRef.kind".into(),
+            "value 'MeshExternalService' is not supported",
+        ),
+        (
+            "permission Dataplane only on a MeshExternalService",
+            permission("  targetRef: {kind: Mesh}\n  from:\n  - targetRef: {kind: Dataplane, name: web-1}\n    default: {action: Deny}\n"),
+            "spec.from[0].targetRef.kind".into(),
+            "value 'Dataplane' is not supported",
+        ),
+        (
+            "permission rules on a MeshExternalService",
+            permission(&format!("{on_mes}  rules:\n  - default: {{allow: []}}\n")),
+            "spec.rules".into(),
+            "a MeshTrafficPermission on a MeshExternalService takes `from` items, not `rules`",
+        ),
+    ];
+    expect_each(&cases);
+    let valid = passthrough(
+        "    - {type: Domain, value: '*', port: 443, protocol: tls}\n    - {type: CIDR, value: '2001:db8::/32'}\n    - {type: IP, value: 192.0.2.1, port: 3306, protocol: mysql}\n",
+    );
+    assert!(errors(&load(&valid)).is_empty(), "{:?}", errors(&load(&valid)));
+    let kube = "apiVersion: kuma.io/v1alpha1\nkind: MeshTrafficPermission\nmetadata:\n  name: p\n  namespace: kuma-system\n  labels: {kuma.io/mesh: default}\nspec:\n  targetRef: {kind: MeshExternalService, name: httpbin}\n  from:\n  - targetRef: {kind: Dataplane, labels: {app: web}}\n    default: {action: AllowWithShadowDeny}\n";
+    let loaded = load(kube);
+    assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
+}
