@@ -14,6 +14,13 @@ use std::time::{Duration, Instant};
 
 const PROXY_UID: &str = "5678";
 const HELPER_ENV: &str = "MESH_EGRESS_NETNS_HELPER";
+const PASSTHROUGH_HELPER_ENV: &str = "MESH_EGRESS_NETNS_PASSTHROUGH_HELPER";
+/// Test-net addresses in the "ext" namespace: the allowed destinations, another host on the
+/// same ports, and two TCP hosts.
+const ALLOWED: &str = "192.0.2.10";
+const ELSEWHERE: &str = "198.51.100.10";
+const TCP_LISTED: &str = "203.0.113.10";
+const TCP_UNLISTED: &str = "203.0.113.20";
 
 fn sh(args: &[&str]) -> std::process::Output {
     Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
@@ -299,4 +306,177 @@ fn transparent_proxy_dns_and_vips_in_network_namespaces() {
     wait_for("/ready with VIP listeners", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
     let body = net.app_ok(&["curl", "-sS", "--max-time", "10", &format!("http://{vip}/vip")]);
     assert!(body.contains("path: /vip") && body.contains("host: web.ext.test:8080"), "{body}");
+}
+
+/// Not a test: the "internet" of `mesh_passthrough_in_network_namespaces`, in the "ext"
+/// namespace. `ELSEWHERE` answers every port with `elsewhere`, so a connection that reached it
+/// shows.
+#[test]
+#[ignore = "helper process for mesh_passthrough_in_network_namespaces"]
+fn netns_passthrough_servers() {
+    let Ok(spec) = std::env::var(PASSTHROUGH_HELPER_ENV) else { return };
+    let (dns_ip, dir) = spec.split_once(',').unwrap();
+    let dns_ip: Ipv4Addr = dns_ip.parse().unwrap();
+    let read = |f: &str| std::fs::read_to_string(std::path::Path::new(dir).join(f)).unwrap();
+    let leaf = common::pki::Leaf { cert_pem: read("leaf.pem"), key_pem: read("leaf.key") };
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+        let tls = common::http_upstream::tls_config(&leaf);
+        let _web = common::http_upstream::http_upstream_on((ip(ALLOWED), 80).into(), None).await;
+        let _https = common::http_upstream::http_upstream_on((ip(ALLOWED), 443).into(), Some(tls)).await;
+        let _elsewhere_80 = common::echo_server((ip(ELSEWHERE), 80).into(), "elsewhere").await;
+        let _elsewhere_443 = common::echo_server((ip(ELSEWHERE), 443).into(), "elsewhere").await;
+        let _listed = common::echo_server((ip(TCP_LISTED), 5432).into(), "listed").await;
+        let _unlisted = common::echo_server((ip(TCP_UNLISTED), 5432).into(), "unlisted").await;
+        let _mes = common::echo_server((dns_ip, 9000).into(), "mes").await;
+        let dns = common::dns_server_on((dns_ip, 53).into(), 30).await;
+        let allowed: Ipv4Addr = ALLOWED.parse().unwrap();
+        for name in ["allowed.test", "api.wild.test", "web.test", "denied.test"] {
+            dns.set(name, allowed);
+        }
+        println!("\nhelper-servers-ready");
+        let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+    });
+}
+
+const PASSTHROUGH_CONFIG: &str = "\
+type: MeshExternalService
+name: echo
+spec:
+  match: {port: 9000, protocol: tcp}
+  endpoints: [{address: EXT_IP, port: 9000}]
+---
+type: MeshPassthrough
+name: egress
+spec:
+  targetRef: {kind: Mesh}
+  default:
+    passthroughMode: MODE
+    appendMatch:
+      - {type: IP, value: 203.0.113.10, port: 5432}
+      - {type: Domain, value: allowed.test, port: 443, protocol: tls}
+      - {type: Domain, value: '*.wild.test', port: 443, protocol: tls}
+      - {type: Domain, value: web.test, port: 80, protocol: http}
+";
+
+/// MeshPassthrough with iptables and real clients run as an unprivileged user: curl, openssl
+/// s_client and socat, against servers on test-net addresses in another namespace.
+#[test]
+fn mesh_passthrough_in_network_namespaces() {
+    require_root_and_tools();
+    for tool in ["openssl"] {
+        let found =
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+        assert!(found, "{tool} is missing: .ci/run installs it");
+    }
+    let mut net = Net::create();
+    let (ext_ip, ext, app) = (net.ext_ip.to_string(), net.ext.clone(), net.app.clone());
+    for addr in [ALLOWED, ELSEWHERE, TCP_LISTED, TCP_UNLISTED] {
+        ok(&["ip", "-n", &ext, "addr", "add", &format!("{addr}/32"), "dev", "lo"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("netns-passthrough-ca");
+    let leaf = ca.server(&["allowed.test", "*.wild.test", "denied.test"]);
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    std::fs::write(dir.path().join("leaf.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.path().join("leaf.key"), &leaf.key_pem).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let helper = net.spawn(
+        &ext,
+        &[me.to_str().unwrap(), "--ignored", "--exact", "netns_passthrough_servers", "--nocapture", "--test-threads=1"],
+        &[(PASSTHROUGH_HELPER_ENV, format!("{ext_ip},{}", dir.path().display()))],
+    );
+    let stdout = net.children[helper].stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("helper-servers-ready"))), "helper servers did not start");
+
+    let config = dir.path().join("config.yaml");
+    let write_config = |mode: &str| {
+        let text = PASSTHROUGH_CONFIG.replace("EXT_IP", &ext_ip).replace("MODE", mode);
+        // Written aside and renamed: the watcher never sees half a file.
+        let tmp = dir.path().join("config.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
+    };
+    write_config("Matched");
+    ok(&["chmod", "-R", "a+rwX", dir.path().to_str().unwrap()]);
+    let bin = env!("CARGO_BIN_EXE_mesh-egress");
+    net.app_ok(&[bin, "transparent-proxy", "install", "--proxy-uid", PROXY_UID]);
+    let args = [
+        "setpriv",
+        "--reuid",
+        PROXY_UID,
+        "--regid",
+        PROXY_UID,
+        "--clear-groups",
+        bin,
+        "run",
+        "-c",
+        config.to_str().unwrap(),
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let _proxy = net.spawn(&app, &args, &[("RUST_LOG", "warn".into())]);
+    wait_for("/ready", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
+
+    // The application: an unprivileged user whose connections iptables redirects.
+    let user = |args: &[&str]| -> String {
+        let mut full = vec!["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"];
+        full.extend_from_slice(args);
+        net.app(&full)
+    };
+    let socat = |addr: &str| user(&["sh", "-c", &format!("printf ping | socat -t5 - TCP:{addr}")]);
+    let ca_file = dir.path().join("ca.pem");
+    let ca_file = ca_file.to_str().unwrap().to_string();
+    let s_client = |connect: &str, sni: &str| {
+        let script = format!(
+            "printf 'GET /tls HTTP/1.1\\r\\nHost: {sni}\\r\\nConnection: close\\r\\n\\r\\n' | timeout 10 openssl s_client -connect {connect} -servername {sni} -CAfile {ca_file} -verify_return_error -quiet 2>&1"
+        );
+        user(&["sh", "-c", &script])
+    };
+    let curl = |extra: &[&str]| {
+        let mut args = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+        args.extend_from_slice(extra);
+        user(&args)
+    };
+
+    // IP: by address and port, whatever the bytes.
+    assert_eq!(socat(&format!("{TCP_LISTED}:5432")), "listed\nping<eof>");
+    assert_eq!(socat(&format!("{TCP_UNLISTED}:5432")), "", "not in appendMatch: closed");
+    // TLS by SNI, passed through untouched: the client verifies the server's own certificate.
+    let tls = s_client(&format!("{ALLOWED}:443"), "allowed.test");
+    assert!(tls.contains("HTTP/1.1 200") && tls.contains("path: /tls"), "{tls}");
+    let wild = s_client(&format!("{ALLOWED}:443"), "api.wild.test");
+    assert!(wild.contains("HTTP/1.1 200"), "{wild}");
+    let denied = s_client(&format!("{ALLOWED}:443"), "denied.test");
+    assert!(!denied.contains("HTTP/1.1"), "no rule for denied.test: {denied}");
+    // Pinned: the allowed SNI dialled at another host reaches allowed.test's own address.
+    let pinned = s_client(&format!("{ELSEWHERE}:443"), "allowed.test");
+    assert!(pinned.contains("HTTP/1.1 200") && !pinned.contains("elsewhere"), "{pinned}");
+    // HTTP by Host, resolved through the proxy's DNS like any name.
+    let web = curl(&["http://web.test/hello"]);
+    assert!(web.ends_with("\n200") && web.contains("path: /hello"), "{web}");
+    let other = curl(&["-H", "Host: denied.test", &format!("http://{ALLOWED}/")]);
+    assert!(other.ends_with("\n503") && other.contains("No routes matched this domain"), "{other}");
+    let pinned = curl(&["--resolve", &format!("web.test:80:{ELSEWHERE}"), "http://web.test/pinned"]);
+    assert!(pinned.ends_with("\n200") && pinned.contains("path: /pinned"), "{pinned}");
+    // The MeshExternalService is unaffected.
+    assert_eq!(socat("echo.extsvc.mesh.local:9000"), "mes\nping<eof>");
+    let metrics = net.app(&["curl", "-s", "http://127.0.0.1:9901/metrics"]);
+    assert!(
+        metrics.contains(r#"mesh_egress_passthrough_total{unit="connection",decision="allowed",reason="sni"}"#),
+        "{metrics}"
+    );
+    let inspect = net.app_ok(&[bin, "inspect", config.to_str().unwrap(), "--state-dir", dir.path().to_str().unwrap()]);
+    assert!(inspect.contains("passthrough Matched (MeshPassthrough default/egress)"), "{inspect}");
+    assert!(inspect.contains("passthrough allows Domain allowed.test port 443 tls"), "{inspect}");
+
+    // Hot reload: None closes even what the IP rule allowed; All passes anything.
+    write_config("None");
+    wait_for("passthroughMode None", || socat(&format!("{TCP_LISTED}:5432")).is_empty());
+    assert!(!s_client(&format!("{ALLOWED}:443"), "allowed.test").contains("HTTP/1.1"));
+    write_config("All");
+    wait_for("passthroughMode All", || socat(&format!("{TCP_UNLISTED}:5432")) == "unlisted\nping<eof>");
+    assert_eq!(socat("echo.extsvc.mesh.local:9000"), "mes\nping<eof>");
+    net.app_ok(&[bin, "transparent-proxy", "uninstall"]);
 }
