@@ -77,7 +77,8 @@ fn inspect_shows_services_and_records_vips_like_run() {
     let out = mesh_egress(&["inspect", "config/examples", "-o", "json", "--state-dir", state_dir]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(inspected["passthrough"]["mode"], "All", "no MeshPassthrough: everything passes");
+    assert_eq!(inspected["passthrough"]["mode"], "Matched", "config/examples/egress.yaml");
+    assert_eq!(inspected["passthrough"]["rules"].as_array().unwrap().len(), 5);
     let https = inspected["services"].as_array().unwrap().iter().find(|s| s["name"] == "mes-https").unwrap();
     assert_eq!(https["protocol"], "http");
     assert_eq!(https["port"], 80);
@@ -92,6 +93,14 @@ fn inspect_shows_services_and_records_vips_like_run() {
     let vip = https["vip"].as_str().unwrap();
     assert!(table.lines().any(|l| l.starts_with("mes-https ") && l.contains(vip)), "{table}");
     assert!(table.contains("outbound 127.0.0.1:10001 (Dataplane app-1) -> default/mes-tcp"), "{table}");
+    assert!(table.contains("passthrough Matched (MeshPassthrough default/egress)"), "{table}");
+    assert!(table.contains("passthrough allows Domain *.s3.amazonaws.com port 443 tls"), "{table}");
+    assert!(
+        table.contains(
+            "access default/mes-http: ShadowDenied by MeshTrafficPermission default/mes-http-users from[1] MeshService app"
+        ),
+        "{table}"
+    );
 }
 
 #[test]
