@@ -241,6 +241,7 @@ async fn exchange_udp(server: SocketAddr, packet: &[u8], query: &Message) -> io:
     let local =
         SocketAddr::new(if server.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }, 0);
     let socket = UdpSocket::bind(local).await?;
+    crate::socket_mark::apply(socket2::SockRef::from(&socket));
     socket.send_to(packet, server).await?;
     let mut buf = vec![0u8; MAX_UDP];
     loop {
@@ -261,7 +262,7 @@ fn answers(response: &[u8], query: &Message) -> bool {
 
 /// One query to `server` over TCP.
 async fn exchange_tcp(server: SocketAddr, packet: &[u8]) -> io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(server).await?;
+    let mut stream = crate::socket_mark::connect(server).await?;
     write_framed(&mut stream, packet).await?;
     read_framed(&mut stream).await
 }

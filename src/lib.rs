@@ -9,6 +9,8 @@
 pub const LAYERS: &[&str] = &[
     // Vocabulary: plain data every layer shares.
     "model",
+    // The mark on the proxy's own sockets.
+    "socket_mark",
     // Configuration as written: files → typed, validated resources (templates are theirs).
     "template",
     "log_format",
@@ -54,6 +56,7 @@ pub mod policy;
 pub mod proxy;
 pub mod resources;
 pub mod server;
+pub mod socket_mark;
 pub mod template;
 pub mod tls;
 pub mod tproxy;

@@ -99,6 +99,10 @@ struct TproxyArgs {
     /// The uid mesh-egress runs as; its traffic is never redirected.
     #[arg(long, default_value_t = tproxy::DEFAULT_PROXY_UID)]
     proxy_uid: u32,
+    /// The mark on mesh-egress's own sockets (`run --socket-mark`), decimal or 0x hex, or
+    /// `off`: traffic with it is never redirected either, whatever uid the proxy runs as.
+    #[arg(long, default_value = "0x4d45", value_parser = mark)]
+    proxy_mark: Mark,
     /// Destination ports not to redirect (comma separated).
     #[arg(long, value_delimiter = ',')]
     exclude_ports: Vec<u16>,
@@ -142,6 +146,11 @@ struct RunArgs {
     /// MeshPassthrough, they pass through (`All`).
     #[arg(long, env = "MESH_EGRESS_NO_PASSTHROUGH")]
     no_passthrough: bool,
+    /// SO_MARK on the proxy's own outgoing sockets (endpoints, passthrough, DNS forwards), which
+    /// `transparent-proxy install --proxy-mark` exempts from redirection; `off` for none.
+    /// Needs CAP_NET_ADMIN; without it the proxy says so once and relies on its uid.
+    #[arg(long, env = "MESH_EGRESS_SOCKET_MARK", default_value = "0x4d45", value_parser = mark)]
+    socket_mark: Mark,
     /// Data-path worker threads (default: one per core).
     #[arg(long, env = "MESH_EGRESS_WORKERS")]
     workers: Option<usize>,
@@ -217,6 +226,14 @@ struct RunArgs {
     no_watch: bool,
     #[command(flatten)]
     compile: CompileArgs,
+}
+
+/// A socket mark, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+struct Mark(Option<u32>);
+
+fn mark(s: &str) -> Result<Mark, String> {
+    mesh_egress::socket_mark::parse(s).map(Mark)
 }
 
 /// A listen address, or none (`off`).
@@ -296,6 +313,7 @@ fn transparent_proxy(action: TproxyAction) -> anyhow::Result<ExitCode> {
         dns_port: args.dns_port,
         redirect_dns: !args.no_dns,
         proxy_uid: args.proxy_uid,
+        proxy_mark: args.proxy_mark.0,
         exclude_ports: args.exclude_ports,
         exclude_cidrs: args.exclude_cidrs,
     };
@@ -399,6 +417,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             Some(AccessLog::start(destination, format).with_context(|| format!("opening the access log {dest}"))?)
         }
     };
+    mesh_egress::socket_mark::set(args.socket_mark.0);
     let options = Options {
         config_paths: args.config,
         request_timeout: Some(args.request_timeout).filter(|t| !t.is_zero()),

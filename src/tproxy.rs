@@ -36,6 +36,8 @@ pub struct Rules {
     /// Redirect DNS (UDP and TCP port 53) to the DNS proxy.
     pub redirect_dns: bool,
     pub proxy_uid: u32,
+    /// The mark on the proxy's own sockets (`run --socket-mark`): returned like its uid.
+    pub proxy_mark: Option<u32>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<IpNet>,
 }
@@ -82,6 +84,9 @@ impl Rules {
         }
         // The proxy's own connections and DNS forwards go where they were going: no loop.
         out.push_str(&format!("-A {CHAIN} -m owner --uid-owner {} -j RETURN\n", self.proxy_uid));
+        if let Some(mark) = self.proxy_mark {
+            out.push_str(&format!("-A {CHAIN} -m mark --mark {mark:#x} -j RETURN\n"));
+        }
         if self.redirect_dns {
             for proto in ["udp", "tcp"] {
                 out.push_str(&format!("-A {CHAIN} -p {proto} --dport 53 -j REDIRECT --to-ports {}\n", self.dns_port));
@@ -188,6 +193,7 @@ mod tests {
             dns_port: 15053,
             redirect_dns: true,
             proxy_uid: 5678,
+            proxy_mark: Some(0x4d45),
             exclude_ports: vec![22],
             exclude_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
         }
@@ -202,6 +208,7 @@ mod tests {
              -A OUTPUT -p tcp -j MESH_EGRESS_OUTPUT\n\
              -A OUTPUT -p udp --dport 53 -j MESH_EGRESS_OUTPUT\n\
              -A MESH_EGRESS_OUTPUT -m owner --uid-owner 5678 -j RETURN\n\
+             -A MESH_EGRESS_OUTPUT -m mark --mark 0x4d45 -j RETURN\n\
              -A MESH_EGRESS_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053\n\
              -A MESH_EGRESS_OUTPUT -p tcp --dport 53 -j REDIRECT --to-ports 15053\n\
              -A MESH_EGRESS_OUTPUT -d 127.0.0.0/8 -j RETURN\n\

@@ -364,11 +364,8 @@ spec:
 #[test]
 fn mesh_passthrough_in_network_namespaces() {
     require_root_and_tools();
-    for tool in ["openssl"] {
-        let found =
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
-        assert!(found, "{tool} is missing: .ci/run installs it");
-    }
+    let openssl = Command::new("sh").args(["-c", "command -v openssl"]).output().is_ok_and(|o| o.status.success());
+    assert!(openssl, "openssl is missing: .ci/run installs it");
     let mut net = Net::create();
     let (ext_ip, ext, app) = (net.ext_ip.to_string(), net.ext.clone(), net.app.clone());
     for addr in [ALLOWED, ELSEWHERE, TCP_LISTED, TCP_UNLISTED] {
@@ -416,14 +413,15 @@ fn mesh_passthrough_in_network_namespaces() {
         "--state-dir",
         dir.path().to_str().unwrap(),
     ];
-    let _proxy = net.spawn(&app, &args, &[("RUST_LOG", "warn".into())]);
+    let proxy = net.spawn(&app, &args, &[("RUST_LOG", "warn".into())]);
     wait_for("/ready", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
 
     // The application: an unprivileged user whose connections iptables redirects.
     let user = |args: &[&str]| -> String {
-        let mut full = vec!["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"];
+        let mut full =
+            vec!["ip", "netns", "exec", &app, "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"];
         full.extend_from_slice(args);
-        net.app(&full)
+        String::from_utf8_lossy(&sh(&full).stdout).into_owned()
     };
     let socat = |addr: &str| user(&["sh", "-c", &format!("printf ping | socat -t5 - TCP:{addr}")]);
     let ca_file = dir.path().join("ca.pem");
@@ -478,5 +476,33 @@ fn mesh_passthrough_in_network_namespaces() {
     write_config("All");
     wait_for("passthroughMode All", || socat(&format!("{TCP_UNLISTED}:5432")) == "unlisted\nping<eof>");
     assert_eq!(socat("echo.extsvc.mesh.local:9000"), "mes\nping<eof>");
+
+    // Another uid than the rules' --proxy-uid: the proxy's own sockets carry SO_MARK, which the
+    // rules return, so passthrough does not loop back into the proxy (it ran out of fds).
+    net.stop(proxy);
+    let other_uid = [
+        "setpriv",
+        "--reuid",
+        "5680",
+        "--regid",
+        "5680",
+        "--clear-groups",
+        "--inh-caps",
+        "+net_admin",
+        "--ambient-caps",
+        "+net_admin",
+        bin,
+        "run",
+        "-c",
+        config.to_str().unwrap(),
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let _proxy = net.spawn(&app, &other_uid, &[("RUST_LOG", "warn".into())]);
+    wait_for("/ready as uid 5680", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
+    assert_eq!(socat(&format!("{TCP_UNLISTED}:5432")), "unlisted\nping<eof>");
+    let web = curl(&["http://web.test/marked"]);
+    assert!(web.ends_with("\n200") && web.contains("path: /marked"), "{web}");
+    assert!(net.nat_table().contains("-m mark --mark 0x4d45 -j RETURN"));
     net.app_ok(&[bin, "transparent-proxy", "uninstall"]);
 }

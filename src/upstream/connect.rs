@@ -21,7 +21,7 @@ impl UpstreamStream {
     pub async fn connect(addr: &TargetAddr) -> io::Result<Self> {
         match addr {
             TargetAddr::Socket(addr) => {
-                let stream = TcpStream::connect(addr).await?;
+                let stream = crate::socket_mark::connect(*addr).await?;
                 stream.set_nodelay(true)?;
                 Ok(Self::Tcp(stream))
             }
