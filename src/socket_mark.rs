@@ -35,7 +35,7 @@ pub fn apply(socket: socket2::SockRef<'_>) {
     if let Err(error) = socket.set_mark(mark) {
         // Once: every socket would fail the same way.
         if MARK.swap(0, Ordering::Relaxed) != 0 {
-            tracing::warn!(%error, mark, "cannot set SO_MARK on the proxy's sockets (needs CAP_NET_ADMIN); the transparent-proxy rules tell its traffic apart by uid only");
+            tracing::info!(%error, mark, "cannot set SO_MARK on the proxy's sockets (needs CAP_NET_ADMIN); the transparent-proxy rules tell its traffic apart by uid only");
         }
     }
 }

@@ -453,7 +453,8 @@ async fn paced_rapid_reset_gets_goaway() {
         let _ = tokio::time::timeout(Duration::from_millis(2), sender.send_request(req)).await;
     }
     let refused_after = refused_after.expect("1,000 streams reset on one connection and it still takes more");
-    assert!(refused_after > 100, "a connection within the budget is left alone ({refused_after})");
+    // The budget is 100 cancelled streams: the GOAWAY may come as soon as the 100th is reset.
+    assert!(refused_after >= 100, "a connection within the budget is left alone ({refused_after})");
     drop(conn);
 }
 

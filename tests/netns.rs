@@ -40,13 +40,14 @@ struct Net {
 }
 
 impl Net {
-    fn create() -> Self {
+    /// `tag` keeps the names of tests that run at once apart.
+    fn create(tag: char) -> Self {
         let id = std::process::id() % 250 + 1;
-        let (app, ext) = (format!("me-app-{id}"), format!("me-ext-{id}"));
+        let (app, ext) = (format!("me-app-{id}{tag}"), format!("me-ext-{id}{tag}"));
         let (app_ip, ext_ip) = (Ipv4Addr::new(10, 231, id as u8, 1), Ipv4Addr::new(10, 231, id as u8, 2));
         let net = Self { app: app.clone(), ext: ext.clone(), ext_ip, children: Vec::new() };
         net.cleanup();
-        let (veth_app, veth_ext) = (format!("mea{id}"), format!("mee{id}"));
+        let (veth_app, veth_ext) = (format!("mea{id}{tag}"), format!("mee{id}{tag}"));
         ok(&["ip", "netns", "add", &app]);
         ok(&["ip", "netns", "add", &ext]);
         ok(&["ip", "link", "add", &veth_app, "type", "veth", "peer", "name", &veth_ext]);
@@ -184,6 +185,30 @@ spec:
   endpoints: [{address: EXT_IP, port: 9000}]
 ";
 
+/// `mesh-egress run` on `config` as `uid`, as the tests start it in the "app" namespace.
+fn run_as(uid: &str, caps: &[&str], config: &std::path::Path, state_dir: &std::path::Path) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"].map(String::from).to_vec();
+    args.extend(caps.iter().map(|s| s.to_string()));
+    let bin = env!("CARGO_BIN_EXE_mesh-egress");
+    let rest = [bin, "run", "-c", config.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()];
+    args.extend(rest.map(String::from));
+    args
+}
+
+/// Starts this test binary's ignored `helper` test in namespace `ns` and waits for its servers.
+fn start_helper(net: &mut Net, ns: &str, helper: &str, env: (&str, String)) {
+    let me = std::env::current_exe().unwrap();
+    let index = net.spawn(
+        ns,
+        &[me.to_str().unwrap(), "--ignored", "--exact", helper, "--nocapture", "--test-threads=1"],
+        &[env],
+    );
+    let stdout = net.children[index].stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("helper-servers-ready"))), "{helper} did not start");
+}
+
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check() {
@@ -195,18 +220,10 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 #[test]
 fn transparent_proxy_dns_and_vips_in_network_namespaces() {
     require_root_and_tools();
-    let mut net = Net::create();
+    let mut net = Net::create('t');
     let (ext_ip, ext) = (net.ext_ip.to_string(), net.ext.clone());
     let app = net.app.clone();
-    let me = std::env::current_exe().unwrap();
-    let helper = net.spawn(
-        &ext,
-        &[me.to_str().unwrap(), "--ignored", "--exact", "netns_helper_servers", "--nocapture", "--test-threads=1"],
-        &[(HELPER_ENV, ext_ip.clone())],
-    );
-    let stdout = net.children[helper].stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("helper-servers-ready"))), "helper servers did not start");
+    start_helper(&mut net, &ext, "netns_helper_servers", (HELPER_ENV, ext_ip.clone()));
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
@@ -238,22 +255,7 @@ fn transparent_proxy_dns_and_vips_in_network_namespaces() {
     assert!(once.contains("-A OUTPUT -p tcp -j MESH_EGRESS_OUTPUT"), "{once}");
 
     let run = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "setpriv",
-            "--reuid",
-            PROXY_UID,
-            "--regid",
-            PROXY_UID,
-            "--clear-groups",
-            bin,
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = run_as(PROXY_UID, &[], &config, dir.path());
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
@@ -328,10 +330,12 @@ fn netns_passthrough_servers() {
         let _elsewhere_443 = common::echo_server((ip(ELSEWHERE), 443).into(), "elsewhere").await;
         let _listed = common::echo_server((ip(TCP_LISTED), 5432).into(), "listed").await;
         let _unlisted = common::echo_server((ip(TCP_UNLISTED), 5432).into(), "unlisted").await;
+        let _cidr = common::echo_server((ip(TCP_UNLISTED), 7000).into(), "cidr").await;
+        let _h2 = common::http_upstream::http_upstream_on((ip(ALLOWED), 8080).into(), None).await;
         let _mes = common::echo_server((dns_ip, 9000).into(), "mes").await;
         let dns = common::dns_server_on((dns_ip, 53).into(), 30).await;
         let allowed: Ipv4Addr = ALLOWED.parse().unwrap();
-        for name in ["allowed.test", "api.wild.test", "web.test", "denied.test"] {
+        for name in ["allowed.test", "api.wild.test", "web.test", "h2.test", "denied.test"] {
             dns.set(name, allowed);
         }
         println!("\nhelper-servers-ready");
@@ -354,6 +358,8 @@ spec:
     passthroughMode: MODE
     appendMatch:
       - {type: IP, value: 203.0.113.10, port: 5432}
+      - {type: CIDR, value: 203.0.113.16/28, port: 7000}
+      - {type: Domain, value: h2.test, port: 8080, protocol: http2}
       - {type: Domain, value: allowed.test, port: 443, protocol: tls}
       - {type: Domain, value: '*.wild.test', port: 443, protocol: tls}
       - {type: Domain, value: web.test, port: 80, protocol: http}
@@ -366,7 +372,7 @@ fn mesh_passthrough_in_network_namespaces() {
     require_root_and_tools();
     let openssl = Command::new("sh").args(["-c", "command -v openssl"]).output().is_ok_and(|o| o.status.success());
     assert!(openssl, "openssl is missing: .ci/run installs it");
-    let mut net = Net::create();
+    let mut net = Net::create('p');
     let (ext_ip, ext, app) = (net.ext_ip.to_string(), net.ext.clone(), net.app.clone());
     for addr in [ALLOWED, ELSEWHERE, TCP_LISTED, TCP_UNLISTED] {
         ok(&["ip", "-n", &ext, "addr", "add", &format!("{addr}/32"), "dev", "lo"]);
@@ -377,15 +383,8 @@ fn mesh_passthrough_in_network_namespaces() {
     std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
     std::fs::write(dir.path().join("leaf.pem"), &leaf.cert_pem).unwrap();
     std::fs::write(dir.path().join("leaf.key"), &leaf.key_pem).unwrap();
-    let me = std::env::current_exe().unwrap();
-    let helper = net.spawn(
-        &ext,
-        &[me.to_str().unwrap(), "--ignored", "--exact", "netns_passthrough_servers", "--nocapture", "--test-threads=1"],
-        &[(PASSTHROUGH_HELPER_ENV, format!("{ext_ip},{}", dir.path().display()))],
-    );
-    let stdout = net.children[helper].stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("helper-servers-ready"))), "helper servers did not start");
+    let helper_env = (PASSTHROUGH_HELPER_ENV, format!("{ext_ip},{}", dir.path().display()));
+    start_helper(&mut net, &ext, "netns_passthrough_servers", helper_env);
 
     let config = dir.path().join("config.yaml");
     let write_config = |mode: &str| {
@@ -399,21 +398,8 @@ fn mesh_passthrough_in_network_namespaces() {
     ok(&["chmod", "-R", "a+rwX", dir.path().to_str().unwrap()]);
     let bin = env!("CARGO_BIN_EXE_mesh-egress");
     net.app_ok(&[bin, "transparent-proxy", "install", "--proxy-uid", PROXY_UID]);
-    let args = [
-        "setpriv",
-        "--reuid",
-        PROXY_UID,
-        "--regid",
-        PROXY_UID,
-        "--clear-groups",
-        bin,
-        "run",
-        "-c",
-        config.to_str().unwrap(),
-        "--state-dir",
-        dir.path().to_str().unwrap(),
-    ];
-    let proxy = net.spawn(&app, &args, &[("RUST_LOG", "warn".into())]);
+    let args = run_as(PROXY_UID, &[], &config, dir.path());
+    let proxy = net.spawn(&app, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[("RUST_LOG", "warn".into())]);
     wait_for("/ready", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
 
     // The application: an unprivileged user whose connections iptables redirects.
@@ -441,6 +427,7 @@ fn mesh_passthrough_in_network_namespaces() {
     // IP: by address and port, whatever the bytes.
     assert_eq!(socat(&format!("{TCP_LISTED}:5432")), "listed\nping<eof>");
     assert_eq!(socat(&format!("{TCP_UNLISTED}:5432")), "", "not in appendMatch: closed");
+    assert_eq!(socat(&format!("{TCP_UNLISTED}:7000")), "cidr\nping<eof>", "the CIDR rule, on its port");
     // TLS by SNI, passed through untouched: the client verifies the server's own certificate.
     let tls = s_client(&format!("{ALLOWED}:443"), "allowed.test");
     assert!(tls.contains("HTTP/1.1 200") && tls.contains("path: /tls"), "{tls}");
@@ -456,6 +443,11 @@ fn mesh_passthrough_in_network_namespaces() {
     assert!(web.ends_with("\n200") && web.contains("path: /hello"), "{web}");
     let other = curl(&["-H", "Host: denied.test", &format!("http://{ALLOWED}/")]);
     assert!(other.ends_with("\n503") && other.contains("No routes matched this domain"), "{other}");
+    let h2 = curl(&["--http2-prior-knowledge", "http://h2.test:8080/h2"]);
+    assert!(h2.ends_with("\n200") && h2.contains("version: HTTP/2.0"), "{h2}");
+    let h2_denied =
+        curl(&["--http2-prior-knowledge", "-H", "Host: denied.test:8080", &format!("http://{ALLOWED}:8080/")]);
+    assert!(h2_denied.ends_with("\n503"), "{h2_denied}");
     let pinned = curl(&["--resolve", &format!("web.test:80:{ELSEWHERE}"), "http://web.test/pinned"]);
     assert!(pinned.ends_with("\n200") && pinned.contains("path: /pinned"), "{pinned}");
     // The MeshExternalService is unaffected.
@@ -480,25 +472,9 @@ fn mesh_passthrough_in_network_namespaces() {
     // Another uid than the rules' --proxy-uid: the proxy's own sockets carry SO_MARK, which the
     // rules return, so passthrough does not loop back into the proxy (it ran out of fds).
     net.stop(proxy);
-    let other_uid = [
-        "setpriv",
-        "--reuid",
-        "5680",
-        "--regid",
-        "5680",
-        "--clear-groups",
-        "--inh-caps",
-        "+net_admin",
-        "--ambient-caps",
-        "+net_admin",
-        bin,
-        "run",
-        "-c",
-        config.to_str().unwrap(),
-        "--state-dir",
-        dir.path().to_str().unwrap(),
-    ];
-    let _proxy = net.spawn(&app, &other_uid, &[("RUST_LOG", "warn".into())]);
+    let other_uid = run_as("5680", &["--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"], &config, dir.path());
+    let _proxy =
+        net.spawn(&app, &other_uid.iter().map(String::as_str).collect::<Vec<_>>(), &[("RUST_LOG", "warn".into())]);
     wait_for("/ready as uid 5680", || net.app(&["curl", "-s", "http://127.0.0.1:9901/ready"]).trim() == "ready");
     assert_eq!(socat(&format!("{TCP_UNLISTED}:5432")), "unlisted\nping<eof>");
     let web = curl(&["http://web.test/marked"]);

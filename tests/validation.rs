@@ -261,7 +261,7 @@ fn all_errors_of_a_load_are_reported_with_file_and_line() {
 #[test]
 fn unknown_kinds_are_skipped_with_a_warning() {
     let loaded = load(
-        "type: MeshTrafficPermission\nname: x\nspec: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        "type: MeshFaultInjection\nname: x\nspec: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
     );
     assert!(loaded.resources.is_empty());
     assert!(!loaded.diagnostics.has_errors());
@@ -269,7 +269,7 @@ fn unknown_kinds_are_skipped_with_a_warning() {
     assert_eq!(
         warnings,
         [
-            "kind MeshTrafficPermission is not used by mesh-egress; skipped",
+            "kind MeshFaultInjection is not used by mesh-egress; skipped",
             "kind ConfigMap is not used by mesh-egress; skipped"
         ]
     );

@@ -129,7 +129,8 @@ mod tests {
         assert_eq!(decide(&hello), Some(Sniffed::Tls { sni: Some("api.example.com".into()) }));
         assert_eq!(decide(&hello[..hello.len() - 10]), None, "incomplete: wait for more");
         assert_eq!(decide(&hello[..3]), None);
-        assert_eq!(decide(&[0x16, 0x03, 0x01, 0x00, 0x02, 0xff, 0xff]), Some(Sniffed::Opaque));
+        // A complete handshake message that is no ClientHello (a ServerHello, empty).
+        assert_eq!(decide(&[0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00]), Some(Sniffed::Opaque));
     }
 
     #[test]
