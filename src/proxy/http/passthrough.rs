@@ -124,10 +124,11 @@ impl PassthroughHttp {
         let kept = {
             let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match conns.iter().position(|(addr, c)| *addr == target && matches!(c, Conn::H2(_)) == http2) {
-                // HTTP/2 is shared; an HTTP/1 connection is taken for the request.
+                // HTTP/2 is shared; an HTTP/1 connection is taken for the request, and a
+                // closed HTTP/2 one dropped.
                 Some(i) => match &conns[i].1 {
-                    Conn::H2(s) => Some(Conn::H2(s.clone())),
-                    Conn::H1(_) => Some(conns.swap_remove(i).1),
+                    Conn::H2(s) if !s.is_closed() => Some(Conn::H2(s.clone())),
+                    _ => Some(conns.swap_remove(i).1),
                 },
                 None => None,
             }
