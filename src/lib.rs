@@ -39,6 +39,8 @@ pub const LAYERS: &[&str] = &[
     "tproxy",
     "watch",
     "server",
+    // Entry points for the fuzz targets.
+    "fuzzing",
 ];
 
 pub mod access_log;
@@ -46,6 +48,8 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc_wire;
 pub mod listen;
 pub mod live;

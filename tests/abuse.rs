@@ -584,3 +584,98 @@ async fn upstream_faults_mid_response_end_that_response_only() {
     let again = http_get(short_out, "/").await.unwrap_or_default();
     assert!(again.starts_with("HTTP/1.1 200"), "the faulty service still takes requests: {again}");
 }
+
+/// Forwarding shares one socket: concurrent queries reach the upstream from one source port,
+/// each under an ID of the proxy's, and every client gets its own answer under its own ID. An
+/// upstream that stops answering costs SERVFAIL (after the forward timeout), not the proxy's
+/// local answers; once it answers again, so does forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_forwarding_shares_a_socket_and_survives_an_upstream_that_stops_answering() {
+    use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+    use hickory_proto::rr::{rdata::A, Name, RData, Record, RecordType};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let answering = Arc::new(AtomicBool::new(true));
+    let seen: Arc<Mutex<(std::collections::BTreeSet<u16>, Vec<u16>)>> = Arc::default();
+    let (on, record) = (answering.clone(), seen.clone());
+    let _upstream = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = upstream.recv_from(&mut buf).await {
+            let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+            {
+                let mut r = record.lock().unwrap();
+                r.0.insert(peer.port());
+                r.1.push(query.id());
+            }
+            if !on.load(Ordering::SeqCst) {
+                continue;
+            }
+            // Answers n<i>.test with 192.0.2.<i>.
+            let q = query.queries()[0].clone();
+            let i: u8 = q.name().to_ascii().trim_start_matches('n').split('.').next().unwrap().parse().unwrap();
+            let mut response = Message::new();
+            response.set_id(query.id()).set_message_type(MessageType::Response);
+            response.add_query(q.clone());
+            response.add_answer(Record::from_rdata(q.name().clone(), 30, RData::A(A::new(192, 0, 2, i))));
+            let _ = upstream.send_to(&response.to_vec().unwrap(), peer).await;
+        }
+    });
+    let (_dir, config) = config_dir("type: MeshExternalService\nname: local\nspec:\n  match: {port: 443}\n  endpoints: [{address: 10.0.0.1, port: 443}]\n");
+    let mut opts = options(config);
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    opts.dns_forwarders = vec![upstream_addr];
+    let proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+    let query = |id: u16, name: &str| {
+        let mut m = Message::new();
+        m.set_id(id).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    };
+    // 50 clients at once, each with its own ID.
+    let mut tasks = Vec::new();
+    for i in 1..=50u8 {
+        let packet = query(1000 + u16::from(i), &format!("n{i}.test."));
+        tasks.push(tokio::spawn(async move {
+            let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            client.send_to(&packet, dns).await.unwrap();
+            let mut buf = [0u8; 512];
+            let (n, _) =
+                tokio::time::timeout(Duration::from_secs(10), client.recv_from(&mut buf)).await.unwrap().unwrap();
+            (i, Message::from_vec(&buf[..n]).unwrap())
+        }));
+    }
+    for task in tasks {
+        let (i, answer) = task.await.unwrap();
+        assert_eq!(answer.id(), 1000 + u16::from(i), "the client's own ID");
+        let ip = answer.answers()[0].data().as_a().unwrap().0;
+        assert_eq!(ip, std::net::Ipv4Addr::new(192, 0, 2, i), "its own answer");
+    }
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.0.len(), 1, "one shared source port, not one socket per query: {:?}", seen.0);
+        assert!(seen.1.iter().all(|id| !(1001..=1050).contains(id)), "sent under the proxy's IDs: {:?}", seen.1);
+    }
+
+    answering.store(false, Ordering::SeqCst);
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = |packet: Vec<u8>| {
+        let client = &client;
+        async move {
+            client.send_to(&packet, dns).await.unwrap();
+            let mut buf = [0u8; 512];
+            let (n, _) =
+                tokio::time::timeout(Duration::from_secs(10), client.recv_from(&mut buf)).await.unwrap().unwrap();
+            Message::from_vec(&buf[..n]).unwrap()
+        }
+    };
+    assert_eq!(ask(query(7, "n7.test.")).await.response_code(), ResponseCode::ServFail, "a silent upstream");
+    let local = ask(query(8, "local.extsvc.mesh.local.")).await;
+    assert_eq!(local.response_code(), ResponseCode::NoError);
+    assert_eq!(local.answers().len(), 1, "local answers are unaffected");
+    answering.store(true, Ordering::SeqCst);
+    let back = ask(query(9, "n9.test.")).await;
+    assert_eq!((back.id(), back.answers()[0].data().as_a().unwrap().0), (9, std::net::Ipv4Addr::new(192, 0, 2, 9)));
+}

@@ -13,7 +13,7 @@ pub mod admit;
 pub mod conn;
 pub mod copy;
 pub mod http;
-mod passthrough;
+pub(crate) mod passthrough;
 mod tcp;
 
 use std::net::SocketAddr;

@@ -5,8 +5,10 @@
 //! no records. Everything else is forwarded verbatim to the system's resolvers, SERVFAIL when
 //! none answers. Malformed packets are dropped and counted.
 
+mod udp;
+
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::catalog::Catalog;
 use crate::live::Live;
 use crate::metrics::{metrics, DnsResult};
 
@@ -81,6 +84,7 @@ pub struct DnsProxy {
     live: Arc<Live>,
     forwarders: Forwarders,
     in_flight: Arc<tokio::sync::Semaphore>,
+    udp: udp::UdpForwarder,
 }
 
 /// The bound sockets; serving starts with [`DnsProxy::serve`].
@@ -91,7 +95,8 @@ pub struct DnsSockets {
 
 impl DnsProxy {
     pub fn new(live: Arc<Live>, forwarders: Forwarders) -> Arc<Self> {
-        Arc::new(Self { live, forwarders, in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)) })
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
+        Arc::new(Self { live, forwarders, in_flight, udp: udp::UdpForwarder::default() })
     }
 
     /// Binds UDP and TCP on the same port. With port 0, the port UDP got may be taken for TCP:
@@ -173,34 +178,7 @@ impl DnsProxy {
 
     /// Answers from the catalog, or says the query must be forwarded.
     fn answer_locally(&self, packet: &[u8]) -> Answer {
-        let Ok(query) = Message::from_vec(packet) else {
-            metrics().dns_query(DnsResult::Malformed);
-            return Answer::Malformed;
-        };
-        let Some(question) = query.queries().first().filter(|_| query.message_type() == MessageType::Query) else {
-            metrics().dns_query(DnsResult::Malformed);
-            return Answer::Malformed;
-        };
-        let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
-        let snapshot = self.live.load();
-        let Some(vip) = snapshot.catalog.by_hostname(&name).and_then(|s| s.vip) else {
-            return Answer::Forward(query);
-        };
-        let mut response = reply(&query, ResponseCode::NoError);
-        response.set_authoritative(true);
-        let rdata = match (question.query_type(), vip) {
-            (RecordType::A, IpAddr::V4(ip)) => Some(RData::A(A(ip))),
-            (RecordType::AAAA, IpAddr::V6(ip)) => Some(RData::AAAA(AAAA(ip))),
-            _ => None, // NOERROR, no records: the name exists
-        };
-        if let Some(rdata) = rdata {
-            response.add_answer(Record::from_rdata(question.name().clone(), TTL, rdata));
-        }
-        metrics().dns_query(DnsResult::Local);
-        match response.to_vec() {
-            Ok(bytes) => Answer::Local(bytes),
-            Err(_) => Answer::Local(servfail(&query)),
-        }
+        answer(&self.live.load().catalog, packet)
     }
 
     /// Forwards the query to each forwarder in turn over `transport`; SERVFAIL when none answers.
@@ -212,7 +190,7 @@ impl DnsProxy {
         };
         for &server in &self.forwarders.0 {
             let result = match transport {
-                Transport::Udp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_udp(server, packet, query)).await,
+                Transport::Udp => tokio::time::timeout(FORWARD_TIMEOUT, self.udp.exchange(server, packet, query)).await,
                 Transport::Tcp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_tcp(server, packet)).await,
             };
             match result {
@@ -229,29 +207,42 @@ impl DnsProxy {
     }
 }
 
+/// Answers a query from `catalog`, or says it must be forwarded. Pure but for metrics (the DNS
+/// fuzz target drives it).
+pub fn answer(catalog: &Catalog, packet: &[u8]) -> Answer {
+    let Ok(query) = Message::from_vec(packet) else {
+        metrics().dns_query(DnsResult::Malformed);
+        return Answer::Malformed;
+    };
+    let Some(question) = query.queries().first().filter(|_| query.message_type() == MessageType::Query) else {
+        metrics().dns_query(DnsResult::Malformed);
+        return Answer::Malformed;
+    };
+    let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let Some(vip) = catalog.by_hostname(&name).and_then(|s| s.vip) else {
+        return Answer::Forward(query);
+    };
+    let mut response = reply(&query, ResponseCode::NoError);
+    response.set_authoritative(true);
+    let rdata = match (question.query_type(), vip) {
+        (RecordType::A, IpAddr::V4(ip)) => Some(RData::A(A(ip))),
+        (RecordType::AAAA, IpAddr::V6(ip)) => Some(RData::AAAA(AAAA(ip))),
+        _ => None, // NOERROR, no records: the name exists
+    };
+    if let Some(rdata) = rdata {
+        response.add_answer(Record::from_rdata(question.name().clone(), TTL, rdata));
+    }
+    metrics().dns_query(DnsResult::Local);
+    match response.to_vec() {
+        Ok(bytes) => Answer::Local(bytes),
+        Err(_) => Answer::Local(servfail(&query)),
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Transport {
     Udp,
     Tcp,
-}
-
-/// One query to `server` over UDP: the first datagram from it with the query's id and question
-/// is the answer (a spoofed datagram has to guess both).
-async fn exchange_udp(server: SocketAddr, packet: &[u8], query: &Message) -> io::Result<Vec<u8>> {
-    let local =
-        SocketAddr::new(if server.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }, 0);
-    let socket = UdpSocket::bind(local).await?;
-    crate::socket_mark::apply(socket2::SockRef::from(&socket));
-    socket.send_to(packet, server).await?;
-    let mut buf = vec![0u8; MAX_UDP];
-    loop {
-        let (n, from) = socket.recv_from(&mut buf).await?;
-        // Only the server's answer to this query counts.
-        if from == server && n >= 2 && buf[..2] == packet[..2] && answers(&buf[..n], query) {
-            buf.truncate(n);
-            return Ok(buf);
-        }
-    }
 }
 
 /// A response whose question section is the query's.
@@ -281,7 +272,8 @@ async fn write_framed(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> 
     stream.write_all(message).await
 }
 
-enum Answer {
+/// What to do with a query.
+pub enum Answer {
     Local(Vec<u8>),
     Forward(Message),
     Malformed,
