@@ -679,3 +679,131 @@ async fn dns_forwarding_shares_a_socket_and_survives_an_upstream_that_stops_answ
     let back = ask(query(9, "n9.test.")).await;
     assert_eq!((back.id(), back.answers()[0].data().as_a().unwrap().0), (9, std::net::Ipv4Addr::new(192, 0, 2, 9)));
 }
+
+/// A TLS endpoint that answers, then sends a fatal alert in the middle of the stream: the
+/// application gets what came before, then its connection ends; the proxy and the next
+/// connection are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_alert_mid_stream_ends_that_connection_only() {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::PemObject;
+    let ca = common::pki::Ca::new("alert-ca");
+    let leaf = ca.server(&["alert.test"]);
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(common::pki::certs(&leaf.cert_pem), key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            n += 1;
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let _ = tls.write_all(format!("hello {n}\n").as_bytes()).await;
+                let _ = tls.flush().await;
+                if n == 1 {
+                    // A fatal alert (internal_error), in the clear, mid-stream.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = tls.get_mut().0.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50]).await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                } else {
+                    let mut buf = [0u8; 64];
+                    while let Ok(read) = tls.read(&mut buf).await {
+                        if read == 0 || tls.write_all(&buf[..read]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: alert.test\n      caCert:\n        inline: {}\n",
+        b64(&ca.pem)
+    );
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_outbound("alerting", outbound, &endpoint("127.0.0.1", server.port(), 0), &tls));
+    let _proxy = start(options(config)).await;
+
+    let mut first = TcpStream::connect(outbound).await.unwrap();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut got)).await;
+    assert!(ended.is_ok(), "the connection ends when the alert arrives, not at a timeout");
+    assert_eq!(String::from_utf8_lossy(&got), "hello 1\n", "what came before the alert arrives");
+
+    let mut second = TcpStream::connect(outbound).await.unwrap();
+    second.write_all(b"ping").await.unwrap();
+    second.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), second.read_to_string(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply, "hello 2\nping");
+}
+
+/// An endpoint that closes a kept-alive connection as the next request arrives (its keep-alive
+/// timeout racing the reuse): an idempotent request without a body is sent again on a new
+/// connection; a POST is not (it may have been processed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_as_it_is_reused_is_retried_for_idempotent_requests() {
+    use common::http_client::{h1, text};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    let _server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                // Answers the first request, then closes as the second one arrives.
+                for request in 0.. {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    if request == 1 {
+                        return;
+                    }
+                    let body = format!("connection {n}");
+                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    if tcp.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (outbound, _dir, config) = single_service("racy", "http", port);
+    let _proxy = start(options(config)).await;
+    let send = |method: &'static str| async move {
+        let req = http::Request::builder()
+            .method(method)
+            .uri("http://racy/")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        text(h1(outbound).await.send_request(req).await.unwrap()).await
+    };
+    assert_eq!(send("GET").await, (http::StatusCode::OK, "connection 1".to_string()));
+    // Idle long enough to count as a connection the endpoint may close.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(send("GET").await, (http::StatusCode::OK, "connection 2".to_string()), "sent again on a new one");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, _) = send("POST").await;
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "a POST is not sent twice");
+    assert_eq!(send("GET").await, (http::StatusCode::OK, "connection 3".to_string()));
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+}

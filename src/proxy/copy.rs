@@ -51,6 +51,8 @@ struct Direction {
     need_flush: bool,
     done: bool,
     bytes: u64,
+    /// The peer went away abruptly (reset, broken pipe) and this direction ended there.
+    reset: Option<io::ErrorKind>,
 }
 
 impl Direction {
@@ -65,6 +67,7 @@ impl Direction {
             need_flush: false,
             done: false,
             bytes: 0,
+            reset: None,
         }
     }
 
@@ -102,6 +105,12 @@ impl Direction {
                     // A TLS peer that closes without close_notify has still said all it had
                     // to say (as ztunnel treats it): an end of this direction, not a reset.
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.read_done = true,
+                    // The reader is gone: what was read still goes out, then the FIN; the
+                    // other direction finishes on its own (as ztunnel's copy does).
+                    Poll::Ready(Err(e)) if is_disconnect(e.kind()) => {
+                        self.read_done = true;
+                        self.reset = Some(e.kind());
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {
                         let n = read_buf.filled().len();
@@ -116,22 +125,46 @@ impl Direction {
                 }
             }
             while self.pos < self.filled {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.filled]))?;
+                let n = match ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.filled])) {
+                    Ok(0) => 0,
+                    Ok(n) => n,
+                    // The writer is gone: nothing more can go this way.
+                    Err(e) if is_disconnect(e.kind()) => return self.end_reset(e.kind()),
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return self.end_reset(io::ErrorKind::WriteZero);
                 }
                 self.pos += n;
                 self.bytes += n as u64;
                 self.need_flush = true;
             }
             if self.read_done {
-                // Pass the FIN on; the other direction keeps going.
-                ready!(writer.as_mut().poll_shutdown(cx))?;
+                // Pass the FIN on; the other direction keeps going. A writer already gone
+                // needs none.
+                match ready!(writer.as_mut().poll_shutdown(cx)) {
+                    Err(e) if !is_disconnect(e.kind()) => return Poll::Ready(Err(e)),
+                    _ => {}
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
         }
     }
+
+    /// This direction ends: its writer is gone.
+    fn end_reset(&mut self, kind: io::ErrorKind) -> Poll<io::Result<()>> {
+        self.done = true;
+        self.reset = self.reset.or(Some(kind));
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The ways a peer can vanish mid-flow: a reset or a closed pipe ends that direction, not the
+/// whole flow.
+fn is_disconnect(kind: io::ErrorKind) -> bool {
+    use io::ErrorKind::*;
+    matches!(kind, ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected | WriteZero)
 }
 
 /// How long a flow may go quiet. `None`: as long as it takes.
@@ -143,8 +176,10 @@ pub struct FlowTimeouts {
     pub half_close: Option<Duration>,
 }
 
-/// Copies `client` ⇄ `upstream` until both directions have finished or one fails; a flow past
-/// one of its `timeouts` ends with a `TimedOut` error carrying a [`FlowTimedOut`].
+/// Copies `client` ⇄ `upstream` until both directions have finished. A direction whose peer
+/// resets ends alone (what it read still goes out) and the flow's result is that reset once the
+/// other direction has finished too; any other error ends both at once. A flow past one of its
+/// `timeouts` ends with a `TimedOut` error carrying a [`FlowTimedOut`].
 pub async fn bidirectional<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -173,7 +208,10 @@ where
             }
         }
         if up.done && down.done {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(match up.reset.or(down.reset) {
+                Some(kind) => Err(kind.into()),
+                None => Ok(()),
+            });
         }
         let now_moved = up.bytes + down.bytes;
         if now_moved != moved {
@@ -248,6 +286,46 @@ mod tests {
         app.shutdown().await.unwrap();
         let (_, result) = bidirectional(&mut proxy_side, &mut upstream_side, timeouts).await;
         assert_eq!(result.as_ref().err().and_then(FlowTimedOut::of), Some(FlowTimedOut::HalfClose), "{result:?}");
+    }
+
+    /// An application that resets: its read side fails at once, and what the upstream had
+    /// already sent still reaches it.
+    struct ResetReader {
+        written: Vec<u8>,
+    }
+
+    impl AsyncRead for ResetReader {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for ResetReader {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.get_mut().written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_its_direction_and_the_other_finishes() {
+        let mut client = ResetReader { written: Vec::new() };
+        let (mut upstream_side, mut server) = tokio::io::duplex(64);
+        server.write_all(b"last words").await.unwrap();
+        server.shutdown().await.unwrap();
+        let (bytes, result) = bidirectional(&mut client, &mut upstream_side, FlowTimeouts::default()).await;
+        assert_eq!(client.written, b"last words", "the other direction was finished");
+        assert_eq!(bytes.upstream_to_client, 10);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::ConnectionReset, "and the flow says it was reset");
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the upstream got a FIN for the reset side");
     }
 
     #[test]

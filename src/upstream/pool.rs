@@ -82,6 +82,15 @@ impl RequestBody {
         Self { inner: Source::Replay(inner), counter, sent, pool_return: None, tee: None }
     }
 
+    /// Its byte counters, for another body of the same request.
+    pub fn counter(&self) -> Counter {
+        self.counter.clone()
+    }
+
+    pub fn sent(&self) -> Option<Arc<AtomicU64>> {
+        self.sent.clone()
+    }
+
     /// Makes the connection's return to the pool wait for this body to be sent too (a slow
     /// upload must not hold up the next request that takes the connection). Returns the
     /// response side's half; `None` when the body is already complete.
@@ -112,6 +121,8 @@ impl PoolReturn {
 pub struct H1Sender {
     pub sender: http1::SendRequest<RequestBody>,
     pub opened: Instant,
+    /// How long it sat in the pool before this use; `None`: a new connection.
+    pub idle_for: Option<Duration>,
 }
 
 /// A connection's way back to the pool when both the response and the request body must be
@@ -351,7 +362,9 @@ impl Pool {
         let list = idle.get_mut(key)?;
         while let Some(idle) = list.pop() {
             if self.reusable(&idle) {
-                return Some(idle.0);
+                let (mut sender, since) = idle;
+                sender.idle_for = Some(since.elapsed());
+                return Some(sender);
             }
         }
         None

@@ -69,17 +69,7 @@ pub(super) async fn connection(
             };
             match pooled {
                 Some(h1) => Ok(Sender::H1(h1)),
-                None => {
-                    Box::pin(async {
-                        let connected = open(upstream, &key, &target, tls).await?;
-                        let opened = tokio::time::Instant::now().into_std();
-                        handshake_h1(connected.stream, connected.slot)
-                            .await
-                            .map(|sender| Sender::H1(H1Sender { sender, opened }))
-                            .map_err(|e| handshake_error(upstream, &target, e))
-                    })
-                    .await
-                }
+                None => Box::pin(new_h1(upstream, &key, &target, tls)).await,
             }
         };
         match result {
@@ -92,6 +82,21 @@ pub(super) async fn connection(
         }
     }
     Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
+}
+
+/// A new HTTP/1 connection to `target` for `key`'s pool.
+pub(super) async fn new_h1(
+    upstream: &Upstream,
+    key: &PoolKey,
+    target: &Target,
+    tls: Option<TlsSetup<'_>>,
+) -> Result<Sender, ConnectError> {
+    let connected = open(upstream, key, target, tls).await?;
+    let opened = tokio::time::Instant::now().into_std();
+    handshake_h1(connected.stream, connected.slot)
+        .await
+        .map(|sender| Sender::H1(H1Sender { sender, opened, idle_for: None }))
+        .map_err(|e| handshake_error(upstream, target, e))
 }
 
 /// A new connection for `key`'s pool, within `maxConnectionPools`, the request waiting for it

@@ -221,8 +221,36 @@ async fn attempt(
         Sender::H1(_) => body.share_pool_return(),
         Sender::H2(_) => None,
     };
+    // A pooled HTTP/1 connection that sat idle may be closed by the endpoint (its keep-alive
+    // timeout) just as this request goes out: an idempotent request without a body is then sent
+    // once more on a new connection (RFC 9110 §9.2.2). Only for such a connection is the copy
+    // it needs kept.
+    let resend = match &sender {
+        Sender::H1(h1)
+            if h1.idle_for.is_some_and(|d| d >= STALE_IDLE)
+                && parts.method.is_idempotent()
+                && hyper::body::Body::is_end_stream(&body) =>
+        {
+            Some((Template::of(&parts), body.counter(), body.sent()))
+        }
+        _ => None,
+    };
     let request = Request::from_parts(parts, body);
-    match sender.send(request).await {
+    let mut sent = sender.send(request).await;
+    if let (Err(error), Some((template, counter, bytes))) = (&sent, resend) {
+        if closed_before_response(error) {
+            tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
+            match client::new_h1(upstream, &key, &target, tls).await {
+                Ok(fresh) => {
+                    sender = fresh;
+                    let request = Request::from_parts(template.parts(), RequestBody::empty(counter, bytes));
+                    sent = sender.send(request).await;
+                }
+                Err(error) => tracing::debug!(%error, "no new connection for the request"),
+            }
+        }
+    }
+    match sent {
         Ok(response) => {
             upstream.record(&target, Outcome::Response(response.status().as_u16()));
             Attempt::Answered(Exchanged { response, sender, target, key, active, shared_return })
@@ -305,6 +333,24 @@ fn respond(
 /// framing, say): the error hyper's client reports wraps the server side's `hyper::Error`.
 fn request_body_failed(error: &hyper::Error) -> bool {
     std::error::Error::source(error).is_some_and(|source| source.downcast_ref::<hyper::Error>().is_some())
+}
+
+/// A pooled connection idle this long may be closed by the endpoint as it is reused.
+const STALE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The connection ended before any response byte: closed, reset, or the request never left.
+fn closed_before_response(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The endpoint refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the request.
