@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_egress::access_log::{AccessLog, Destination, Format as AccessFormat};
+use mesh_egress::admin::{AdminAddr, AdminCommand};
 use mesh_egress::catalog::{Access, CompileOptions, Compiled, Ipam, ServiceView};
 use mesh_egress::config;
 use mesh_egress::listen::SoOriginalDst;
@@ -123,9 +124,16 @@ struct RunArgs {
     /// Without it, VIPs live only as long as the process.
     #[arg(long, env = "MESH_EGRESS_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Admin server address (/ready), or `off`.
-    #[arg(long, env = "MESH_EGRESS_ADMIN", default_value = "127.0.0.1:9901", value_parser = addr_or_off)]
-    admin: Listen,
+    /// Admin server: IP:PORT, `unix:///path` (a unix socket, off the pod network), or `off`.
+    /// GET /ready /metrics /stats /stats/prometheus /clusters /server_info /listeners
+    /// /config_dump /endpoints; POST (loopback or unix admin only) /logging /healthcheck/fail
+    /// /healthcheck/ok /drain_listeners /quitquitquit.
+    #[arg(long, env = "MESH_EGRESS_ADMIN", default_value = "127.0.0.1:9901", value_parser = admin_or_off)]
+    admin: AdminListen,
+    /// A port on all addresses that answers GET /ready only, for kubelet probes (kuma-dp's
+    /// --readiness-port), or `off`.
+    #[arg(long, env = "MESH_EGRESS_READINESS_PORT", default_value = "9902", value_parser = port_or_off)]
+    readiness_port: PortOrOff,
     /// DNS proxy address (UDP and TCP), or `off`: answers generated hostnames with their VIP
     /// and forwards other names.
     #[arg(long, env = "MESH_EGRESS_DNS", default_value = "127.0.0.1:15053", value_parser = addr_or_off)]
@@ -226,6 +234,28 @@ struct RunArgs {
     no_watch: bool,
     #[command(flatten)]
     compile: CompileArgs,
+}
+
+/// The admin's address, or none (`off`).
+#[derive(Clone, Debug)]
+struct AdminListen(Option<AdminAddr>);
+
+fn admin_or_off(s: &str) -> Result<AdminListen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(AdminListen(None));
+    }
+    AdminAddr::parse(s).map(|a| AdminListen(Some(a)))
+}
+
+/// A port, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+struct PortOrOff(Option<u16>);
+
+fn port_or_off(s: &str) -> Result<PortOrOff, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(PortOrOff(None));
+    }
+    s.parse().map(|p| PortOrOff(Some(p))).map_err(|e| format!("'{s}' is not a port or `off`: {e}"))
 }
 
 /// A socket mark, or none (`off`).
@@ -341,13 +371,37 @@ fn transparent_proxy(action: TproxyAction) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The log filter, changeable at run time through the admin (`POST /logging`).
+#[derive(Debug)]
+struct ReloadableFilter {
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+}
+
+impl mesh_egress::admin::LogControl for ReloadableFilter {
+    fn current(&self) -> String {
+        self.handle.with_current(|f| f.to_string()).unwrap_or_default()
+    }
+
+    fn set(&self, directives: &str) -> Result<String, String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        Ok(self.current())
+    }
+}
+
+static LOG_CONTROL: std::sync::OnceLock<Arc<ReloadableFilter>> = std::sync::OnceLock::new();
+
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = LOG_CONTROL.set(Arc::new(ReloadableFilter { handle }));
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
 }
 
@@ -391,7 +445,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
-    if let Some(admin) = args.admin.0 {
+    let (admin_tcp, admin_unix) = match args.admin.0.clone() {
+        Some(AdminAddr::Tcp(addr)) => (Some(addr), None),
+        Some(AdminAddr::Unix(path)) => (None, Some(path)),
+        None => (None, None),
+    };
+    if let Some(admin) = admin_tcp {
         anyhow::ensure!(
             admin.ip().is_loopback() || args.admin_allow_remote,
             "--admin {admin} is not a loopback address: the admin API has no authentication; add --admin-allow-remote to allow it"
@@ -423,7 +482,11 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         request_timeout: Some(args.request_timeout).filter(|t| !t.is_zero()),
         state_dir: args.state_dir,
         compile: args.compile.options(),
-        admin: args.admin.0,
+        admin: admin_tcp,
+        admin_unix,
+        readiness: args.readiness_port.0.map(|port| SocketAddr::from(([0, 0, 0, 0], port))),
+        command_line: std::env::args().collect(),
+        log_control: LOG_CONTROL.get().cloned().map(|c| c as Arc<dyn mesh_egress::admin::LogControl>),
         dns: args.dns.0,
         dns_forwarders: args.dns_upstream,
         transparent: args.transparent.0,
@@ -456,10 +519,18 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut admin_commands = server.admin_commands();
+    let mut listeners_drained = false;
     loop {
         let changed = async {
             match watch.as_mut() {
                 Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let admin = async {
+            match admin_commands.as_mut() {
+                Some(commands) => commands.recv().await,
                 None => std::future::pending().await,
             }
         };
@@ -468,7 +539,27 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             () = changed => "file change",
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            command = admin => match command {
+                Some(AdminCommand::Quit) => {
+                    tracing::info!("admin: quitquitquit");
+                    break;
+                }
+                Some(AdminCommand::DrainListeners) => {
+                    tracing::info!("admin: draining listeners; open connections go on");
+                    server.drain_listeners();
+                    listeners_drained = true;
+                    continue;
+                }
+                None => {
+                    admin_commands = None;
+                    continue;
+                }
+            },
         };
+        if listeners_drained {
+            tracing::info!(trigger, "listeners are drained (/drain_listeners): the configuration is not reloaded");
+            continue;
+        }
         match server.reload().await {
             Ok(()) => tracing::info!(trigger, "configuration reloaded"),
             Err(e) => tracing::error!(trigger, "reload rejected, the running configuration stays: {e}"),

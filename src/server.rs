@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::access_log::AccessLog;
-use crate::admin::{self, AdminError, AdminState};
+use crate::admin::{self, AdminCommand, AdminError, AdminListener, AdminState};
 use crate::catalog::{ipam::IpamError, Catalog, CompileOptions, Ipam};
 use crate::config;
 use crate::dns::{DnsProxy, Forwarders};
@@ -32,6 +32,14 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     pub compile: CompileOptions,
     pub admin: Option<SocketAddr>,
+    /// The admin on a unix socket (`--admin unix:///path`), off the network.
+    pub admin_unix: Option<PathBuf>,
+    /// The readiness listener (kuma-dp's `--readiness-port`): `/ready` only.
+    pub readiness: Option<SocketAddr>,
+    /// The process's command line, for `/server_info`.
+    pub command_line: Vec<String>,
+    /// Changes the log filter at run time (`POST /logging`).
+    pub log_control: Option<Arc<dyn admin::LogControl>>,
     /// DNS proxy address (UDP and TCP).
     pub dns: Option<SocketAddr>,
     /// Where the DNS proxy forwards unknown names; empty: the nameservers of /etc/resolv.conf.
@@ -99,7 +107,10 @@ pub struct Server {
     live: Arc<Live>,
     proxy: Arc<Proxy>,
     listeners: HashMap<SocketAddr, BoundListener>,
-    admin: Option<(SocketAddr, Arc<AdminState>)>,
+    admin: Option<Arc<AdminState>>,
+    admin_addr: Option<SocketAddr>,
+    readiness_addr: Option<SocketAddr>,
+    admin_commands: Option<tokio::sync::mpsc::UnboundedReceiver<AdminCommand>>,
     dns: Option<(SocketAddr, [JoinHandle<()>; 2])>,
     draining: watch::Sender<bool>,
     workers: Vec<tokio::runtime::Handle>,
@@ -127,7 +138,10 @@ impl Server {
                 upgrade_protocols: options.upgrade_protocols.iter().cloned().collect(),
                 timeouts: options.timeouts,
                 vip_cidr: Some(ipam.cidr()),
-                own_listeners: [options.admin, options.dns, options.transparent].into_iter().flatten().collect(),
+                own_listeners: [options.admin, options.dns, options.transparent, options.readiness]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
             },
             original_dst,
             access_log: options.access_log.clone(),
@@ -144,15 +158,14 @@ impl Server {
             proxy,
             listeners: HashMap::new(),
             admin: None,
+            admin_addr: None,
+            readiness_addr: None,
+            admin_commands: None,
             dns: None,
             draining,
             workers,
         };
-        if let Some(addr) = server.options.admin {
-            let state = Arc::new(AdminState { ready: AtomicBool::new(false), live: server.live.clone() });
-            let bound = admin::spawn(addr, state.clone())?;
-            server.admin = Some((bound, state));
-        }
+        server.start_admin()?;
         server.apply_config().await?;
         if let Some(addr) = server.options.dns {
             let sockets = DnsProxy::bind(addr).await?;
@@ -165,10 +178,74 @@ impl Server {
             tracing::info!(dns = %bound, "DNS proxy listening (UDP and TCP)");
             server.dns = Some((bound, tasks));
         }
-        if let Some((_, state)) = &server.admin {
+        server.publish_listeners();
+        if let Some(state) = &server.admin {
             state.ready.store(true, Ordering::Release);
         }
         Ok(server)
+    }
+
+    /// The admin listeners (TCP or unix, and the readiness port) on their own thread.
+    fn start_admin(&mut self) -> Result<(), ServerError> {
+        let o = &self.options;
+        if o.admin.is_none() && o.admin_unix.is_none() && o.readiness.is_none() {
+            return Ok(());
+        }
+        let (mut state, commands) = AdminState::new(self.live.clone(), o.command_line.clone(), o.log_control.clone());
+        // Only a loopback or unix-socket admin may change the proxy.
+        state.mutations_allowed = o.admin_unix.is_some() || o.admin.is_some_and(|a| a.ip().is_loopback());
+        let mut listeners = Vec::new();
+        if let Some(addr) = o.admin {
+            let (listener, bound) = AdminListener::bind_tcp(addr, false)?;
+            listeners.push(listener);
+            self.admin_addr = Some(bound);
+        }
+        if let Some(path) = &o.admin_unix {
+            listeners.push(AdminListener::bind_unix(path)?);
+        }
+        if let Some(addr) = o.readiness {
+            let (listener, bound) = AdminListener::bind_tcp(addr, true)?;
+            listeners.push(listener);
+            self.readiness_addr = Some(bound);
+        }
+        let state = Arc::new(state);
+        admin::spawn(listeners, state.clone())?;
+        self.admin = Some(state);
+        self.admin_commands = Some(commands);
+        Ok(())
+    }
+
+    /// What the admin asks of the process (`/drain_listeners`, `/quitquitquit`); taken once,
+    /// by the run loop.
+    pub fn admin_commands(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<AdminCommand>> {
+        self.admin_commands.take()
+    }
+
+    /// The bound readiness listener (useful with port 0).
+    pub fn readiness_addr(&self) -> Option<SocketAddr> {
+        self.readiness_addr
+    }
+
+    /// `POST /drain_listeners`: stops accepting; open connections go on. `/ready` answers 503.
+    pub fn drain_listeners(&mut self) {
+        self.stop_listening();
+        if let Some(state) = &self.admin {
+            state.draining.store(true, Ordering::Release);
+            state.ready.store(false, Ordering::Release);
+        }
+        self.publish_listeners();
+    }
+
+    /// `kind address` of every listener, for the admin's `/listeners`.
+    fn publish_listeners(&self) {
+        let Some(state) = &self.admin else { return };
+        let mut list: Vec<String> = self.listeners.values().map(|l| format!("{} {}", l.kind.get(), l.local)).collect();
+        list.extend(self.dns.as_ref().map(|(addr, _)| format!("dns {addr}")));
+        list.extend(self.admin_addr.map(|addr| format!("admin {addr}")));
+        list.extend(self.options.admin_unix.as_ref().map(|p| format!("admin unix://{}", p.display())));
+        list.extend(self.readiness_addr.map(|addr| format!("readiness {addr}")));
+        list.sort();
+        *state.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
     }
 
     /// Loads the configuration again; an invalid one, or one whose new listeners cannot be
@@ -176,6 +253,7 @@ impl Server {
     pub async fn reload(&mut self) -> Result<(), ServerError> {
         let result = self.apply_config().await;
         crate::metrics::metrics().config_reload(result.is_ok());
+        self.publish_listeners();
         result
     }
 
@@ -295,7 +373,7 @@ impl Server {
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|(addr, _)| *addr)
+        self.admin_addr
     }
 
     /// The bound address of the DNS proxy (useful with port 0).
@@ -313,8 +391,9 @@ impl Server {
     /// open when it gave up (they close when the process exits).
     pub async fn drain(&mut self, deadline: Duration) -> usize {
         self.stop_listening();
-        if let Some((_, state)) = &self.admin {
+        if let Some(state) = &self.admin {
             state.ready.store(false, Ordering::Release);
+            state.draining.store(true, Ordering::Release);
         }
         self.draining.send_replace(true);
         let connections = self.proxy.connections.clone();

@@ -52,6 +52,7 @@ async fn descriptor_exhaustion_ejects_no_endpoint() {
     let mut cmd = Command::new("prlimit");
     cmd.args(["--nofile=64", "--", BIN, "run", "-c", config.to_str().unwrap(), "--admin", &admin_arg])
         .args(["--transparent", "off", "--dns", "off", "--workers", "1", "--eject-after", "1", "--no-watch"])
+        .args(["--readiness-port", "off"])
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -97,7 +98,7 @@ async fn a_second_instance_cannot_share_the_ports() {
 async fn refused_to_start(config: &std::path::Path, args: &[&str]) -> String {
     let admin = free_addr("127.0.0.1");
     let mut child = Command::new(BIN)
-        .args(["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string()])
+        .args(["run", "-c", config.to_str().unwrap(), "--admin", &admin.to_string(), "--readiness-port", "off"])
         .args(args)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())

@@ -159,9 +159,7 @@ fn netns_helper_servers() {
         let dns = common::dns_server_on((ip, 53).into(), 30).await;
         dns.set("web.ext.test", ip);
         dns.set("forwarded.ext.test", Ipv4Addr::new(192, 0, 2, 99));
-        println!("\nhelper-servers-ready");
-        // Until the parent closes our stdin (or kills us).
-        let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+        serve_until_the_parent_is_done().await;
     });
 }
 
@@ -184,6 +182,13 @@ spec:
   match: {port: 9000, protocol: tcp}
   endpoints: [{address: EXT_IP, port: 9000}]
 ";
+
+/// In a helper process: says the servers are up, then serves until the parent closes our stdin
+/// (or kills us).
+async fn serve_until_the_parent_is_done() {
+    println!("\nhelper-servers-ready");
+    let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+}
 
 /// `mesh-egress run` on `config` as `uid`, as the tests start it in the "app" namespace.
 fn run_as(uid: &str, caps: &[&str], config: &std::path::Path, state_dir: &std::path::Path) -> Vec<String> {
@@ -338,8 +343,7 @@ fn netns_passthrough_servers() {
         for name in ["allowed.test", "api.wild.test", "web.test", "h2.test", "denied.test"] {
             dns.set(name, allowed);
         }
-        println!("\nhelper-servers-ready");
-        let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+        serve_until_the_parent_is_done().await;
     });
 }
 

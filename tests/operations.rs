@@ -364,9 +364,49 @@ async fn access_log_has_a_line_per_connection_and_request() {
 fn admin_refuses_a_remote_address_unless_asked() {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
         .args(["run", "-c", "config/demo", "--admin", "0.0.0.0:0", "--transparent", "off", "--dns", "off"])
+        .args(["--readiness-port", "off"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-allow-remote"), "{out:?}");
+}
+
+/// A ConfigMap as the kubelet mounts it: the files are symlinks into `..data`, itself a symlink
+/// to a timestamped directory, and an update swaps `..data` in one rename. The proxy reads only
+/// the visible files (no service twice through the hidden directories) and reloads on the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_by_the_kubelets_data_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let mount = tempfile::tempdir().unwrap();
+    let dir = mount.path();
+    let version = |name: &str, yaml: &str| {
+        let versioned = dir.join(name);
+        std::fs::create_dir(&versioned).unwrap();
+        std::fs::write(versioned.join("services.yaml"), yaml).unwrap();
+    };
+    let mes = |name: &str| {
+        format!("apiVersion: kuma.io/v1alpha1\nkind: MeshExternalService\nmetadata:\n  name: {name}\n  namespace: kuma-system\nspec:\n  match: {{port: 80, protocol: http}}\n  endpoints: [{{address: 127.0.0.1, port: 9}}]\n")
+    };
+    version("..2026_12_01_10_00_00.000000001", &mes("first"));
+    symlink("..2026_12_01_10_00_00.000000001", dir.join("..data")).unwrap();
+    symlink("..data/services.yaml", dir.join("services.yaml")).unwrap();
+    let admin = free_addr("127.0.0.1");
+    let _proxy = spawn_proxy(dir, admin, &[], &[]);
+    wait_ready(admin).await;
+    let services = || async { admin_get(admin, "/config_dump").await };
+    let dump = services().await;
+    assert!(dump.contains("\"first\"") && dump.matches("\"name\": \"first\"").count() == 1, "{dump}");
+
+    // The kubelet's update: a new directory, a new `..data` link renamed over the old one.
+    version("..2026_12_01_10_05_00.000000002", &format!("{}---\n{}", mes("first"), mes("second")));
+    symlink("..2026_12_01_10_05_00.000000002", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join("..2026_12_01_10_00_00.000000001")).unwrap();
+    eventually("the swapped ConfigMap is live", Duration::from_secs(20), || async {
+        services().await.contains("\"second\"")
+    })
+    .await;
+    let dump = services().await;
+    assert_eq!(dump.matches("\"name\": \"first\"").count(), 1, "{dump}");
 }

@@ -30,7 +30,19 @@ async fn wait_ready(admin: SocketAddr) {
 #[test]
 fn invalid_configuration_at_start_exits_non_zero_with_every_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(["run", "-c", "tests/data/invalid", "--admin", "off", "--transparent", "off", "--dns", "off"])
+        .args([
+            "run",
+            "-c",
+            "tests/data/invalid",
+            "--admin",
+            "off",
+            "--transparent",
+            "off",
+            "--dns",
+            "off",
+            "--readiness-port",
+            "off",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -55,7 +67,19 @@ async fn a_port_that_cannot_be_bound_is_a_clear_start_error() {
     let addr = taken.local_addr().unwrap();
     let (_dir, config) = config_dir(&service_with_outbound("x", addr, &endpoint("127.0.0.1", 1, 0), ""));
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args(["run", "-c", config.to_str().unwrap(), "--admin", "off", "--transparent", "off", "--dns", "off"])
+        .args([
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--admin",
+            "off",
+            "--transparent",
+            "off",
+            "--dns",
+            "off",
+            "--readiness-port",
+            "off",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -180,6 +180,10 @@ pub fn options(config: PathBuf) -> Options {
         state_dir: None,
         compile: CompileOptions::default(),
         admin: None,
+        admin_unix: None,
+        readiness: None,
+        command_line: Vec::new(),
+        log_control: None,
         dns: None,
         dns_forwarders: Vec::new(),
         transparent: None,
@@ -270,6 +274,7 @@ pub fn spawn_proxy(config: &Path, admin: SocketAddr, extra: &[&str], env: &[(&st
     let admin = admin.to_string();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-egress"));
     cmd.args(["run", "-c", config.to_str().unwrap(), "--admin", &admin, "--transparent", "off", "--dns", "off"])
+        .args(["--readiness-port", "off"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
