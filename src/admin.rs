@@ -27,10 +27,20 @@ use crate::catalog::ServiceView;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, Snapshot};
 
-/// Time for an admin request's head to arrive.
-const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// An admin connection with no byte either way for this long is closed.
-const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long admin connections may take (`--admin-header-read-timeout`, `--admin-idle-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminTimeouts {
+    /// For a request's head to arrive.
+    pub header_read: Duration,
+    /// No byte either way for this long closes a connection.
+    pub idle: Duration,
+}
+
+impl Default for AdminTimeouts {
+    fn default() -> Self {
+        Self { header_read: Duration::from_secs(10), idle: Duration::from_secs(60) }
+    }
+}
 /// kuma-dp's readiness port.
 pub const DEFAULT_READINESS_PORT: u16 = 9902;
 
@@ -68,6 +78,7 @@ pub struct AdminState {
     pub log: Option<Arc<dyn LogControl>>,
     /// The admin listens on loopback or a unix socket: the mutating endpoints are open.
     pub mutations_allowed: bool,
+    pub timeouts: AdminTimeouts,
 }
 
 impl AdminState {
@@ -88,6 +99,7 @@ impl AdminState {
             commands,
             log,
             mutations_allowed: true,
+            timeouts: AdminTimeouts::default(),
         };
         (state, receiver)
     }
@@ -222,6 +234,7 @@ async fn connection<S>(stream: S, state: Arc<AdminState>, ready_only: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let timeouts = state.timeouts;
     let service = service_fn(move |req| {
         let state = state.clone();
         async move {
@@ -234,11 +247,11 @@ where
     let io = TokioIo::new(Tracked::new(stream, activity.clone()));
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
+        .header_read_timeout(timeouts.header_read)
         .serve_connection(io, service);
     tokio::select! {
         _ = connection => {}
-        () = activity.idle_for(ADMIN_IDLE_TIMEOUT) => {}
+        () = activity.idle_for(timeouts.idle) => {}
     }
 }
 

@@ -176,6 +176,30 @@ struct RunArgs {
     /// for its next request.
     #[arg(long, env = "MESH_EGRESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
+    /// HTTP/1: most headers in a request (431 beyond).
+    #[arg(long, env = "MESH_EGRESS_MAX_REQUEST_HEADERS", default_value_t = mesh_egress::proxy::http::MAX_HEADERS)]
+    max_request_headers: usize,
+    /// Largest HTTP/1 request head and HTTP/2 header list, in bytes (431 beyond).
+    #[arg(long, env = "MESH_EGRESS_MAX_HEADER_BYTES", default_value_t = mesh_egress::proxy::http::MAX_HEADER_BYTES)]
+    max_header_bytes: usize,
+    /// HTTP/2 streams open at once per application connection (Envoy's default, 100).
+    #[arg(long, env = "MESH_EGRESS_MAX_CONCURRENT_STREAMS", default_value_t = mesh_egress::proxy::http::MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: u32,
+    /// Time one upstream nameserver has to answer a forwarded DNS query.
+    #[arg(long, env = "MESH_EGRESS_DNS_FORWARD_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    dns_forward_timeout: Duration,
+    /// Forwarded DNS queries waiting for an answer at once; more get SERVFAIL at once.
+    #[arg(long, env = "MESH_EGRESS_DNS_MAX_IN_FLIGHT", default_value_t = mesh_egress::dns::MAX_FORWARDS_IN_FLIGHT)]
+    dns_max_in_flight: usize,
+    /// A DNS-over-TCP connection without a query for this long is closed.
+    #[arg(long, env = "MESH_EGRESS_DNS_TCP_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    dns_tcp_idle_timeout: Duration,
+    /// Time for an admin request's head to arrive.
+    #[arg(long, env = "MESH_EGRESS_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    admin_header_read_timeout: Duration,
+    /// An admin connection with no byte either way for this long is closed.
+    #[arg(long, env = "MESH_EGRESS_ADMIN_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    admin_idle_timeout: Duration,
     /// HTTP/1 `Upgrade` protocols passed through as tunnels, comma-separated; a request asking
     /// for another (h2c, say) has its upgrade headers removed and is forwarded as it is.
     #[arg(long, env = "MESH_EGRESS_UPGRADE_PROTOCOLS", value_delimiter = ',', default_value = "websocket")]
@@ -487,6 +511,20 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         readiness: args.readiness_port.0.map(|port| SocketAddr::from(([0, 0, 0, 0], port))),
         command_line: std::env::args().collect(),
         log_control: LOG_CONTROL.get().cloned().map(|c| c as Arc<dyn mesh_egress::admin::LogControl>),
+        admin_timeouts: mesh_egress::admin::AdminTimeouts {
+            header_read: args.admin_header_read_timeout,
+            idle: args.admin_idle_timeout,
+        },
+        dns_limits: mesh_egress::dns::DnsLimits {
+            forward_timeout: args.dns_forward_timeout,
+            max_in_flight: args.dns_max_in_flight,
+            tcp_idle: args.dns_tcp_idle_timeout,
+        },
+        http_limits: mesh_egress::proxy::http::HttpLimits {
+            max_headers: args.max_request_headers,
+            max_header_bytes: args.max_header_bytes,
+            max_concurrent_streams: args.max_concurrent_streams,
+        },
         dns: args.dns.0,
         dns_forwarders: args.dns_upstream,
         transparent: args.transparent.0,

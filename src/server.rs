@@ -40,6 +40,9 @@ pub struct Options {
     pub command_line: Vec<String>,
     /// Changes the log filter at run time (`POST /logging`).
     pub log_control: Option<Arc<dyn admin::LogControl>>,
+    pub admin_timeouts: admin::AdminTimeouts,
+    pub dns_limits: crate::dns::DnsLimits,
+    pub http_limits: crate::proxy::http::HttpLimits,
     /// DNS proxy address (UDP and TCP).
     pub dns: Option<SocketAddr>,
     /// Where the DNS proxy forwards unknown names; empty: the nameservers of /etc/resolv.conf.
@@ -137,6 +140,7 @@ impl Server {
                 request_timeout: options.request_timeout,
                 upgrade_protocols: options.upgrade_protocols.iter().cloned().collect(),
                 timeouts: options.timeouts,
+                http_limits: options.http_limits,
                 vip_cidr: Some(ipam.cidr()),
                 own_listeners: [options.admin, options.dns, options.transparent, options.readiness]
                     .into_iter()
@@ -174,7 +178,7 @@ impl Server {
                 servers if servers.is_empty() => Forwarders::system(bound),
                 servers => Forwarders::new(servers, bound)?,
             };
-            let tasks = DnsProxy::new(server.live.clone(), forwarders).serve(sockets);
+            let tasks = DnsProxy::new(server.live.clone(), forwarders, server.options.dns_limits).serve(sockets);
             tracing::info!(dns = %bound, "DNS proxy listening (UDP and TCP)");
             server.dns = Some((bound, tasks));
         }
@@ -194,6 +198,7 @@ impl Server {
         let (mut state, commands) = AdminState::new(self.live.clone(), o.command_line.clone(), o.log_control.clone());
         // Only a loopback or unix-socket admin may change the proxy.
         state.mutations_allowed = o.admin_unix.is_some() || o.admin.is_some_and(|a| a.ip().is_loopback());
+        state.timeouts = o.admin_timeouts;
         let mut listeners = Vec::new();
         if let Some(addr) = o.admin {
             let (listener, bound) = AdminListener::bind_tcp(addr, false)?;

@@ -808,3 +808,27 @@ async fn a_pooled_connection_closed_as_it_is_reused_is_retried_for_idempotent_re
     assert_eq!(send("GET").await, (http::StatusCode::OK, "connection 3".to_string()));
     assert_eq!(connections.load(Ordering::SeqCst), 3);
 }
+
+/// The limits in the docs' table are flags: fewer request headers allowed means 431 sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_limits_follow_their_flags() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("limited", "http", upstream.addr.port());
+    let mut opts = options(config);
+    opts.http_limits.max_headers = 8;
+    let _proxy = start(opts).await;
+    let request = |headers: usize| {
+        let mut req = String::from("GET / HTTP/1.1\r\nHost: limited\r\nConnection: close\r\n");
+        for i in 0..headers {
+            req.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        req + "\r\n"
+    };
+    for (headers, status) in [(3, "200"), (12, "431")] {
+        let mut s = TcpStream::connect(outbound).await.unwrap();
+        s.write_all(request(headers).as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{headers} headers: {out}");
+    }
+}

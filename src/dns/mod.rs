@@ -23,14 +23,30 @@ use crate::live::Live;
 use crate::metrics::{metrics, DnsResult};
 
 pub const TTL: u32 = 30;
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// A DNS-over-TCP connection waiting this long for its next query is closed.
-const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_UDP: usize = 4096;
 
 /// Forwarded queries waiting for an answer at once; more are answered SERVFAIL at once (a flood
 /// must not take a socket and a task per query).
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 256;
+
+/// The DNS proxy's limits (`--dns-forward-timeout`, `--dns-max-in-flight`,
+/// `--dns-tcp-idle-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsLimits {
+    /// For one upstream nameserver's answer.
+    pub forward_timeout: Duration,
+    pub max_in_flight: usize,
+    pub tcp_idle: Duration,
+}
+
+impl Default for DnsLimits {
+    fn default() -> Self {
+        Self { forward_timeout: FORWARD_TIMEOUT, max_in_flight: MAX_FORWARDS_IN_FLIGHT, tcp_idle: TCP_IDLE_TIMEOUT }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
@@ -85,6 +101,7 @@ pub struct DnsProxy {
     forwarders: Forwarders,
     in_flight: Arc<tokio::sync::Semaphore>,
     udp: udp::UdpForwarder,
+    limits: DnsLimits,
 }
 
 /// The bound sockets; serving starts with [`DnsProxy::serve`].
@@ -94,9 +111,9 @@ pub struct DnsSockets {
 }
 
 impl DnsProxy {
-    pub fn new(live: Arc<Live>, forwarders: Forwarders) -> Arc<Self> {
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
-        Arc::new(Self { live, forwarders, in_flight, udp: udp::UdpForwarder::default() })
+    pub fn new(live: Arc<Live>, forwarders: Forwarders, limits: DnsLimits) -> Arc<Self> {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight));
+        Arc::new(Self { live, forwarders, in_flight, udp: udp::UdpForwarder::default(), limits })
     }
 
     /// Binds UDP and TCP on the same port. With port 0, the port UDP got may be taken for TCP:
@@ -163,7 +180,7 @@ impl DnsProxy {
     async fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
         loop {
             // RFC 7766 §6.2.3: close idle TCP connections after a few seconds.
-            let Ok(packet) = tokio::time::timeout(TCP_IDLE_TIMEOUT, read_framed(&mut stream)).await else {
+            let Ok(packet) = tokio::time::timeout(self.limits.tcp_idle, read_framed(&mut stream)).await else {
                 return Ok(());
             };
             let packet = packet?;
@@ -190,8 +207,10 @@ impl DnsProxy {
         };
         for &server in &self.forwarders.0 {
             let result = match transport {
-                Transport::Udp => tokio::time::timeout(FORWARD_TIMEOUT, self.udp.exchange(server, packet, query)).await,
-                Transport::Tcp => tokio::time::timeout(FORWARD_TIMEOUT, exchange_tcp(server, packet)).await,
+                Transport::Udp => {
+                    tokio::time::timeout(self.limits.forward_timeout, self.udp.exchange(server, packet, query)).await
+                }
+                Transport::Tcp => tokio::time::timeout(self.limits.forward_timeout, exchange_tcp(server, packet)).await,
             };
             match result {
                 Ok(Ok(response)) => {
@@ -316,7 +335,7 @@ mod tests {
             &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()),
         );
         let snapshot = Snapshot::new(compiled.catalog, TlsClients::default(), None, &Arc::default());
-        DnsProxy::new(Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)), Forwarders::default())
+        DnsProxy::new(Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)), Forwarders::default(), DnsLimits::default())
     }
 
     fn query(name: &str, kind: RecordType) -> Vec<u8> {

@@ -41,6 +41,7 @@ pub struct ProxySettings {
     /// HTTP/1 `Upgrade` protocols passed through as tunnels.
     pub upgrade_protocols: Arc<[String]>,
     pub timeouts: ConnectionTimeouts,
+    pub http_limits: http::HttpLimits,
     /// The VIP range: passthrough never goes there.
     pub vip_cidr: Option<ipnet::IpNet>,
     /// The admin, DNS and transparent addresses: passthrough never goes there either.

@@ -38,6 +38,25 @@ use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
 
+/// What an application connection may send: overridable by flags (`--max-request-headers`,
+/// `--max-header-bytes`, `--max-concurrent-streams`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_headers: MAX_HEADERS,
+            max_header_bytes: MAX_HEADER_BYTES,
+            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+        }
+    }
+}
+
 /// Most request headers accepted from the application (HTTP/1).
 pub const MAX_HEADERS: usize = 100;
 /// Largest request head (HTTP/1) and header list (HTTP/2) accepted, in bytes.
@@ -60,6 +79,7 @@ pub struct HttpProxy {
     /// `Upgrade` protocols passed through as tunnels (`--upgrade-protocols`).
     upgrades: Arc<[String]>,
     timeouts: ConnectionTimeouts,
+    limits: HttpLimits,
     /// Streams cancelled before their answer (rapid reset).
     resets: resets::ResetBudget,
 }
@@ -75,6 +95,7 @@ impl HttpProxy {
             connections: proxy.connections.clone(),
             upgrades: proxy.settings.upgrade_protocols.clone(),
             timeouts: proxy.settings.timeouts,
+            limits: proxy.settings.http_limits,
             resets: resets::ResetBudget::default(),
         }
     }
@@ -110,10 +131,10 @@ impl Handler for HttpProxy {
 /// Serves one application connection of a service until it closes, or until a drain asks it
 /// to finish its requests and close.
 pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, draining: watch::Receiver<bool>) {
-    let timeouts = proxy.timeouts;
+    let (timeouts, limits) = (proxy.timeouts, proxy.limits);
     // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
     // HTTP/1.1 or h2c prior knowledge from the first bytes.
-    serve_with(client, proxy, timeouts, protocol != Protocol::Http, draining).await;
+    serve_with(client, proxy, timeouts, limits, protocol != Protocol::Http, draining).await;
 }
 
 /// Serves a passthrough connection that speaks HTTP (`http2`: with prior knowledge).
@@ -123,14 +144,15 @@ pub async fn serve_passthrough(
     http2: bool,
     draining: watch::Receiver<bool>,
 ) {
-    let timeouts = passthrough.timeouts();
-    serve_with(client, passthrough, timeouts, http2, draining).await;
+    let (timeouts, limits) = (passthrough.timeouts(), passthrough.limits());
+    serve_with(client, passthrough, timeouts, limits, http2, draining).await;
 }
 
 async fn serve_with<H: Handler>(
     client: TcpStream,
     handler: H,
     timeouts: ConnectionTimeouts,
+    limits: HttpLimits,
     http2_only: bool,
     mut draining: watch::Receiver<bool>,
 ) {
@@ -143,12 +165,15 @@ async fn serve_with<H: Handler>(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .max_headers(MAX_HEADERS)
-        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes)
         .preserve_header_case(false)
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read);
-    builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS).max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+        .http2()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = if http2_only { builder.http2_only() } else { builder };
     let activity = Activity::new();
     let client = Tracked::new(client, activity.clone());

@@ -56,6 +56,10 @@ impl PassthroughHttp {
         self.proxy.settings.timeouts
     }
 
+    pub(super) fn limits(&self) -> super::HttpLimits {
+        self.proxy.settings.http_limits
+    }
+
     async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
