@@ -76,8 +76,6 @@ pub struct AdminState {
     pub listeners: Mutex<Vec<String>>,
     pub commands: mpsc::UnboundedSender<AdminCommand>,
     pub log: Option<Arc<dyn LogControl>>,
-    /// The admin listens on loopback or a unix socket: the mutating endpoints are open.
-    pub mutations_allowed: bool,
     pub timeouts: AdminTimeouts,
 }
 
@@ -98,7 +96,6 @@ impl AdminState {
             listeners: Mutex::default(),
             commands,
             log,
-            mutations_allowed: true,
             timeouts: AdminTimeouts::default(),
         };
         (state, receiver)
@@ -149,7 +146,7 @@ pub enum AdminError {
 
 /// A bound admin listener: the full admin, or the readiness port.
 pub enum AdminListener {
-    Tcp { listener: std::net::TcpListener, ready_only: bool },
+    Tcp { listener: std::net::TcpListener, ready_only: bool, mutations: bool },
     Unix(std::os::unix::net::UnixListener),
 }
 
@@ -159,7 +156,9 @@ impl AdminListener {
         let listener = std::net::TcpListener::bind(addr).map_err(err)?;
         let bound = listener.local_addr().map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
-        Ok((Self::Tcp { listener, ready_only }, bound))
+        // Only a loopback admin may change the proxy.
+        let mutations = addr.ip().is_loopback();
+        Ok((Self::Tcp { listener, ready_only, mutations }, bound))
     }
 
     /// Binds `path` (a stale socket file there is replaced), readable by owner and group only.
@@ -194,7 +193,7 @@ async fn serve(listeners: Vec<AdminListener>, state: Arc<AdminState>) {
     for listener in listeners {
         let state = state.clone();
         match listener {
-            AdminListener::Tcp { listener, ready_only } => {
+            AdminListener::Tcp { listener, ready_only, mutations } => {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                     tracing::error!("admin server cannot listen");
                     continue;
@@ -202,7 +201,7 @@ async fn serve(listeners: Vec<AdminListener>, state: Arc<AdminState>) {
                 tasks.spawn(async move {
                     loop {
                         let (stream, _) = crate::listen::accept(&listener, "admin").await;
-                        tokio::spawn(connection(stream, state.clone(), ready_only));
+                        tokio::spawn(connection(stream, state.clone(), ready_only, mutations));
                     }
                 });
             }
@@ -215,7 +214,7 @@ async fn serve(listeners: Vec<AdminListener>, state: Arc<AdminState>) {
                     loop {
                         match listener.accept().await {
                             Ok((stream, _)) => {
-                                tokio::spawn(connection(stream, state.clone(), false));
+                                tokio::spawn(connection(stream, state.clone(), false, true));
                             }
                             Err(error) => {
                                 tracing::debug!(%error, "admin unix accept failed");
@@ -230,7 +229,7 @@ async fn serve(listeners: Vec<AdminListener>, state: Arc<AdminState>) {
     while tasks.join_next().await.is_some() {}
 }
 
-async fn connection<S>(stream: S, state: Arc<AdminState>, ready_only: bool)
+async fn connection<S>(stream: S, state: Arc<AdminState>, ready_only: bool, mutations: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -238,7 +237,7 @@ where
     let service = service_fn(move |req| {
         let state = state.clone();
         async move {
-            let response = if ready_only { readiness(&state, &req) } else { route(&state, &req) };
+            let response = if ready_only { readiness(&state, &req) } else { route(&state, &req, mutations) };
             Ok::<_, Infallible>(response)
         }
     });
@@ -425,23 +424,38 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-/// A query parameter's value (the admin takes no encoded characters in them).
-fn param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
-    req.uri().query()?.split('&').find_map(|kv| match kv.split_once('=') {
-        Some((k, v)) if k == name => Some(v),
-        None if kv == name => Some(""),
-        _ => None,
+/// A query parameter's value, percent-decoded (`None`: absent or not decodable).
+fn param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| percent_decode(v)).flatten()
     })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b'+' => b' ',
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
 }
 
 const MUTATING: [&str; 6] =
     ["/logging", "/healthcheck/fail", "/healthcheck/ok", "/drain_listeners", "/quitquitquit", "/reset_counters"];
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, req: &Request<Incoming>, mutations: bool) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     tracing::debug!(method = %req.method(), path, "admin request");
     if MUTATING.contains(&path) {
-        return mutate(state, req, path);
+        return mutate(state, req, path, mutations);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return not_allowed("GET");
@@ -456,7 +470,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/server_info" => json(&server_info(state)),
         "/listeners" => {
             let listeners = state.listeners.lock().unwrap_or_else(PoisonError::into_inner);
-            if param(req, "format") == Some("json") {
+            if param(req, "format").as_deref() == Some("json") {
                 json(&serde_json::json!({ "listeners": *listeners }))
             } else {
                 text(StatusCode::OK, listeners.iter().map(|l| format!("{l}\n")).collect::<String>())
@@ -480,7 +494,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// The endpoints that change the proxy: POST only, loopback or unix admin only.
-fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
+fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str, mutations: bool) -> Response<Full<Bytes>> {
     if path == "/logging" && req.method() == Method::GET {
         return match &state.log {
             Some(log) => text(StatusCode::OK, format!("active filter: {}\n", log.current())),
@@ -490,7 +504,7 @@ fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str) -> Response<F
     if req.method() != Method::POST {
         return not_allowed("POST");
     }
-    if !state.mutations_allowed {
+    if !mutations {
         return text(
             StatusCode::FORBIDDEN,
             "forbidden: endpoints that change the proxy need a loopback or unix-socket admin\n",
@@ -539,12 +553,15 @@ fn level_name(level: &str) -> Option<&'static str> {
 /// `mesh_egress::upstream`), the rest of the filter kept.
 fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let Some(log) = &state.log else { return text(StatusCode::NOT_FOUND, "no log control in this process\n") };
-    let directives = match (param(req, "level"), param(req, "paths")) {
+    let directives = match (param(req, "level").as_deref(), param(req, "paths").as_deref()) {
         (Some(level), None) => match level_name(level) {
             Some(level) => level.to_string(),
             None => return text(StatusCode::BAD_REQUEST, format!("unknown level '{level}': {LEVELS}\n")),
         },
         (None, Some(paths)) => {
+            if let Some(bad) = paths.split(',').find(|p| !p.contains(':')) {
+                return text(StatusCode::BAD_REQUEST, format!("'{bad}' is not module:LEVEL\n"));
+            }
             let mut merged: Vec<(String, String)> = Vec::new();
             let current = log.current();
             let specified = paths.split(',').filter_map(|p| p.rsplit_once(':')).map(|(module, level)| {

@@ -196,8 +196,6 @@ impl Server {
             return Ok(());
         }
         let (mut state, commands) = AdminState::new(self.live.clone(), o.command_line.clone(), o.log_control.clone());
-        // Only a loopback or unix-socket admin may change the proxy.
-        state.mutations_allowed = o.admin_unix.is_some() || o.admin.is_some_and(|a| a.ip().is_loopback());
         state.timeouts = o.admin_timeouts;
         let mut listeners = Vec::new();
         if let Some(addr) = o.admin {

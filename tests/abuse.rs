@@ -586,7 +586,7 @@ async fn upstream_faults_mid_response_end_that_response_only() {
     assert!(again.starts_with("HTTP/1.1 200"), "the faulty service still takes requests: {again}");
 }
 
-/// Forwarding shares one socket: concurrent queries reach the upstream from one source port,
+/// Forwarding shares a few sockets: concurrent queries reach the upstream from at most four source ports,
 /// each under an ID of the proxy's, and every client gets its own answer under its own ID. An
 /// upstream that stops answering costs SERVFAIL (after the forward timeout), not the proxy's
 /// local answers; once it answers again, so does forwarding.
@@ -656,7 +656,7 @@ async fn dns_forwarding_shares_a_socket_and_survives_an_upstream_that_stops_answ
     }
     {
         let seen = seen.lock().unwrap();
-        assert_eq!(seen.0.len(), 1, "one shared source port, not one socket per query: {:?}", seen.0);
+        assert!(seen.0.len() <= 4, "a few shared source ports, not one socket per query: {:?}", seen.0);
         assert!(seen.1.iter().all(|id| !(1001..=1050).contains(id)), "sent under the proxy's IDs: {:?}", seen.1);
     }
 

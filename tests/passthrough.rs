@@ -201,6 +201,24 @@ async fn matched_mode_allows_only_what_the_rules_name_and_pins_domains() {
     assert!(responses[3].0.contains(" 200 "), "a Host without a port matches the destination's: {responses:?}");
     let wrong_port = http1(world.dial(web.addr).await, &[("web.test:1", "/x")]).await;
     assert!(wrong_port[0].0.contains(" 503 "), "Host names another port: {wrong_port:?}");
+    for bad in ["web.test:99999", "evil.test@web.test"] {
+        let refused = http1(world.dial(web.addr).await, &[(bad, "/x")]).await;
+        assert!(refused[0].0.contains(" 503 ") || refused[0].0.contains(" 400 "), "{bad}: {refused:?}");
+    }
+    // Domain fronting: an allowed absolute URI with another Host; the destination sees only the
+    // authority that was allowed.
+    let mut front = world.dial(web.addr).await;
+    let uri = format!("http://web.test:{}/front", web.addr.port());
+    front
+        .write_all(format!("GET {uri} HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let fronted = read_all(&mut front).await;
+    assert!(
+        fronted.contains("path: /front") && fronted.contains(&format!("host: web.test:{}", web.addr.port())),
+        "{fronted}"
+    );
+    assert!(!fronted.contains("evil.test"), "{fronted}");
     // Pinned too: web.test dialled at the other address is served by web.test's.
     let before = web_elsewhere.connections();
     let pinned = http1(world.dial(web_elsewhere.addr).await, &[(&host("web.test"), "/pinned")]).await;

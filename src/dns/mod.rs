@@ -264,10 +264,14 @@ enum Transport {
     Tcp,
 }
 
-/// A response whose question section is the query's.
+/// A response whose question section is the query's (or an error answer without one, which a
+/// server may send for a query it could not read).
 fn answers(response: &[u8], query: &Message) -> bool {
-    Message::from_vec(response)
-        .is_ok_and(|r| r.message_type() == MessageType::Response && r.queries() == query.queries())
+    Message::from_vec(response).is_ok_and(|r| {
+        r.message_type() == MessageType::Response
+            && (r.queries() == query.queries()
+                || (r.queries().is_empty() && r.response_code() != ResponseCode::NoError))
+    })
 }
 
 /// One query to `server` over TCP.

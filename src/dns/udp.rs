@@ -1,7 +1,8 @@
-//! Forwarding over UDP on shared sockets: one socket per address family for every query in
-//! flight, each query sent under an ID of its own (random, unused), the answer matched by
-//! server, ID and question and handed back under the client's ID. A flood of queries costs
-//! entries in a table, not a socket and a task each.
+//! Forwarding over UDP on shared sockets: a few sockets per address family (each query takes
+//! one at random, so a spoofer must guess the port as well as the ID) for every query in
+//! flight, each query sent under an ID of its own (random, unused on that socket), the answer
+//! matched by server, ID and question and handed back under the client's ID. A flood of
+//! queries costs entries in a table, not a socket and a task each.
 
 use std::collections::HashMap;
 use std::io;
@@ -12,14 +13,21 @@ use hickory_proto::op::Message;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
-use super::{answers, MAX_UDP};
+use super::answers;
 
 /// A query waiting for its answer.
 struct Pending {
     server: SocketAddr,
     query: Message,
-    answer: oneshot::Sender<Vec<u8>>,
+    /// Taken by the answer; the entry (and its ID) stays until the exchange ends, so an ID
+    /// is never reused while its query is still waiting.
+    answer: Option<oneshot::Sender<Vec<u8>>>,
 }
+
+/// Sockets per address family.
+const SOCKETS: usize = 4;
+/// Largest answer read (EDNS allows up to 64 KiB over UDP).
+const MAX_ANSWER: usize = 65535;
 
 struct Shared {
     socket: UdpSocket,
@@ -30,8 +38,8 @@ struct Shared {
 /// The shared sockets, opened on first use.
 #[derive(Default)]
 pub(super) struct UdpForwarder {
-    v4: tokio::sync::OnceCell<Arc<Shared>>,
-    v6: tokio::sync::OnceCell<Arc<Shared>>,
+    v4: tokio::sync::OnceCell<Vec<Arc<Shared>>>,
+    v6: tokio::sync::OnceCell<Vec<Arc<Shared>>>,
 }
 
 impl UdpForwarder {
@@ -43,9 +51,18 @@ impl UdpForwarder {
         } else {
             (&self.v6, (Ipv6Addr::UNSPECIFIED, 0).into())
         };
-        let shared = cell.get_or_try_init(|| Shared::open(local)).await?.clone();
+        let sockets = cell
+            .get_or_try_init(|| async {
+                let mut sockets = Vec::with_capacity(SOCKETS);
+                for _ in 0..SOCKETS {
+                    sockets.push(Shared::open(local).await?);
+                }
+                Ok::<_, io::Error>(sockets)
+            })
+            .await?;
+        let shared = sockets[rand::random_range(0..sockets.len())].clone();
         let (tx, rx) = oneshot::channel();
-        let id = shared.register(Pending { server, query: query.clone(), answer: tx })?;
+        let id = shared.register(Pending { server, query: query.clone(), answer: Some(tx) })?;
         let _forget = Forget { shared: &shared, id };
         let mut out = packet.to_vec();
         out[..2].copy_from_slice(&id.to_be_bytes());
@@ -98,7 +115,7 @@ impl Drop for Forget<'_> {
 /// Hands each datagram to the query it answers: same server, same ID, same question. Anything
 /// else (late, spoofed, or for a forgotten query) is dropped. Runs as long as the process.
 async fn receive(this: Arc<Shared>) {
-    let mut buf = vec![0u8; MAX_UDP];
+    let mut buf = vec![0u8; MAX_ANSWER];
     loop {
         let Ok((n, from)) = this.socket.recv_from(&mut buf).await else { continue };
         if n < 2 {
@@ -106,10 +123,9 @@ async fn receive(this: Arc<Shared>) {
         }
         let id = u16::from_be_bytes([buf[0], buf[1]]);
         let mut table = this.pending();
-        let matches = table.get(&id).is_some_and(|p| p.server == from && answers(&buf[..n], &p.query));
-        if matches {
-            if let Some(p) = table.remove(&id) {
-                let _ = p.answer.send(buf[..n].to_vec());
+        if let Some(p) = table.get_mut(&id).filter(|p| p.server == from && answers(&buf[..n], &p.query)) {
+            if let Some(answer) = p.answer.take() {
+                let _ = answer.send(buf[..n].to_vec());
             }
         }
     }

@@ -51,7 +51,11 @@ pub(super) struct PermissionEntry {
 }
 
 /// Specificity of a `from` targetRef that matches `workload`; `None`: it does not match.
-fn specificity(from: &TargetRef, workload: Option<&DataplaneIdentity>) -> Option<(u8, usize)> {
+fn specificity(
+    from: &TargetRef,
+    policy_namespace: Option<&str>,
+    workload: Option<&DataplaneIdentity>,
+) -> Option<(u8, usize)> {
     let tags = from.tags.as_ref();
     let count = |m: Option<&crate::resources::Labels>| m.map_or(0, |m| m.len());
     match from.kind.as_str() {
@@ -70,16 +74,21 @@ fn specificity(from: &TargetRef, workload: Option<&DataplaneIdentity>) -> Option
                     })
                     .then(|| (rank, count(tags)))
                 }
-                "Dataplane" => match (from.name.as_deref().filter(|n| !n.is_empty()), from.labels.as_ref()) {
-                    (Some(name), _) => {
-                        let ns_ok = match (from.namespace.as_deref(), d.namespace.as_deref()) {
-                            (Some(want), Some(have)) => want == have,
-                            _ => true,
-                        };
-                        (name == d.name && ns_ok).then_some((5, 0))
+                "Dataplane" => {
+                    // A namespace, given or the policy's own, must be the workload's (a
+                    // Universal Dataplane has none and matches on the rest).
+                    let namespace = from.namespace.as_deref().filter(|n| !n.is_empty()).or(policy_namespace);
+                    let ns_ok = match (namespace, d.namespace.as_deref()) {
+                        (Some(want), Some(have)) => want == have,
+                        _ => true,
+                    };
+                    match (from.name.as_deref().filter(|n| !n.is_empty()), from.labels.as_ref()) {
+                        (Some(name), _) => (ns_ok && name == d.name).then_some((5, 0)),
+                        (None, labels) => {
+                            (ns_ok && subset(labels.unwrap_or(&empty), &d.labels)).then(|| (4, count(labels)))
+                        }
                     }
-                    (None, labels) => subset(labels.unwrap_or(&empty), &d.labels).then(|| (4, count(labels))),
-                },
+                }
                 _ => None,
             }
         }
@@ -96,7 +105,7 @@ pub(super) fn decide(
     let best = entries
         .iter()
         .filter(|e| e.mesh == service.mesh && super::selects_service(&e.top, e.namespace.as_deref(), service))
-        .filter_map(|e| specificity(&e.from, workload).map(|s| (s, e.action, e)))
+        .filter_map(|e| specificity(&e.from, e.namespace.as_deref(), workload).map(|s| (s, e.action, e)))
         .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     match best {
         Some((_, action, e)) => AccessDecision {
@@ -166,6 +175,21 @@ networking:
         ];
         for (from, matches) in cases {
             let d = decide_for(&format!("{WORKLOAD}{}", permission("p", from, "Deny")), None, false);
+            let expected = if matches { Access::Denied } else { Access::Allowed };
+            assert_eq!(d.access, expected, "{from}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_dataplane_item_keeps_to_its_namespace() {
+        let in_shop =
+            WORKLOAD.replace("labels: {team: shop, tier: front}", "labels: {team: shop, k8s.kuma.io/namespace: shop}");
+        for (from, matches) in [
+            ("{kind: Dataplane, namespace: shop}", true),
+            ("{kind: Dataplane, namespace: bank}", false),
+            ("{kind: Dataplane, name: web-1, namespace: bank}", false),
+        ] {
+            let d = decide_for(&format!("{in_shop}{}", permission("p", from, "Deny")), None, false);
             let expected = if matches { Access::Denied } else { Access::Allowed };
             assert_eq!(d.access, expected, "{from}: {d:?}");
         }

@@ -97,7 +97,10 @@ impl Direction {
                     Poll::Pending => {
                         // Nothing to read now: make sure what was written is not held back.
                         if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
+                            match ready!(writer.as_mut().poll_flush(cx)) {
+                                Err(e) if is_disconnect(e.kind()) => return self.end_reset(e.kind()),
+                                result => result?,
+                            }
                             self.need_flush = false;
                         }
                         return Poll::Pending;

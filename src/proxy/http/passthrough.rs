@@ -30,6 +30,9 @@ pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No rout
 const UNRESOLVED: &str =
     "mesh-egress: the MeshPassthrough rule allows this domain, but it does not resolve to a usable address\n";
 
+/// Destination connections one application connection keeps open.
+const MAX_KEPT: usize = 8;
+
 enum Conn {
     H1(http1::SendRequest<Incoming>),
     H2(http2::SendRequest<Incoming>),
@@ -73,8 +76,15 @@ impl PassthroughHttp {
             .or_else(|| parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
         let port = self.dst.port();
         let plan = self.proxy.live.load().catalog.passthrough().clone();
+        // The authority decided on is the only one the destination sees (below): no userinfo,
+        // and a port, when given, that is the destination's.
         let allowed = authority.as_ref().filter(|a| {
-            a.port_u16().map_or(true, |p| p == port) && plan.allows_host(a.host().trim_matches(['[', ']']), port)
+            // A port that does not parse (`:99999`) is no port at all to `port()`: refuse it.
+            let port_ok = match a.port() {
+                Some(p) => p.as_u16() == port,
+                None => a.as_str() == a.host(),
+            };
+            !a.as_str().contains('@') && port_ok && plan.allows_host(a.host().trim_matches(['[', ']']), port)
         });
         let Some(authority) = allowed else {
             metrics().passthrough("request", false, "no_match");
@@ -93,12 +103,13 @@ impl PassthroughHttp {
         metrics().passthrough("request", true, "host");
         strip_hop_by_hop(&mut parts.headers);
         let http2 = parts.version == Version::HTTP_2;
+        // The destination sees exactly the authority that was allowed: a Host that disagrees
+        // with an absolute URI (HTTP/1) or with `:authority` (HTTP/2) must not ride along to a
+        // shared server (domain fronting).
+        parts.headers.remove(header::HOST);
         if !http2 {
-            // Origin form, with the Host the application named.
-            if !parts.headers.contains_key(header::HOST) {
-                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                    parts.headers.insert(header::HOST, host);
-                }
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
             }
             if parts.uri.authority().is_some() {
                 parts.uri =
@@ -155,6 +166,10 @@ impl PassthroughHttp {
             let known =
                 matches!(conn, Conn::H2(_)) && conns.iter().any(|(a, c)| *a == target && matches!(c, Conn::H2(_)));
             if !known {
+                // A client that names many destinations keeps only the latest few open.
+                if conns.len() >= MAX_KEPT {
+                    conns.remove(0);
+                }
                 conns.push((target, conn));
             }
         }

@@ -28,6 +28,7 @@ use sniff::Sniffed;
 /// Destinations passthrough never goes to: the proxy itself (a loop), and VIPs no service has
 /// (they lead nowhere outside).
 pub(super) fn refused(settings: &ProxySettings, snapshot: &Snapshot, dst: SocketAddr) -> Option<&'static str> {
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if settings.vip_cidr.is_some_and(|cidr| cidr.contains(&dst.ip())) {
         return Some("in the VIP range but no service's");
     }
@@ -92,7 +93,13 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
 /// Where a connection for the allowed `name` goes: the original destination when `name`
 /// resolves to it, else the first address it resolves to (on the same port); `Err`: why none.
 pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<SocketAddr, String> {
-    let resolved = resolve(&proxy.upstream_settings.resolver, name).await?;
+    let resolved: Vec<std::net::IpAddr> =
+        resolve(&proxy.upstream_settings.resolver, name).await?.into_iter().map(|ip| ip.to_canonical()).collect();
+    // The unspecified address is no destination: Linux connects it to loopback, where the
+    // proxy's own listeners are (the loopback ones are refused below, like every own listener).
+    if let Some(ip) = resolved.iter().find(|ip| ip.is_unspecified()) {
+        return Err(format!("it resolves to {ip}, the unspecified address"));
+    }
     let target = if resolved.contains(&dst.ip()) {
         dst
     } else {

@@ -20,6 +20,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_METHOD: usize = 24;
 /// Wait between peeks while a prefix is incomplete (peek does not wait for *more* bytes).
 const PEEK_RETRY: Duration = Duration::from_millis(2);
+const MAX_PEEK_RETRY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Sniffed {
@@ -37,13 +38,24 @@ pub(crate) enum Sniffed {
 pub(crate) async fn sniff(stream: &TcpStream, timeout: Duration) -> Sniffed {
     let mut buf = vec![0u8; 512];
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut seen = 0;
+    let (mut seen, mut wait) = (0, PEEK_RETRY);
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let n = match peeked {
             Ok(Ok(n)) if n > 0 => n,
             _ => return Sniffed::Opaque,
         };
+        if n == seen {
+            // Nothing new: peek returns at once while bytes wait, so pause (longer each time)
+            // instead of parsing the same prefix again.
+            if tokio::time::Instant::now() >= deadline {
+                return Sniffed::Opaque;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_PEEK_RETRY);
+            continue;
+        }
+        seen = n;
         if let Some(decided) = decide(&buf[..n]) {
             return decided;
         }
@@ -52,13 +64,7 @@ pub(crate) async fn sniff(stream: &TcpStream, timeout: Duration) -> Sniffed {
                 return Sniffed::Opaque;
             }
             buf.resize((buf.len() * 4).min(MAX_PEEK), 0);
-        } else if n == seen {
-            if tokio::time::Instant::now() >= deadline {
-                return Sniffed::Opaque;
-            }
-            tokio::time::sleep(PEEK_RETRY).await;
         }
-        seen = n;
     }
 }
 
