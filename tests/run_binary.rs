@@ -27,25 +27,17 @@ async fn wait_ready(admin: SocketAddr) {
     .await;
 }
 
+/// `run` on `config` with no admin, DNS, transparent or readiness listener of its own.
+fn run_without_listeners(config: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-egress"));
+    cmd.args(["run", "-c", config, "--admin", "off", "--transparent", "off", "--dns", "off"]);
+    cmd.args(["--readiness-port", "off"]);
+    cmd
+}
+
 #[test]
 fn invalid_configuration_at_start_exits_non_zero_with_every_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args([
-            "run",
-            "-c",
-            "tests/data/invalid",
-            "--admin",
-            "off",
-            "--transparent",
-            "off",
-            "--dns",
-            "off",
-            "--readiness-port",
-            "off",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
+    let out = run_without_listeners("tests/data/invalid").current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("invalid configuration"), "{stderr}");
@@ -66,22 +58,7 @@ async fn a_port_that_cannot_be_bound_is_a_clear_start_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let (_dir, config) = config_dir(&service_with_outbound("x", addr, &endpoint("127.0.0.1", 1, 0), ""));
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
-        .args([
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--admin",
-            "off",
-            "--transparent",
-            "off",
-            "--dns",
-            "off",
-            "--readiness-port",
-            "off",
-        ])
-        .output()
-        .unwrap();
+    let out = run_without_listeners(config.to_str().unwrap()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on {addr} (outbound listener)")), "{stderr}");
