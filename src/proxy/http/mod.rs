@@ -109,14 +109,17 @@ impl HttpProxy {
 /// What answers the requests of one application connection: a service's [`HttpProxy`], or
 /// passthrough's [`PassthroughHttp`].
 trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
+    /// One request's phases, to its response head.
+    fn phases(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
     fn resets(&self) -> &resets::ResetBudget;
     fn peer(&self) -> SocketAddr;
+    fn timeouts(&self) -> ConnectionTimeouts;
+    fn limits(&self) -> HttpLimits;
 }
 
 impl Handler for HttpProxy {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
-        HttpProxy::handle(self, req)
+    fn phases(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
+        HttpProxy::phases(self, req)
     }
 
     fn resets(&self) -> &resets::ResetBudget {
@@ -126,15 +129,22 @@ impl Handler for HttpProxy {
     fn peer(&self) -> SocketAddr {
         self.peer
     }
+
+    fn timeouts(&self) -> ConnectionTimeouts {
+        self.timeouts
+    }
+
+    fn limits(&self) -> HttpLimits {
+        self.limits
+    }
 }
 
 /// Serves one application connection of a service until it closes, or until a drain asks it
 /// to finish its requests and close.
 pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, draining: watch::Receiver<bool>) {
-    let (timeouts, limits) = (proxy.timeouts, proxy.limits);
     // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
     // HTTP/1.1 or h2c prior knowledge from the first bytes.
-    serve_with(client, proxy, timeouts, limits, protocol != Protocol::Http, draining).await;
+    serve_with(client, proxy, protocol != Protocol::Http, draining).await;
 }
 
 /// Serves a passthrough connection that speaks HTTP (`http2`: with prior knowledge).
@@ -144,23 +154,22 @@ pub async fn serve_passthrough(
     http2: bool,
     draining: watch::Receiver<bool>,
 ) {
-    let (timeouts, limits) = (passthrough.timeouts(), passthrough.limits());
-    serve_with(client, passthrough, timeouts, limits, http2, draining).await;
+    serve_with(client, passthrough, http2, draining).await;
 }
 
-async fn serve_with<H: Handler>(
-    client: TcpStream,
-    handler: H,
-    timeouts: ConnectionTimeouts,
-    limits: HttpLimits,
-    http2_only: bool,
-    mut draining: watch::Receiver<bool>,
-) {
+async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool, mut draining: watch::Receiver<bool>) {
+    let (timeouts, limits) = (handler.timeouts(), handler.limits());
     let proxy = Arc::new(handler);
     let watched = proxy.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        async move {
+            // A stream dropped before its answer counts against the connection's reset budget.
+            let stream = proxy.resets().stream();
+            let response = proxy.phases(req).await;
+            stream.answered();
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder

@@ -55,14 +55,6 @@ impl PassthroughHttp {
         Self { proxy: proxy.clone(), peer, dst, conns: Mutex::default(), resets: ResetBudget::default() }
     }
 
-    pub(super) fn timeouts(&self) -> ConnectionTimeouts {
-        self.proxy.settings.timeouts
-    }
-
-    pub(super) fn limits(&self) -> super::HttpLimits {
-        self.proxy.settings.http_limits
-    }
-
     async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
@@ -199,11 +191,8 @@ impl PassthroughHttp {
 }
 
 impl Handler for PassthroughHttp {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let stream = self.resets.stream();
-        let response = self.phases(req).await;
-        stream.answered();
-        response
+    async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        PassthroughHttp::phases(self, req).await
     }
 
     fn resets(&self) -> &ResetBudget {
@@ -212,5 +201,13 @@ impl Handler for PassthroughHttp {
 
     fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    fn timeouts(&self) -> ConnectionTimeouts {
+        self.proxy.settings.timeouts
+    }
+
+    fn limits(&self) -> super::HttpLimits {
+        self.proxy.settings.http_limits
     }
 }

@@ -144,14 +144,7 @@ fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 impl HttpProxy {
-    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let stream = self.resets.stream();
-        let response = self.phases(req).await;
-        stream.answered();
-        response
-    }
-
-    async fn phases(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    pub(super) async fn phases(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let snapshot = self.live.load();
         let Some(route) = snapshot.route(self.key) else {
             return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);
