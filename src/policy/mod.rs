@@ -411,6 +411,7 @@ impl PolicySet {
             .filter(|e| self.proxies.workload(&e.mesh).is_none())
             .map(|e| e.mesh.clone())
             .collect();
+        meshes.sort();
         meshes.dedup();
         meshes
     }
