@@ -549,6 +549,30 @@ fn level_name(level: &str) -> Option<&'static str> {
     })
 }
 
+/// `current` (a filter) with each `module:LEVEL` of `paths` set (`upstream` is
+/// `mesh_egress::upstream`); the rest kept, in order.
+fn merge_paths(current: &str, paths: &str) -> Result<String, String> {
+    let mut merged: Vec<(String, String)> = current
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            let (target, level) = d.split_once('=').unwrap_or(("", d));
+            (target.to_string(), level.to_string())
+        })
+        .collect();
+    for path in paths.split(',') {
+        let (module, level) = path.rsplit_once(':').ok_or_else(|| format!("'{path}' is not module:LEVEL"))?;
+        let module =
+            if module.starts_with("mesh_egress") { module.to_string() } else { format!("mesh_egress::{module}") };
+        let level = level_name(level).ok_or_else(|| format!("unknown level '{level}' for {module}: {LEVELS}"))?;
+        merged.retain(|(t, _)| *t != module);
+        merged.push((module, level.to_string()));
+    }
+    let directives: Vec<String> =
+        merged.into_iter().map(|(t, l)| if t.is_empty() { l } else { format!("{t}={l}") }).collect();
+    Ok(directives.join(","))
+}
+
 /// `?level=L` sets every target's level; `?paths=a:L,b:L` sets those modules' (`upstream` is
 /// `mesh_egress::upstream`), the rest of the filter kept.
 fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -558,37 +582,10 @@ fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             Some(level) => level.to_string(),
             None => return text(StatusCode::BAD_REQUEST, format!("unknown level '{level}': {LEVELS}\n")),
         },
-        (None, Some(paths)) => {
-            if let Some(bad) = paths.split(',').find(|p| !p.contains(':')) {
-                return text(StatusCode::BAD_REQUEST, format!("'{bad}' is not module:LEVEL\n"));
-            }
-            let mut merged: Vec<(String, String)> = Vec::new();
-            let current = log.current();
-            let specified = paths.split(',').filter_map(|p| p.rsplit_once(':')).map(|(module, level)| {
-                let module = if module.starts_with("mesh_egress") {
-                    module.to_string()
-                } else {
-                    format!("mesh_egress::{module}")
-                };
-                (module, level.to_string())
-            });
-            for directive in current.split(',').filter(|d| !d.is_empty()) {
-                let (target, level) = directive.split_once('=').unwrap_or(("", directive));
-                merged.push((target.to_string(), level.to_string()));
-            }
-            for (module, level) in specified {
-                let Some(level) = level_name(&level) else {
-                    return text(StatusCode::BAD_REQUEST, format!("unknown level '{level}' for {module}: {LEVELS}\n"));
-                };
-                merged.retain(|(t, _)| *t != module);
-                merged.push((module, level.to_string()));
-            }
-            merged
-                .iter()
-                .map(|(t, l)| if t.is_empty() { l.clone() } else { format!("{t}={l}") })
-                .collect::<Vec<_>>()
-                .join(",")
-        }
+        (None, Some(paths)) => match merge_paths(&log.current(), paths) {
+            Ok(directives) => directives,
+            Err(why) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+        },
         _ => return text(StatusCode::BAD_REQUEST, "give ?level=LEVEL or ?paths=module:LEVEL,...\n"),
     };
     match log.set(&directives) {

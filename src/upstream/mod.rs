@@ -61,7 +61,13 @@ impl ResolverSource {
         Self { nameservers, resolver: OnceLock::new() }
     }
 
-    pub fn get(&self) -> Result<&DnsResolver, &str> {
+    /// Looks `name` up; `Err` says why not (no resolver, or the lookup failed).
+    pub async fn resolve(&self, name: &str) -> Result<resolve::Resolved, String> {
+        let resolver = self.get().map_err(|e| format!("no resolver: {e}"))?;
+        resolver.resolve(name).await.map_err(|e| e.to_string())
+    }
+
+    fn get(&self) -> Result<&DnsResolver, &str> {
         self.resolver
             .get_or_init(|| {
                 if self.nameservers.is_empty() {
@@ -724,10 +730,7 @@ async fn refresh_loop(upstream: Weak<Upstream>, index: usize, name: String) {
     let mut retry = resolve::FIRST_RETRY;
     loop {
         let Some(up) = upstream.upgrade() else { return };
-        let resolved = match up.settings.resolver.get() {
-            Ok(resolver) => resolver.resolve(&name).await.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("no resolver: {e}")),
-        };
+        let resolved = up.settings.resolver.resolve(&name).await;
         let next = match resolved {
             Ok(r) => {
                 up.set_resolved(index, Some(r.addresses));

@@ -22,7 +22,7 @@ use crate::live::Snapshot;
 use crate::metrics::metrics;
 use crate::policy::passthrough::Allowed;
 use crate::resources::egress::PassthroughMode;
-use crate::upstream::{ResolverSource, TargetAddr, UpstreamStream};
+use crate::upstream::{TargetAddr, UpstreamStream};
 use sniff::Sniffed;
 
 /// Destinations passthrough never goes to: the proxy itself (a loop), and VIPs no service has
@@ -93,8 +93,8 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
 /// Where a connection for the allowed `name` goes: the original destination when `name`
 /// resolves to it, else the first address it resolves to (on the same port); `Err`: why none.
 pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<SocketAddr, String> {
-    let resolved: Vec<std::net::IpAddr> =
-        resolve(&proxy.upstream_settings.resolver, name).await?.into_iter().map(|ip| ip.to_canonical()).collect();
+    let resolved = proxy.upstream_settings.resolver.resolve(name).await?;
+    let resolved: Vec<std::net::IpAddr> = resolved.addresses.into_iter().map(|ip| ip.to_canonical()).collect();
     // The unspecified address is no destination: Linux connects it to loopback, where the
     // proxy's own listeners are (the loopback ones are refused below, like every own listener).
     if let Some(ip) = resolved.iter().find(|ip| ip.is_unspecified()) {
@@ -111,11 +111,6 @@ pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<So
         return Err(format!("it resolves to {target}, which is {why}"));
     }
     Ok(target)
-}
-
-async fn resolve(source: &ResolverSource, name: &str) -> Result<Vec<std::net::IpAddr>, String> {
-    let resolver = source.get().map_err(|e| format!("no resolver: {e}"))?;
-    resolver.resolve(name).await.map(|r| r.addresses).map_err(|e| e.to_string())
 }
 
 /// Connects to `target` and copies both ways.
