@@ -9,7 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
-use crate::upstream::{ConnectError, Connected, Permit, Target, TargetAddr, TlsSetup, Upstream, UpstreamIo};
+use crate::upstream::{ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
 
 pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
@@ -123,8 +123,15 @@ fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -
     }
 }
 
-/// The connection runs on its own task, which holds its slot.
-async fn handshake_h1(io: UpstreamIo, slot: Permit) -> Result<http1::SendRequest<RequestBody>, hyper::Error> {
+/// The connection runs on its own task, which holds `slot` (a connection-limit permit, or
+/// nothing) until it closes.
+pub(super) async fn handshake_h1<B, S>(io: S, slot: impl Send + 'static) -> Result<http1::SendRequest<B>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _slot = slot;
@@ -135,7 +142,13 @@ async fn handshake_h1(io: UpstreamIo, slot: Permit) -> Result<http1::SendRequest
     Ok(sender)
 }
 
-async fn handshake_h2(io: UpstreamIo, slot: Permit) -> Result<http2::SendRequest<RequestBody>, hyper::Error> {
+pub(super) async fn handshake_h2<B, S>(io: S, slot: impl Send + 'static) -> Result<http2::SendRequest<B>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _slot = slot;

@@ -13,7 +13,6 @@ use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::body::ProxyBody;
 use super::grpc::is_grpc;
@@ -173,20 +172,11 @@ impl PassthroughHttp {
         let stream = tokio::time::timeout(self.proxy.settings.connect_timeout, UpstreamStream::connect(&addr))
             .await
             .map_err(|_| format!("connect to {target} timed out"))??;
-        let io = TokioIo::new(stream);
-        if http2 {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(io).await?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok(Conn::H2(sender))
+        Ok(if http2 {
+            Conn::H2(super::client::handshake_h2(stream, ()).await?)
         } else {
-            let (sender, connection) = http1::Builder::new().handshake(io).await?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok(Conn::H1(sender))
-        }
+            Conn::H1(super::client::handshake_h1(stream, ()).await?)
+        })
     }
 }
 
