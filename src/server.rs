@@ -393,11 +393,7 @@ impl Server {
     /// close, and waits for open connections up to `deadline`. Returns how many were still
     /// open when it gave up (they close when the process exits).
     pub async fn drain(&mut self, deadline: Duration) -> usize {
-        self.stop_listening();
-        if let Some(state) = &self.admin {
-            state.ready.store(false, Ordering::Release);
-            state.draining.store(true, Ordering::Release);
-        }
+        self.drain_listeners();
         self.draining.send_replace(true);
         let connections = self.proxy.connections.clone();
         let _ = tokio::time::timeout(deadline, connections.all_closed()).await;

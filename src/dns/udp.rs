@@ -60,10 +60,10 @@ impl UdpForwarder {
                 Ok::<_, io::Error>(sockets)
             })
             .await?;
-        let shared = sockets[rand::random_range(0..sockets.len())].clone();
+        let shared = &sockets[rand::random_range(0..sockets.len())];
         let (tx, rx) = oneshot::channel();
         let id = shared.register(Pending { server, query: query.clone(), answer: Some(tx) })?;
-        let _forget = Forget { shared: &shared, id };
+        let _forget = Forget { shared, id };
         let mut out = packet.to_vec();
         out[..2].copy_from_slice(&id.to_be_bytes());
         shared.socket.send_to(&out, server).await?;

@@ -129,15 +129,12 @@ impl Direction {
             }
             while self.pos < self.filled {
                 let n = match ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.filled])) {
-                    Ok(0) => 0,
-                    Ok(n) => n,
                     // The writer is gone: nothing more can go this way.
+                    Ok(0) => return self.end_reset(io::ErrorKind::WriteZero),
+                    Ok(n) => n,
                     Err(e) if is_disconnect(e.kind()) => return self.end_reset(e.kind()),
                     Err(e) => return Poll::Ready(Err(e)),
                 };
-                if n == 0 {
-                    return self.end_reset(io::ErrorKind::WriteZero);
-                }
                 self.pos += n;
                 self.bytes += n as u64;
                 self.need_flush = true;
