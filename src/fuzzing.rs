@@ -4,18 +4,25 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use crate::catalog::ipam::DEFAULT_CIDR;
 use crate::catalog::{compile, Catalog, CompileOptions, Ipam};
 use crate::resources::{load_str, Loaded};
 
+/// Loads `text` as a file and, when it is valid, compiles it (the policy merge, routes,
+/// permissions and passthrough included).
+fn load_and_compile(text: &str) -> Option<Catalog> {
+    let mut loaded = Loaded::default();
+    load_str(Path::new("fuzz.yaml"), text, &mut loaded);
+    if loaded.diagnostics.has_errors() {
+        return None;
+    }
+    let cidr = DEFAULT_CIDR.parse().ok()?;
+    Some(compile(&loaded.resources, &CompileOptions::default(), &mut Ipam::in_memory(cidr)).catalog)
+}
+
 /// The resource loader and every validator: the bytes as a file, in whichever spelling.
 pub fn resources(data: &[u8]) {
-    let mut loaded = Loaded::default();
-    load_str(Path::new("fuzz.yaml"), &String::from_utf8_lossy(data), &mut loaded);
-    // Compiling what loaded exercises the policy merge, routes and permissions too.
-    if !loaded.diagnostics.has_errors() {
-        let mut ipam = Ipam::in_memory("242.0.0.0/8".parse().unwrap_or_else(|_| unreachable_cidr()));
-        let _ = compile(&loaded.resources, &CompileOptions::default(), &mut ipam);
-    }
+    let _ = load_and_compile(&String::from_utf8_lossy(data));
 }
 
 /// The policy validators with the envelope given: the first byte picks the kind, the rest is
@@ -57,15 +64,13 @@ pub fn template(data: &[u8]) {
 
 /// The DNS proxy's answer to one query packet, against a catalog with one service.
 pub fn dns_query(data: &[u8]) {
-    static CATALOG: OnceLock<Catalog> = OnceLock::new();
+    static CATALOG: OnceLock<Option<Catalog>> = OnceLock::new();
     let catalog = CATALOG.get_or_init(|| {
-        let mut loaded = Loaded::default();
-        let yaml = "type: MeshExternalService\nname: svc\nmesh: default\nspec:\n  match: {port: 80, protocol: http}\n  endpoints: [{address: example.com, port: 80}]\n";
-        load_str(Path::new("fuzz.yaml"), yaml, &mut loaded);
-        let mut ipam = Ipam::in_memory("242.0.0.0/8".parse().unwrap_or_else(|_| unreachable_cidr()));
-        compile(&loaded.resources, &CompileOptions::default(), &mut ipam).catalog
+        load_and_compile("type: MeshExternalService\nname: svc\nmesh: default\nspec:\n  match: {port: 80, protocol: http}\n  endpoints: [{address: example.com, port: 80}]\n")
     });
-    let _ = crate::dns::answer(catalog, data);
+    if let Some(catalog) = catalog {
+        let _ = crate::dns::answer(catalog, data);
+    }
 }
 
 /// Passthrough's protocol detection (TLS ClientHello and SNI, HTTP/1, HTTP/2 preface).
@@ -79,8 +84,4 @@ pub fn grpc_timeout(data: &[u8]) {
     let mut headers = http::HeaderMap::new();
     headers.insert("grpc-timeout", value);
     let _ = crate::proxy::http::grpc_timeout(&headers);
-}
-
-fn unreachable_cidr() -> ipnet::IpNet {
-    ipnet::IpNet::V4(ipnet::Ipv4Net::default())
 }
