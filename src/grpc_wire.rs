@@ -28,6 +28,21 @@ pub fn put_fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
     out.extend_from_slice(&value.to_le_bytes());
 }
 
+/// OTLP's `AnyValue { string_value = 1 }`.
+pub fn any_string(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_bytes(&mut out, 1, text.as_bytes());
+    out
+}
+
+/// OTLP's `KeyValue { key = 1; value = 2 }` with a string value.
+pub fn key_value(key: &str, value: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_bytes(&mut out, 1, key.as_bytes());
+    put_bytes(&mut out, 2, &any_string(value));
+    out
+}
+
 /// A unary call of `path` (`/package.Service/Method`) carrying one encoded message.
 pub fn unary_request(authority: &str, path: &str, message: &[u8]) -> Result<Request<Full<Bytes>>, String> {
     let mut framed = BytesMut::with_capacity(5 + message.len());
@@ -50,6 +65,63 @@ pub async fn unary_response(response: http::Response<Incoming>) -> Result<Bytes,
     match status.map(http::HeaderValue::as_bytes) {
         Some(b"0") => Ok(collected.to_bytes()),
         other => Err(format!("grpc-status {:?}", other.map(String::from_utf8_lossy))),
+    }
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// Unary calls over one h2c connection to `endpoint` (`host:port`), opened on first use and
+/// again after it closes or a call fails (OTLP export).
+#[derive(Debug)]
+pub struct GrpcClient {
+    endpoint: String,
+    sender: Option<H2>,
+}
+
+impl GrpcClient {
+    pub fn new(endpoint: String) -> Self {
+        Self { endpoint, sender: None }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Calls `path` with `message`; the answer's framed body when its `grpc-status` is 0.
+    pub async fn unary(&mut self, path: &str, message: &[u8]) -> Result<Bytes, String> {
+        let result = self.try_unary(path, message).await;
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
+
+    async fn try_unary(&mut self, path: &str, message: &[u8]) -> Result<Bytes, String> {
+        use std::time::Duration;
+        let sender = match &mut self.sender {
+            Some(sender) if !sender.is_closed() => sender,
+            slot => {
+                let connect = tokio::net::TcpStream::connect(self.endpoint.as_str());
+                let tcp = tokio::time::timeout(Duration::from_secs(5), connect)
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| format!("connect: {e}"))?;
+                let _ = tcp.set_nodelay(true);
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await
+                        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+                tokio::spawn(connection);
+                slot.insert(sender)
+            }
+        };
+        let request = unary_request(&self.endpoint, path, message)?;
+        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+            .await
+            .map_err(|_| "no answer in 10s".to_string())?
+            .map_err(|e| e.to_string())?;
+        unary_response(response).await
     }
 }
 

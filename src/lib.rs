@@ -26,6 +26,7 @@ pub const LAYERS: &[&str] = &[
     "tls",
     "metrics",
     "access_log",
+    "trace",
     "upstream",
     // A configuration ready for traffic, and loading one.
     "live",
@@ -64,6 +65,7 @@ pub mod socket_mark;
 pub mod template;
 pub mod tls;
 pub mod tproxy;
+pub mod trace;
 pub mod upstream;
 pub mod vip_store;
 pub mod watch;

@@ -21,6 +21,12 @@ pub struct TlsFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanLabels {
+    pub backend: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: String,
     pub protocol: &'static str,
@@ -134,6 +140,7 @@ pub struct Metrics {
     dns_queries: Family<ResultLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
     access_log_dropped: Counter,
+    spans: Family<SpanLabels, Counter>,
     connections: Family<ServiceLabels, Counter>,
     connections_active: Family<ServiceLabels, Gauge>,
     requests: Family<RequestLabels, Counter>,
@@ -205,6 +212,7 @@ impl Metrics {
             dns_queries: Family::default(),
             config_reloads: Family::default(),
             access_log_dropped: Counter::default(),
+            spans: Family::default(),
             connections: Family::default(),
             connections_active: Family::default(),
             requests: Family::default(),
@@ -276,6 +284,11 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
         );
+        r.register(
+            "spans",
+            "MeshTrace spans by backend and result: exported, dropped (queue full) or failed (the collector did not take them)",
+            m.spans.clone(),
+        );
         Self { registry: r, ..m }
     }
 
@@ -342,6 +355,11 @@ impl Metrics {
     pub fn config_reload(&self, success: bool) {
         let result = if success { "success" } else { "failure" };
         self.config_reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// `count` spans for `backend` (`otlp` or `zipkin`) that ended as `result`.
+    pub fn spans(&self, backend: &'static str, result: &'static str, count: u64) {
+        self.spans.get_or_create(&SpanLabels { backend, result }).inc_by(count);
     }
 
     pub fn access_log_dropped(&self) {

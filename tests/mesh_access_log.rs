@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -139,38 +138,6 @@ async fn tcp_services_use_kumas_default_tcp_format_and_a_tcp_collector_gets_line
     let mut got = String::new();
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut got)).await.unwrap().unwrap();
     assert_eq!(got, format!("tcp tcp-logged {} 5\n", echo.addr));
-}
-
-/// The OTLP receiver (Python, grpcio): its port and its output lines.
-struct Receiver {
-    child: KillOnDrop,
-    port: u16,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-fn otlp_receiver() -> Receiver {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run .ci/run, or `python3 -m venv target/venv && target/venv/bin/pip install grpcio opentelemetry-proto`",
-        python.display()
-    );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/otlp_receiver.py");
-    let mut child =
-        std::process::Command::new(python).arg(script).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (sender, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let first = lines.recv_timeout(Duration::from_secs(30)).expect("the OTLP receiver did not start");
-    let port =
-        first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("unexpected: {first}"));
-    Receiver { child: KillOnDrop(child), port, lines }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,6 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use http::header::HeaderName;
 
 use super::Record;
@@ -191,7 +190,7 @@ fn otlp_loop(receiver: Receiver<Entry>, endpoint: String) {
         Ok(rt) => rt,
         Err(error) => return tracing::error!(%error, "no runtime for the OTLP access log"),
     };
-    let mut client = None;
+    let mut client = grpc_wire::GrpcClient::new(endpoint);
     loop {
         let Ok(first) = receiver.recv() else { return };
         let mut batch = vec![first];
@@ -204,10 +203,11 @@ fn otlp_loop(receiver: Receiver<Entry>, endpoint: String) {
             }
         }
         let request = export_request(&batch);
-        let sent = runtime.block_on(export(&mut client, &endpoint, request));
+        let sent =
+            runtime.block_on(client.unary("/opentelemetry.proto.collector.logs.v1.LogsService/Export", &request));
         if let Err(error) = sent {
+            let endpoint = client.endpoint();
             tracing::warn!(%endpoint, %error, records = batch.len(), "OTLP access log export failed; records dropped");
-            client = None;
             for _ in &batch {
                 metrics().access_log_dropped();
             }
@@ -215,50 +215,10 @@ fn otlp_loop(receiver: Receiver<Entry>, endpoint: String) {
     }
 }
 
-type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>;
-
-async fn export(client: &mut Option<H2>, endpoint: &str, message: Vec<u8>) -> Result<(), String> {
-    if client.as_ref().map_or(true, H2::is_closed) {
-        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(endpoint))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let io = hyper_util::rt::TokioIo::new(tcp);
-        let (sender, connection) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(connection);
-        *client = Some(sender);
-    }
-    let Some(sender) = client.as_mut() else { return Err("no connection".into()) };
-    let request =
-        grpc_wire::unary_request(endpoint, "/opentelemetry.proto.collector.logs.v1.LogsService/Export", &message)?;
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
-        .await
-        .map_err(|_| "no answer in 10s".to_string())?
-        .map_err(|e| e.to_string())?;
-    grpc_wire::unary_response(response).await.map(drop)
-}
-
 // ---------- OTLP protobuf (opentelemetry/proto/collector/logs/v1) ----------
 
-/// `AnyValue { string_value = 1 }`.
-fn any_string(text: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_bytes(&mut out, 1, text.as_bytes());
-    out
-}
-
-/// `KeyValue { key = 1; value = 2 }`.
-fn key_value(key: &str, value: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_bytes(&mut out, 1, key.as_bytes());
-    put_bytes(&mut out, 2, &any_string(value));
-    out
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
+/// Nanoseconds since the Unix epoch, as OTLP and Zipkin count time.
+pub fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
@@ -275,17 +235,17 @@ fn export_request(batch: &[Entry]) -> Vec<u8> {
         put_fixed64(&mut log_record, 1, unix_nanos(record.start));
         let mut text = String::new();
         body.render(&**record, false, &mut text);
-        put_bytes(&mut log_record, 5, &any_string(&text));
+        put_bytes(&mut log_record, 5, &grpc_wire::any_string(&text));
         for (key, value) in attributes {
             let mut rendered = String::new();
             value.render(&**record, false, &mut rendered);
-            put_bytes(&mut log_record, 6, &key_value(key, &rendered));
+            put_bytes(&mut log_record, 6, &grpc_wire::key_value(key, &rendered));
         }
         put_fixed64(&mut log_record, 11, unix_nanos(record.time));
         put_bytes(&mut scope_logs, 2, &log_record);
     }
     let mut resource = Vec::new();
-    put_bytes(&mut resource, 1, &key_value("service.name", "mesh-egress"));
+    put_bytes(&mut resource, 1, &grpc_wire::key_value("service.name", "mesh-egress"));
     let mut resource_logs = Vec::new();
     put_bytes(&mut resource_logs, 1, &resource);
     put_bytes(&mut resource_logs, 2, &scope_logs);
@@ -297,7 +257,7 @@ fn export_request(batch: &[Entry]) -> Vec<u8> {
 // ---------- operator values of a record ----------
 
 /// Envoy's response flags for how a record ended.
-fn response_flags(record: &Record) -> &'static str {
+pub fn response_flags(record: &Record) -> &'static str {
     match (record.outcome, record.status) {
         ("connect_failed", _) => "UF",
         ("reset", _) => "UC",

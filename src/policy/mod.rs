@@ -11,6 +11,7 @@ pub mod passthrough;
 pub mod permission;
 pub mod routes;
 pub mod runtime;
+pub mod trace;
 
 use std::cmp::Reverse;
 
@@ -23,6 +24,7 @@ use crate::resources::policy::{
     AccessLogConf, CircuitBreakerConf, HealthCheckConf, Policy, PolicyKind, PolicySpec, RetryConf, Role, TargetRef,
     TimeoutConf,
 };
+use crate::resources::trace::TraceConf;
 use crate::resources::{
     Diagnostic, Diagnostics, Kind, Meta, Origin, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE, LABEL_ORIGIN,
 };
@@ -52,6 +54,8 @@ pub struct Source {
 pub struct SourceDataplane {
     pub name: String,
     pub address: String,
+    /// The `kuma.io/service` tag of its first inbound that has one (MeshTrace's service name).
+    pub service: Option<String>,
 }
 
 /// A policy that selects no part of this sidecar, and why.
@@ -77,6 +81,8 @@ pub struct Effective {
     pub mesh_health_check: Option<HealthCheckConf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh_access_log: Option<AccessLogConf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_trace: Option<TraceConf>,
     /// This sidecar's Dataplane in the service's mesh (for `%KUMA_SOURCE_*%`).
     #[serde(skip)]
     pub source: Option<SourceDataplane>,
@@ -328,6 +334,20 @@ impl PolicySet {
                 passthroughs.push((rank_of(&r.meta, false, &top, &TargetRef::mesh()), policy, conf));
                 continue;
             }
+            if *kind == PolicyKind::MeshTrace {
+                // One conf for every service of the mesh: an entry like a `to: Mesh` item.
+                set.entries.push(Entry {
+                    kind: *kind,
+                    mesh: r.meta.mesh.clone(),
+                    policy,
+                    namespace,
+                    index: 0,
+                    target_ref: TargetRef::mesh(),
+                    default: spec.default.clone().unwrap_or_default(),
+                    rank: rank_of(&r.meta, false, &top, &TargetRef::mesh()),
+                });
+                continue;
+            }
             if !spec.to.as_ref().is_some_and(|to| !to.is_empty()) {
                 let reason =
                     "no `to` items: its `from`/`rules` apply to inbound traffic, which an egress sidecar has none of";
@@ -472,11 +492,11 @@ impl PolicySet {
                 }
                 let into = merged.get_or_insert_with(|| serde_json::Value::Object(Default::default()));
                 json_patch::merge(into, &e.default);
-                effective.sources.push(Source {
-                    kind,
-                    policy: e.policy.clone(),
-                    item: format!("to[{}] {}", e.index, describe(&e.target_ref)),
-                });
+                let item = match kind {
+                    PolicyKind::MeshTrace => "default".to_string(),
+                    _ => format!("to[{}] {}", e.index, describe(&e.target_ref)),
+                };
+                effective.sources.push(Source { kind, policy: e.policy.clone(), item });
             }
             let Some(merged) = merged else { continue };
             let read = match kind {
@@ -491,6 +511,7 @@ impl PolicySet {
                 PolicyKind::MeshAccessLog => {
                     serde_json::from_value(merged).map(|c| effective.mesh_access_log = Some(c))
                 }
+                PolicyKind::MeshTrace => serde_json::from_value(merged).map(|c| effective.mesh_trace = Some(c)),
                 PolicyKind::MeshPassthrough | PolicyKind::MeshTrafficPermission => continue,
             };
             if let Err(e) = read {
@@ -498,13 +519,11 @@ impl PolicySet {
                 diagnostics.push(Diagnostic::error(origin, "", message));
             }
         }
-        if effective.mesh_access_log.is_some() {
-            effective.source = self
-                .proxies
-                .dataplanes
-                .iter()
-                .find(|d| d.mesh == service.mesh)
-                .map(|d| SourceDataplane { name: d.name.clone(), address: d.address.clone() });
+        if effective.mesh_access_log.is_some() || effective.mesh_trace.is_some() {
+            effective.source = self.proxies.dataplanes.iter().find(|d| d.mesh == service.mesh).map(|d| {
+                let service = d.inbound_tags.iter().find_map(|tags| tags.get("kuma.io/service")).cloned();
+                SourceDataplane { name: d.name.clone(), address: d.address.clone(), service }
+            });
         }
         effective
     }

@@ -493,6 +493,19 @@ pub enum LineFormat {
 /// OTLP/gRPC's port when an endpoint has none.
 pub const OTLP_DEFAULT_PORT: u16 = 4317;
 
+/// An OTLP endpoint as `host:port`: `host:port` and `[v6]:port` stay, a bare host (or `[v6]`)
+/// gets [`OTLP_DEFAULT_PORT`].
+pub fn otlp_endpoint(endpoint: &str) -> String {
+    let has_port = endpoint
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| port.parse::<u16>().is_ok() && (!host.contains(':') || host.starts_with('[')));
+    if has_port {
+        endpoint.to_string()
+    } else {
+        format!("{}:{OTLP_DEFAULT_PORT}", endpoint.trim_end_matches(':'))
+    }
+}
+
 impl Effective {
     /// The access log of service `mesh/name`; `None` without a MeshAccessLog or with an empty
     /// backend list. Backends that cannot be compiled (validation reports them) are left out.
@@ -535,11 +548,7 @@ impl Effective {
                 }),
                 "OpenTelemetry" => b.open_telemetry.as_ref().and_then(|o| {
                     let endpoint = o.endpoint.clone().filter(|e| !e.is_empty())?;
-                    let endpoint = if endpoint.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-                        endpoint
-                    } else {
-                        format!("{}:{OTLP_DEFAULT_PORT}", endpoint.trim_end_matches(':'))
-                    };
+                    let endpoint = otlp_endpoint(&endpoint);
                     let body = match &o.body {
                         Some(serde_json::Value::String(text)) => parse(text)?,
                         Some(other) => parse(&other.to_string())?,

@@ -9,6 +9,7 @@ pub mod kinds;
 mod load;
 pub mod policy;
 pub mod route;
+pub mod trace;
 mod validate;
 
 use std::net::IpAddr;

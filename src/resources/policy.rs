@@ -20,15 +20,23 @@ pub enum PolicyKind {
     MeshCircuitBreaker,
     MeshHealthCheck,
     MeshAccessLog,
+    /// One `default` for the whole sidecar, merged per mesh ([`super::trace`]).
+    MeshTrace,
     /// Egress control ([`super::egress`]): not merged per service like the kinds above.
     MeshPassthrough,
     MeshTrafficPermission,
 }
 
 impl PolicyKind {
-    /// The kinds whose `to[]` items are merged per service.
-    pub const ALL: [PolicyKind; 5] =
-        [Self::MeshTimeout, Self::MeshRetry, Self::MeshCircuitBreaker, Self::MeshHealthCheck, Self::MeshAccessLog];
+    /// The kinds merged per service: their `to[]` items (MeshTrace: its `default`).
+    pub const ALL: [PolicyKind; 6] = [
+        Self::MeshTimeout,
+        Self::MeshRetry,
+        Self::MeshCircuitBreaker,
+        Self::MeshHealthCheck,
+        Self::MeshAccessLog,
+        Self::MeshTrace,
+    ];
 
     pub fn parse(kind: &str) -> Option<Self> {
         Self::ALL.into_iter().chain([Self::MeshPassthrough, Self::MeshTrafficPermission]).find(|k| k.as_str() == kind)
@@ -41,6 +49,7 @@ impl PolicyKind {
             Self::MeshCircuitBreaker => "MeshCircuitBreaker",
             Self::MeshHealthCheck => "MeshHealthCheck",
             Self::MeshAccessLog => "MeshAccessLog",
+            Self::MeshTrace => "MeshTrace",
             Self::MeshPassthrough => "MeshPassthrough",
             Self::MeshTrafficPermission => "MeshTrafficPermission",
         }
@@ -67,7 +76,7 @@ pub struct PolicySpec {
     /// Inbound sections: validated, never applied (an egress sidecar has no inbound traffic).
     pub from: Option<Vec<PolicyItem>>,
     pub rules: Option<Vec<serde_json::Value>>,
-    /// MeshPassthrough only: its conf sits at `spec.default`.
+    /// MeshPassthrough and MeshTrace: their conf sits at `spec.default`.
     pub default: Option<serde_json::Value>,
 }
 
@@ -693,6 +702,7 @@ pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
     match policy.kind {
         PolicyKind::MeshPassthrough => return super::egress::validate_passthrough(&policy.spec, v),
         PolicyKind::MeshTrafficPermission => return super::egress::validate_permission(&policy.spec, v),
+        PolicyKind::MeshTrace => return super::trace::validate_trace(&policy.spec, meta, v),
         _ => {}
     }
     if policy.spec.default.is_some() {
@@ -880,7 +890,7 @@ fn conf(kind: PolicyKind, path: &str, value: &serde_json::Value, top: &str, v: &
                 access_log_conf(path, &c, v);
             }
         }
-        PolicyKind::MeshPassthrough | PolicyKind::MeshTrafficPermission => {}
+        PolicyKind::MeshPassthrough | PolicyKind::MeshTrafficPermission | PolicyKind::MeshTrace => {}
     }
 }
 

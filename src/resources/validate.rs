@@ -42,7 +42,7 @@ impl Violations<'_> {
         self.out.push(Diagnostic::error(self.origin, path, message));
     }
 
-    fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.out.push(Diagnostic::warning(self.origin, path, message));
     }
 }

@@ -137,6 +137,8 @@ pub struct UpstreamPolicy {
     pub tls: Option<(TlsPolicy, Arc<rustls::ClientConfig>)>,
     /// MeshAccessLog backends.
     pub access_log: Option<Arc<crate::access_log::ServiceLog>>,
+    /// MeshTrace: HTTP-family services only.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl UpstreamPolicy {
@@ -163,6 +165,11 @@ impl UpstreamPolicy {
                 let (mesh, name) = key.split_once('/').unwrap_or(("", key));
                 let plan = policies.access_log(mesh, name, protocol, "");
                 plan.and_then(|plan| crate::access_log::ServiceLog::start(key, &plan))
+            },
+            tracer: {
+                let mesh = key.split_once('/').map_or("", |(mesh, _)| mesh);
+                let plan = policies.trace(mesh).filter(|_| protocol != Protocol::Tcp);
+                plan.and_then(|plan| crate::trace::Tracer::start(key, &plan))
             },
         }
     }

@@ -94,6 +94,21 @@ async fn count_body(mut body: Incoming) -> Result<u64, std::io::Error> {
     Ok(received)
 }
 
+/// The trace context the request carries (MeshTrace tests), one `name: value` line each.
+fn trace_headers(req: &Request<Incoming>) -> String {
+    let names = [
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "b3",
+    ];
+    names.iter().map(|name| format!("{name}: {}\n", header(req, name).unwrap_or("-"))).collect()
+}
+
 /// Requests seen per `x-key`, across every upstream of the test process.
 fn attempts(key: &str) -> usize {
     static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
@@ -168,7 +183,7 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
     let size: Option<u64> = header(&req, "x-size").and_then(|s| s.parse().ok());
     let reset_mid = header(&req, "x-reset") == Some("mid");
     let description = format!(
-        "conn: {conn}\nversion: {:?}\nmethod: {}\npath: {}\nhost: {}\nauthority: {}\nconnection: {}\nte: {}\nx-private: {}\nproxy-authorization: {}\n",
+        "conn: {conn}\nversion: {:?}\nmethod: {}\npath: {}\nhost: {}\nauthority: {}\nconnection: {}\nte: {}\nx-private: {}\nproxy-authorization: {}\n{}",
         req.version(),
         req.method(),
         req.uri().path(),
@@ -178,6 +193,7 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
         header(&req, "te").unwrap_or("-"),
         header(&req, "x-private").unwrap_or("-"),
         header(&req, "proxy-authorization").unwrap_or("-"),
+        trace_headers(&req),
     );
     let mut builder = Response::builder().status(status).header("x-upstream-conn", conn.to_string());
     if header(&req, "x-challenge").is_some() {

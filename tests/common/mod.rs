@@ -308,3 +308,36 @@ pub fn single_service(name: &str, protocol: &str, port: u16) -> (SocketAddr, tem
 pub fn service_with_protocol(name: &str, protocol: &str, outbound: SocketAddr, endpoints: &str, extra: &str) -> String {
     service_with_outbound(name, outbound, endpoints, extra).replace("protocol: tcp", &format!("protocol: {protocol}"))
 }
+
+/// The OTLP receiver (Python, grpcio, `tests/peers/otlp_receiver.py`): its port and its output
+/// lines (one JSON object per log record or span).
+pub struct OtlpReceiver {
+    pub child: KillOnDrop,
+    pub port: u16,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn otlp_receiver() -> OtlpReceiver {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run .ci/run, or `python3 -m venv target/venv && target/venv/bin/pip install grpcio opentelemetry-proto`",
+        python.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/otlp_receiver.py");
+    let mut child =
+        std::process::Command::new(python).arg(script).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = lines.recv_timeout(Duration::from_secs(30)).expect("the OTLP receiver did not start");
+    let port =
+        first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("unexpected: {first}"));
+    OtlpReceiver { child: KillOnDrop(child), port, lines }
+}

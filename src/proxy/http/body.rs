@@ -17,12 +17,14 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{Logs, Record};
+use crate::trace::ActiveSpan;
 use crate::upstream::pool::ReturnTicket;
 use crate::upstream::{ActiveGuard, Permit, TargetAddr};
 
-/// An access log record waiting for its response body to end.
+/// An access log record (and the MeshTrace span) waiting for the response body to end.
 pub struct PendingLog {
     pub log: Logs,
+    pub span: Option<Box<ActiveSpan>>,
     pub record: Record,
     pub started: Instant,
     /// Request body bytes, counted as they pass.
@@ -35,7 +37,12 @@ impl PendingLog {
         self.record.bytes_received = received;
         self.record.bytes_sent = self.sent.load(Ordering::Relaxed);
         self.record.duration = self.started.elapsed();
-        self.log.log(self.record);
+        if let Some(span) = self.span.take() {
+            span.finish(&self.record);
+        }
+        if self.log.is_on() {
+            self.log.log(self.record);
+        }
     }
 }
 
@@ -56,7 +63,7 @@ pub struct UpstreamBody {
     pub received: u64,
     pub counter: Counter,
     pub endpoint: TargetAddr,
-    /// Boxed: only there when the access log is on.
+    /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
     pub _active: ActiveGuard,
     /// The service's request slot (MeshCircuitBreaker `maxRequests`), held until the end.

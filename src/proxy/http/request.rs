@@ -1,6 +1,7 @@
 //! The phases of one HTTP request, with one [`RequestCtx`]: **route** (the service in the
 //! snapshot current when the request arrives) → **admit** → **forward** ([`super::forward`]) →
-//! **log** (metrics and the access-log record, which waits for the response body to end).
+//! **log** (metrics, the access-log record and the MeshTrace span, which wait for the response
+//! body to end).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -40,12 +41,12 @@ pub(super) struct RequestCtx {
     /// (armed from the first body frame); `None`: off.
     pub stream_idle: Option<(Duration, bool)>,
     pub started: Instant,
-    /// Boxed: only there when the access log is on.
+    /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
 }
 
 impl RequestCtx {
-    fn new(route: Route, req: &Request<Incoming>, proxy: &HttpProxy) -> Self {
+    fn new(route: Route, req: &mut Request<Incoming>, proxy: &HttpProxy) -> Self {
         let started = Instant::now();
         let policy = route.upstream.policy_arc();
         let timeouts = &policy.timeouts;
@@ -59,11 +60,14 @@ impl RequestCtx {
         }
         .filter(|(d, _)| !d.is_zero());
         let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
-        let log = logs.is_on().then(|| {
+        // MeshTrace: the context goes into the request now, before it is forwarded.
+        let span = policy.tracer.as_ref().and_then(|tracer| tracer.begin(req, proxy.peer));
+        let log = (logs.is_on() || span.is_some()).then(|| {
             let headers = logs.service.as_ref().map(|service| capture_request(req, service));
             let now = SystemTime::now();
             Box::new(PendingLog {
                 log: logs,
+                span,
                 record: Record {
                     time: now,
                     start: now,
@@ -156,7 +160,7 @@ impl HttpProxy {
             Routed::Reply(response) => return *response,
         };
         drop(snapshot);
-        let ctx = RequestCtx::new(route, &req, self);
+        let ctx = RequestCtx::new(route, &mut req, self);
         let mut response = match admit(&ctx.route.service) {
             Ok(()) => forward::forward(&ctx, req, self).await,
             Err(denial) => reply::denied(ctx.grpc, denial),
