@@ -94,6 +94,8 @@ fn inspect_shows_services_and_records_vips_like_run() {
     assert!(table.lines().any(|l| l.starts_with("mes-https ") && l.contains(vip)), "{table}");
     assert!(table.contains("outbound 127.0.0.1:10001 (Dataplane app-1) -> default/mes-tcp"), "{table}");
     assert!(table.contains("passthrough Matched (MeshPassthrough default/egress)"), "{table}");
+    assert!(table.contains("policy default/mes-http: MeshTrace default/traces default"), "{table}");
+    assert_eq!(https["policies"]["meshTrace"]["sampling"]["random"], 10, "config/examples/tracing.yaml");
     assert!(table.contains("passthrough allows Domain *.s3.amazonaws.com port 443 tls"), "{table}");
     assert!(
         table.contains(

@@ -583,3 +583,92 @@ fn every_egress_rule_has_its_message() {
     let loaded = load(kube);
     assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
 }
+
+fn trace(default: &str) -> String {
+    policy("MeshTrace", &format!("  default:\n{default}"))
+}
+
+const ZIPKIN: &str = "    backends: [{type: Zipkin, zipkin: {url: 'http://jaeger:9411/api/v2/spans'}}]\n";
+
+/// MeshTrace's messages (Kuma 2.14's `meshtrace` validator), each at its path.
+#[test]
+fn every_trace_rule_has_its_message() {
+    let b = |backend: &str| trace(&format!("    backends: [{backend}]\n"));
+    let at = |field: &str| format!("spec.default.{field}");
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        ("backends missing", trace("    tags: []\n"), at("backends"), "must be defined"),
+        (
+            "two backends",
+            b("{type: Zipkin, zipkin: {url: 'http://a/'}}, {type: Zipkin, zipkin: {url: 'http://b/'}}"),
+            at("backends"),
+            "must have zero or one backend defined",
+        ),
+        ("zipkin missing", b("{type: Zipkin}"), at("backends[0].zipkin"), "must be defined"),
+        ("zipkin url empty", b("{type: Zipkin, zipkin: {url: ''}}"), at("backends[0].zipkin.url"), "must not be empty"),
+        ("zipkin url", b("{type: Zipkin, zipkin: {url: 'not a url'}}"), at("backends[0].zipkin.url"), "must be a valid url"),
+        ("datadog scheme", b("{type: Datadog, datadog: {url: 'https://dd:8126'}}"), at("backends[0].datadog.url"), "scheme must be http"),
+        ("datadog port", b("{type: Datadog, datadog: {url: 'http://dd'}}"), at("backends[0].datadog.url"), "port must be defined"),
+        ("datadog path", b("{type: Datadog, datadog: {url: 'http://dd:8126/x'}}"), at("backends[0].datadog.url"), "path must not be defined"),
+        (
+            "otel both",
+            b("{type: OpenTelemetry, openTelemetry: {endpoint: 'c:4317', backendRef: {kind: MeshOpenTelemetryBackend, labels: {a: b}}}}"),
+            at("backends[0].openTelemetry"),
+            "openTelemetry must have only one type defined: endpoint, backendRef",
+        ),
+        (
+            "otel neither",
+            b("{type: OpenTelemetry, openTelemetry: {}}"),
+            at("backends[0].openTelemetry"),
+            "openTelemetry must have exactly one defined: endpoint, backendRef",
+        ),
+        (
+            "otel url",
+            b("{type: OpenTelemetry, openTelemetry: {endpoint: 'http://c:4317/v1'}}"),
+            at("backends[0].openTelemetry.endpoint"),
+            "must be in host:port format, not a URL",
+        ),
+        (
+            "otel backendRef labels",
+            b("{type: OpenTelemetry, openTelemetry: {backendRef: {kind: MeshOpenTelemetryBackend}}}"),
+            at("backends[0].openTelemetry.backendRef"),
+            "backendRef must have exactly one defined: labels",
+        ),
+        ("tag name", trace(&format!("{ZIPKIN}    tags: [{{name: '', literal: x}}]\n")), at("tags[0].name"), "must not be empty"),
+        (
+            "tag both",
+            trace(&format!("{ZIPKIN}    tags: [{{name: a, literal: x, header: {{name: h}}}}]\n")),
+            at("tags[0]"),
+            "tag must have only one type defined: header, literal",
+        ),
+        (
+            "tag neither",
+            trace(&format!("{ZIPKIN}    tags: [{{name: a}}]\n")),
+            at("tags[0]"),
+            "tag must have only one type defined: header, literal",
+        ),
+        ("sampling range", trace(&format!("{ZIPKIN}    sampling: {{random: 101}}\n")), at("sampling.random"), "must be between 0 and 100"),
+        ("sampling number", trace(&format!("{ZIPKIN}    sampling: {{overall: xyz}}\n")), at("sampling.overall"), "string is not a number"),
+        (
+            "targetRef kind",
+            policy("MeshTrace", &format!("  targetRef: {{kind: MeshExternalService, name: x}}\n  default:\n{ZIPKIN}")),
+            "spec.targetRef.kind".into(),
+            "value 'MeshExternalService' is not supported",
+        ),
+        ("to", policy("MeshTrace", &format!("  to: []\n  default:\n{ZIPKIN}")), "spec.to".into(), "unknown field `to`: MeshTrace has only `default`"),
+    ];
+    expect_each(&cases);
+
+    // Valid, in both spellings; a decimal percentage; `backends: []` (tracing off).
+    let valid = trace(&format!("{ZIPKIN}    sampling: {{overall: '60.1', client: 20, random: 50}}\n    tags: [{{name: a, header: {{name: x-a, default: none}}}}]\n"));
+    assert!(errors(&load(&valid)).is_empty(), "{:?}", errors(&load(&valid)));
+    assert!(errors(&load(&trace("    backends: []\n"))).is_empty());
+    let kube = "apiVersion: kuma.io/v1alpha1\nkind: MeshTrace\nmetadata:\n  name: t\n  namespace: kuma-system\n  labels: {kuma.io/mesh: default}\nspec:\n  targetRef: {kind: Mesh}\n  default:\n    backends:\n    - type: OpenTelemetry\n      openTelemetry: {endpoint: 'otel-collector.observability:4317'}\n";
+    let loaded = load(kube);
+    assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
+    // No warning for `endpoint` (Kuma deprecates it for a MeshOpenTelemetryBackend, which
+    // mesh-egress has not); one for what is not applied.
+    assert_eq!(loaded.diagnostics.warnings().count(), 0, "{}", loaded.diagnostics);
+    let datadog = load(&b("{type: Datadog, datadog: {url: 'http://dd:8126'}}"));
+    assert!(errors(&datadog).is_empty());
+    assert!(datadog.diagnostics.warnings().any(|d| d.message.contains("does not export to Datadog")));
+}

@@ -194,13 +194,11 @@ fn backend(at: &str, b: &TraceBackend, v: &mut Violations<'_>) {
                     }
                     (true, None) => v.error(&at, "openTelemetry must have exactly one defined: endpoint, backendRef"),
                     (false, None) => {
+                        // Kuma warns that `endpoint` is deprecated in favour of `backendRef`; here
+                        // `endpoint` is the way (no MeshOpenTelemetryBackend), so no warning.
                         if o.endpoint.contains(['/', '?', '#']) {
                             v.error(format!("{at}.endpoint"), "must be in host:port format, not a URL");
                         }
-                        v.warning(
-                            &at,
-                            "openTelemetry.endpoint is deprecated, use openTelemetry.backendRef with a MeshOpenTelemetryBackend resource instead",
-                        );
                     }
                     (true, Some(r)) => {
                         let has_labels = r.get("labels").and_then(|l| l.as_object()).is_some_and(|l| !l.is_empty());
