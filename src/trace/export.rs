@@ -360,6 +360,19 @@ mod tests {
     }
 
     #[test]
+    fn zipkin_proto_is_a_list_of_spans() {
+        let bytes = zipkin_proto(&[span(Some(0xef), true)]);
+        // ListOfSpans.spans (field 1), then Span.trace_id (field 1): 8 bytes for a 64-bit id.
+        assert_eq!(bytes[0], 0x0a);
+        let span = &bytes[2..];
+        assert_eq!(&span[..2], &[0x0a, 8]);
+        assert_eq!(&span[2..10], &0xabu64.to_be_bytes());
+        assert_eq!(&span[10..12], &[0x12, 8], "parent_id");
+        assert!(span.windows(2).any(|w| w == [0x20, 1]), "kind CLIENT");
+        assert!(span.windows(b"http.method".len()).any(|w| w == b"http.method"), "tags");
+    }
+
+    #[test]
     fn otlp_span_fields_are_where_the_proto_puts_them() {
         let bytes = otlp_span(&span(Some(0xef), false));
         // trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.

@@ -208,7 +208,7 @@ impl Tracer {
         put("http.method", req.method().to_string());
         put("downstream_cluster", dash(&X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER));
         put("user_agent", dash(&http::header::USER_AGENT));
-        put("http.protocol", format!("{:?}", req.version()));
+        put("http.protocol", protocol(req.version()).to_string());
         put("peer.address", peer.ip().to_string());
         if let Some(id) = text(&X_CLIENT_TRACE_ID) {
             put("guid:x-client-trace-id", id.to_string());
@@ -268,6 +268,16 @@ impl ActiveSpan {
     }
 }
 
+/// Envoy's names (`Http::Utility::getProtocolString`).
+fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
 fn authority<B>(req: &Request<B>) -> &str {
     req.uri()
         .authority()
@@ -315,6 +325,69 @@ fn ensure_request_id(headers: &mut HeaderMap) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::policy::trace::{TagPlan, TracePlan};
+
+    fn tracer(random: u32, overall: u32, client: u32) -> Arc<Tracer> {
+        let plan = TracePlan {
+            // Nothing listens there: these tests never finish a span.
+            backend: TraceTarget::Otlp("127.0.0.1:9".into()),
+            random,
+            overall,
+            client,
+            tags: vec![TagPlan { name: "t".into(), value: TagValue::Header { name: "x-t".into(), default: None } }],
+            service_name: "web".into(),
+            node_id: "default.web-1".into(),
+        };
+        Tracer::start("default/api", &plan).unwrap()
+    }
+
+    fn request(headers: &[(&'static str, &'static str)]) -> Request<()> {
+        let mut req = Request::post("http://api.test/pkg.Svc/Call").version(http::Version::HTTP_2);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap()
+    }
+
+    const PEER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
+    #[test]
+    fn sampling_follows_envoys_decision() {
+        // x-request-id 0x1388 % 10000 = 5000.
+        let id = ("x-request-id", "00001388-0000-4000-8000-000000000000");
+        let decide = |t: &Arc<Tracer>, extra: &[(&'static str, &'static str)]| {
+            let mut headers = vec![id];
+            headers.extend_from_slice(extra);
+            let mut req = request(&headers);
+            let sampled = t.begin(&mut req, PEER).is_some();
+            (sampled, req.headers()["traceparent"].to_str().unwrap().ends_with("-01"))
+        };
+        assert_eq!(decide(&tracer(5001, 10_000, 100), &[]), (true, true), "5000 < 50.01 %");
+        assert_eq!(decide(&tracer(5000, 10_000, 100), &[]), (false, false), "5000 is not < 50 %");
+        assert_eq!(decide(&tracer(0, 10_000, 100), &[("x-client-trace-id", "c")]), (true, true));
+        assert_eq!(decide(&tracer(0, 10_000, 0), &[("x-client-trace-id", "c")]), (false, false));
+        assert_eq!(decide(&tracer(0, 10_000, 0), &[("x-envoy-force-trace", "1")]), (true, true));
+        assert_eq!(decide(&tracer(10_000, 5000, 100), &[]), (false, false), "overall cuts on the same id");
+        // The caller's sampled flag wins.
+        let parent = ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(decide(&tracer(0, 0, 0), &[parent]), (true, true));
+    }
+
+    #[test]
+    fn grpc_requests_get_envoys_grpc_tags() {
+        let mut req = request(&[("content-type", "application/grpc"), ("grpc-timeout", "5S"), ("x-t", "v")]);
+        let span = tracer(10_000, 10_000, 100).begin(&mut req, PEER).unwrap();
+        let get = |k: &str| span.attributes.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("http.protocol"), Some("HTTP/2"));
+        assert_eq!(get("grpc.path"), Some("/pkg.Svc/Call"));
+        assert_eq!(get("grpc.authority"), Some("api.test"));
+        assert_eq!(get("grpc.timeout"), Some("5S"));
+        assert_eq!(get("upstream_cluster"), Some("default_api"));
+        assert_eq!(get("t"), Some("v"));
+        assert_eq!(span.name, "egress api.test");
+        assert!(req.headers().contains_key("x-request-id"));
+    }
 
     #[test]
     fn a_made_request_id_is_a_uuid_v4() {
