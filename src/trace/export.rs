@@ -150,19 +150,19 @@ fn otlp_request(batch: &[Finished]) -> Vec<u8> {
 
 fn otlp_span(span: &Finished) -> Vec<u8> {
     let mut out = Vec::new();
-    put_bytes(&mut out, 1, &span.trace_id.to_be_bytes());
-    put_bytes(&mut out, 2, &span.span_id.to_be_bytes());
-    if let Some(state) = &span.trace_state {
+    put_bytes(&mut out, 1, &span.span.trace_id.to_be_bytes());
+    put_bytes(&mut out, 2, &span.span.span_id.to_be_bytes());
+    if let Some(state) = &span.span.trace_state {
         put_bytes(&mut out, 3, state.as_bytes());
     }
-    if let Some(parent) = span.parent_span_id {
+    if let Some(parent) = span.span.parent_span_id {
         put_bytes(&mut out, 4, &parent.to_be_bytes());
     }
-    put_bytes(&mut out, 5, span.name.as_bytes());
+    put_bytes(&mut out, 5, span.span.name.as_bytes());
     put_uint(&mut out, 6, OTLP_CLIENT);
-    put_fixed64(&mut out, 7, unix_nanos(span.start));
+    put_fixed64(&mut out, 7, unix_nanos(span.span.start));
     put_fixed64(&mut out, 8, unix_nanos(span.end));
-    for (key, value) in &span.attributes {
+    for (key, value) in &span.span.attributes {
         put_bytes(&mut out, 9, &grpc_wire::key_value(key, value));
     }
     if span.error {
@@ -255,10 +255,10 @@ fn micros(t: SystemTime) -> u64 {
 }
 
 fn trace_id_hex(span: &Finished) -> String {
-    if span.narrow {
-        format!("{:016x}", span.trace_id as u64)
+    if span.span.narrow {
+        format!("{:016x}", span.span.trace_id as u64)
     } else {
-        format!("{:032x}", span.trace_id)
+        format!("{:032x}", span.span.trace_id)
     }
 }
 
@@ -268,18 +268,18 @@ fn zipkin_json(batch: &[Finished]) -> Vec<u8> {
         .iter()
         .map(|span| {
             let tags: serde_json::Map<String, serde_json::Value> =
-                span.attributes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+                span.span.attributes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
             let mut value = json!({
                 "traceId": trace_id_hex(span),
-                "id": format!("{:016x}", span.span_id),
+                "id": format!("{:016x}", span.span.span_id),
                 "kind": "CLIENT",
-                "name": span.name,
-                "timestamp": micros(span.start),
-                "duration": micros(span.end).saturating_sub(micros(span.start)).max(1),
+                "name": span.span.name,
+                "timestamp": micros(span.span.start),
+                "duration": micros(span.end).saturating_sub(micros(span.span.start)).max(1),
                 "localEndpoint": {"serviceName": &*span.resource},
                 "tags": tags,
             });
-            if let (Some(parent), Some(object)) = (span.parent_span_id, value.as_object_mut()) {
+            if let (Some(parent), Some(object)) = (span.span.parent_span_id, value.as_object_mut()) {
                 object.insert("parentId".into(), json!(format!("{parent:016x}")));
             }
             value
@@ -293,23 +293,23 @@ fn zipkin_proto(batch: &[Finished]) -> Vec<u8> {
     let mut list = Vec::new();
     for span in batch {
         let mut out = Vec::new();
-        if span.narrow {
-            put_bytes(&mut out, 1, &(span.trace_id as u64).to_be_bytes());
+        if span.span.narrow {
+            put_bytes(&mut out, 1, &(span.span.trace_id as u64).to_be_bytes());
         } else {
-            put_bytes(&mut out, 1, &span.trace_id.to_be_bytes());
+            put_bytes(&mut out, 1, &span.span.trace_id.to_be_bytes());
         }
-        if let Some(parent) = span.parent_span_id {
+        if let Some(parent) = span.span.parent_span_id {
             put_bytes(&mut out, 2, &parent.to_be_bytes());
         }
-        put_bytes(&mut out, 3, &span.span_id.to_be_bytes());
+        put_bytes(&mut out, 3, &span.span.span_id.to_be_bytes());
         put_uint(&mut out, 4, 1); // Kind.CLIENT
-        put_bytes(&mut out, 5, span.name.as_bytes());
-        put_fixed64(&mut out, 6, micros(span.start));
-        put_uint(&mut out, 7, micros(span.end).saturating_sub(micros(span.start)).max(1));
+        put_bytes(&mut out, 5, span.span.name.as_bytes());
+        put_fixed64(&mut out, 6, micros(span.span.start));
+        put_uint(&mut out, 7, micros(span.end).saturating_sub(micros(span.span.start)).max(1));
         let mut endpoint = Vec::new();
         put_bytes(&mut endpoint, 1, span.resource.as_bytes());
         put_bytes(&mut out, 8, &endpoint);
-        for (key, value) in &span.attributes {
+        for (key, value) in &span.span.attributes {
             let mut entry = Vec::new();
             put_bytes(&mut entry, 1, key.as_bytes());
             put_bytes(&mut entry, 2, value.as_bytes());
@@ -329,15 +329,17 @@ mod tests {
         let start = UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000);
         Finished {
             resource: "web".into(),
-            trace_id: 0xab,
-            narrow,
-            span_id: 0xcd,
-            parent_span_id: parent,
-            trace_state: None,
-            name: "egress httpbin:80".into(),
-            start,
+            span: crate::trace::Span {
+                trace_id: 0xab,
+                narrow,
+                span_id: 0xcd,
+                parent_span_id: parent,
+                trace_state: None,
+                name: "egress httpbin:80".into(),
+                start,
+                attributes: vec![(Cow::Borrowed("http.method"), "GET".into())],
+            },
             end: start + Duration::from_micros(1500),
-            attributes: vec![(Cow::Borrowed("http.method"), "GET".into())],
             error: false,
         }
     }

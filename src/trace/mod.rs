@@ -58,6 +58,12 @@ enum Tag {
 #[derive(Debug)]
 pub struct ActiveSpan {
     tracer: Arc<Tracer>,
+    span: Span,
+}
+
+/// What a span is, from its start on.
+#[derive(Debug)]
+struct Span {
     trace_id: u128,
     narrow: bool,
     span_id: u64,
@@ -72,15 +78,8 @@ pub struct ActiveSpan {
 #[derive(Debug)]
 struct Finished {
     resource: Arc<str>,
-    trace_id: u128,
-    narrow: bool,
-    span_id: u64,
-    parent_span_id: Option<u64>,
-    trace_state: Option<HeaderValue>,
-    name: String,
-    start: SystemTime,
+    span: Span,
     end: SystemTime,
-    attributes: Vec<(Cow<'static, str>, String)>,
     error: bool,
 }
 
@@ -165,17 +164,8 @@ impl Tracer {
             Propagation::W3c => format!("egress {authority}"),
             Propagation::B3 => authority.to_string(),
         };
-        Some(Box::new(ActiveSpan {
-            tracer: self.clone(),
-            trace_id,
-            narrow,
-            span_id,
-            parent_span_id,
-            trace_state,
-            name,
-            start,
-            attributes,
-        }))
+        let span = Span { trace_id, narrow, span_id, parent_span_id, trace_state, name, start, attributes };
+        Some(Box::new(ActiveSpan { tracer: self.clone(), span }))
     }
 
     /// Envoy's decision (`mutateTracingRequestHeader`): `x-client-trace-id` with client
@@ -237,9 +227,10 @@ impl Tracer {
 
 impl ActiveSpan {
     /// Ends the span with what the access-log record says of the exchange, and queues it.
-    pub fn finish(mut self, record: &Record) {
+    pub fn finish(self, record: &Record) {
+        let Self { tracer, mut span } = self;
         let status = record.status.unwrap_or(0);
-        let mut put = |key: &'static str, value: String| self.attributes.push((Cow::Borrowed(key), value));
+        let mut put = |key: &'static str, value: String| span.attributes.push((Cow::Borrowed(key), value));
         put("request_size", record.bytes_sent.to_string());
         put("response_size", record.bytes_received.to_string());
         if let Some(endpoint) = &record.endpoint {
@@ -251,20 +242,8 @@ impl ActiveSpan {
         if error {
             put("error", "true".to_string());
         }
-        let tracer = self.tracer;
-        tracer.exporter.send(Finished {
-            resource: tracer.resource.clone(),
-            trace_id: self.trace_id,
-            narrow: self.narrow,
-            span_id: self.span_id,
-            parent_span_id: self.parent_span_id,
-            trace_state: self.trace_state,
-            name: self.name,
-            start: self.start,
-            end: self.start + record.duration,
-            attributes: self.attributes,
-            error,
-        });
+        let end = span.start + record.duration;
+        tracer.exporter.send(Finished { resource: tracer.resource.clone(), span, end, error });
     }
 }
 
@@ -378,14 +357,14 @@ mod tests {
     fn grpc_requests_get_envoys_grpc_tags() {
         let mut req = request(&[("content-type", "application/grpc"), ("grpc-timeout", "5S"), ("x-t", "v")]);
         let span = tracer(10_000, 10_000, 100).begin(&mut req, PEER).unwrap();
-        let get = |k: &str| span.attributes.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| span.span.attributes.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
         assert_eq!(get("http.protocol"), Some("HTTP/2"));
         assert_eq!(get("grpc.path"), Some("/pkg.Svc/Call"));
         assert_eq!(get("grpc.authority"), Some("api.test"));
         assert_eq!(get("grpc.timeout"), Some("5S"));
         assert_eq!(get("upstream_cluster"), Some("default_api"));
         assert_eq!(get("t"), Some("v"));
-        assert_eq!(span.name, "egress api.test");
+        assert_eq!(span.span.name, "egress api.test");
         assert!(req.headers().contains_key("x-request-id"));
     }
 
