@@ -28,7 +28,7 @@ pub fn resources(data: &[u8]) {
 /// The policy validators with the envelope given: the first byte picks the kind, the rest is
 /// the `spec`.
 pub fn policy(data: &[u8]) {
-    const KINDS: [&str; 9] = [
+    const KINDS: [&str; 10] = [
         "MeshTimeout",
         "MeshRetry",
         "MeshCircuitBreaker",
@@ -38,6 +38,7 @@ pub fn policy(data: &[u8]) {
         "MeshTrafficPermission",
         "MeshHTTPRoute",
         "MeshTCPRoute",
+        "MeshTrace",
     ];
     let Some((&pick, spec)) = data.split_first() else { return };
     let kind = KINDS[usize::from(pick) % KINDS.len()];
