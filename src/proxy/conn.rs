@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use prometheus_client::metrics::gauge::Gauge;
+use crate::metrics::Gauge;
 use tokio::sync::Notify;
 
 use super::copy::Transferred;

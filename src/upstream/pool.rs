@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::metrics::Counter;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
-use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 
 use super::replay::ReplayBody;

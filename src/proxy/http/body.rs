@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::metrics::Counter;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{Logs, Record};

@@ -1,18 +1,20 @@
 //! Prometheus metrics (prometheus-client), one registry for the process.
 //!
 //! The data path never looks labels up per request: each service gets a [`ServiceMetrics`] of
-//! pre-resolved handles (atomic counters) when its configuration is compiled.
+//! pre-resolved handles when its configuration is compiled. The handles are sharded per worker
+//! thread ([`sharded`]): a request writes only its own worker's cache lines, a scrape sums them.
 
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+pub use sharded::{set_worker, set_workers, Counter, Gauge, Histogram};
+
 use crate::model::Protocol;
+
+mod sharded;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
@@ -129,11 +131,6 @@ impl DnsResult {
     }
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs … ~13 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-}
-
 pub struct Metrics {
     registry: Registry,
     tls_handshake_failures: Family<TlsFailureLabels, Counter>,
@@ -144,8 +141,8 @@ pub struct Metrics {
     connections: Family<ServiceLabels, Counter>,
     connections_active: Family<ServiceLabels, Gauge>,
     requests: Family<RequestLabels, Counter>,
-    request_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
-    connect_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    request_duration: Family<ServiceLabels, Histogram>,
+    connect_duration: Family<ServiceLabels, Histogram>,
     connect_errors: Family<ServiceLabels, Counter>,
     bytes_sent: Family<ServiceLabels, Counter>,
     bytes_received: Family<ServiceLabels, Counter>,
@@ -216,8 +213,8 @@ impl Metrics {
             connections: Family::default(),
             connections_active: Family::default(),
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(latency_histogram),
-            connect_duration: Family::new_with_constructor(latency_histogram),
+            request_duration: Family::default(),
+            connect_duration: Family::default(),
             connect_errors: Family::default(),
             bytes_sent: Family::default(),
             bytes_received: Family::default(),

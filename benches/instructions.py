@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Instructions per request (callgrind), mesh-egress against a baseline revision.
+
+    sudo python3 benches/instructions.py [--baseline REV] [--requests 2000]
+
+Counts the instructions mesh-egress executes per request for HTTP/1.1, h2 and gRPC unary, the
+same way for this tree and for a baseline revision (default: the merge base with the last
+landed main, `origin/main` if there is one, else HEAD~1). Each binary is the `profiling` build
+(the release build with line tables). Each workload runs the proxy under
+`valgrind --tool=callgrind` twice, once with a short warm-up only and once with the warm-up plus
+--requests more, with one worker, and reports (Ir(warm-up + N) - Ir(warm-up)) / N, so start-up,
+configuration loading, the warm-up and shutdown cancel out. Instruction counts do not depend
+on the machine's load or clock, so unlike throughput they compare across runs and machines.
+The client is h2load (HTTP/1.1 with --h1), one connection, requests one after another.
+Results: stdout and target/bench/instructions.md.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "target", "bench")
+UPSTREAM = os.path.join(ROOT, "target", "release", "examples", "bench_upstream")
+HTTP = 18180
+ADMIN = 29911
+WARMUP = 200
+SERVICES = [("http", "http", 20101), ("http2", "http2", 20102), ("grpc", "grpc", 20103)]
+WORKLOADS = [
+    ("HTTP/1.1 keep-alive", "http", ["--h1"]),
+    ("HTTP/2", "http2", []),
+    ("gRPC unary", "grpc", "grpc"),
+]
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def prepare(baseline):
+    if not shutil.which("h2load") or not shutil.which("valgrind"):
+        if os.geteuid() != 0:
+            sys.exit("missing h2load or valgrind: run as root (it installs nghttp2-client and valgrind)")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client", "valgrind"], check=True)
+    os.makedirs(OUT, exist_ok=True)
+    subprocess.run(["cargo", "build", "--profile", "profiling", "--bin", "mesh-egress"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--example", "bench_upstream"], cwd=ROOT, check=True)
+    current = os.path.join(ROOT, "target", "profiling", "mesh-egress")
+    # The baseline in a worktree of its own, built into its own target directory (kept, so a
+    # second run does not build it again).
+    rev = sh(["git", "rev-parse", "--short", baseline], cwd=ROOT).strip()
+    tree = os.path.join(ROOT, "target", "baseline", rev)
+    if not os.path.isdir(tree):
+        subprocess.run(["git", "worktree", "add", "--detach", tree, rev], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--profile", "profiling", "--bin", "mesh-egress"], cwd=tree, check=True,
+                   env=dict(os.environ, CARGO_TARGET_DIR=os.path.join(ROOT, "target", "baseline-target")))
+    base = os.path.join(ROOT, "target", "baseline-target", "profiling", "mesh-egress")
+    return current, (rev, base)
+
+
+def config(directory):
+    docs = []
+    outbounds = []
+    for name, protocol, port in SERVICES:
+        docs.append(f"type: MeshExternalService\nname: {name}\nspec:\n  match: {{port: {HTTP}, protocol: {protocol}}}\n"
+                    f"  endpoints: [{{address: 127.0.0.1, port: {HTTP}}}]\n")
+        outbounds.append(f"    - port: {port}\n      backendRef: {{kind: MeshExternalService, name: {name}}}\n")
+    docs.append("type: Dataplane\nname: bench\nnetworking:\n  outbound:\n" + "".join(outbounds))
+    path = os.path.join(directory, "mesh.yaml")
+    with open(path, "w") as f:
+        f.write("---\n".join(docs))
+    return path
+
+
+def wait_ready(proc, timeout=120.0):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError("the proxy exited under valgrind")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("not ready under valgrind")
+
+
+def h2load(port, n, extra):
+    cmd = ["h2load", "-n", str(n), "-c", "1", "-m", "1"]
+    url = f"http://127.0.0.1:{port}/"
+    if extra == "grpc":
+        body = os.path.join(OUT, "grpc-body.bin")
+        with open(body, "wb") as f:
+            msg = b"0123456789"
+            f.write(b"\x00" + len(msg).to_bytes(4, "big") + msg)
+        cmd += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        url = f"http://127.0.0.1:{port}/bench.Echo/Unary"
+    else:
+        cmd += extra
+    out = sh(cmd + [url])
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if not done or int(done.group(2)) != n:
+        raise RuntimeError(f"h2load did not get {n} answers:\n{out}")
+
+
+def instructions(binary, config_path, port, extra, n):
+    """Total instructions of one proxy run: start, WARMUP requests, then n more, stop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "callgrind.out")
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", binary, "run", "-c", config_path,
+             "--workers", "1", "--admin", f"127.0.0.1:{ADMIN}", "--readiness-port", "off", "--transparent", "off",
+             "--dns", "off", "--no-watch", "--state-dir", tmp],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="error"))
+        try:
+            wait_ready(proc)
+            h2load(port, WARMUP, extra)
+            if n:
+                h2load(port, n, extra)
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=120)
+        total = re.search(r"Collected : (\d+)", err)
+        if not total:
+            raise RuntimeError(f"no callgrind total:\n{err[-2000:]}")
+        return int(total.group(1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default=None, help="revision to compare against")
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    baseline = args.baseline
+    if baseline is None:
+        has_origin = subprocess.run(["git", "rev-parse", "--verify", "-q", "origin/main"], cwd=ROOT,
+                                    capture_output=True).returncode == 0
+        baseline = sh(["git", "merge-base", "HEAD", "origin/main"], cwd=ROOT).strip() if has_origin else "HEAD~1"
+    current, (base_rev, base) = prepare(baseline)
+    head = sh(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).strip()
+    up = subprocess.Popen([UPSTREAM, "--http", f"127.0.0.1:{HTTP}"], stdout=subprocess.PIPE, text=True)
+    try:
+        if up.stdout.readline().strip() != "ready":
+            sys.exit("bench_upstream did not start")
+        with tempfile.TemporaryDirectory() as tmp:
+            config_path = config(tmp)
+            rows = []
+            for label, service, extra in WORKLOADS:
+                port = next(p for name, _, p in SERVICES if name == service)
+                per = {}
+                for name, binary in ((head, current), (base_rev, base)):
+                    without = instructions(binary, config_path, port, extra, 0)
+                    with_n = instructions(binary, config_path, port, extra, args.requests)
+                    per[name] = (with_n - without) / args.requests
+                rows.append((label, per[head], per[base_rev]))
+                print(f"{label}: {per[head]:,.0f} instructions/request at {head}, {per[base_rev]:,.0f} at {base_rev}",
+                      flush=True)
+    finally:
+        up.terminate()
+    lines = [
+        f"Instructions per request (callgrind, 1 worker, {args.requests} requests after a {WARMUP}-request warm-up, "
+        f"one connection). Command: `sudo python3 benches/instructions.py --baseline {base_rev}`",
+        "",
+        f"| workload | {head} (this tree) | {base_rev} (baseline) | change |",
+        "|---|---|---|---|",
+    ]
+    for label, now, before in rows:
+        lines.append(f"| {label} | {now:,.0f} | {before:,.0f} | {(now / before - 1) * 100:+.1f}% |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(OUT, "instructions.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
