@@ -91,8 +91,12 @@ impl Health {
     }
 
     pub fn record_success(&self) {
-        self.failures.store(0, Relaxed);
-        self.ejections.store(0, Relaxed);
+        // Every worker records here: write only what changes.
+        for counter in [&self.failures, &self.ejections] {
+            if counter.load(Relaxed) != 0 {
+                counter.store(0, Relaxed);
+            }
+        }
     }
 
     /// Counts a failed connect; returns `true` when it ejected the address.

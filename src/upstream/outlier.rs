@@ -76,7 +76,7 @@ fn detect_consecutive(health: &Health, d: &OutlierDetection, outcome: Outcome) -
         _ => None,
     };
     let failed = as_response.is_some_and(|s| s >= 500) || (d.split_local_errors && outcome.failed_locally());
-    if outcome != Outcome::Connected {
+    if outcome != Outcome::Connected && (d.success_rate.is_some() || d.failure_percentage.is_some()) {
         let counter = if failed { &c.interval_failures } else { &c.interval_successes };
         counter.fetch_add(1, Relaxed);
     }
@@ -90,12 +90,12 @@ fn detect_consecutive(health: &Health, d: &OutlierDetection, outcome: Outcome) -
             if matches!(status, 502..=504) {
                 tripped |= bump(&c.consecutive_gateway, d.consecutive_gateway);
             } else {
-                c.consecutive_gateway.store(0, Relaxed);
+                reset(&c.consecutive_gateway);
             }
         }
         Some(_) => {
-            c.consecutive_5xx.store(0, Relaxed);
-            c.consecutive_gateway.store(0, Relaxed);
+            reset(&c.consecutive_5xx);
+            reset(&c.consecutive_gateway);
         }
         None => {}
     }
@@ -103,15 +103,23 @@ fn detect_consecutive(health: &Health, d: &OutlierDetection, outcome: Outcome) -
         if outcome.failed_locally() {
             tripped |= bump(&c.consecutive_local, d.consecutive_local);
         } else {
-            c.consecutive_local.store(0, Relaxed);
+            reset(&c.consecutive_local);
         }
     }
     if tripped {
-        c.consecutive_5xx.store(0, Relaxed);
-        c.consecutive_gateway.store(0, Relaxed);
-        c.consecutive_local.store(0, Relaxed);
+        reset(&c.consecutive_5xx);
+        reset(&c.consecutive_gateway);
+        reset(&c.consecutive_local);
     }
     tripped
+}
+
+/// Zeroes a counter shared by every worker, writing only when it is not zero already: a run of
+/// successes then only reads the line.
+fn reset(counter: &std::sync::atomic::AtomicU32) {
+    if counter.load(Relaxed) != 0 {
+        counter.store(0, Relaxed);
+    }
 }
 
 /// `maxEjectionPercent`: one address can always be ejected; more only while the ejected share
