@@ -79,7 +79,9 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
         Some(retry) => {
             // A retried body is not copied to a mirror: its copy ends now.
             parts.extensions.remove::<MirrorTee>();
-            with_retries(ctx, retry, parts, body).await
+            // Boxed: inline, the retry loop's state would make every request's future (moved
+            // whole when HTTP/2 spawns a stream's task) about 1.5 KiB larger.
+            Box::pin(with_retries(ctx, retry, parts, body)).await
         }
     };
     match result {
@@ -240,7 +242,7 @@ async fn attempt(
     if let (Err(error), Some((template, counter, bytes))) = (&sent, resend) {
         if closed_before_response(error) {
             tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
-            match client::new_h1(upstream, &key, &target, tls).await {
+            match Box::pin(client::new_h1(upstream, &key, &target, tls)).await {
                 Ok(fresh) => {
                     sender = fresh;
                     let request = Request::from_parts(template.parts(), RequestBody::empty(counter, bytes));
