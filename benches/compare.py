@@ -502,13 +502,19 @@ def h2load(port, duration, load_cpus, grpc=False):
     cmd = load_cpus + ["h2load", "-t1", "-c16", "-m10", "-D", str(duration)]
     url = f"http://127.0.0.1:{port}/"
     if grpc:
-        body = os.path.join(OUT, "grpc-body.bin")
-        with open(body, "wb") as f:
-            msg = b"0123456789"
-            f.write(b"\x00" + len(msg).to_bytes(4, "big") + msg)
-        cmd += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
-        url = f"http://127.0.0.1:{port}/bench.Echo/Unary"
+        args, url = grpc_request(port)
+        cmd += args
     return parse_h2load(sh(cmd + [url]))
+
+
+def grpc_request(port):
+    """h2load's arguments and URL for one gRPC unary echo call (the bench upstream's)."""
+    body = os.path.join(OUT, "grpc-body.bin")
+    with open(body, "wb") as f:
+        msg = b"0123456789"
+        f.write(b"\x00" + len(msg).to_bytes(4, "big") + msg)
+    args = ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    return args, f"http://127.0.0.1:{port}/bench.Echo/Unary"
 
 
 def iperf(port, streams, duration, load_cpus):

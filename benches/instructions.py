@@ -25,6 +25,8 @@ import tempfile
 import time
 import urllib.request
 
+from compare import grpc_request
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "bench")
 UPSTREAM = os.path.join(ROOT, "target", "release", "examples", "bench_upstream")
@@ -98,12 +100,8 @@ def h2load(port, n, extra):
     cmd = ["h2load", "-n", str(n), "-c", "1", "-m", "1"]
     url = f"http://127.0.0.1:{port}/"
     if extra == "grpc":
-        body = os.path.join(OUT, "grpc-body.bin")
-        with open(body, "wb") as f:
-            msg = b"0123456789"
-            f.write(b"\x00" + len(msg).to_bytes(4, "big") + msg)
-        cmd += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
-        url = f"http://127.0.0.1:{port}/bench.Echo/Unary"
+        args, url = grpc_request(port)
+        cmd += args
     else:
         cmd += extra
     out = sh(cmd + [url])
