@@ -172,6 +172,11 @@ impl Server {
         server.start_admin()?;
         server.apply_config().await?;
         if let Some(addr) = server.options.dns {
+            // A loop through our own port is refused before binding, so the answer does not
+            // depend on whether the port happens to be free.
+            if addr.port() != 0 {
+                Forwarders::new(server.options.dns_forwarders.clone(), addr)?;
+            }
             let sockets = DnsProxy::bind(addr).await?;
             let bound = sockets.udp.local_addr().unwrap_or(addr);
             let forwarders = match server.options.dns_forwarders.clone() {

@@ -357,10 +357,12 @@ async fn a_slow_upload_does_not_stall_the_next_request() {
 }
 
 /// `--dns-upstream` naming the proxy's own DNS address (or a wildcard of it) would make each
-/// unknown query loop through the proxy until descriptors ran out: refused at start.
+/// unknown query loop through the proxy until descriptors ran out: refused at start, before
+/// binding (the port is held busy here, so the answer cannot depend on it being free).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dns_proxy_refuses_itself_as_upstream() {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
     for upstream in [format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"), format!("127.0.0.2:{port}")] {
         let (_dir, config) =
             config_dir(&service_with_outbound("s", free_addr("127.0.0.1"), &endpoint("127.0.0.1", 1, 0), ""));
