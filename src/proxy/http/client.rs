@@ -5,7 +5,7 @@
 //! (MeshCircuitBreaker `maxPendingRequests`).
 
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
@@ -149,7 +149,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io)).await?;
+    let (sender, connection) = http2::Builder::new(super::executor::BoxingExecutor).handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _slot = slot;
         if let Err(error) = connection.await {

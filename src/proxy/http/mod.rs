@@ -5,6 +5,7 @@
 
 mod body;
 mod client;
+mod executor;
 mod forward;
 mod grpc;
 mod passthrough;
@@ -24,7 +25,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -171,7 +172,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             Ok::<_, Infallible>(response)
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(executor::BoxingExecutor);
     builder
         .http1()
         .max_headers(limits.max_headers)
