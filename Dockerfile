@@ -7,6 +7,7 @@ WORKDIR /src
 #    until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
+COPY .cargo ./.cargo
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
