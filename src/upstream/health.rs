@@ -66,12 +66,14 @@ pub struct Health {
 impl Health {
     /// Not ejected and not failing its active health check.
     pub fn is_healthy(&self) -> bool {
-        self.ejected_until.load(Relaxed) <= now_ms() && !self.checks.unhealthy.load(Relaxed)
+        !self.is_ejected() && !self.checks.unhealthy.load(Relaxed)
     }
 
-    /// Ejected by outlier detection now.
+    /// Ejected by outlier detection now. An endpoint never ejected (0) skips reading the clock,
+    /// which every request's endpoint pick would otherwise do.
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until.load(Relaxed) > now_ms()
+        let until = self.ejected_until.load(Relaxed);
+        until != 0 && until > now_ms()
     }
 
     /// Failing its active health check (for the admin API).
