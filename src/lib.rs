@@ -7,8 +7,9 @@
 /// itself), so the graph has no cycles. `tests/layers.rs` checks every `crate::` path in `src/`
 /// against this list; docs/architecture.md explains each layer.
 pub const LAYERS: &[&str] = &[
-    // Vocabulary: plain data every layer shares.
+    // Vocabulary: plain data every layer shares, and which worker a thread is.
     "model",
+    "worker",
     // The mark on the proxy's own sockets.
     "socket_mark",
     // Configuration as written: files → typed, validated resources (templates are theirs).
@@ -69,3 +70,4 @@ pub mod trace;
 pub mod upstream;
 pub mod vip_store;
 pub mod watch;
+pub mod worker;

@@ -456,14 +456,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // The data path: one single-threaded runtime per worker thread, each accepting on its own
     // SO_REUSEPORT socket (no work stealing, as pingora's "no-steal" runtime). This thread runs
     // the control plane: loading and reloads, signals, DNS proxy and re-resolution.
-    mesh_egress::metrics::set_workers(workers);
+    mesh_egress::worker::set_workers(workers);
     let handles = (0..workers)
         .map(|i| {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
             std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
-                mesh_egress::upstream::pool::set_worker(i);
-                mesh_egress::metrics::set_worker(i);
+                mesh_egress::worker::enter(i);
                 runtime.block_on(keep_a_timer_due_soon())
             })?;
             Ok(handle)

@@ -10,7 +10,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-pub use sharded::{set_worker, set_workers, Counter, Gauge, Histogram};
+pub use sharded::{Counter, Gauge, Histogram};
 
 use crate::model::Protocol;
 

@@ -3,43 +3,21 @@
 //! `Counter` is one shared atomic, its `Histogram` a shared mutex). Threads that are no worker
 //! (the control plane, health checks) share shard 0.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-/// Shards per metric: the workers plus one for everything else. Set once at start-up, before
-/// any configuration is compiled; metrics made before keep the count they were made with.
-static SHARDS: AtomicUsize = AtomicUsize::new(1);
-
-thread_local! {
-    static SHARD: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Sizes the metrics made from now on for `workers` worker threads.
-pub fn set_workers(workers: usize) {
-    SHARDS.store(workers + 1, Ordering::Relaxed);
-}
-
-/// Marks the calling thread as worker `index` (0-based).
-pub fn set_worker(index: usize) {
-    SHARD.with(|s| s.set(index + 1));
-}
+use crate::worker::{self, Line};
 
 fn shard(len: usize) -> usize {
-    SHARD.with(Cell::get) % len
+    worker::slot() % len
 }
 
 fn shards() -> usize {
-    SHARDS.load(Ordering::Relaxed).max(1)
+    worker::slots()
 }
-
-/// A cache line of its own.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct Line<T>(T);
 
 #[derive(Debug, Clone)]
 pub struct Counter(Arc<[Line<AtomicU64>]>);
@@ -193,14 +171,14 @@ mod tests {
 
     #[test]
     fn workers_write_their_own_lines_and_a_scrape_sums_them() {
-        set_workers(2);
+        worker::set_workers(2);
         let (counter, gauge, histogram) = (Counter::default(), Gauge::default(), Histogram::default());
-        set_workers(0);
+        worker::set_workers(0);
         std::thread::scope(|s| {
             for worker in 0..2 {
                 let (counter, gauge, histogram) = (&counter, &gauge, &histogram);
                 s.spawn(move || {
-                    set_worker(worker);
+                    worker::enter(worker);
                     for _ in 0..1000 {
                         counter.inc();
                         gauge.inc();

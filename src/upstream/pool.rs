@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::metrics::Counter;
+use crate::worker::{self, Line};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
@@ -231,8 +232,9 @@ pub struct PoolKey {
     pub target: TargetAddr,
     pub tls: TlsIdentity,
     pub http2: bool,
-    /// The worker ([`current_worker`]): a connection's driver task lives on the runtime that
-    /// opened it, so sharing it across workers would hand every request to another thread.
+    /// The worker's slot ([`crate::worker::slot`]): a connection's driver task lives on the
+    /// runtime that opened it, so sharing it across workers would hand every request to another
+    /// thread.
     pub worker: usize,
 }
 
@@ -266,20 +268,15 @@ impl std::hash::Hash for TlsIdentity {
     }
 }
 
-thread_local! {
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+/// A pool's connections of one worker. foldhash: a key is hashed twice per request (take and
+/// return), and SipHash of a key was 3% of an HTTP/1.1 request's instructions.
+#[derive(Default)]
+struct Shard {
+    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>, FastHash>>,
+    h2: Mutex<HashMap<PoolKey, H2Slot, FastHash>>,
 }
 
-/// Marks this thread as data-path worker `index` (called once by each worker thread).
-pub fn set_worker(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
-
-/// The worker this thread belongs to; 0 for threads that are no worker (and in tests, where one
-/// multi-threaded runtime is the single worker).
-pub fn current_worker() -> usize {
-    WORKER.with(std::cell::Cell::get)
-}
+type FastHash = foldhash::fast::RandomState;
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<RequestBody>, Instant)>>>;
 /// An idle HTTP/1 connection and when it became idle.
@@ -293,8 +290,9 @@ pub struct Pool {
     idle_timeout: AtomicU64,
     /// Nanoseconds a connection is used for new requests (`http.maxConnectionDuration`).
     max_lifetime: AtomicU64,
-    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<PoolKey, H2Slot>>,
+    /// One per worker slot: a worker takes and returns connections under its own lock, on its
+    /// own cache lines (its keys hold its slot, so no connection is in another worker's shard).
+    shards: Box<[Line<Shard>]>,
     /// The connection pools in use (MeshCircuitBreaker `maxConnectionPools`): one per key.
     pools: Mutex<std::collections::HashSet<PoolKey>>,
 }
@@ -317,13 +315,25 @@ fn nanos(d: Option<Duration>) -> u64 {
 
 impl Pool {
     pub fn new(idle_timeout: Duration) -> Self {
+        Self::with_shards(idle_timeout, worker::slots())
+    }
+
+    fn with_shards(idle_timeout: Duration, shards: usize) -> Self {
         Self {
             idle_timeout: AtomicU64::new(nanos(Some(idle_timeout))),
             max_lifetime: AtomicU64::new(UNLIMITED),
-            h1: Mutex::default(),
-            h2: Mutex::default(),
+            shards: (0..shards.max(1)).map(|_| Line::default()).collect(),
             pools: Mutex::default(),
         }
+    }
+
+    /// The calling worker's connections.
+    fn shard(&self) -> &Shard {
+        &self.shards[worker::slot() % self.shards.len()].0
+    }
+
+    fn each_shard(&self) -> impl Iterator<Item = &Shard> {
+        self.shards.iter().map(|line| &line.0)
     }
 
     /// Whether a new connection for `key` may be made: its pool exists, or fewer than `max`
@@ -358,7 +368,7 @@ impl Pool {
 
     /// An idle HTTP/1 connection that is still open and not past the idle timeout.
     pub fn take_h1(&self, key: &PoolKey) -> Option<H1Sender> {
-        let mut idle = self.h1.lock().ok()?;
+        let mut idle = self.shard().h1.lock().ok()?;
         let list = idle.get_mut(key)?;
         while let Some(idle) = list.pop() {
             if self.reusable(&idle) {
@@ -381,7 +391,7 @@ impl Pool {
         if sender.sender.is_closed() || !self.young(sender.opened) {
             return;
         }
-        let Ok(mut idle) = self.h1.lock() else { return };
+        let Ok(mut idle) = self.shard().h1.lock() else { return };
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_KEY {
             list.push((sender, Instant::now()));
@@ -395,7 +405,7 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<http2::SendRequest<RequestBody>, E>>,
     {
-        let slot = match self.h2.lock() {
+        let slot = match self.shard().h2.lock() {
             Ok(mut map) => map.entry(key.clone()).or_default().clone(),
             Err(_) => H2Slot::default(),
         };
@@ -415,28 +425,73 @@ impl Pool {
         if let Ok(mut pools) = self.pools.lock() {
             pools.clear();
         }
-        if let Ok(mut idle) = self.h1.lock() {
-            idle.clear();
-        }
-        if let Ok(mut h2) = self.h2.lock() {
-            h2.clear();
+        for shard in self.each_shard() {
+            if let Ok(mut idle) = shard.h1.lock() {
+                idle.clear();
+            }
+            if let Ok(mut h2) = shard.h2.lock() {
+                h2.clear();
+            }
         }
     }
 
     /// Closes idle HTTP/1 connections past the idle timeout and forgets closed HTTP/2 ones.
     pub fn sweep(&self) {
-        if let Ok(mut idle) = self.h1.lock() {
-            idle.retain(|_, list| {
-                list.retain(|idle| self.reusable(idle));
-                !list.is_empty()
-            });
-        }
-        if let Ok(mut h2) = self.h2.lock() {
-            h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
+        for shard in self.each_shard() {
+            if let Ok(mut idle) = shard.h1.lock() {
+                idle.retain(|_, list| {
+                    list.retain(|idle| self.reusable(idle));
+                    !list.is_empty()
+                });
+            }
+            if let Ok(mut h2) = shard.h2.lock() {
+                h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
+            }
         }
         // A pool with nothing idle and no shared connection is gone.
-        if let (Ok(mut pools), Ok(h1), Ok(h2)) = (self.pools.lock(), self.h1.lock(), self.h2.lock()) {
-            pools.retain(|key| h1.contains_key(key) || h2.contains_key(key));
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.retain(|key| {
+                self.each_shard().any(|shard| {
+                    shard.h1.lock().is_ok_and(|h1| h1.contains_key(key))
+                        || shard.h2.lock().is_ok_and(|h2| h2.contains_key(key))
+                })
+            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two workers and the control plane each get their own shard, on a cache line of its own:
+    /// a worker's take and return lock and write nothing another worker touches.
+    #[test]
+    fn each_worker_pools_in_its_own_shard_on_its_own_cache_line() {
+        let pool = Pool::with_shards(DEFAULT_IDLE_TIMEOUT, 3);
+        let shard_of = |pool: &Pool| std::ptr::from_ref(pool.shard()) as usize;
+        let workers: Vec<usize> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2)
+                .map(|index| {
+                    let pool = &pool;
+                    s.spawn(move || {
+                        worker::enter(index);
+                        shard_of(pool)
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().expect("worker thread")).collect()
+        });
+        let control = shard_of(&pool);
+        let mut all = vec![control, workers[0], workers[1]];
+        all.sort_unstable();
+        assert!(all.windows(2).all(|w| w[1] - w[0] >= 64), "shards share a cache line: {all:x?}");
+        assert!(all.iter().all(|a| a % 64 == 0), "a shard is not line-aligned: {all:x?}");
+        let expected: Vec<usize> = pool.each_shard().map(|s| std::ptr::from_ref(s) as usize).collect();
+        assert_eq!(
+            [control, workers[0], workers[1]].to_vec(),
+            expected,
+            "slot 0 is the control plane, then each worker"
+        );
     }
 }

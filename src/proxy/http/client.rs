@@ -8,7 +8,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 
 use crate::upstream::pool::H1Sender;
-use crate::upstream::pool::{self, PoolKey, RequestBody, TlsIdentity};
+use crate::upstream::pool::{PoolKey, RequestBody, TlsIdentity};
 use crate::upstream::{ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
 
 pub(super) enum Sender {
@@ -49,7 +49,7 @@ pub(super) async fn connection(
         avoid.extend_from_slice(failed_addr);
         let pick = upstream.pick(&avoid).or_else(|| upstream.pick(failed_addr).filter(|_| !exclude.is_empty()));
         let Some(target) = pick else { break };
-        let key = PoolKey { target: target.addr.clone(), tls: tls_id.clone(), http2, worker: pool::current_worker() };
+        let key = PoolKey { target: target.addr.clone(), tls: tls_id.clone(), http2, worker: crate::worker::slot() };
         // New connections are boxed: their connect, TLS and handshake state is large, and
         // inline it would make every request's future (moved on each spawn) that large.
         let result = if http2 {
