@@ -162,6 +162,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let (timeouts, limits) = (handler.timeouts(), handler.limits());
     let proxy = Arc::new(handler);
     let watched = proxy.clone();
+    let peer = proxy.peer();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         async move {
@@ -189,25 +190,48 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let client = Tracked::new(client, activity.clone());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     tokio::pin!(connection);
+    // What ends a connection early is watched by a task of its own, so the connection's task,
+    // woken several times per request, polls one oneshot instead of a timer and two notifiers.
+    let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(async move {
+        let why = tokio::select! {
+            () = activity.idle_for(timeouts.idle) => Stop::Idle,
+            () = drain_requested(&mut draining) => Stop::Drain,
+            () = watched.resets().exceeded() => Stop::RapidReset,
+        };
+        let _ = stop_tx.send(why);
+    });
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        () = activity.idle_for(timeouts.idle) => {
-            tracing::debug!("application connection idle past the idle timeout; closing");
-            return;
-        }
-        () = drain_requested(&mut draining) => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-        () = watched.resets().exceeded() => {
-            tracing::warn!(peer = %watched.peer(), "application connection cancels most of its streams (rapid reset); sending GOAWAY");
+        Ok(why) = &mut stop => {
+            match why {
+                Stop::Idle => {
+                    tracing::debug!("application connection idle past the idle timeout; closing");
+                    return;
+                }
+                Stop::Drain => {}
+                Stop::RapidReset => {
+                    tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY");
+                }
+            }
             connection.as_mut().graceful_shutdown();
             connection.await
         }
     };
+    watcher.abort();
     if let Err(error) = result {
         tracing::debug!(%error, "application connection ended with an error");
     }
+}
+
+/// Why a connection is ended before its client ends it.
+enum Stop {
+    /// Nothing moved for the idle timeout: closed at once.
+    Idle,
+    /// The proxy drains: GOAWAY / `Connection: close`, in-flight requests finish.
+    Drain,
+    /// Too many streams cancelled before their answer: GOAWAY.
+    RapidReset,
 }
 
 async fn drain_requested(draining: &mut watch::Receiver<bool>) {
