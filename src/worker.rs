@@ -34,6 +34,12 @@ pub fn slot() -> usize {
     SLOT.with(Cell::get)
 }
 
+/// This thread's slot in per-worker state made with `len` slots (state made before
+/// [`set_workers`] has fewer: every thread then shares one).
+pub fn slot_in(len: usize) -> usize {
+    slot() % len
+}
+
 /// A cache line of its own, so neighbouring slots written by different workers do not share one.
 #[derive(Debug, Default)]
 #[repr(align(64))]

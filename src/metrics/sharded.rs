@@ -11,20 +11,12 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use crate::worker::{self, Line};
 
-fn shard(len: usize) -> usize {
-    worker::slot() % len
-}
-
-fn shards() -> usize {
-    worker::slots()
-}
-
 #[derive(Debug, Clone)]
 pub struct Counter(Arc<[Line<AtomicU64>]>);
 
 impl Default for Counter {
     fn default() -> Self {
-        Self((0..shards()).map(|_| Line::default()).collect())
+        Self((0..worker::slots()).map(|_| Line::default()).collect())
     }
 }
 
@@ -34,7 +26,7 @@ impl Counter {
     }
 
     pub fn inc_by(&self, v: u64) {
-        self.0[shard(self.0.len())].0.fetch_add(v, Ordering::Relaxed);
+        self.0[worker::slot_in(self.0.len())].0.fetch_add(v, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
@@ -61,18 +53,18 @@ pub struct Gauge(Arc<[Line<AtomicI64>]>);
 
 impl Default for Gauge {
     fn default() -> Self {
-        Self((0..shards()).map(|_| Line::default()).collect())
+        Self((0..worker::slots()).map(|_| Line::default()).collect())
     }
 }
 
 impl Gauge {
     pub fn inc(&self) {
-        self.0[shard(self.0.len())].0.fetch_add(1, Ordering::Relaxed);
+        self.0[worker::slot_in(self.0.len())].0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// May run on another worker than its `inc`: only the sum is meaningful.
     pub fn dec(&self) {
-        self.0[shard(self.0.len())].0.fetch_sub(1, Ordering::Relaxed);
+        self.0[worker::slot_in(self.0.len())].0.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> i64 {
@@ -116,13 +108,13 @@ pub struct Histogram(Arc<[Line<HistogramShard>]>);
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self((0..shards()).map(|_| Line::default()).collect())
+        Self((0..worker::slots()).map(|_| Line::default()).collect())
     }
 }
 
 impl Histogram {
     pub fn observe(&self, seconds: f64) {
-        let shard = &self.0[shard(self.0.len())].0;
+        let shard = &self.0[worker::slot_in(self.0.len())].0;
         let bucket = (0..BUCKETS).find(|i| seconds <= upper_bound(*i)).unwrap_or(BUCKETS);
         shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         shard.count.fetch_add(1, Ordering::Relaxed);

@@ -329,7 +329,12 @@ impl Pool {
 
     /// The calling worker's connections.
     fn shard(&self) -> &Shard {
-        &self.shards[worker::slot() % self.shards.len()].0
+        self.shard_at(worker::slot())
+    }
+
+    /// The connections of the worker in `slot` (a key's `worker`).
+    fn shard_at(&self, slot: usize) -> &Shard {
+        &self.shards[slot % self.shards.len()].0
     }
 
     fn each_shard(&self) -> impl Iterator<Item = &Shard> {
@@ -448,13 +453,13 @@ impl Pool {
                 h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
             }
         }
-        // A pool with nothing idle and no shared connection is gone.
+        // A pool with nothing idle and no shared connection is gone. A key's connections are
+        // only in the shard of the worker it names.
         if let Ok(mut pools) = self.pools.lock() {
             pools.retain(|key| {
-                self.each_shard().any(|shard| {
-                    shard.h1.lock().is_ok_and(|h1| h1.contains_key(key))
-                        || shard.h2.lock().is_ok_and(|h2| h2.contains_key(key))
-                })
+                let shard = self.shard_at(key.worker);
+                shard.h1.lock().is_ok_and(|h1| h1.contains_key(key))
+                    || shard.h2.lock().is_ok_and(|h2| h2.contains_key(key))
             });
         }
     }
