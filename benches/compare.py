@@ -24,7 +24,8 @@ Per row the table has the rate for every target, mesh-egress's rate relative to 
 p50/p99 latencies, and each proxy's CPU time per request (per MiB for the iperf3 rows): the
 proxy process's utime+stime (all threads, from /proc/PID/stat) read right before and right after
 the load generator runs, divided by the requests the load generator counted (wrk's "N requests
-in", h2load's "N done", iperf3's received bytes). wrk's non-2xx/3xx responses and socket errors,
+in", h2load's "N done", iperf3's received bytes); the per-row lines on stdout also give the user
+part alone (cpu_user), so kernel and user time can be told apart. wrk's non-2xx/3xx responses and socket errors,
 h2load's failed/errored requests and non-2xx statuses, and HAProxy upstream checks (the h2/gRPC
 rows really reach the upstream over HTTP/2, TLS rows over TLS) go to a warnings column and stderr.
 Results: stdout and target/bench/results.md.
@@ -351,24 +352,26 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid):
-    """utime + stime of `pid` and of any process under it, in seconds. A process's own line in
+    """(utime, stime) of `pid` and of any process under it, in seconds. A process's own line in
     /proc/PID/stat covers all its threads; fields 14 and 15 are in clock ticks. (The launchers
     exec the proxies, so the tree is one process; children are summed in case one forks.)"""
     def own(p):
         with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # fields 14, 15 (the list starts at field 3)
-    ticks, todo = 0, [pid]
+        return int(fields[11]), int(fields[12])  # fields 14, 15 (the list starts at field 3)
+    user = system = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            ticks += own(p)
+            u, s = own(p)
+            user, system = user + u, system + s
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return ticks / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
 
 
 class Proxy:
@@ -718,11 +721,11 @@ def run_all(args, envoy, children):
                         stats_before = haproxy_stats() if target == "HAProxy" else None
                         cpu_before = proxy.cpu() if proxy else None
                         sample = run(port)
-                        if proxy:
-                            cpu = proxy.cpu() - cpu_before
-                            sample["cpu"] = cpu * 1e6 / sample["count"] if sample["count"] else None
-                        else:
-                            sample["cpu"] = None
+                        sample["cpu"] = sample["cpu_user"] = None
+                        if proxy and sample["count"]:
+                            user, system = (after - before for after, before in zip(proxy.cpu(), cpu_before))
+                            sample["cpu"] = (user + system) * 1e6 / sample["count"]
+                            sample["cpu_user"] = user * 1e6 / sample["count"]
                         if stats_before is not None:
                             note, warns = haproxy_check(service, svc[1], svc[3], stats_before, haproxy_stats())
                             print(f"workers={workers} HAProxy {key}: {note}", file=sys.stderr)
@@ -739,13 +742,13 @@ def run_all(args, envoy, children):
                 if samples:
                     med = lambda k: statistics.median([s[k] for s in samples]) if all(s[k] is not None for s in samples) else None
                     results[(key, target)] = {"rate": med("rate"), "p50": med("p50"), "p99": med("p99"), "cpu": med("cpu"),
-                                              "count": med("count"), "unit": unit, "label": label, "warnings": warnings}
+                                              "cpu_user": med("cpu_user"), "count": med("count"), "unit": unit, "label": label, "warnings": warnings}
                 elif warnings:
                     results[(key, target)] = {"rate": None, "p50": None, "p99": None, "cpu": None, "count": None,
                                               "unit": unit, "label": label, "warnings": warnings}
                 r = results.get((key, target))
                 print(f"workers={workers} {target:12} {key:18} "
-                      f"{ {k: r[k] for k in ('rate', 'p50', 'p99', 'count', 'cpu')} if r else None}", flush=True)
+                      f"{ {k: r.get(k) for k in ('rate', 'p50', 'p99', 'count', 'cpu', 'cpu_user')} if r else None}", flush=True)
             if proxy:
                 if not only or "rss" in only:
                     idle = rss_kib(proxy.pid)
