@@ -310,6 +310,42 @@ async fn quiet_application_connections_are_closed() {
     assert!(closed_by_proxy(h2).await.is_some(), "idle h2c connection");
 }
 
+/// The header-read timeout counts from the end of the last response: a response that streams
+/// for longer is not cut, and its keep-alive connection closes a timeout after it ends. An h2c
+/// client on an `http` listener (no head deadline on HTTP/2) may wait longer for its first
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_runs_between_http1_requests_only() {
+    use common::http_client::{get, h2, text};
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let http_out = free_addr("127.0.0.1");
+    let yaml = service_with_protocol("web", "http", http_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), "");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.timeouts =
+        mesh_egress::proxy::ConnectionTimeouts { header_read: Duration::from_millis(300), ..Default::default() };
+    let _proxy = start(opts).await;
+
+    // Eight drips 100 ms apart: the response outlasts the timeout twice over.
+    let mut slow = TcpStream::connect(http_out).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nx-drip: 8\r\nx-drip-ms: 100\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !response.ends_with(b"0\r\n\r\n") {
+        let n = slow.read(&mut buf).await.unwrap();
+        assert!(n > 0, "cut mid-response: {}", String::from_utf8_lossy(&response));
+        response.extend_from_slice(&buf[..n]);
+    }
+    let text_of = String::from_utf8_lossy(&response);
+    assert_eq!(text_of.matches("\r\n.\r\n").count(), 8, "every drip arrived: {text_of}");
+    assert_eq!(closed_by_proxy(slow).await, Some(Vec::new()), "closed a timeout after the response, with no reply");
+
+    let mut client = h2(http_out).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (status, body) = text(client.send_request(get("http://web/", &[])).await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// The admin server and DNS-over-TCP close connections that send nothing (10 s each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_dns_tcp_close_quiet_connections() {

@@ -29,7 +29,7 @@ impl Activity {
         activity
     }
 
-    fn touch(&self) {
+    pub fn touch(&self) {
         let millis = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.store(millis, Ordering::Relaxed);
     }

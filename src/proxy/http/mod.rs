@@ -8,6 +8,7 @@ mod client;
 mod executor;
 mod forward;
 mod grpc;
+mod heads;
 mod passthrough;
 mod reply;
 mod request;
@@ -38,6 +39,7 @@ use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
+use heads::{Heads, Served, Sniffed};
 
 /// What an application connection may send: overridable by flags (`--max-request-headers`,
 /// `--max-header-bytes`, `--max-concurrent-streams`).
@@ -163,14 +165,17 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let proxy = Arc::new(handler);
     let watched = proxy.clone();
     let peer = proxy.peer();
+    let heads = Heads::new(http2_only);
+    let watched_heads = heads.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
+        let open = heads.open();
         async move {
             // A stream dropped before its answer counts against the connection's reset budget.
             let stream = proxy.resets().stream();
             let response = proxy.phases(req).await;
             stream.answered();
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(executor::BoxingExecutor);
@@ -180,14 +185,15 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         .max_buf_size(limits.max_header_bytes)
         .preserve_header_case(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read);
+        // The connection's watcher keeps it instead (see `heads`).
+        .header_read_timeout(None);
     builder
         .http2()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = if http2_only { builder.http2_only() } else { builder };
     let activity = Activity::new();
-    let client = Tracked::new(client, activity.clone());
+    let client = Sniffed::new(Tracked::new(client, activity.clone()), watched_heads.clone());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     tokio::pin!(connection);
     // What ends a connection early is watched by a task of its own, so the connection's task,
@@ -198,6 +204,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             () = activity.idle_for(timeouts.idle) => Stop::Idle,
             () = drain_requested(&mut draining) => Stop::Drain,
             () = watched.resets().exceeded() => Stop::RapidReset,
+            () = watched_heads.overdue(timeouts.header_read) => Stop::HeadOverdue,
         };
         let _ = stop_tx.send(why);
     });
@@ -207,6 +214,10 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             match why {
                 Stop::Idle => {
                     tracing::debug!("application connection idle past the idle timeout; closing");
+                    return;
+                }
+                Stop::HeadOverdue => {
+                    tracing::debug!("no HTTP/1 request head within the header-read timeout; closing");
                     return;
                 }
                 Stop::Drain => {}
@@ -228,6 +239,8 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
 enum Stop {
     /// Nothing moved for the idle timeout: closed at once.
     Idle,
+    /// No HTTP/1 request head within the header-read timeout: closed at once.
+    HeadOverdue,
     /// The proxy drains: GOAWAY / `Connection: close`, in-flight requests finish.
     Drain,
     /// Too many streams cancelled before their answer: GOAWAY.

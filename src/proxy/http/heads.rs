@@ -1,0 +1,248 @@
+//! HTTP/1's header-read timeout (`--header-read-timeout`, MeshTimeout
+//! `requestHeadersTimeout`): a request head must arrive within it, counted from the end of the
+//! previous response (or from the connection's first byte), so it is also how long a keep-alive
+//! connection waits for its next request.
+//!
+//! Kept by the connection's watcher task rather than by hyper: hyper allocates, registers and
+//! cancels a timer for every request head, 4% of an HTTP/1.1 request's instructions. Here a
+//! request costs a counter up and down and a clock read, and the watcher's timer fires once per
+//! timeout. HTTP/2 has no such deadline (as with hyper): its connections, told apart by the
+//! client preface, are only held to the idle timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::ProxyBody;
+use crate::listen::idle::Activity;
+
+/// The HTTP/2 client preface's first bytes: enough to tell it from any HTTP/1 method.
+const PREFACE: &[u8] = b"PRI ";
+
+const UNDECIDED: u8 = 0;
+const HTTP1: u8 = 1;
+const HTTP2: u8 = 2;
+
+/// One application connection's requests, as the head deadline sees them.
+pub(super) struct Heads {
+    /// Requests whose response has not ended.
+    open: AtomicU32,
+    /// Stamped when a response ends (and when the connection turns out to speak HTTP/1): the
+    /// next head is due a timeout later.
+    waiting_since: Arc<Activity>,
+    protocol: AtomicU8,
+}
+
+impl Heads {
+    /// `http2`: the listener speaks HTTP/2 only.
+    pub(super) fn new(http2: bool) -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicU32::new(0),
+            waiting_since: Activity::new(),
+            protocol: AtomicU8::new(if http2 { HTTP2 } else { UNDECIDED }),
+        })
+    }
+
+    /// A request begins; it ends when the returned guard (moved into its response body) drops.
+    /// `None` on HTTP/2, which has no head deadline.
+    pub(super) fn open(self: &Arc<Self>) -> Option<OpenRequest> {
+        if self.protocol.load(Ordering::Relaxed) == HTTP2 {
+            return None;
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Some(OpenRequest(self.clone()))
+    }
+
+    /// Completes when an HTTP/1 connection has had no request open for `timeout` and no head
+    /// has arrived.
+    pub(super) async fn overdue(&self, timeout: Duration) {
+        loop {
+            self.waiting_since.idle_for(timeout).await;
+            match self.protocol.load(Ordering::Relaxed) {
+                HTTP2 => return std::future::pending().await,
+                HTTP1 if self.open.load(Ordering::Acquire) == 0 => return,
+                // No byte yet (the idle timeout applies), or a response still on its way: look
+                // again a timeout later (a response that ends restarts the count).
+                _ => tokio::time::sleep(timeout).await,
+            }
+        }
+    }
+
+    fn decide(&self, http2: bool) {
+        if !http2 {
+            self.waiting_since.touch();
+        }
+        self.protocol.store(if http2 { HTTP2 } else { HTTP1 }, Ordering::Relaxed);
+    }
+}
+
+/// A request counted open by [`Heads`].
+pub(super) struct OpenRequest(Arc<Heads>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        // Stamp first: the watcher reads the stamp once it sees nothing open.
+        self.0.waiting_since.touch();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that ends its request for [`Heads`] when it is dropped (hyper drops it once
+/// it is written, or when the exchange is abandoned).
+pub(super) struct Served {
+    pub(super) body: ProxyBody,
+    pub(super) _open: Option<OpenRequest>,
+}
+
+impl Body for Served {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The application connection's stream: its first bytes tell [`Heads`] whether it speaks
+/// HTTP/2 (the client preface) or HTTP/1.
+pub(super) struct Sniffed<S> {
+    inner: S,
+    /// Preface bytes matched so far; `None` once decided.
+    matched: Option<usize>,
+    heads: Arc<Heads>,
+}
+
+impl<S> Sniffed<S> {
+    pub(super) fn new(inner: S, heads: Arc<Heads>) -> Self {
+        let decided = heads.protocol.load(Ordering::Relaxed) != UNDECIDED;
+        Self { inner, matched: (!decided).then_some(0), heads }
+    }
+
+    fn sniff(&mut self, read: &[u8]) {
+        let Some(matched) = self.matched else { return };
+        let want = &PREFACE[matched..];
+        let n = want.len().min(read.len());
+        if read[..n] != want[..n] {
+            self.heads.decide(false);
+            self.matched = None;
+        } else if matched + n == PREFACE.len() {
+            self.heads.decide(true);
+            self.matched = None;
+        } else {
+            self.matched = Some(matched + n);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.matched.is_some() && matches!(poll, Poll::Ready(Ok(()))) {
+            let read = &buf.filled()[before..];
+            let this = &mut *self;
+            this.sniff(read);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn sniffed(first: &[&[u8]]) -> Arc<Heads> {
+        let heads = Heads::new(false);
+        let (a, mut b) = tokio::io::duplex(256);
+        let mut stream = Sniffed::new(a, heads.clone());
+        for part in first {
+            b.write_all(part).await.unwrap();
+            let mut buf = vec![0u8; part.len()];
+            stream.read_exact(&mut buf).await.unwrap();
+        }
+        heads
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_tell_http2_from_http1_even_when_split() {
+        let protocol = |h: &Heads| h.protocol.load(Ordering::Relaxed);
+        assert_eq!(protocol(&*sniffed(&[b"PRI * HTTP/2.0\r\n"]).await), HTTP2);
+        assert_eq!(protocol(&*sniffed(&[b"P", b"R", b"I * HTTP/2.0"]).await), HTTP2);
+        assert_eq!(protocol(&*sniffed(&[b"GET / HTTP/1.1\r\n"]).await), HTTP1);
+        assert_eq!(protocol(&*sniffed(&[b"P", b"OST / HTTP/1.1\r\n"]).await), HTTP1);
+        assert_eq!(protocol(&*sniffed(&[b"PR"]).await), UNDECIDED);
+    }
+
+    /// The deadline counts from the end of the last response, never while one is open.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_is_due_a_timeout_after_the_last_response_ends() {
+        use futures_util::FutureExt as _;
+        let timeout = Duration::from_secs(30);
+        let heads = sniffed(&[b"GET / HTTP/1.1\r\n"]).await;
+        let request = heads.open();
+        let overdue = heads.overdue(timeout);
+        tokio::pin!(overdue);
+        // A response streams for 100 s: not overdue.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(overdue.as_mut().now_or_never().is_none(), "a response is still open");
+        drop(request);
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(overdue.as_mut().now_or_never().is_none(), "29 s after the response ended");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(overdue.as_mut().now_or_never().is_some(), "31 s after the response ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_and_silent_connections_have_no_head_deadline() {
+        use futures_util::FutureExt as _;
+        let timeout = Duration::from_secs(30);
+        for heads in [sniffed(&[b"PRI * HTTP/2.0\r\n"]).await, sniffed(&[]).await, Heads::new(true)] {
+            let overdue = heads.overdue(timeout);
+            tokio::pin!(overdue);
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            assert!(overdue.as_mut().now_or_never().is_none());
+        }
+    }
+}
