@@ -339,3 +339,138 @@ async fn expect_100_continue_and_chunked_upload() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("received: 11\n"), "{response}");
 }
+
+/// An HTTP/1.1 endpoint written byte by byte: each path answers with one response framing (or a
+/// broken one), keeping the connection unless the response says otherwise. Counts connections.
+async fn framing_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let (reply, close): (&[u8], bool) = match path.as_str() {
+                        "/length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nlength", false),
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nchunk\r\n3;x=y\r\ned!\r\n0\r\nx-trailer: t\r\n\r\n",
+                            false,
+                        ),
+                        "/early-hints" => (
+                            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+                            false,
+                        ),
+                        "/head" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", false),
+                        "/no-content" => (b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\n", false),
+                        "/reason" => (b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 0\r\n\r\n", false),
+                        "/close" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nclose", true),
+                        "/http10" => (b"HTTP/1.0 200 OK\r\n\r\nuntil close", true),
+                        "/extra" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled", false),
+                        "/bad-length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok", true),
+                        "/bad-chunk" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nabcdeXY", true),
+                        _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
+                    };
+                    if tcp.write_all(reply).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Sends a request on a kept-alive connection: the status, headers and body (or the body's error).
+async fn call(client: &mut Sender1, method: &str, path: &str) -> (u16, http::HeaderMap, Result<String, String>) {
+    client.ready().await.unwrap();
+    let request =
+        Request::builder().method(method).uri(path).header("host", "framing").body(Full::new(Bytes::new())).unwrap();
+    let response = match client.send_request(request).await {
+        Ok(r) => r,
+        Err(e) => panic!("{method} {path}: {e:?}"),
+    };
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    let body = response.into_body().collect().await.map(|b| b.to_bytes());
+    (status, headers, body.map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| e.to_string()))
+}
+
+/// The HTTP/1 client reads every response framing as RFC 9112 says, and reuses a connection
+/// only when its response ended exactly where the framing said and the endpoint keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_responses_of_every_framing_and_when_connections_are_reused() {
+    use std::sync::atomic::Ordering;
+    let (upstream, connections) = framing_upstream().await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("framing", "http", outbound, &endpoint("127.0.0.1", upstream.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut client = h1(outbound).await;
+    let used = || connections.load(Ordering::SeqCst);
+
+    let cases: [(&str, &str, u16, &str, usize); 9] = [
+        ("GET", "/length", 200, "length", 1),
+        ("GET", "/chunked", 200, "chunked!", 1),
+        ("GET", "/early-hints", 200, "final", 1),
+        ("HEAD", "/head", 200, "", 1),
+        ("GET", "/no-content", 204, "", 1),
+        ("GET", "/length", 200, "length", 1),
+        // The endpoint closes after these: the next request needs a new connection.
+        ("GET", "/close", 200, "close", 1),
+        ("GET", "/http10", 200, "until close", 2),
+        ("GET", "/length", 200, "length", 3),
+    ];
+    for (method, path, status, body, connections) in cases {
+        let (got, headers, text) = call(&mut client, method, path).await;
+        assert_eq!((got, text.as_deref()), (status, Ok(body)), "{method} {path}");
+        assert_eq!(used(), connections, "connections after {method} {path}");
+        if path == "/head" {
+            assert_eq!(headers["content-length"], "100", "a HEAD response keeps its Content-Length");
+        }
+    }
+
+    // Bytes after the end of a response are never read as the next response.
+    let (status, _, body) = call(&mut client, "GET", "/extra").await;
+    assert_eq!((status, body.as_deref()), (200, Ok("ok")));
+    let (status, _, body) = call(&mut client, "GET", "/length").await;
+    assert_eq!((status, body.as_deref()), (200, Ok("length")), "not the smuggled response");
+    assert_eq!(used(), 4, "the connection with stray bytes was dropped");
+
+    // Malformed framing: no response (503), or an aborted body; never a reused connection.
+    let (status, _, _) = call(&mut client, "GET", "/bad-length").await;
+    assert_eq!(status, 503, "differing Content-Length values");
+    // The proxy may not have written the head yet when the body breaks: then the application
+    // connection just closes. Either way nothing passes for a complete response.
+    let request = get("/bad-chunk", &[("host", "framing")]);
+    client.ready().await.unwrap();
+    if let Ok(response) = client.send_request(request).await {
+        assert!(response.into_body().collect().await.is_err(), "a broken chunked body fails");
+    }
+    let mut client = h1(outbound).await;
+    let (status, _) = text(client.send_request(get("/length", &[("host", "framing")])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(used(), 6, "each broken response's connection was dropped");
+
+    // A reason phrase that is not the status code's usual one passes through, as with hyper.
+    let mut raw = TcpStream::connect(outbound).await.unwrap();
+    raw.write_all(b"GET /reason HTTP/1.1\r\nhost: framing\r\n\r\n").await.unwrap();
+    let mut head = vec![0u8; 64];
+    let n = raw.read(&mut head).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200 Fine Thanks\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+}

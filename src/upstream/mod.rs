@@ -5,6 +5,7 @@
 
 pub mod active;
 mod connect;
+pub mod h1;
 pub mod health;
 pub mod outlier;
 pub mod pool;

@@ -152,12 +152,26 @@ impl SharedReturn {
     }
 }
 
+/// Where a connection of [`super::h1`] goes back once its response body has ended.
+pub struct OwnReturn {
+    pub pool: Arc<super::Upstream>,
+    pub key: PoolKey,
+}
+
+impl OwnReturn {
+    pub fn put(self, conn: super::h1::Conn) {
+        self.pool.pool.put_own(self.key, conn);
+    }
+}
+
 /// How a response gives its HTTP/1 connection back.
 pub enum ReturnTicket {
     /// The request body was complete: the connection goes back when the response is.
     Alone(PoolReturn),
     /// The request body may still be streaming.
     Shared(Arc<SharedReturn>),
+    /// A connection of [`super::h1`]: the response body holds it and gives it back.
+    Own(OwnReturn),
 }
 
 impl ReturnTicket {
@@ -166,6 +180,7 @@ impl ReturnTicket {
         match self {
             Self::Alone(connection) => connection.put(),
             Self::Shared(shared) => shared.finish(),
+            Self::Own(_) => {}
         }
     }
 }
@@ -273,6 +288,8 @@ impl std::hash::Hash for TlsIdentity {
 #[derive(Default)]
 struct Shard {
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>, FastHash>>,
+    /// Connections for requests without a body, read by the request's own task ([`super::h1`]).
+    own: Mutex<HashMap<PoolKey, Vec<IdleOwn>, FastHash>>,
     h2: Mutex<HashMap<PoolKey, H2Slot, FastHash>>,
 }
 
@@ -281,6 +298,7 @@ type FastHash = foldhash::fast::RandomState;
 type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<RequestBody>, Instant)>>>;
 /// An idle HTTP/1 connection and when it became idle.
 type IdleH1 = (H1Sender, Instant);
+type IdleOwn = (super::h1::Conn, Instant);
 
 /// No limit, in [`Pool`]'s nanosecond settings.
 const UNLIMITED: u64 = u64::MAX;
@@ -387,9 +405,36 @@ impl Pool {
 
     /// Still open, not idle past the timeout, and not older than the connection lifetime.
     fn reusable(&self, (sender, since): &IdleH1) -> bool {
-        !sender.sender.is_closed()
-            && since.elapsed() < Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
-            && self.young(sender.opened)
+        !sender.sender.is_closed() && self.fresh(*since, sender.opened)
+    }
+
+    /// An idle connection for a request without a body, still open, not past the idle timeout.
+    pub fn take_own(&self, key: &PoolKey) -> Option<super::h1::Conn> {
+        let mut idle = self.shard().own.lock().ok()?;
+        let list = idle.get_mut(key)?;
+        while let Some((mut conn, since)) = list.pop() {
+            if self.fresh(since, conn.opened()) && !conn.closed() {
+                conn.set_idle_for(since.elapsed());
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    pub fn put_own(&self, key: PoolKey, conn: super::h1::Conn) {
+        if !self.young(conn.opened()) {
+            return;
+        }
+        let Ok(mut idle) = self.shard().own.lock() else { return };
+        let list = idle.entry(key).or_default();
+        if list.len() < MAX_IDLE_PER_KEY {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    /// Idle for less than the idle timeout, and younger than the connection lifetime.
+    fn fresh(&self, since: Instant, opened: Instant) -> bool {
+        since.elapsed() < Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed)) && self.young(opened)
     }
 
     pub fn put_h1(&self, key: PoolKey, sender: H1Sender) {
@@ -434,6 +479,9 @@ impl Pool {
             if let Ok(mut idle) = shard.h1.lock() {
                 idle.clear();
             }
+            if let Ok(mut idle) = shard.own.lock() {
+                idle.clear();
+            }
             if let Ok(mut h2) = shard.h2.lock() {
                 h2.clear();
             }
@@ -449,6 +497,12 @@ impl Pool {
                     !list.is_empty()
                 });
             }
+            if let Ok(mut idle) = shard.own.lock() {
+                idle.retain(|_, list| {
+                    list.retain_mut(|(conn, since)| self.fresh(*since, conn.opened()) && !conn.closed());
+                    !list.is_empty()
+                });
+            }
             if let Ok(mut h2) = shard.h2.lock() {
                 h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
             }
@@ -459,6 +513,7 @@ impl Pool {
             pools.retain(|key| {
                 let shard = self.shard_at(key.worker);
                 shard.h1.lock().is_ok_and(|h1| h1.contains_key(key))
+                    || shard.own.lock().is_ok_and(|own| own.contains_key(key))
                     || shard.h2.lock().is_ok_and(|h2| h2.contains_key(key))
             });
         }

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access_log::{Logs, Record};
 use crate::trace::ActiveSpan;
 use crate::upstream::pool::ReturnTicket;
-use crate::upstream::{ActiveGuard, Permit, TargetAddr};
+use crate::upstream::{h1, ActiveGuard, Permit, TargetAddr};
 
 /// An access log record (and the MeshTrace span) waiting for the response body to end.
 pub struct PendingLog {
@@ -46,8 +46,37 @@ impl PendingLog {
     }
 }
 
+/// An endpoint's response body: from hyper's client, or read by the request's own task.
+pub enum ResponseBody {
+    Hyper(Incoming),
+    Own(h1::Body),
+}
+
+impl ResponseBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        match self {
+            Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Cut::from),
+            Self::Own(body) => body.poll_frame(cx).map_err(Cut::from),
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::Own(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(body) => body.size_hint(),
+            Self::Own(body) => body.size_hint(),
+        }
+    }
+}
+
 pub struct UpstreamBody {
-    pub body: Incoming,
+    pub body: ResponseBody,
     pub pool_return: Option<ReturnTicket>,
     /// The stream's deadline (gRPC `grpc-timeout`, MeshTimeout `maxStreamDuration`): when it
     /// passes mid-response, a gRPC stream ends with DEADLINE_EXCEEDED, another is aborted.
@@ -118,6 +147,8 @@ pub enum Cut {
     StreamIdle,
     #[error(transparent)]
     Upstream(#[from] hyper::Error),
+    #[error(transparent)]
+    UpstreamH1(#[from] h1::Error),
 }
 
 impl Drop for UpstreamBody {
@@ -147,8 +178,16 @@ impl UpstreamBody {
     }
 
     pub fn return_to_pool(&mut self) {
-        if let Some(ticket) = self.pool_return.take() {
-            ticket.response_done();
+        match self.pool_return.take() {
+            Some(ReturnTicket::Own(to)) => {
+                if let ResponseBody::Own(body) = &mut self.body {
+                    if let Some(conn) = body.reusable() {
+                        to.put(conn);
+                    }
+                }
+            }
+            Some(ticket) => ticket.response_done(),
+            None => {}
         }
     }
 }
@@ -192,7 +231,7 @@ impl Body for ProxyBody {
                 return Poll::Ready(Some(Err(Cut::MaxStreamDuration)));
             }
         }
-        let frame = Pin::new(&mut up.body).poll_frame(cx).map_err(Cut::from);
+        let frame = up.body.poll_frame(cx);
         if let Some(stream_idle) = up.stream_idle.as_mut() {
             if stream_idle.expired(cx, frame.is_ready()) {
                 if up.grpc {

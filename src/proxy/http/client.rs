@@ -9,33 +9,66 @@ use hyper_util::rt::TokioIo;
 
 use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{PoolKey, RequestBody, TlsIdentity};
-use crate::upstream::{ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
+use crate::upstream::{h1, ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
+use http::Response;
+
+use super::body::ResponseBody;
 
 pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
     H1(H1Sender),
     /// Shared: every request opens a stream on it.
     H2(http2::SendRequest<RequestBody>),
+    /// For a request without a body, written and read by its own task ([`h1`]); the response
+    /// body takes it (`None` after the exchange).
+    Own(Option<h1::Conn>),
+}
+
+/// Why an exchange failed before its response head.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SendError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Own(#[from] h1::Error),
 }
 
 impl Sender {
     pub(super) async fn send(
         &mut self,
         request: http::Request<RequestBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+    ) -> Result<Response<ResponseBody>, SendError> {
+        let response = match self {
+            Self::H1(s) => s.sender.send_request(request).await?,
+            Self::H2(s) => s.send_request(request).await?,
+            Self::Own(conn) => {
+                let conn = conn.take().ok_or(h1::Error::Invalid("connection already used"))?;
+                let (parts, _) = request.into_parts();
+                return Ok(conn.exchange(&parts).await?.map(ResponseBody::Own));
+            }
+        };
+        Ok(response.map(ResponseBody::Hyper))
+    }
+
+    /// How long the connection sat in the pool before this request (`None`: new, or shared).
+    pub(super) fn idle_for(&self) -> Option<std::time::Duration> {
         match self {
-            Self::H1(s) => s.sender.send_request(request).await,
-            Self::H2(s) => s.send_request(request).await,
+            Self::H1(h1) => h1.idle_for,
+            Self::Own(conn) => conn.as_ref().and_then(h1::Conn::idle_for),
+            Self::H2(_) => None,
         }
     }
 }
 
 /// A connection for one request, the endpoint it goes to and its pool key; `exclude` are
 /// endpoints earlier attempts used (MeshRetry `OmitPreviousHosts`).
+/// `bodiless`: the request has no body and no upgrade, so an HTTP/1 exchange may be made by the
+/// request's own task ([`h1`]).
 pub(super) async fn connection(
     upstream: &Upstream,
     tls: Option<TlsSetup<'_>>,
     http2: bool,
+    bodiless: bool,
     exclude: &[TargetAddr],
 ) -> Result<(Sender, Target, PoolKey), ConnectError> {
     upstream.wait_for_first_resolution().await;
@@ -62,6 +95,11 @@ pub(super) async fn connection(
                 })
             };
             upstream.pool.h2(&key, connect).await.map(Sender::H2)
+        } else if bodiless {
+            match upstream.pool.take_own(&key) {
+                Some(conn) => Ok(Sender::Own(Some(conn))),
+                None => Box::pin(new_h1(upstream, &key, &target, tls, true)).await,
+            }
         } else {
             let pooled = match upstream.pool.take_h1(&key) {
                 Some(mut h1) => h1.sender.ready().await.ok().map(|()| h1),
@@ -69,7 +107,7 @@ pub(super) async fn connection(
             };
             match pooled {
                 Some(h1) => Ok(Sender::H1(h1)),
-                None => Box::pin(new_h1(upstream, &key, &target, tls)).await,
+                None => Box::pin(new_h1(upstream, &key, &target, tls, false)).await,
             }
         };
         match result {
@@ -84,14 +122,18 @@ pub(super) async fn connection(
     Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
 }
 
-/// A new HTTP/1 connection to `target` for `key`'s pool.
+/// A new HTTP/1 connection to `target` for `key`'s pool (`bodiless`: for [`h1`]).
 pub(super) async fn new_h1(
     upstream: &Upstream,
     key: &PoolKey,
     target: &Target,
     tls: Option<TlsSetup<'_>>,
+    bodiless: bool,
 ) -> Result<Sender, ConnectError> {
     let connected = open(upstream, key, target, tls).await?;
+    if bodiless {
+        return Ok(Sender::Own(Some(h1::Conn::new(connected.stream, connected.slot))));
+    }
     let opened = tokio::time::Instant::now().into_std();
     handshake_h1(connected.stream, connected.slot)
         .await

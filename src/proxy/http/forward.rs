@@ -11,8 +11,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::body::{ProxyBody, StreamIdle, UpstreamBody};
-use super::client::{self, Sender};
+use super::body::{ProxyBody, ResponseBody, StreamIdle, UpstreamBody};
+use super::client::{self, SendError, Sender};
 use super::reply::{self, Failure};
 use super::request::RequestCtx;
 use super::retry::AttemptFailure;
@@ -22,7 +22,7 @@ use super::HttpProxy;
 use crate::catalog::Protocol;
 use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
-use crate::upstream::pool::{PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
+use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
 use crate::upstream::replay::Replay;
 use crate::upstream::{ActiveGuard, ConnectError, Outcome, Permit, Target, TargetAddr};
 
@@ -40,7 +40,7 @@ pub(super) async fn forward(ctx: &RequestCtx, req: Request<Incoming>, proxy: &Ht
 
 /// A response head from an endpoint, with what the response body needs.
 struct Exchanged {
-    response: Response<Incoming>,
+    response: Response<ResponseBody>,
     sender: Sender,
     target: Target,
     key: PoolKey,
@@ -196,7 +196,8 @@ async fn attempt(
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = ctx.route.tls();
     let failed = |failure, reply| Attempt::Failed(failure, reply);
-    let (mut sender, target, key) = match client::connection(upstream, tls, http2, exclude).await {
+    let bodiless = !upgrade && parts.method != http::Method::CONNECT && hyper::body::Body::is_end_stream(&body);
+    let (mut sender, target, key) = match client::connection(upstream, tls, http2, bodiless, exclude).await {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "no upstream connection");
@@ -221,28 +222,22 @@ async fn attempt(
     let active = target.health.track();
     let shared_return = match &sender {
         Sender::H1(_) => body.share_pool_return(),
-        Sender::H2(_) => None,
+        Sender::H2(_) | Sender::Own(_) => None,
     };
     // A pooled HTTP/1 connection that sat idle may be closed by the endpoint (its keep-alive
     // timeout) just as this request goes out: an idempotent request without a body is then sent
     // once more on a new connection (RFC 9110 §9.2.2). Only for such a connection is the copy
     // it needs kept.
-    let resend = match &sender {
-        Sender::H1(h1)
-            if h1.idle_for.is_some_and(|d| d >= STALE_IDLE)
-                && parts.method.is_idempotent()
-                && hyper::body::Body::is_end_stream(&body) =>
-        {
-            Some((Template::of(&parts), body.counter(), body.sent()))
-        }
-        _ => None,
-    };
+    let resend = (sender.idle_for().is_some_and(|d| d >= STALE_IDLE)
+        && parts.method.is_idempotent()
+        && hyper::body::Body::is_end_stream(&body))
+    .then(|| (Template::of(&parts), body.counter(), body.sent()));
     let request = Request::from_parts(parts, body);
     let mut sent = sender.send(request).await;
     if let (Err(error), Some((template, counter, bytes))) = (&sent, resend) {
         if closed_before_response(error) {
             tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
-            match Box::pin(client::new_h1(upstream, &key, &target, tls)).await {
+            match Box::pin(client::new_h1(upstream, &key, &target, tls, bodiless)).await {
                 Ok(fresh) => {
                     sender = fresh;
                     let request = Request::from_parts(template.parts(), RequestBody::empty(counter, bytes));
@@ -307,6 +302,7 @@ fn respond(
                 None => ReturnTicket::Alone(connection),
             })
         }
+        Sender::Own(_) => Some(ReturnTicket::Own(OwnReturn { pool: upstream.clone(), key })),
         Sender::H2(_) => None,
     };
     let stream_idle = ctx.stream_idle.map(|(idle, from_start)| StreamIdle::new(idle, from_start));
@@ -333,7 +329,8 @@ fn respond(
 
 /// The exchange failed because reading the application's request body did (malformed chunked
 /// framing, say): the error hyper's client reports wraps the server side's `hyper::Error`.
-fn request_body_failed(error: &hyper::Error) -> bool {
+fn request_body_failed(error: &SendError) -> bool {
+    let SendError::Hyper(error) = error else { return false };
     std::error::Error::source(error).is_some_and(|source| source.downcast_ref::<hyper::Error>().is_some())
 }
 
@@ -341,7 +338,11 @@ fn request_body_failed(error: &hyper::Error) -> bool {
 const STALE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The connection ended before any response byte: closed, reset, or the request never left.
-fn closed_before_response(error: &hyper::Error) -> bool {
+fn closed_before_response(error: &SendError) -> bool {
+    let error = match error {
+        SendError::Hyper(error) => error,
+        SendError::Own(error) => return error.closed_before_response(),
+    };
     if error.is_incomplete_message() || error.is_canceled() {
         return true;
     }
@@ -356,7 +357,8 @@ fn closed_before_response(error: &hyper::Error) -> bool {
 }
 
 /// The endpoint refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the request.
-fn refused_stream(error: &hyper::Error) -> bool {
+fn refused_stream(error: &SendError) -> bool {
+    let SendError::Hyper(error) = error else { return false };
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
@@ -391,7 +393,8 @@ pub(super) async fn send_copy(
     let upstream = &route.upstream;
     let http2 = matches!(route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = route.tls();
-    let (mut sender, target, _) = client::connection(upstream, tls, http2, &[]).await.map_err(|e| e.to_string())?;
+    let (mut sender, target, _) =
+        client::connection(upstream, tls, http2, body.is_none(), &[]).await.map_err(|e| e.to_string())?;
     prepare_request(&mut parts, &target, tls.is_some(), http2, false).map_err(|_| "refused".to_string())?;
     let counter = upstream.metrics.bytes_sent.clone();
     let body = match body {
