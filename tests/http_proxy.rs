@@ -365,6 +365,7 @@ async fn framing_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::At
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
                     let (reply, close): (&[u8], bool) = match path.as_str() {
                         "/length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nlength", false),
+                        "/?q=1" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nquery", false),
                         "/chunked" => (
                             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nchunk\r\n3;x=y\r\ned!\r\n0\r\nx-trailer: t\r\n\r\n",
                             false,
@@ -420,8 +421,10 @@ async fn http1_responses_of_every_framing_and_when_connections_are_reused() {
     let mut client = h1(outbound).await;
     let used = || connections.load(Ordering::SeqCst);
 
-    let cases: [(&str, &str, u16, &str, usize); 9] = [
+    let cases: [(&str, &str, u16, &str, usize); 10] = [
         ("GET", "/length", 200, "length", 1),
+        // An absolute-form target with no path goes out in origin form: `/?q=1`.
+        ("GET", "http://framing?q=1", 200, "query", 1),
         ("GET", "/chunked", 200, "chunked!", 1),
         ("GET", "/early-hints", 200, "final", 1),
         ("HEAD", "/head", 200, "", 1),

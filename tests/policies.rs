@@ -561,6 +561,32 @@ async fn max_connections_overflow_answers_503_without_a_new_connection() {
     assert_eq!(upstream.connections(), 1);
 }
 
+/// Requests without a body and with one are exchanged by two clients (the request's own task,
+/// hyper's), whose idle connections hold the service's connection slots: with one slot, they
+/// take turns on the one connection instead of finding the slot held by the other kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_slot_serves_requests_with_and_without_a_body_in_turn() {
+    use common::http_client::{get, h1, text};
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshCircuitBreaker\nname: limits\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxConnections: 1}}\n";
+    let (outbound, _dir, config) = service_and_policies("one-slot", "http", upstream.addr.port(), policy);
+    let _proxy = start(options(config)).await;
+    let mut client = h1(outbound).await;
+    for round in 0..3 {
+        client.ready().await.unwrap();
+        let (status, body) = text(client.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200, "GET in round {round}: {body}");
+        client.ready().await.unwrap();
+        let post = http::Request::post("/upload")
+            .header("host", "a")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"12345")))
+            .unwrap();
+        let (status, body) = text(client.send_request(post).await.unwrap()).await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "received: 5\n"), "POST in round {round}");
+    }
+    assert_eq!(upstream.connections(), 1, "the one connection served both kinds");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_failures_and_failure_percentage_detectors_eject() {
     let (gateway, _g) = fixed_upstream(502, "gateway").await;

@@ -33,6 +33,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of a body's trailer section, and of its chunk extensions together (hyper's limits).
+const MAX_TRAILERS: usize = 16 * 1024;
 /// Bytes the read buffer has room for before each read.
 const READ_SIZE: usize = 8192;
 
@@ -120,6 +122,13 @@ impl Conn {
         self.0.idle_for = Some(idle);
     }
 
+    /// The socket and connection slot of an idle connection, for hyper's client to take over
+    /// (a request with a body when only these are idle).
+    pub fn into_io(self) -> (UpstreamIo, Permit) {
+        let State { io, _slot, .. } = *self.0;
+        (io, _slot)
+    }
+
     /// Whether the endpoint closed (or wrote to) the idle connection: a read with no task to
     /// wake, which costs no system call unless the socket has something to read.
     pub fn closed(&mut self) -> bool {
@@ -148,7 +157,7 @@ impl Conn {
             }
         };
         let Head { status, version, headers, reason, framing, keep_alive } = head;
-        let mut response = Response::new(Body { conn: Some(self), framing, keep_alive });
+        let mut response = Response::new(Body { conn: Some(self), framing, keep_alive, extensions: 0 });
         *response.status_mut() = status;
         *response.version_mut() = version;
         *response.headers_mut() = headers;
@@ -163,7 +172,12 @@ impl Conn {
         out.clear();
         out.extend_from_slice(parts.method.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+        // Origin form, as hyper writes it: the path ("/" when empty), then the query.
+        out.extend_from_slice(parts.uri.path().as_bytes());
+        if let Some(query) = parts.uri.query() {
+            out.push(b'?');
+            out.extend_from_slice(query.as_bytes());
+        }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
             // No body: no transfer coding (as hyper's client).
@@ -280,18 +294,17 @@ fn framing(
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("Transfer-Encoding in an HTTP/1.0 response"));
         }
-        let last = headers
+        // As hyper: chunked only when it ends the last Transfer-Encoding line.
+        let chunked = headers
             .get_all(http::header::TRANSFER_ENCODING)
             .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|t| !t.is_empty());
+            .next_back()
+            .and_then(|line| line.to_str().ok())
+            .and_then(|line| line.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         // With a Content-Length too, the message was framed two ways: not reused (RFC 9112 §6.1).
         let keep_alive = keep_alive && !headers.contains_key(http::header::CONTENT_LENGTH);
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => (Framing::Chunked(Chunk::Size), keep_alive),
-            _ => (Framing::UntilClose, false),
-        });
+        return Ok(if chunked { (Framing::Chunked(Chunk::Size), keep_alive) } else { (Framing::UntilClose, false) });
     }
     let mut length: Option<u64> = None;
     for value in headers.get_all(http::header::CONTENT_LENGTH) {
@@ -336,6 +349,8 @@ pub struct Body {
     conn: Option<Conn>,
     framing: Framing,
     keep_alive: bool,
+    /// Chunk-extension bytes read so far.
+    extensions: usize,
 }
 
 impl Body {
@@ -392,7 +407,7 @@ impl Body {
                     let n = conn.0.read.len();
                     return Poll::Ready(Some(Ok(Frame::data(conn.0.read.split_to(n).freeze()))));
                 }
-                Framing::Chunked(chunk) => match chunked_step(&mut conn.0.read, chunk)? {
+                Framing::Chunked(chunk) => match chunked_step(&mut conn.0.read, chunk, &mut self.extensions)? {
                     Step::Next(next, frame) => {
                         self.framing = next;
                         if let Some(frame) = frame {
@@ -418,27 +433,22 @@ enum Step {
 }
 
 /// One step of a chunked body's reader over the bytes read so far.
-fn chunked_step(read: &mut BytesMut, chunk: Chunk) -> Result<Step, Error> {
+/// `extensions`: chunk-extension bytes of the body so far (bounded, as hyper bounds them).
+fn chunked_step(read: &mut BytesMut, chunk: Chunk, extensions: &mut usize) -> Result<Step, Error> {
     match chunk {
         Chunk::Size => {
-            let Some(end) = read.iter().position(|&b| b == b'\n') else {
+            let Some((size, line, extension)) = chunk_size_line(read)? else {
                 return if read.len() > MAX_CHUNK_LINE {
                     Err(Error::Chunked("chunk size line too long"))
                 } else {
                     Ok(Step::More)
                 };
             };
-            let line = read[..end].strip_suffix(b"\r").ok_or(Error::Chunked("chunk size line without CRLF"))?;
-            // Extensions (after `;`) are ignored, as hyper does.
-            let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-            if digits.is_empty() || digits.len() > 16 {
-                return Err(Error::Chunked("chunk size"));
+            *extensions += extension;
+            if line > MAX_CHUNK_LINE || *extensions > MAX_TRAILERS {
+                return Err(Error::Chunked("chunk extensions too long"));
             }
-            let size = digits.iter().try_fold(0u64, |size, &b| {
-                let digit = char::from(b).to_digit(16).ok_or(Error::Chunked("chunk size"))?;
-                Ok::<_, Error>((size << 4) | u64::from(digit))
-            })?;
-            read.advance(end + 1);
+            read.advance(line);
             let next = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
             Ok(Step::Next(Framing::Chunked(next), None))
         }
@@ -468,13 +478,15 @@ fn chunked_step(read: &mut BytesMut, chunk: Chunk) -> Result<Step, Error> {
             }
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS]; // rare: trailers
             let (len, fields) = match httparse::parse_headers(read, &mut slots) {
-                Ok(httparse::Status::Complete((len, fields))) => (len, fields),
-                Ok(httparse::Status::Partial) if read.len() > MAX_HEAD_BYTES => {
-                    return Err(Error::Chunked("trailers too large"))
-                }
-                Ok(httparse::Status::Partial) => return Ok(Step::More),
+                Ok(httparse::Status::Complete((len, fields))) if len <= MAX_TRAILERS => (len, fields),
+                Ok(httparse::Status::Partial) if read.len() <= MAX_TRAILERS => return Ok(Step::More),
+                Ok(_) => return Err(Error::Chunked("trailers too large")),
                 Err(_) => return Err(Error::Chunked("malformed trailers")),
             };
+            // httparse takes a bare LF for a line end; hyper does not, nor does this.
+            if read[..len].iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || read[i - 1] != b'\r')) {
+                return Err(Error::Chunked("trailer line without CRLF"));
+            }
             let mut trailers = HeaderMap::with_capacity(fields.len());
             for field in fields.iter() {
                 let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Error::Chunked("trailer name"))?;
@@ -484,6 +496,35 @@ fn chunked_step(read: &mut BytesMut, chunk: Chunk) -> Result<Step, Error> {
             read.advance(len);
             Ok(Step::Next(Framing::Done, Some(Frame::trailers(trailers))))
         }
+    }
+}
+
+/// A chunk-size line, as hyper reads one: hex digits, optional spaces or tabs, an optional
+/// `;` extension without CR or LF, then CRLF. The size, the line's length and the extension's;
+/// `None` until the line is complete.
+fn chunk_size_line(read: &[u8]) -> Result<Option<(u64, usize, usize)>, Error> {
+    let bad = || Error::Chunked("chunk size line");
+    let digits = read.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == read.len() {
+        return Ok(None);
+    }
+    if digits == 0 {
+        return Err(bad());
+    }
+    let size = read[..digits].iter().try_fold(0u64, |size, &b| {
+        let digit = char::from(b).to_digit(16).map(u64::from).ok_or_else(bad)?;
+        size.checked_mul(16).and_then(|s| s.checked_add(digit)).ok_or(Error::Chunked("chunk size overflows"))
+    })?;
+    let mut i = digits + read[digits..].iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let extension = i;
+    if read.get(i) == Some(&b';') {
+        i += read[i..].iter().take_while(|&&b| b != b'\r' && b != b'\n').count();
+    }
+    let extension = i - extension;
+    match (read.get(i), read.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some((size, i + 2, extension))),
+        _ => Err(bad()),
     }
 }
 
@@ -500,9 +541,9 @@ mod tests {
         let mut read = BytesMut::new();
         let mut fed = 0;
         let mut framing = Framing::Chunked(Chunk::Size);
-        let (mut data, mut trailers) = (Vec::new(), None);
+        let (mut data, mut trailers, mut extensions) = (Vec::new(), None, 0);
         while let Framing::Chunked(chunk) = framing {
-            match chunked_step(&mut read, chunk)? {
+            match chunked_step(&mut read, chunk, &mut extensions)? {
                 Step::Next(next, frame) => {
                     framing = next;
                     match frame.map(Frame::into_data) {
@@ -547,10 +588,25 @@ mod tests {
             b"11111111111111111\r\n",
             b"\r\n",
             b"3\r\nabc\r\n0\r\nbad header\r\n\r\n",
+            // As hyper rejects them: leading whitespace, other whitespace, a bare CR or LF.
+            b"  5\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+            b"3\r\nabc\r\n0\r\n\n",
+            b"3\r\nabc\r\n0\r\nx: y\n\r\n",
+            b"FFFFFFFFFFFFFFFFF\r\n",
         ] {
             assert!(dechunk(wire, 3).is_err(), "{:?}", String::from_utf8_lossy(wire));
         }
         assert!(matches!(dechunk(b"5\r\nhel", 2), Err(Error::Incomplete)));
+        let long_extension = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(dechunk(long_extension.as_bytes(), 1 << 20).is_err(), "an extension line past the limit");
+        let many_extensions = format!("1;{}\r\nx\r\n", "e".repeat(1000)).repeat(20) + "0\r\n\r\n";
+        assert!(dechunk(many_extensions.as_bytes(), 1 << 20).is_err(), "extensions past 16 KiB in all");
+        let (data, _) = dechunk(b"0005 \t;name=\"v\"\r\nhello\r\n0\r\n\r\n", 3).unwrap();
+        assert_eq!(data, b"hello", "leading zeros, whitespace before an extension");
     }
 
     fn head(lines: &str) -> HeaderMap {
@@ -583,6 +639,12 @@ mod tests {
             "framed two ways: not reused"
         );
         assert_eq!(frame(ok, v11, &get, "transfer-encoding: chunked, gzip"), Some((Framing::UntilClose, false)));
+        assert_eq!(frame(ok, v11, &get, "transfer-encoding: chunked,"), Some((Framing::UntilClose, false)), "as hyper");
+        assert_eq!(
+            frame(ok, v11, &get, "transfer-encoding: chunked\ntransfer-encoding: gzip"),
+            Some((Framing::UntilClose, false)),
+            "the last line decides"
+        );
         assert_eq!(frame(ok, Version::HTTP_10, &get, "transfer-encoding: chunked"), None);
         assert_eq!(frame(ok, v11, &get, ""), Some((Framing::UntilClose, false)));
         assert_eq!(frame(ok, v11, &get, "content-length: 5\nconnection: Close"), Some((Framing::Length(5), false)));

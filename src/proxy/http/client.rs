@@ -95,19 +95,12 @@ pub(super) async fn connection(
                 })
             };
             upstream.pool.h2(&key, connect).await.map(Sender::H2)
-        } else if bodiless {
-            match upstream.pool.take_own(&key) {
-                Some(conn) => Ok(Sender::Own(Some(conn))),
-                None => Box::pin(new_h1(upstream, &key, &target, tls, true)).await,
-            }
         } else {
-            let pooled = match upstream.pool.take_h1(&key) {
-                Some(mut h1) => h1.sender.ready().await.ok().map(|()| h1),
-                None => None,
-            };
-            match pooled {
-                Some(h1) => Ok(Sender::H1(h1)),
-                None => Box::pin(new_h1(upstream, &key, &target, tls, false)).await,
+            // Any idle connection serves any request (idle connections hold the service's
+            // connection slots): each kind prefers its own.
+            match pooled_h1(upstream, &key, bodiless).await {
+                Some(sender) => Ok(sender),
+                None => Box::pin(new_h1(upstream, &key, &target, tls, bodiless)).await,
             }
         };
         match result {
@@ -120,6 +113,28 @@ pub(super) async fn connection(
         }
     }
     Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
+}
+
+/// An idle HTTP/1 connection from `key`'s pool: for a request without a body one of
+/// [`h1`]'s, else one of hyper's client; when there is none of that kind, one of the other
+/// (one of [`h1`]'s is handed to hyper's client, which keeps it).
+async fn pooled_h1(upstream: &Upstream, key: &PoolKey, bodiless: bool) -> Option<Sender> {
+    let own = || upstream.pool.take_own(key);
+    if bodiless {
+        if let Some(conn) = own() {
+            return Some(Sender::Own(Some(conn)));
+        }
+    }
+    if let Some(mut h1) = upstream.pool.take_h1(key) {
+        if h1.sender.ready().await.is_ok() {
+            return Some(Sender::H1(h1));
+        }
+    }
+    let conn = own().filter(|_| !bodiless)?;
+    let (opened, idle_for) = (conn.opened(), conn.idle_for());
+    let (io, slot) = conn.into_io();
+    let sender = handshake_h1(io, slot).await.ok()?;
+    Some(Sender::H1(H1Sender { sender, opened, idle_for }))
 }
 
 /// A new HTTP/1 connection to `target` for `key`'s pool (`bodiless`: for [`h1`]).
