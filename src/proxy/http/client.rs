@@ -130,7 +130,10 @@ async fn pooled_h1(upstream: &Upstream, key: &PoolKey, bodiless: bool) -> Option
             return Some(Sender::H1(h1));
         }
     }
-    let conn = own().filter(|_| !bodiless)?;
+    if bodiless {
+        return None;
+    }
+    let conn = own()?;
     let (opened, idle_for) = (conn.opened(), conn.idle_for());
     let (io, slot) = conn.into_io();
     let sender = handshake_h1(io, slot).await.ok()?;
