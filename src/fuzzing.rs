@@ -86,3 +86,9 @@ pub fn grpc_timeout(data: &[u8]) {
     headers.insert("grpc-timeout", value);
     let _ = crate::proxy::http::grpc_timeout(&headers);
 }
+
+/// An endpoint's HTTP/1.1 response as the proxy's own client reads it: head, framing, chunked
+/// body and trailers.
+pub fn h1_response(data: &[u8]) {
+    crate::upstream::h1::read_response(data);
+}

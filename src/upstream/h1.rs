@@ -202,62 +202,86 @@ impl Conn {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.0.io), cx, &mut self.0.read).map_err(Error::Io)
     }
 
-    /// A complete final response head from the read buffer, or `None` if more is needed
-    /// (informational responses are dropped on the way).
+    /// The response head from the read buffer ([`parse_head`]).
     fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, Error> {
-        loop {
-            let State { read, spans, .. } = &mut *self.0;
-            if read.is_empty() {
-                return Ok(None);
-            }
-            // Not initialised: zeroing 100 slots cost more than parsing a typical head.
-            let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut []);
-            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut parsed,
-                read,
-                &mut slots,
-            ) {
+        let State { read, spans, .. } = &mut *self.0;
+        parse_head(read, spans, method)
+    }
+}
+
+/// A complete final response head from `read`, or `None` if more is needed (informational
+/// responses are dropped on the way). `spans`: scratch space, kept between calls.
+fn parse_head(read: &mut BytesMut, spans: &mut Vec<[usize; 4]>, method: &Method) -> Result<Option<Head>, Error> {
+    loop {
+        if read.is_empty() {
+            return Ok(None);
+        }
+        // Not initialised: zeroing 100 slots cost more than parsing a typical head.
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len =
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, read, &mut slots) {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) if read.len() > MAX_HEAD_BYTES => return Err(Error::HeadTooLarge),
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
                 Err(e) => return Err(Error::Head(e)),
             };
-            let code = parsed.code.unwrap_or_default();
-            if (100..200).contains(&code) {
-                if code == 101 {
-                    return Err(Error::Invalid("101 Switching Protocols without an upgrade"));
-                }
-                read.advance(len);
-                continue;
+        let code = parsed.code.unwrap_or_default();
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(Error::Invalid("101 Switching Protocols without an upgrade"));
             }
-            let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
-            let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-            let reason = parsed
-                .reason
-                .filter(|r| status.canonical_reason() != Some(*r))
-                .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
-            // Header values are slices of the head's bytes, which the map then shares.
-            let base = read.as_ptr() as usize;
-            spans.clear();
-            spans.extend(parsed.headers.iter().map(|header| {
-                let name = header.name.as_ptr() as usize - base;
-                let value = header.value.as_ptr() as usize - base;
-                [name, name + header.name.len(), value, value + header.value.len()]
-            }));
-            let head = read.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(spans.len());
-            for &[name_start, name_end, value_start, value_end] in spans.iter() {
-                let name =
-                    HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| Error::Invalid("header name"))?;
-                let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                    .map_err(|_| Error::Invalid("header value"))?;
-                headers.append(name, value);
-            }
-            let (framing, keep_alive) = framing(status, version, method, &headers)?;
-            return Ok(Some(Head { status, version, headers, reason, framing, keep_alive }));
+            read.advance(len);
+            continue;
         }
+        let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
+        let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        let reason = parsed
+            .reason
+            .filter(|r| status.canonical_reason() != Some(*r))
+            .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
+        // Header values are slices of the head's bytes, which the map then shares.
+        let base = read.as_ptr() as usize;
+        spans.clear();
+        spans.extend(parsed.headers.iter().map(|header| {
+            let name = header.name.as_ptr() as usize - base;
+            let value = header.value.as_ptr() as usize - base;
+            [name, name + header.name.len(), value, value + header.value.len()]
+        }));
+        let head = read.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for &[name_start, name_end, value_start, value_end] in spans.iter() {
+            let name =
+                HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| Error::Invalid("header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| Error::Invalid("header value"))?;
+            headers.append(name, value);
+        }
+        let (framing, keep_alive) = framing(status, version, method, &headers)?;
+        return Ok(Some(Head { status, version, headers, reason, framing, keep_alive }));
+    }
+}
+
+/// For the fuzz target: `data` as an endpoint's answer to a GET, its head parsed and its body
+/// read to the end of its framing (or the first error), all from memory.
+pub fn read_response(data: &[u8]) {
+    let (mut read, mut spans, mut extensions) = (BytesMut::from(data), Vec::new(), 0);
+    let Ok(Some(head)) = parse_head(&mut read, &mut spans, &Method::GET) else { return };
+    let mut framing = head.framing;
+    loop {
+        framing = match framing {
+            Framing::Chunked(chunk) => match chunked_step(&mut read, chunk, &mut extensions) {
+                Ok(Step::Next(next, _)) => next,
+                Ok(Step::More) | Err(_) => return,
+            },
+            Framing::Length(left) => {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(read.len());
+                read.advance(n);
+                return;
+            }
+            Framing::UntilClose | Framing::Done => return,
+        };
     }
 }
 
