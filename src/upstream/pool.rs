@@ -287,18 +287,53 @@ impl std::hash::Hash for TlsIdentity {
 /// return), and SipHash of a key was 3% of an HTTP/1.1 request's instructions.
 #[derive(Default)]
 struct Shard {
-    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>, FastHash>>,
+    h1: IdleMap<H1Sender>,
     /// Connections for requests without a body, read by the request's own task ([`super::h1`]).
-    own: Mutex<HashMap<PoolKey, Vec<IdleOwn>, FastHash>>,
+    own: IdleMap<super::h1::Conn>,
     h2: Mutex<HashMap<PoolKey, H2Slot, FastHash>>,
 }
 
 type FastHash = foldhash::fast::RandomState;
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<RequestBody>, Instant)>>>;
-/// An idle HTTP/1 connection and when it became idle.
-type IdleH1 = (H1Sender, Instant);
-type IdleOwn = (super::h1::Conn, Instant);
+/// Idle HTTP/1 connections of one kind, each with when it became idle.
+type IdleMap<C> = Mutex<HashMap<PoolKey, Vec<(C, Instant)>, FastHash>>;
+
+/// An HTTP/1 connection that can wait in the pool: hyper's client, or [`super::h1`]'s.
+trait IdleConn {
+    fn opened(&self) -> Instant;
+    /// The endpoint closed it, as far as can be seen without waiting.
+    fn closed(&mut self) -> bool;
+    fn set_idle_for(&mut self, idle: Duration);
+}
+
+impl IdleConn for H1Sender {
+    fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    fn closed(&mut self) -> bool {
+        self.sender.is_closed()
+    }
+
+    fn set_idle_for(&mut self, idle: Duration) {
+        self.idle_for = Some(idle);
+    }
+}
+
+impl IdleConn for super::h1::Conn {
+    fn opened(&self) -> Instant {
+        super::h1::Conn::opened(self)
+    }
+
+    fn closed(&mut self) -> bool {
+        super::h1::Conn::closed(self)
+    }
+
+    fn set_idle_for(&mut self, idle: Duration) {
+        super::h1::Conn::set_idle_for(self, idle);
+    }
+}
 
 /// No limit, in [`Pool`]'s nanosecond settings.
 const UNLIMITED: u64 = u64::MAX;
@@ -389,31 +424,32 @@ impl Pool {
         max == UNLIMITED || opened.elapsed() < Duration::from_nanos(max)
     }
 
-    /// An idle HTTP/1 connection that is still open and not past the idle timeout.
+    /// An idle hyper HTTP/1 connection that is still open and not past the idle timeout.
     pub fn take_h1(&self, key: &PoolKey) -> Option<H1Sender> {
-        let mut idle = self.shard().h1.lock().ok()?;
-        let list = idle.get_mut(key)?;
-        while let Some(idle) = list.pop() {
-            if self.reusable(&idle) {
-                let (mut sender, since) = idle;
-                sender.idle_for = Some(since.elapsed());
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    /// Still open, not idle past the timeout, and not older than the connection lifetime.
-    fn reusable(&self, (sender, since): &IdleH1) -> bool {
-        !sender.sender.is_closed() && self.fresh(*since, sender.opened)
+        self.take(&self.shard().h1, key)
     }
 
     /// An idle connection for a request without a body, still open, not past the idle timeout.
     pub fn take_own(&self, key: &PoolKey) -> Option<super::h1::Conn> {
-        let mut idle = self.shard().own.lock().ok()?;
+        self.take(&self.shard().own, key)
+    }
+
+    pub fn put_h1(&self, key: PoolKey, sender: H1Sender) {
+        // hyper's connection task has already noticed a close: no need to keep it.
+        if !sender.sender.is_closed() {
+            self.put(&self.shard().h1, key, sender);
+        }
+    }
+
+    pub fn put_own(&self, key: PoolKey, conn: super::h1::Conn) {
+        self.put(&self.shard().own, key, conn);
+    }
+
+    fn take<C: IdleConn>(&self, map: &IdleMap<C>, key: &PoolKey) -> Option<C> {
+        let mut idle = map.lock().ok()?;
         let list = idle.get_mut(key)?;
         while let Some((mut conn, since)) = list.pop() {
-            if self.fresh(since, conn.opened()) && !conn.closed() {
+            if self.reusable(&mut conn, since) {
                 conn.set_idle_for(since.elapsed());
                 return Some(conn);
             }
@@ -421,31 +457,33 @@ impl Pool {
         None
     }
 
-    pub fn put_own(&self, key: PoolKey, conn: super::h1::Conn) {
+    fn put<C: IdleConn>(&self, map: &IdleMap<C>, key: PoolKey, conn: C) {
         if !self.young(conn.opened()) {
             return;
         }
-        let Ok(mut idle) = self.shard().own.lock() else { return };
+        let Ok(mut idle) = map.lock() else { return };
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_KEY {
             list.push((conn, Instant::now()));
         }
     }
 
-    /// Idle for less than the idle timeout, and younger than the connection lifetime.
-    fn fresh(&self, since: Instant, opened: Instant) -> bool {
-        since.elapsed() < Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed)) && self.young(opened)
+    /// Closes the connections of `map` that are no longer [`Pool::reusable`].
+    fn sweep_idle<C: IdleConn>(&self, map: &IdleMap<C>) {
+        if let Ok(mut idle) = map.lock() {
+            idle.retain(|_, list| {
+                list.retain_mut(|(conn, since)| self.reusable(conn, *since));
+                !list.is_empty()
+            });
+        }
     }
 
-    pub fn put_h1(&self, key: PoolKey, sender: H1Sender) {
-        if sender.sender.is_closed() || !self.young(sender.opened) {
-            return;
-        }
-        let Ok(mut idle) = self.shard().h1.lock() else { return };
-        let list = idle.entry(key).or_default();
-        if list.len() < MAX_IDLE_PER_KEY {
-            list.push((sender, Instant::now()));
-        }
+    /// Not idle past the timeout, not older than the connection lifetime, and still open (the
+    /// cheap checks first: [`super::h1::Conn::closed`] polls the socket).
+    fn reusable<C: IdleConn>(&self, conn: &mut C, since: Instant) -> bool {
+        since.elapsed() < Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
+            && self.young(conn.opened())
+            && !conn.closed()
     }
 
     /// The shared HTTP/2 connection for `key`, connecting (once, for all waiters) if there is
@@ -491,18 +529,8 @@ impl Pool {
     /// Closes idle HTTP/1 connections past the idle timeout and forgets closed HTTP/2 ones.
     pub fn sweep(&self) {
         for shard in self.each_shard() {
-            if let Ok(mut idle) = shard.h1.lock() {
-                idle.retain(|_, list| {
-                    list.retain(|idle| self.reusable(idle));
-                    !list.is_empty()
-                });
-            }
-            if let Ok(mut idle) = shard.own.lock() {
-                idle.retain(|_, list| {
-                    list.retain_mut(|(conn, since)| self.fresh(*since, conn.opened()) && !conn.closed());
-                    !list.is_empty()
-                });
-            }
+            self.sweep_idle(&shard.h1);
+            self.sweep_idle(&shard.own);
             if let Ok(mut h2) = shard.h2.lock() {
                 h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
             }
