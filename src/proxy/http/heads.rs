@@ -9,19 +9,16 @@
 //! timeout. HTTP/2 has no such deadline (as with hyper): its connections, told apart by the
 //! client preface, are only held to the idle timeout.
 
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::ProxyBody;
+use crate::listen::idle::{Activity, FirstBytes};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use super::ProxyBody;
-use crate::listen::idle::Activity;
 
 /// The HTTP/2 client preface's first bytes: enough to tell it from any HTTP/1 method.
 const PREFACE: &[u8] = b"PRI ";
@@ -75,6 +72,27 @@ impl Heads {
         }
     }
 
+    /// Watches an application connection's first bytes ([`crate::listen::idle::Tracked::watching_first_bytes`]):
+    /// HTTP/2 when they are its client preface, else HTTP/1.
+    pub(super) fn sniffer(self: &Arc<Self>) -> FirstBytes {
+        let heads = self.clone();
+        let mut matched = 0;
+        Box::new(move |read: &[u8]| {
+            let want = &PREFACE[matched..];
+            let n = want.len().min(read.len());
+            if read[..n] != want[..n] {
+                heads.decide(false);
+                return true;
+            }
+            matched += n;
+            if matched == PREFACE.len() {
+                heads.decide(true);
+                return true;
+            }
+            false
+        })
+    }
+
     fn decide(&self, http2: bool) {
         if !http2 {
             self.waiting_since.touch();
@@ -118,85 +136,16 @@ impl Body for Served {
     }
 }
 
-/// The application connection's stream: its first bytes tell [`Heads`] whether it speaks
-/// HTTP/2 (the client preface) or HTTP/1.
-pub(super) struct Sniffed<S> {
-    inner: S,
-    /// Preface bytes matched so far; `None` once decided.
-    matched: Option<usize>,
-    heads: Arc<Heads>,
-}
-
-impl<S> Sniffed<S> {
-    pub(super) fn new(inner: S, heads: Arc<Heads>) -> Self {
-        let decided = heads.protocol.load(Ordering::Relaxed) != UNDECIDED;
-        Self { inner, matched: (!decided).then_some(0), heads }
-    }
-
-    fn sniff(&mut self, read: &[u8]) {
-        let Some(matched) = self.matched else { return };
-        let want = &PREFACE[matched..];
-        let n = want.len().min(read.len());
-        if read[..n] != want[..n] {
-            self.heads.decide(false);
-            self.matched = None;
-        } else if matched + n == PREFACE.len() {
-            self.heads.decide(true);
-            self.matched = None;
-        } else {
-            self.matched = Some(matched + n);
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.matched.is_some() && matches!(poll, Poll::Ready(Ok(()))) {
-            let read = &buf.filled()[before..];
-            let this = &mut *self;
-            this.sniff(read);
-        }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listen::idle::Tracked;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn sniffed(first: &[&[u8]]) -> Arc<Heads> {
         let heads = Heads::new(false);
         let (a, mut b) = tokio::io::duplex(256);
-        let mut stream = Sniffed::new(a, heads.clone());
+        let mut stream = Tracked::new(a, Activity::new()).watching_first_bytes(heads.sniffer());
         for part in first {
             b.write_all(part).await.unwrap();
             let mut buf = vec![0u8; part.len()];

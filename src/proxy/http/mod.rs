@@ -39,7 +39,7 @@ use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
-use heads::{Heads, Served, Sniffed};
+use heads::{Heads, Served};
 
 /// What an application connection may send: overridable by flags (`--max-request-headers`,
 /// `--max-header-bytes`, `--max-concurrent-streams`).
@@ -193,7 +193,9 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = if http2_only { builder.http2_only() } else { builder };
     let activity = Activity::new();
-    let client = Sniffed::new(Tracked::new(client, activity.clone()), watched_heads.clone());
+    let client = Tracked::new(client, activity.clone());
+    // The first bytes tell HTTP/2 (no head deadline) from HTTP/1, unless the listener is h2 only.
+    let client = if http2_only { client } else { client.watching_first_bytes(watched_heads.sniffer()) };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     tokio::pin!(connection);
     // What ends a connection early is watched by a task of its own, so the connection's task,
