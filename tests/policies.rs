@@ -667,6 +667,7 @@ async fn max_connection_duration_retires_pooled_connections() {
     let mut client = h1(outbound).await;
     let (status, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
     assert_eq!(status, 200);
+    client.ready().await.unwrap();
     let (_, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
     assert_eq!(upstream.connections(), 1, "reused while young");
     tokio::time::sleep(Duration::from_millis(600)).await;
