@@ -375,12 +375,7 @@ async fn a_slow_upload_does_not_stall_the_next_request() {
         .write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(upload.read(&mut byte).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut upload).await.expect("a response head");
     assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
     let next = tokio::time::timeout(
         Duration::from_secs(20),
@@ -806,13 +801,8 @@ async fn a_pooled_connection_closed_as_it_is_reused_is_retried_for_idempotent_re
             tokio::spawn(async move {
                 // Answers the first request, then closes as the second one arrives.
                 for request in 0.. {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
+                    if read_head(&mut tcp).await.is_err() {
+                        return;
                     }
                     if request == 1 {
                         return;

@@ -140,12 +140,7 @@ async fn websocket_upgrade_round_trip() {
     let _proxy = start(options(config)).await;
     let mut s = TcpStream::connect(outbound).await.unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut s).await.unwrap_or_else(|head| panic!("{}", String::from_utf8_lossy(&head)));
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
@@ -353,14 +348,7 @@ async fn framing_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::At
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
+                    let Ok(head) = read_head(&mut tcp).await else { return };
                     let head = String::from_utf8_lossy(&head).into_owned();
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
                     let (reply, close): (&[u8], bool) = match path.as_str() {

@@ -37,14 +37,9 @@ async fn http1(mut stream: TcpStream, requests: &[(&str, &str)]) -> Vec<(String,
         let close = if i + 1 == requests.len() { "Connection: close\r\n" } else { "" };
         let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{close}\r\n");
         stream.write_all(req.as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                panic!("closed before a response to {host}{path}: {:?}", String::from_utf8_lossy(&head));
-            }
-            head.push(byte[0]);
-        }
+        let head = read_head(&mut stream).await.unwrap_or_else(|head| {
+            panic!("closed before a response to {host}{path}: {:?}", String::from_utf8_lossy(&head))
+        });
         let head = String::from_utf8_lossy(&head).into_owned();
         let length: usize = head
             .lines()

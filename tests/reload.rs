@@ -206,12 +206,7 @@ async fn a_drain_waits_for_upgraded_tunnels() {
     let mut proxy = start(options(config)).await;
     let mut s = TcpStream::connect(outbound).await.unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut s).await.expect("a response head");
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
     let left = proxy.drain(Duration::from_millis(300)).await;
     assert_eq!(left, 1, "the tunnel is an open connection the drain waited for");

@@ -23,6 +23,20 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
 /// An address nothing listens on (bound, then released).
+/// Reads an HTTP/1 head, byte by byte so nothing after it is consumed: the head, or what came
+/// before the stream closed or failed.
+pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Vec<u8>, Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return Err(head),
+        }
+    }
+    Ok(head)
+}
+
 pub fn free_addr(ip: &str) -> SocketAddr {
     let l = std::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
     l.local_addr().unwrap()
