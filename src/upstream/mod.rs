@@ -6,6 +6,7 @@
 pub mod active;
 mod connect;
 pub mod h1;
+pub mod h2;
 pub mod health;
 pub mod outlier;
 pub mod pool;

@@ -17,7 +17,7 @@ use crate::metrics::Counter;
 use crate::worker::{self, Line};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use rustls::ClientConfig;
 
 use super::replay::ReplayBody;
@@ -295,7 +295,7 @@ struct Shard {
 
 type FastHash = foldhash::fast::RandomState;
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<RequestBody>, Instant)>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<(super::h2::Client, Instant)>>>;
 /// Idle HTTP/1 connections of one kind, each with when it became idle.
 type IdleMap<C> = Mutex<HashMap<PoolKey, Vec<(C, Instant)>, FastHash>>;
 
@@ -488,10 +488,10 @@ impl Pool {
 
     /// The shared HTTP/2 connection for `key`, connecting (once, for all waiters) if there is
     /// none or it closed.
-    pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<http2::SendRequest<RequestBody>, E>
+    pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<super::h2::Client, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<http2::SendRequest<RequestBody>, E>>,
+        Fut: Future<Output = Result<super::h2::Client, E>>,
     {
         let slot = match self.shard().h2.lock() {
             Ok(mut map) => map.entry(key.clone()).or_default().clone(),

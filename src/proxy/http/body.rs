@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access_log::{Logs, Record};
 use crate::trace::ActiveSpan;
 use crate::upstream::pool::ReturnTicket;
-use crate::upstream::{h1, ActiveGuard, Permit, TargetAddr};
+use crate::upstream::{h1, h2, ActiveGuard, Permit, TargetAddr};
 
 /// An access log record (and the MeshTrace span) waiting for the response body to end.
 pub struct PendingLog {
@@ -50,6 +50,7 @@ impl PendingLog {
 pub enum ResponseBody {
     Hyper(Incoming),
     Own(h1::Body),
+    H2(h2::Body),
 }
 
 impl ResponseBody {
@@ -57,6 +58,7 @@ impl ResponseBody {
         match self {
             Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Cut::from),
             Self::Own(body) => body.poll_frame(cx).map_err(Cut::from),
+            Self::H2(body) => body.poll_frame(cx).map_err(Cut::from),
         }
     }
 
@@ -64,6 +66,7 @@ impl ResponseBody {
         match self {
             Self::Hyper(body) => body.is_end_stream(),
             Self::Own(body) => body.is_end_stream(),
+            Self::H2(body) => body.is_end_stream(),
         }
     }
 
@@ -71,6 +74,7 @@ impl ResponseBody {
         match self {
             Self::Hyper(body) => body.size_hint(),
             Self::Own(body) => body.size_hint(),
+            Self::H2(body) => body.size_hint(),
         }
     }
 }
@@ -149,6 +153,8 @@ pub enum Cut {
     Upstream(#[from] hyper::Error),
     #[error(transparent)]
     UpstreamH1(#[from] h1::Error),
+    #[error(transparent)]
+    UpstreamH2(#[from] ::h2::Error),
 }
 
 impl Drop for UpstreamBody {

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{PoolKey, RequestBody, TlsIdentity};
-use crate::upstream::{h1, ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
+use crate::upstream::{h1, h2, ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
 use http::Response;
 
 use super::body::ResponseBody;
@@ -17,8 +17,8 @@ use super::body::ResponseBody;
 pub(super) enum Sender {
     /// Held exclusively for one request, then returned to the pool.
     H1(H1Sender),
-    /// Shared: every request opens a stream on it.
-    H2(http2::SendRequest<RequestBody>),
+    /// Shared: every request opens a stream on it ([`h2`]).
+    H2(h2::Client),
     /// For a request without a body, written and read by its own task ([`h1`]); the response
     /// body takes it (`None` after the exchange).
     Own(Option<h1::Conn>),
@@ -31,6 +31,8 @@ pub(super) enum SendError {
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
     Own(#[from] h1::Error),
+    #[error(transparent)]
+    H2(#[from] ::h2::Error),
 }
 
 impl Sender {
@@ -40,7 +42,7 @@ impl Sender {
     ) -> Result<Response<ResponseBody>, SendError> {
         let response = match self {
             Self::H1(s) => s.sender.send_request(request).await?,
-            Self::H2(s) => s.send_request(request).await?,
+            Self::H2(client) => return Ok(client.send(request).await?.map(ResponseBody::H2)),
             Self::Own(conn) => {
                 let conn = conn.take().ok_or(h1::Error::Invalid("connection already used"))?;
                 let (parts, _) = request.into_parts();
@@ -89,7 +91,7 @@ pub(super) async fn connection(
             let connect = || {
                 Box::pin(async {
                     let connected = open(upstream, &key, &target, tls).await?;
-                    handshake_h2(connected.stream, connected.slot)
+                    h2::Client::handshake(connected.stream, connected.slot)
                         .await
                         .map_err(|e| handshake_error(upstream, &target, e))
                 })
@@ -175,7 +177,10 @@ async fn open(
     upstream.connect_target(target, tls).await
 }
 
-fn handshake_error(upstream: &Upstream, target: &Target, source: hyper::Error) -> ConnectError {
+fn handshake_error<E>(upstream: &Upstream, target: &Target, source: E) -> ConnectError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     ConnectError::Io {
         service: upstream.service().clone(),
         target: target.addr.clone(),

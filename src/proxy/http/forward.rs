@@ -342,6 +342,7 @@ fn closed_before_response(error: &SendError) -> bool {
     let error = match error {
         SendError::Hyper(error) => error,
         SendError::Own(error) => return error.closed_before_response(),
+        SendError::H2(_) => return false,
     };
     if error.is_incomplete_message() || error.is_canceled() {
         return true;
@@ -358,7 +359,11 @@ fn closed_before_response(error: &SendError) -> bool {
 
 /// The endpoint refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the request.
 fn refused_stream(error: &SendError) -> bool {
-    let SendError::Hyper(error) = error else { return false };
+    let error = match error {
+        SendError::Hyper(error) => error,
+        SendError::H2(error) => return error.reason() == Some(h2::Reason::REFUSED_STREAM),
+        SendError::Own(_) => return false,
+    };
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {

@@ -1,0 +1,421 @@
+//! The HTTP/2 client for services' endpoints: h2's client, each request's stream opened and its
+//! response awaited by the request's own task.
+//!
+//! hyper's HTTP/2 client passes each request through a channel to the connection's task, which
+//! opens the stream and spawns one more task per request to await the response and pass it back
+//! through a second channel: per request, a task to create and two more wake-ups. Here the
+//! connection's task only reads and writes. What hyper's client adds is kept: its settings
+//! (windows, frame, header-list and send-buffer sizes), `content-length` for a body of known
+//! size, the request body piped as the endpoint's flow control allows (eagerly in the request's
+//! task, in a task of its own for a body that is not all there yet), the response body's
+//! capacity released as it is read, and `RST_STREAM(NO_ERROR)` ending a response early.
+//! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Reason, RecvStream, SendStream};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Method, Request, Response};
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+
+use super::pool::RequestBody;
+
+// hyper 1.x's HTTP/2 client defaults, so endpoints see what they saw before.
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams that may be opened before the endpoint's SETTINGS say how many it allows.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// One shared connection to an endpoint; each request uses a clone.
+#[derive(Clone)]
+pub struct Client {
+    send: SendRequest<Bytes>,
+    /// Set when the connection's task ends.
+    closed: Arc<AtomicBool>,
+}
+
+impl Client {
+    /// The connection runs on its own task, which holds `slot` (a connection-limit permit, or
+    /// nothing) until it closes. It closes once no clone and no stream is left.
+    pub async fn handshake<S>(io: S, slot: impl Send + 'static) -> Result<Self, h2::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, connection) = h2::client::Builder::new()
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+            .enable_push(false)
+            .handshake(io)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream HTTP/2 connection closed with an error");
+            }
+            ended.store(true, Ordering::Release);
+        });
+        Ok(Self { send, closed })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Opens a stream for `request` and waits for the response head.
+    pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Body>, h2::Error> {
+        poll_fn(|cx| self.send.poll_ready(cx)).await?;
+        let (mut parts, body) = request.into_parts();
+        if let Some(len) = body.size_hint().exact() {
+            if len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
+                parts.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(len));
+            }
+        }
+        let end_of_stream = body.is_end_stream();
+        let (response, stream) = self.send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
+        // Dropped with this future before the response (a timeout, the application gone), the
+        // guard tells a spawned pipe to reset the stream.
+        let mut _cancel_pipe = None;
+        if !end_of_stream {
+            let mut pipe = Pipe { body, stream, data: None };
+            match poll_fn(|cx| Poll::Ready(pipe.poll_send(cx))).await {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(error)) => tracing::debug!(%error, "request body not sent to the endpoint"),
+                Poll::Pending => {
+                    let (cancel, cancelled) = oneshot::channel();
+                    _cancel_pipe = Some(CancelPipe(Some(cancel)));
+                    tokio::spawn(Box::pin(SpawnedPipe { pipe, cancelled: Some(cancelled) }));
+                }
+            }
+        }
+        let response = response.await?;
+        if let Some(mut guard) = _cancel_pipe {
+            guard.0 = None; // answered: the pipe goes on
+        }
+        let length = content_length(response.headers());
+        Ok(response.map(|recv| Body { recv, data_done: false, remaining: length }))
+    }
+}
+
+/// `Content-Length` when every value is one and the same number (hyper's rule).
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let n = value.to_str().ok()?.trim().parse::<u64>().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
+struct CancelPipe(Option<oneshot::Sender<()>>);
+
+impl Drop for CancelPipe {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            let _ = cancel.send(());
+        }
+    }
+}
+
+/// The request body on its way to the stream.
+struct Pipe {
+    body: RequestBody,
+    stream: SendStream<Bytes>,
+    /// A data frame waiting for stream capacity, and whether it ends the body.
+    data: Option<(Bytes, bool)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PipeError {
+    #[error("the endpoint reset the stream: {0}")]
+    Reset(Reason),
+    #[error(transparent)]
+    Stream(#[from] h2::Error),
+    #[error("the stream closed before the request body was sent")]
+    Closed,
+    #[error("reading the application's request body failed: {0}")]
+    Body(hyper::Error),
+}
+
+impl Pipe {
+    /// Sends what the body has until it waits; `Ready` once it has all been sent or failed.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError>> {
+        loop {
+            // Woken by a reset while waiting for the body or for capacity.
+            if let Poll::Ready(reason) = self.stream.poll_reset(cx)? {
+                return Poll::Ready(Err(PipeError::Reset(reason)));
+            }
+            if let Some((data, end)) = self.data.take() {
+                while self.stream.capacity() == 0 {
+                    match self.stream.poll_capacity(cx) {
+                        Poll::Pending => {
+                            self.data = Some((data, end));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
+                        Poll::Ready(None) => return Poll::Ready(Err(PipeError::Closed)),
+                    }
+                }
+                self.stream.send_data(data, end)?;
+                if end {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // The next frame before any capacity is claimed: capacity held for a body that
+            // sends nothing can stall the connection's other streams (hyper #4003).
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = self.body.is_end_stream();
+                        if data.is_empty() {
+                            self.stream.send_data(data, end)?;
+                            if end {
+                                return Poll::Ready(Ok(()));
+                            }
+                        } else {
+                            // h2 raises the claim to the whole frame as it sends it.
+                            self.stream.reserve_capacity(1);
+                            self.data = Some((data, end));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.stream.reserve_capacity(0);
+                            self.stream.send_trailers(trailers)?;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                },
+                Some(Err(error)) => {
+                    self.stream.send_reset(Reason::INTERNAL_ERROR);
+                    return Poll::Ready(Err(PipeError::Body(error)));
+                }
+                None => {
+                    self.stream.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+/// A pipe that outlived its first pass, in a task of its own.
+struct SpawnedPipe {
+    pipe: Pipe,
+    /// Fires when the request was given up before its response.
+    cancelled: Option<oneshot::Receiver<()>>,
+}
+
+impl Future for SpawnedPipe {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(cancelled) = self.cancelled.as_mut() {
+            match Pin::new(cancelled).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.pipe.stream.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                // Answered: the body goes on.
+                Poll::Ready(Err(_)) => self.cancelled = None,
+                Poll::Pending => {}
+            }
+        }
+        if let Err(error) = ready!(self.pipe.poll_send(cx)) {
+            tracing::debug!(%error, "request body not sent to the endpoint");
+        }
+        Poll::Ready(())
+    }
+}
+
+/// A response body from the endpoint.
+pub struct Body {
+    recv: RecvStream,
+    data_done: bool,
+    /// What `Content-Length` says is left.
+    remaining: Option<u64>,
+}
+
+impl Body {
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.remaining = self.remaining.map(|r| r.saturating_sub(data.len() as u64));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // RST_STREAM(NO_ERROR) after a complete response: the endpoint needs no more of
+                // the request (RFC 9113 §8.1), the response ends there.
+                Some(Err(error)) if error.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(None),
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Counter;
+    use tokio::sync::mpsc;
+
+    /// A client on one end of an in-memory pipe and h2's server on the other, with a stream
+    /// window of `window` bytes so a larger body must wait for the server to read.
+    async fn pair(window: u32) -> (Client, h2::server::Connection<tokio::io::DuplexStream, Bytes>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            h2::server::Builder::new().initial_window_size(window).handshake(server_io).await.unwrap()
+        });
+        let client = Client::handshake(client_io, ()).await.unwrap();
+        (client, server.await.unwrap())
+    }
+
+    fn post(body: RequestBody) -> Request<RequestBody> {
+        Request::post("http://endpoint/upload").body(body).unwrap()
+    }
+
+    async fn read_all(body: &mut h2::RecvStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            let _ = body.flow_control().release_capacity(data.len());
+            all.extend_from_slice(&data);
+        }
+        all
+    }
+
+    /// A body larger than the endpoint's stream window goes in pieces as the endpoint reads it,
+    /// sent on by a task of its own once the response has come; the response's data, length
+    /// and trailers come back.
+    #[tokio::test]
+    async fn a_body_larger_than_the_window_is_piped_and_the_response_has_its_trailers() {
+        let (mut client, mut server) = pair(16 * 1024).await;
+        let (tx, rx) = mpsc::channel(4);
+        let chunk = Bytes::from(vec![7u8; 40 * 1024]);
+        let endpoint = tokio::spawn(async move {
+            let (request, mut respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let response = http::Response::builder().header("content-length", "5").body(()).unwrap();
+            let mut stream = respond.send_response(response, false).unwrap();
+            stream.send_data(Bytes::from_static(b"hello"), false).unwrap();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            stream.send_trailers(trailers).unwrap();
+            read_all(&mut request.into_body()).await.len()
+        });
+        tx.send(chunk.clone()).await.unwrap();
+        let response = client.send(post(RequestBody::mirror(rx, Counter::default()))).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let data = poll_fn(|cx| body.poll_frame(cx)).await.unwrap().unwrap();
+        assert_eq!(data.into_data().unwrap(), "hello");
+        let trailers = poll_fn(|cx| body.poll_frame(cx)).await.unwrap().unwrap();
+        assert_eq!(trailers.trailers_ref().unwrap()["grpc-status"], "0");
+        assert!(poll_fn(|cx| body.poll_frame(cx)).await.is_none());
+        // The rest of the body goes after the response.
+        tx.send(chunk.clone()).await.unwrap();
+        drop(tx);
+        assert_eq!(endpoint.await.unwrap(), 2 * chunk.len());
+    }
+
+    /// A request given up before its response (a timeout, the application gone) resets its
+    /// stream, so the endpoint stops waiting for the rest of the body.
+    #[tokio::test]
+    async fn a_request_given_up_before_its_response_resets_the_stream() {
+        let (mut client, mut server) = pair(65_535).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        let endpoint = tokio::spawn(async move {
+            let (request, _respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            assert_eq!(body.data().await.unwrap().unwrap(), "part");
+            body.data().await.unwrap().unwrap_err().reason()
+        });
+        let send = client.send(post(RequestBody::mirror(rx, Counter::default())));
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), send).await.is_err());
+        let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
+        assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL));
+        drop(tx);
+    }
+
+    /// `RST_STREAM(NO_ERROR)` after a complete response: the endpoint wants no more of the
+    /// request; the response ends without an error (RFC 9113 §8.1), as with hyper's client.
+    /// (h2 drops response data not yet read when the reset arrives, hyper's client too.)
+    #[tokio::test]
+    async fn a_no_error_reset_after_the_response_ends_it_normally() {
+        let (mut client, mut server) = pair(65_535).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"unwanted")).await.unwrap();
+        let (head_read, read) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (_request, mut respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let mut stream = respond.send_response(http::Response::new(()), false).unwrap();
+            read.await.unwrap();
+            stream.send_data(Bytes::from_static(b"early answer"), true).unwrap();
+            stream.send_reset(Reason::NO_ERROR);
+        });
+        let response = client.send(post(RequestBody::mirror(rx, Counter::default()))).await.unwrap();
+        head_read.send(()).unwrap();
+        let mut body = response.into_body();
+        while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
+            assert!(frame.is_ok(), "{frame:?}");
+        }
+        drop(tx);
+    }
+
+    #[test]
+    fn content_length_is_known_only_when_every_value_agrees() {
+        let headers = |values: &[&'static str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(CONTENT_LENGTH, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert_eq!(content_length(&headers(&["12"])), Some(12));
+        assert_eq!(content_length(&headers(&["12", "12"])), Some(12));
+        assert_eq!(content_length(&headers(&["12", "13"])), None);
+        assert_eq!(content_length(&headers(&["x"])), None);
+        assert_eq!(content_length(&headers(&[])), None);
+    }
+}
