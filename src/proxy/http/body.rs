@@ -199,10 +199,8 @@ impl UpstreamBody {
 }
 
 /// The response body the application reads.
-// Not boxed: the upstream variant is the common one, boxing it would allocate per request.
-#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
-    Upstream(UpstreamBody),
+    Upstream(Box<UpstreamBody>),
     Local(Full<Bytes>),
     /// A passthrough response, as the destination sends it.
     Passthrough(Incoming),

@@ -306,7 +306,7 @@ fn respond(
         Sender::H2(_) => None,
     };
     let stream_idle = ctx.stream_idle.map(|(idle, from_start)| StreamIdle::new(idle, from_start));
-    let mut body = UpstreamBody {
+    let mut body = Box::new(UpstreamBody {
         body,
         pool_return,
         deadline: ctx.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
@@ -320,7 +320,7 @@ fn respond(
         log: None,
         _active: active,
         _request_slot: request_slot,
-    };
+    });
     if body.body.is_end_stream() {
         body.return_to_pool(); // hyper will not poll an empty body
     }
