@@ -42,7 +42,7 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 #[derive(Clone)]
 pub struct Client {
     send: SendRequest<Bytes>,
-    /// Set when the connection's task ends.
+    /// Set when the connection's task ends, or once it takes no new stream (GOAWAY).
     closed: Arc<AtomicBool>,
 }
 
@@ -82,7 +82,13 @@ impl Client {
 
     /// Opens a stream for `request` and waits for the response head.
     pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Body>, h2::Error> {
-        poll_fn(|cx| self.send.poll_ready(cx)).await?;
+        if let Err(error) = poll_fn(|cx| self.send.poll_ready(cx)).await {
+            // A GOAWAY or a connection error: no new stream may go on this connection, even
+            // while earlier streams finish on it. The pool opens another for the next request
+            // (as it did when hyper's client, noticing the same, ended its dispatch task).
+            self.closed.store(true, Ordering::Release);
+            return Err(error);
+        }
         let (mut parts, body) = request.into_parts();
         if let Some(len) = body.size_hint().exact() {
             if len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
@@ -401,6 +407,42 @@ mod tests {
             assert!(frame.is_ok(), "{frame:?}");
         }
         drop(tx);
+    }
+
+    /// After the endpoint's GOAWAY, while an earlier stream still holds the connection open,
+    /// a new request fails without being sent and the connection counts as closed, so the
+    /// pool opens another for the next request instead of failing it too.
+    #[tokio::test]
+    async fn a_goaway_closes_the_connection_for_new_requests() {
+        let (mut client, mut server) = pair(65_535).await;
+        let pooled = client.clone();
+        let (first_answered, answered) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (_request, mut respond) = server.accept().await.unwrap().unwrap();
+            // The first response never ends: its stream keeps the connection open.
+            let _open = respond.send_response(http::Response::new(()), false).unwrap();
+            first_answered.send(()).unwrap();
+            server.graceful_shutdown();
+            while let Some(Ok((_, mut respond))) = server.accept().await {
+                let _ = respond.send_response(http::Response::new(()), true);
+            }
+            drop(_open);
+        });
+        let get = || Request::get("http://endpoint/").body(RequestBody::empty(Counter::default(), None)).unwrap();
+        let _first = client.send(get()).await.unwrap();
+        answered.await.unwrap();
+        let mut refused = None;
+        for _ in 0..1000 {
+            match client.send(get()).await {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(error) => {
+                    refused = Some(error);
+                    break;
+                }
+            }
+        }
+        assert!(refused.expect("no request was refused after the GOAWAY").is_go_away());
+        assert!(pooled.is_closed());
     }
 
     #[test]

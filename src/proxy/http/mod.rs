@@ -1,5 +1,6 @@
 //! HTTP/1.1, HTTP/2 and gRPC: a hyper server facing the application ([`serve`]) and pooled
-//! hyper client connections facing the endpoints ([`client`]). Each request passes the phases
+//! client connections facing the endpoints ([`client`]: `upstream::h1` or hyper's for HTTP/1.1,
+//! `upstream::h2` for HTTP/2). Each request passes the phases
 //! of [`request`] (route → admit → forward → log) with one [`request::RequestCtx`]; bodies
 //! stream through ([`body`]), nothing is collected.
 
