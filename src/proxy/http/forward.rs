@@ -411,3 +411,21 @@ pub(super) async fn send_copy(
     upstream.record(&target, Outcome::Response(response.status().as_u16()));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MeshRetry's `RefusedStream` and the stale-connection resend read these: an endpoint's
+    /// `REFUSED_STREAM` from h2's client is told from other stream errors, and no HTTP/2 error
+    /// is taken for an HTTP/1 connection closed under a request.
+    #[test]
+    fn http2_stream_errors_are_classified() {
+        let refused = SendError::H2(h2::Reason::REFUSED_STREAM.into());
+        let reset = SendError::H2(h2::Reason::INTERNAL_ERROR.into());
+        assert!(refused_stream(&refused));
+        assert!(!refused_stream(&reset));
+        assert!(!closed_before_response(&refused) && !closed_before_response(&reset));
+        assert!(!request_body_failed(&refused));
+    }
+}
