@@ -296,7 +296,6 @@ struct Head {
     keep_alive: bool,
 }
 
-/// How the response body is delimited, and whether the connection may carry another request.
 /// Which of the headers that frame a response a head has, noted while the map is built: most
 /// heads have neither `Connection` nor `Transfer-Encoding`, and two map lookups fewer are 0.6%
 /// of an HTTP/1.1 request.
@@ -313,6 +312,7 @@ impl Present {
     }
 }
 
+/// How the response body is delimited, and whether the connection may carry another request.
 fn framing(
     status: StatusCode,
     version: Version,

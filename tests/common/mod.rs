@@ -22,7 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
-/// An address nothing listens on (bound, then released).
 /// Reads an HTTP/1 head, byte by byte so nothing after it is consumed: the head, or what came
 /// before the stream closed or failed.
 pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Vec<u8>, Vec<u8>> {
@@ -37,6 +36,7 @@ pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Resu
     Ok(head)
 }
 
+/// An address nothing listens on (bound, then released).
 pub fn free_addr(ip: &str) -> SocketAddr {
     let l = std::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
     l.local_addr().unwrap()
