@@ -350,6 +350,16 @@ fn framing(
         let keep_alive = keep_alive && !headers.contains_key(http::header::CONTENT_LENGTH);
         return Ok(if chunked { (Framing::Chunked(Chunk::Size), keep_alive) } else { (Framing::UntilClose, false) });
     }
+    Ok(match content_length(headers)? {
+        Some(0) => (Framing::Done, keep_alive),
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// `Content-Length`, when there is one: every value, and every item of a comma-separated one,
+/// must be the same number (RFC 9110 §8.6, as hyper reads it).
+pub(super) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     let mut length: Option<u64> = None;
     for value in headers.get_all(http::header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -364,11 +374,7 @@ fn framing(
             length = Some(n);
         }
     }
-    Ok(match length {
-        Some(0) => (Framing::Done, keep_alive),
-        Some(n) => (Framing::Length(n), keep_alive),
-        None => (Framing::UntilClose, false),
-    })
+    Ok(length)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -99,7 +99,7 @@ impl Client {
         let (response, stream) = self.send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
-        let mut _cancel_pipe = None;
+        let mut cancel_pipe = None;
         if !end_of_stream {
             let mut pipe = Pipe { body, stream, data: None };
             match poll_fn(|cx| Poll::Ready(pipe.poll_send(cx))).await {
@@ -107,13 +107,13 @@ impl Client {
                 Poll::Ready(Err(error)) => tracing::debug!(%error, "request body not sent to the endpoint"),
                 Poll::Pending => {
                     let (cancel, cancelled) = oneshot::channel();
-                    _cancel_pipe = Some(CancelPipe(Some(cancel)));
+                    cancel_pipe = Some(CancelPipe(Some(cancel)));
                     tokio::spawn(Box::pin(SpawnedPipe { pipe, cancelled: Some(cancelled) }));
                 }
             }
         }
         let response = response.await?;
-        if let Some(mut guard) = _cancel_pipe {
+        if let Some(mut guard) = cancel_pipe {
             guard.0 = None; // answered: the pipe goes on
         }
         let length = content_length(response.headers());
@@ -121,17 +121,10 @@ impl Client {
     }
 }
 
-/// `Content-Length` when every value is one and the same number (hyper's rule).
+/// The response's `Content-Length` for its size hint; unknown when it is malformed or its
+/// values differ (h2 itself refuses a body that does not match it).
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let n = value.to_str().ok()?.trim().parse::<u64>().ok()?;
-        if length.is_some_and(|l| l != n) {
-            return None;
-        }
-        length = Some(n);
-    }
-    length
+    super::h1::content_length(headers).ok().flatten()
 }
 
 struct CancelPipe(Option<oneshot::Sender<()>>);
@@ -456,6 +449,7 @@ mod tests {
         };
         assert_eq!(content_length(&headers(&["12"])), Some(12));
         assert_eq!(content_length(&headers(&["12", "12"])), Some(12));
+        assert_eq!(content_length(&headers(&["12, 12"])), Some(12));
         assert_eq!(content_length(&headers(&["12", "13"])), None);
         assert_eq!(content_length(&headers(&["x"])), None);
         assert_eq!(content_length(&headers(&[])), None);
