@@ -18,7 +18,9 @@ those same files:
   http-policies service's MeshRetry/MeshCircuitBreaker as `retries`/`retry-on` and `observe layer7
   error-limit N on-error mark-down`.
 All proxies get the same number of worker threads (--workers, --concurrency, nbthread) and the same
-CPU pinning. Each workload runs --runs times; the median is reported.
+CPU pinning, and all run for the whole pass. Each workload runs --runs times; each run goes
+through every target in turn (each round starting with the next one), so the targets are measured
+seconds apart and the VM's drift stays out of their ratios; the median is reported.
 
 Per row the table has the rate for every target, mesh-egress's rate relative to each other target,
 p50/p99 latencies, and each proxy's CPU time per request (per MiB for the iperf3 rows): the
@@ -661,6 +663,35 @@ def table_rows(targets, workers, results, workload_list):
     return lines
 
 
+def measure(run, port, proxy, target, workers, key, service, svc):
+    """One run of a workload through one target, with the proxy's CPU per request."""
+    stats_before = haproxy_stats() if target == "HAProxy" else None
+    cpu_before = proxy.cpu() if proxy else None
+    sample = run(port)
+    sample["cpu"] = sample["cpu_user"] = None
+    if proxy and sample["count"]:
+        user, system = (after - before for after, before in zip(proxy.cpu(), cpu_before))
+        sample["cpu"] = (user + system) * 1e6 / sample["count"]
+        sample["cpu_user"] = user * 1e6 / sample["count"]
+    if stats_before is not None:
+        note, warns = haproxy_check(service, svc[1], svc[3], stats_before, haproxy_stats())
+        print(f"workers={workers} HAProxy {key}: {note}", file=sys.stderr)
+        sample["warnings"] += warns
+    return sample
+
+
+def summarize(samples, warnings, unit, label):
+    """The medians of one target's runs of a workload (None without samples or warnings)."""
+    if samples:
+        med = lambda k: statistics.median([s[k] for s in samples]) if all(s[k] is not None for s in samples) else None
+        return {"rate": med("rate"), "p50": med("p50"), "p99": med("p99"), "cpu": med("cpu"),
+                "cpu_user": med("cpu_user"), "count": med("count"), "unit": unit, "label": label, "warnings": warnings}
+    if warnings:
+        return {"rate": None, "p50": None, "p99": None, "cpu": None, "count": None,
+                "unit": unit, "label": label, "warnings": warnings}
+    return None
+
+
 def run_all(args, envoy, children):
     config_dir = OUT
     ca_file = os.path.join(OUT, "bench-ca.pem")
@@ -705,64 +736,57 @@ def run_all(args, envoy, children):
         # On 2 cores: the proxy alone on CPU 1 with one worker; shared otherwise.
         proxy_cpus = "1" if workers == 1 else None
         load_cpus = ["taskset", "-c", "0"] if workers == 1 else []
+        # Every proxy runs for the whole pass (an idle one costs nothing), and each run of a
+        # workload goes through all targets in turn before the next run: the shared VM's speed
+        # drifts from one minute to the next, and measuring the targets side by side keeps that
+        # drift out of their ratios (one proxy after another, it moved them by 20-30%).
+        proxies = {}
+        for target in targets[1:]:
+            proxies[target] = Proxy(kind_of[target], workers, proxy_cpus, envoy, config_dir)
+            children.append(proxies[target].proc)
         results = {}
-        for target in targets:
-            proxy = None if target == "direct" else Proxy(kind_of[target], workers, proxy_cpus, envoy, config_dir)
-            if proxy:
-                children.append(proxy.proc)
-            for key, label, unit, service, direct_port, run in workloads(args.duration, load_cpus):
-                if not selected(only, key):
-                    continue
-                svc = next(s for s in SERVICES if s[0] == service)
-                port = direct_port if proxy is None else svc[port_col[target]]
-                samples, warnings = [], []
-                for _ in range(args.runs):
+        for key, label, unit, service, direct_port, run in workloads(args.duration, load_cpus):
+            if not selected(only, key):
+                continue
+            svc = next(s for s in SERVICES if s[0] == service)
+            samples = {t: [] for t in targets}
+            warnings = {t: [] for t in targets}
+            for round_no in range(args.runs):
+                # Each round starts with the next target, so none is always measured first.
+                shift = round_no % len(targets)
+                for target in targets[shift:] + targets[:shift]:
+                    proxy = proxies.get(target)
+                    port = direct_port if proxy is None else svc[port_col[target]]
                     try:
-                        stats_before = haproxy_stats() if target == "HAProxy" else None
-                        cpu_before = proxy.cpu() if proxy else None
-                        sample = run(port)
-                        sample["cpu"] = sample["cpu_user"] = None
-                        if proxy and sample["count"]:
-                            user, system = (after - before for after, before in zip(proxy.cpu(), cpu_before))
-                            sample["cpu"] = (user + system) * 1e6 / sample["count"]
-                            sample["cpu_user"] = user * 1e6 / sample["count"]
-                        if stats_before is not None:
-                            note, warns = haproxy_check(service, svc[1], svc[3], stats_before, haproxy_stats())
-                            print(f"workers={workers} HAProxy {key}: {note}", file=sys.stderr)
-                            sample["warnings"] += warns
-                        samples.append(sample)
+                        sample = measure(run, port, proxy, target, workers, key, service, svc)
+                        samples[target].append(sample)
                         for w in sample["warnings"]:
-                            if w not in warnings:
-                                warnings.append(w)
+                            if w not in warnings[target]:
+                                warnings[target].append(w)
                     except Exception as e:  # a failing workload is reported, not hidden
                         print(f"{target} {key}: {e}", file=sys.stderr)
-                        warnings.append(f"failed: {str(e).splitlines()[0][:80]}")
-                if warnings:
-                    print(f"WARNING workers={workers} {target} {key}: {'; '.join(warnings)}", file=sys.stderr)
-                if samples:
-                    med = lambda k: statistics.median([s[k] for s in samples]) if all(s[k] is not None for s in samples) else None
-                    results[(key, target)] = {"rate": med("rate"), "p50": med("p50"), "p99": med("p99"), "cpu": med("cpu"),
-                                              "cpu_user": med("cpu_user"), "count": med("count"), "unit": unit, "label": label, "warnings": warnings}
-                elif warnings:
-                    results[(key, target)] = {"rate": None, "p50": None, "p99": None, "cpu": None, "count": None,
-                                              "unit": unit, "label": label, "warnings": warnings}
+                        warnings[target].append(f"failed: {str(e).splitlines()[0][:80]}")
+            for target in targets:
+                results[(key, target)] = summarize(samples[target], warnings[target], unit, label)
+                if warnings[target]:
+                    print(f"WARNING workers={workers} {target} {key}: {'; '.join(warnings[target])}", file=sys.stderr)
                 r = results.get((key, target))
                 print(f"workers={workers} {target:12} {key:18} "
                       f"{ {k: r.get(k) for k in ('rate', 'p50', 'p99', 'count', 'cpu', 'cpu_user')} if r else None}", flush=True)
-            if proxy:
-                if not only or "rss" in only:
-                    idle = rss_kib(proxy.pid)
-                    svc = next(s for s in SERVICES if s[0] == "tcp-echo")
-                    try:
-                        conns = idle_connections(svc[port_col[target]], args.idle_conns)
-                        loaded = rss_kib(proxy.pid)
-                        for c in conns:
-                            c.close()
-                    except RuntimeError as e:
-                        print(f"{target} idle connections: {e}", file=sys.stderr)
-                        loaded = None
-                    rss_rows.append((workers, target, idle, loaded, proxy.peak_rss(), proxy.startup))
-                proxy.stop()
+        for target, proxy in proxies.items():
+            if not only or "rss" in only:
+                idle = rss_kib(proxy.pid)
+                svc = next(s for s in SERVICES if s[0] == "tcp-echo")
+                try:
+                    conns = idle_connections(svc[port_col[target]], args.idle_conns)
+                    loaded = rss_kib(proxy.pid)
+                    for c in conns:
+                        c.close()
+                except RuntimeError as e:
+                    print(f"{target} idle connections: {e}", file=sys.stderr)
+                    loaded = None
+                rss_rows.append((workers, target, idle, loaded, proxy.peak_rss(), proxy.startup))
+            proxy.stop()
         lines += table_rows(targets, workers, results, workloads(args.duration, load_cpus))
     if rss_rows:
         lines += ["", f"| proxy | workers | RSS idle [MiB] | RSS with {args.idle_conns:,} idle connections [MiB] | peak RSS over the run [MiB] | start-up to /ready [ms] |",
