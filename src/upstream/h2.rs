@@ -7,7 +7,8 @@
 //! connection's task only reads and writes. What hyper's client adds is kept: its settings
 //! (windows, frame, header-list and send-buffer sizes), `content-length` for a body of known
 //! size, the request body piped as the endpoint's flow control allows (eagerly in the request's
-//! task, in a task of its own for a body that is not all there yet), the response body's
+//! task, in a task of its own for a body that is not all there yet; unlike hyper, a body's last
+//! frame is handed to h2 without waiting for the window), the response body's
 //! capacity released as it is read, and `RST_STREAM(NO_ERROR)` ending a response early.
 //! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
 
@@ -189,7 +190,10 @@ impl Pipe {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let end = self.body.is_end_stream();
-                        if data.is_empty() {
+                        // The body's last frame is in memory already: h2 holds it until the
+                        // windows allow (no more than we hold now), so waiting for capacity
+                        // first would only cost a task (a gRPC unary message is one frame).
+                        if data.is_empty() || end {
                             self.stream.send_data(data, end)?;
                             if end {
                                 return Poll::Ready(Ok(()));
@@ -307,7 +311,7 @@ mod tests {
         (client, server.await.unwrap())
     }
 
-    fn post(body: RequestBody) -> Request<RequestBody> {
+    fn post<B>(body: B) -> Request<B> {
         Request::post("http://endpoint/upload").body(body).unwrap()
     }
 
@@ -353,6 +357,57 @@ mod tests {
         tx.send(chunk.clone()).await.unwrap();
         drop(tx);
         assert_eq!(endpoint.await.unwrap(), 2 * chunk.len());
+    }
+
+    /// A body as the application's side hands it over: `bytes` whose last frame says it is
+    /// the end (hyper's `Incoming`, here from hyper's HTTP/1.1 client and server).
+    async fn incoming(bytes: &'static [u8]) -> hyper::body::Incoming {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let reply = hyper::service::service_fn(move |_| async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from_static(
+                    bytes,
+                ))))
+            });
+            let io = hyper_util::rt::TokioIo::new(server_io);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, reply).await;
+        });
+        let io = hyper_util::rt::TokioIo::new(client_io);
+        let (mut send, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::new(http_body_util::Empty::<Bytes>::new());
+        send.send_request(request).await.unwrap().into_body()
+    }
+
+    /// A body's last frame is handed to h2 even while the endpoint's window has no room for it
+    /// (h2 holds it until the window opens), so no task is left waiting for capacity: the
+    /// pipe finishes before the endpoint opens its window, and every byte arrives after.
+    #[tokio::test]
+    async fn a_body_s_last_frame_does_not_wait_for_the_window() {
+        let (mut client, mut server) = pair(0).await;
+        let (open_window, opened) = tokio::sync::oneshot::channel::<()>();
+        let (body_tx, received) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // A first exchange, without a body, so the client has the window of 0.
+            let (_, mut respond) = server.accept().await.unwrap().unwrap();
+            respond.send_response(http::Response::new(()), true).unwrap();
+            let (request, _respond) = server.accept().await.unwrap().unwrap();
+            let mut body = request.into_body();
+            tokio::spawn(async move { body_tx.send(read_all(&mut body).await) });
+            opened.await.unwrap();
+            server.set_initial_window_size(65_535).unwrap();
+            while server.accept().await.is_some() {}
+        });
+        let empty = RequestBody::empty(Counter::default(), None);
+        client.send(Request::get("http://endpoint/").body(empty).unwrap()).await.unwrap();
+        let body = RequestBody::new(incoming(b"one message").await, Counter::default(), None);
+        poll_fn(|cx| client.send.poll_ready(cx)).await.unwrap();
+        let (_response, stream) = client.send.send_request(post(()), false).unwrap();
+        let mut pipe = Pipe { body, stream, data: None };
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(10), poll_fn(|cx| pipe.poll_send(cx))).await;
+        assert!(matches!(sent, Ok(Ok(()))), "the last frame waited for the window: {sent:?}");
+        open_window.send(()).unwrap();
+        assert_eq!(received.await.unwrap(), b"one message");
     }
 
     /// A request given up before its response (a timeout, the application gone) resets its
