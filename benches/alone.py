@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""One proxy alone: CPU, page faults and system calls per request, for telling user from kernel.
+
+    sudo python3 benches/alone.py [--proxy mesh-egress|haproxy|both] [--workload http1-c64|http1-c64-paced|http2-m10|grpc-unary]
+                                  [--duration 4] [--rounds 2]
+
+Run `benches/compare.py` once first: this uses what it prepared (release builds, the bench
+upstream, target/bench/mesh.yaml and haproxy-1.cfg). Each round starts the proxy alone on CPU 1
+with one worker (the bench upstream and the load generator on CPU 0), warms it up for 2 s,
+measures one run of the workload (utime, stime and minor faults of the proxy from
+/proc/PID/stat, divided by the requests counted), then counts its system calls with `strace -c`
+over a second run (strace slows the proxy; the counts per request are what it is for).
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare as C  # noqa: E402
+
+WORKLOADS = {
+    "http1-c64": ("http", lambda port, secs: C.wrk(port, 64, secs, ["taskset", "-c", "0"])),
+    "http1-c64-paced": ("http", lambda port, secs: C.paced_wrk(port, secs, ["taskset", "-c", "0"])),
+    "http2-m10": ("http2", lambda port, secs: C.h2load(port, secs, ["taskset", "-c", "0"])),
+    "grpc-unary": ("grpc", lambda port, secs: C.h2load(port, secs, ["taskset", "-c", "0"], grpc=True)),
+}
+
+
+def minor_faults(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])  # field 10
+
+
+def syscalls(pid, run):
+    """System calls per request over one run, from `strace -c -f` attached to the proxy."""
+    with tempfile.NamedTemporaryFile(mode="r", suffix=".strace") as out:
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out.name],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            count = run()["count"]
+        finally:
+            tracer.terminate()
+            tracer.wait()
+        calls = {}
+        for line in out.read().splitlines():
+            m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
+            if m and m.group(2) != "total":
+                calls[m.group(2)] = int(m.group(1)) / count
+        return calls
+
+
+def measure(kind, workload, secs):
+    service, load = WORKLOADS[workload]
+    svc = next(s for s in C.SERVICES if s[0] == service)
+    port = svc[C.PROXIES[kind][1]]
+    proxy = C.Proxy(kind, 1, "1", None, C.OUT)
+    try:
+        load(port, 2)
+        (u0, s0), f0 = proxy.cpu(), minor_faults(proxy.pid)
+        sample = load(port, secs)
+        (u1, s1), f1 = proxy.cpu(), minor_faults(proxy.pid)
+        n = sample["count"]
+        result = {"rate": sample["rate"], "user": (u1 - u0) * 1e6 / n, "system": (s1 - s0) * 1e6 / n,
+                  "minflt": (f1 - f0) / n}
+        result["calls"] = syscalls(proxy.pid, lambda: load(port, 2))
+        return result
+    finally:
+        proxy.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--proxy", default="both", choices=["mesh-egress", "haproxy", "both"])
+    ap.add_argument("--workload", default="http1-c64", choices=sorted(WORKLOADS))
+    ap.add_argument("--duration", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    for path in (C.MESH, C.UPSTREAM, os.path.join(C.OUT, "mesh.yaml"), os.path.join(C.OUT, "haproxy-1.cfg")):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is missing: run benches/compare.py once first")
+    kinds = ["mesh-egress", "haproxy"] if args.proxy == "both" else [args.proxy]
+    upstream = subprocess.Popen(["taskset", "-c", "0", C.UPSTREAM, "--http", f"127.0.0.1:{C.HTTP}"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        if upstream.stdout.readline().strip() != "ready":
+            sys.exit("bench_upstream did not start (is an old one still running? pkill -f bench_upstream)")
+        results = {k: [] for k in kinds}
+        for _ in range(args.rounds):
+            for kind in kinds:  # alternating, so the VM's drift falls on both
+                r = measure(kind, args.workload, args.duration)
+                results[kind].append(r)
+                calls = ", ".join(f"{name} {per:.2f}" for name, per in sorted(r["calls"].items(), key=lambda c: -c[1])
+                                  if per >= 0.01)
+                print(f"{kind:12} {args.workload}: {r['rate']:9,.0f} req/s, user {r['user']:.2f} + system "
+                      f"{r['system']:.2f} = {r['user'] + r['system']:.2f} µs/req, minor faults {r['minflt']:.4f}/req; "
+                      f"system calls per request: {calls}", flush=True)
+        for kind, rs in results.items():
+            med = lambda k: statistics.median(r[k] for r in rs)
+            print(f"MEDIAN {kind:12} {med('rate'):9,.0f} req/s, user {med('user'):.2f}, system {med('system'):.2f}, "
+                  f"total {statistics.median(r['user'] + r['system'] for r in rs):.2f} µs/req")
+    finally:
+        upstream.terminate()
+
+
+if __name__ == "__main__":
+    main()
