@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """One proxy alone: CPU, page faults and system calls per request, for telling user from kernel.
 
-    sudo python3 benches/alone.py [--proxy mesh-egress|haproxy|both] [--workload http1-c64|http1-c64-paced|http2-m10|grpc-unary]
-                                  [--duration 4] [--rounds 2]
+    sudo python3 benches/alone.py [--proxy mesh-egress|haproxy|both] [--workload KEY] [--duration 4] [--rounds 2]
+
+KEY is one of compare.py's workloads served by the bench upstream's plain HTTP port (http1-c64,
+http1-c64-paced, http2-m10, grpc-unary, tcp-rr-64, ...; `--help` lists them).
 
 Run `benches/compare.py` once first: this uses what it prepared (release builds, the bench
 upstream, target/bench/mesh.yaml and haproxy-1.cfg). Each round starts the proxy alone on CPU 1
@@ -23,12 +25,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare as C  # noqa: E402
 
-WORKLOADS = {
-    "http1-c64": ("http", lambda port, secs: C.wrk(port, 64, secs, ["taskset", "-c", "0"])),
-    "http1-c64-paced": ("http", lambda port, secs: C.paced_wrk(port, secs, ["taskset", "-c", "0"])),
-    "http2-m10": ("http2", lambda port, secs: C.h2load(port, secs, ["taskset", "-c", "0"])),
-    "grpc-unary": ("grpc", lambda port, secs: C.h2load(port, secs, ["taskset", "-c", "0"], grpc=True)),
-}
+LOAD_CPUS = ["taskset", "-c", "0"]
+# compare.py's workloads whose endpoint is the bench upstream's plain HTTP port (the one started here).
+WORKLOADS = [w[0] for w in C.workloads(0, LOAD_CPUS) if w[4] == C.HTTP]
+
+
+def workload(key, secs):
+    """compare.py's workload `key` for `secs` seconds: (its service, run(port))."""
+    _, _, _, service, _, run = next(w for w in C.workloads(secs, LOAD_CPUS) if w[0] == key)
+    return service, run
 
 
 def minor_faults(pid):
@@ -54,20 +59,21 @@ def syscalls(pid, run):
         return calls
 
 
-def measure(kind, workload, secs):
-    service, load = WORKLOADS[workload]
+def measure(kind, key, secs):
+    service, run = workload(key, secs)
+    _, short = workload(key, 2)
     svc = next(s for s in C.SERVICES if s[0] == service)
     port = svc[C.PROXIES[kind][1]]
     proxy = C.Proxy(kind, 1, "1", None, C.OUT)
     try:
-        load(port, 2)
+        short(port)
         (u0, s0), f0 = proxy.cpu(), minor_faults(proxy.pid)
-        sample = load(port, secs)
+        sample = run(port)
         (u1, s1), f1 = proxy.cpu(), minor_faults(proxy.pid)
         n = sample["count"]
         result = {"rate": sample["rate"], "user": (u1 - u0) * 1e6 / n, "system": (s1 - s0) * 1e6 / n,
                   "minflt": (f1 - f0) / n}
-        result["calls"] = syscalls(proxy.pid, lambda: load(port, 2))
+        result["calls"] = syscalls(proxy.pid, lambda: short(port))
         return result
     finally:
         proxy.stop()
@@ -76,7 +82,7 @@ def measure(kind, workload, secs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxy", default="both", choices=["mesh-egress", "haproxy", "both"])
-    ap.add_argument("--workload", default="http1-c64", choices=sorted(WORKLOADS))
+    ap.add_argument("--workload", default="http1-c64", choices=WORKLOADS)
     ap.add_argument("--duration", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
