@@ -11,7 +11,8 @@
 //! chunked when it is the final transfer coding (trailers become a trailers frame); else
 //! Content-Length (every value the same); else until the endpoint closes. 1xx responses other
 //! than 101 are skipped. A connection goes back to the pool only when its response ended
-//! exactly where its framing said, and the endpoint did not ask to close.
+//! exactly where its framing said, and the endpoint did not ask to close. `fuzzing::differential`
+//! holds this to what hyper's client reads from the same bytes.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -32,7 +33,7 @@ mod chunked;
 
 /// Most headers in a response head (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Largest response head, and largest trailer section (hyper's default read buffer limit).
+/// Largest response head (hyper's default read buffer limit).
 const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Bytes the read buffer has room for before each read.
 const READ_SIZE: usize = 8192;
@@ -416,7 +417,7 @@ pub struct Body {
     conn: Option<Conn>,
     framing: Framing,
     keep_alive: bool,
-    /// A chunked body's decoder, once the body is read (boxed: the body moves with the
+    /// A chunked body's decoder, from the body's first read on (boxed: the body moves with the
     /// response, and most bodies are not chunked).
     chunked: Option<Box<chunked::Decoder>>,
 }
