@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""The proxy's CPU for one response whose head an endpoint trickles in.
+
+    python3 benches/slow_head.py BINARY [BINARY ...] [--size 400000] [--tail 3000] [--gap-ms 1]
+
+For each mesh-egress binary: an endpoint on 127.0.0.1:18181 answers one GET with a response head
+of SIZE bytes (one long header), all but its last TAIL bytes at once, then those a byte per
+send, GAP-MS apart (TCP_NODELAY, so each is a segment); curl asks through the proxy (one worker,
+a service on that endpoint). Prints the status, the time taken and the proxy's CPU seconds
+(utime + stime from /proc/PID/stat) over the exchange. A reader that parses the head again on
+every read pays for the whole head at each trickled byte; one that parses again only when new
+bytes could end the head pays for the bytes. Compare builds with `git worktree add /tmp/old REV
+&& cargo build --release --manifest-path /tmp/old/Cargo.toml`.
+"""
+
+import argparse
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+ENDPOINT = ("127.0.0.1", 18181)
+OUTBOUND = 20111
+ADMIN = "127.0.0.1:29912"
+CONFIG = f"""type: MeshExternalService
+name: slow
+spec:
+  match: {{port: {ENDPOINT[1]}, protocol: http}}
+  endpoints: [{{address: {ENDPOINT[0]}, port: {ENDPOINT[1]}}}]
+---
+type: Dataplane
+name: bench
+networking:
+  outbound:
+    - port: {OUTBOUND}
+      backendRef: {{kind: MeshExternalService, name: slow}}
+"""
+
+
+def endpoint(listener, head, tail, gap):
+    conn, _ = listener.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        bulk = len(head) - tail
+        conn.sendall(head[:bulk])
+        for i in range(bulk, len(head)):
+            conn.send(head[i:i + 1])
+            time.sleep(gap)
+        time.sleep(0.5)
+
+
+def proxy_cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(binary, size, tail, gap):
+    head = b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * size + b"\r\ncontent-length: 2\r\n\r\nok"
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as listener:
+        with open(os.path.join(tmp, "mesh.yaml"), "w") as f:
+            f.write(CONFIG)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(ENDPOINT)
+        listener.listen()
+        threading.Thread(target=endpoint, args=(listener, head, min(tail, len(head)), gap), daemon=True).start()
+        proxy = subprocess.Popen(
+            [binary, "run", "-c", os.path.join(tmp, "mesh.yaml"), "--workers", "1", "--admin", ADMIN,
+             "--readiness-port", "off", "--transparent", "off", "--dns", "off", "--no-watch", "--state-dir", tmp],
+            stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="error"))
+        try:
+            time.sleep(0.5)
+            cpu, started = proxy_cpu(proxy.pid), time.time()
+            status = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "300",
+                 f"http://127.0.0.1:{OUTBOUND}/"], capture_output=True, text=True).stdout
+            print(f"{binary}: HTTP {status}, {time.time() - started:.1f} s, proxy CPU {proxy_cpu(proxy.pid) - cpu:.2f} s")
+        finally:
+            proxy.terminate()
+            proxy.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("binaries", nargs="+")
+    parser.add_argument("--size", type=int, default=400_000, help="bytes of the long header")
+    parser.add_argument("--tail", type=int, default=3_000, help="bytes sent one at a time at the end")
+    parser.add_argument("--gap-ms", type=float, default=1.0, help="pause between those bytes")
+    args = parser.parse_args()
+    for binary in args.binaries:
+        measure(binary, args.size, args.tail, args.gap_ms / 1000)
+
+
+if __name__ == "__main__":
+    main()
