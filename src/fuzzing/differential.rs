@@ -184,7 +184,7 @@ where
 /// trailers and whether the body failed must be the same.
 ///
 /// The first byte picks the request (bit 0: a POST with the body `ping`, sent as a stream of
-/// unknown length; else a GET). The rest is the endpoint's script ([`Action`]).
+/// unknown length; else a GET). The rest is the endpoint's script (`h2_endpoint`).
 pub fn h2_response_against_hyper(data: &[u8]) -> io::Result<()> {
     let Some((&first, script)) = data.split_first() else { return Ok(()) };
     let post = first & 1 == 1;

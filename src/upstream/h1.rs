@@ -231,11 +231,7 @@ fn parse_head(
 ) -> Result<Option<Head>, Error> {
     if let Some(before) = *partial {
         if !may_end_head(read, before) {
-            if read.len() > MAX_HEAD_BYTES {
-                return Err(Error::HeadTooLarge);
-            }
-            *partial = Some(read.len());
-            return Ok(None);
+            return incomplete(read, partial);
         }
     }
     loop {
@@ -248,11 +244,7 @@ fn parse_head(
         let len =
             match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, read, &mut slots) {
                 Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) if read.len() > MAX_HEAD_BYTES => return Err(Error::HeadTooLarge),
-                Ok(httparse::Status::Partial) => {
-                    *partial = Some(read.len());
-                    return Ok(None);
-                }
+                Ok(httparse::Status::Partial) => return incomplete(read, partial),
                 Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
                 Err(e) => return Err(Error::Head(e)),
             };
@@ -265,7 +257,6 @@ fn parse_head(
             *partial = None;
             continue;
         }
-        *partial = None;
         let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
         let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
         let reason = parsed
@@ -305,6 +296,15 @@ pub fn read_response(data: &[u8]) {
         let mut decoder = chunked::Decoder::default();
         while let Ok(Decoded::Frame(_)) = decoder.decode(&mut read) {}
     }
+}
+
+/// A head not complete yet: too large, or to be parsed again once bytes that could end it come.
+fn incomplete(read: &[u8], partial: &mut Option<usize>) -> Result<Option<Head>, Error> {
+    if read.len() > MAX_HEAD_BYTES {
+        return Err(Error::HeadTooLarge);
+    }
+    *partial = Some(read.len());
+    Ok(None)
 }
 
 /// Whether the bytes after the first `before` (and the three before them) hold an empty line

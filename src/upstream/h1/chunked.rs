@@ -270,6 +270,7 @@ mod tests {
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
             b"5;a\nb\r\nhello\r\n0\r\n\r\n",
             b"3\r\nabc\r\n0\r\n\n",
+            b"3\r\nabc\r\n0\r\nx: y\n\r\n",
             b"FFFFFFFFFFFFFFFFF\r\n",
         ] {
             assert!(dechunk(wire, 3).is_err(), "{:?}", String::from_utf8_lossy(wire));
