@@ -5,8 +5,8 @@
 
 For each mesh-egress binary: an endpoint on 127.0.0.1:18181 answers one GET with a response head
 of SIZE bytes (one long header), all but its last TAIL bytes at once, then those a byte per
-send, GAP-MS apart (TCP_NODELAY, so each is a segment); curl asks through the proxy (one worker,
-a service on that endpoint). Prints the status, the time taken and the proxy's CPU seconds
+send, GAP-MS apart (TCP_NODELAY, so each is a segment); a client asks through the proxy (one worker,
+a service on that endpoint). Prints the status, whether the response came whole, the time taken and the proxy's CPU seconds
 (utime + stime from /proc/PID/stat) over the exchange. A reader that parses the head again on
 every read pays for the whole head at each trickled byte; one that parses again only when new
 bytes could end the head pays for the bytes. Compare builds with `git worktree add /tmp/old REV
@@ -17,9 +17,13 @@ import argparse
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import cpu_seconds  # noqa: E402
 
 ENDPOINT = ("127.0.0.1", 18181)
 OUTBOUND = 20111
@@ -54,10 +58,15 @@ def endpoint(listener, head, tail, gap):
         time.sleep(0.5)
 
 
-def proxy_cpu(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def get():
+    """One GET through the proxy, read to its end (not curl: it refuses response heads over
+    100 KiB)."""
+    with socket.create_connection(("127.0.0.1", OUTBOUND), timeout=300) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nhost: slow\r\nconnection: close\r\n\r\n")
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    return response
 
 
 def measure(binary, size, tail, gap):
@@ -75,11 +84,12 @@ def measure(binary, size, tail, gap):
             stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="error"))
         try:
             time.sleep(0.5)
-            cpu, started = proxy_cpu(proxy.pid), time.time()
-            status = subprocess.run(
-                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "300",
-                 f"http://127.0.0.1:{OUTBOUND}/"], capture_output=True, text=True).stdout
-            print(f"{binary}: HTTP {status}, {time.time() - started:.1f} s, proxy CPU {proxy_cpu(proxy.pid) - cpu:.2f} s")
+            cpu, started = sum(cpu_seconds(proxy.pid)), time.time()
+            response = get()
+            status = response.split(b" ", 2)[1].decode() if response.startswith(b"HTTP/1.1 ") else "none"
+            whole = "whole" if response.endswith(b"\r\n\r\nok") else "cut"
+            took, used = time.time() - started, sum(cpu_seconds(proxy.pid)) - cpu
+            print(f"{binary}: HTTP {status}, {len(response):,} bytes ({whole}), {took:.1f} s, proxy CPU {used:.2f} s")
         finally:
             proxy.terminate()
             proxy.wait()
