@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The proxy's CPU for one response whose head an endpoint trickles in.
 
-    python3 benches/slow_head.py BINARY [BINARY ...] [--size 400000] [--tail 3000] [--gap-ms 1]
+    python3 benches/slow_head.py BINARY [BINARY ...] [--size 400000] [--tail 3000] [--gap-ms 1] [--empty-lines]
 
 For each mesh-egress binary: an endpoint on 127.0.0.1:18181 answers one GET with a response head
 of SIZE bytes (one long header), all but its last TAIL bytes at once, then those a byte per
 send, GAP-MS apart (TCP_NODELAY, so each is a segment); a client asks through the proxy (one worker,
-a service on that endpoint). Prints the status, whether the response came whole, the time taken and the proxy's CPU seconds
+a service on that endpoint). With --empty-lines the SIZE bytes are empty lines (CRLF) before the
+status line instead, TAIL of them trickled a line per send, then the rest of the head at once. Prints the status, whether the response came whole, the time taken and the proxy's CPU seconds
 (utime + stime from /proc/PID/stat) over the exchange. A reader that parses the head again on
 every read pays for the whole head at each trickled byte; one that parses again only when new
 bytes could end the head pays for the bytes. Compare builds with `git worktree add /tmp/old REV
@@ -43,18 +44,19 @@ networking:
 """
 
 
-def endpoint(listener, head, tail, gap):
+def endpoint(listener, bulk, trickle, rest, gap):
+    """Sends `bulk` at once, `trickle`'s pieces one per send `gap` apart, then `rest`."""
     conn, _ = listener.accept()
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         request = b""
         while b"\r\n\r\n" not in request:
             request += conn.recv(4096)
-        bulk = len(head) - tail
-        conn.sendall(head[:bulk])
-        for i in range(bulk, len(head)):
-            conn.send(head[i:i + 1])
+        conn.sendall(bulk)
+        for piece in trickle:
+            conn.send(piece)
             time.sleep(gap)
+        conn.sendall(rest)
         time.sleep(0.5)
 
 
@@ -69,15 +71,22 @@ def get():
     return response
 
 
-def measure(binary, size, tail, gap):
-    head = b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * size + b"\r\ncontent-length: 2\r\n\r\nok"
+def measure(binary, size, tail, gap, empty_lines):
+    if empty_lines:
+        lines = size // 2
+        tail = min(tail // 2, lines)
+        parts = (b"\r\n" * (lines - tail), [b"\r\n"] * tail, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    else:
+        head = b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * size + b"\r\ncontent-length: 2\r\n\r\nok"
+        bulk = len(head) - min(tail, len(head))
+        parts = (head[:bulk], [head[i:i + 1] for i in range(bulk, len(head))], b"")
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as listener:
         with open(os.path.join(tmp, "mesh.yaml"), "w") as f:
             f.write(CONFIG)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(ENDPOINT)
         listener.listen()
-        threading.Thread(target=endpoint, args=(listener, head, min(tail, len(head)), gap), daemon=True).start()
+        threading.Thread(target=endpoint, args=(listener, *parts, gap), daemon=True).start()
         proxy = subprocess.Popen(
             [binary, "run", "-c", os.path.join(tmp, "mesh.yaml"), "--workers", "1", "--admin", ADMIN,
              "--readiness-port", "off", "--transparent", "off", "--dns", "off", "--no-watch", "--state-dir", tmp],
@@ -100,10 +109,11 @@ def main():
     parser.add_argument("binaries", nargs="+")
     parser.add_argument("--size", type=int, default=400_000, help="bytes of the long header")
     parser.add_argument("--tail", type=int, default=3_000, help="bytes sent one at a time at the end")
-    parser.add_argument("--gap-ms", type=float, default=1.0, help="pause between those bytes")
+    parser.add_argument("--gap-ms", type=float, default=1.0, help="pause between those sends")
+    parser.add_argument("--empty-lines", action="store_true", help="the SIZE bytes as empty lines before the status line")
     args = parser.parse_args()
     for binary in args.binaries:
-        measure(binary, args.size, args.tail, args.gap_ms / 1000)
+        measure(binary, args.size, args.tail, args.gap_ms / 1000, args.empty_lines)
 
 
 if __name__ == "__main__":

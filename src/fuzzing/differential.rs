@@ -362,6 +362,18 @@ mod tests {
         let large_head = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "v".repeat(420_000));
         let long_extension =
             format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(5000));
+        // A head one byte over the limit (417,792 bytes), trickled a byte at a time: hyper reads
+        // into all of its buffer's spare room, so only then does it stop at the limit itself.
+        let head_past_limit = {
+            let frame = "HTTP/1.1 200 OK\r\nx-big: \r\ncontent-length: 0\r\n\r\n";
+            let big = "v".repeat(8192 + 4096 * 100 + 1 - frame.len() - 6);
+            format!("\r\n\n\r\n\nHTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 0\r\n\r\n")
+        };
+        // Trailer sections of 16,383 and 16,384 bytes, their final CRLF counted.
+        let trailers_of = |len: usize| {
+            format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx: {}\r\n\r\n", "y".repeat(len - 7))
+        };
+        let (trailers_under_limit, trailers_at_limit) = (trailers_of(16_383), trailers_of(16_384));
         let answers: Vec<&[u8]> = vec![
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
@@ -372,6 +384,15 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhello and more",
             b"HTTP/1.1 200 OK\r\n\r\nuntil the endpoint closes",
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nhi",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\nconnection: close, keep-alive\r\n\r\nhi",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\nhi",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551614\r\n\r\nhi",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551613\r\n\r\nhi",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551616\r\n\r\nhi",
+            b"\r\n\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+            b"\n\n\nHTTP/1.1 100 Continue\r\n\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+            b"\r\n\rHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+            b"\r\n\r\n\r\n",
             b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\ngrpc-status: 0\r\nx-b: 2\r\n\r\n",
@@ -410,9 +431,11 @@ mod tests {
             many_headers.as_bytes(),
             large_head.as_bytes(),
             long_extension.as_bytes(),
+            trailers_under_limit.as_bytes(),
+            trailers_at_limit.as_bytes(),
         ];
         for answer in answers {
-            // A byte at a time only for the small ones: the large head takes 400,000 rounds.
+            // A byte at a time only for the small ones: a large head takes 400,000 rounds.
             let firsts: &[u8] = if answer.len() < 65_536 { &[0, 1, 2, 3, 14, 15] } else { &[0, 1, 14, 15] };
             for &first in firsts {
                 let mut data = vec![first];
@@ -420,6 +443,7 @@ mod tests {
                 super::h1_response_against_hyper(&data).unwrap();
             }
         }
+        super::h1_response_against_hyper(&[&[2][..], head_past_limit.as_bytes()].concat()).unwrap();
     }
 
     /// Endpoint behaviours where HTTP/2 clients can part ways: `content-length` right, wrong

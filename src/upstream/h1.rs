@@ -37,6 +37,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Bytes the read buffer has room for before each read.
 const READ_SIZE: usize = 8192;
+/// The largest `Content-Length` taken, as hyper's (it keeps the two values above for its own use).
+const MAX_CONTENT_LENGTH: u64 = u64::MAX - 2;
 
 /// A waker that does nothing, for checking an idle connection no task waits on.
 static NOOP_WAKER: std::sync::LazyLock<std::task::Waker> = std::sync::LazyLock::new(|| {
@@ -154,9 +156,9 @@ impl Conn {
         self.encode(parts);
         self.0.io.write_all(&self.0.write).await.map_err(Error::Io)?;
         self.0.io.flush().await.map_err(Error::Io)?;
-        let mut partial = None;
+        let mut progress = HeadProgress::default();
         let head = loop {
-            if let Some(head) = self.parse_head(&parts.method, &mut partial)? {
+            if let Some(head) = self.parse_head(&parts.method, &mut progress)? {
                 break head;
             }
             let started = !self.0.read.is_empty();
@@ -211,32 +213,48 @@ impl Conn {
     }
 
     /// The response head from the read buffer ([`parse_head`]).
-    fn parse_head(&mut self, method: &Method, partial: &mut Option<usize>) -> Result<Option<Head>, Error> {
+    fn parse_head(&mut self, method: &Method, progress: &mut HeadProgress) -> Result<Option<Head>, Error> {
         let State { read, spans, .. } = &mut *self.0;
-        parse_head(read, spans, method, partial)
+        parse_head(read, spans, method, progress)
     }
+}
+
+/// What the parses of one response head so far learnt, so the next one does not redo them.
+#[derive(Debug, Default)]
+struct HeadProgress {
+    /// The buffer's length when a parse last found the head incomplete. As hyper does, the head
+    /// is parsed again only when the bytes read since then could end it: a head that arrives a
+    /// byte at a time then costs time in proportion to its length, not to its square.
+    partial: Option<usize>,
+    /// Empty lines dropped from before the status line. httparse skips them on every parse, so
+    /// a flood of them would be scanned again on every read (each read holds an empty line, so
+    /// `partial` does not help); dropped once, they still count towards the head's size, as in
+    /// hyper, which keeps them in its buffer.
+    skipped: usize,
 }
 
 /// A complete final response head from `read`, or `None` if more is needed (informational
 /// responses are dropped on the way). `spans`: scratch space, kept between calls.
-///
-/// `partial`: the buffer's length when a parse last found the head incomplete. As hyper does,
-/// the head is parsed again only when the bytes read since then could end it: a head that
-/// arrives a byte at a time then costs time in proportion to its length, not to its square.
 fn parse_head(
     read: &mut BytesMut,
     spans: &mut Vec<[usize; 4]>,
     method: &Method,
-    partial: &mut Option<usize>,
+    progress: &mut HeadProgress,
 ) -> Result<Option<Head>, Error> {
-    if let Some(before) = *partial {
+    if let Some(before) = progress.partial {
         if !may_end_head(read, before) {
-            return incomplete(read, partial);
+            return incomplete(read, progress);
         }
     }
     loop {
+        let empty = leading_empty_lines(read);
+        if empty > 0 {
+            read.advance(empty);
+            progress.skipped += empty;
+            progress.partial = None;
+        }
         if read.is_empty() {
-            return Ok(None);
+            return incomplete(read, progress);
         }
         // Not initialised: zeroing 100 slots cost more than parsing a typical head.
         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -244,7 +262,7 @@ fn parse_head(
         let len =
             match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, read, &mut slots) {
                 Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return incomplete(read, partial),
+                Ok(httparse::Status::Partial) => return incomplete(read, progress),
                 Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
                 Err(e) => return Err(Error::Head(e)),
             };
@@ -254,7 +272,7 @@ fn parse_head(
                 return Err(Error::Invalid("101 Switching Protocols without an upgrade"));
             }
             read.advance(len);
-            *partial = None;
+            *progress = HeadProgress::default();
             continue;
         }
         let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
@@ -291,7 +309,9 @@ fn parse_head(
 /// read to the end of its framing (or the first error), all from memory.
 pub fn read_response(data: &[u8]) {
     let (mut read, mut spans) = (BytesMut::from(data), Vec::new());
-    let Ok(Some(head)) = parse_head(&mut read, &mut spans, &Method::GET, &mut None) else { return };
+    let Ok(Some(head)) = parse_head(&mut read, &mut spans, &Method::GET, &mut HeadProgress::default()) else {
+        return;
+    };
     if head.framing == Framing::Chunked {
         let mut decoder = chunked::Decoder::default();
         while let Ok(Decoded::Frame(_)) = decoder.decode(&mut read) {}
@@ -299,12 +319,29 @@ pub fn read_response(data: &[u8]) {
 }
 
 /// A head not complete yet: too large, or to be parsed again once bytes that could end it come.
-fn incomplete(read: &[u8], partial: &mut Option<usize>) -> Result<Option<Head>, Error> {
-    if read.len() > MAX_HEAD_BYTES {
+fn incomplete(read: &[u8], progress: &mut HeadProgress) -> Result<Option<Head>, Error> {
+    if progress.skipped + read.len() >= MAX_HEAD_BYTES {
         return Err(Error::HeadTooLarge);
     }
-    *partial = Some(read.len());
+    // As hyper: after an empty buffer, the first bytes are parsed whatever they are.
+    progress.partial = (!read.is_empty()).then_some(read.len());
     Ok(None)
+}
+
+/// How many bytes of empty lines (LF or CRLF) `read` starts with; a CR without its LF yet is
+/// left for httparse to judge.
+fn leading_empty_lines(read: &[u8]) -> usize {
+    let mut at = 0;
+    loop {
+        let rest = &read[at..];
+        if rest.starts_with(b"\n") {
+            at += 1;
+        } else if rest.starts_with(b"\r\n") {
+            at += 2;
+        } else {
+            return at;
+        }
+    }
 }
 
 /// Whether the bytes after the first `before` (and the three before them) hold an empty line
@@ -347,17 +384,17 @@ fn framing(
     headers: &HeaderMap,
     present: Present,
 ) -> Result<(Framing, bool), Error> {
-    let mut keep_alive = version == Version::HTTP_11;
+    // HTTP/1.1 keeps the connection, HTTP/1.0 only with `keep-alive`; a `close` anywhere wins,
+    // whatever comes after it (RFC 9112 §9.6; hyper reads it the same way).
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
     let connection = present.connection.then(|| headers.get_all(http::header::CONNECTION));
     for value in connection.iter().flatten() {
         for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                keep_alive = true;
-            }
+            saw_close |= token.eq_ignore_ascii_case(b"close");
+            saw_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
         }
     }
+    let keep_alive = !saw_close && (version == Version::HTTP_11 || saw_keep_alive);
     if matches!(status.as_u16(), 204 | 304) || method == Method::HEAD {
         return Ok((Framing::Done, keep_alive));
     }
@@ -379,6 +416,7 @@ fn framing(
     }
     Ok(match content_length(headers)? {
         Some(0) => (Framing::Done, keep_alive),
+        Some(n) if n > MAX_CONTENT_LENGTH => return Err(Error::Invalid("Content-Length too large")),
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::UntilClose, false),
     })
@@ -516,10 +554,10 @@ mod tests {
 
     #[test]
     fn a_head_is_parsed_again_only_when_new_bytes_could_end_it() {
-        let (mut read, mut spans, mut partial) = (BytesMut::new(), Vec::new(), None);
+        let (mut read, mut spans, mut progress) = (BytesMut::new(), Vec::new(), HeadProgress::default());
         let mut feed = |bytes: &[u8], read: &mut BytesMut| {
             read.extend_from_slice(bytes);
-            parse_head(read, &mut spans, &Method::GET, &mut partial)
+            parse_head(read, &mut spans, &Method::GET, &mut progress)
         };
         assert!(matches!(feed(b"HTTP/1.1 200 OK\r\n", &mut read), Ok(None)));
         // A malformed line without an empty line after it is not parsed yet: parsing every
@@ -527,13 +565,42 @@ mod tests {
         assert!(matches!(feed(b"bad header\r\n", &mut read), Ok(None)), "parsed before its end");
         assert!(matches!(feed(b"\r\n", &mut read), Err(Error::Head(_))));
         for end in [&b"\n\n"[..], b"\r\n\r\n", b"\n\r\n"] {
-            let (mut read, mut spans, mut partial) = (BytesMut::new(), Vec::new(), None);
+            let (mut read, mut spans, mut progress) = (BytesMut::new(), Vec::new(), HeadProgress::default());
             for (i, byte) in [&b"HTTP/1.1 204 No Content"[..], end].concat().iter().enumerate() {
                 read.extend_from_slice(&[*byte]);
-                let head = parse_head(&mut read, &mut spans, &Method::GET, &mut partial).unwrap();
+                let head = parse_head(&mut read, &mut spans, &Method::GET, &mut progress).unwrap();
                 assert_eq!(head.is_some(), i == 22 + end.len(), "{end:?} at byte {i}");
             }
         }
+    }
+
+    #[test]
+    fn empty_lines_before_a_head_are_dropped_once_and_count_towards_its_size() {
+        let (mut read, mut spans, mut progress) = (BytesMut::new(), Vec::new(), HeadProgress::default());
+        // A flood of empty lines, each read holding one: the buffer does not grow with it.
+        for _ in 0..1000 {
+            read.extend_from_slice(b"\r\n\n");
+            assert!(matches!(parse_head(&mut read, &mut spans, &Method::GET, &mut progress), Ok(None)));
+            assert!(read.is_empty());
+        }
+        assert_eq!(progress.skipped, 3000);
+        read.extend_from_slice(b"\r");
+        assert!(matches!(parse_head(&mut read, &mut spans, &Method::GET, &mut progress), Ok(None)));
+        read.extend_from_slice(b"\nHTTP/1.1 204 No Content\r\n\r\n");
+        let head = parse_head(&mut read, &mut spans, &Method::GET, &mut progress).unwrap().expect("a head");
+        assert_eq!(head.status, StatusCode::NO_CONTENT);
+        // A CR without its LF is httparse's to refuse.
+        let (mut read, mut progress) = (BytesMut::from(&b"\rX"[..]), HeadProgress::default());
+        assert!(matches!(parse_head(&mut read, &mut spans, &Method::GET, &mut progress), Err(Error::Head(_))));
+        // Dropped lines still count: the limit is hyper's, on what came since the last head.
+        let (mut read, mut progress) = (BytesMut::new(), HeadProgress::default());
+        let mut result = Ok(None);
+        while matches!(result, Ok(None)) {
+            read.extend_from_slice(&[b'\n'; 4096]);
+            result = parse_head(&mut read, &mut spans, &Method::GET, &mut progress);
+        }
+        assert!(matches!(result, Err(Error::HeadTooLarge)));
+        assert_eq!(progress.skipped, MAX_HEAD_BYTES.next_multiple_of(4096));
     }
 
     #[test]
@@ -572,6 +639,20 @@ mod tests {
         assert_eq!(
             frame(ok, Version::HTTP_10, &get, "content-length: 5\nconnection: keep-alive"),
             Some((Framing::Length(5), true))
+        );
+        // A `close` wins over a `keep-alive` after it, on its line or a later one (as hyper).
+        for connection in ["close, keep-alive", "close\nconnection: keep-alive", "keep-alive, close"] {
+            for version in [v11, Version::HTTP_10] {
+                let h = format!("content-length: 5\nconnection: {connection}");
+                assert_eq!(frame(ok, version, &get, &h), Some((Framing::Length(5), false)), "{version:?} {connection}");
+            }
+        }
+        // hyper keeps the two largest values for itself and refuses them.
+        assert_eq!(frame(ok, v11, &get, "content-length: 18446744073709551615"), None);
+        assert_eq!(frame(ok, v11, &get, "content-length: 18446744073709551614"), None);
+        assert_eq!(
+            frame(ok, v11, &get, "content-length: 18446744073709551613"),
+            Some((Framing::Length(u64::MAX - 2), true))
         );
         assert_eq!(frame(ok, v11, &Method::HEAD, "content-length: 5"), Some((Framing::Done, true)));
         assert_eq!(frame(StatusCode::NO_CONTENT, v11, &get, "content-length: 5"), Some((Framing::Done, true)));

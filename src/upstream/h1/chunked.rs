@@ -176,13 +176,14 @@ impl Decoder {
         })
     }
 
-    /// Adds a byte to the trailer section, if it has begun.
+    /// Adds a byte to the trailer section, if it has begun. As hyper, a section that reaches
+    /// the limit is refused: 16,383 bytes at most, its final CRLF counted.
     fn keep(&mut self, byte: u8) -> Result<(), Error> {
         if let Some(section) = &mut self.trailers {
+            section.put_u8(byte);
             if section.len() >= TRAILERS_LIMIT {
                 return Err(Error::Chunked("trailers over 16 KiB"));
             }
-            section.put_u8(byte);
         }
         Ok(())
     }
@@ -282,6 +283,10 @@ mod tests {
         assert!(dechunk(many_trailers.as_bytes(), 1 << 20).is_err(), "101 trailer fields");
         let large_trailers = format!("0\r\nx: {}\r\n\r\n", "y".repeat(TRAILERS_LIMIT));
         assert!(dechunk(large_trailers.as_bytes(), 1 << 20).is_err(), "trailers past 16 KiB");
+        // The section "x: " + value + CRLF CRLF: 16,383 bytes pass, 16,384 do not (as hyper).
+        let section = |len: usize| format!("0\r\nx: {}\r\n\r\n", "y".repeat(len - 7));
+        assert!(dechunk(section(TRAILERS_LIMIT - 1).as_bytes(), 1 << 20).is_ok(), "16,383 bytes");
+        assert!(dechunk(section(TRAILERS_LIMIT).as_bytes(), 1 << 20).is_err(), "16,384 bytes");
     }
 
     #[test]
