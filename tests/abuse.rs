@@ -344,6 +344,49 @@ async fn the_header_read_timeout_runs_between_http1_requests_only() {
     tokio::time::sleep(Duration::from_millis(900)).await;
     let (status, body) = text(client.send_request(get("http://web/", &[])).await.unwrap()).await;
     assert_eq!(status, 200, "{body}");
+
+    // `PRI` is an HTTP/1 method too: such a head, never completed, is held to the deadline
+    // (the idle timeout here is an hour).
+    let mut pri = TcpStream::connect(http_out).await.unwrap();
+    pri.write_all(b"PRI / HTTP/1.1\r\nHost: web\r\nx-slow: ").await.unwrap();
+    assert!(closed_by_proxy(pri).await.is_some(), "an HTTP/1 head with the method PRI never completed");
+
+    // An upload the endpoint answers before it has all of it goes on for three timeouts after
+    // the response ended: the connection is not cut, and its next request is answered.
+    let mut upload = TcpStream::connect(http_out).await.unwrap();
+    upload
+        .write_all(b"POST /early HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut upload).await.expect("a response head");
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        upload.write_all(b"4\r\nmore\r\n").await.expect("the upload was cut");
+    }
+    upload.write_all(b"0\r\n\r\nGET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").await.unwrap();
+    let rest = closed_by_proxy(upload).await.unwrap_or_default();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("HTTP/1.1 200"), "no answer to the request after the upload: {rest:?}");
+}
+
+/// A drain does not lift the header-read timeout: a first head that never completes ends its
+/// connection at the deadline, not at the end of the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_keeps_the_header_read_timeout() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("web", "http", upstream.addr.port());
+    let mut opts = options(config);
+    opts.timeouts =
+        mesh_egress::proxy::ConnectionTimeouts { header_read: Duration::from_millis(300), ..Default::default() };
+    let mut proxy = start(opts).await;
+    let mut slow = TcpStream::connect(outbound).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nx-slow: ").await.unwrap();
+    // Accepted and read before the drain begins (well within the deadline).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let left = proxy.drain(Duration::from_secs(10)).await;
+    assert_eq!(left, 0, "the connection outlived its head deadline during the drain");
+    assert!(closed_by_proxy(slow).await.is_some());
 }
 
 /// The admin server and DNS-over-TCP close connections that send nothing (10 s each).

@@ -400,7 +400,7 @@ mod tests {
         });
         let empty = RequestBody::empty(Counter::default(), None);
         client.send(Request::get("http://endpoint/").body(empty).unwrap()).await.unwrap();
-        let body = RequestBody::new(incoming(b"one message").await, Counter::default(), None);
+        let body = RequestBody::new(incoming(b"one message").await.into(), Counter::default(), None);
         poll_fn(|cx| client.send.poll_ready(cx)).await.unwrap();
         let (_response, stream) = client.send.send_request(post(()), false).unwrap();
         let mut pipe = Pipe { body, stream, data: None };

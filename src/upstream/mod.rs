@@ -4,6 +4,7 @@
 //! do not change, so DNS answers and health survive a configuration swap.
 
 pub mod active;
+mod app_body;
 mod connect;
 pub mod h1;
 pub mod h2;
@@ -26,6 +27,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+pub use app_body::{AppBody, EndWatch};
 pub use connect::{TargetAddr, UpstreamIo, UpstreamStream};
 pub use health::{ActiveGuard, EjectionPolicy, Health};
 pub use outlier::Outcome;

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use crate::metrics::Counter;
 use crate::worker::{self, Line};
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::AppBody;
 use hyper::client::conn::http1;
 use rustls::ClientConfig;
 
@@ -40,7 +42,7 @@ pub const MIRROR_QUEUE: usize = 16;
 
 /// Straight from the application, or through a copy kept for retries, or a mirror's copy.
 enum Source {
-    Direct(Incoming),
+    Direct(AppBody),
     Replay(ReplayBody),
     Mirror(tokio::sync::mpsc::Receiver<Bytes>),
     /// A retry of a request that had no body.
@@ -59,7 +61,7 @@ impl Source {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
+    pub fn new(inner: AppBody, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
         Self { inner: Source::Direct(inner), counter, sent, pool_return: None, tee: None }
     }
 

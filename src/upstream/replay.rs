@@ -11,14 +11,16 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::AppBody;
 
 /// Request bytes kept for a retry; a larger body is sent once.
 pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug)]
 struct State {
-    source: Incoming,
+    source: AppBody,
     hint: SizeHint,
     copy: Vec<Bytes>,
     copied: usize,
@@ -36,7 +38,7 @@ struct State {
 pub struct Replay(Arc<Mutex<State>>);
 
 impl Replay {
-    pub fn new(source: Incoming) -> Self {
+    pub fn new(source: AppBody) -> Self {
         let hint = source.size_hint();
         let done = source.is_end_stream();
         let state =

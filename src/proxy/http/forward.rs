@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
+
+use crate::upstream::AppBody;
 use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, ResponseBody, StreamIdle, UpstreamBody};
@@ -27,7 +29,7 @@ use crate::upstream::replay::Replay;
 use crate::upstream::{ActiveGuard, ConnectError, Outcome, Permit, Target, TargetAddr};
 
 /// Forwards within the request's time limit.
-pub(super) async fn forward(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
+pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let exchange = exchange(ctx, req, proxy);
     match ctx.limit {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
@@ -53,7 +55,7 @@ enum Attempt {
     Failed(AttemptFailure, Response<ProxyBody>),
 }
 
-async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -> Response<ProxyBody> {
+async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let upstream = &ctx.route.upstream;
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let mut req = req;
@@ -92,7 +94,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<Incoming>, proxy: &HttpProxy) -
 
 /// Attempts until a response or failure that the policy does not retry, or until the retries,
 /// the body copy or the retry budget (`maxRetries`) run out.
-async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body: Incoming) -> Attempt {
+async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body: AppBody) -> Attempt {
     let upstream = &ctx.route.upstream;
     // A request without a body (most GETs) needs no copy: retries send an empty body.
     let mut bodies = if body.is_end_stream() { Bodies::Empty(Some(body)) } else { Bodies::Replay(Replay::new(body)) };
@@ -152,7 +154,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
 /// The request body of each attempt.
 enum Bodies {
     /// No body: the first attempt takes the (finished) original, retries send nothing.
-    Empty(Option<Incoming>),
+    Empty(Option<AppBody>),
     Replay(Replay),
 }
 

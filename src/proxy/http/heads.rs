@@ -1,7 +1,8 @@
 //! HTTP/1's header-read timeout (`--header-read-timeout`, MeshTimeout
 //! `requestHeadersTimeout`): a request head must arrive within it, counted from the end of the
-//! previous response (or from the connection's first byte), so it is also how long a keep-alive
-//! connection waits for its next request.
+//! previous exchange (its response or its request body, whichever ends last; as hyper, which
+//! reads no head before both) or from the connection's first byte, so it is also how long a
+//! keep-alive connection waits for its next request. A drain does not lift it.
 //!
 //! Kept by the connection's watcher task rather than by hyper: hyper allocates, registers and
 //! cancels a timer for every request head, 4% of an HTTP/1.1 request's instructions. Here a
@@ -17,11 +18,13 @@ use std::time::Duration;
 
 use super::ProxyBody;
 use crate::listen::idle::{Activity, FirstBytes};
+use crate::upstream::EndWatch;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-/// The HTTP/2 client preface's first bytes: enough to tell it from any HTTP/1 method.
-const PREFACE: &[u8] = b"PRI ";
+/// The HTTP/2 client preface, whole: `PRI` is also a valid HTTP/1 method, and hyper-util serves
+/// a connection as HTTP/2 only when all of it came (`PRI / HTTP/1.1` is HTTP/1, with a deadline).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const UNDECIDED: u8 = 0;
 const HTTP1: u8 = 1;
@@ -29,10 +32,10 @@ const HTTP2: u8 = 2;
 
 /// One application connection's requests, as the head deadline sees them.
 pub(super) struct Heads {
-    /// Requests whose response has not ended.
+    /// Responses and request bodies that have not ended.
     open: AtomicU32,
-    /// Stamped when a response ends (and when the connection turns out to speak HTTP/1): the
-    /// next head is due a timeout later.
+    /// Stamped when a response or a request body ends (and when the connection turns out to
+    /// speak HTTP/1): the next head is due a timeout later.
     waiting_since: Arc<Activity>,
     protocol: AtomicU8,
 }
@@ -55,6 +58,17 @@ impl Heads {
         }
         self.open.fetch_add(1, Ordering::AcqRel);
         Some(OpenRequest(self.clone()))
+    }
+
+    /// A request body begins ([`crate::upstream::AppBody`]): its request stays open until it
+    /// ends too, as hyper reads no next head before, and an endpoint may answer an upload before
+    /// it has all of it. `None` on HTTP/2.
+    pub(super) fn open_body(self: &Arc<Self>) -> Option<Arc<dyn EndWatch>> {
+        if self.protocol.load(Ordering::Relaxed) == HTTP2 {
+            return None;
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Some(self.clone())
     }
 
     /// Completes when an HTTP/1 connection has had no request open for `timeout` and no head
@@ -106,9 +120,15 @@ pub(super) struct OpenRequest(Arc<Heads>);
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
+impl EndWatch for Heads {
+    fn ended(&self) {
         // Stamp first: the watcher reads the stamp once it sees nothing open.
-        self.0.waiting_since.touch();
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.waiting_since.touch();
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -157,11 +177,15 @@ mod tests {
     #[tokio::test]
     async fn the_first_bytes_tell_http2_from_http1_even_when_split() {
         let protocol = |h: &Heads| h.protocol.load(Ordering::Relaxed);
-        assert_eq!(protocol(&*sniffed(&[b"PRI * HTTP/2.0\r\n"]).await), HTTP2);
-        assert_eq!(protocol(&*sniffed(&[b"P", b"R", b"I * HTTP/2.0"]).await), HTTP2);
+        assert_eq!(protocol(&*sniffed(&[PREFACE]).await), HTTP2);
+        assert_eq!(protocol(&*sniffed(&[b"P", b"R", b"I * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n"]).await), HTTP2);
         assert_eq!(protocol(&*sniffed(&[b"GET / HTTP/1.1\r\n"]).await), HTTP1);
         assert_eq!(protocol(&*sniffed(&[b"P", b"OST / HTTP/1.1\r\n"]).await), HTTP1);
+        // `PRI` is an HTTP/1 method too: only the whole preface is HTTP/2.
+        assert_eq!(protocol(&*sniffed(&[b"PRI / HTTP/1.1\r\n"]).await), HTTP1);
+        assert_eq!(protocol(&*sniffed(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\n"]).await), HTTP1);
         assert_eq!(protocol(&*sniffed(&[b"PR"]).await), UNDECIDED);
+        assert_eq!(protocol(&*sniffed(&[b"PRI * HTTP/2.0\r\n"]).await), UNDECIDED);
     }
 
     /// The deadline counts from the end of the last response, never while one is open.
@@ -187,7 +211,7 @@ mod tests {
     async fn http2_and_silent_connections_have_no_head_deadline() {
         use futures_util::FutureExt as _;
         let timeout = Duration::from_secs(30);
-        for heads in [sniffed(&[b"PRI * HTTP/2.0\r\n"]).await, sniffed(&[]).await, Heads::new(true)] {
+        for heads in [sniffed(&[PREFACE]).await, sniffed(&[]).await, Heads::new(true)] {
             let overdue = heads.overdue(timeout);
             tokio::pin!(overdue);
             tokio::time::sleep(Duration::from_secs(120)).await;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -40,6 +40,7 @@ use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
+use crate::upstream::AppBody;
 use heads::{Heads, Served};
 
 /// What an application connection may send: overridable by flags (`--max-request-headers`,
@@ -114,7 +115,7 @@ impl HttpProxy {
 /// passthrough's [`PassthroughHttp`].
 trait Handler: Send + Sync + 'static {
     /// One request's phases, to its response head.
-    fn phases(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
+    fn phases(&self, req: Request<AppBody>) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
     fn resets(&self) -> &resets::ResetBudget;
     fn peer(&self) -> SocketAddr;
     fn timeouts(&self) -> ConnectionTimeouts;
@@ -122,7 +123,7 @@ trait Handler: Send + Sync + 'static {
 }
 
 impl Handler for HttpProxy {
-    fn phases(&self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
+    fn phases(&self, req: Request<AppBody>) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
         HttpProxy::phases(self, req)
     }
 
@@ -168,9 +169,13 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let peer = proxy.peer();
     let heads = Heads::new(http2_only);
     let watched_heads = heads.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let open = heads.open();
+        let req = req.map(|body| {
+            let watch = if body.is_end_stream() { None } else { heads.open_body() };
+            AppBody::new(body, watch)
+        });
         async move {
             // A stream dropped before its answer counts against the connection's reset budget.
             let stream = proxy.resets().stream();
@@ -199,6 +204,8 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let client = if http2_only { client } else { client.watching_first_bytes(watched_heads.sniffer()) };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     tokio::pin!(connection);
+    // For a connection that drains: still held to its idle and head deadlines.
+    let (draining_activity, draining_heads) = (activity.clone(), watched_heads.clone());
     // What ends a connection early is watched by a task of its own, so the connection's task,
     // woken several times per request, polls one oneshot instead of a timer and two notifiers.
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
@@ -229,7 +236,11 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
                 }
             }
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = draining_activity.idle_for(timeouts.idle) => return,
+                () = draining_heads.overdue(timeouts.header_read) => return,
+            }
         }
     };
     watcher.abort();

@@ -12,6 +12,8 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+
+use crate::upstream::AppBody;
 use hyper::client::conn::{http1, http2};
 
 use super::body::ProxyBody;
@@ -33,8 +35,8 @@ const UNRESOLVED: &str =
 const MAX_KEPT: usize = 8;
 
 enum Conn {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<AppBody>),
+    H2(http2::SendRequest<AppBody>),
 }
 
 /// One passthrough application connection that speaks HTTP.
@@ -54,7 +56,7 @@ impl PassthroughHttp {
         Self { proxy: proxy.clone(), peer, dst, conns: Mutex::default(), resets: ResetBudget::default() }
     }
 
-    async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn phases(&self, req: Request<AppBody>) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
         if let Err(refusal) = rewrite::check(&parts) {
@@ -125,7 +127,7 @@ impl PassthroughHttp {
         &self,
         target: SocketAddr,
         http2: bool,
-        req: Request<Incoming>,
+        req: Request<AppBody>,
     ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
         let kept = {
             let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -181,7 +183,7 @@ impl PassthroughHttp {
 }
 
 impl Handler for PassthroughHttp {
-    async fn phases(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn phases(&self, req: Request<AppBody>) -> Response<ProxyBody> {
         PassthroughHttp::phases(self, req).await
     }
 

@@ -7,8 +7,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::upstream::AppBody;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::{PendingLog, ProxyBody};
@@ -46,7 +46,7 @@ pub(super) struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(route: Route, req: &mut Request<Incoming>, proxy: &HttpProxy) -> Self {
+    fn new(route: Route, req: &mut Request<AppBody>, proxy: &HttpProxy) -> Self {
         let started = Instant::now();
         let policy = route.upstream.policy_arc();
         let timeouts = &policy.timeouts;
@@ -122,7 +122,7 @@ impl RequestCtx {
 }
 
 /// The request headers the service's MeshAccessLog formats read, and the pseudo-headers.
-fn capture_request(req: &Request<Incoming>, log: &ServiceLog) -> Box<Headers> {
+fn capture_request(req: &Request<AppBody>, log: &ServiceLog) -> Box<Headers> {
     let mut headers = Headers::default();
     let uri = req.uri();
     headers.request.insert(":method".into(), req.method().to_string());
@@ -148,7 +148,7 @@ fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 impl HttpProxy {
-    pub(super) async fn phases(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    pub(super) async fn phases(&self, mut req: Request<AppBody>) -> Response<ProxyBody> {
         let snapshot = self.live.load();
         let Some(route) = snapshot.route(self.key) else {
             return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
+use crate::upstream::AppBody;
 use http::header::{HeaderValue, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::reply::{self, Failure};
@@ -43,7 +43,7 @@ impl MatchedRule {
     }
 }
 
-pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<Incoming>, grpc: bool) -> Routed {
+pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody>, grpc: bool) -> Routed {
     let Some(table) = route.service.routes.as_ref().and_then(|r| r.http.as_ref()) else {
         return Routed::Forward(route, None);
     };
@@ -96,7 +96,7 @@ fn count(service: &Service, rule: &HttpRule, backend: &str) {
     metrics().route_request(&service.key(), &rule.name, backend);
 }
 
-fn rewrite_path(req: &mut Request<Incoming>, change: &PathChange, prefix: Option<&str>) {
+fn rewrite_path(req: &mut Request<AppBody>, change: &PathChange, prefix: Option<&str>) {
     let uri = req.uri();
     let path_and_query = change.apply(uri.path(), uri.query(), prefix);
     let mut parts = uri.clone().into_parts();
@@ -109,7 +109,7 @@ fn rewrite_path(req: &mut Request<Incoming>, change: &PathChange, prefix: Option
 }
 
 /// The redirect's `Location`: each part from the filter when it sets it, else the request's.
-fn redirect_reply(redirect: &Redirect, req: &Request<Incoming>, prefix: Option<&str>) -> Response<ProxyBody> {
+fn redirect_reply(redirect: &Redirect, req: &Request<AppBody>, prefix: Option<&str>) -> Response<ProxyBody> {
     let uri = req.uri();
     let authority = uri
         .authority()
@@ -144,7 +144,7 @@ fn redirect_reply(redirect: &Redirect, req: &Request<Incoming>, prefix: Option<&
 /// answer is dropped and nothing about it reaches the application. A body is copied frame by
 /// frame as the primary sends it (a [`MirrorTee`] for the forward phase); a mirror that falls
 /// behind loses its copy, and never slows the primary.
-fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<Incoming>) {
+fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<AppBody>) {
     if rand::rng().random_range(0.0..100.0) >= mirror.percentage {
         return;
     }
