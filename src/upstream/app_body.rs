@@ -33,6 +33,7 @@ impl AppBody {
 }
 
 /// A body nothing waits for.
+#[cfg(test)]
 impl From<Incoming> for AppBody {
     fn from(inner: Incoming) -> Self {
         Self { inner, watch: None }

@@ -161,7 +161,8 @@ impl Conn {
             if let Some(head) = self.parse_head(&parts.method, &mut progress)? {
                 break head;
             }
-            let started = !self.0.read.is_empty();
+            // As hyper: empty lines are not a response begun (closing after them may be resent).
+            let started = self.0.read.iter().any(|b| !matches!(b, b'\r' | b'\n'));
             if self.fill().await? == 0 {
                 return Err(if started { Error::Incomplete } else { Error::ClosedEarly });
             }
@@ -251,7 +252,6 @@ fn parse_head(
         if empty > 0 {
             read.advance(empty);
             progress.skipped += empty;
-            progress.partial = None;
         }
         if read.is_empty() {
             return incomplete(read, progress);
@@ -388,10 +388,11 @@ fn framing(
     // whatever comes after it (RFC 9112 §9.6; hyper reads it the same way).
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     let connection = present.connection.then(|| headers.get_all(http::header::CONNECTION));
-    for value in connection.iter().flatten() {
-        for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            saw_close |= token.eq_ignore_ascii_case(b"close");
-            saw_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    // A line with bytes other than visible ASCII is not read at all, as hyper does.
+    for value in connection.iter().flatten().filter_map(|value| value.to_str().ok()) {
+        for token in value.split(',').map(str::trim) {
+            saw_close |= token.eq_ignore_ascii_case("close");
+            saw_keep_alive |= token.eq_ignore_ascii_case("keep-alive");
         }
     }
     let keep_alive = !saw_close && (version == Version::HTTP_11 || saw_keep_alive);
@@ -646,6 +647,15 @@ mod tests {
                 let h = format!("content-length: 5\nconnection: {connection}");
                 assert_eq!(frame(ok, version, &get, &h), Some((Framing::Length(5), false)), "{version:?} {connection}");
             }
+        }
+        // A Connection line that is not visible ASCII is not read (as hyper: `to_str` fails).
+        for (version, line, reused) in
+            [(Version::HTTP_10, &b"keep-alive, \xff"[..], false), (v11, b"close, \xff", true)]
+        {
+            let mut headers = head("content-length: 5");
+            headers.append(http::header::CONNECTION, HeaderValue::from_bytes(line).unwrap());
+            let present = Present { connection: true, transfer_encoding: false };
+            assert_eq!(framing(ok, version, &get, &headers, present).ok(), Some((Framing::Length(5), reused)));
         }
         // hyper keeps the two largest values for itself and refuses them.
         assert_eq!(frame(ok, v11, &get, "content-length: 18446744073709551615"), None);

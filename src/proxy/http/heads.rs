@@ -53,11 +53,7 @@ impl Heads {
     /// A request begins; it ends when the returned guard (moved into its response body) drops.
     /// `None` on HTTP/2, which has no head deadline.
     pub(super) fn open(self: &Arc<Self>) -> Option<OpenRequest> {
-        if self.protocol.load(Ordering::Relaxed) == HTTP2 {
-            return None;
-        }
-        self.open.fetch_add(1, Ordering::AcqRel);
-        Some(OpenRequest(self.clone()))
+        self.open_body().map(OpenRequest)
     }
 
     /// A request body begins ([`crate::upstream::AppBody`]): its request stays open until it
@@ -116,7 +112,7 @@ impl Heads {
 }
 
 /// A request counted open by [`Heads`].
-pub(super) struct OpenRequest(Arc<Heads>);
+pub(super) struct OpenRequest(Arc<dyn EndWatch>);
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {

@@ -170,13 +170,13 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let heads = Heads::new(http2_only);
     let watched_heads = heads.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let proxy = proxy.clone();
-        let open = heads.open();
-        let req = req.map(|body| {
-            let watch = if body.is_end_stream() { None } else { heads.open_body() };
-            AppBody::new(body, watch)
-        });
+        // Kept this small, the closure is inlined into hyper's caller and its future built in
+        // place: more work here cost a copy of the whole future (5.6 KB) per request.
+        let (proxy, heads) = (proxy.clone(), heads.clone());
         async move {
+            let open = heads.open();
+            let watch = if req.body().is_end_stream() { None } else { heads.open_body() };
+            let req = req.map(|body| AppBody::new(body, watch));
             // A stream dropped before its answer counts against the connection's reset budget.
             let stream = proxy.resets().stream();
             let response = proxy.phases(req).await;
