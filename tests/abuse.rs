@@ -269,6 +269,19 @@ async fn closed_by_proxy(mut s: TcpStream) -> Option<Vec<u8>> {
     }
 }
 
+/// A chunked upload to the test upstream's `/early`, which answers at once and goes on reading:
+/// the stream once the 200's head has arrived, the upload still open.
+async fn early_answered_upload(outbound: SocketAddr) -> TcpStream {
+    let mut upload = TcpStream::connect(outbound).await.unwrap();
+    upload
+        .write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut upload).await.expect("a response head");
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    upload
+}
+
 /// Quiet connections end: a TCP flow with no bytes (idle timeout), a TCP flow half-closed by
 /// the application behind a silent upstream (half-close timeout), an HTTP/1 request head that
 /// never completes (header-read timeout) and an h2c connection that sends nothing (idle).
@@ -353,13 +366,7 @@ async fn the_header_read_timeout_runs_between_http1_requests_only() {
 
     // An upload the endpoint answers before it has all of it goes on for three timeouts after
     // the response ended: the connection is not cut, and its next request is answered.
-    let mut upload = TcpStream::connect(http_out).await.unwrap();
-    upload
-        .write_all(b"POST /early HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut upload).await.expect("a response head");
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let mut upload = early_answered_upload(http_out).await;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         upload.write_all(b"4\r\nmore\r\n").await.expect("the upload was cut");
@@ -413,13 +420,7 @@ async fn a_slow_upload_does_not_stall_the_next_request() {
     let upstream = common::http_upstream::http_upstream(None).await;
     let (outbound, _dir, config) = single_service("up", "http", upstream.addr.port());
     let _proxy = start(options(config)).await;
-    let mut upload = TcpStream::connect(outbound).await.unwrap();
-    upload
-        .write_all(b"POST /early HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut upload).await.expect("a response head");
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let mut upload = early_answered_upload(outbound).await;
     let next = tokio::time::timeout(
         Duration::from_secs(20),
         raw(outbound, "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),

@@ -17,13 +17,11 @@ use crate::metrics::Counter;
 use crate::worker::{self, Line};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-
-use super::AppBody;
 use hyper::client::conn::http1;
 use rustls::ClientConfig;
 
 use super::replay::ReplayBody;
-use super::TargetAddr;
+use super::{AppBody, TargetAddr};
 
 /// A request body on its way to an endpoint, its bytes counted as they pass.
 pub struct RequestBody {

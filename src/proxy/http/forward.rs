@@ -9,8 +9,6 @@ use std::time::Duration;
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::Body as _;
-
-use crate::upstream::AppBody;
 use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, ResponseBody, StreamIdle, UpstreamBody};
@@ -26,7 +24,7 @@ use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
 use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
 use crate::upstream::replay::Replay;
-use crate::upstream::{ActiveGuard, ConnectError, Outcome, Permit, Target, TargetAddr};
+use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, Target, TargetAddr};
 
 /// Forwards within the request's time limit.
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {

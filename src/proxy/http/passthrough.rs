@@ -12,8 +12,6 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-
-use crate::upstream::AppBody;
 use hyper::client::conn::{http1, http2};
 
 use super::body::ProxyBody;
@@ -24,7 +22,7 @@ use super::rewrite::{self, strip_hop_by_hop};
 use super::{ConnectionTimeouts, Handler};
 use crate::metrics::metrics;
 use crate::proxy::{passthrough, Proxy};
-use crate::upstream::{TargetAddr, UpstreamStream};
+use crate::upstream::{AppBody, TargetAddr, UpstreamStream};
 
 /// Kuma's answer when no MeshPassthrough domain matches, with our name in place of Kuma's.
 pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No routes matched this domain - check configuration of your MeshPassthrough policy.\n";

@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::upstream::AppBody;
 use http::{Request, Response};
 use tokio::time::Instant;
 
@@ -21,7 +20,7 @@ use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::policy::runtime::timeout_over;
 use crate::proxy::admit::admit;
-use crate::upstream::UpstreamPolicy;
+use crate::upstream::{AppBody, UpstreamPolicy};
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use crate::upstream::AppBody;
 use http::header::{HeaderValue, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Uri};
 
@@ -16,6 +15,7 @@ use crate::live::{Route, Snapshot};
 use crate::metrics::metrics;
 use crate::policy::routes::{pick, HttpRule, Mirror, PathChange, Redirect};
 use crate::upstream::pool::MIRROR_QUEUE;
+use crate::upstream::AppBody;
 use hyper::body::Body as _;
 use rand::Rng as _;
 
