@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use rustls::ClientConfig;
@@ -14,7 +15,8 @@ use crate::catalog::{Catalog, Service};
 use crate::model::{TlsPolicy, VerificationMode};
 use crate::tls::{self, SystemRoots};
 use crate::upstream::pool::TlsIdentity;
-use crate::upstream::{Settings, TlsSetup, Upstream, UpstreamPolicy};
+use crate::upstream::{Settings, TlsSetup, Upstream, UpstreamHandle, UpstreamPolicy};
+use crate::worker::{self, Line};
 
 /// One configuration, ready for traffic.
 #[derive(Debug, Default)]
@@ -23,7 +25,13 @@ pub struct Snapshot {
     /// Indexed like `catalog.services()`.
     upstreams: Vec<Arc<Upstream>>,
     tls: TlsClients,
+    /// Each worker's routes, made on its first request to each service (slot 0: every other
+    /// thread): a request clones its own worker's, never an `Arc` every worker writes.
+    local: Box<[Line<OnceLock<WorkerRoutes>>]>,
 }
+
+/// One worker's routes, indexed like `catalog.services()`.
+type WorkerRoutes = Box<[OnceLock<Route>]>;
 
 /// The TLS client configuration of every service that originates TLS, built once per
 /// configuration and shared by all of its connections.
@@ -113,19 +121,49 @@ pub enum RouteKey {
     Vip(SocketAddr),
 }
 
-/// A service as a connection or request holds on to it once the snapshot is released: its
-/// compiled settings, its upstream and its TLS client.
+/// A service as a connection or request holds on to it once the snapshot is released. One per
+/// worker and configuration ([`Snapshot::route`]), so that cloning and dropping it for every
+/// request writes a reference count on a cache line only its worker writes: on a machine with
+/// many cores, an `Arc` every worker clones is a line that moves between them on each request.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub struct Route(Arc<RouteParts>);
+
+/// Aligned to a cache line, so the line of the reference counts before it holds nothing else.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct RouteParts {
     pub service: Arc<Service>,
     pub upstream: Arc<Upstream>,
+    /// The upstream's policy as it was when the route was made: that of the route's
+    /// configuration, which set it before it was published.
+    pub policy: Arc<UpstreamPolicy>,
     tls_client: Option<Arc<ClientConfig>>,
+}
+
+impl Deref for Route {
+    type Target = RouteParts;
+
+    fn deref(&self) -> &RouteParts {
+        &self.0
+    }
+}
+
+impl AsRef<Upstream> for RouteParts {
+    fn as_ref(&self) -> &Upstream {
+        &self.upstream
+    }
 }
 
 impl Route {
     /// What TLS origination needs, when the service originates TLS.
     pub fn tls(&self) -> Option<TlsSetup<'_>> {
         self.service.tls.as_ref().zip(self.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config })
+    }
+
+    /// The upstream as what a request holds until its response ends holds it: through this
+    /// worker's route.
+    pub fn upstream_handle(&self) -> UpstreamHandle {
+        UpstreamHandle::new(self.0.clone())
     }
 }
 
@@ -162,7 +200,8 @@ impl Snapshot {
                 }
             })
             .collect();
-        Self { catalog, upstreams, tls }
+        let local = std::iter::repeat_with(Line::default).take(worker::slots()).collect();
+        Self { catalog, upstreams, tls, local }
     }
 
     /// The route of the service at `index` in the catalog (a route's backend).
@@ -170,12 +209,23 @@ impl Snapshot {
         self.route_at(index)
     }
 
+    /// This worker's route of the service at `index`, made on first use.
     fn route_at(&self, index: usize) -> Option<Route> {
-        Some(Route {
-            service: self.catalog.service(index)?.clone(),
-            upstream: self.upstreams.get(index)?.clone(),
-            tls_client: self.tls.get(index).cloned(),
-        })
+        let (service, upstream) = (self.catalog.service(index)?, self.upstreams.get(index)?);
+        let make = || {
+            Route(Arc::new(RouteParts {
+                service: service.clone(),
+                upstream: upstream.clone(),
+                policy: upstream.policy_arc(),
+                tls_client: self.tls.get(index).cloned(),
+            }))
+        };
+        if self.local.is_empty() {
+            return Some(make()); // a snapshot not built by `new`
+        }
+        let Line(table) = &self.local[worker::slot_in(self.local.len())];
+        let routes = table.get_or_init(|| std::iter::repeat_with(OnceLock::new).take(self.upstreams.len()).collect());
+        Some(routes.get(index)?.get_or_init(make).clone())
     }
 
     /// The service behind a listener address (outbound) or a destination (VIP:port).
@@ -195,3 +245,66 @@ impl Snapshot {
 
 /// The current snapshot; readers never block, a reload replaces it whole.
 pub type Live = ArcSwap<Snapshot>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{self, CompileOptions, Ipam};
+
+    fn snapshot() -> Snapshot {
+        let mut loaded = crate::resources::Loaded::default();
+        let yaml = "type: MeshExternalService\nname: httpbin\nspec:\n  match: {port: 80}\n  endpoints: [{address: 10.0.0.1, port: 80}]\n";
+        crate::resources::load_str(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        let options = CompileOptions::default();
+        let compiled =
+            catalog::compile(&loaded.resources, &options, &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()));
+        let mut snapshot = Snapshot::new(compiled.catalog, TlsClients::default(), None, &Arc::default());
+        // Two workers and the control plane (`worker::set_workers` is process-wide).
+        snapshot.local = std::iter::repeat_with(Line::default).take(3).collect();
+        snapshot
+    }
+
+    /// What a request writes to hold its service: each worker clones a route of its own, on a
+    /// cache line of its own, and no clone (of the route, of its upstream handle, with a
+    /// request slot) writes the reference counts every worker shares. The request slot's
+    /// count is written by all workers by meaning (`maxRequests` is the service's).
+    #[test]
+    fn each_worker_clones_a_route_of_its_own() {
+        let snapshot = snapshot();
+        let shared =
+            |r: &Route| (Arc::strong_count(&r.service), Arc::strong_count(&r.upstream), Arc::strong_count(&r.policy));
+        let control = snapshot.route_by_index(0).unwrap();
+        let ready = std::sync::Barrier::new(2);
+        let routes: Vec<usize> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|index| {
+                    let (snapshot, ready) = (&snapshot, &ready);
+                    s.spawn(move || {
+                        worker::enter(index);
+                        let first = snapshot.route_by_index(0).unwrap();
+                        ready.wait(); // both workers made theirs: the shared counts stay put now
+                        let before = shared(&first);
+                        let held: Vec<(Route, UpstreamHandle)> = (0..100)
+                            .map(|_| {
+                                let route = snapshot.route_by_index(0).unwrap();
+                                let handle = route.upstream_handle();
+                                (route, handle)
+                            })
+                            .collect();
+                        let slot = held[0].1.request_slot().unwrap();
+                        assert!(held.iter().all(|(route, _)| Arc::ptr_eq(&route.0, &first.0)));
+                        assert_eq!(Arc::strong_count(&first.0), 2 + 2 * 100 + 1, "the table's, these and the slot's");
+                        assert_eq!(shared(&first), before, "a request wrote a count every worker shares");
+                        drop((slot, held));
+                        ready.wait();
+                        Arc::as_ptr(&first.0) as usize
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let all = [routes[0], routes[1], Arc::as_ptr(&control.0) as usize];
+        assert!(all.iter().all(|address| address % 64 == 0), "each route's counts have a line of their own");
+        assert!(all[0] != all[1] && all[1] != all[2] && all[0] != all[2], "one route per worker: {all:?}");
+    }
+}

@@ -14,8 +14,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use hyper::body::{Body as _, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::metrics::Counter;
 use crate::upstream::pool::RequestBody;
+use crate::upstream::UpstreamHandle;
 
 /// How long a client may take before it counts as hung.
 const BOUND: Duration = Duration::from_secs(5);
@@ -235,9 +235,9 @@ where
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let mut request = if post {
             let _ = tx.try_send(Bytes::from_static(b"ping"));
-            Request::new(RequestBody::mirror(rx, Counter::default()))
+            Request::new(RequestBody::mirror(rx, UpstreamHandle::detached()))
         } else {
-            Request::new(RequestBody::empty(Counter::default(), None))
+            Request::new(RequestBody::empty(UpstreamHandle::detached(), None))
         };
         drop(tx);
         *request.method_mut() = if post { Method::POST } else { Method::GET };

@@ -143,7 +143,7 @@ impl Proxy {
         route.upstream.metrics.connections.inc();
         let _active = GaugeGuard::inc(&route.upstream.metrics.connections_active);
         // HTTP admits and routes each request with the configuration current when it arrives.
-        let policy = route.upstream.policy_arc();
+        let policy = route.policy.clone();
         if route.service.protocol != Protocol::Tcp {
             let protocol = route.service.protocol;
             let mut proxy = http::HttpProxy::new(self, key, peer);

@@ -297,7 +297,7 @@ impl Body {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Counter;
+    use crate::upstream::UpstreamHandle;
     use tokio::sync::mpsc;
 
     /// A client on one end of an in-memory pipe and h2's server on the other, with a stream
@@ -345,7 +345,7 @@ mod tests {
             read_all(&mut request.into_body()).await.len()
         });
         tx.send(chunk.clone()).await.unwrap();
-        let response = client.send(post(RequestBody::mirror(rx, Counter::default()))).await.unwrap();
+        let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
         let mut body = response.into_body();
         assert_eq!(body.size_hint().exact(), Some(5));
         let data = poll_fn(|cx| body.poll_frame(cx)).await.unwrap().unwrap();
@@ -398,9 +398,9 @@ mod tests {
             server.set_initial_window_size(65_535).unwrap();
             while server.accept().await.is_some() {}
         });
-        let empty = RequestBody::empty(Counter::default(), None);
+        let empty = RequestBody::empty(UpstreamHandle::detached(), None);
         client.send(Request::get("http://endpoint/").body(empty).unwrap()).await.unwrap();
-        let body = RequestBody::new(incoming(b"one message").await.into(), Counter::default(), None);
+        let body = RequestBody::new(incoming(b"one message").await.into(), UpstreamHandle::detached(), None);
         poll_fn(|cx| client.send.poll_ready(cx)).await.unwrap();
         let (_response, stream) = client.send.send_request(post(()), false).unwrap();
         let mut pipe = Pipe { body, stream, data: None };
@@ -424,7 +424,7 @@ mod tests {
             assert_eq!(body.data().await.unwrap().unwrap(), "part");
             body.data().await.unwrap().unwrap_err().reason()
         });
-        let send = client.send(post(RequestBody::mirror(rx, Counter::default())));
+        let send = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached())));
         assert!(tokio::time::timeout(std::time::Duration::from_millis(50), send).await.is_err());
         let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
         assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL));
@@ -448,7 +448,7 @@ mod tests {
             stream.send_data(Bytes::from_static(b"early answer"), true).unwrap();
             stream.send_reset(Reason::NO_ERROR);
         });
-        let response = client.send(post(RequestBody::mirror(rx, Counter::default()))).await.unwrap();
+        let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
         head_read.send(()).unwrap();
         let mut body = response.into_body();
         while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
@@ -476,7 +476,8 @@ mod tests {
             }
             drop(_open);
         });
-        let get = || Request::get("http://endpoint/").body(RequestBody::empty(Counter::default(), None)).unwrap();
+        let get =
+            || Request::get("http://endpoint/").body(RequestBody::empty(UpstreamHandle::detached(), None)).unwrap();
         let _first = client.send(get()).await.unwrap();
         answered.await.unwrap();
         let mut refused = None;

@@ -38,6 +38,7 @@ use crate::model::{Endpoint, EndpointAddress, Protocol, TlsPolicy};
 use crate::policy::runtime::{self as policy_runtime, Outlier};
 use crate::policy::Effective;
 use crate::tls::{self, TlsError};
+use crate::worker::Line;
 
 /// What TLS origination needs for one service.
 #[derive(Debug, Clone, Copy)]
@@ -191,8 +192,82 @@ pub struct Permit(Arc<AtomicUsize>);
 impl Permit {
     /// A permit, unless `max` are taken.
     fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(Self(count.clone()))
+        take_slot(count, max).then(|| Self(count.clone()))
+    }
+}
+
+/// Counts one more in `count` unless `max` are taken.
+fn take_slot(count: &AtomicUsize, max: usize) -> bool {
+    count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+}
+
+/// One worker's handle on an upstream, for what a request holds until its response ends (its
+/// bodies, its request slot, its pooled connection's way back). It is that worker's own
+/// `live::Route` (one per worker and configuration), so cloning and dropping it writes a
+/// reference count only this worker writes, not the `Arc<Upstream>` every worker shares.
+#[derive(Clone)]
+pub struct UpstreamHandle(Arc<dyn AsRef<Upstream> + Send + Sync>);
+
+impl UpstreamHandle {
+    pub fn new(owner: Arc<dyn AsRef<Upstream> + Send + Sync>) -> Self {
+        Self(owner)
+    }
+
+    /// A request slot (`maxRequests`), held until its response ends; counted when refused.
+    pub fn request_slot(&self) -> Option<RequestSlot> {
+        self.mark_traffic();
+        if take_slot(&self.requests.0, self.policy().max_requests) {
+            return Some(RequestSlot(self.clone()));
+        }
+        self.metrics.overflow(Limit::MaxRequests);
+        None
+    }
+}
+
+impl UpstreamHandle {
+    /// The handle of a TCP service named `detached/detached` with no endpoints, made once per
+    /// process: for bodies sent outside any service (tests, fuzzing).
+    pub fn detached() -> Self {
+        static DETACHED: OnceLock<UpstreamHandle> = OnceLock::new();
+        DETACHED
+            .get_or_init(|| {
+                let (settings, key) = (Settings::default(), "detached/detached");
+                let policy = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Tcp, key);
+                let upstream = Upstream::new(Arc::from(key), Protocol::Tcp, Vec::new(), Arc::new(settings), policy);
+                Self(Arc::new(upstream))
+            })
+            .clone()
+    }
+}
+
+impl std::ops::Deref for UpstreamHandle {
+    type Target = Upstream;
+
+    fn deref(&self) -> &Upstream {
+        (*self.0).as_ref()
+    }
+}
+
+impl std::fmt::Debug for UpstreamHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A request's slot among the service's requests in flight (MeshCircuitBreaker `maxRequests`),
+/// released when dropped.
+#[derive(Debug)]
+pub struct RequestSlot(UpstreamHandle);
+
+impl RequestSlot {
+    pub fn upstream(&self) -> &UpstreamHandle {
+        &self.0
+    }
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.requests.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -266,7 +341,9 @@ pub struct Upstream {
     /// Open upstream connections, requests in flight, requests waiting for a connection and
     /// retries in flight (MeshCircuitBreaker `connectionLimits`).
     open: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
+    /// Written by every request of every worker (the limit is the service's): on a line of its
+    /// own, so the fields beside it that requests only read stay in the other workers' caches.
+    requests: Line<AtomicUsize>,
     pending: Arc<AtomicUsize>,
     retries: Arc<AtomicUsize>,
     /// The interval-detector task runs.
@@ -314,7 +391,7 @@ impl Upstream {
             metrics: metrics().service(&service, protocol),
             pool: pool::Pool::new(settings.idle_timeout),
             policy: ArcSwap::from_pointee(policy.clone()),
-            requests: Arc::default(),
+            requests: Line::default(),
             pending: Arc::default(),
             retries: Arc::default(),
             interval_task: Default::default(),
@@ -401,12 +478,6 @@ impl Upstream {
 
     fn had_traffic(&self) -> bool {
         self.traffic.load(Ordering::Relaxed)
-    }
-
-    /// A request slot (`maxRequests`), held until its response ends; counted when refused.
-    pub fn request_permit(&self) -> Option<Permit> {
-        self.mark_traffic();
-        self.permit(&self.requests, self.policy().max_requests, Limit::MaxRequests)
     }
 
     fn mark_traffic(&self) {

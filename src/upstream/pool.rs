@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::metrics::Counter;
 use crate::worker::{self, Line};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -21,12 +20,13 @@ use hyper::client::conn::http1;
 use rustls::ClientConfig;
 
 use super::replay::ReplayBody;
-use super::{AppBody, TargetAddr};
+use super::{AppBody, TargetAddr, UpstreamHandle};
 
-/// A request body on its way to an endpoint, its bytes counted as they pass.
+/// A request body on its way to an endpoint, its bytes counted as they pass (the upstream's
+/// `upstream_bytes_sent`).
 pub struct RequestBody {
     inner: Source,
-    counter: Counter,
+    upstream: UpstreamHandle,
     /// For the access log, when it is on.
     sent: Option<Arc<AtomicU64>>,
     /// When the body is still to be sent: its half of the connection's way back to the pool.
@@ -59,8 +59,8 @@ impl Source {
 }
 
 impl RequestBody {
-    pub fn new(inner: AppBody, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Source::Direct(inner), counter, sent, pool_return: None, tee: None }
+    pub fn new(inner: AppBody, upstream: UpstreamHandle, sent: Option<Arc<AtomicU64>>) -> Self {
+        Self { inner: Source::Direct(inner), upstream, sent, pool_return: None, tee: None }
     }
 
     /// Copies the body's data to a mirrored request as it passes.
@@ -69,23 +69,23 @@ impl RequestBody {
     }
 
     /// A mirrored request's body: the frames the primary's body copies.
-    pub fn mirror(from: tokio::sync::mpsc::Receiver<Bytes>, counter: Counter) -> Self {
-        Self { inner: Source::Mirror(from), counter, sent: None, pool_return: None, tee: None }
+    pub fn mirror(from: tokio::sync::mpsc::Receiver<Bytes>, upstream: UpstreamHandle) -> Self {
+        Self { inner: Source::Mirror(from), upstream, sent: None, pool_return: None, tee: None }
     }
 
     /// A retry's body when the request had none.
-    pub fn empty(counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Source::Empty, counter, sent, pool_return: None, tee: None }
+    pub fn empty(upstream: UpstreamHandle, sent: Option<Arc<AtomicU64>>) -> Self {
+        Self { inner: Source::Empty, upstream, sent, pool_return: None, tee: None }
     }
 
     /// One attempt's body of a request that may be retried.
-    pub fn replay(inner: ReplayBody, counter: Counter, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Source::Replay(inner), counter, sent, pool_return: None, tee: None }
+    pub fn replay(inner: ReplayBody, upstream: UpstreamHandle, sent: Option<Arc<AtomicU64>>) -> Self {
+        Self { inner: Source::Replay(inner), upstream, sent, pool_return: None, tee: None }
     }
 
-    /// Its byte counters, for another body of the same request.
-    pub fn counter(&self) -> Counter {
-        self.counter.clone()
+    /// Where its bytes are counted, for another body of the same request.
+    pub fn upstream(&self) -> UpstreamHandle {
+        self.upstream.clone()
     }
 
     pub fn sent(&self) -> Option<Arc<AtomicU64>> {
@@ -107,7 +107,7 @@ impl RequestBody {
 
 /// An HTTP/1 connection that goes back to its pool once it is idle.
 pub struct PoolReturn {
-    pub pool: Arc<super::Upstream>,
+    pub pool: UpstreamHandle,
     pub key: PoolKey,
     pub sender: H1Sender,
 }
@@ -154,7 +154,7 @@ impl SharedReturn {
 
 /// Where a connection of [`super::h1`] goes back once its response body has ended.
 pub struct OwnReturn {
-    pub pool: Arc<super::Upstream>,
+    pub pool: UpstreamHandle,
     pub key: PoolKey,
 }
 
@@ -202,7 +202,7 @@ impl Body for RequestBody {
                 if self.tee.as_ref().is_some_and(|tee| tee.try_send(data.clone()).is_err()) {
                     self.tee = None;
                 }
-                self.counter.inc_by(data.len() as u64);
+                self.upstream.metrics.bytes_sent.inc_by(data.len() as u64);
                 if let Some(sent) = &self.sent {
                     sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }

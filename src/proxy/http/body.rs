@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::metrics::Counter;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use http_body_util::Full;
@@ -19,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access_log::{Logs, Record};
 use crate::trace::ActiveSpan;
 use crate::upstream::pool::ReturnTicket;
-use crate::upstream::{h1, h2, ActiveGuard, Permit, TargetAddr};
+use crate::upstream::{h1, h2, ActiveGuard, RequestSlot, TargetAddr};
 
 /// An access log record (and the MeshTrace span) waiting for the response body to end.
 pub struct PendingLog {
@@ -94,13 +93,13 @@ pub struct UpstreamBody {
     /// For the access log: `ok` once every frame of the response has passed.
     pub outcome: &'static str,
     pub received: u64,
-    pub counter: Counter,
     pub endpoint: TargetAddr,
     /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
     pub _active: ActiveGuard,
-    /// The service's request slot (MeshCircuitBreaker `maxRequests`), held until the end.
-    pub _request_slot: Permit,
+    /// The service's request slot (MeshCircuitBreaker `maxRequests`), held until the end; and
+    /// the upstream that counts the response's bytes.
+    pub request_slot: RequestSlot,
 }
 
 /// The stream idle timer. It is created lazily, when the body has to wait: at once for a
@@ -159,7 +158,7 @@ pub enum Cut {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        self.counter.inc_by(self.received);
+        self.request_slot.upstream().metrics.bytes_received.inc_by(self.received);
         if let Some(mut pending) = self.log.take().map(|p| *p) {
             pending.record.endpoint = Some(self.endpoint.to_string());
             pending.finish(self.outcome, self.received);

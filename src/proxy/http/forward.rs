@@ -24,7 +24,7 @@ use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
 use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
 use crate::upstream::replay::Replay;
-use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, Target, TargetAddr};
+use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
 /// Forwards within the request's time limit.
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
@@ -54,7 +54,6 @@ enum Attempt {
 }
 
 async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
-    let upstream = &ctx.route.upstream;
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let mut req = req;
     let upgrade = !http2 && is_upgrade(req.headers(), &proxy.upgrades);
@@ -63,14 +62,15 @@ async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) ->
     if let Err(refusal) = check(&parts) {
         return reply::refused(ctx.grpc, refusal);
     }
-    let Some(request_slot) = upstream.request_permit() else {
+    let handle = ctx.route.upstream_handle();
+    let Some(request_slot) = handle.request_slot() else {
         return reply::overflow(ctx.grpc);
     };
-    let retry = ctx.policy.retry.as_deref().filter(|r| !upgrade && r.admits(&parts));
+    let retry = ctx.route.policy.retry.as_deref().filter(|r| !upgrade && r.admits(&parts));
     let client_version = parts.version;
     let result = match retry {
         None => {
-            let mut body = RequestBody::new(body, upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+            let mut body = RequestBody::new(body, handle, ctx.sent_counter());
             if let Some(MirrorTee(tee)) = parts.extensions.remove::<MirrorTee>() {
                 body.tee(tee);
             }
@@ -103,7 +103,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
     let mut _retry_slot: Option<Permit> = None;
     loop {
         let parts = next_parts.take().unwrap_or_else(|| template.parts());
-        let (counter, sent) = (upstream.metrics.bytes_sent.clone(), ctx.sent_counter());
+        let (counter, sent) = (ctx.route.upstream_handle(), ctx.sent_counter());
         let body = match &mut bodies {
             Bodies::Empty(first) => match first.take() {
                 Some(body) => RequestBody::new(body, counter, sent),
@@ -231,7 +231,7 @@ async fn attempt(
     let resend = (sender.idle_for().is_some_and(|d| d >= STALE_IDLE)
         && parts.method.is_idempotent()
         && hyper::body::Body::is_end_stream(&body))
-    .then(|| (Template::of(&parts), body.counter(), body.sent()));
+    .then(|| (Template::of(&parts), body.upstream(), body.sent()));
     let request = Request::from_parts(parts, body);
     let mut sent = sender.send(request).await;
     if let (Err(error), Some((template, counter, bytes))) = (&sent, resend) {
@@ -273,9 +273,9 @@ fn respond(
     exchanged: Exchanged,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     client_version: http::Version,
-    request_slot: Permit,
+    request_slot: RequestSlot,
 ) -> Response<ProxyBody> {
-    let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
+    let grpc = ctx.grpc;
     let Exchanged { mut response, sender, target, key, active, shared_return } = exchanged;
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -293,7 +293,7 @@ fn respond(
     parts.version = client_version;
     let pool_return = match sender {
         Sender::H1(sender) => {
-            let connection = PoolReturn { pool: upstream.clone(), key, sender };
+            let connection = PoolReturn { pool: ctx.route.upstream_handle(), key, sender };
             Some(match shared_return {
                 Some(shared) => {
                     shared.set(connection);
@@ -302,7 +302,7 @@ fn respond(
                 None => ReturnTicket::Alone(connection),
             })
         }
-        Sender::Own(_) => Some(ReturnTicket::Own(OwnReturn { pool: upstream.clone(), key })),
+        Sender::Own(_) => Some(ReturnTicket::Own(OwnReturn { pool: ctx.route.upstream_handle(), key })),
         Sender::H2(_) => None,
     };
     let stream_idle = ctx.stream_idle.map(|(idle, from_start)| StreamIdle::new(idle, from_start));
@@ -315,11 +315,10 @@ fn respond(
         finished: false,
         outcome: "aborted",
         received: 0,
-        counter: upstream.metrics.bytes_received.clone(),
         endpoint: target.addr.clone(),
         log: None,
         _active: active,
-        _request_slot: request_slot,
+        request_slot,
     });
     if body.body.is_end_stream() {
         body.return_to_pool(); // hyper will not poll an empty body
@@ -401,7 +400,7 @@ pub(super) async fn send_copy(
     let (mut sender, target, _) =
         client::connection(upstream, tls, http2, body.is_none(), &[]).await.map_err(|e| e.to_string())?;
     prepare_request(&mut parts, &target, tls.is_some(), http2, false).map_err(|_| "refused".to_string())?;
-    let counter = upstream.metrics.bytes_sent.clone();
+    let counter = route.upstream_handle();
     let body = match body {
         Some(receiver) => RequestBody::mirror(receiver, counter),
         None => RequestBody::empty(counter, None),

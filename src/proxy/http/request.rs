@@ -20,13 +20,12 @@ use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::policy::runtime::timeout_over;
 use crate::proxy::admit::admit;
-use crate::upstream::{AppBody, UpstreamPolicy};
+use crate::upstream::AppBody;
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {
+    /// The service, with its policies as its configuration set them.
     pub route: Route,
-    /// The service's policies as the upstream holds them now.
-    pub policy: Arc<UpstreamPolicy>,
     /// gRPC by the service's protocol or the request's content type: failures are answered
     /// with a gRPC status.
     pub grpc: bool,
@@ -47,7 +46,7 @@ pub(super) struct RequestCtx {
 impl RequestCtx {
     fn new(route: Route, req: &mut Request<AppBody>, proxy: &HttpProxy) -> Self {
         let started = Instant::now();
-        let policy = route.upstream.policy_arc();
+        let policy = &route.policy;
         let timeouts = &policy.timeouts;
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
@@ -87,7 +86,7 @@ impl RequestCtx {
                 sent: Arc::new(AtomicU64::new(0)),
             })
         });
-        Self { route, policy, grpc, deadline: stream_limit.map(|d| started + d), limit, stream_idle, started, log }
+        Self { route, grpc, deadline: stream_limit.map(|d| started + d), limit, stream_idle, started, log }
     }
 
     /// The request body's byte counter for the access log, when it is on.

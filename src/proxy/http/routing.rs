@@ -3,8 +3,6 @@
 //! service itself), what changes on the way (headers, host, path) and whether it is answered
 //! with a redirect instead. A service without routes skips all of it.
 
-use std::sync::Arc;
-
 use http::header::{HeaderValue, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Uri};
 
@@ -29,14 +27,15 @@ pub(super) enum Routed {
 
 /// The rule a request matched, held for the response side.
 pub(super) struct MatchedRule {
-    service: Arc<Service>,
+    route: Route,
     rule: usize,
 }
 
 impl MatchedRule {
     /// Applies the rule's ResponseHeaderModifier.
     pub(super) fn apply(&self, response: &mut Response<ProxyBody>) {
-        let rule = self.service.routes.as_ref().and_then(|r| r.http.as_ref()).and_then(|t| t.rules.get(self.rule));
+        let rule =
+            self.route.service.routes.as_ref().and_then(|r| r.http.as_ref()).and_then(|t| t.rules.get(self.rule));
         if let Some(ops) = rule.and_then(|r| r.response_headers.as_ref()) {
             ops.apply(response.headers_mut());
         }
@@ -71,7 +70,7 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     if let Some(mirror) = &rule.mirror {
         mirror_request(snapshot, mirror, req);
     }
-    let matched = MatchedRule { service: route.service.clone(), rule: rule_index };
+    let matched = MatchedRule { route: route.clone(), rule: rule_index };
     if rule.backends.is_empty() {
         count(&route.service, rule, &route.service.key());
         return Routed::Forward(route, Some(matched));
