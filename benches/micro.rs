@@ -1,17 +1,26 @@
 //! Criterion micro-benchmarks of the work done per connection, per request and per reload:
 //! catalog lookup by VIP:port, hostname template rendering, the gRPC deadline parse, a
-//! 100-rule MeshHTTPRoute lookup, and compiling 10,000 services. (Protocol detection, h2 preface vs HTTP/1, is hyper-util's.)
+//! 100-rule MeshHTTPRoute lookup, compiling 10,000 services, and what a reference count
+//! shared between two threads costs. (Protocol detection, h2 preface vs HTTP/1, is hyper-util's.)
 //!
 //!     cargo bench --bench micro
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a harness: failing loudly is right
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use mesh_egress::catalog::{self, CompileOptions, Ipam};
 use mesh_egress::resources::{self, Labels, Loaded};
 use mesh_egress::template::{Template, Values};
+
+/// A value alone on its cache line (and its `Arc`'s counts alone on theirs), so two of them
+/// share nothing.
+#[repr(align(64))]
+struct Padded(#[allow(dead_code)] u64);
 
 fn services(n: usize) -> String {
     (0..n)
@@ -102,6 +111,41 @@ fn benches(c: &mut Criterion) {
     c.bench_function("route lookup, 100 rules (no rule matches)", |b| {
         b.iter(|| table.find(black_box(&get), black_box("/nothing/here"), Some("q=1"), &no_headers).is_some())
     });
+
+    // What a reference count every worker writes costs against one only its worker writes (a
+    // request's route is the second since 2026-12-06): this thread clones and drops an `Arc`
+    // while a second thread, as another worker, does the same to the same one or to its own.
+    let mut group = c.benchmark_group("Arc clone + drop");
+    for (name, other) in [
+        ("alone", None),
+        ("while another thread clones its own", Some(false)),
+        ("while another thread clones the same", Some(true)),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mine = Arc::new(Padded(0));
+                let theirs = if other == Some(true) { mine.clone() } else { Arc::new(Padded(0)) };
+                let stop = AtomicBool::new(false);
+                std::thread::scope(|s| {
+                    if other.is_some() {
+                        s.spawn(|| {
+                            while !stop.load(Ordering::Relaxed) {
+                                black_box(theirs.clone());
+                            }
+                        });
+                    }
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        black_box(mine.clone());
+                    }
+                    let elapsed = started.elapsed();
+                    stop.store(true, Ordering::Relaxed);
+                    elapsed
+                })
+            })
+        });
+    }
+    group.finish();
 
     let mut group = c.benchmark_group("config");
     group.sample_size(10);

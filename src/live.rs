@@ -37,8 +37,8 @@ type WorkerRoutes = Box<[OnceLock<Route>]>;
 /// configuration and shared by all of its connections.
 #[derive(Debug, Default)]
 pub struct TlsClients {
-    /// Indexed like `catalog.services()`.
-    clients: Vec<Option<Arc<ClientConfig>>>,
+    /// Indexed like `catalog.services()`; a reused client keeps its identity.
+    clients: Vec<Option<TlsClient>>,
     /// The system trust anchors the clients were built with, when any client uses them.
     system: Option<Vec<TrustAnchor<'static>>>,
 }
@@ -50,7 +50,7 @@ impl TlsClients {
     /// breaks its service, with the reason naming the field.
     pub fn build(catalog: &mut Catalog, system_ca_file: Option<PathBuf>, previous: Option<&Snapshot>) -> Self {
         let roots = SystemRoots::new(system_ca_file);
-        let old: HashMap<String, (&Service, &Arc<ClientConfig>)> = previous
+        let old: HashMap<String, (&Service, &TlsClient)> = previous
             .map(|p| {
                 p.catalog
                     .services()
@@ -78,9 +78,9 @@ impl TlsClients {
                             .get_or_init(|| previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots)))
             });
             match reusable {
-                Some((_, client)) => clients.push(Some(Arc::clone(client))),
+                Some((_, client)) => clients.push(Some((*client).clone())),
                 None => match tls::client_config(policy, service.protocol, &roots) {
-                    Ok(client) => clients.push(Some(client)),
+                    Ok(config) => clients.push(Some((config, TlsIdentity::fresh()))),
                     Err(reason) => {
                         broken.push((index, reason));
                         clients.push(None);
@@ -96,9 +96,21 @@ impl TlsClients {
 
     /// The client of the service at `index` in the catalog it was built for.
     pub fn get(&self, index: usize) -> Option<&Arc<ClientConfig>> {
+        self.client(index).map(|(config, _)| config)
+    }
+
+    /// The identity of that client (plaintext's, when the service has none).
+    pub fn identity(&self, index: usize) -> TlsIdentity {
+        self.client(index).map(|&(_, identity)| identity).unwrap_or_default()
+    }
+
+    fn client(&self, index: usize) -> Option<&TlsClient> {
         self.clients.get(index).and_then(Option::as_ref)
     }
 }
+
+/// A service's TLS client configuration and its identity in pool keys.
+type TlsClient = (Arc<ClientConfig>, TlsIdentity);
 
 /// Secured and SkipSAN without `caCert` trust the system store.
 fn uses_system_roots(policy: &TlsPolicy) -> bool {
@@ -137,7 +149,7 @@ pub struct RouteParts {
     /// The upstream's policy as it was when the route was made: that of the route's
     /// configuration, which set it before it was published.
     pub policy: Arc<UpstreamPolicy>,
-    tls_client: Option<Arc<ClientConfig>>,
+    tls_client: Option<TlsClient>,
 }
 
 impl Deref for Route {
@@ -157,7 +169,8 @@ impl AsRef<Upstream> for RouteParts {
 impl Route {
     /// What TLS origination needs, when the service originates TLS.
     pub fn tls(&self) -> Option<TlsSetup<'_>> {
-        self.service.tls.as_ref().zip(self.tls_client.as_ref()).map(|(policy, config)| TlsSetup { policy, config })
+        let (policy, (config, identity)) = self.service.tls.as_ref().zip(self.tls_client.as_ref())?;
+        Some(TlsSetup { policy, config, identity: *identity })
     }
 
     /// The upstream as what a request holds until its response ends holds it: through this
@@ -171,10 +184,10 @@ impl Snapshot {
     /// Builds upstreams for `catalog`, reusing those of `previous` whose service kept its
     /// endpoints (their DNS answers, health and pooled connections carry over).
     pub fn new(catalog: Catalog, tls: TlsClients, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
-        let mut reusable: HashMap<String, (&Arc<Upstream>, Option<&Arc<ClientConfig>>)> = HashMap::new();
+        let mut reusable: HashMap<String, (&Arc<Upstream>, TlsIdentity)> = HashMap::new();
         if let Some(prev) = previous {
             for (index, (service, upstream)) in prev.catalog.services().iter().zip(&prev.upstreams).enumerate() {
-                reusable.insert(service.key(), (upstream, prev.tls.get(index)));
+                reusable.insert(service.key(), (upstream, prev.tls.identity(index)));
             }
         }
         let upstreams = catalog
@@ -190,7 +203,7 @@ impl Snapshot {
                         // Connections made under other TLS settings must never serve this
                         // configuration's requests: the pool key already tells them apart;
                         // this closes them.
-                        if TlsIdentity::of(*old_tls) != TlsIdentity::of(tls.get(index)) {
+                        if *old_tls != tls.identity(index) {
                             up.pool.clear();
                         }
                         up.set_policy(policy);
@@ -217,7 +230,7 @@ impl Snapshot {
                 service: service.clone(),
                 upstream: upstream.clone(),
                 policy: upstream.policy_arc(),
-                tls_client: self.tls.get(index).cloned(),
+                tls_client: self.tls.client(index).cloned(),
             }))
         };
         if self.local.is_empty() {
@@ -251,14 +264,16 @@ mod tests {
     use super::*;
     use crate::catalog::{self, CompileOptions, Ipam};
 
-    fn snapshot() -> Snapshot {
+    fn catalog(tls: &str) -> Catalog {
         let mut loaded = crate::resources::Loaded::default();
-        let yaml = "type: MeshExternalService\nname: httpbin\nspec:\n  match: {port: 80}\n  endpoints: [{address: 10.0.0.1, port: 80}]\n";
-        crate::resources::load_str(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        let yaml = format!("type: MeshExternalService\nname: httpbin\nspec:\n  match: {{port: 80}}\n  endpoints: [{{address: 10.0.0.1, port: 80}}]\n{tls}");
+        crate::resources::load_str(std::path::Path::new("t.yaml"), &yaml, &mut loaded);
         let options = CompileOptions::default();
-        let compiled =
-            catalog::compile(&loaded.resources, &options, &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap()));
-        let mut snapshot = Snapshot::new(compiled.catalog, TlsClients::default(), None, &Arc::default());
+        catalog::compile(&loaded.resources, &options, &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap())).catalog
+    }
+
+    fn snapshot() -> Snapshot {
+        let mut snapshot = Snapshot::new(catalog(""), TlsClients::default(), None, &Arc::default());
         // Two workers and the control plane (`worker::set_workers` is process-wide).
         snapshot.local = std::iter::repeat_with(Line::default).take(3).collect();
         snapshot
@@ -306,5 +321,35 @@ mod tests {
         let all = [routes[0], routes[1], Arc::as_ptr(&control.0) as usize];
         assert!(all.iter().all(|address| address % 64 == 0), "each route's counts have a line of their own");
         assert!(all[0] != all[1] && all[1] != all[2] && all[0] != all[2], "one route per worker: {all:?}");
+    }
+
+    /// Pool keys tell TLS clients apart by an identity that a reload keeps for a client it
+    /// reuses (its pooled connections stay usable) and that a rebuilt client never shares with
+    /// any earlier one, even once that one is freed.
+    #[test]
+    fn a_tls_client_keeps_its_identity_only_while_it_is_reused() {
+        let tls = |server: &str| {
+            format!("  tls:\n    enabled: true\n    verification:\n      mode: SkipAll\n      serverName: {server}\n")
+        };
+        let build = |tls: &str, previous: Option<&Snapshot>| {
+            let mut catalog = catalog(tls);
+            let clients = TlsClients::build(&mut catalog, None, previous);
+            Snapshot::new(catalog, clients, previous, &Arc::default())
+        };
+        let first = build(&tls("a.test"), None);
+        let identity = first.tls.identity(0);
+        assert_ne!(identity, TlsIdentity::default(), "a TLS client is not plaintext");
+        let same = build(&tls("a.test"), Some(&first));
+        assert_eq!(same.tls.identity(0), identity, "an unchanged client is reused with its identity");
+        let mut seen = vec![identity];
+        let mut previous = same;
+        for server in ["b.test", "a.test", "b.test"] {
+            let next = build(&tls(server), Some(&previous));
+            assert!(!seen.contains(&next.tls.identity(0)), "{server}: a rebuilt client took an old identity");
+            seen.push(next.tls.identity(0));
+            previous = next;
+        }
+        let plain = build("", Some(&previous));
+        assert_eq!(plain.tls.identity(0), TlsIdentity::default());
     }
 }

@@ -45,6 +45,8 @@ use crate::worker::Line;
 pub struct TlsSetup<'a> {
     pub policy: &'a TlsPolicy,
     pub config: &'a Arc<rustls::ClientConfig>,
+    /// The configuration's identity, in the keys of the connections made with it.
+    pub identity: pool::TlsIdentity,
 }
 
 /// Open upstream connections per service by default (Envoy's `max_connections` default).

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,6 @@ use crate::worker::{self, Line};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1;
-use rustls::ClientConfig;
 
 use super::replay::ReplayBody;
 use super::{AppBody, TargetAddr, UpstreamHandle};
@@ -253,33 +253,19 @@ pub struct PoolKey {
     pub worker: usize,
 }
 
-/// The TLS client a connection was made with, compared by identity. The key holds the `Arc`, so
-/// the configuration cannot be freed (and its address reused by a later one with other
-/// verification settings) while any connection made with it is pooled.
-#[derive(Debug, Clone, Default)]
-pub struct TlsIdentity(Option<Arc<ClientConfig>>);
+/// The TLS client a connection was made with: a number each client configuration gets when it
+/// is built and no other ever gets (`None`: plaintext). Unlike the configuration's address, which
+/// a later configuration with other verification settings could be given once it is freed, it
+/// can never match a connection made under other settings; and unlike an `Arc` of it, a key
+/// made for every request writes no reference count that every worker shares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TlsIdentity(Option<NonZeroU64>);
 
 impl TlsIdentity {
-    pub fn of(config: Option<&Arc<ClientConfig>>) -> Self {
-        Self(config.cloned())
-    }
-}
-
-impl PartialEq for TlsIdentity {
-    fn eq(&self, other: &Self) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
-
-impl Eq for TlsIdentity {}
-
-impl std::hash::Hash for TlsIdentity {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.as_ref().map(Arc::as_ptr).hash(state);
+    /// An identity no configuration had before.
+    pub fn fresh() -> Self {
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        Self(NonZeroU64::new(LAST.fetch_add(1, Ordering::Relaxed) + 1))
     }
 }
 

@@ -8,7 +8,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 
 use crate::upstream::pool::H1Sender;
-use crate::upstream::pool::{PoolKey, RequestBody, TlsIdentity};
+use crate::upstream::pool::{PoolKey, RequestBody};
 use crate::upstream::{h1, h2, ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
 use http::Response;
 
@@ -74,7 +74,7 @@ pub(super) async fn connection(
     exclude: &[TargetAddr],
 ) -> Result<(Sender, Target, PoolKey), ConnectError> {
     upstream.wait_for_first_resolution().await;
-    let tls_id = TlsIdentity::of(tls.map(|t| t.config));
+    let tls_id = tls.map(|t| t.identity).unwrap_or_default();
     let mut failed: Option<(Target, ConnectError)> = None;
     for _ in 0..2 {
         // Prefer endpoints neither earlier attempts nor this one used; else any but the one
@@ -84,7 +84,7 @@ pub(super) async fn connection(
         avoid.extend_from_slice(failed_addr);
         let pick = upstream.pick(&avoid).or_else(|| upstream.pick(failed_addr).filter(|_| !exclude.is_empty()));
         let Some(target) = pick else { break };
-        let key = PoolKey { target: target.addr.clone(), tls: tls_id.clone(), http2, worker: crate::worker::slot() };
+        let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: crate::worker::slot() };
         // New connections are boxed: their connect, TLS and handshake state is large, and
         // inline it would make every request's future (moved on each spawn) that large.
         let result = if http2 {
