@@ -12,6 +12,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::TrustAnchor;
 
 use crate::catalog::{Catalog, Service};
+use crate::metrics::{metrics, Counter};
 use crate::model::{TlsPolicy, VerificationMode};
 use crate::tls::{self, SystemRoots};
 use crate::upstream::pool::TlsIdentity;
@@ -150,6 +151,36 @@ pub struct RouteParts {
     /// configuration, which set it before it was published.
     pub policy: Arc<UpstreamPolicy>,
     tls_client: Option<TlsClient>,
+    /// The service's MeshHTTPRoute counters, of this worker's route.
+    pub rule_counters: RuleCounters,
+}
+
+/// The requests each MeshHTTPRoute rule of a service sent each way (`route_requests_total`):
+/// per rule, one counter per backend and one for the service itself or the rule's redirect.
+/// Each is taken from the registry on its first request, so that later ones neither build
+/// labels nor lock the registry, which every worker shares.
+#[derive(Debug, Default)]
+pub struct RuleCounters(Box<[Box<[OnceLock<Counter>]>]>);
+
+impl RuleCounters {
+    fn of(service: &Service) -> Self {
+        let rules = service.routes.as_ref().and_then(|r| r.http.as_ref()).map_or(&[][..], |t| &t.rules[..]);
+        let slots = |backends: usize| std::iter::repeat_with(OnceLock::new).take(backends + 1).collect();
+        Self(rules.iter().map(|rule| slots(rule.backends.len())).collect())
+    }
+
+    /// Counts a request of rule `rule` (an index in the service's rules) sent to its backend
+    /// at `backend` (`None`: to the service itself, or answered by the rule's redirect), the
+    /// counter labelled by `labels` (service, rule, backend) on first use.
+    pub fn count(&self, rule: usize, backend: Option<usize>, labels: impl FnOnce() -> [String; 3]) {
+        let Some(slots) = self.0.get(rule) else { return };
+        let Some(slot) = slots.get(backend.unwrap_or(slots.len() - 1)) else { return };
+        slot.get_or_init(|| {
+            let [service, route, backend] = labels();
+            metrics().route_counter(&service, &route, &backend)
+        })
+        .inc();
+    }
 }
 
 impl Deref for Route {
@@ -231,6 +262,7 @@ impl Snapshot {
                 upstream: upstream.clone(),
                 policy: upstream.policy_arc(),
                 tls_client: self.tls.client(index).cloned(),
+                rule_counters: RuleCounters::of(service),
             }))
         };
         if self.local.is_empty() {
@@ -266,8 +298,9 @@ mod tests {
 
     fn catalog(tls: &str) -> Catalog {
         let mut loaded = crate::resources::Loaded::default();
-        let yaml = format!("type: MeshExternalService\nname: httpbin\nspec:\n  match: {{port: 80}}\n  endpoints: [{{address: 10.0.0.1, port: 80}}]\n{tls}");
+        let yaml = format!("type: MeshExternalService\nname: httpbin\nspec:\n  match: {{port: 80, protocol: http}}\n  endpoints: [{{address: 10.0.0.1, port: 80}}]\n{tls}");
         crate::resources::load_str(std::path::Path::new("t.yaml"), &yaml, &mut loaded);
+        assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
         let options = CompileOptions::default();
         catalog::compile(&loaded.resources, &options, &mut Ipam::in_memory("242.0.0.0/8".parse().unwrap())).catalog
     }
@@ -351,5 +384,34 @@ mod tests {
         }
         let plain = build("", Some(&previous));
         assert_eq!(plain.tls.identity(0), TlsIdentity::default());
+    }
+
+    /// A MeshHTTPRoute rule counts each way its requests go (each backend; the service itself
+    /// or the rule's redirect) in a counter of its own, labelled when first used.
+    #[test]
+    fn route_rules_count_each_way_in_a_counter_of_its_own() {
+        let yaml = "---\ntype: MeshHTTPRoute\nname: split\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: httpbin}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /a}}]\n      default: {backendRefs: [{kind: MeshExternalService, name: httpbin, weight: 1}, {kind: MeshExternalService, name: httpbin, weight: 1}]}\n";
+        let snapshot = Snapshot::new(catalog(yaml), TlsClients::default(), None, &Arc::default());
+        let route = snapshot.route_by_index(0).unwrap();
+        assert_eq!(route.rule_counters.0.len(), 1, "{:?}", route.service.routes);
+        let count = |backend: Option<usize>, label: &str| {
+            let labels = || ["counted/svc".to_string(), "split rules[0]".to_string(), label.to_string()];
+            route.rule_counters.count(0, backend, labels);
+        };
+        count(Some(0), "first");
+        count(Some(1), "second");
+        count(Some(1), "not relabelled");
+        count(None, "itself");
+        route.rule_counters.count(1, None, || unreachable!("no second rule"));
+        let text = metrics().encode();
+        let value = |backend: &str| {
+            text.lines()
+                .find(|l| l.contains("service=\"counted/svc\"") && l.contains(&format!("backend=\"{backend}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        };
+        assert_eq!(value("first").as_deref(), Some("1"));
+        assert_eq!(value("second").as_deref(), Some("2"));
+        assert_eq!(value("itself").as_deref(), Some("1"));
+        assert_eq!(value("not relabelled"), None);
     }
 }

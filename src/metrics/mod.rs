@@ -324,9 +324,14 @@ impl Metrics {
 
     /// Counts a request (or TCP connection) a route rule sent to `backend`.
     pub fn route_request(&self, service: &str, route: &str, backend: &str) {
+        self.route_counter(service, route, backend).inc();
+    }
+
+    /// The counter of the requests a route rule sends to `backend`, to keep.
+    pub fn route_counter(&self, service: &str, route: &str, backend: &str) -> Counter {
         let labels =
             RouteLabels { service: service.to_string(), route: route.to_string(), backend: backend.to_string() };
-        self.route_requests.get_or_create(&labels).inc();
+        self.route_requests.get_or_create(&labels).clone()
     }
 
     /// Counts a passthrough decision: `allowed` or `denied`, and why.

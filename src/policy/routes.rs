@@ -356,15 +356,15 @@ impl RouteSet {
     }
 }
 
-/// A weighted random backend among the resolved ones with a weight above 0.
-pub fn pick(backends: &[Backend]) -> Option<&Backend> {
-    let usable = || backends.iter().filter(|b| b.weight > 0 && b.service.is_some());
-    let total: u64 = usable().map(|b| u64::from(b.weight)).sum();
+/// A weighted random backend among the resolved ones with a weight above 0, and its position.
+pub fn pick(backends: &[Backend]) -> Option<(usize, &Backend)> {
+    let usable = || backends.iter().enumerate().filter(|(_, b)| b.weight > 0 && b.service.is_some());
+    let total: u64 = usable().map(|(_, b)| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
     }
     let mut at = rand::rng().random_range(0..total);
-    usable().find(|b| {
+    usable().find(|(_, b)| {
         let w = u64::from(b.weight);
         if at < w {
             true

@@ -128,7 +128,8 @@ impl Proxy {
         let route = match route.service.routes.as_ref().and_then(|r| r.tcp.as_ref()) {
             None => route,
             Some(tcp) => {
-                match crate::policy::routes::pick(&tcp.backends).and_then(|b| snapshot.route_by_index(b.service?)) {
+                match crate::policy::routes::pick(&tcp.backends).and_then(|(_, b)| snapshot.route_by_index(b.service?))
+                {
                     Some(target) => {
                         crate::metrics::metrics().route_request(&route.service.key(), &tcp.name, &target.service.key());
                         target

@@ -8,7 +8,6 @@ use http::{Request, Response, StatusCode, Uri};
 
 use super::body::ProxyBody;
 use super::reply::{self, Failure};
-use crate::catalog::Service;
 use crate::live::{Route, Snapshot};
 use crate::metrics::metrics;
 use crate::policy::routes::{pick, HttpRule, Mirror, PathChange, Redirect};
@@ -53,7 +52,7 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     let prefix = matched.prefix().map(str::to_string);
     let rule_index = matched.rule;
     if let Some(redirect) = &rule.redirect {
-        count(&route.service, rule, "redirect");
+        count(&route, rule_index, rule, None, || "redirect".to_string());
         return Routed::Reply(Box::new(redirect_reply(redirect, req, prefix.as_deref())));
     }
     if let Some(ops) = &rule.request_headers {
@@ -72,16 +71,16 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     }
     let matched = MatchedRule { route: route.clone(), rule: rule_index };
     if rule.backends.is_empty() {
-        count(&route.service, rule, &route.service.key());
+        count(&route, rule_index, rule, None, || route.service.key());
         return Routed::Forward(route, Some(matched));
     }
-    let Some(backend) = pick(&rule.backends) else {
+    let Some((position, backend)) = pick(&rule.backends) else {
         let reply = reply::local_reply(grpc, Failure::Unavailable, "no backend of the matched route can take traffic");
         return Routed::Reply(Box::new(reply));
     };
     match backend.service.and_then(|i| snapshot.route_by_index(i)) {
         Some(target) => {
-            count(&route.service, rule, &target.service.key());
+            count(&route, rule_index, rule, Some(position), || target.service.key());
             Routed::Forward(target, Some(matched))
         }
         None => {
@@ -91,8 +90,8 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     }
 }
 
-fn count(service: &Service, rule: &HttpRule, backend: &str) {
-    metrics().route_request(&service.key(), &rule.name, backend);
+fn count(route: &Route, index: usize, rule: &HttpRule, backend: Option<usize>, key: impl FnOnce() -> String) {
+    route.rule_counters.count(index, backend, || [route.service.key(), rule.name.clone(), key()]);
 }
 
 fn rewrite_path(req: &mut Request<AppBody>, change: &PathChange, prefix: Option<&str>) {
