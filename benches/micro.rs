@@ -113,7 +113,7 @@ fn benches(c: &mut Criterion) {
     });
 
     // What a reference count every worker writes costs against one only its worker writes (a
-    // request's route is the second since 2026-12-06): this thread clones and drops an `Arc`
+    // request's route is one of the second, `live::Route`): this thread clones and drops an `Arc`
     // while a second thread, as another worker, does the same to the same one or to its own.
     let mut group = c.benchmark_group("Arc clone + drop");
     for (name, other) in [

@@ -25,14 +25,18 @@ pub struct Snapshot {
     pub catalog: Catalog,
     /// Indexed like `catalog.services()`.
     upstreams: Vec<Arc<Upstream>>,
+    /// Each upstream's policy as this configuration set it; indexed the same way.
+    policies: Vec<Arc<UpstreamPolicy>>,
     tls: TlsClients,
     /// Each worker's routes, made on its first request to each service (slot 0: every other
     /// thread): a request clones its own worker's, never an `Arc` every worker writes.
     local: Box<[Line<OnceLock<WorkerRoutes>>]>,
 }
 
-/// One worker's routes, indexed like `catalog.services()`.
-type WorkerRoutes = Box<[OnceLock<Route>]>;
+/// One worker's routes, indexed like `catalog.services()`, in blocks of [`ROUTE_BLOCK`] made on
+/// first use: a worker that serves a few of many services holds a few blocks.
+type WorkerRoutes = Box<[OnceLock<Box<[OnceLock<Route>]>>]>;
+const ROUTE_BLOCK: usize = 64;
 
 /// The TLS client configuration of every service that originates TLS, built once per
 /// configuration and shared by all of its connections.
@@ -81,7 +85,7 @@ impl TlsClients {
             match reusable {
                 Some((_, client)) => clients.push(Some((*client).clone())),
                 None => match tls::client_config(policy, service.protocol, &roots) {
-                    Ok(config) => clients.push(Some((config, TlsIdentity::fresh()))),
+                    Ok(config) => clients.push(Some(TlsClient::new(config))),
                     Err(reason) => {
                         broken.push((index, reason));
                         clients.push(None);
@@ -97,12 +101,12 @@ impl TlsClients {
 
     /// The client of the service at `index` in the catalog it was built for.
     pub fn get(&self, index: usize) -> Option<&Arc<ClientConfig>> {
-        self.client(index).map(|(config, _)| config)
+        self.client(index).map(|c| &c.config)
     }
 
     /// The identity of that client (plaintext's, when the service has none).
     pub fn identity(&self, index: usize) -> TlsIdentity {
-        self.client(index).map(|&(_, identity)| identity).unwrap_or_default()
+        self.client(index).map(|c| c.identity).unwrap_or_default()
     }
 
     fn client(&self, index: usize) -> Option<&TlsClient> {
@@ -110,8 +114,19 @@ impl TlsClients {
     }
 }
 
-/// A service's TLS client configuration and its identity in pool keys.
-type TlsClient = (Arc<ClientConfig>, TlsIdentity);
+/// A service's TLS client configuration and its identity in pool keys, which only a new
+/// configuration gets a new one of: the two never part.
+#[derive(Debug, Clone)]
+struct TlsClient {
+    config: Arc<ClientConfig>,
+    identity: TlsIdentity,
+}
+
+impl TlsClient {
+    fn new(config: Arc<ClientConfig>) -> Self {
+        Self { config, identity: TlsIdentity::fresh() }
+    }
+}
 
 /// Secured and SkipSAN without `caCert` trust the system store.
 fn uses_system_roots(policy: &TlsPolicy) -> bool {
@@ -147,8 +162,7 @@ pub struct Route(Arc<RouteParts>);
 pub struct RouteParts {
     pub service: Arc<Service>,
     pub upstream: Arc<Upstream>,
-    /// The upstream's policy as it was when the route was made: that of the route's
-    /// configuration, which set it before it was published.
+    /// The upstream's policy as the route's configuration set it.
     pub policy: Arc<UpstreamPolicy>,
     tls_client: Option<TlsClient>,
     /// The service's MeshHTTPRoute counters, of this worker's route.
@@ -173,8 +187,9 @@ impl RuleCounters {
     /// at `backend` (`None`: to the service itself, or answered by the rule's redirect), the
     /// counter labelled by `labels` (service, rule, backend) on first use.
     pub fn count(&self, rule: usize, backend: Option<usize>, labels: impl FnOnce() -> [String; 3]) {
-        let Some(slots) = self.0.get(rule) else { return };
-        let Some(slot) = slots.get(backend.unwrap_or(slots.len() - 1)) else { return };
+        let slot = self.0.get(rule).and_then(|slots| slots.get(backend.unwrap_or(slots.len() - 1)));
+        debug_assert!(slot.is_some(), "rule {rule} / backend {backend:?} is not the service's");
+        let Some(slot) = slot else { return };
         slot.get_or_init(|| {
             let [service, route, backend] = labels();
             metrics().route_counter(&service, &route, &backend)
@@ -200,12 +215,12 @@ impl AsRef<Upstream> for RouteParts {
 impl Route {
     /// What TLS origination needs, when the service originates TLS.
     pub fn tls(&self) -> Option<TlsSetup<'_>> {
-        let (policy, (config, identity)) = self.service.tls.as_ref().zip(self.tls_client.as_ref())?;
-        Some(TlsSetup { policy, config, identity: *identity })
+        let (policy, client) = self.service.tls.as_ref().zip(self.tls_client.as_ref())?;
+        Some(TlsSetup { policy, config: &client.config, identity: client.identity })
     }
 
-    /// The upstream as what a request holds until its response ends holds it: through this
-    /// worker's route.
+    /// A handle on the upstream through this route, for what a request holds until its
+    /// response ends.
     pub fn upstream_handle(&self) -> UpstreamHandle {
         UpstreamHandle::new(self.0.clone())
     }
@@ -221,7 +236,7 @@ impl Snapshot {
                 reusable.insert(service.key(), (upstream, prev.tls.identity(index)));
             }
         }
-        let upstreams = catalog
+        let (upstreams, policies) = catalog
             .services()
             .iter()
             .enumerate()
@@ -238,14 +253,19 @@ impl Snapshot {
                             up.pool.clear();
                         }
                         up.set_policy(policy);
-                        Arc::clone(up)
+                        (Arc::clone(up), up.policy_arc())
                     }
-                    _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone(), policy),
+                    _ => {
+                        let up =
+                            Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone(), policy);
+                        let policy = up.policy_arc();
+                        (up, policy)
+                    }
                 }
             })
-            .collect();
+            .unzip();
         let local = std::iter::repeat_with(Line::default).take(worker::slots()).collect();
-        Self { catalog, upstreams, tls, local }
+        Self { catalog, upstreams, policies, tls, local }
     }
 
     /// The route of the service at `index` in the catalog (a route's backend).
@@ -255,22 +275,31 @@ impl Snapshot {
 
     /// This worker's route of the service at `index`, made on first use.
     fn route_at(&self, index: usize) -> Option<Route> {
-        let (service, upstream) = (self.catalog.service(index)?, self.upstreams.get(index)?);
-        let make = || {
-            Route(Arc::new(RouteParts {
-                service: service.clone(),
-                upstream: upstream.clone(),
-                policy: upstream.policy_arc(),
-                tls_client: self.tls.client(index).cloned(),
-                rule_counters: RuleCounters::of(service),
-            }))
-        };
+        let make = self.route_maker(index)?;
         if self.local.is_empty() {
             return Some(make()); // a snapshot not built by `new`
         }
         let Line(table) = &self.local[worker::slot_in(self.local.len())];
-        let routes = table.get_or_init(|| std::iter::repeat_with(OnceLock::new).take(self.upstreams.len()).collect());
-        Some(routes.get(index)?.get_or_init(make).clone())
+        let blocks =
+            || std::iter::repeat_with(OnceLock::new).take(self.upstreams.len().div_ceil(ROUTE_BLOCK)).collect();
+        let block = table.get_or_init(blocks).get(index / ROUTE_BLOCK)?;
+        let block = block.get_or_init(|| std::iter::repeat_with(OnceLock::new).take(ROUTE_BLOCK).collect());
+        Some(block.get(index % ROUTE_BLOCK)?.get_or_init(make).clone())
+    }
+
+    /// What makes a route of the service at `index` (`None`: there is none).
+    fn route_maker(&self, index: usize) -> Option<impl FnOnce() -> Route + '_> {
+        let (service, upstream) = (self.catalog.service(index)?, self.upstreams.get(index)?);
+        let policy = self.policies.get(index)?;
+        Some(move || {
+            Route(Arc::new(RouteParts {
+                service: service.clone(),
+                upstream: upstream.clone(),
+                policy: policy.clone(),
+                tls_client: self.tls.client(index).cloned(),
+                rule_counters: RuleCounters::of(service),
+            }))
+        })
     }
 
     /// The service behind a listener address (outbound) or a destination (VIP:port).
@@ -282,9 +311,9 @@ impl Snapshot {
         self.route_at(index)
     }
 
-    /// Every service with its upstream (for the admin API).
+    /// Every service with its upstream (for the admin API; made for the caller, not kept).
     pub fn routes(&self) -> impl Iterator<Item = Route> + '_ {
-        (0..self.catalog.services().len()).filter_map(|index| self.route_at(index))
+        (0..self.catalog.services().len()).filter_map(|index| self.route_maker(index).map(|make| make()))
     }
 }
 
@@ -402,7 +431,6 @@ mod tests {
         count(Some(1), "second");
         count(Some(1), "not relabelled");
         count(None, "itself");
-        route.rule_counters.count(1, None, || unreachable!("no second rule"));
         let text = metrics().encode();
         let value = |backend: &str| {
             text.lines()
@@ -413,5 +441,41 @@ mod tests {
         assert_eq!(value("second").as_deref(), Some("2"));
         assert_eq!(value("itself").as_deref(), Some("1"));
         assert_eq!(value("not relabelled"), None);
+    }
+
+    /// A request routed by a configuration gets that configuration's policy, even when the
+    /// next one, which keeps the upstream and sets it a new policy, is already built.
+    #[test]
+    fn a_route_holds_its_own_configuration_s_policy() {
+        let first = Snapshot::new(catalog(""), TlsClients::default(), None, &Arc::default());
+        let next = Snapshot::new(catalog(""), TlsClients::default(), Some(&first), &Arc::default());
+        assert!(Arc::ptr_eq(&first.upstreams[0], &next.upstreams[0]), "the upstream is kept");
+        let (old, new) = (first.route_by_index(0).unwrap(), next.route_by_index(0).unwrap());
+        assert!(Arc::ptr_eq(&old.policy, &first.policies[0]) && Arc::ptr_eq(&new.policy, &next.policies[0]));
+        assert!(!Arc::ptr_eq(&old.policy, &new.policy));
+        assert!(Arc::ptr_eq(&new.upstream.policy_arc(), &new.policy), "the upstream holds the newest");
+    }
+
+    /// A reload that gives a service a new TLS client gives its health check a new task, whose
+    /// kept connections (`reuseConnection`) are made under the new TLS settings; one that keeps
+    /// the client keeps the task.
+    #[test]
+    fn a_new_tls_client_restarts_the_health_check() {
+        let config = |server: &str| {
+            format!("  tls:\n    enabled: true\n    verification:\n      mode: SkipAll\n      serverName: {server}\n---\ntype: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{interval: 1h, http: {{path: /}}}}\n")
+        };
+        let build = |server: &str, previous: Option<&Snapshot>| {
+            let mut catalog = catalog(&config(server));
+            let clients = TlsClients::build(&mut catalog, None, previous);
+            Snapshot::new(catalog, clients, previous, &Arc::default())
+        };
+        let check = |s: &Snapshot| s.upstreams[0].policy().health_check.clone().expect("a health check");
+        let first = build("a.test", None);
+        let before = check(&first);
+        let kept = build("a.test", Some(&first));
+        assert!(Arc::ptr_eq(&before, &check(&kept)), "same check, same TLS client: the task stays");
+        let moved = build("b.test", Some(&kept));
+        assert!(Arc::ptr_eq(&first.upstreams[0], &moved.upstreams[0]), "the upstream is kept");
+        assert!(!Arc::ptr_eq(&before, &check(&moved)), "a new TLS client: a new task");
     }
 }

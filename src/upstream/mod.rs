@@ -204,9 +204,10 @@ fn take_slot(count: &AtomicUsize, max: usize) -> bool {
 }
 
 /// One worker's handle on an upstream, for what a request holds until its response ends (its
-/// bodies, its request slot, its pooled connection's way back). It is that worker's own
-/// `live::Route` (one per worker and configuration), so cloning and dropping it writes a
-/// reference count only this worker writes, not the `Arc<Upstream>` every worker shares.
+/// bodies, its request slot, its pooled connection's way back). On the data path it is the
+/// worker's own route (`live::RouteParts`, one per worker and configuration), so cloning and
+/// dropping it writes a reference count only that worker writes, not the `Arc<Upstream>` every
+/// worker shares.
 #[derive(Clone)]
 pub struct UpstreamHandle(Arc<dyn AsRef<Upstream> + Send + Sync>);
 
@@ -215,7 +216,8 @@ impl UpstreamHandle {
         Self(owner)
     }
 
-    /// A request slot (`maxRequests`), held until its response ends; counted when refused.
+    /// A request slot (`maxRequests`, the upstream's newest policy's, as the other limits),
+    /// held until its response ends; counted when refused.
     pub fn request_slot(&self) -> Option<RequestSlot> {
         self.mark_traffic();
         if take_slot(&self.requests.0, self.policy().max_requests) {
@@ -224,9 +226,7 @@ impl UpstreamHandle {
         self.metrics.overflow(Limit::MaxRequests);
         None
     }
-}
 
-impl UpstreamHandle {
     /// The handle of a TCP service named `detached/detached` with no endpoints, made once per
     /// process: for bodies sent outside any service (tests, fuzzing).
     pub fn detached() -> Self {
@@ -448,7 +448,13 @@ impl Upstream {
         let old_check = self.policy().health_check.clone();
         let check = policy.health_check.clone();
         // An unchanged check keeps its task (and timers); the new policy carries the same Arc.
-        let check_unchanged = old_check.as_deref() == check.as_deref();
+        // A new TLS client is a new check: the old one's kept connections (`reuseConnection`)
+        // were made under the old TLS settings.
+        let same_tls = match (&self.policy().tls, &policy.tls) {
+            (Some((_, old)), Some((_, new))) => Arc::ptr_eq(old, new),
+            (old, new) => old.is_none() && new.is_none(),
+        };
+        let check_unchanged = old_check.as_deref() == check.as_deref() && same_tls;
         let policy = UpstreamPolicy { health_check: if check_unchanged { old_check } else { check.clone() }, ..policy };
         self.policy.store(Arc::new(policy));
         if !check_unchanged || self.checker.lock().is_ok_and(|c| c.is_none()) {

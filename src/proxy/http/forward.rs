@@ -103,13 +103,13 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
     let mut _retry_slot: Option<Permit> = None;
     loop {
         let parts = next_parts.take().unwrap_or_else(|| template.parts());
-        let (counter, sent) = (ctx.route.upstream_handle(), ctx.sent_counter());
+        let (counted, sent) = (ctx.route.upstream_handle(), ctx.sent_counter());
         let body = match &mut bodies {
             Bodies::Empty(first) => match first.take() {
-                Some(body) => RequestBody::new(body, counter, sent),
-                None => RequestBody::empty(counter, sent),
+                Some(body) => RequestBody::new(body, counted, sent),
+                None => RequestBody::empty(counted, sent),
             },
-            Bodies::Replay(replay) => RequestBody::replay(replay.attempt(), counter, sent),
+            Bodies::Replay(replay) => RequestBody::replay(replay.attempt(), counted, sent),
         };
         let attempt = attempt(ctx, parts, body, false, if retry.omit_previous_hosts { &tried } else { &[] });
         let result = match retry.per_try_timeout {
@@ -234,13 +234,13 @@ async fn attempt(
     .then(|| (Template::of(&parts), body.upstream(), body.sent()));
     let request = Request::from_parts(parts, body);
     let mut sent = sender.send(request).await;
-    if let (Err(error), Some((template, counter, bytes))) = (&sent, resend) {
+    if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
         if closed_before_response(error) {
             tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
             match Box::pin(client::new_h1(upstream, &key, &target, tls, bodiless)).await {
                 Ok(fresh) => {
                     sender = fresh;
-                    let request = Request::from_parts(template.parts(), RequestBody::empty(counter, bytes));
+                    let request = Request::from_parts(template.parts(), RequestBody::empty(counted, bytes));
                     sent = sender.send(request).await;
                 }
                 Err(error) => tracing::debug!(%error, "no new connection for the request"),
@@ -400,10 +400,10 @@ pub(super) async fn send_copy(
     let (mut sender, target, _) =
         client::connection(upstream, tls, http2, body.is_none(), &[]).await.map_err(|e| e.to_string())?;
     prepare_request(&mut parts, &target, tls.is_some(), http2, false).map_err(|_| "refused".to_string())?;
-    let counter = route.upstream_handle();
+    let counted = route.upstream_handle();
     let body = match body {
-        Some(receiver) => RequestBody::mirror(receiver, counter),
-        None => RequestBody::empty(counter, None),
+        Some(receiver) => RequestBody::mirror(receiver, counted),
+        None => RequestBody::empty(counted, None),
     };
     let request = Request::from_parts(parts, body);
     let response = sender.send(request).await.map_err(|e| e.to_string())?;
