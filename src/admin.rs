@@ -315,7 +315,7 @@ fn endpoints(snapshot: &Snapshot) -> serde_json::Value {
                 .map(|t| {
                     serde_json::json!({
                         "address": t.addr.to_string(),
-                        "hostname": t.hostname.as_deref(),
+                        "hostname": route.upstream.hostname(t),
                         "priority": t.priority,
                         "healthy": t.health.is_healthy(),
                         "failingHealthCheck": t.health.failing_active_check(),
@@ -363,7 +363,7 @@ fn clusters(snapshot: &Snapshot) -> String {
             let _ = writeln!(out, "{name}::{addr}::rq_active::{}", t.health.active());
             let _ = writeln!(out, "{name}::{addr}::health_flags::{flags}");
             let _ = writeln!(out, "{name}::{addr}::priority::{}", t.priority);
-            let _ = writeln!(out, "{name}::{addr}::hostname::{}", t.hostname.as_deref().unwrap_or(""));
+            let _ = writeln!(out, "{name}::{addr}::hostname::{}", route.upstream.hostname(t).unwrap_or(""));
         }
     }
     out

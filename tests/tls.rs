@@ -14,7 +14,7 @@ use mesh_egress::catalog::{CompileOptions, Ipam, Service};
 use mesh_egress::config;
 use mesh_egress::resources::{self, Loaded};
 use mesh_egress::tls::{self, FailureReason};
-use mesh_egress::upstream::{Health, Target, TargetAddr};
+use mesh_egress::upstream::TargetAddr;
 use rustls::version::{TLS12, TLS13};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
@@ -48,11 +48,9 @@ fn compile(endpoint: &str, tls: &str, extra: &str, options: &CompileOptions) -> 
 async fn handshake(service: &TlsService, endpoint: &str, server: SocketAddr) -> Result<String, FailureReason> {
     let policy = service.service.tls.as_ref().unwrap();
     let config = &service.client;
-    let hostname = endpoint.parse::<std::net::IpAddr>().is_err().then(|| Arc::from(endpoint));
-    let target =
-        Target { addr: TargetAddr::Socket(server), priority: 0, hostname, health: Arc::new(Health::default()) };
+    let hostname = endpoint.parse::<std::net::IpAddr>().is_err().then_some(endpoint);
     let tcp = TcpStream::connect(server).await.unwrap();
-    let stream = tls::connect(config, tls::server_name(policy, target.hostname.as_deref(), &target.addr), tcp)
+    let stream = tls::connect(config, tls::server_name(policy, hostname, &TargetAddr::Socket(server)), tcp)
         .await
         .map_err(|e| e.reason)?;
     let mut line = String::new();
@@ -322,19 +320,11 @@ async fn sessions_are_resumed() {
         let service = compile(NAME, &verification("Secured", &pki.ca, ""), "", &CompileOptions::default());
         let config = service.client.clone();
         let policy = service.service.tls.clone().unwrap();
-        let target = Target {
-            addr: TargetAddr::Socket(server.addr),
-            priority: 0,
-            hostname: Some(Arc::from(NAME)),
-            health: Arc::new(Health::default()),
-        };
+        let addr = TargetAddr::Socket(server.addr);
         let mut kinds = Vec::new();
         for _ in 0..2 {
             let tcp = TcpStream::connect(server.addr).await.unwrap();
-            let stream =
-                tls::connect(&config, tls::server_name(&policy, target.hostname.as_deref(), &target.addr), tcp)
-                    .await
-                    .unwrap();
+            let stream = tls::connect(&config, tls::server_name(&policy, Some(NAME), &addr), tcp).await.unwrap();
             let mut reader = BufReader::new(stream);
             let mut line = String::new();
             reader.read_line(&mut line).await.unwrap(); // also takes in TLS 1.3 session tickets

@@ -134,7 +134,7 @@ async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
     Ok(match &policy.tls {
         None => UpstreamIo::Plain(stream),
         Some((tls_policy, config)) => {
-            let name = tls::server_name(tls_policy, target.hostname.as_deref(), &target.addr);
+            let name = tls::server_name(tls_policy, up.hostname(target), &target.addr);
             UpstreamIo::Tls(Box::new(tls::connect(config, name, stream).await.map_err(|e| format!("TLS: {e}"))?))
         }
     })
@@ -142,7 +142,7 @@ async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
 
 /// One check of one address.
 async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), String> {
-    let authority = target.hostname.as_deref().map_or_else(|| target.addr.to_string(), str::to_string);
+    let authority = up.hostname(target).map_or_else(|| target.addr.to_string(), str::to_string);
     // A kept connection (taken out while in use) or a new one.
     let reused = kept.and_then(|k| k.lock().ok()?.remove(&target.addr));
     let client = |http2: bool| async move {

@@ -284,8 +284,10 @@ impl Drop for Permit {
 pub struct Target {
     pub addr: TargetAddr,
     pub priority: u8,
-    /// The endpoint's DNS name, for SNI and Host rewriting; `None` for IP and unix endpoints.
-    pub hostname: Option<Arc<str>>,
+    /// The endpoint it comes from, by its position among the upstream's (its DNS name is read
+    /// from there, [`Upstream::hostname`]: a copy of the target made for each request then
+    /// writes no reference count but its health's).
+    endpoint: usize,
     pub health: Arc<Health>,
 }
 
@@ -535,6 +537,15 @@ impl Upstream {
         &self.endpoints
     }
 
+    /// The DNS name of the endpoint `target` of this upstream comes from, for SNI and Host
+    /// rewriting; `None` for IP and unix endpoints.
+    pub fn hostname(&self, target: &Target) -> Option<&str> {
+        match &self.endpoints.get(target.endpoint)?.address {
+            EndpointAddress::Dns(name) => Some(name),
+            EndpointAddress::Ip(_) | EndpointAddress::Unix(_) => None,
+        }
+    }
+
     pub fn protocol(&self) -> Protocol {
         self.protocol
     }
@@ -561,23 +572,20 @@ impl Upstream {
         let state = &mut *state;
         let mut targets = Vec::new();
         let mut health = HashMap::new();
-        for (endpoint, resolved) in self.endpoints.iter().zip(&state.resolved) {
-            let (addrs, hostname): (Vec<TargetAddr>, Option<Arc<str>>) = match &endpoint.address {
-                EndpointAddress::Ip(ip) => (vec![TargetAddr::Socket(SocketAddr::new(*ip, endpoint.port))], None),
-                EndpointAddress::Unix(path) => (vec![TargetAddr::Unix(path.clone())], None),
-                EndpointAddress::Dns(name) => (
-                    resolved
-                        .iter()
-                        .flatten()
-                        .map(|ip| TargetAddr::Socket(SocketAddr::new(*ip, endpoint.port)))
-                        .collect(),
-                    Some(Arc::from(name.as_str())),
-                ),
+        for (index, (endpoint, resolved)) in self.endpoints.iter().zip(&state.resolved).enumerate() {
+            let addrs: Vec<TargetAddr> = match &endpoint.address {
+                EndpointAddress::Ip(ip) => vec![TargetAddr::Socket(SocketAddr::new(*ip, endpoint.port))],
+                EndpointAddress::Unix(path) => vec![TargetAddr::Unix(path.clone())],
+                EndpointAddress::Dns(_) => resolved
+                    .iter()
+                    .flatten()
+                    .map(|ip| TargetAddr::Socket(SocketAddr::new(*ip, endpoint.port)))
+                    .collect(),
             };
             for addr in addrs {
                 let h = state.health.get(&addr).cloned().unwrap_or_default();
                 health.insert(addr.clone(), h.clone());
-                targets.push(Target { addr, priority: endpoint.priority, hostname: hostname.clone(), health: h });
+                targets.push(Target { addr, priority: endpoint.priority, endpoint: index, health: h });
             }
         }
         state.health = health;
@@ -709,7 +717,7 @@ impl Upstream {
                 let stream = match tls {
                     None => UpstreamIo::Plain(stream),
                     Some(setup) => {
-                        let name = tls::server_name(setup.policy, target.hostname.as_deref(), &target.addr);
+                        let name = tls::server_name(setup.policy, self.hostname(target), &target.addr);
                         match tokio::time::timeout_at(deadline, tls::connect(setup.config, name, stream)).await {
                             Ok(Ok(tls)) => UpstreamIo::Tls(Box::new(tls)),
                             Ok(Err(source)) => {

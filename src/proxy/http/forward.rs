@@ -216,7 +216,9 @@ async fn attempt(
             };
         }
     };
-    if let Err(refusal) = prepare_request(&mut parts, &target, tls.is_some(), http2, upgrade) {
+    if let Err(refusal) =
+        prepare_request(&mut parts, &target.addr, upstream.hostname(&target), tls.is_some(), http2, upgrade)
+    {
         return failed(AttemptFailure::Local, reply::refused(grpc, refusal));
     }
     let active = target.health.track();
@@ -399,7 +401,8 @@ pub(super) async fn send_copy(
     let tls = route.tls();
     let (mut sender, target, _) =
         client::connection(upstream, tls, http2, body.is_none(), &[]).await.map_err(|e| e.to_string())?;
-    prepare_request(&mut parts, &target, tls.is_some(), http2, false).map_err(|_| "refused".to_string())?;
+    prepare_request(&mut parts, &target.addr, upstream.hostname(&target), tls.is_some(), http2, false)
+        .map_err(|_| "refused".to_string())?;
     let counted = route.upstream_handle();
     let body = match body {
         Some(receiver) => RequestBody::mirror(receiver, counted),

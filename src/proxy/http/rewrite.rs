@@ -5,7 +5,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::Version;
 
-use crate::upstream::{Target, TargetAddr};
+use crate::upstream::TargetAddr;
 
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -103,11 +103,12 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Rewrites the request for the endpoint: hop-by-hop headers, Host / `:authority` (the
-/// endpoint's DNS name for DNS endpoints, as Kuma's `autoHostRewrite`), URI form and version.
+/// Rewrites the request for the endpoint at `addr`: hop-by-hop headers, Host / `:authority`
+/// (`hostname`, a DNS endpoint's name, as Kuma's `autoHostRewrite`), URI form and version.
 pub(super) fn prepare_request(
     parts: &mut http::request::Parts,
-    target: &Target,
+    addr: &TargetAddr,
+    hostname: Option<&str>,
     tls: bool,
     http2: bool,
     upgrade: bool,
@@ -119,7 +120,7 @@ pub(super) fn prepare_request(
         parts.headers.insert(header::UPGRADE, value);
     }
     let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
-    if target.hostname.is_none() {
+    if hostname.is_none() {
         // IP and unix endpoints keep the application's authority. Mostly the request already
         // has the form the endpoint gets; only the other cases are rebuilt below.
         let has_host = parts.headers.contains_key(header::HOST);
@@ -136,7 +137,7 @@ pub(super) fn prepare_request(
             return Ok(());
         }
     }
-    let authority: Authority = match (&target.hostname, &target.addr) {
+    let authority: Authority = match (hostname, addr) {
         (Some(name), TargetAddr::Socket(addr)) => {
             let default_port = if tls { 443 } else { 80 };
             let text = if addr.port() == default_port { name.to_string() } else { format!("{name}:{}", addr.port()) };
@@ -168,7 +169,6 @@ pub(super) fn prepare_request(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use http::Request;
 
@@ -179,15 +179,6 @@ mod tests {
         assert!(HOP_BY_HOP.iter().all(is_hop_by_hop));
         for other in [header::HOST, header::TE, header::CONTENT_LENGTH, HeaderName::from_static("x-connection")] {
             assert!(!is_hop_by_hop(&other), "{other}");
-        }
-    }
-
-    fn target(addr: &str, hostname: Option<&str>) -> Target {
-        Target {
-            addr: TargetAddr::Socket(addr.parse().unwrap()),
-            priority: 0,
-            hostname: hostname.map(Arc::from),
-            health: Arc::default(),
         }
     }
 
@@ -233,7 +224,8 @@ mod tests {
                 builder = builder.header(header::HOST, host);
             }
             let (mut parts, ()) = builder.body(()).unwrap().into_parts();
-            prepare_request(&mut parts, &target(&format!("10.0.0.1:{port}"), hostname), tls, http2, false).unwrap();
+            let addr = TargetAddr::Socket(format!("10.0.0.1:{port}").parse().unwrap());
+            prepare_request(&mut parts, &addr, hostname, tls, http2, false).unwrap();
             assert_eq!(parts.uri.to_string(), want_uri, "case {i}");
             assert_eq!(parts.headers.get(header::HOST).map(|h| h.to_str().unwrap()), want_host, "case {i}");
             assert_eq!(parts.version, if http2 { V::HTTP_2 } else { V::HTTP_11 }, "case {i}");
