@@ -27,7 +27,9 @@ p50/p99 latencies, and each proxy's CPU time per request (per MiB for the iperf3
 proxy process's utime+stime (all threads, from /proc/PID/stat) read right before and right after
 the load generator runs, divided by the requests the load generator counted (wrk's "N requests
 in", h2load's "N done", iperf3's received bytes); the per-row lines on stdout also give the user
-part alone (cpu_user), so kernel and user time can be told apart. wrk's non-2xx/3xx responses and socket errors,
+part alone (cpu_user), so kernel and user time can be told apart. Before each measurement a probe times `dd`'s read/write system calls on CPU 1 (per-row lines:
+`probe`, µs per pair): when a row's targets ran at speeds more than 15% apart (this VM has a fast
+and a slow mode), its warnings say so. wrk's non-2xx/3xx responses and socket errors,
 h2load's failed/errored requests and non-2xx statuses, and HAProxy upstream checks (the h2/gRPC
 rows really reach the upstream over HTTP/2, TLS rows over TLS) go to a warnings column and stderr.
 Results: stdout and target/bench/results.md.
@@ -663,11 +665,40 @@ def table_rows(targets, workers, results, workload_list):
     return lines
 
 
+PROBE_CALLS = 200_000
+
+
+def speed_probe():
+    """µs per read + write system-call pair of `dd` on CPU 1 (the proxy's with 1 worker), the
+    least of three tries (a try the scheduler interrupts is not the machine's speed), taken right
+    before each measurement. This shared VM runs for minutes at a time about 45% slower in user
+    and system time alike; a row whose targets were measured in different modes shows it here
+    (0.22-0.26 µs on 2026-12-06)."""
+    times = []
+    for _ in range(3):
+        out = subprocess.run(["taskset", "-c", "1", "dd", "if=/dev/zero", "of=/dev/null", "bs=1",
+                              f"count={PROBE_CALLS}"], capture_output=True, text=True).stderr
+        m = re.search(r"copied, ([0-9.]+) s", out)
+        if m:
+            times.append(float(m.group(1)) * 1e6 / PROBE_CALLS)
+    return min(times) if times else None
+
+
+def probe_warning(probes):
+    """A warning when the targets of one row were measured at speeds more than 15% apart."""
+    known = {t: p for t, p in probes.items() if p}
+    if len(known) > 1 and max(known.values()) > 1.15 * min(known.values()):
+        return "VM speed differed (probe µs " + " / ".join(f"{SHORT[t]} {p:.3f}" for t, p in known.items()) + ")"
+    return None
+
+
 def measure(run, port, proxy, target, workers, key, service, svc):
     """One run of a workload through one target, with the proxy's CPU per request."""
     stats_before = haproxy_stats() if target == "HAProxy" else None
+    probe = speed_probe()
     cpu_before = proxy.cpu() if proxy else None
     sample = run(port)
+    sample["probe"] = probe
     sample["cpu"] = sample["cpu_user"] = None
     if proxy and sample["count"]:
         user, system = (after - before for after, before in zip(proxy.cpu(), cpu_before))
@@ -685,7 +716,8 @@ def summarize(samples, warnings, unit, label):
     if samples:
         med = lambda k: statistics.median([s[k] for s in samples]) if all(s[k] is not None for s in samples) else None
         return {"rate": med("rate"), "p50": med("p50"), "p99": med("p99"), "cpu": med("cpu"),
-                "cpu_user": med("cpu_user"), "count": med("count"), "unit": unit, "label": label, "warnings": warnings}
+                "cpu_user": med("cpu_user"), "count": med("count"), "probe": med("probe"), "unit": unit, "label": label,
+                "warnings": warnings}
     if warnings:
         return {"rate": None, "p50": None, "p99": None, "cpu": None, "count": None,
                 "unit": unit, "label": label, "warnings": warnings}
@@ -766,13 +798,17 @@ def run_all(args, envoy, children):
                     except Exception as e:  # a failing workload is reported, not hidden
                         print(f"{target} {key}: {e}", file=sys.stderr)
                         warnings[target].append(f"failed: {str(e).splitlines()[0][:80]}")
+            probes = {t: statistics.median([s["probe"] for s in samples[t] if s["probe"]] or [0]) for t in targets}
+            differed = probe_warning(probes)
+            if differed:
+                warnings["mesh-egress" if "mesh-egress" in targets else targets[0]].append(differed)
             for target in targets:
                 results[(key, target)] = summarize(samples[target], warnings[target], unit, label)
                 if warnings[target]:
                     print(f"WARNING workers={workers} {target} {key}: {'; '.join(warnings[target])}", file=sys.stderr)
                 r = results.get((key, target))
                 print(f"workers={workers} {target:12} {key:18} "
-                      f"{ {k: r.get(k) for k in ('rate', 'p50', 'p99', 'count', 'cpu', 'cpu_user')} if r else None}", flush=True)
+                      f"{ {k: r.get(k) for k in ('rate', 'p50', 'p99', 'count', 'cpu', 'cpu_user', 'probe')} if r else None}", flush=True)
         for target, proxy in proxies.items():
             if not only or "rss" in only:
                 idle = rss_kib(proxy.pid)
