@@ -873,6 +873,25 @@ mod tests {
         }
     }
 
+    /// SNI and Host come from the endpoint a target was resolved from, whatever its place
+    /// among the targets (an IP endpoint's have no name; a name resolved to two addresses gives
+    /// two targets of one name). Lookups go to an unused loopback port, never the system's
+    /// resolver; the spawned refreshes never run, as nothing here awaits.
+    #[tokio::test]
+    async fn each_target_names_the_endpoint_it_comes_from() {
+        let settings =
+            Settings { resolver: ResolverSource::new(vec!["127.0.0.1:9".parse().unwrap()]), ..Settings::default() };
+        let dns = |name: &str, port| Endpoint { address: EndpointAddress::Dns(name.into()), port, priority: 0 };
+        let endpoints = vec![ip_endpoint(1, 0), dns("a.test", 2), dns("b.test", 3)];
+        let policy = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Tcp, "default/names");
+        let up = Upstream::new(Arc::from("default/names"), Protocol::Tcp, endpoints, Arc::new(settings), policy);
+        up.set_resolved(2, Some(vec!["127.0.0.3".parse().unwrap()]));
+        up.set_resolved(1, Some(vec!["127.0.0.2".parse().unwrap(), "127.0.0.4".parse().unwrap()]));
+        let targets = up.targets();
+        let names: Vec<(u16, Option<&str>)> = targets.iter().map(|t| (port(t), up.hostname(t))).collect();
+        assert_eq!(names, [(1, None), (2, Some("a.test")), (2, Some("a.test")), (3, Some("b.test"))]);
+    }
+
     #[test]
     fn policies_override_the_process_defaults() {
         use crate::resources::policy::{

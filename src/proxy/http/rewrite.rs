@@ -169,7 +169,6 @@ pub(super) fn prepare_request(
 
 #[cfg(test)]
 mod tests {
-
     use http::Request;
 
     use super::*;
