@@ -602,7 +602,14 @@ def main():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     ap.add_argument("--idle-conns", type=int, default=min(10000, (hard - 1000) // 2),
                     help="idle connections for the RSS row (default 10,000, less if the open-file hard limit is lower)")
+    ap.add_argument("--mesh-binary", help="run this mesh-egress binary instead of the tree's release build "
+                                          "(an A/B of two builds: the tree is still built, for the upstream)")
     args = ap.parse_args()
+    if args.mesh_binary:
+        global MESH
+        MESH = os.path.abspath(args.mesh_binary)
+        if not os.access(MESH, os.X_OK):
+            sys.exit(f"--mesh-binary: {MESH} is not an executable file")
     quick = {"duration": 2, "runs": 1, "workers": "1"}
     full = {"duration": 4, "runs": 3, "workers": "1,2"}
     for k, v in (quick if args.quick else full).items():

@@ -229,6 +229,7 @@ impl UpstreamHandle {
 
     /// The handle of a TCP service named `detached/detached` with no endpoints, made once per
     /// process: for bodies sent outside any service (tests, fuzzing).
+    #[doc(hidden)]
     pub fn detached() -> Self {
         static DETACHED: OnceLock<UpstreamHandle> = OnceLock::new();
         DETACHED
