@@ -123,7 +123,7 @@ pub struct UpstreamPolicy {
     pub max_pending_requests: usize,
     pub max_requests: usize,
     pub max_retries: usize,
-    /// `maxConnectionPools`: HTTP connection pools (one per endpoint address, TLS client,
+    /// `maxConnectionPools`: HTTP connection pools (one per endpoint and address, TLS client,
     /// protocol and worker); `None`: unlimited.
     pub max_connection_pools: Option<usize>,
     /// Idle pooled connections close after this long (`None`: never).
@@ -891,6 +891,32 @@ mod tests {
         let targets = up.targets();
         let names: Vec<(u16, Option<&str>)> = targets.iter().map(|t| (port(t), up.hostname(t))).collect();
         assert_eq!(names, [(1, None), (2, Some("a.test")), (2, Some("a.test")), (3, Some("b.test"))]);
+    }
+
+    /// Two names that resolve to one address share no pooled connection: each was made, SNI and
+    /// certificate check included, for its own name.
+    #[tokio::test]
+    async fn two_names_at_one_address_pool_apart() {
+        let settings =
+            Settings { resolver: ResolverSource::new(vec!["127.0.0.1:9".parse().unwrap()]), ..Settings::default() };
+        let dns = |name: &str| Endpoint { address: EndpointAddress::Dns(name.into()), port: 443, priority: 0 };
+        let policy = UpstreamPolicy::new(&settings, &Effective::default(), Protocol::Http, "default/cdn");
+        let up = Upstream::new(
+            Arc::from("default/cdn"),
+            Protocol::Http,
+            vec![dns("a.test"), dns("b.test")],
+            Arc::new(settings),
+            policy,
+        );
+        for index in 0..2 {
+            up.set_resolved(index, Some(vec!["127.0.0.2".parse().unwrap()]));
+        }
+        let targets = up.targets();
+        let (a, b) = (&targets[0], &targets[1]);
+        assert_eq!((a.addr.clone(), up.hostname(a), up.hostname(b)), (b.addr.clone(), Some("a.test"), Some("b.test")));
+        let tls = pool::TlsIdentity::fresh();
+        assert_ne!(pool::PoolKey::new(a, tls, false), pool::PoolKey::new(b, tls, false));
+        assert_eq!(pool::PoolKey::new(a, tls, false), pool::PoolKey::new(a, tls, false));
     }
 
     #[test]

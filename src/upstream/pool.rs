@@ -245,12 +245,23 @@ const MAX_IDLE_PER_KEY: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub target: TargetAddr,
+    /// The endpoint the address comes from (its position): two DNS endpoints of one service
+    /// that resolve to one address get connections of their own, each made (SNI, certificate
+    /// check) for its own name, as Envoy's hosts each have their own pools.
+    endpoint: usize,
     pub tls: TlsIdentity,
     pub http2: bool,
     /// The worker's slot ([`crate::worker::slot`]): a connection's driver task lives on the
     /// runtime that opened it, so sharing it across workers would hand every request to another
     /// thread.
     pub worker: usize,
+}
+
+impl PoolKey {
+    /// The key of this worker's connections to `target` made with the TLS client `tls`.
+    pub fn new(target: &super::Target, tls: TlsIdentity, http2: bool) -> Self {
+        Self { target: target.addr.clone(), endpoint: target.endpoint, tls, http2, worker: worker::slot() }
+    }
 }
 
 /// The TLS client a connection was made with: a number each client configuration gets when it

@@ -84,7 +84,7 @@ pub(super) async fn connection(
         avoid.extend_from_slice(failed_addr);
         let pick = upstream.pick(&avoid).or_else(|| upstream.pick(failed_addr).filter(|_| !exclude.is_empty()));
         let Some(target) = pick else { break };
-        let key = PoolKey { target: target.addr.clone(), tls: tls_id, http2, worker: crate::worker::slot() };
+        let key = PoolKey::new(&target, tls_id, http2);
         // New connections are boxed: their connect, TLS and handshake state is large, and
         // inline it would make every request's future (moved on each spawn) that large.
         let result = if http2 {
