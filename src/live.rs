@@ -244,7 +244,7 @@ impl Snapshot {
                 let key = s.key();
                 let mut policy = UpstreamPolicy::new(settings, &s.policies, s.protocol, &key);
                 policy.tls = s.tls.clone().zip(tls.get(index).cloned());
-                match reusable.get(&key) {
+                let up = match reusable.get(&key) {
                     Some((up, old_tls)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
                         // Connections made under other TLS settings must never serve this
                         // configuration's requests: the pool key already tells them apart;
@@ -253,15 +253,12 @@ impl Snapshot {
                             up.pool.clear();
                         }
                         up.set_policy(policy);
-                        (Arc::clone(up), up.policy_arc())
+                        Arc::clone(up)
                     }
-                    _ => {
-                        let up =
-                            Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone(), policy);
-                        let policy = up.policy_arc();
-                        (up, policy)
-                    }
-                }
+                    _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone(), policy),
+                };
+                let policy = up.policy_arc();
+                (up, policy)
             })
             .unzip();
         let local = std::iter::repeat_with(Line::default).take(worker::slots()).collect();

@@ -191,18 +191,6 @@ impl UpstreamPolicy {
 #[derive(Debug)]
 pub struct Permit(Arc<AtomicUsize>);
 
-impl Permit {
-    /// A permit, unless `max` are taken.
-    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        take_slot(count, max).then(|| Self(count.clone()))
-    }
-}
-
-/// Counts one more in `count` unless `max` are taken.
-fn take_slot(count: &AtomicUsize, max: usize) -> bool {
-    count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
-}
-
 /// One worker's handle on an upstream, for what a request holds until its response ends (its
 /// bodies, its request slot, its pooled connection's way back). On the data path it is the
 /// worker's own route (`live::RouteParts`, one per worker and configuration), so cloning and
@@ -220,11 +208,8 @@ impl UpstreamHandle {
     /// held until its response ends; counted when refused.
     pub fn request_slot(&self) -> Option<RequestSlot> {
         self.mark_traffic();
-        if take_slot(&self.requests.0, self.policy().max_requests) {
-            return Some(RequestSlot(self.clone()));
-        }
-        self.metrics.overflow(Limit::MaxRequests);
-        None
+        let taken = self.take_slot(&self.requests.0, self.policy().max_requests, Limit::MaxRequests);
+        taken.then(|| RequestSlot(self.clone()))
     }
 
     /// The handle of a TCP service named `detached/detached` with no endpoints, made once per
@@ -518,11 +503,16 @@ impl Upstream {
     }
 
     fn permit(&self, count: &Arc<AtomicUsize>, max: usize, limit: Limit) -> Option<Permit> {
-        let permit = Permit::take(count, max);
-        if permit.is_none() {
+        self.take_slot(count, max, limit).then(|| Permit(count.clone()))
+    }
+
+    /// Counts one more in `count` unless `max` are taken; a refusal counts as `limit`'s overflow.
+    fn take_slot(&self, count: &AtomicUsize, max: usize, limit: Limit) -> bool {
+        let taken = count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok();
+        if !taken {
             self.metrics.overflow(limit);
         }
-        permit
+        taken
     }
 
     /// Counts what an exchange with `target` told us (outlier detection).
