@@ -230,10 +230,10 @@ impl Snapshot {
     /// Builds upstreams for `catalog`, reusing those of `previous` whose service kept its
     /// endpoints (their DNS answers, health and pooled connections carry over).
     pub fn new(catalog: Catalog, tls: TlsClients, previous: Option<&Snapshot>, settings: &Arc<Settings>) -> Self {
-        let mut reusable: HashMap<String, (&Arc<Upstream>, TlsIdentity)> = HashMap::new();
+        let mut reusable: HashMap<String, &Arc<Upstream>> = HashMap::new();
         if let Some(prev) = previous {
-            for (index, (service, upstream)) in prev.catalog.services().iter().zip(&prev.upstreams).enumerate() {
-                reusable.insert(service.key(), (upstream, prev.tls.identity(index)));
+            for (service, upstream) in prev.catalog.services().iter().zip(&prev.upstreams) {
+                reusable.insert(service.key(), upstream);
             }
         }
         let (upstreams, policies) = catalog
@@ -245,18 +245,16 @@ impl Snapshot {
                 let mut policy = UpstreamPolicy::new(settings, &s.policies, s.protocol, &key);
                 policy.tls = s.tls.clone().zip(tls.get(index).cloned());
                 let up = match reusable.get(&key) {
-                    Some((up, old_tls)) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
-                        // Connections made under other TLS settings must never serve this
-                        // configuration's requests: the pool key already tells them apart;
-                        // this closes them.
-                        if *old_tls != tls.identity(index) {
-                            up.pool.clear();
-                        }
+                    Some(up) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {
                         up.set_policy(policy);
                         Arc::clone(up)
                     }
                     _ => Upstream::new(Arc::from(key), s.protocol, s.endpoints.clone(), settings.clone(), policy),
                 };
+                // Connections made under other TLS settings must never serve this
+                // configuration's requests: the pool key already tells them apart; this closes
+                // them, and keeps requests still under the old settings from pooling theirs.
+                up.pool.use_tls(tls.identity(index));
                 let policy = up.policy_arc();
                 (up, policy)
             })

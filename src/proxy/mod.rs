@@ -152,6 +152,9 @@ impl Proxy {
             if let Some(t) = policy.timeouts.request_headers {
                 proxy.set_header_read_timeout(t);
             }
+            // Each request finds its route again: the connection keeps none, so a reload that
+            // drops or replaces the service frees the old one (and stops its health checks).
+            drop((route, policy));
             // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
             return Box::pin(http::serve(client, proxy, protocol, self.draining.clone())).await;
         }

@@ -118,8 +118,17 @@ async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Res
     }
 }
 
-/// HTTP/gRPC check connections kept between rounds (`reuseConnection`), per address.
-type Kept = Arc<std::sync::Mutex<std::collections::HashMap<super::TargetAddr, Client>>>;
+/// HTTP/gRPC check connections kept between rounds (`reuseConnection`), per [`kept_key`].
+type Kept = Arc<std::sync::Mutex<std::collections::HashMap<KeptKey, Client>>>;
+
+/// A target's endpoint and address: two DNS endpoints that resolve to one address (a CDN)
+/// each keep a connection of their own, made (SNI, certificate check) for their own name, as
+/// the data path's pool keys do.
+type KeptKey = (usize, super::TargetAddr);
+
+pub(super) fn kept_key(target: &Target) -> KeptKey {
+    (target.endpoint, target.addr.clone())
+}
 
 /// A check's client connection.
 enum Client {
@@ -144,7 +153,7 @@ async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
 async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), String> {
     let authority = up.hostname(target).map_or_else(|| target.addr.to_string(), str::to_string);
     // A kept connection (taken out while in use) or a new one.
-    let reused = kept.and_then(|k| k.lock().ok()?.remove(&target.addr));
+    let reused = kept.and_then(|k| k.lock().ok()?.remove(&kept_key(target)));
     let client = |http2: bool| async move {
         match reused {
             Some(Client::H1(mut s)) if !http2 => {
@@ -160,7 +169,7 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
     let give_back = |client: Client| {
         if let Some(k) = kept {
             if let Ok(mut map) = k.lock() {
-                map.insert(target.addr.clone(), client);
+                map.insert(kept_key(target), client);
             }
         }
     };

@@ -42,7 +42,13 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// One shared connection to an endpoint; each request uses a clone.
 #[derive(Clone)]
 pub struct Client {
-    send: SendRequest<Bytes>,
+    /// One handle for all the connection's requests, taken in turn to open a stream: as in
+    /// hyper's client, when the endpoint's stream limit is reached at most one stream waits to
+    /// open (in h2) and the next requests wait here, so one given up meanwhile (a timeout, the
+    /// application gone) never reaches the endpoint. A handle of its own per request would let
+    /// every request queue its HEADERS in h2, sent once a stream frees however long ago its
+    /// caller gave up.
+    send: Arc<tokio::sync::Mutex<SendRequest<Bytes>>>,
     /// Set when the connection's task ends, or once it takes no new stream (GOAWAY).
     closed: Arc<AtomicBool>,
 }
@@ -74,7 +80,7 @@ impl Client {
             }
             ended.store(true, Ordering::Release);
         });
-        Ok(Self { send, closed })
+        Ok(Self { send: Arc::new(tokio::sync::Mutex::new(send)), closed })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -83,13 +89,6 @@ impl Client {
 
     /// Opens a stream for `request` and waits for the response head.
     pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Body>, h2::Error> {
-        if let Err(error) = poll_fn(|cx| self.send.poll_ready(cx)).await {
-            // A GOAWAY or a connection error: no new stream may go on this connection, even
-            // while earlier streams finish on it. The pool opens another for the next request
-            // (as it did when hyper's client, noticing the same, ended its dispatch task).
-            self.closed.store(true, Ordering::Release);
-            return Err(error);
-        }
         let (mut parts, body) = request.into_parts();
         if let Some(len) = body.size_hint().exact() {
             if len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
@@ -97,7 +96,20 @@ impl Client {
             }
         }
         let end_of_stream = body.is_end_stream();
-        let (response, stream) = self.send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
+        let (response, stream) = {
+            let mut send = self.send.lock().await;
+            // Waits while the stream the last request opened still waits for the endpoint's
+            // stream limit.
+            if let Err(error) = poll_fn(|cx| send.poll_ready(cx)).await {
+                // A GOAWAY or a connection error: no new stream may go on this connection, even
+                // while earlier streams finish on it. The pool opens another for the next
+                // request (as it did when hyper's client, noticing the same, ended its dispatch
+                // task).
+                self.closed.store(true, Ordering::Release);
+                return Err(error);
+            }
+            send.send_request(Request::from_parts(parts, ()), end_of_stream)?
+        };
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
         let mut cancel_pipe = None;
@@ -120,6 +132,19 @@ impl Client {
         let length = content_length(response.headers());
         Ok(response.map(|recv| Body { recv, data_done: false, remaining: length }))
     }
+}
+
+/// The reset for a request body that failed: the HTTP/2 reason behind the failure (an
+/// application that cancelled its stream: `CANCEL`), else `INTERNAL_ERROR`, as hyper's client.
+fn reset_reason(error: &hyper::Error) -> Reason {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(reason) = error.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cause = error.source();
+    }
+    Reason::INTERNAL_ERROR
 }
 
 /// The response's `Content-Length` for its size hint; unknown when it is malformed or its
@@ -213,7 +238,7 @@ impl Pipe {
                     }
                 },
                 Some(Err(error)) => {
-                    self.stream.send_reset(Reason::INTERNAL_ERROR);
+                    self.stream.send_reset(reset_reason(&error));
                     return Poll::Ready(Err(PipeError::Body(error)));
                 }
                 None => {
@@ -401,8 +426,10 @@ mod tests {
         let empty = RequestBody::empty(UpstreamHandle::detached(), None);
         client.send(Request::get("http://endpoint/").body(empty).unwrap()).await.unwrap();
         let body = RequestBody::new(incoming(b"one message").await.into(), UpstreamHandle::detached(), None);
-        poll_fn(|cx| client.send.poll_ready(cx)).await.unwrap();
-        let (_response, stream) = client.send.send_request(post(()), false).unwrap();
+        let mut send = client.send.lock().await;
+        poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
+        let (_response, stream) = send.send_request(post(()), false).unwrap();
+        drop(send);
         let mut pipe = Pipe { body, stream, data: None };
         let sent = tokio::time::timeout(std::time::Duration::from_secs(10), poll_fn(|cx| pipe.poll_send(cx))).await;
         assert!(matches!(sent, Ok(Ok(()))), "the last frame waited for the window: {sent:?}");
@@ -492,6 +519,105 @@ mod tests {
         }
         assert!(refused.expect("no request was refused after the GOAWAY").is_go_away());
         assert!(pooled.is_closed());
+    }
+
+    /// With the endpoint's stream limit reached, at most one request waits in h2 to open its
+    /// stream, as in hyper's client; the next ones wait for it, and those given up meanwhile
+    /// never reach the endpoint (with a handle per request, h2 queued all of them and sent
+    /// each once a stream freed).
+    #[tokio::test]
+    async fn requests_given_up_while_the_stream_limit_is_full_are_never_sent() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            h2::server::Builder::new().max_concurrent_streams(1).handshake(server_io).await.unwrap()
+        });
+        let client = Client::handshake(client_io, ()).await.unwrap();
+        let mut server: h2::server::Connection<_, Bytes> = server.await.unwrap();
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut release = Some(release);
+            while let Some(Ok((request, mut respond))) = server.accept().await {
+                let path = request.uri().path().to_owned();
+                let _ = seen_tx.send(path.clone());
+                let hold = if path == "/held" { release.take() } else { None };
+                tokio::spawn(async move {
+                    if let Some(hold) = hold {
+                        let _ = hold.await;
+                    }
+                    let _ = respond.send_response(http::Response::new(()), true);
+                });
+            }
+        });
+        let get = |path: &str| {
+            Request::get(format!("http://endpoint{path}"))
+                .body(RequestBody::empty(UpstreamHandle::detached(), None))
+                .unwrap()
+        };
+        // An answered request first, so the client has the endpoint's SETTINGS (one stream).
+        client.clone().send(get("/first")).await.unwrap();
+        let held = tokio::spawn({
+            let mut client = client.clone();
+            async move { client.send(get("/held")).await.map(|_| ()) }
+        });
+        assert_eq!(seen.recv().await.as_deref(), Some("/first"));
+        assert_eq!(seen.recv().await.as_deref(), Some("/held"));
+        for path in ["/queued", "/given-up-1", "/given-up-2"] {
+            let mut waiting = client.clone();
+            let send = tokio::time::timeout(std::time::Duration::from_millis(20), waiting.send(get(path)));
+            assert!(send.await.is_err(), "{path} was answered while the only stream was held");
+        }
+        release_tx.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        client.clone().send(get("/last")).await.unwrap();
+        let mut later = Vec::new();
+        while let Ok(path) = seen.try_recv() {
+            later.push(path);
+        }
+        assert!(
+            later.iter().all(|p| !p.starts_with("/given-up")),
+            "requests given up while waiting reached the endpoint: {later:?}"
+        );
+        assert_eq!(later.last().map(String::as_str), Some("/last"));
+    }
+
+    /// A request body that fails because the application cancelled its HTTP/2 stream resets
+    /// the endpoint's stream with `CANCEL`, not `INTERNAL_ERROR`, as hyper's client did.
+    #[tokio::test]
+    async fn a_cancelled_application_stream_resets_the_endpoint_s_with_cancel() {
+        let (app_io, proxy_io) = tokio::io::duplex(64 * 1024);
+        let (reason_tx, reason_rx) = tokio::sync::oneshot::channel();
+        let reason_tx = std::sync::Mutex::new(Some(reason_tx));
+        let reason_tx = Arc::new(reason_tx);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let reason_tx = reason_tx.clone();
+                async move {
+                    let mut body = request.into_body();
+                    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                        if let Err(error) = frame {
+                            if let Some(tx) = reason_tx.lock().unwrap().take() {
+                                let _ = tx.send(reset_reason(&error));
+                            }
+                            break;
+                        }
+                    }
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new()))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(proxy_io);
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, service)
+                .await;
+        });
+        let (mut app, connection) = h2::client::handshake(app_io).await.unwrap();
+        tokio::spawn(connection);
+        let (_response, mut stream) = app.send_request(post(()), false).unwrap();
+        stream.send_data(Bytes::from_static(b"part"), false).unwrap();
+        tokio::task::yield_now().await;
+        stream.send_reset(Reason::CANCEL);
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(10), reason_rx).await;
+        assert_eq!(reason.expect("the body never failed").unwrap(), Reason::CANCEL);
     }
 
     #[test]

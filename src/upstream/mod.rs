@@ -907,6 +907,7 @@ mod tests {
         let tls = pool::TlsIdentity::fresh();
         assert_ne!(pool::PoolKey::new(a, tls, false), pool::PoolKey::new(b, tls, false));
         assert_eq!(pool::PoolKey::new(a, tls, false), pool::PoolKey::new(a, tls, false));
+        assert_ne!(active::kept_key(a), active::kept_key(b), "health checks keep a connection per name too");
     }
 
     #[test]

@@ -278,6 +278,11 @@ impl TlsIdentity {
         static LAST: AtomicU64 = AtomicU64::new(0);
         Self(NonZeroU64::new(LAST.fetch_add(1, Ordering::Relaxed) + 1))
     }
+
+    /// 0 for plaintext.
+    fn number(self) -> u64 {
+        self.0.map_or(0, NonZeroU64::get)
+    }
 }
 
 /// A pool's connections of one worker. foldhash: a key is hashed twice per request (take and
@@ -345,6 +350,11 @@ pub struct Pool {
     shards: Box<[Line<Shard>]>,
     /// The connection pools in use (MeshCircuitBreaker `maxConnectionPools`): one per key.
     pools: Mutex<std::collections::HashSet<PoolKey>>,
+    /// The TLS client of the configuration in force ([`Pool::use_tls`]). Requests that began
+    /// under an earlier one still finish on connections made with theirs, but those are not
+    /// kept: no later request could take them, and idle they would hold connection slots
+    /// (`maxConnections`, `maxConnectionPools`) until the idle timeout.
+    tls: AtomicU64,
 }
 
 impl Default for Pool {
@@ -374,7 +384,22 @@ impl Pool {
             max_lifetime: AtomicU64::new(UNLIMITED),
             shards: (0..shards.max(1)).map(|_| Line::default()).collect(),
             pools: Mutex::default(),
+            tls: AtomicU64::new(0),
         }
+    }
+
+    /// Makes `tls` the TLS client of new connections; when it is another one than before, the
+    /// pooled connections, made with the other, are closed (idle HTTP/1 ones at once, shared
+    /// HTTP/2 ones once their last in-flight stream ends).
+    pub fn use_tls(&self, tls: TlsIdentity) {
+        if self.tls.swap(tls.number(), Ordering::AcqRel) != tls.number() {
+            self.clear();
+        }
+    }
+
+    /// Whether connections of `key` were made with the TLS client in force.
+    fn current(&self, key: &PoolKey) -> bool {
+        key.tls.number() == self.tls.load(Ordering::Acquire)
     }
 
     /// The calling worker's connections.
@@ -455,7 +480,7 @@ impl Pool {
     }
 
     fn put<C: IdleConn>(&self, map: &IdleMap<C>, key: PoolKey, conn: C) {
-        if !self.young(conn.opened()) {
+        if !self.young(conn.opened()) || !self.current(&key) {
             return;
         }
         let Ok(mut idle) = map.lock() else { return };
@@ -490,9 +515,10 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<super::h2::Client, E>>,
     {
+        // A request begun under an earlier TLS client gets a connection of its own, not kept.
         let slot = match self.shard().h2.lock() {
-            Ok(mut map) => map.entry(key.clone()).or_default().clone(),
-            Err(_) => H2Slot::default(),
+            Ok(mut map) if self.current(key) => map.entry(key.clone()).or_default().clone(),
+            _ => H2Slot::default(),
         };
         let mut current = slot.lock().await;
         if let Some((sender, _)) = current.as_ref().filter(|(s, opened)| !s.is_closed() && self.young(*opened)) {
@@ -548,6 +574,54 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idle connection for the pool tests: never closed.
+    struct Idle(Instant);
+
+    impl IdleConn for Idle {
+        fn opened(&self) -> Instant {
+            self.0
+        }
+        fn closed(&mut self) -> bool {
+            false
+        }
+        fn set_idle_for(&mut self, _: Duration) {}
+    }
+
+    /// After a reload changes the TLS client, a request still under the old one finishes on a
+    /// connection made with it, which is then closed instead of kept: no later request could
+    /// take it, and idle it would hold connection slots until the idle timeout.
+    #[tokio::test]
+    async fn connections_of_a_replaced_tls_client_are_not_kept() {
+        let pool = Pool::with_shards(DEFAULT_IDLE_TIMEOUT, 1);
+        let (old, new) = (TlsIdentity::fresh(), TlsIdentity::fresh());
+        let key = |tls| PoolKey {
+            target: TargetAddr::Socket("127.0.0.1:443".parse().unwrap()),
+            endpoint: 0,
+            tls,
+            http2: false,
+            worker: worker::slot(),
+        };
+        let map = IdleMap::<Idle>::default();
+        let h2_kept = |tls| pool.shard().h2.lock().unwrap().contains_key(&key(tls));
+        let no_h2 = || async { Err::<super::super::h2::Client, ()>(()) };
+        pool.use_tls(old);
+        pool.put(&map, key(old), Idle(Instant::now()));
+        assert!(pool.take(&map, &key(old)).is_some(), "the client in force pools its connections");
+        assert!(pool.h2(&key(old), no_h2).await.is_err());
+        assert!(h2_kept(old));
+        pool.use_tls(new);
+        assert!(!h2_kept(old), "a new TLS client clears the pool");
+        pool.put(&map, key(old), Idle(Instant::now()));
+        assert!(pool.take(&map, &key(old)).is_none(), "a connection of the replaced client was kept");
+        pool.put(&map, key(new), Idle(Instant::now()));
+        assert!(pool.take(&map, &key(new)).is_some());
+        // HTTP/2: a request under the old client gets a connection of its own, not kept.
+        assert!(pool.h2(&key(old), no_h2).await.is_err());
+        assert!(!h2_kept(old));
+        assert!(pool.h2(&key(new), no_h2).await.is_err());
+        assert!(h2_kept(new));
+    }
 
     /// Two workers and the control plane each get their own shard, on a cache line of its own:
     /// a worker's take and return lock and write nothing another worker touches.
