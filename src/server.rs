@@ -302,11 +302,12 @@ impl Server {
         }
         let snapshot = Snapshot::new(compiled.catalog, tls, Some(&previous), &self.settings);
         drop(previous);
+        // Stored at once: building it made its TLS clients the pools' (`Pool::use_tls`).
+        self.live.store(Arc::new(snapshot));
         self.ipam = ipam;
         if let Err(e) = self.vip_store.save(&mut self.ipam) {
             tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
         }
-        self.live.store(Arc::new(snapshot));
         self.retire_listeners(&desired).await;
         self.listeners.extend(new);
         Ok(())

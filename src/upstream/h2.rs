@@ -98,8 +98,7 @@ impl Client {
         let end_of_stream = body.is_end_stream();
         let (response, stream) = {
             let mut send = self.send.lock().await;
-            // Waits while the stream the last request opened still waits for the endpoint's
-            // stream limit.
+            // A GOAWAY or a connection error since the last request?
             if let Err(error) = poll_fn(|cx| send.poll_ready(cx)).await {
                 // A GOAWAY or a connection error: no new stream may go on this connection, even
                 // while earlier streams finish on it. The pool opens another for the next
@@ -108,7 +107,15 @@ impl Client {
                 self.closed.store(true, Ordering::Release);
                 return Err(error);
             }
-            send.send_request(Request::from_parts(parts, ()), end_of_stream)?
+            let opened = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
+            // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
+            // stream): the body's pipe starts, and the next request may wait behind this one,
+            // only once it is.
+            if let Err(error) = poll_fn(|cx| send.poll_ready(cx)).await {
+                self.closed.store(true, Ordering::Release);
+                return Err(error);
+            }
+            opened
         };
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
@@ -579,6 +586,72 @@ mod tests {
             "requests given up while waiting reached the endpoint: {later:?}"
         );
         assert_eq!(later.last().map(String::as_str), Some("/last"));
+    }
+
+    /// A request whose stream waits for the endpoint's stream limit, with a body still coming,
+    /// and a request behind it: both go through once a stream frees (h2 keeps one waker per
+    /// stream, so the body's pipe and the next request must not both wait on the queued one).
+    #[tokio::test]
+    async fn a_body_and_a_request_queued_behind_the_stream_limit_both_go_through() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            h2::server::Builder::new().max_concurrent_streams(1).handshake(server_io).await.unwrap()
+        });
+        let client = Client::handshake(client_io, ()).await.unwrap();
+        let mut server: h2::server::Connection<_, Bytes> = server.await.unwrap();
+        let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
+        let (body_tx, received) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut release = Some(release);
+            while let Some(Ok((request, mut respond))) = server.accept().await {
+                let hold = if request.uri().path() == "/held" { release.take() } else { None };
+                let body_tx = body_tx.clone();
+                tokio::spawn(async move {
+                    if let Some(hold) = hold {
+                        let _ = hold.await;
+                    }
+                    let path = request.uri().path().to_owned();
+                    let body = read_all(&mut request.into_body()).await;
+                    let _ = body_tx.send((path, body));
+                    let _ = respond.send_response(http::Response::new(()), true);
+                });
+            }
+        });
+        let get = |path: &str| {
+            Request::get(format!("http://endpoint{path}"))
+                .body(RequestBody::empty(UpstreamHandle::detached(), None))
+                .unwrap()
+        };
+        client.clone().send(get("/first")).await.unwrap();
+        let held = tokio::spawn({
+            let mut client = client.clone();
+            async move { client.send(get("/held")).await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"one ")).await.unwrap();
+        let upload = tokio::spawn({
+            let mut client = client.clone();
+            async move { client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.map(|_| ()) }
+        });
+        let behind = tokio::spawn({
+            let mut client = client.clone();
+            async move { client.send(get("/behind")).await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        release_tx.send(()).unwrap();
+        tx.send(Bytes::from_static(b"two")).await.unwrap();
+        drop(tx);
+        let within = |task| tokio::time::timeout(std::time::Duration::from_secs(10), task);
+        within(held).await.expect("the held request hung").unwrap().unwrap();
+        within(upload).await.expect("the upload hung").unwrap().unwrap();
+        within(behind).await.expect("the request behind the upload hung").unwrap().unwrap();
+        let mut received = received;
+        let mut bodies = Vec::new();
+        while let Ok(got) = received.try_recv() {
+            bodies.push(got);
+        }
+        assert!(bodies.contains(&("/upload".to_owned(), b"one two".to_vec())), "{bodies:?}");
     }
 
     /// A request body that fails because the application cancelled its HTTP/2 stream resets

@@ -480,10 +480,15 @@ impl Pool {
     }
 
     fn put<C: IdleConn>(&self, map: &IdleMap<C>, key: PoolKey, conn: C) {
-        if !self.young(conn.opened()) || !self.current(&key) {
+        if !self.young(conn.opened()) {
             return;
         }
         let Ok(mut idle) = map.lock() else { return };
+        // Checked under the lock: `use_tls` clears the map after it changes the client in force,
+        // so a connection put here is either current or cleared.
+        if !self.current(&key) {
+            return;
+        }
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_KEY {
             list.push((conn, Instant::now()));
