@@ -245,3 +245,46 @@ async fn admin_text(admin: SocketAddr, path: &str) -> String {
     let _ = s.read_to_string(&mut out).await;
     out
 }
+
+/// An endpoint's keep-alive timeout closing a pooled TLS connection just as a request goes out,
+/// without close_notify (rustls then reads "unexpected EOF"), is a connection closed before any
+/// response byte like a FIN on plaintext: an idempotent request without a body is sent again on
+/// a new connection instead of failing with a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_tls_connection_closed_without_close_notify_is_resent() {
+    let ca = Ca::new("ca");
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls12_only(&ca.server(&["upstream.test"])));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                // The first request is answered; the connection closes (dropped: no
+                // close_notify) once the second has arrived.
+                for answered in 0.. {
+                    if read_head(&mut tls).await.is_err() || answered == 1 {
+                        return;
+                    }
+                    let ok = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    if ok.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: upstream.test\n      caCert:\n        inline: {}\n",
+        b64(&ca.pem)
+    );
+    let yaml = service_with_protocol("s", "http", outbound, &endpoint("127.0.0.1", upstream.port(), 0), &tls);
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    assert_eq!(status_of(outbound, false).await, 200);
+    // Idle in the pool long enough to be taken for one the endpoint may have closed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(status_of(outbound, false).await, 200, "the request was not sent again on a new connection");
+}

@@ -163,8 +163,14 @@ impl Conn {
             }
             // As hyper: empty lines are not a response begun (closing after them may be resent).
             let started = self.0.read.iter().any(|b| !matches!(b, b'\r' | b'\n'));
-            if self.fill().await? == 0 {
-                return Err(if started { Error::Incomplete } else { Error::ClosedEarly });
+            let closed = Err(if started { Error::Incomplete } else { Error::ClosedEarly });
+            match self.fill().await {
+                Ok(0) => return closed,
+                // A TLS endpoint that closed without close_notify (its keep-alive timeout, say)
+                // has closed all the same: before any response byte, a request may be resent.
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return closed,
+                Ok(_) => {}
+                Err(e) => return Err(e),
             }
         };
         let Head { status, version, headers, reason, framing, keep_alive } = head;
