@@ -178,7 +178,7 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_HALF_CLOSE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     half_close_timeout: Duration,
     /// HTTP/1: time to receive a request's head; also how long a keep-alive connection waits
-    /// for its next request.
+    /// for its next request (0: no limit but the connection idle timeout).
     #[arg(long, env = "MESH_EGRESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
     /// HTTP/1: most headers in a request (431 beyond).
@@ -540,7 +540,12 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         timeouts: mesh_egress::proxy::ConnectionTimeouts {
             idle: args.connection_idle_timeout,
             half_close: args.half_close_timeout,
-            header_read: args.header_read_timeout,
+            // 0: no limit but the idle timeout, as MeshTimeout's `requestHeadersTimeout`.
+            header_read: if args.header_read_timeout.is_zero() {
+                args.connection_idle_timeout
+            } else {
+                args.header_read_timeout
+            },
             stream_idle: args.stream_idle_timeout,
         },
         passthrough: !args.no_passthrough,

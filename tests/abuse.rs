@@ -536,6 +536,52 @@ async fn paced_rapid_reset_gets_goaway() {
     drop(conn);
 }
 
+/// Rapid reset from a client that never answers the GOAWAY's PING: h2 would take its streams
+/// until it did, so the connection is closed a moment after the GOAWAY instead of running on
+/// until the idle timeout. Raw frames, since HTTP/2 libraries answer PINGs by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_from_a_client_deaf_to_goaway_is_closed() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("rr", "http2", upstream.addr.port());
+    let _proxy = start(options(config)).await;
+    let (mut read, mut write) = TcpStream::connect(outbound).await.unwrap().into_split();
+    // What the proxy sends is read and never answered, until it closes the connection.
+    let closed = tokio::spawn(async move {
+        let mut sink = [0u8; 4096];
+        while let Ok(1..) = read.read(&mut sink).await {}
+    });
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut f = length[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    // GET http://a/ (static table indices), x-delay-ms: 2000 as a literal without indexing.
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, 0x01, b'a', 0x00, 10];
+    block.extend(b"x-delay-ms");
+    block.push(4);
+    block.extend(b"2000");
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    write.write_all(&preface).await.unwrap();
+    // Paced, so each stream is taken before its reset (h2 itself ends a connection that resets
+    // streams not yet taken, its own rapid-reset defence).
+    for i in 0..1000u32 {
+        let stream = 2 * i + 1;
+        if write.write_all(&frame(0x1, 0x5, stream, &block)).await.is_err() {
+            break; // HEADERS (END_STREAM, END_HEADERS); an error: closed already
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if write.write_all(&frame(0x3, 0, stream, &8u32.to_be_bytes())).await.is_err() {
+            break; // RST_STREAM(CANCEL)
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(20), closed).await;
+    assert!(ended.is_ok(), "a rapid-reset connection that ignores the GOAWAY is still open");
+}
+
 /// A TLS endpoint that ends its connection without close_notify (many do) has still sent all it
 /// had: the application gets every byte and a clean end, and the access log says `closed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,10 +38,15 @@ impl Activity {
         epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed))
     }
 
-    /// Completes once nothing has moved for `timeout`.
+    /// Whether nothing has moved for `timeout` (one too large to add to a time: never).
+    pub fn quiet_for(&self, timeout: Duration) -> bool {
+        self.last().checked_add(timeout).is_some_and(|deadline| Instant::now() >= deadline)
+    }
+
+    /// Completes once nothing has moved for `timeout` (one too large to add to a time: never).
     pub async fn idle_for(&self, timeout: Duration) {
         loop {
-            let deadline = self.last() + timeout;
+            let Some(deadline) = self.last().checked_add(timeout) else { return std::future::pending().await };
             if Instant::now() >= deadline {
                 return;
             }
@@ -143,5 +148,15 @@ mod tests {
         // 8 s passed, then a byte: the quiet period starts again.
         assert!(tokio::time::timeout(Duration::from_secs(9), idle.as_mut()).await.is_err());
         assert!(tokio::time::timeout(Duration::from_secs(2), idle.as_mut()).await.is_ok());
+    }
+
+    /// A timeout too large to add to a time (`--connection-idle-timeout 400000000000y`) is never
+    /// reached; adding it panicked, in the task that watched the connection's deadlines.
+    #[tokio::test]
+    async fn a_timeout_too_large_to_add_is_never_reached() {
+        use futures_util::FutureExt as _;
+        let activity = Activity::new();
+        assert!(!activity.quiet_for(Duration::MAX));
+        assert!(activity.idle_for(Duration::MAX).now_or_never().is_none());
     }
 }

@@ -74,7 +74,13 @@ impl Heads {
             self.waiting_since.idle_for(timeout).await;
             match self.protocol.load(Ordering::Relaxed) {
                 HTTP2 => return std::future::pending().await,
-                HTTP1 if self.open.load(Ordering::Acquire) == 0 => return,
+                // A request that ended since the stamp was read stamped it again before it
+                // left `open`: read the stamp once more.
+                HTTP1 if self.open.load(Ordering::Acquire) == 0 => {
+                    if self.waiting_since.quiet_for(timeout) {
+                        return;
+                    }
+                }
                 // No byte yet (the idle timeout applies), or a response still on its way: look
                 // again a timeout later (a response that ends restarts the count).
                 _ => tokio::time::sleep(timeout).await,

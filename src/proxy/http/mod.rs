@@ -232,7 +232,13 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
                 }
                 Stop::Drain => {}
                 Stop::RapidReset => {
-                    tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY");
+                    tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY and closing");
+                    // h2 takes new streams until the client answers the GOAWAY's PING, which an
+                    // attacker need not do: the connection gets a moment to send the GOAWAY and
+                    // finish what is in flight, then is closed (Envoy closes it at once).
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(RAPID_RESET_GRACE, connection.as_mut()).await;
+                    return;
                 }
             }
             connection.as_mut().graceful_shutdown();
@@ -249,6 +255,10 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     }
 }
 
+/// How long a connection past its rapid-reset budget has to send its GOAWAY and finish its
+/// streams before it is closed.
+const RAPID_RESET_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a connection is ended before its client ends it.
 enum Stop {
     /// Nothing moved for the idle timeout: closed at once.
@@ -257,7 +267,7 @@ enum Stop {
     HeadOverdue,
     /// The proxy drains: GOAWAY / `Connection: close`, in-flight requests finish.
     Drain,
-    /// Too many streams cancelled before their answer: GOAWAY.
+    /// Too many streams cancelled before their answer: GOAWAY, and closed a moment later.
     RapidReset,
 }
 
