@@ -178,7 +178,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             let watch = if req.body().is_end_stream() { None } else { heads.open_body() };
             let req = req.map(|body| AppBody::new(body, watch));
             // A stream dropped before its answer counts against the connection's reset budget.
-            let stream = proxy.resets().stream();
+            let stream = proxy.resets().stream(req.version() == http::Version::HTTP_2);
             let response = proxy.phases(req).await;
             stream.answered();
             Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
