@@ -863,6 +863,64 @@ async fn success_rate_and_local_origin_detectors_eject() {
     }
 }
 
+/// An endpoint that takes requests and never answers: each request timeout counts as a
+/// local-origin failure against it (as Envoy counts a timeout), so it is ejected and the next
+/// requests go to the endpoint that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_never_answers_is_ejected_by_its_timeouts() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp); // read nothing, answer nothing
+        }
+    });
+    let (good, _g) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints =
+        format!("{}{}", endpoint("127.0.0.1", silent_addr.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policies = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 200ms}}\n---\ntype: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        healthyPanicThreshold: 0\n        splitExternalAndLocalErrors: true\n        detectors:\n          localOriginFailures: {consecutive: 1}\n";
+    let yaml = format!("{}---\n{policies}", service_with_protocol("silent", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    eventually("the silent endpoint ejected", Duration::from_secs(15), || async {
+        get_status(outbound, &[]).await;
+        counter("mesh_egress_upstream_ejections_total", "silent") >= 1.0
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get_status(outbound, &[]).await.0, 200, "a request went to the ejected endpoint");
+    }
+}
+
+/// A TLS handshake that fails (the endpoint's certificate is not trusted) is a failed connect
+/// for outlier detection, as in Envoy: with the default detection the endpoint is ejected after
+/// consecutive failures, where it used to count as a connection made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tls_handshakes_eject_an_endpoint() {
+    use common::http_upstream::tls_config;
+    use common::pki::Ca;
+    let trusted = Ca::new("trusted");
+    let untrusted = http_upstream(Some(tls_config(&Ca::new("other").server(&["tls.test"])))).await;
+    let good = http_upstream(Some(tls_config(&trusted.server(&["tls.test"])))).await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints =
+        format!("{}{}", endpoint("127.0.0.1", untrusted.addr.port(), 0), endpoint("127.0.0.1", good.addr.port(), 0));
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: tls.test\n      caCert:\n        inlineString: |\n{}",
+        trusted.pem.lines().map(|l| format!("          {l}\n")).collect::<String>()
+    );
+    let yaml = service_with_protocol("tls-eject", "http", outbound, &endpoints, &tls);
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    eventually("the endpoint with the untrusted certificate ejected", Duration::from_secs(15), || async {
+        get_status(outbound, &[]).await;
+        counter("mesh_egress_upstream_ejections_total", "tls-eject") >= 1.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_policy_the_stream_idle_default_applies() {
     let upstream = http_upstream(None).await;

@@ -712,7 +712,9 @@ impl Upstream {
                         match tokio::time::timeout_at(deadline, tls::connect(setup.config, name, stream)).await {
                             Ok(Ok(tls)) => UpstreamIo::Tls(Box::new(tls)),
                             Ok(Err(source)) => {
-                                self.record(target, Outcome::Connected);
+                                // A failed handshake is a failed connect (as Envoy's outlier
+                                // detection counts it), not a connection made.
+                                self.record(target, Outcome::ConnectFailed);
                                 metrics().tls_failure(&self.service, source.reason);
                                 let target = target.addr.clone();
                                 return Err(ConnectError::Tls { service: self.service.clone(), target, source });

@@ -51,6 +51,15 @@ impl Replay {
         self.0.lock().is_ok_and(|s| !s.overflowed)
     }
 
+    /// Stops the current attempt's body from reading the application's any further (it ends);
+    /// then whether another attempt can send the whole body.
+    pub fn stop_reading(&self) -> bool {
+        self.0.lock().is_ok_and(|mut s| {
+            s.attempt += 1;
+            !s.overflowed
+        })
+    }
+
     /// The body of the next attempt; earlier attempts' bodies end.
     pub fn attempt(&self) -> ReplayBody {
         let attempt = match self.0.lock() {
@@ -139,5 +148,52 @@ impl Body for ReplayBody {
 
     fn size_hint(&self) -> SizeHint {
         self.state.0.lock().map(|s| s.hint).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+
+    /// A response body of two frames from a hyper server, as the application's body.
+    async fn two_frames() -> AppBody {
+        use futures_util::stream;
+        use http_body_util::StreamBody;
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let reply = hyper::service::service_fn(|_| async {
+                let frames =
+                    [b"one".as_slice(), b"two"].map(|d| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(d))));
+                Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(stream::iter(frames))))
+            });
+            let io = hyper_util::rt::TokioIo::new(server_io);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, reply).await;
+        });
+        let (mut send, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client_io)).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::new(http_body_util::Empty::<Bytes>::new());
+        send.send_request(request).await.unwrap().into_body().into()
+    }
+
+    async fn data(body: &mut ReplayBody) -> Option<Bytes> {
+        let frame = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await?.unwrap();
+        Some(frame.into_data().unwrap())
+    }
+
+    /// An attempt given up reads no more of the application's body: the retry gets what it
+    /// read from the copy, then the rest from the application, nothing lost in between.
+    #[tokio::test]
+    async fn an_attempt_given_up_stops_reading_and_the_next_sends_it_all() {
+        let replay = Replay::new(two_frames().await);
+        let mut first = replay.attempt();
+        assert_eq!(data(&mut first).await.as_deref(), Some(&b"one"[..]));
+        assert!(replay.stop_reading(), "3 bytes copied: replayable");
+        assert_eq!(data(&mut first).await, None, "the given-up attempt read on");
+        let mut second = replay.attempt();
+        assert_eq!(data(&mut second).await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(data(&mut second).await.as_deref(), Some(&b"two"[..]));
     }
 }

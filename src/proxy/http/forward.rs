@@ -30,11 +30,41 @@ use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, Reque
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let exchange = exchange(ctx, req, proxy);
     match ctx.limit {
-        Some(limit) => match tokio::time::timeout(limit, exchange).await {
-            Ok(response) => response,
-            Err(_) => reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
+        Some(limit) => match within(ctx, limit, exchange).await {
+            Some(response) => response,
+            None => reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
         },
         None => exchange.await,
+    }
+}
+
+/// `future` within `limit`, else `None`. A timeout marks the request timed out before it drops
+/// `future`, so the attempt in flight counts it against its endpoint ([`TimeoutCounts`]).
+async fn within<F: std::future::Future>(ctx: &RequestCtx, limit: std::time::Duration, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    tokio::select! {
+        biased;
+        output = &mut future => Some(output),
+        () = tokio::time::sleep(limit) => {
+            ctx.timed_out.store(true, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// While an attempt waits for its response: dropped because the request or the attempt timed
+/// out, it records a local-origin failure for its endpoint, as Envoy's outlier detection counts
+/// a timeout (dropped because the application went away, nothing).
+struct TimeoutCounts<'a> {
+    ctx: &'a RequestCtx,
+    target: &'a Target,
+}
+
+impl Drop for TimeoutCounts<'_> {
+    fn drop(&mut self) {
+        if self.ctx.timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+            self.ctx.route.upstream.record(self.target, Outcome::LocalFailure);
+        }
     }
 }
 
@@ -111,11 +141,12 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
             },
             Bodies::Replay(replay) => RequestBody::replay(replay.attempt(), counted, sent),
         };
+        ctx.timed_out.store(false, std::sync::atomic::Ordering::Relaxed);
         let attempt = attempt(ctx, parts, body, false, if retry.omit_previous_hosts { &tried } else { &[] });
         let result = match retry.per_try_timeout {
-            Some(limit) => match tokio::time::timeout(limit, attempt).await {
-                Ok(result) => result,
-                Err(_) => Attempt::Failed(
+            Some(limit) => match within(ctx, limit, attempt).await {
+                Some(result) => result,
+                None => Attempt::Failed(
                     AttemptFailure::Reset,
                     reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
                 ),
@@ -128,16 +159,23 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
             }
             Attempt::Failed(failure, _) => (retry.retries_failure(*failure), None, None),
         };
-        let replayable = match &bodies {
+        let replayable = |stop: bool| match &bodies {
             Bodies::Empty(_) => true,
+            Bodies::Replay(replay) if stop => replay.stop_reading(),
             Bodies::Replay(replay) => replay.replayable(),
         };
-        if !again || retries >= retry.num_retries || !replayable {
+        if !again || retries >= retry.num_retries || !replayable(false) {
             return result;
         }
         // The previous retry's slot is given back first: one request holds at most one.
         _retry_slot = None;
         let Some(slot) = upstream.retry_permit() else { return result };
+        // The attempt given up reads no more of the application's body (it went on until the
+        // next attempt began, and past the copy's limit a retry sent the body without its
+        // start); what the copy holds now is what the retry sends.
+        if !replayable(true) {
+            return result;
+        }
         retries += 1;
         let wait: Duration = retry.back_off(retries, headers.cloned().as_ref());
         drop(result);
@@ -235,6 +273,7 @@ async fn attempt(
         && hyper::body::Body::is_end_stream(&body))
     .then(|| (Template::of(&parts), body.upstream(), body.sent()));
     let request = Request::from_parts(parts, body);
+    let timeout_counts = TimeoutCounts { ctx, target: &target };
     let mut sent = sender.send(request).await;
     if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
         if closed_before_response(error) {
@@ -249,6 +288,7 @@ async fn attempt(
             }
         }
     }
+    drop(timeout_counts);
     match sent {
         Ok(response) => {
             upstream.record(&target, Outcome::Response(response.status().as_u16()));

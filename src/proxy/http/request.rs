@@ -3,7 +3,7 @@
 //! **log** (metrics, the access-log record and the MeshTrace span, which wait for the response
 //! body to end).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +39,9 @@ pub(super) struct RequestCtx {
     /// (armed from the first body frame); `None`: off.
     pub stream_idle: Option<(Duration, bool)>,
     pub started: Instant,
+    /// Set when a timeout gives up the attempt in flight, before it is dropped: the attempt
+    /// then counts a local-origin failure against its endpoint ([`super::forward`]).
+    pub timed_out: AtomicBool,
     /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
 }
@@ -86,7 +89,8 @@ impl RequestCtx {
                 sent: Arc::new(AtomicU64::new(0)),
             })
         });
-        Self { route, grpc, deadline: stream_limit.map(|d| started + d), limit, stream_idle, started, log }
+        let deadline = stream_limit.map(|d| started + d);
+        Self { route, grpc, deadline, limit, stream_idle, started, timed_out: AtomicBool::new(false), log }
     }
 
     /// The request body's byte counter for the access log, when it is on.

@@ -24,12 +24,14 @@ pub(super) enum AttemptFailure {
 }
 
 impl RetryPolicy {
-    /// Whether the request qualifies: its method (`HttpMethod*` items) and its headers
-    /// (`retriableRequestHeaders`, any one of them).
+    /// Whether the request qualifies: with neither `HttpMethod*` items nor
+    /// `retriableRequestHeaders`, all do; else one listed method or one matching header is
+    /// enough. Kuma turns each method into a `:method` matcher appended to Envoy's
+    /// `retriable_request_headers`, which a request passes by matching any one of them.
     pub(super) fn admits(&self, parts: &Parts) -> bool {
-        (self.methods.is_empty() || self.methods.contains(&parts.method))
-            && (self.retriable_request_headers.is_empty()
-                || self.retriable_request_headers.iter().any(|m| m.matches(&parts.headers)))
+        (self.methods.is_empty() && self.retriable_request_headers.is_empty())
+            || self.methods.contains(&parts.method)
+            || self.retriable_request_headers.iter().any(|m| m.matches(&parts.headers))
     }
 
     /// Whether an attempt that got no response is retried.
@@ -89,11 +91,12 @@ fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 /// A `Retry-After`-style value: seconds, or a Unix timestamp to wait until.
 fn reset_wait(value: &str, unix_timestamp: bool) -> Option<Duration> {
     let number: f64 = value.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    // `try_`: a value past what a `Duration` holds (an endpoint's) is not a wait, not a panic.
     if !unix_timestamp {
-        return Some(Duration::from_secs_f64(number));
+        return Duration::try_from_secs_f64(number).ok();
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
-    Some(Duration::from_secs_f64((number - now).max(0.0)))
+    Duration::try_from_secs_f64((number - now).max(0.0)).ok()
 }
 
 #[cfg(test)]
@@ -131,6 +134,29 @@ mod tests {
         r.body(()).unwrap()
     }
 
+    /// `HttpMethod*` items and `retriableRequestHeaders` are one list of alternatives, as in
+    /// the Envoy configuration Kuma makes of them: a listed method or a matching header.
+    #[test]
+    fn methods_and_request_headers_are_alternatives() {
+        let request = |method: &str, header: Option<&str>| {
+            let mut builder = http::Request::builder().method(method);
+            if let Some(name) = header {
+                builder = builder.header(name, "1");
+            }
+            builder.body(()).unwrap().into_parts().0
+        };
+        let mut p = policy();
+        assert!(p.admits(&request("POST", None)), "neither: every request");
+        p.methods = vec![http::Method::GET];
+        p.retriable_request_headers =
+            vec![HeaderMatcher { name: HeaderName::from_static("x-idempotent"), test: HeaderTest::Present }];
+        assert!(p.admits(&request("GET", None)), "a listed method");
+        assert!(p.admits(&request("POST", Some("x-idempotent"))), "a matching header");
+        assert!(!p.admits(&request("POST", None)));
+        p.methods.clear();
+        assert!(!p.admits(&request("GET", None)), "headers only: one must match");
+    }
+
     #[test]
     fn which_responses_and_failures_are_retried() {
         let p = policy();
@@ -159,5 +185,9 @@ mod tests {
         assert_eq!(p.back_off(1, Some(&headers)), Duration::from_secs(2));
         headers.insert("retry-after", "60".parse().unwrap());
         assert!(p.back_off(1, Some(&headers)) <= Duration::from_millis(25), "over maxInterval: ignored");
+        // Past what a Duration holds: ignored (it panicked the request's task).
+        headers.insert("retry-after", "99999999999999999999".parse().unwrap());
+        assert!(p.back_off(1, Some(&headers)) <= Duration::from_millis(25));
+        assert_eq!(reset_wait("1e300", true), None);
     }
 }
