@@ -6,6 +6,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::oneshot;
 
 /// Told once that a request body has ended, failed or been dropped (the HTTP/1 head deadline
 /// waits for it: hyper reads no next head before the body has ended).
@@ -17,12 +18,26 @@ pub trait EndWatch: Send + Sync {
 pub struct AppBody {
     inner: Incoming,
     watch: Option<Arc<dyn EndWatch>>,
+    /// Told when the body has all arrived ([`AppBody::on_complete`]).
+    complete: Option<oneshot::Sender<()>>,
 }
 
 impl AppBody {
     /// `watch`: told when the body ends (give none for a body that has already).
     pub fn new(inner: Incoming, watch: Option<Arc<dyn EndWatch>>) -> Self {
-        Self { inner, watch }
+        Self { inner, watch, complete: None }
+    }
+
+    /// Completes with `Ok` once the whole body has arrived, with `Err` if it fails or is
+    /// dropped first; `None`: it has arrived already. (MeshTimeout's `requestTimeout` counts
+    /// from there, as Envoy's route timeout does.)
+    pub fn on_complete(&mut self) -> Option<oneshot::Receiver<()>> {
+        if self.inner.is_end_stream() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.complete = Some(tx);
+        Some(rx)
     }
 
     fn end(&mut self) {
@@ -36,7 +51,7 @@ impl AppBody {
 #[cfg(test)]
 impl From<Incoming> for AppBody {
     fn from(inner: Incoming) -> Self {
-        Self { inner, watch: None }
+        Self::new(inner, None)
     }
 }
 
@@ -58,8 +73,12 @@ impl Body for AppBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || self.inner.is_end_stream() {
+        let failed = matches!(frame, Some(Err(_)));
+        if failed || frame.is_none() || self.inner.is_end_stream() {
             self.end();
+            if let Some(complete) = self.complete.take().filter(|_| !failed) {
+                let _ = complete.send(());
+            }
         }
         Poll::Ready(frame)
     }

@@ -26,26 +26,48 @@ use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnT
 use crate::upstream::replay::Replay;
 use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
-/// Forwards within the request's time limit.
-pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
-    let exchange = exchange(ctx, req, proxy);
-    match ctx.limit {
-        Some(limit) => match within(ctx, limit, exchange).await {
-            Some(response) => response,
-            None => reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
-        },
-        None => exchange.await,
-    }
+/// Forwards within the request's time limits: the request timeout, counted from when the
+/// request has all arrived (an upload or a client stream takes what it takes, as with Envoy's
+/// route timeout), and the stream's deadline, counted from its start.
+pub(super) async fn forward(ctx: &RequestCtx, mut req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
+    let Some(request_timeout) = ctx.request_timeout else {
+        return match ctx.deadline {
+            Some(deadline) => within(ctx, tokio::time::sleep_until(deadline), exchange(ctx, req, proxy)).await,
+            None => Some(exchange(ctx, req, proxy).await),
+        }
+        .unwrap_or_else(|| reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT));
+    };
+    let complete = req.body_mut().on_complete();
+    let limit = async {
+        if let Some(complete) = complete {
+            let _ = complete.await; // a body that failed or was dropped: counted from now
+        }
+        tokio::time::sleep(request_timeout).await;
+    };
+    let limit = async {
+        match ctx.deadline {
+            Some(deadline) => tokio::select! { () = limit => {}, () = tokio::time::sleep_until(deadline) => {} },
+            None => limit.await,
+        }
+    };
+    within(ctx, limit, exchange(ctx, req, proxy))
+        .await
+        .unwrap_or_else(|| reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT))
 }
 
-/// `future` within `limit`, else `None`. A timeout marks the request timed out before it drops
-/// `future`, so the attempt in flight counts it against its endpoint ([`TimeoutCounts`]).
-async fn within<F: std::future::Future>(ctx: &RequestCtx, limit: std::time::Duration, future: F) -> Option<F::Output> {
+/// `future` unless `limit` completes first, then `None`. A timeout marks the request timed out
+/// before it drops `future`, so the attempt in flight counts it against its endpoint
+/// ([`TimeoutCounts`]).
+async fn within<F: std::future::Future>(
+    ctx: &RequestCtx,
+    limit: impl std::future::Future<Output = ()>,
+    future: F,
+) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     tokio::select! {
         biased;
         output = &mut future => Some(output),
-        () = tokio::time::sleep(limit) => {
+        () = limit => {
             ctx.timed_out.store(true, std::sync::atomic::Ordering::Relaxed);
             None
         }
@@ -144,7 +166,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
         ctx.timed_out.store(false, std::sync::atomic::Ordering::Relaxed);
         let attempt = attempt(ctx, parts, body, false, if retry.omit_previous_hosts { &tried } else { &[] });
         let result = match retry.per_try_timeout {
-            Some(limit) => match within(ctx, limit, attempt).await {
+            Some(limit) => match within(ctx, tokio::time::sleep(limit), attempt).await {
                 Some(result) => result,
                 None => Attempt::Failed(
                     AttemptFailure::Reset,

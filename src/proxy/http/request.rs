@@ -32,9 +32,10 @@ pub(super) struct RequestCtx {
     /// The stream's deadline, the sooner of the gRPC one (`grpc-timeout`) and MeshTimeout
     /// `http.maxStreamDuration`: the response is cut when it passes.
     pub deadline: Option<Instant>,
-    /// Time allowed until the response headers arrive: the request timeout (MeshTimeout
-    /// `http.requestTimeout`, else `--request-timeout`) or the deadline, whichever is sooner.
-    pub limit: Option<Duration>,
+    /// Time allowed for the response headers to arrive once the request has all arrived
+    /// (MeshTimeout `http.requestTimeout`, else `--request-timeout`; Envoy's route timeout); the
+    /// deadline, if sooner, applies as well.
+    pub request_timeout: Option<Duration>,
     /// MeshTimeout `http.streamIdleTimeout` (armed from the start), else `--stream-idle-timeout`
     /// (armed from the first body frame); `None`: off.
     pub stream_idle: Option<(Duration, bool)>,
@@ -54,7 +55,7 @@ impl RequestCtx {
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
         let stream_limit = sooner(grpc_deadline, timeout_over(timeouts.max_stream, None));
-        let limit = sooner(stream_limit, timeout_over(timeouts.request, proxy.request_timeout));
+        let request_timeout = timeout_over(timeouts.request, proxy.request_timeout);
         let stream_idle = match timeouts.stream_idle {
             Some(policy) => Some((policy, true)),
             None => Some((proxy.timeouts.stream_idle, false)),
@@ -90,7 +91,7 @@ impl RequestCtx {
             })
         });
         let deadline = stream_limit.map(|d| started + d);
-        Self { route, grpc, deadline, limit, stream_idle, started, timed_out: AtomicBool::new(false), log }
+        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out: AtomicBool::new(false), log }
     }
 
     /// The request body's byte counter for the access log, when it is on.
