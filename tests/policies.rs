@@ -926,6 +926,30 @@ async fn an_endpoint_that_never_answers_is_ejected_by_its_timeouts() {
     }
 }
 
+/// The stream's own deadline (`maxStreamDuration`, a client's `grpc-timeout`) is not the
+/// endpoint's doing: passing it counts nothing against the endpoint, as in Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deadline_does_not_count_against_the_endpoint() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let policies = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 0s, maxStreamDuration: 100ms}}\n---\ntype: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        splitExternalAndLocalErrors: true\n        detectors:\n          localOriginFailures: {consecutive: 1}\n";
+    let ep = endpoint("127.0.0.1", silent_addr.port(), 0);
+    let yaml = format!("{}---\n{policies}", service_with_protocol("deadline", "http", outbound, &ep, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    for _ in 0..3 {
+        assert_eq!(get_status(outbound, &[]).await.0, 504);
+    }
+    assert_eq!(counter("mesh_egress_upstream_ejections_total", "deadline"), 0.0);
+}
+
 /// A TLS handshake that fails (the endpoint's certificate is not trusted) is a failed connect
 /// for outlier detection, as in Envoy: with the default detection the endpoint is ejected after
 /// consecutive failures, where it used to count as a connection made.

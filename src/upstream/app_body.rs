@@ -6,7 +6,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 /// Told once that a request body has ended, failed or been dropped (the HTTP/1 head deadline
 /// waits for it: hyper reads no next head before the body has ended).
@@ -18,31 +18,44 @@ pub trait EndWatch: Send + Sync {
 pub struct AppBody {
     inner: Incoming,
     watch: Option<Arc<dyn EndWatch>>,
-    /// Told when the body has all arrived ([`AppBody::on_complete`]).
-    complete: Option<oneshot::Sender<()>>,
+    /// Told how the body ended ([`AppBody::watch_end`]).
+    end: Option<watch::Sender<BodyEnd>>,
+}
+
+/// How far an application's request body has come ([`AppBody::watch_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    Arriving,
+    /// All of it arrived.
+    Complete,
+    /// It failed, or was dropped before its end.
+    Cut,
 }
 
 impl AppBody {
     /// `watch`: told when the body ends (give none for a body that has already).
     pub fn new(inner: Incoming, watch: Option<Arc<dyn EndWatch>>) -> Self {
-        Self { inner, watch, complete: None }
+        Self { inner, watch, end: None }
     }
 
-    /// Completes with `Ok` once the whole body has arrived, with `Err` if it fails or is
-    /// dropped first; `None`: it has arrived already. (MeshTimeout's `requestTimeout` counts
-    /// from there, as Envoy's route timeout does.)
-    pub fn on_complete(&mut self) -> Option<oneshot::Receiver<()>> {
+    /// How the body ends, as it does; `None`: it has all arrived already. (MeshTimeout's
+    /// `requestTimeout` counts from its end, as Envoy's route timeout does, and a timeout counts
+    /// against the endpoint only once it is complete.)
+    pub fn watch_end(&mut self) -> Option<watch::Receiver<BodyEnd>> {
         if self.inner.is_end_stream() {
             return None;
         }
-        let (tx, rx) = oneshot::channel();
-        self.complete = Some(tx);
+        let (tx, rx) = watch::channel(BodyEnd::Arriving);
+        self.end = Some(tx);
         Some(rx)
     }
 
-    fn end(&mut self) {
+    fn end(&mut self, how: BodyEnd) {
         if let Some(watch) = self.watch.take() {
             watch.ended();
+        }
+        if let Some(end) = self.end.take() {
+            end.send_replace(how);
         }
     }
 }
@@ -57,7 +70,7 @@ impl From<Incoming> for AppBody {
 
 impl Drop for AppBody {
     fn drop(&mut self) {
-        self.end();
+        self.end(BodyEnd::Cut);
     }
 }
 
@@ -73,12 +86,11 @@ impl Body for AppBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        let failed = matches!(frame, Some(Err(_)));
-        if failed || frame.is_none() || self.inner.is_end_stream() {
-            self.end();
-            if let Some(complete) = self.complete.take().filter(|_| !failed) {
-                let _ = complete.send(());
-            }
+        match &frame {
+            Some(Err(_)) => self.end(BodyEnd::Cut),
+            None => self.end(BodyEnd::Complete),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.end(BodyEnd::Complete),
+            Some(Ok(_)) => {}
         }
         Poll::Ready(frame)
     }

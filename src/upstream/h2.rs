@@ -89,6 +89,16 @@ impl Client {
 
     /// Opens a stream for `request` and waits for the response head.
     pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Body>, h2::Error> {
+        self.send_noting_open(request, &AtomicBool::new(false)).await
+    }
+
+    /// [`Client::send`], setting `opened` once the stream is open (it may first wait for the
+    /// endpoint's stream limit).
+    pub async fn send_noting_open(
+        &mut self,
+        request: Request<RequestBody>,
+        opened: &AtomicBool,
+    ) -> Result<Response<Body>, h2::Error> {
         let (mut parts, body) = request.into_parts();
         if let Some(len) = body.size_hint().exact() {
             if len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
@@ -107,7 +117,7 @@ impl Client {
                 self.closed.store(true, Ordering::Release);
                 return Err(error);
             }
-            let opened = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
+            let opened_stream = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
             // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
             // stream): the body's pipe starts, and the next request may wait behind this one,
             // only once it is.
@@ -115,8 +125,9 @@ impl Client {
                 self.closed.store(true, Ordering::Release);
                 return Err(error);
             }
-            opened
+            opened_stream
         };
+        opened.store(true, Ordering::Relaxed);
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
         let mut cancel_pipe = None;

@@ -54,8 +54,12 @@ impl Replay {
     /// Stops the current attempt's body from reading the application's any further (it ends);
     /// then whether another attempt can send the whole body.
     pub fn stop_reading(&self) -> bool {
+        // An overflowed copy: no retry, and the current attempt, whose response is then the
+        // answer, reads on.
         self.0.lock().is_ok_and(|mut s| {
-            s.attempt += 1;
+            if !s.overflowed {
+                s.attempt += 1;
+            }
             !s.overflowed
         })
     }

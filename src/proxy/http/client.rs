@@ -4,6 +4,8 @@
 //! A request that needs a new connection waits for it as a pending request
 //! (MeshCircuitBreaker `maxPendingRequests`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 
@@ -36,13 +38,20 @@ pub(super) enum SendError {
 }
 
 impl Sender {
+    /// Sends `request` and waits for the response head; `opened` is set once the request has
+    /// a connection or stream of its own (an HTTP/2 one may first wait for the endpoint's stream
+    /// limit).
     pub(super) async fn send(
         &mut self,
         request: http::Request<RequestBody>,
+        opened: &AtomicBool,
     ) -> Result<Response<ResponseBody>, SendError> {
+        if !matches!(self, Self::H2(_)) {
+            opened.store(true, Ordering::Relaxed);
+        }
         let response = match self {
             Self::H1(s) => s.sender.send_request(request).await?,
-            Self::H2(client) => return Ok(client.send(request).await?.map(ResponseBody::H2)),
+            Self::H2(client) => return Ok(client.send_noting_open(request, opened).await?.map(ResponseBody::H2)),
             Self::Own(conn) => {
                 let conn = conn.take().ok_or(h1::Error::Invalid("connection already used"))?;
                 let (parts, _) = request.into_parts();

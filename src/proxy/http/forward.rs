@@ -4,6 +4,7 @@
 //! [`crate::upstream::replay`]) until one gives a response that is not to be retried; a
 //! response is only ever retried before any of it went to the application.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -24,29 +25,32 @@ use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
 use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
 use crate::upstream::replay::Replay;
-use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
+use crate::upstream::{ActiveGuard, AppBody, BodyEnd, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
 /// Forwards within the request's time limits: the request timeout, counted from when the
 /// request has all arrived (an upload or a client stream takes what it takes, as with Envoy's
 /// route timeout), and the stream's deadline, counted from its start.
-pub(super) async fn forward(ctx: &RequestCtx, mut req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
+pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let Some(request_timeout) = ctx.request_timeout else {
         return match ctx.deadline {
-            Some(deadline) => within(ctx, tokio::time::sleep_until(deadline), exchange(ctx, req, proxy)).await,
+            Some(deadline) => within(ctx, deadline_passed(deadline), exchange(ctx, req, proxy)).await,
             None => Some(exchange(ctx, req, proxy).await),
         }
         .unwrap_or_else(|| reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT));
     };
-    let complete = req.body_mut().on_complete();
+    let mut body_end = ctx.body_end.clone();
     let limit = async {
-        if let Some(complete) = complete {
-            let _ = complete.await; // a body that failed or was dropped: counted from now
+        if let Some(end) = body_end.as_mut() {
+            let _ = end.wait_for(|end| *end != BodyEnd::Arriving).await; // cut: counted from now
         }
         tokio::time::sleep(request_timeout).await;
+        true
     };
     let limit = async {
         match ctx.deadline {
-            Some(deadline) => tokio::select! { () = limit => {}, () = tokio::time::sleep_until(deadline) => {} },
+            Some(deadline) => {
+                tokio::select! { endpoint = limit => endpoint, endpoint = deadline_passed(deadline) => endpoint }
+            }
             None => limit.await,
         }
     };
@@ -55,36 +59,54 @@ pub(super) async fn forward(ctx: &RequestCtx, mut req: Request<AppBody>, proxy: 
         .unwrap_or_else(|| reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT))
 }
 
-/// `future` unless `limit` completes first, then `None`. A timeout marks the request timed out
-/// before it drops `future`, so the attempt in flight counts it against its endpoint
-/// ([`TimeoutCounts`]).
+/// `future` unless `limit` completes first, then `None`. A limit that completes with `true`
+/// (a request or per-try timeout) marks the request timed out before it drops `future`, so the
+/// attempt in flight counts it against its endpoint ([`TimeoutCounts`]); the stream's deadline
+/// (the client's `grpc-timeout`, `maxStreamDuration`) does not, as in Envoy.
 async fn within<F: std::future::Future>(
     ctx: &RequestCtx,
-    limit: impl std::future::Future<Output = ()>,
+    limit: impl std::future::Future<Output = bool>,
     future: F,
 ) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     tokio::select! {
         biased;
         output = &mut future => Some(output),
-        () = limit => {
-            ctx.timed_out.store(true, std::sync::atomic::Ordering::Relaxed);
+        endpoint = limit => {
+            ctx.timed_out.store(endpoint, std::sync::atomic::Ordering::Relaxed);
             None
         }
     }
 }
 
+/// The stream's deadline passed: not the endpoint's doing ([`within`]).
+async fn deadline_passed(deadline: tokio::time::Instant) -> bool {
+    tokio::time::sleep_until(deadline).await;
+    false
+}
+
+/// A per-try timeout ([`within`]).
+async fn per_try(limit: Duration) -> bool {
+    tokio::time::sleep(limit).await;
+    true
+}
+
 /// While an attempt waits for its response: dropped because the request or the attempt timed
 /// out, it records a local-origin failure for its endpoint, as Envoy's outlier detection counts
-/// a timeout (dropped because the application went away, nothing).
+/// a timeout; only once the request went out on a stream of its own (`opened`: not while it
+/// waited for one behind the endpoint's stream limit) and had all arrived from the application
+/// (a slow upload is not the endpoint's doing). Dropped because the application went away,
+/// nothing.
 struct TimeoutCounts<'a> {
     ctx: &'a RequestCtx,
     target: &'a Target,
+    opened: &'a AtomicBool,
 }
 
 impl Drop for TimeoutCounts<'_> {
     fn drop(&mut self) {
-        if self.ctx.timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+        let complete = self.ctx.body_end.as_ref().map_or(true, |end| *end.borrow() == BodyEnd::Complete);
+        if complete && self.opened.load(Ordering::Relaxed) && self.ctx.timed_out.load(Ordering::Relaxed) {
             self.ctx.route.upstream.record(self.target, Outcome::LocalFailure);
         }
     }
@@ -166,7 +188,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
         ctx.timed_out.store(false, std::sync::atomic::Ordering::Relaxed);
         let attempt = attempt(ctx, parts, body, false, if retry.omit_previous_hosts { &tried } else { &[] });
         let result = match retry.per_try_timeout {
-            Some(limit) => match within(ctx, tokio::time::sleep(limit), attempt).await {
+            Some(limit) => match within(ctx, per_try(limit), attempt).await {
                 Some(result) => result,
                 None => Attempt::Failed(
                     AttemptFailure::Reset,
@@ -294,9 +316,12 @@ async fn attempt(
         && parts.method.is_idempotent()
         && hyper::body::Body::is_end_stream(&body))
     .then(|| (Template::of(&parts), body.upstream(), body.sent()));
+    let opened = AtomicBool::new(false);
     let request = Request::from_parts(parts, body);
-    let timeout_counts = TimeoutCounts { ctx, target: &target };
-    let mut sent = sender.send(request).await;
+    let timeout_counts = TimeoutCounts { ctx, target: &target, opened: &opened };
+    let mut sent = sender.send(request, &opened).await;
+    // The new connection of a resend failed: its connect recorded the failure already.
+    let mut recorded = false;
     if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
         if closed_before_response(error) {
             tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
@@ -304,9 +329,12 @@ async fn attempt(
                 Ok(fresh) => {
                     sender = fresh;
                     let request = Request::from_parts(template.parts(), RequestBody::empty(counted, bytes));
-                    sent = sender.send(request).await;
+                    sent = sender.send(request, &opened).await;
                 }
-                Err(error) => tracing::debug!(%error, "no new connection for the request"),
+                Err(error) => {
+                    tracing::debug!(%error, "no new connection for the request");
+                    recorded = true;
+                }
             }
         }
     }
@@ -322,7 +350,9 @@ async fn attempt(
         }
         Err(error) => {
             tracing::warn!(service = %upstream.service(), endpoint = %target.addr, %error, "upstream request failed before the response");
-            upstream.record(&target, Outcome::LocalFailure);
+            if !recorded {
+                upstream.record(&target, Outcome::LocalFailure);
+            }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
             failed(failure, reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED))
         }
@@ -413,7 +443,13 @@ fn closed_before_response(error: &SendError) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
+            // UnexpectedEof: over TLS, an endpoint that closed without close_notify.
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
         }
         source = e.source();
     }
@@ -471,7 +507,7 @@ pub(super) async fn send_copy(
         None => RequestBody::empty(counted, None),
     };
     let request = Request::from_parts(parts, body);
-    let response = sender.send(request).await.map_err(|e| e.to_string())?;
+    let response = sender.send(request, &AtomicBool::new(false)).await.map_err(|e| e.to_string())?;
     upstream.record(&target, Outcome::Response(response.status().as_u16()));
     Ok(())
 }

@@ -20,7 +20,8 @@ use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::policy::runtime::timeout_over;
 use crate::proxy::admit::admit;
-use crate::upstream::AppBody;
+use crate::upstream::{AppBody, BodyEnd};
+use tokio::sync::watch;
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {
@@ -43,6 +44,8 @@ pub(super) struct RequestCtx {
     /// Set when a timeout gives up the attempt in flight, before it is dropped: the attempt
     /// then counts a local-origin failure against its endpoint ([`super::forward`]).
     pub timed_out: AtomicBool,
+    /// How the request body ends; `None`: it had all arrived with the head.
+    pub body_end: Option<watch::Receiver<BodyEnd>>,
     /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
 }
@@ -91,7 +94,9 @@ impl RequestCtx {
             })
         });
         let deadline = stream_limit.map(|d| started + d);
-        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out: AtomicBool::new(false), log }
+        let body_end = req.body_mut().watch_end();
+        let timed_out = AtomicBool::new(false);
+        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
     }
 
     /// The request body's byte counter for the access log, when it is on.
