@@ -213,8 +213,8 @@ struct RunArgs {
     /// without counting against an endpoint (Envoy's circuit-breaker default: 1024).
     #[arg(long, env = "MESH_EGRESS_MAX_UPSTREAM_CONNECTIONS", default_value_t = mesh_egress::upstream::DEFAULT_MAX_CONNECTIONS)]
     max_upstream_connections: usize,
-    /// HTTP/gRPC: time allowed from the end of the request until the response headers arrive,
-    /// `0s` for none (Kuma's MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
+    /// HTTP/gRPC: time allowed until the response headers arrive, `0s` for none (Kuma's
+    /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
     /// Idle pooled HTTP/1 connections to endpoints are closed after this long (Kuma's

@@ -38,9 +38,8 @@ impl AppBody {
         Self { inner, watch, end: None }
     }
 
-    /// How the body ends, as it does; `None`: it has all arrived already. (MeshTimeout's
-    /// `requestTimeout` counts from its end, as Envoy's route timeout does, and a timeout counts
-    /// against the endpoint only once it is complete.)
+    /// How the body ends, as it does; `None`: it has all arrived already. (A timeout counts
+    /// against the endpoint only once the body is complete: a slow upload is not its doing.)
     pub fn watch_end(&mut self) -> Option<watch::Receiver<BodyEnd>> {
         if self.inner.is_end_stream() {
             return None;
@@ -89,7 +88,8 @@ impl Body for AppBody {
         match &frame {
             Some(Err(_)) => self.end(BodyEnd::Cut),
             None => self.end(BodyEnd::Complete),
-            Some(Ok(_)) if self.inner.is_end_stream() => self.end(BodyEnd::Complete),
+            // Trailers end a body, though hyper's `is_end_stream` may not say so yet.
+            Some(Ok(frame)) if frame.is_trailers() || self.inner.is_end_stream() => self.end(BodyEnd::Complete),
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)

@@ -33,9 +33,8 @@ pub(super) struct RequestCtx {
     /// The stream's deadline, the sooner of the gRPC one (`grpc-timeout`) and MeshTimeout
     /// `http.maxStreamDuration`: the response is cut when it passes.
     pub deadline: Option<Instant>,
-    /// Time allowed for the response headers to arrive once the request has all arrived
-    /// (MeshTimeout `http.requestTimeout`, else `--request-timeout`; Envoy's route timeout); the
-    /// deadline, if sooner, applies as well.
+    /// Time allowed from the request's head until the response headers arrive (MeshTimeout
+    /// `http.requestTimeout`, else `--request-timeout`); the deadline, if sooner, applies as well.
     pub request_timeout: Option<Duration>,
     /// MeshTimeout `http.streamIdleTimeout` (armed from the start), else `--stream-idle-timeout`
     /// (armed from the first body frame); `None`: off.
@@ -44,7 +43,8 @@ pub(super) struct RequestCtx {
     /// Set when a timeout gives up the attempt in flight, before it is dropped: the attempt
     /// then counts a local-origin failure against its endpoint ([`super::forward`]).
     pub timed_out: AtomicBool,
-    /// How the request body ends; `None`: it had all arrived with the head.
+    /// How the request body ends; `None`: it had all arrived with the head, or no outlier
+    /// detector counts timeouts.
     pub body_end: Option<watch::Receiver<BodyEnd>>,
     /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
@@ -94,7 +94,9 @@ impl RequestCtx {
             })
         });
         let deadline = stream_limit.map(|d| started + d);
-        let body_end = req.body_mut().watch_end();
+        // Only outlier detectors count timeouts (the default ejection counts connect failures).
+        let counts_timeouts = matches!(policy.outlier, crate::policy::runtime::Outlier::Detect(_));
+        let body_end = if counts_timeouts { req.body_mut().watch_end() } else { None };
         let timed_out = AtomicBool::new(false);
         Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
     }
