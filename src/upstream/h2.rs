@@ -539,59 +539,82 @@ mod tests {
         assert!(pooled.is_closed());
     }
 
-    /// With the endpoint's stream limit reached, at most one request waits in h2 to open its
-    /// stream, as in hyper's client; the next ones wait for it, and those given up meanwhile
-    /// never reach the endpoint (with a handle per request, h2 queued all of them and sent
-    /// each once a stream freed).
-    #[tokio::test]
-    async fn requests_given_up_while_the_stream_limit_is_full_are_never_sent() {
+    /// An endpoint that takes one stream at a time and holds `/held` until told. Each request's
+    /// path is reported when its stream is accepted, and with its body once that is read.
+    struct OneStreamEndpoint {
+        client: Client,
+        accepted: mpsc::UnboundedReceiver<String>,
+        read: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+        release: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    async fn one_stream_endpoint() -> OneStreamEndpoint {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
             h2::server::Builder::new().max_concurrent_streams(1).handshake(server_io).await.unwrap()
         });
         let client = Client::handshake(client_io, ()).await.unwrap();
         let mut server: h2::server::Connection<_, Bytes> = server.await.unwrap();
-        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (accepted_tx, accepted) = mpsc::unbounded_channel();
+        let (read_tx, read) = mpsc::unbounded_channel();
         let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let mut release = Some(release);
             while let Some(Ok((request, mut respond))) = server.accept().await {
                 let path = request.uri().path().to_owned();
-                let _ = seen_tx.send(path.clone());
+                let _ = accepted_tx.send(path.clone());
                 let hold = if path == "/held" { release.take() } else { None };
+                let read_tx = read_tx.clone();
                 tokio::spawn(async move {
                     if let Some(hold) = hold {
                         let _ = hold.await;
                     }
+                    let body = read_all(&mut request.into_body()).await;
+                    let _ = read_tx.send((path, body));
                     let _ = respond.send_response(http::Response::new(()), true);
                 });
             }
         });
-        let get = |path: &str| {
-            Request::get(format!("http://endpoint{path}"))
-                .body(RequestBody::empty(UpstreamHandle::detached(), None))
-                .unwrap()
-        };
         // An answered request first, so the client has the endpoint's SETTINGS (one stream).
         client.clone().send(get("/first")).await.unwrap();
-        let held = tokio::spawn({
-            let mut client = client.clone();
-            async move { client.send(get("/held")).await.map(|_| ()) }
-        });
-        assert_eq!(seen.recv().await.as_deref(), Some("/first"));
-        assert_eq!(seen.recv().await.as_deref(), Some("/held"));
+        OneStreamEndpoint { client, accepted, read, release: Some(release_tx) }
+    }
+
+    fn get(path: &str) -> Request<RequestBody> {
+        Request::get(format!("http://endpoint{path}"))
+            .body(RequestBody::empty(UpstreamHandle::detached(), None))
+            .unwrap()
+    }
+
+    /// `request` sent on a clone of `client` in a task of its own.
+    fn spawn_send(client: &Client, request: Request<RequestBody>) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.send(request).await.map(|_| ()) })
+    }
+
+    fn drain<T>(channel: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+        std::iter::from_fn(|| channel.try_recv().ok()).collect()
+    }
+
+    /// With the endpoint's stream limit reached, at most one request waits in h2 to open its
+    /// stream, as in hyper's client; the next ones wait for it, and those given up meanwhile
+    /// never reach the endpoint (with a handle per request, h2 queued all of them and sent
+    /// each once a stream freed).
+    #[tokio::test]
+    async fn requests_given_up_while_the_stream_limit_is_full_are_never_sent() {
+        let mut endpoint = one_stream_endpoint().await;
+        let held = spawn_send(&endpoint.client, get("/held"));
+        assert_eq!(endpoint.accepted.recv().await.as_deref(), Some("/first"));
+        assert_eq!(endpoint.accepted.recv().await.as_deref(), Some("/held"));
         for path in ["/queued", "/given-up-1", "/given-up-2"] {
-            let mut waiting = client.clone();
+            let mut waiting = endpoint.client.clone();
             let send = tokio::time::timeout(std::time::Duration::from_millis(20), waiting.send(get(path)));
             assert!(send.await.is_err(), "{path} was answered while the only stream was held");
         }
-        release_tx.send(()).unwrap();
+        endpoint.release.take().unwrap().send(()).unwrap();
         held.await.unwrap().unwrap();
-        client.clone().send(get("/last")).await.unwrap();
-        let mut later = Vec::new();
-        while let Ok(path) = seen.try_recv() {
-            later.push(path);
-        }
+        endpoint.client.clone().send(get("/last")).await.unwrap();
+        let later = drain(&mut endpoint.accepted);
         assert!(
             later.iter().all(|p| !p.starts_with("/given-up")),
             "requests given up while waiting reached the endpoint: {later:?}"
@@ -604,64 +627,22 @@ mod tests {
     /// stream, so the body's pipe and the next request must not both wait on the queued one).
     #[tokio::test]
     async fn a_body_and_a_request_queued_behind_the_stream_limit_both_go_through() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
-            h2::server::Builder::new().max_concurrent_streams(1).handshake(server_io).await.unwrap()
-        });
-        let client = Client::handshake(client_io, ()).await.unwrap();
-        let mut server: h2::server::Connection<_, Bytes> = server.await.unwrap();
-        let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
-        let (body_tx, received) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut release = Some(release);
-            while let Some(Ok((request, mut respond))) = server.accept().await {
-                let hold = if request.uri().path() == "/held" { release.take() } else { None };
-                let body_tx = body_tx.clone();
-                tokio::spawn(async move {
-                    if let Some(hold) = hold {
-                        let _ = hold.await;
-                    }
-                    let path = request.uri().path().to_owned();
-                    let body = read_all(&mut request.into_body()).await;
-                    let _ = body_tx.send((path, body));
-                    let _ = respond.send_response(http::Response::new(()), true);
-                });
-            }
-        });
-        let get = |path: &str| {
-            Request::get(format!("http://endpoint{path}"))
-                .body(RequestBody::empty(UpstreamHandle::detached(), None))
-                .unwrap()
-        };
-        client.clone().send(get("/first")).await.unwrap();
-        let held = tokio::spawn({
-            let mut client = client.clone();
-            async move { client.send(get("/held")).await.map(|_| ()) }
-        });
+        let mut endpoint = one_stream_endpoint().await;
+        let held = spawn_send(&endpoint.client, get("/held"));
         tokio::task::yield_now().await;
         let (tx, rx) = mpsc::channel(4);
         tx.send(Bytes::from_static(b"one ")).await.unwrap();
-        let upload = tokio::spawn({
-            let mut client = client.clone();
-            async move { client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.map(|_| ()) }
-        });
-        let behind = tokio::spawn({
-            let mut client = client.clone();
-            async move { client.send(get("/behind")).await.map(|_| ()) }
-        });
+        let upload = spawn_send(&endpoint.client, post(RequestBody::mirror(rx, UpstreamHandle::detached())));
+        let behind = spawn_send(&endpoint.client, get("/behind"));
         tokio::task::yield_now().await;
-        release_tx.send(()).unwrap();
+        endpoint.release.take().unwrap().send(()).unwrap();
         tx.send(Bytes::from_static(b"two")).await.unwrap();
         drop(tx);
         let within = |task| tokio::time::timeout(std::time::Duration::from_secs(10), task);
         within(held).await.expect("the held request hung").unwrap().unwrap();
         within(upload).await.expect("the upload hung").unwrap().unwrap();
         within(behind).await.expect("the request behind the upload hung").unwrap().unwrap();
-        let mut received = received;
-        let mut bodies = Vec::new();
-        while let Ok(got) = received.try_recv() {
-            bodies.push(got);
-        }
+        let bodies = drain(&mut endpoint.read);
         assert!(bodies.contains(&("/upload".to_owned(), b"one two".to_vec())), "{bodies:?}");
     }
 
