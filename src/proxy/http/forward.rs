@@ -313,11 +313,14 @@ async fn attempt(
     let request = Request::from_parts(parts, body);
     let timeout_counts = TimeoutCounts { ctx, target: &target, opened: &opened };
     let mut sent = sender.send(request, &opened).await;
-    // The new connection of a resend failed to connect: that recorded the failure already.
+    // A resend that gets no new connection records nothing more: a connect failure recorded
+    // itself, and an idle connection the endpoint closed, or a local limit, is not its fault.
     let mut recorded = false;
     if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
         if closed_before_response(error) {
             tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
+            // The new connection is not the request's until it is made.
+            opened.store(false, Ordering::Relaxed);
             match Box::pin(client::new_h1(upstream, &key, &target, tls, bodiless)).await {
                 Ok(fresh) => {
                     sender = fresh;
@@ -326,7 +329,7 @@ async fn attempt(
                 }
                 Err(error) => {
                     tracing::debug!(%error, "no new connection for the request");
-                    recorded = error.is_connect_failure();
+                    recorded = true;
                 }
             }
         }
