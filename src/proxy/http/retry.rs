@@ -52,10 +52,14 @@ impl RetryPolicy {
         let code = status.as_u16();
         let on = &self.on;
         let headers = response.headers();
+        // An upstream Envoy's rate limit: retried only with `EnvoyRatelimited`, whatever else
+        // the response matches (as Envoy's `wouldRetryFromHeaders`).
+        if headers.contains_key("x-envoy-ratelimited") {
+            return on.envoy_ratelimited;
+        }
         (on.five_xx && status.is_server_error())
             || (on.gateway_error && matches!(code, 502..=504))
             || (on.retriable_4xx && status == StatusCode::CONFLICT)
-            || (on.envoy_ratelimited && headers.contains_key("x-envoy-ratelimited"))
             || self.status_codes.contains(&code)
             || self.retriable_response_headers.iter().any(|m| m.matches(headers))
             || grpc_status(headers).is_some_and(|s| self.grpc_statuses.contains(&s))
@@ -166,6 +170,11 @@ mod tests {
         assert!(p.retries_response(&response(200, &[("x-retry", "1")])));
         assert!(p.retries_response(&response(200, &[("grpc-status", "14")])));
         assert!(!p.retries_response(&response(200, &[("grpc-status", "13")])));
+        // An upstream Envoy's rate limit is retried only with EnvoyRatelimited.
+        assert!(!p.retries_response(&response(503, &[("x-envoy-ratelimited", "true")])));
+        let mut limited = policy();
+        limited.on.envoy_ratelimited = true;
+        assert!(limited.retries_response(&response(429, &[("x-envoy-ratelimited", "true")])));
         assert!(p.retries_failure(AttemptFailure::Connect));
         assert!(p.retries_failure(AttemptFailure::Reset));
         assert!(!p.retries_failure(AttemptFailure::Local));
