@@ -507,6 +507,13 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         }
     };
     mesh_egress::socket_mark::set(args.socket_mark.0);
+    let mut timeouts = mesh_egress::proxy::ConnectionTimeouts {
+        idle: args.connection_idle_timeout,
+        half_close: args.half_close_timeout,
+        header_read: args.header_read_timeout,
+        stream_idle: args.stream_idle_timeout,
+    };
+    timeouts.set_header_read(args.header_read_timeout);
     let options = Options {
         config_paths: args.config,
         request_timeout: Some(args.request_timeout).filter(|t| !t.is_zero()),
@@ -537,17 +544,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         bind_vips: args.bind_vips,
         listen_allow_remote: args.listen_allow_remote,
         upgrade_protocols: args.upgrade_protocols,
-        timeouts: mesh_egress::proxy::ConnectionTimeouts {
-            idle: args.connection_idle_timeout,
-            half_close: args.half_close_timeout,
-            // 0: no limit but the idle timeout, as MeshTimeout's `requestHeadersTimeout`.
-            header_read: if args.header_read_timeout.is_zero() {
-                args.connection_idle_timeout
-            } else {
-                args.header_read_timeout
-            },
-            stream_idle: args.stream_idle_timeout,
-        },
+        timeouts,
         passthrough: !args.no_passthrough,
         access_log,
         workers,

@@ -80,6 +80,12 @@ impl ConnectionTimeouts {
     pub fn flow(&self) -> copy::FlowTimeouts {
         copy::FlowTimeouts { idle: Some(self.idle), half_close: Some(self.half_close) }
     }
+
+    /// Sets the time to receive a request head; zero (`--header-read-timeout 0`, MeshTimeout
+    /// `requestHeadersTimeout: 0s`): no limit but the idle timeout.
+    pub fn set_header_read(&mut self, timeout: Duration) {
+        self.header_read = if timeout.is_zero() { self.idle } else { timeout };
+    }
 }
 
 pub struct Proxy {

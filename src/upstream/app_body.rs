@@ -1,12 +1,12 @@
 //! An application's request body as the proxy's server reads it, with what waits for its end.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::sync::watch;
 
 /// Told once that a request body has ended, failed or been dropped (the HTTP/1 head deadline
 /// waits for it: hyper reads no next head before the body has ended).
@@ -18,43 +18,33 @@ pub trait EndWatch: Send + Sync {
 pub struct AppBody {
     inner: Incoming,
     watch: Option<Arc<dyn EndWatch>>,
-    /// Told how the body ended ([`AppBody::watch_end`]).
-    end: Option<watch::Sender<BodyEnd>>,
-}
-
-/// How far an application's request body has come ([`AppBody::watch_end`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyEnd {
-    Arriving,
-    /// All of it arrived.
-    Complete,
-    /// It failed, or was dropped before its end.
-    Cut,
+    /// Set once the whole body has arrived ([`AppBody::complete_flag`]).
+    complete: Option<Arc<AtomicBool>>,
 }
 
 impl AppBody {
     /// `watch`: told when the body ends (give none for a body that has already).
     pub fn new(inner: Incoming, watch: Option<Arc<dyn EndWatch>>) -> Self {
-        Self { inner, watch, end: None }
+        Self { inner, watch, complete: None }
     }
 
-    /// How the body ends, as it does; `None`: it has all arrived already. (A timeout counts
-    /// against the endpoint only once the body is complete: a slow upload is not its doing.)
-    pub fn watch_end(&mut self) -> Option<watch::Receiver<BodyEnd>> {
+    /// A flag set once the whole body has arrived (not when it fails or is dropped first);
+    /// `None`: it has all arrived already. (A timeout counts against the endpoint only once the
+    /// body is complete: a slow upload is not its doing.)
+    pub fn complete_flag(&mut self) -> Option<Arc<AtomicBool>> {
         if self.inner.is_end_stream() {
             return None;
         }
-        let (tx, rx) = watch::channel(BodyEnd::Arriving);
-        self.end = Some(tx);
-        Some(rx)
+        Some(self.complete.insert(Arc::default()).clone())
     }
 
-    fn end(&mut self, how: BodyEnd) {
+    /// The body ended (`complete`: all of it arrived).
+    fn end(&mut self, complete: bool) {
         if let Some(watch) = self.watch.take() {
             watch.ended();
         }
-        if let Some(end) = self.end.take() {
-            end.send_replace(how);
+        if let Some(flag) = self.complete.take() {
+            flag.store(complete, Ordering::Relaxed);
         }
     }
 }
@@ -69,7 +59,7 @@ impl From<Incoming> for AppBody {
 
 impl Drop for AppBody {
     fn drop(&mut self) {
-        self.end(BodyEnd::Cut);
+        self.end(false);
     }
 }
 
@@ -86,10 +76,10 @@ impl Body for AppBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
-            Some(Err(_)) => self.end(BodyEnd::Cut),
-            None => self.end(BodyEnd::Complete),
+            Some(Err(_)) => self.end(false),
+            None => self.end(true),
             // Trailers end a body, though hyper's `is_end_stream` may not say so yet.
-            Some(Ok(frame)) if frame.is_trailers() || self.inner.is_end_stream() => self.end(BodyEnd::Complete),
+            Some(Ok(frame)) if frame.is_trailers() || self.inner.is_end_stream() => self.end(true),
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)

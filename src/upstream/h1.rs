@@ -72,10 +72,16 @@ impl Error {
     pub fn closed_before_response(&self) -> bool {
         match self {
             Self::ClosedEarly => true,
-            Self::Io(e) => matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe),
+            Self::Io(e) => closed_connection(e.kind()),
             _ => false,
         }
     }
+}
+
+/// An I/O error that means the endpoint closed the connection: a reset, a broken pipe, or over
+/// TLS a close without close_notify (rustls: unexpected EOF).
+pub fn closed_connection(kind: io::ErrorKind) -> bool {
+    matches!(kind, io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof)
 }
 
 /// An HTTP/1.1 connection to an endpoint. Boxed, allocated once per connection: it moves with

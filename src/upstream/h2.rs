@@ -87,6 +87,18 @@ impl Client {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Waits until `send` may open a stream (the last one opened is open). A GOAWAY or a
+    /// connection error: no new stream may go on this connection, even while earlier streams
+    /// finish on it, so it counts as closed and the pool opens another for the next request (as
+    /// it did when hyper's client, noticing the same, ended its dispatch task).
+    async fn ready(&self, send: &mut SendRequest<Bytes>) -> Result<(), h2::Error> {
+        let ready = poll_fn(|cx| send.poll_ready(cx)).await;
+        if ready.is_err() {
+            self.closed.store(true, Ordering::Release);
+        }
+        ready
+    }
+
     /// Opens a stream for `request` and waits for the response head.
     pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Body>, h2::Error> {
         self.send_noting_open(request, &AtomicBool::new(false)).await
@@ -108,23 +120,12 @@ impl Client {
         let end_of_stream = body.is_end_stream();
         let (response, stream) = {
             let mut send = self.send.lock().await;
-            // A GOAWAY or a connection error since the last request?
-            if let Err(error) = poll_fn(|cx| send.poll_ready(cx)).await {
-                // A GOAWAY or a connection error: no new stream may go on this connection, even
-                // while earlier streams finish on it. The pool opens another for the next
-                // request (as it did when hyper's client, noticing the same, ended its dispatch
-                // task).
-                self.closed.store(true, Ordering::Release);
-                return Err(error);
-            }
+            self.ready(&mut send).await?;
             let opened_stream = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
             // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
             // stream): the body's pipe starts, and the next request may wait behind this one,
             // only once it is.
-            if let Err(error) = poll_fn(|cx| send.poll_ready(cx)).await {
-                self.closed.store(true, Ordering::Release);
-                return Err(error);
-            }
+            self.ready(&mut send).await?;
             opened_stream
         };
         opened.store(true, Ordering::Relaxed);

@@ -25,7 +25,7 @@ use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
 use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
 use crate::upstream::replay::Replay;
-use crate::upstream::{ActiveGuard, AppBody, BodyEnd, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
+use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
 /// Forwards within the request's time limits: the request timeout and the stream's deadline,
 /// both counted from the request's head. (Envoy counts its route timeout from the end of the
@@ -96,7 +96,7 @@ struct TimeoutCounts<'a> {
 
 impl Drop for TimeoutCounts<'_> {
     fn drop(&mut self) {
-        let complete = || self.ctx.body_end.as_ref().map_or(true, |end| *end.borrow() == BodyEnd::Complete);
+        let complete = || self.ctx.body_complete.as_ref().map_or(true, |flag| flag.load(Ordering::Relaxed));
         if self.ctx.timed_out.load(Ordering::Relaxed) && self.opened.load(Ordering::Relaxed) && complete() {
             self.ctx.route.upstream.record(self.target, Outcome::LocalFailure);
         }
@@ -439,13 +439,7 @@ fn closed_before_response(error: &SendError) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            // UnexpectedEof: over TLS, an endpoint that closed without close_notify.
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
+            return crate::upstream::h1::closed_connection(io.kind());
         }
         source = e.source();
     }

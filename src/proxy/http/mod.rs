@@ -107,7 +107,7 @@ impl HttpProxy {
 
     /// Time to receive a request head (`Duration::ZERO`: no limit but the idle timeout).
     pub fn set_header_read_timeout(&mut self, timeout: Duration) {
-        self.timeouts.header_read = if timeout.is_zero() { self.timeouts.idle } else { timeout };
+        self.timeouts.set_header_read(timeout);
     }
 }
 

@@ -20,8 +20,7 @@ use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::policy::runtime::timeout_over;
 use crate::proxy::admit::admit;
-use crate::upstream::{AppBody, BodyEnd};
-use tokio::sync::watch;
+use crate::upstream::AppBody;
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {
@@ -43,9 +42,9 @@ pub(super) struct RequestCtx {
     /// Set when a timeout gives up the attempt in flight, before it is dropped: the attempt
     /// then counts a local-origin failure against its endpoint ([`super::forward`]).
     pub timed_out: AtomicBool,
-    /// How the request body ends; `None`: it had all arrived with the head, or no outlier
+    /// Set once the request body has all arrived; `None`: it had with the head, or no outlier
     /// detector counts timeouts.
-    pub body_end: Option<watch::Receiver<BodyEnd>>,
+    pub body_complete: Option<Arc<AtomicBool>>,
     /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
 }
@@ -96,9 +95,9 @@ impl RequestCtx {
         let deadline = stream_limit.map(|d| started + d);
         // Only outlier detectors count timeouts (the default ejection counts connect failures).
         let counts_timeouts = matches!(policy.outlier, crate::policy::runtime::Outlier::Detect(_));
-        let body_end = if counts_timeouts { req.body_mut().watch_end() } else { None };
+        let body_complete = if counts_timeouts { req.body_mut().complete_flag() } else { None };
         let timed_out = AtomicBool::new(false);
-        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
+        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_complete, log }
     }
 
     /// The request body's byte counter for the access log, when it is on.
