@@ -4,6 +4,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -91,6 +93,57 @@ async fn h2_streams_are_multiplexed_on_one_upstream_connection() {
         assert_eq!(field(&body, "version"), "HTTP/2.0");
     }
     assert_eq!(upstream.connections(), 1, "100 concurrent streams over one upstream connection");
+}
+
+/// An HTTP/2 endpoint that closes each connection in good order after a request (its GOAWAY,
+/// as nginx's after `keepalive_requests`) while that request's response still holds it open.
+/// Returns its address and how many connections it has taken.
+async fn goaway_after_a_held_request() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                let mut held = Vec::new();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let hold = request.uri().path() == "/hold";
+                    if let Ok(stream) = respond.send_response(http::Response::new(()), !hold) {
+                        if hold {
+                            held.push(stream);
+                            connection.graceful_shutdown();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Requests that come after an endpoint's GOAWAY, on a connection an earlier stream still
+/// holds open, go on a new connection: none is answered 503 (the first used to be, the
+/// connection being noticed as closing only when a request failed on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_after_an_endpoint_s_goaway_go_on_a_new_connection() {
+    let (addr, connections) = goaway_after_a_held_request().await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("closing", "http2", outbound, &endpoint("127.0.0.1", addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let held = h1(outbound).await.send_request(get("/hold", &[("host", "a")])).await.unwrap();
+    assert_eq!(held.status(), 200);
+    // The GOAWAY reaches the proxy at some point in these; each request must find a connection.
+    for i in 0..50 {
+        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200, "request {i} after the endpoint's GOAWAY");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(connections.load(Ordering::SeqCst) >= 2, "the requests went on a connection of their own");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

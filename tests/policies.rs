@@ -658,6 +658,26 @@ async fn omit_previous_hosts_sends_the_retry_to_another_endpoint() {
     }
 }
 
+/// An attempt that failed (here: passed its per-try timeout on an endpoint that never
+/// answers) counts as tried too: the retry goes elsewhere (failed attempts were not counted,
+/// so the retry went back to the silent endpoint half the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omit_previous_hosts_counts_an_attempt_that_timed_out() {
+    let (silent, _silent_task) = silent_endpoint().await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", silent.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 100ms, retryOn: [Reset], backOff: {baseInterval: 1ms}, hostSelection: [{predicate: OmitPreviousHosts}]}\n---\ntype: MeshCircuitBreaker\nname: keep-both\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {outlierDetection: {disabled: true, detectors: {totalFailures: {}}}}\n";
+    let yaml = format!("{}---\n{policy}", service_with_protocol("omit-timed-out", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    for i in 0..20 {
+        let (status, body, headers) = get_status(outbound, &[]).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert_eq!(headers["x-who"], "good");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connection_duration_retires_pooled_connections() {
     let upstream = http_upstream(None).await;

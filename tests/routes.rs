@@ -14,6 +14,8 @@ use bytes::Bytes;
 use common::http_client::*;
 use common::*;
 use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// An HTTP server that names itself in `x-who` and echoes what it got:
 /// `who path host x-added x-set x-gone`.
@@ -440,17 +442,25 @@ fn an_http_route_to_a_tcp_service_is_reported_and_gets_no_traffic() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mirrored_request_body_is_copied_to_the_mirror() {
-    // The mirror records the size of each body it receives.
+/// A mirror that reports each request's head as it arrives, then the size of its body when
+/// whole, or `usize::MAX` when it failed before its end.
+struct BodySizes {
+    addr: SocketAddr,
+    heads: tokio::sync::mpsc::UnboundedReceiver<()>,
+    sizes: tokio::sync::mpsc::UnboundedReceiver<usize>,
+}
+
+async fn body_sizes() -> BodySizes {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mirror_addr = listener.local_addr().unwrap();
-    let (sizes_tx, mut sizes) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    let _mirror = tokio::spawn(async move {
+    let addr = listener.local_addr().unwrap();
+    let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (sizes_tx, sizes) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let sizes_tx = sizes_tx.clone();
+            let (heads_tx, sizes_tx) = (heads_tx.clone(), sizes_tx.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let _ = heads_tx.send(());
                     let sizes_tx = sizes_tx.clone();
                     async move {
                         use http_body_util::BodyExt as _;
@@ -464,25 +474,55 @@ async fn a_mirrored_request_body_is_copied_to_the_mirror() {
             });
         }
     });
+    BodySizes { addr, heads, sizes }
+}
+
+/// A request body is copied to the mirror whole, also when the primary may be retried (its
+/// copy used to end at once: the mirror got an empty body), and a body the application cuts
+/// short reaches the mirror as failed, never as a whole body of what came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_request_body_is_copied_to_the_mirror() {
+    let BodySizes { addr: mirror_addr, mut heads, mut sizes } = body_sizes().await;
     let (primary, _task) = named("main").await;
-    let outbound = free_addr("127.0.0.1");
+    let (outbound, retried) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
     let mut yaml = service_with_protocol("main", "http", outbound, &endpoint("127.0.0.1", primary.port(), 0), "");
-    yaml.push_str("---\n");
-    yaml.push_str(&service_with_protocol(
-        "copy",
-        "http",
-        free_addr("127.0.0.1"),
-        &endpoint("127.0.0.1", mirror_addr.port(), 0),
-        "",
-    ));
-    yaml.push_str("---\ntype: MeshHTTPRoute\nname: mirror\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /}}]\n      default:\n        filters:\n        - {type: RequestMirror, requestMirror: {backendRef: {kind: MeshExternalService, name: copy}}}\n");
+    for (name, listen, port) in
+        [("retried", retried, primary.port()), ("copy", free_addr("127.0.0.1"), mirror_addr.port())]
+    {
+        yaml.push_str("---\n");
+        yaml.push_str(&service_with_protocol(name, "http", listen, &endpoint("127.0.0.1", port, 0), ""));
+    }
+    for name in ["main", "retried"] {
+        yaml.push_str(&format!("---\ntype: MeshHTTPRoute\nname: mirror-{name}\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: {name}}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n      default:\n        filters:\n        - {{type: RequestMirror, requestMirror: {{backendRef: {{kind: MeshExternalService, name: copy}}}}}}\n"));
+    }
+    yaml.push_str("---\ntype: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: retried}\n    default:\n      http: {numRetries: 1, retryOn: [5xx]}\n");
     let (_dir, config) = config_dir(&yaml);
     let _proxy = start(options(config)).await;
-    let request = http::Request::post("http://x/upload").body(Full::new(Bytes::from(vec![b'm'; 10_000]))).unwrap();
-    let (status, body) = text(h1(outbound).await.send_request(request).await.unwrap()).await;
-    assert_eq!((status.as_u16(), who(&body)), (200, "main"));
-    let mirrored = tokio::time::timeout(std::time::Duration::from_secs(10), sizes.recv()).await.unwrap().unwrap();
-    assert_eq!(mirrored, 10_000, "the mirror got the whole body");
+    let ten_seconds = std::time::Duration::from_secs(10);
+    for to in [outbound, retried] {
+        let request = http::Request::post("http://x/upload").body(Full::new(Bytes::from(vec![b'm'; 10_000]))).unwrap();
+        let (status, body) = text(h1(to).await.send_request(request).await.unwrap()).await;
+        assert_eq!((status.as_u16(), who(&body)), (200, "main"));
+        assert_eq!(
+            tokio::time::timeout(ten_seconds, sizes.recv()).await.unwrap().unwrap(),
+            10_000,
+            "the mirror got the whole body ({to})"
+        );
+    }
+    // Half of a 10,000-byte body, then, once the mirror has its request, the application is gone.
+    let mut app = TcpStream::connect(outbound).await.unwrap();
+    app.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10000\r\n\r\n").await.unwrap();
+    app.write_all(&[b'h'; 5_000]).await.unwrap();
+    while heads.try_recv().is_ok() {}
+    tokio::time::timeout(ten_seconds, heads.recv()).await.unwrap().unwrap();
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = app.read_to_end(&mut rest).await;
+    assert_eq!(
+        tokio::time::timeout(ten_seconds, sizes.recv()).await.unwrap().unwrap(),
+        usize::MAX,
+        "the mirror took part of a body for all of it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use hyper::body::{Body as _, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::upstream::pool::RequestBody;
+use crate::upstream::pool::{Copied, RequestBody};
 use crate::upstream::UpstreamHandle;
 
 /// How long a client may take before it counts as hung.
@@ -232,9 +232,10 @@ where
     on_runtime(async move {
         let (near, far) = tokio::io::duplex(64 * 1024);
         let endpoint = tokio::spawn(h2_endpoint(far, script));
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let mut request = if post {
-            let _ = tx.try_send(Bytes::from_static(b"ping"));
+            let _ = tx.try_send(Copied::Data(Bytes::from_static(b"ping")));
+            let _ = tx.try_send(Copied::End);
             Request::new(RequestBody::mirror(rx, UpstreamHandle::detached()))
         } else {
             Request::new(RequestBody::empty(UpstreamHandle::detached(), None))

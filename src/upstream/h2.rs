@@ -27,7 +27,7 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
-use super::pool::RequestBody;
+use super::pool::{BodyError, RequestBody};
 
 // hyper 1.x's HTTP/2 client defaults, so endpoints see what they saw before.
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
@@ -101,7 +101,7 @@ impl Client {
 
     /// Opens a stream for `request` and waits for the response head.
     pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Body>, h2::Error> {
-        self.send_noting_open(request, &AtomicBool::new(false)).await
+        self.send_noting_open(request, &AtomicBool::new(false)).await.map_err(Failure::into_error)
     }
 
     /// [`Client::send`], setting `opened` once the stream is open (it may first wait for the
@@ -110,29 +110,32 @@ impl Client {
         &mut self,
         request: Request<RequestBody>,
         opened: &AtomicBool,
-    ) -> Result<Response<Body>, h2::Error> {
-        let (mut parts, body) = request.into_parts();
-        if let Some(len) = body.size_hint().exact() {
-            if len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
-                parts.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(len));
-            }
-        }
-        let end_of_stream = body.is_end_stream();
-        let (response, stream) = {
+    ) -> Result<Response<Body>, Failure> {
+        let (response, stream, body) = {
             let mut send = self.send.lock().await;
-            self.ready(&mut send).await?;
+            if let Err(error) = self.ready(&mut send).await {
+                return Err(Failure::Unsent(error, Unsent(Box::new(request))));
+            }
+            let (mut parts, body) = request.into_parts();
+            if let Some(len) = body.size_hint().exact() {
+                if len != 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
+                    parts.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(len));
+                }
+            }
+            let end_of_stream = body.is_end_stream();
             let opened_stream = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
             // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
             // stream): the body's pipe starts, and the next request may wait behind this one,
             // only once it is.
             self.ready(&mut send).await?;
-            opened_stream
+            let (response, stream) = opened_stream;
+            (response, stream, body)
         };
         opened.store(true, Ordering::Relaxed);
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
         let mut cancel_pipe = None;
-        if !end_of_stream {
+        if !body.is_end_stream() {
             let mut pipe = Pipe { body, stream, data: None };
             match poll_fn(|cx| Poll::Ready(pipe.poll_send(cx))).await {
                 Poll::Ready(Ok(())) => {}
@@ -153,9 +156,44 @@ impl Client {
     }
 }
 
+/// Why a request got no response head.
+#[derive(Debug)]
+pub enum Failure {
+    /// The connection takes no new stream (the endpoint's GOAWAY, or it closed): nothing was
+    /// sent, and the request comes back as it was given.
+    Unsent(h2::Error, Unsent),
+    /// The stream failed, or the connection under it.
+    Failed(h2::Error),
+}
+
+impl Failure {
+    pub fn into_error(self) -> h2::Error {
+        match self {
+            Self::Unsent(error, _) | Self::Failed(error) => error,
+        }
+    }
+}
+
+impl From<h2::Error> for Failure {
+    fn from(error: h2::Error) -> Self {
+        Self::Failed(error)
+    }
+}
+
+/// A request no stream was opened for.
+pub struct Unsent(pub Box<Request<RequestBody>>);
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Unsent({} {})", self.0.method(), self.0.uri())
+    }
+}
+
 /// The reset for a request body that failed: the HTTP/2 reason behind the failure (an
-/// application that cancelled its stream: `CANCEL`), else `INTERNAL_ERROR`, as hyper's client.
-fn reset_reason(error: &hyper::Error) -> Reason {
+/// application that cancelled its stream: `CANCEL`), else `INTERNAL_ERROR`, as hyper's client;
+/// `CANCEL` for a body we gave up.
+fn reset_reason(error: &BodyError) -> Reason {
+    let BodyError::App(error) = error else { return Reason::CANCEL };
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(error) = cause {
         if let Some(reason) = error.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
@@ -198,8 +236,8 @@ enum PipeError {
     Stream(#[from] h2::Error),
     #[error("the stream closed before the request body was sent")]
     Closed,
-    #[error("reading the application's request body failed: {0}")]
-    Body(hyper::Error),
+    #[error("the request body failed: {0}")]
+    Body(BodyError),
 }
 
 impl Pipe {
@@ -341,6 +379,7 @@ impl Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::pool::Copied;
     use crate::upstream::UpstreamHandle;
     use tokio::sync::mpsc;
 
@@ -388,7 +427,7 @@ mod tests {
             stream.send_trailers(trailers).unwrap();
             read_all(&mut request.into_body()).await.len()
         });
-        tx.send(chunk.clone()).await.unwrap();
+        tx.send(Copied::Data(chunk.clone())).await.unwrap();
         let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
         let mut body = response.into_body();
         assert_eq!(body.size_hint().exact(), Some(5));
@@ -398,8 +437,8 @@ mod tests {
         assert_eq!(trailers.trailers_ref().unwrap()["grpc-status"], "0");
         assert!(poll_fn(|cx| body.poll_frame(cx)).await.is_none());
         // The rest of the body goes after the response.
-        tx.send(chunk.clone()).await.unwrap();
-        drop(tx);
+        tx.send(Copied::Data(chunk.clone())).await.unwrap();
+        tx.send(Copied::End).await.unwrap();
         assert_eq!(endpoint.await.unwrap(), 2 * chunk.len());
     }
 
@@ -462,7 +501,7 @@ mod tests {
     async fn a_request_given_up_before_its_response_resets_the_stream() {
         let (mut client, mut server) = pair(65_535).await;
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        tx.send(Copied::Data(Bytes::from_static(b"part"))).await.unwrap();
         let endpoint = tokio::spawn(async move {
             let (request, _respond) = server.accept().await.unwrap().unwrap();
             tokio::spawn(async move { while server.accept().await.is_some() {} });
@@ -484,7 +523,7 @@ mod tests {
     async fn a_no_error_reset_after_the_response_ends_it_normally() {
         let (mut client, mut server) = pair(65_535).await;
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Bytes::from_static(b"unwanted")).await.unwrap();
+        tx.send(Copied::Data(Bytes::from_static(b"unwanted"))).await.unwrap();
         let (head_read, read) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let (_request, mut respond) = server.accept().await.unwrap().unwrap();
@@ -504,8 +543,8 @@ mod tests {
     }
 
     /// After the endpoint's GOAWAY, while an earlier stream still holds the connection open,
-    /// a new request fails without being sent and the connection counts as closed, so the
-    /// pool opens another for the next request instead of failing it too.
+    /// a new request fails without being sent, comes back whole for another connection, and
+    /// the connection counts as closed, so the pool opens another for the next request.
     #[tokio::test]
     async fn a_goaway_closes_the_connection_for_new_requests() {
         let (mut client, mut server) = pair(65_535).await;
@@ -528,15 +567,19 @@ mod tests {
         answered.await.unwrap();
         let mut refused = None;
         for _ in 0..1000 {
-            match client.send(get()).await {
+            match client.send_noting_open(get(), &AtomicBool::new(false)).await {
                 Ok(_) => tokio::task::yield_now().await,
-                Err(error) => {
-                    refused = Some(error);
+                Err(failure) => {
+                    refused = Some(failure);
                     break;
                 }
             }
         }
-        assert!(refused.expect("no request was refused after the GOAWAY").is_go_away());
+        let Some(Failure::Unsent(error, Unsent(request))) = refused else {
+            panic!("no request came back unsent after the GOAWAY: {refused:?}");
+        };
+        assert!(error.is_go_away());
+        assert_eq!(request.uri(), "http://endpoint/");
         assert!(pooled.is_closed());
     }
 
@@ -632,13 +675,13 @@ mod tests {
         let held = spawn_send(&endpoint.client, get("/held"));
         tokio::task::yield_now().await;
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Bytes::from_static(b"one ")).await.unwrap();
+        tx.send(Copied::Data(Bytes::from_static(b"one "))).await.unwrap();
         let upload = spawn_send(&endpoint.client, post(RequestBody::mirror(rx, UpstreamHandle::detached())));
         let behind = spawn_send(&endpoint.client, get("/behind"));
         tokio::task::yield_now().await;
         endpoint.release.take().unwrap().send(()).unwrap();
-        tx.send(Bytes::from_static(b"two")).await.unwrap();
-        drop(tx);
+        tx.send(Copied::Data(Bytes::from_static(b"two"))).await.unwrap();
+        tx.send(Copied::End).await.unwrap();
         let within = |task| tokio::time::timeout(std::time::Duration::from_secs(10), task);
         within(held).await.expect("the held request hung").unwrap().unwrap();
         within(upload).await.expect("the upload hung").unwrap().unwrap();
@@ -663,7 +706,7 @@ mod tests {
                     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
                         if let Err(error) = frame {
                             if let Some(tx) = reason_tx.lock().unwrap().take() {
-                                let _ = tx.send(reset_reason(&error));
+                                let _ = tx.send(reset_reason(&BodyError::App(error)));
                             }
                             break;
                         }

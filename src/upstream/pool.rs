@@ -32,17 +32,38 @@ pub struct RequestBody {
     /// When the body is still to be sent: its half of the connection's way back to the pool.
     pool_return: Option<Arc<SharedReturn>>,
     /// A mirror's copy of the body (RequestMirror); dropped when the mirror falls behind.
-    tee: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    tee: Option<tokio::sync::mpsc::Sender<Copied>>,
 }
 
 /// Frames of a body copied for a mirrored request.
 pub const MIRROR_QUEUE: usize = 16;
 
+/// A mirrored request's copy of its original's body, frame by frame. Only a copy that got
+/// [`Copied::End`] ends cleanly: one cut short (the mirror fell behind, the original's body
+/// failed or was handed to a retry) fails, so the mirror's endpoint never takes part of a body
+/// for all of it.
+#[derive(Debug)]
+pub enum Copied {
+    Data(Bytes),
+    End,
+}
+
+/// Why a request body did not reach its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Reading the application's body failed (malformed framing, its stream reset).
+    #[error(transparent)]
+    App(#[from] hyper::Error),
+    /// Given up before its end: the endpoint must not take what it got for the whole body.
+    #[error("the request body was given up before its end: {0}")]
+    Abandoned(&'static str),
+}
+
 /// Straight from the application, or through a copy kept for retries, or a mirror's copy.
 enum Source {
     Direct(AppBody),
     Replay(ReplayBody),
-    Mirror(tokio::sync::mpsc::Receiver<Bytes>),
+    Mirror(tokio::sync::mpsc::Receiver<Copied>),
     /// A retry of a request that had no body.
     Empty,
 }
@@ -64,12 +85,12 @@ impl RequestBody {
     }
 
     /// Copies the body's data to a mirrored request as it passes.
-    pub fn tee(&mut self, to: tokio::sync::mpsc::Sender<Bytes>) {
+    pub fn tee(&mut self, to: tokio::sync::mpsc::Sender<Copied>) {
         self.tee = Some(to);
     }
 
     /// A mirrored request's body: the frames the primary's body copies.
-    pub fn mirror(from: tokio::sync::mpsc::Receiver<Bytes>, upstream: UpstreamHandle) -> Self {
+    pub fn mirror(from: tokio::sync::mpsc::Receiver<Copied>, upstream: UpstreamHandle) -> Self {
         Self { inner: Source::Mirror(from), upstream, sent: None, pool_return: None, tee: None }
     }
 
@@ -187,19 +208,27 @@ impl ReturnTicket {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let frame = match &mut self.inner {
-            Source::Direct(b) => Pin::new(b).poll_frame(cx),
+            Source::Direct(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::App),
             Source::Replay(b) => Pin::new(b).poll_frame(cx),
-            Source::Mirror(r) => r.poll_recv(cx).map(|data| data.map(|d| Ok(Frame::data(d)))),
+            Source::Mirror(r) => match r.poll_recv(cx) {
+                Poll::Ready(Some(Copied::Data(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Poll::Ready(Some(Copied::End)) => {
+                    self.inner = Source::Empty;
+                    Poll::Ready(None)
+                }
+                Poll::Ready(None) => Poll::Ready(Some(Err(BodyError::Abandoned("the original's copy was cut short")))),
+                Poll::Pending => Poll::Pending,
+            },
             Source::Empty => Poll::Ready(None),
         };
         if let Poll::Ready(Some(Ok(f))) = &frame {
             if let Some(data) = f.data_ref() {
                 // A mirror that cannot keep up loses its copy, never delays the primary.
-                if self.tee.as_ref().is_some_and(|tee| tee.try_send(data.clone()).is_err()) {
+                if self.tee.as_ref().is_some_and(|tee| tee.try_send(Copied::Data(data.clone())).is_err()) {
                     self.tee = None;
                 }
                 self.upstream.metrics.bytes_sent.inc_by(data.len() as u64);
@@ -217,6 +246,10 @@ impl Body for RequestBody {
         if complete {
             if let Some(shared) = self.pool_return.take() {
                 shared.finish();
+            }
+            if let Some(tee) = self.tee.take() {
+                // A full queue: the mirror fell behind, and its copy fails.
+                let _ = tee.try_send(Copied::End);
             }
         }
         frame

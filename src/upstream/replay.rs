@@ -6,6 +6,7 @@
 //! body has passed more than that, the copy is dropped and the request can no longer be retried.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::pool::BodyError;
 use super::AppBody;
 
 /// Request bytes kept for a retry; a larger body is sent once.
@@ -31,6 +33,9 @@ struct State {
     overflowed: bool,
     /// Only the current attempt's body may read the source.
     attempt: u32,
+    /// The access log's count of the body's bytes: counted as the application's body is read,
+    /// once however many attempts send them.
+    received: Option<Arc<AtomicU64>>,
 }
 
 /// The shared state of one request's body across its attempts.
@@ -38,11 +43,20 @@ struct State {
 pub struct Replay(Arc<Mutex<State>>);
 
 impl Replay {
-    pub fn new(source: AppBody) -> Self {
+    pub fn new(source: AppBody, received: Option<Arc<AtomicU64>>) -> Self {
         let hint = source.size_hint();
         let done = source.is_end_stream();
-        let state =
-            State { source, hint, copy: Vec::new(), copied: 0, trailers: None, done, overflowed: false, attempt: 0 };
+        let state = State {
+            source,
+            hint,
+            copy: Vec::new(),
+            copied: 0,
+            trailers: None,
+            done,
+            overflowed: false,
+            attempt: 0,
+            received,
+        };
         Self(Arc::new(Mutex::new(state)))
     }
 
@@ -89,13 +103,17 @@ pub struct ReplayBody {
 
 impl Body for ReplayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let Ok(mut s) = this.state.0.lock() else { return Poll::Ready(None) };
+        let Ok(mut s) = this.state.0.lock() else {
+            return Poll::Ready(Some(Err(BodyError::Abandoned("its copy for retries is unusable"))));
+        };
         if s.attempt != this.attempt {
-            return Poll::Ready(None); // a newer attempt owns the source
+            // A newer attempt owns the source: this one's endpoint sees its body fail (a reset,
+            // a connection closed mid-body), never a clean end of what it got.
+            return Poll::Ready(Some(Err(BodyError::Abandoned("a newer attempt of the request took over"))));
         }
         if this.position < s.copy.len() {
             this.position += 1;
@@ -116,13 +134,16 @@ impl Body for ReplayBody {
                 s.done = true;
                 return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::App(e)))),
             Poll::Ready(Some(Ok(frame))) => frame,
         };
         if s.source.is_end_stream() {
             s.done = true;
         }
         if let Some(data) = frame.data_ref() {
+            if let Some(received) = &s.received {
+                received.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             if !s.overflowed {
                 s.copied += data.len();
                 if s.copied > RETRY_BUFFER_LIMIT {
@@ -182,22 +203,30 @@ mod tests {
         send.send_request(request).await.unwrap().into_body().into()
     }
 
-    async fn data(body: &mut ReplayBody) -> Option<Bytes> {
-        let frame = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await?.unwrap();
-        Some(frame.into_data().unwrap())
+    async fn data(body: &mut ReplayBody) -> Option<Result<Bytes, BodyError>> {
+        let frame = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await?;
+        Some(frame.map(|frame| frame.into_data().unwrap()))
     }
 
-    /// An attempt given up reads no more of the application's body: the retry gets what it
-    /// read from the copy, then the rest from the application, nothing lost in between.
+    /// An attempt given up reads no more of the application's body, and fails rather than
+    /// ends (its endpoint must not take the part it got for the whole); the retry gets what it
+    /// read from the copy, then the rest from the application, nothing lost in between, and
+    /// each byte is counted once for the access log.
     #[tokio::test]
     async fn an_attempt_given_up_stops_reading_and_the_next_sends_it_all() {
-        let replay = Replay::new(two_frames().await);
+        let received = Arc::new(AtomicU64::new(0));
+        let replay = Replay::new(two_frames().await, Some(received.clone()));
         let mut first = replay.attempt();
-        assert_eq!(data(&mut first).await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(data(&mut first).await.unwrap().unwrap(), &b"one"[..]);
         assert!(replay.stop_reading(), "3 bytes copied: replayable");
-        assert_eq!(data(&mut first).await, None, "the given-up attempt read on");
+        assert!(
+            matches!(data(&mut first).await, Some(Err(BodyError::Abandoned(_)))),
+            "the given-up attempt read on, or ended as if its body were whole"
+        );
         let mut second = replay.attempt();
-        assert_eq!(data(&mut second).await.as_deref(), Some(&b"one"[..]));
-        assert_eq!(data(&mut second).await.as_deref(), Some(&b"two"[..]));
+        assert_eq!(data(&mut second).await.unwrap().unwrap(), &b"one"[..]);
+        assert_eq!(data(&mut second).await.unwrap().unwrap(), &b"two"[..]);
+        assert!(data(&mut second).await.is_none());
+        assert_eq!(received.load(Ordering::Relaxed), 6, "the bytes the second attempt sent again were counted again");
     }
 }

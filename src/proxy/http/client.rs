@@ -35,6 +35,18 @@ pub(super) enum SendError {
     Own(#[from] h1::Error),
     #[error(transparent)]
     H2(#[from] ::h2::Error),
+    /// Not sent: the shared HTTP/2 connection takes no new stream (the endpoint's GOAWAY).
+    #[error("the endpoint's HTTP/2 connection takes no new streams: {0}")]
+    H2Unsent(::h2::Error, h2::Unsent),
+}
+
+impl From<h2::Failure> for SendError {
+    fn from(failure: h2::Failure) -> Self {
+        match failure {
+            h2::Failure::Unsent(error, request) => Self::H2Unsent(error, request),
+            h2::Failure::Failed(error) => Self::H2(error),
+        }
+    }
 }
 
 impl Sender {
@@ -97,15 +109,7 @@ pub(super) async fn connection(
         // New connections are boxed: their connect, TLS and handshake state is large, and
         // inline it would make every request's future (moved on each spawn) that large.
         let result = if http2 {
-            let connect = || {
-                Box::pin(async {
-                    let connected = open(upstream, &key, &target, tls).await?;
-                    h2::Client::handshake(connected.stream, connected.slot)
-                        .await
-                        .map_err(|e| handshake_error(upstream, &target, e))
-                })
-            };
-            upstream.pool.h2(&key, connect).await.map(Sender::H2)
+            shared_h2(upstream, &key, &target, tls).await
         } else {
             // Any idle connection serves any request (idle connections hold the service's
             // connection slots): each kind prefers its own.
@@ -124,6 +128,25 @@ pub(super) async fn connection(
         }
     }
     Err(failed.map_or_else(|| upstream.no_endpoint(), |(_, e)| e))
+}
+
+/// `key`'s shared HTTP/2 connection, opened to `target` when there is none that takes new
+/// streams.
+pub(super) async fn shared_h2(
+    upstream: &Upstream,
+    key: &PoolKey,
+    target: &Target,
+    tls: Option<TlsSetup<'_>>,
+) -> Result<Sender, ConnectError> {
+    let connect = || {
+        Box::pin(async {
+            let connected = open(upstream, key, target, tls).await?;
+            h2::Client::handshake(connected.stream, connected.slot)
+                .await
+                .map_err(|e| handshake_error(upstream, target, e))
+        })
+    };
+    upstream.pool.h2(key, connect).await.map(Sender::H2)
 }
 
 /// An idle HTTP/1 connection from `key`'s pool: for a request without a body one of

@@ -23,7 +23,9 @@ use super::HttpProxy;
 use crate::catalog::Protocol;
 use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
-use crate::upstream::pool::{OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn};
+use crate::upstream::pool::{
+    BodyError, Copied, OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn,
+};
 use crate::upstream::replay::Replay;
 use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
@@ -139,11 +141,9 @@ async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) ->
             if let Some(MirrorTee(tee)) = parts.extensions.remove::<MirrorTee>() {
                 body.tee(tee);
             }
-            attempt(ctx, parts, body, upgrade, &[]).await
+            attempt(ctx, parts, body, upgrade, &[], &mut None).await
         }
         Some(retry) => {
-            // A retried body is not copied to a mirror: its copy ends now.
-            parts.extensions.remove::<MirrorTee>();
             // Boxed: inline, the retry loop's state would make every request's future (moved
             // whole when HTTP/2 spawns a stream's task) about 1.5 KiB larger.
             Box::pin(with_retries(ctx, retry, parts, body)).await
@@ -157,10 +157,16 @@ async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) ->
 
 /// Attempts until a response or failure that the policy does not retry, or until the retries,
 /// the body copy or the retry budget (`maxRetries`) run out.
-async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body: AppBody) -> Attempt {
+async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, mut parts: Parts, body: AppBody) -> Attempt {
     let upstream = &ctx.route.upstream;
+    // A mirror copies the first attempt's body; a copy that attempt does not finish fails.
+    let mut mirror = parts.extensions.remove::<MirrorTee>();
     // A request without a body (most GETs) needs no copy: retries send an empty body.
-    let mut bodies = if body.is_end_stream() { Bodies::Empty(Some(body)) } else { Bodies::Replay(Replay::new(body)) };
+    let mut bodies = if body.is_end_stream() {
+        Bodies::Empty(Some(body))
+    } else {
+        Bodies::Replay(Replay::new(body, ctx.sent_counter()))
+    };
     let template = Template::of(&parts);
     let mut next_parts = Some(parts);
     let mut tried: Vec<TargetAddr> = Vec::new();
@@ -169,17 +175,23 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
     loop {
         let parts = next_parts.take().unwrap_or_else(|| template.parts());
         let (counted, sent) = (ctx.route.upstream_handle(), ctx.sent_counter());
-        let body = match &mut bodies {
+        let mut body = match &mut bodies {
             Bodies::Empty(first) => match first.take() {
                 Some(body) => RequestBody::new(body, counted, sent),
                 None => RequestBody::empty(counted, sent),
             },
-            Bodies::Replay(replay) => RequestBody::replay(replay.attempt(), counted, sent),
+            // The copy counts the application's bytes for the access log, once.
+            Bodies::Replay(replay) => RequestBody::replay(replay.attempt(), counted, None),
         };
+        if let Some(MirrorTee(to)) = mirror.take() {
+            body.tee(to);
+        }
         ctx.timed_out.store(false, Ordering::Relaxed);
+        // The endpoint the attempt went to, known also when it failed or timed out.
+        let mut picked = None;
         let result = {
             let exclude = if retry.omit_previous_hosts { &tried[..] } else { &[] };
-            let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude));
+            let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, &mut picked));
             match retry.per_try_timeout {
                 Some(limit) => within(ctx, timed_out(limit), attempt).await.unwrap_or_else(|| {
                     Attempt::Failed(
@@ -190,11 +202,9 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
                 None => attempt.await,
             }
         };
-        let (again, headers, target) = match &result {
-            Attempt::Answered(e) => {
-                (retry.retries_response(&e.response), Some(e.response.headers()), Some(e.target.addr.clone()))
-            }
-            Attempt::Failed(failure, _) => (retry.retries_failure(*failure), None, None),
+        let (again, headers) = match &result {
+            Attempt::Answered(e) => (retry.retries_response(&e.response), Some(e.response.headers())),
+            Attempt::Failed(failure, _) => (retry.retries_failure(*failure), None),
         };
         let replayable = |stop: bool| match &bodies {
             Bodies::Empty(_) => true,
@@ -216,7 +226,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, parts: Parts, body:
         retries += 1;
         let wait: Duration = retry.back_off(retries, headers.cloned().as_ref());
         drop(result);
-        tried.extend(target);
+        tried.extend(picked);
         _retry_slot = Some(slot);
         upstream.metrics.retries.inc();
         tracing::debug!(service = %upstream.service(), retry = retries, ?wait, "retrying the request");
@@ -259,13 +269,15 @@ impl Template {
     }
 }
 
-/// One attempt: a connection, the rewritten request, and its response head.
+/// One attempt: a connection, the rewritten request, and its response head. `picked` is set
+/// to the endpoint it goes to, or the one a failed connect went to.
 async fn attempt(
     ctx: &RequestCtx,
     mut parts: Parts,
     mut body: RequestBody,
     upgrade: bool,
     exclude: &[TargetAddr],
+    picked: &mut Option<TargetAddr>,
 ) -> Attempt {
     let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
@@ -276,6 +288,7 @@ async fn attempt(
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "no upstream connection");
+            *picked = error.target().cloned();
             return match error {
                 ConnectError::Overflow { .. } | ConnectError::Pending { .. } | ConnectError::Pools { .. } => {
                     failed(AttemptFailure::Local, reply::overflow(grpc))
@@ -291,6 +304,7 @@ async fn attempt(
             };
         }
     };
+    *picked = Some(target.addr.clone());
     if let Err(refusal) =
         prepare_request(&mut parts, &target.addr, upstream.hostname(&target), tls.is_some(), http2, upgrade)
     {
@@ -334,6 +348,21 @@ async fn attempt(
             }
         }
     }
+    // A shared HTTP/2 connection the endpoint is closing (its GOAWAY: a restart, a limit of
+    // requests per connection) takes no new stream; the request, not sent, goes on a new one.
+    if let Err(SendError::H2Unsent(error, unsent)) = sent {
+        tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the HTTP/2 connection takes no new streams; sending the request on a new one");
+        sent = match Box::pin(client::shared_h2(upstream, &key, &target, tls)).await {
+            Ok(fresh) => {
+                sender = fresh;
+                sender.send(*unsent.0, &opened).await
+            }
+            Err(connect) => {
+                tracing::debug!(error = %connect, "no new connection for the request");
+                Err(SendError::H2Unsent(error, unsent))
+            }
+        };
+    }
     drop(timeout_counts);
     match sent {
         Ok(response) => {
@@ -346,7 +375,9 @@ async fn attempt(
         }
         Err(error) => {
             tracing::warn!(service = %upstream.service(), endpoint = %target.addr, %error, "upstream request failed before the response");
-            if !recorded {
+            // A request the endpoint's GOAWAY turned away is not its failure: it is closing
+            // the connection in good order.
+            if !recorded && !refused_by_goaway(&error) {
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
@@ -420,7 +451,9 @@ fn respond(
 /// framing, say): the error hyper's client reports wraps the server side's `hyper::Error`.
 fn request_body_failed(error: &SendError) -> bool {
     let SendError::Hyper(error) = error else { return false };
-    std::error::Error::source(error).is_some_and(|source| source.downcast_ref::<hyper::Error>().is_some())
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<BodyError>())
+        .is_some_and(|body| matches!(body, BodyError::App(_)))
 }
 
 /// A pooled connection idle this long may be closed by the endpoint as it is reused.
@@ -431,7 +464,7 @@ fn closed_before_response(error: &SendError) -> bool {
     let error = match error {
         SendError::Hyper(error) => error,
         SendError::Own(error) => return error.closed_before_response(),
-        SendError::H2(_) => return false,
+        SendError::H2(_) | SendError::H2Unsent(..) => return false,
     };
     if error.is_incomplete_message() || error.is_canceled() {
         return true;
@@ -446,12 +479,17 @@ fn closed_before_response(error: &SendError) -> bool {
     false
 }
 
-/// The endpoint refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the request.
+/// The endpoint refused the HTTP/2 stream: it did not process the request. Its
+/// `REFUSED_STREAM`, or its GOAWAY (which refuses the streams it did not take, as nghttp2 tells
+/// Envoy with `REFUSED_STREAM`).
 fn refused_stream(error: &SendError) -> bool {
+    if refused_by_goaway(error) {
+        return true;
+    }
     let error = match error {
         SendError::Hyper(error) => error,
         SendError::H2(error) => return error.reason() == Some(h2::Reason::REFUSED_STREAM),
-        SendError::Own(_) => return false,
+        SendError::H2Unsent(..) | SendError::Own(_) => return false,
     };
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
@@ -461,6 +499,17 @@ fn refused_stream(error: &SendError) -> bool {
         source = e.source();
     }
     false
+}
+
+/// The endpoint's graceful GOAWAY turned the request away: no stream was opened for it, or
+/// h2 failed its stream as one above the GOAWAY's last stream id (a GOAWAY with an error
+/// reason fails every stream alike, processed or not, and is not told from a crash).
+fn refused_by_goaway(error: &SendError) -> bool {
+    match error {
+        SendError::H2Unsent(..) => true,
+        SendError::H2(error) => error.is_go_away() && error.is_remote() && error.reason() == Some(h2::Reason::NO_ERROR),
+        SendError::Hyper(_) | SendError::Own(_) => false,
+    }
 }
 
 /// Moves an upgraded connection's bytes; counted as an open connection until it closes.
@@ -482,7 +531,7 @@ async fn tunnel(
 pub(super) async fn send_copy(
     route: &crate::live::Route,
     mut parts: Parts,
-    body: Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>,
+    body: Option<tokio::sync::mpsc::Receiver<Copied>>,
 ) -> Result<(), String> {
     let upstream = &route.upstream;
     let http2 = matches!(route.service.protocol, Protocol::Http2 | Protocol::Grpc);

@@ -170,7 +170,7 @@ fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<AppBod
 
 /// The mirror's end of a request body copy, carried in the request's extensions.
 #[derive(Clone)]
-pub(super) struct MirrorTee(pub tokio::sync::mpsc::Sender<bytes::Bytes>);
+pub(super) struct MirrorTee(pub tokio::sync::mpsc::Sender<crate::upstream::pool::Copied>);
 
 /// How long a mirrored request may take before it is abandoned.
 const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
