@@ -288,3 +288,50 @@ async fn a_pooled_tls_connection_closed_without_close_notify_is_resent() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(status_of(outbound, false).await, 200, "the request was not sent again on a new connection");
 }
+
+/// An idle pooled TLS connection the proxy closes (here: past MeshTimeout's `idleTimeout`) ends
+/// with close_notify, as Envoy's do: the endpoint reads a clean end, not a truncation (rustls:
+/// "unexpected EOF"). The endpoint reports how each connection ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pooled_tls_connection_closes_with_close_notify() {
+    let ca = Ca::new("ca");
+    let acceptor = tokio_rustls::TlsAcceptor::from(common::http_upstream::tls_config(&ca.server(&["upstream.test"])));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, ended_tx) = (acceptor.clone(), ended_tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            Ok(_) if head.is_empty() => return drop(ended_tx.send("close_notify".into())),
+                            Ok(_) => return drop(ended_tx.send("closed mid-head".into())),
+                            Err(error) => return drop(ended_tx.send(format!("{:?}", error.kind()))),
+                        }
+                    }
+                    if tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let tls = format!(
+        "  tls:\n    enabled: true\n    verification:\n      serverName: upstream.test\n      caCert:\n        inline: {}\n",
+        b64(&ca.pem)
+    );
+    let idle = "---\ntype: MeshTimeout\nname: idle\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {idleTimeout: 200ms}\n";
+    let yaml = service_with_protocol("idle-tls", "http", outbound, &endpoint("127.0.0.1", upstream.port(), 0), &tls);
+    let (_dir, config) = config_dir(&format!("{yaml}{idle}"));
+    let _proxy = start(options(config)).await;
+    assert_eq!(status_of(outbound, false).await, 200);
+    let how = tokio::time::timeout(Duration::from_secs(10), ended.recv()).await;
+    assert_eq!(how.expect("the idle connection was never closed").unwrap(), "close_notify");
+}

@@ -28,6 +28,14 @@ impl UpstreamStream {
             TargetAddr::Unix(path) => Ok(Self::Unix(UnixStream::connect(path).await?)),
         }
     }
+
+    /// Writes what the socket takes now, without waiting.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.try_write(buf),
+            Self::Unix(s) => s.try_write(buf),
+        }
+    }
 }
 
 macro_rules! delegate {
@@ -79,6 +87,26 @@ impl AsyncWrite for UpstreamStream {
 pub enum UpstreamIo {
     Plain(UpstreamStream),
     Tls(Box<TlsStream<UpstreamStream>>),
+}
+
+impl Drop for UpstreamIo {
+    /// A TLS connection closes with close_notify, as Envoy's do: the endpoint sees a clean
+    /// close, not a truncation. hyper's client, h2 and the TCP copy send it when they shut a
+    /// connection down; this covers one dropped without that (an idle pooled connection past
+    /// its timeout, a reload's). Written without waiting: a socket with no room for the alert
+    /// loses it, as a closing one would. Nothing more once it was sent.
+    fn drop(&mut self) {
+        let Self::Tls(tls) = self else { return };
+        let (stream, session) = tls.get_mut();
+        if session.is_handshaking() {
+            return;
+        }
+        session.send_close_notify();
+        let mut alert = Vec::new();
+        if session.write_tls(&mut alert).is_ok() && !alert.is_empty() {
+            let _ = stream.try_write(&alert);
+        }
+    }
 }
 
 macro_rules! delegate_io {
