@@ -126,8 +126,11 @@ impl Client {
             let opened_stream = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
             // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
             // stream): the body's pipe starts, and the next request may wait behind this one,
-            // only once it is.
-            self.ready(&mut send).await?;
+            // only once it is. A GOAWAY meanwhile fails this wait whether or not the endpoint
+            // takes the stream (it may be at or below the GOAWAY's last stream id): the stream's
+            // fate comes with its response (h2 fails the streams the endpoint did not take), and
+            // the connection counts as closed for the next requests.
+            let _ = self.ready(&mut send).await;
             let (response, stream) = opened_stream;
             (response, stream, body)
         };

@@ -301,14 +301,6 @@ impl ConnectError {
     pub fn is_connect_failure(&self) -> bool {
         !matches!(self, Self::Overflow { .. } | Self::Pending { .. } | Self::Pools { .. } | Self::NoEndpoint { .. })
     }
-
-    /// The endpoint a connect failed to.
-    pub fn target(&self) -> Option<&TargetAddr> {
-        match self {
-            Self::Timeout { target, .. } | Self::Io { target, .. } | Self::Tls { target, .. } => Some(target),
-            Self::NoEndpoint { .. } | Self::Overflow { .. } | Self::Pending { .. } | Self::Pools { .. } => None,
-        }
-    }
 }
 
 /// A connection to an endpoint, counted as active on its target until dropped.

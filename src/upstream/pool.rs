@@ -32,7 +32,7 @@ pub struct RequestBody {
     /// When the body is still to be sent: its half of the connection's way back to the pool.
     pool_return: Option<Arc<SharedReturn>>,
     /// A mirror's copy of the body (RequestMirror); dropped when the mirror falls behind.
-    tee: Option<tokio::sync::mpsc::Sender<Copied>>,
+    tee: Option<Tee>,
 }
 
 /// Frames of a body copied for a mirrored request.
@@ -46,6 +46,35 @@ pub const MIRROR_QUEUE: usize = 16;
 pub enum Copied {
     Data(Bytes),
     End,
+}
+
+/// A mirror's copy of a body as it passes: its frames, then [`Copied::End`] once the body is
+/// whole. The queue's last slot is kept for the end.
+struct Tee {
+    to: tokio::sync::mpsc::Sender<Copied>,
+    /// What the body's exact size says is still to come (`None`: not known).
+    remaining: Option<u64>,
+}
+
+impl Tee {
+    /// Copies `data`; false when the mirror fell behind (the copy then fails).
+    fn copy(&mut self, data: &Bytes) -> bool {
+        if self.to.capacity() <= 1 || self.to.try_send(Copied::Data(data.clone())).is_err() {
+            return false;
+        }
+        self.remaining = self.remaining.map(|r| r.saturating_sub(data.len() as u64));
+        true
+    }
+}
+
+impl Drop for Tee {
+    /// The end goes with the last of a body whose exact size has all passed, even when the body
+    /// is not polled to its end (hyper's HTTP/1 client stops at its `Content-Length`).
+    fn drop(&mut self) {
+        if self.remaining == Some(0) {
+            let _ = self.to.try_send(Copied::End);
+        }
+    }
 }
 
 /// Why a request body did not reach its end.
@@ -86,7 +115,7 @@ impl RequestBody {
 
     /// Copies the body's data to a mirrored request as it passes.
     pub fn tee(&mut self, to: tokio::sync::mpsc::Sender<Copied>) {
-        self.tee = Some(to);
+        self.tee = Some(Tee { to, remaining: self.size_hint().exact() });
     }
 
     /// A mirrored request's body: the frames the primary's body copies.
@@ -228,7 +257,7 @@ impl Body for RequestBody {
         if let Poll::Ready(Some(Ok(f))) = &frame {
             if let Some(data) = f.data_ref() {
                 // A mirror that cannot keep up loses its copy, never delays the primary.
-                if self.tee.as_ref().is_some_and(|tee| tee.try_send(Copied::Data(data.clone())).is_err()) {
+                if self.tee.as_mut().is_some_and(|tee| !tee.copy(data)) {
                     self.tee = None;
                 }
                 self.upstream.metrics.bytes_sent.inc_by(data.len() as u64);
@@ -247,9 +276,8 @@ impl Body for RequestBody {
             if let Some(shared) = self.pool_return.take() {
                 shared.finish();
             }
-            if let Some(tee) = self.tee.take() {
-                // A full queue: the mirror fell behind, and its copy fails.
-                let _ = tee.try_send(Copied::End);
+            if let Some(mut tee) = self.tee.take() {
+                tee.remaining = Some(0); // whole: the end goes as it drops
             }
         }
         frame
@@ -612,6 +640,43 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mirror's copy ends with its body even when the queue's frames fill it (the end has a
+    /// slot kept), and when the body is not polled to its end but its exact size has passed;
+    /// a copy that falls behind, or whose body was cut short, gets no end.
+    #[test]
+    fn a_mirror_copy_ends_only_when_the_body_is_whole() {
+        let frames = |n: usize| (0..n).map(|_| Bytes::from_static(b"0123456789")).collect::<Vec<_>>();
+        let received = |mut from: tokio::sync::mpsc::Receiver<Copied>| {
+            let mut got = (0, false);
+            while let Ok(copied) = from.try_recv() {
+                match copied {
+                    Copied::Data(_) => got.0 += 1,
+                    Copied::End => got.1 = true,
+                }
+            }
+            got
+        };
+        let tee = |size: Option<u64>| {
+            let (to, from) = tokio::sync::mpsc::channel(MIRROR_QUEUE + 1);
+            (Tee { to, remaining: size }, from)
+        };
+        // A full queue's worth of frames, the whole body.
+        let (mut whole, from) = tee(Some(10 * MIRROR_QUEUE as u64));
+        assert!(frames(MIRROR_QUEUE).iter().all(|f| whole.copy(f)));
+        drop(whole);
+        assert_eq!(received(from), (MIRROR_QUEUE, true));
+        // One frame more than the queue holds: the mirror fell behind.
+        let (mut behind, from) = tee(None);
+        assert!(!frames(MIRROR_QUEUE + 1).iter().all(|f| behind.copy(f)));
+        drop(behind);
+        assert_eq!(received(from), (MIRROR_QUEUE, false));
+        // Cut short: half of its size came.
+        let (mut short, from) = tee(Some(40));
+        assert!(frames(2).iter().all(|f| short.copy(f)));
+        drop(short);
+        assert_eq!(received(from), (2, false));
+    }
 
     /// An idle connection for the pool tests: never closed.
     struct Idle(Instant);

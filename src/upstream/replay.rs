@@ -8,7 +8,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -36,6 +36,20 @@ struct State {
     /// The access log's count of the body's bytes: counted as the application's body is read,
     /// once however many attempts send them.
     received: Option<Arc<AtomicU64>>,
+    /// The task of the attempt waiting for the application's body: the application's body
+    /// wakes only the last task that polled it, so an attempt given up is woken here to see
+    /// that it is (its body then fails) rather than wait for ever.
+    waiting: Option<Waker>,
+}
+
+impl State {
+    /// A newer attempt takes the source over.
+    fn supersede(&mut self) {
+        self.attempt += 1;
+        if let Some(waiting) = self.waiting.take() {
+            waiting.wake();
+        }
+    }
 }
 
 /// The shared state of one request's body across its attempts.
@@ -56,6 +70,7 @@ impl Replay {
             overflowed: false,
             attempt: 0,
             received,
+            waiting: None,
         };
         Self(Arc::new(Mutex::new(state)))
     }
@@ -72,7 +87,7 @@ impl Replay {
         // answer, reads on.
         self.0.lock().is_ok_and(|mut s| {
             if !s.overflowed {
-                s.attempt += 1;
+                s.supersede();
             }
             !s.overflowed
         })
@@ -82,7 +97,7 @@ impl Replay {
     pub fn attempt(&self) -> ReplayBody {
         let attempt = match self.0.lock() {
             Ok(mut s) => {
-                s.attempt += 1;
+                s.supersede();
                 s.attempt
             }
             Err(_) => 0,
@@ -129,7 +144,13 @@ impl Body for ReplayBody {
             };
         }
         let frame = match Pin::new(&mut s.source).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                match &mut s.waiting {
+                    Some(waiting) if waiting.will_wake(cx.waker()) => {}
+                    waiting => *waiting = Some(cx.waker().clone()),
+                }
+                return Poll::Pending;
+            }
             Poll::Ready(None) => {
                 s.done = true;
                 return Poll::Ready(None);
@@ -184,14 +205,22 @@ mod tests {
 
     /// A response body of two frames from a hyper server, as the application's body.
     async fn two_frames() -> AppBody {
-        use futures_util::stream;
-        use http_body_util::StreamBody;
+        let frames =
+            [b"one".as_slice(), b"two"].map(|d| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(d))));
+        app_body(futures_util::stream::iter(frames)).await
+    }
+
+    /// `frames` as the body of a response from a hyper server, as the application's body.
+    async fn app_body<S>(frames: S) -> AppBody
+    where
+        S: futures_util::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Send + Sync + 'static,
+    {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let frames = std::sync::Mutex::new(Some(frames));
         tokio::spawn(async move {
-            let reply = hyper::service::service_fn(|_| async {
-                let frames =
-                    [b"one".as_slice(), b"two"].map(|d| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(d))));
-                Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(stream::iter(frames))))
+            let reply = hyper::service::service_fn(move |_| {
+                let body = http_body_util::StreamBody::new(frames.lock().unwrap().take().unwrap());
+                async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
             });
             let io = hyper_util::rt::TokioIo::new(server_io);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, reply).await;
@@ -228,5 +257,27 @@ mod tests {
         assert_eq!(data(&mut second).await.unwrap().unwrap(), &b"two"[..]);
         assert!(data(&mut second).await.is_none());
         assert_eq!(received.load(Ordering::Relaxed), 6, "the bytes the second attempt sent again were counted again");
+    }
+
+    /// An attempt waiting for the application's next frame when it is given up is woken, and
+    /// its body fails: the application's body wakes only the last task that polled it, so
+    /// unwoken it waited for ever, holding its connection and its endpoint.
+    #[tokio::test]
+    async fn an_attempt_given_up_while_it_waits_is_woken() {
+        let (more, frames) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        more.send(Ok(Frame::data(Bytes::from_static(b"start")))).await.unwrap();
+        let replay = Replay::new(app_body(tokio_stream::wrappers::ReceiverStream::new(frames)).await, None);
+        let mut first = replay.attempt();
+        assert_eq!(data(&mut first).await.unwrap().unwrap(), &b"start"[..]);
+        let waiting = tokio::spawn(async move { data(&mut first).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "the application sent nothing more");
+        assert!(replay.stop_reading());
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await;
+        let ended = ended.expect("the given-up attempt was never woken").unwrap();
+        assert!(matches!(ended, Some(Err(BodyError::Abandoned(_)))), "{ended:?}");
+        drop(more);
     }
 }

@@ -84,7 +84,8 @@ impl Sender {
 }
 
 /// A connection for one request, the endpoint it goes to and its pool key; `exclude` are
-/// endpoints earlier attempts used (MeshRetry `OmitPreviousHosts`).
+/// endpoints earlier attempts used (MeshRetry `OmitPreviousHosts`), and each endpoint picked
+/// goes to `picked` at once (a connect that fails or is given up counts as tried).
 /// `bodiless`: the request has no body and no upgrade, so an HTTP/1 exchange may be made by the
 /// request's own task ([`h1`]).
 pub(super) async fn connection(
@@ -93,6 +94,7 @@ pub(super) async fn connection(
     http2: bool,
     bodiless: bool,
     exclude: &[TargetAddr],
+    mut picked: Option<&mut Vec<TargetAddr>>,
 ) -> Result<(Sender, Target, PoolKey), ConnectError> {
     upstream.wait_for_first_resolution().await;
     let tls_id = tls.map(|t| t.identity).unwrap_or_default();
@@ -105,6 +107,9 @@ pub(super) async fn connection(
         avoid.extend_from_slice(failed_addr);
         let pick = upstream.pick(&avoid).or_else(|| upstream.pick(failed_addr).filter(|_| !exclude.is_empty()));
         let Some(target) = pick else { break };
+        if let Some(picked) = picked.as_deref_mut() {
+            picked.push(target.addr.clone());
+        }
         let key = PoolKey::new(&target, tls_id, http2);
         // New connections are boxed: their connect, TLS and handshake state is large, and
         // inline it would make every request's future (moved on each spawn) that large.

@@ -141,7 +141,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) ->
             if let Some(MirrorTee(tee)) = parts.extensions.remove::<MirrorTee>() {
                 body.tee(tee);
             }
-            attempt(ctx, parts, body, upgrade, &[], &mut None).await
+            attempt(ctx, parts, body, upgrade, &[], None).await
         }
         Some(retry) => {
             // Boxed: inline, the retry loop's state would make every request's future (moved
@@ -187,11 +187,11 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, mut parts: Parts, b
             body.tee(to);
         }
         ctx.timed_out.store(false, Ordering::Relaxed);
-        // The endpoint the attempt went to, known also when it failed or timed out.
-        let mut picked = None;
+        // The endpoints the attempt picked, known also when it failed or timed out.
+        let mut picked = Vec::new();
         let result = {
             let exclude = if retry.omit_previous_hosts { &tried[..] } else { &[] };
-            let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, &mut picked));
+            let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, Some(&mut picked)));
             match retry.per_try_timeout {
                 Some(limit) => within(ctx, timed_out(limit), attempt).await.unwrap_or_else(|| {
                     Attempt::Failed(
@@ -269,42 +269,25 @@ impl Template {
     }
 }
 
-/// One attempt: a connection, the rewritten request, and its response head. `picked` is set
-/// to the endpoint it goes to, or the one a failed connect went to.
+/// One attempt: a connection, the rewritten request, and its response head. The endpoints it
+/// picks go to `picked` as it picks them.
 async fn attempt(
     ctx: &RequestCtx,
     mut parts: Parts,
     mut body: RequestBody,
     upgrade: bool,
     exclude: &[TargetAddr],
-    picked: &mut Option<TargetAddr>,
+    picked: Option<&mut Vec<TargetAddr>>,
 ) -> Attempt {
     let (upstream, grpc) = (&ctx.route.upstream, ctx.grpc);
     let http2 = matches!(ctx.route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = ctx.route.tls();
     let failed = |failure, reply| Attempt::Failed(failure, reply);
     let bodiless = !upgrade && parts.method != http::Method::CONNECT && hyper::body::Body::is_end_stream(&body);
-    let (mut sender, target, key) = match client::connection(upstream, tls, http2, bodiless, exclude).await {
+    let (mut sender, target, key) = match client::connection(upstream, tls, http2, bodiless, exclude, picked).await {
         Ok(s) => s,
-        Err(error) => {
-            tracing::warn!(%error, "no upstream connection");
-            *picked = error.target().cloned();
-            return match error {
-                ConnectError::Overflow { .. } | ConnectError::Pending { .. } | ConnectError::Pools { .. } => {
-                    failed(AttemptFailure::Local, reply::overflow(grpc))
-                }
-                ConnectError::NoEndpoint { .. } => failed(
-                    AttemptFailure::Local,
-                    reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED),
-                ),
-                _ => failed(
-                    AttemptFailure::Connect,
-                    reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED),
-                ),
-            };
-        }
+        Err(error) => return no_connection(error, grpc),
     };
-    *picked = Some(target.addr.clone());
     if let Err(refusal) =
         prepare_request(&mut parts, &target.addr, upstream.hostname(&target), tls.is_some(), http2, upgrade)
     {
@@ -350,18 +333,16 @@ async fn attempt(
     }
     // A shared HTTP/2 connection the endpoint is closing (its GOAWAY: a restart, a limit of
     // requests per connection) takes no new stream; the request, not sent, goes on a new one.
+    // A new connection that takes none either counts against the endpoint.
+    let mut refused_again = false;
     if let Err(SendError::H2Unsent(error, unsent)) = sent {
         tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the HTTP/2 connection takes no new streams; sending the request on a new one");
-        sent = match Box::pin(client::shared_h2(upstream, &key, &target, tls)).await {
-            Ok(fresh) => {
-                sender = fresh;
-                sender.send(*unsent.0, &opened).await
-            }
-            Err(connect) => {
-                tracing::debug!(error = %connect, "no new connection for the request");
-                Err(SendError::H2Unsent(error, unsent))
-            }
+        sender = match Box::pin(client::shared_h2(upstream, &key, &target, tls)).await {
+            Ok(fresh) => fresh,
+            Err(connect) => return no_connection(connect, grpc),
         };
+        sent = sender.send(*unsent.0, &opened).await;
+        refused_again = matches!(sent, Err(SendError::H2Unsent(..)));
     }
     drop(timeout_counts);
     match sent {
@@ -377,12 +358,26 @@ async fn attempt(
             tracing::warn!(service = %upstream.service(), endpoint = %target.addr, %error, "upstream request failed before the response");
             // A request the endpoint's GOAWAY turned away is not its failure: it is closing
             // the connection in good order.
-            if !recorded && !refused_by_goaway(&error) {
+            if !recorded && (refused_again || !refused_by_goaway(&error)) {
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
             failed(failure, reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED))
         }
+    }
+}
+
+/// The attempt's end when it got no connection: a local limit or no endpoint (not retried), or
+/// a failed connect.
+fn no_connection(error: ConnectError, grpc: bool) -> Attempt {
+    tracing::warn!(%error, "no upstream connection");
+    let unavailable = || reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED);
+    match error {
+        ConnectError::Overflow { .. } | ConnectError::Pending { .. } | ConnectError::Pools { .. } => {
+            Attempt::Failed(AttemptFailure::Local, reply::overflow(grpc))
+        }
+        ConnectError::NoEndpoint { .. } => Attempt::Failed(AttemptFailure::Local, unavailable()),
+        _ => Attempt::Failed(AttemptFailure::Connect, unavailable()),
     }
 }
 
@@ -537,7 +532,7 @@ pub(super) async fn send_copy(
     let http2 = matches!(route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = route.tls();
     let (mut sender, target, _) =
-        client::connection(upstream, tls, http2, body.is_none(), &[]).await.map_err(|e| e.to_string())?;
+        client::connection(upstream, tls, http2, body.is_none(), &[], None).await.map_err(|e| e.to_string())?;
     prepare_request(&mut parts, &target.addr, upstream.hostname(&target), tls.is_some(), http2, false)
         .map_err(|_| "refused".to_string())?;
     let counted = route.upstream_handle();

@@ -155,7 +155,8 @@ fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<AppBod
     let body = if req.body().is_end_stream() {
         None
     } else {
-        let (sender, receiver) = tokio::sync::mpsc::channel(MIRROR_QUEUE);
+        // One more slot than frames: the last is kept for the end.
+        let (sender, receiver) = tokio::sync::mpsc::channel(MIRROR_QUEUE + 1);
         req.extensions_mut().insert(MirrorTee(sender));
         Some(receiver)
     };
