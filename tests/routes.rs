@@ -286,6 +286,20 @@ async fn a_route_reload_applies_to_open_keep_alive_connections() {
     assert_eq!(who(&body), "legacy");
 }
 
+/// On an HTTP service with no MeshHTTPRoute, a MeshTCPRoute sends the connection, as bytes, to
+/// its backend (Kuma's tcp_proxy), where each request went to the targeted service while the
+/// route's metric named the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_route_on_an_http_service_sends_its_connections_to_the_backend() {
+    let route = "type: MeshTCPRoute\nname: to-v2\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules: [{default: {backendRefs: [{kind: MeshExternalService, name: v2}]}}]\n";
+    let s = setup(route).await;
+    let _proxy = start(options(s.config.clone())).await;
+    for path in ["/", "/a"] {
+        let (status, body, _) = ask(s.outbound, &format!("http://x{path}"), &[]).await;
+        assert_eq!((status, who(&body)), (200, "v2"), "{body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_route_splits_connections() {
     let a = echo_server("127.0.0.1:0".parse().unwrap(), "a").await;

@@ -130,7 +130,10 @@ impl Proxy {
                 _ => tracing::debug!(%peer, listener = %local, %kind, "no service for this address; closing"),
             };
         };
-        // MeshTCPRoute: the connection goes to one of the route's backends.
+        // MeshTCPRoute: the connection goes to one of the route's backends, as bytes whatever the
+        // protocols (Kuma's tcp_proxy: on an HTTP-based service a MeshTCPRoute applies only
+        // when no MeshHTTPRoute does).
+        let tcp_routed = route.service.routes.as_ref().is_some_and(|r| r.tcp.is_some());
         let route = match route.service.routes.as_ref().and_then(|r| r.tcp.as_ref()) {
             None => route,
             Some(tcp) => {
@@ -151,7 +154,7 @@ impl Proxy {
         let _active = GaugeGuard::inc(&route.upstream.metrics.connections_active);
         // HTTP admits and routes each request with the configuration current when it arrives.
         let policy = route.policy.clone();
-        if route.service.protocol != Protocol::Tcp {
+        if route.service.protocol != Protocol::Tcp && !tcp_routed {
             let protocol = route.service.protocol;
             let mut proxy = http::HttpProxy::new(self, key, peer);
             // MeshTimeout `http.requestHeadersTimeout` (0: off) for this connection's requests.
