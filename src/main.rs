@@ -168,18 +168,20 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_WORKERS")]
     workers: Option<usize>,
     /// Timeout for connecting to an endpoint (Kuma's default: 5s).
-    #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
     connect_timeout: Duration,
     /// Close an application connection (TCP flow, HTTP connection, tunnel, passthrough) after
-    /// this long without a byte either way (Kuma's MeshTimeout `idleTimeout` default: 1h).
-    #[arg(long, env = "MESH_EGRESS_CONNECTION_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    /// this long without a byte either way, `0s` for never (Kuma's MeshTimeout `idleTimeout`
+    /// default: 1h).
+    #[arg(long, env = "MESH_EGRESS_CONNECTION_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     connection_idle_timeout: Duration,
-    /// TCP: once one side has closed its half, the other has this long to finish.
-    #[arg(long, env = "MESH_EGRESS_HALF_CLOSE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    /// TCP: once one side has closed its half, the other has this long to finish, `0s` for as
+    /// long as it takes (the idle timeout still applies).
+    #[arg(long, env = "MESH_EGRESS_HALF_CLOSE_TIMEOUT", default_value = "60s", value_parser = duration)]
     half_close_timeout: Duration,
     /// HTTP/1: time to receive a request's head; also how long a keep-alive connection waits
     /// for its next request (0: no limit but the connection idle timeout).
-    #[arg(long, env = "MESH_EGRESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
     header_read_timeout: Duration,
     /// HTTP/1: most headers in a request (431 beyond).
     #[arg(long, env = "MESH_EGRESS_MAX_REQUEST_HEADERS", default_value_t = mesh_egress::proxy::http::MAX_HEADERS)]
@@ -191,19 +193,19 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_MAX_CONCURRENT_STREAMS", default_value_t = mesh_egress::proxy::http::MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
     /// Time one upstream nameserver has to answer a forwarded DNS query.
-    #[arg(long, env = "MESH_EGRESS_DNS_FORWARD_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_DNS_FORWARD_TIMEOUT", default_value = "2s", value_parser = duration)]
     dns_forward_timeout: Duration,
     /// Forwarded DNS queries waiting for an answer at once; more get SERVFAIL at once.
     #[arg(long, env = "MESH_EGRESS_DNS_MAX_IN_FLIGHT", default_value_t = mesh_egress::dns::MAX_FORWARDS_IN_FLIGHT)]
     dns_max_in_flight: usize,
     /// A DNS-over-TCP connection without a query for this long is closed.
-    #[arg(long, env = "MESH_EGRESS_DNS_TCP_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_DNS_TCP_IDLE_TIMEOUT", default_value = "10s", value_parser = duration)]
     dns_tcp_idle_timeout: Duration,
     /// Time for an admin request's head to arrive.
-    #[arg(long, env = "MESH_EGRESS_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     admin_header_read_timeout: Duration,
     /// An admin connection with no byte either way for this long is closed.
-    #[arg(long, env = "MESH_EGRESS_ADMIN_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_ADMIN_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     admin_idle_timeout: Duration,
     /// HTTP/1 `Upgrade` protocols passed through as tunnels, comma-separated; a request asking
     /// for another (h2c, say) has its upgrade headers removed and is forwarded as it is.
@@ -215,15 +217,15 @@ struct RunArgs {
     max_upstream_connections: usize,
     /// HTTP/gRPC: time allowed until the response headers arrive, `0s` for none (Kuma's
     /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
-    #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
     request_timeout: Duration,
     /// Idle pooled HTTP/1 connections to endpoints are closed after this long (Kuma's
     /// MeshTimeout `idleTimeout` default: 1h).
-    #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     idle_timeout: Duration,
     /// HTTP: a response body without data for this long is cut, `0s` for never (Kuma's
     /// MeshTimeout `streamIdleTimeout` default: 30m).
-    #[arg(long, env = "MESH_EGRESS_STREAM_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_STREAM_IDLE_TIMEOUT", default_value = "30m", value_parser = duration)]
     stream_idle_timeout: Duration,
     /// DNS server(s) for endpoint names, IP:PORT (repeatable). Default: /etc/resolv.conf.
     #[arg(long, env = "MESH_EGRESS_UPSTREAM_DNS", value_delimiter = ',')]
@@ -232,7 +234,7 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_EJECT_AFTER", default_value_t = 3)]
     eject_after: u32,
     /// How long the first ejection lasts; it doubles with each ejection in a row (up to 32x).
-    #[arg(long, env = "MESH_EGRESS_EJECTION_TIME", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_EJECTION_TIME", default_value = "10s", value_parser = duration)]
     ejection_time: Duration,
     /// Log format.
     #[arg(long, env = "MESH_EGRESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -245,7 +247,7 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_ACCESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     access_log_format: LogFormat,
     /// On SIGTERM/SIGINT: how long in-flight requests and connections may take to finish.
-    #[arg(long, env = "MESH_EGRESS_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_EGRESS_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
     drain_timeout: Duration,
     /// Allow the admin server on a non-loopback address (it has no authentication).
     #[arg(long, env = "MESH_EGRESS_ADMIN_ALLOW_REMOTE")]
@@ -268,6 +270,24 @@ struct RunArgs {
 /// The admin's address, or none (`off`).
 #[derive(Clone, Debug)]
 struct AdminListen(Option<AdminAddr>);
+
+/// The longest a duration flag takes: a longer one is taken as this, a deadline that far being
+/// none (and a clock read plus more would overflow).
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A duration flag (humantime: `500ms`, `30s`, `1h`, `2d`).
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    Ok(humantime::parse_duration(s)?.min(LONGEST))
+}
+
+/// For the flags where `0s` means none.
+fn none_if_zero(duration: Duration) -> Duration {
+    if duration.is_zero() {
+        LONGEST
+    } else {
+        duration
+    }
+}
 
 fn admin_or_off(s: &str) -> Result<AdminListen, String> {
     if s.eq_ignore_ascii_case("off") {
@@ -508,8 +528,8 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
     };
     mesh_egress::socket_mark::set(args.socket_mark.0);
     let mut timeouts = mesh_egress::proxy::ConnectionTimeouts {
-        idle: args.connection_idle_timeout,
-        half_close: args.half_close_timeout,
+        idle: none_if_zero(args.connection_idle_timeout),
+        half_close: none_if_zero(args.half_close_timeout),
         header_read: args.header_read_timeout,
         stream_idle: args.stream_idle_timeout,
     };

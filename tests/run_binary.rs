@@ -127,3 +127,41 @@ async fn one_gib_each_way_with_bounded_memory() {
     // Buffers are at most 256 KiB per direction: memory must not follow the transfer size.
     assert!(peak_kib < idle_kib + 16 * 1024, "peak RSS {peak_kib} KiB vs idle {idle_kib} KiB");
 }
+
+/// `0s` for the connection idle and half-close timeouts means none, as for the other timeout
+/// flags (it closed every flow at once), and a duration too long for the clock is taken as
+/// long as it can be (it panicked in every flow's task). A TCP exchange where the application
+/// closes its half first, then the endpoint answers, goes through under each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_and_huge_flow_timeouts_leave_flows_alone() {
+    let endpoint_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint_addr = endpoint_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = endpoint_listener.accept().await {
+            tokio::spawn(async move {
+                let mut asked = Vec::new();
+                let _ = stream.read_to_end(&mut asked).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = stream.write_all(&asked).await;
+            });
+        }
+    });
+    for flags in [
+        ["--connection-idle-timeout", "0s", "--half-close-timeout", "0s"],
+        ["--connection-idle-timeout", "400000000000y", "--half-close-timeout", "400000000000y"],
+    ] {
+        let outbound = free_addr("127.0.0.1");
+        let (_dir, config) =
+            config_dir(&service_with_outbound("flows", outbound, &endpoint("127.0.0.1", endpoint_addr.port(), 0), ""));
+        let admin = free_addr("127.0.0.1");
+        let mut proxy = spawn_proxy(&config, admin, &flags, &[]);
+        wait_ready(admin).await;
+        let mut app = TcpStream::connect(outbound).await.unwrap();
+        app.write_all(b"ping").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut answer)).await.unwrap().unwrap();
+        assert_eq!(answer, b"ping", "{flags:?}");
+        assert!(proxy.0.try_wait().unwrap().is_none(), "the proxy exited under {flags:?}");
+    }
+}

@@ -220,8 +220,8 @@ where
         if (up.done || down.done) && half_closed_at.is_none() {
             half_closed_at = Some(Instant::now());
         }
-        let idle_at = timeouts.idle.map(|d| last_progress + d);
-        let half_close_at = half_closed_at.zip(timeouts.half_close).map(|(at, d)| at + d);
+        let idle_at = timeouts.idle.and_then(|d| last_progress.checked_add(d));
+        let half_close_at = half_closed_at.zip(timeouts.half_close).and_then(|(at, d)| at.checked_add(d));
         let Some(deadline) = idle_at.into_iter().chain(half_close_at).min() else { return Poll::Pending };
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if timer.deadline() > deadline {
