@@ -477,7 +477,7 @@ fn compile_match(m: &HttpMatch, rule: usize) -> CompiledMatch {
     let path = m.path.as_ref().and_then(|p| match p.type_.as_str() {
         "Exact" => Some(PathTest::Exact(p.value.clone())),
         "PathPrefix" => Some(PathTest::Prefix(p.value.clone())),
-        "RegularExpression" => regex::Regex::new(&format!("^(?:{})$", p.value)).ok().map(PathTest::Regex),
+        "RegularExpression" => crate::resources::full_match_regex(&p.value).ok().map(PathTest::Regex),
         _ => None,
     });
     CompiledMatch {
@@ -490,7 +490,7 @@ fn compile_match(m: &HttpMatch, rule: usize) -> CompiledMatch {
             .flatten()
             .filter_map(|q| {
                 let test = match q.type_.as_str() {
-                    "RegularExpression" => QueryTest::Regex(regex::Regex::new(&format!("^(?:{})$", q.value)).ok()?),
+                    "RegularExpression" => QueryTest::Regex(crate::resources::full_match_regex(&q.value).ok()?),
                     _ => QueryTest::Exact(q.value.clone()),
                 };
                 Some((q.name.clone(), test))

@@ -166,7 +166,7 @@ impl HeaderMatcher {
             // Envoy: a prefix match with an empty prefix is a presence match.
             "Prefix" if value.is_empty() => HeaderTest::Present,
             "Prefix" => HeaderTest::Prefix(value),
-            "RegularExpression" => HeaderTest::Regex(regex::Regex::new(&format!("^(?:{value})$")).ok()?),
+            "RegularExpression" => HeaderTest::Regex(crate::resources::full_match_regex(&value).ok()?),
             _ => HeaderTest::Exact(value),
         };
         Some(Self { name, test })

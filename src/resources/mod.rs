@@ -81,3 +81,11 @@ pub struct Loaded {
     pub resources: Vec<Resource>,
     pub diagnostics: Diagnostics,
 }
+
+/// A `RegularExpression` match value as Envoy's RE2 `FullMatch`: the whole value must match.
+/// Validation and matching both compile it here, so a value that loads always compiles to the
+/// same whole-value test (validating the bare value let `(?x)/admin # comment` through, whose
+/// comment then swallowed the anchors and the route lost its path test).
+pub fn full_match_regex(value: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{value})$"))
+}

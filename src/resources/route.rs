@@ -258,7 +258,7 @@ fn http_rule(path: &str, rule: &RouteRule, gateway: bool, v: &mut Violations<'_>
                     format!("{at}.path.value"),
                     "does not need a trailing slash because only a `/`-separated prefix or an entire path is matched",
                 ),
-                "RegularExpression" if regex::Regex::new(&p.value).is_err() => {
+                "RegularExpression" if super::full_match_regex(&p.value).is_err() => {
                     v.error(format!("{at}.path.value"), "must be a valid regular expression");
                 }
                 "Exact" | "PathPrefix" | "RegularExpression" => {}
@@ -278,7 +278,7 @@ fn http_rule(path: &str, rule: &RouteRule, gateway: bool, v: &mut Violations<'_>
             if !["Exact", "RegularExpression"].contains(&q.type_.as_str()) {
                 v.error(format!("{at}.queryParams[{j}].type"), "must be one of: Exact, RegularExpression");
             }
-            if q.type_ == "RegularExpression" && regex::Regex::new(&q.value).is_err() {
+            if q.type_ == "RegularExpression" && super::full_match_regex(&q.value).is_err() {
                 v.error(format!("{at}.queryParams[{j}].value"), "must be a valid regular expression");
             }
             if !names.insert(q.name.as_str()) {
