@@ -174,6 +174,17 @@ fn status_vip_is_kept() {
     assert_eq!(c.services()[0].vip, Some("242.0.0.42".parse().unwrap()));
 }
 
+/// A VIP a later service asks for (`status.vip.ip`) is not handed to an earlier one without a
+/// status: it got the next free address, the same one, and the configuration was refused as a
+/// VIP conflict (or, on other ports, two services shared one VIP).
+#[test]
+fn a_requested_vip_is_not_assigned_to_another_service() {
+    let requested = mes("b", "").replace("spec:", "status:\n  vip:\n    ip: 242.0.0.1\nspec:");
+    let c = compile(&format!("{}{requested}", mes("a", "")));
+    assert_eq!(view(&c, "b").vip, Some("242.0.0.1".parse().unwrap()));
+    assert_eq!(view(&c, "a").vip, Some("242.0.0.2".parse().unwrap()));
+}
+
 #[test]
 fn exhaustion_breaks_only_the_services_left_without_an_address() {
     let text = format!("{}{}{}", mes("a", ""), mes("b", ""), mes("c", ""));

@@ -114,6 +114,13 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
 
     let mut catalog = Catalog::default();
     let mut by_key: HashMap<String, usize> = HashMap::new();
+    // Addresses asked for are taken before any is handed out: an earlier service without one
+    // must not get the address a later one asks for.
+    for (_, _, requested) in &services {
+        if let Some(ip) = requested {
+            ipam.reserve(*ip);
+        }
+    }
     for (meta, spec, status_vip) in services {
         let key = format!("{}/{}", meta.mesh, meta.name);
         if let Some(&first) = by_key.get(&key) {

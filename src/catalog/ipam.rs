@@ -112,6 +112,11 @@ impl Ipam {
         None
     }
 
+    /// Keeps `ip` from being handed out (a service asks for it).
+    pub fn reserve(&mut self, ip: IpAddr) {
+        self.in_use.insert(ip);
+    }
+
     fn record(&mut self, key: &str, ip: IpAddr) {
         self.in_use.insert(ip);
         self.state.assigned.insert(key.to_string(), ip);
