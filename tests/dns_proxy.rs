@@ -91,3 +91,39 @@ async fn malformed_packets_do_not_stop_the_server() {
     let text = mesh_egress::metrics::metrics().encode();
     assert!(text.contains("mesh_egress_dns_queries_total{result=\"malformed\"}"), "{text}");
 }
+
+/// A DNS-over-TCP client that sends queries and never reads the answers: once they fill the
+/// socket, the proxy waits the idle timeout for room and then closes the connection (it waited
+/// for ever, holding a task and a descriptor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_tcp_client_that_never_reads_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let (_dir, config) = config_dir(&mes("httpbin"));
+    let mut opts = options(config);
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    opts.dns_limits.tcp_idle = std::time::Duration::from_millis(300);
+    let proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+    // A query for a name the proxy answers itself, framed for TCP.
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["httpbin", "extsvc", "mesh", "local"] {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    let batch = framed.repeat(1000);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(dns).await.unwrap();
+    let writes = async {
+        loop {
+            if client.write_all(&batch).await.is_err() {
+                return;
+            }
+        }
+    };
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), writes).await;
+    assert!(closed.is_ok(), "the proxy kept the connection of a client that reads nothing");
+}

@@ -28,6 +28,10 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_UDP: usize = 4096;
 
+/// DNS-over-TCP connections served at once; more are closed as they come (each holds a task
+/// and a descriptor).
+pub const MAX_TCP_CONNECTIONS: usize = 256;
+
 /// Forwarded queries waiting for an answer at once; more are answered SERVFAIL at once (a flood
 /// must not take a socket and a task per query).
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 256;
@@ -100,6 +104,7 @@ pub struct DnsProxy {
     live: Arc<Live>,
     forwarders: Forwarders,
     in_flight: Arc<tokio::sync::Semaphore>,
+    tcp_connections: Arc<tokio::sync::Semaphore>,
     udp: udp::UdpForwarder,
     limits: DnsLimits,
 }
@@ -113,7 +118,8 @@ pub struct DnsSockets {
 impl DnsProxy {
     pub fn new(live: Arc<Live>, forwarders: Forwarders, limits: DnsLimits) -> Arc<Self> {
         let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight));
-        Arc::new(Self { live, forwarders, in_flight, udp: udp::UdpForwarder::default(), limits })
+        let tcp_connections = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+        Arc::new(Self { live, forwarders, in_flight, tcp_connections, udp: udp::UdpForwarder::default(), limits })
     }
 
     /// Binds UDP and TCP on the same port. With port 0, the port UDP got may be taken for TCP:
@@ -168,15 +174,21 @@ impl DnsProxy {
 
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (stream, _) = crate::listen::accept(&listener, "dns-tcp").await;
+            let (stream, peer) = crate::listen::accept(&listener, "dns-tcp").await;
+            let Ok(permit) = self.tcp_connections.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, max = MAX_TCP_CONNECTIONS, "DNS-over-TCP connections at their limit; closing");
+                continue;
+            };
             let this = self.clone();
             tokio::spawn(async move {
                 let _ = this.serve_tcp_connection(stream).await;
+                drop(permit);
             });
         }
     }
 
-    /// Answers queries until the client closes the connection (or sends garbage).
+    /// Answers queries until the client closes the connection (or sends garbage, or stops
+    /// reading its answers for the idle timeout).
     async fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
         loop {
             // RFC 7766 §6.2.3: close idle TCP connections after a few seconds.
@@ -189,7 +201,8 @@ impl DnsProxy {
                 Answer::Malformed => return Ok(()),
                 Answer::Forward(query) => self.forward(&packet, &query, Transport::Tcp).await,
             };
-            write_framed(&mut stream, &response).await?;
+            let written = tokio::time::timeout(self.limits.tcp_idle, write_framed(&mut stream, &response)).await;
+            written.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         }
     }
 
@@ -291,8 +304,10 @@ async fn read_framed(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
 
 async fn write_framed(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
     let len = u16::try_from(message.len()).map_err(|_| io::Error::other("DNS message too large for TCP"))?;
-    stream.write_u16(len).await?;
-    stream.write_all(message).await
+    let mut framed = Vec::with_capacity(2 + message.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    stream.write_all(&framed).await
 }
 
 /// What to do with a query.
