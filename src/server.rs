@@ -296,7 +296,7 @@ impl Server {
                 return Err(ServerError::RemoteListener { addr, kind });
             }
         }
-        let new = self.bind_new_listeners(&desired).await?;
+        let (new, open) = self.bind_new_listeners(&desired).await?;
         for broken in config::broken_services(&compiled).0 {
             tracing::error!("{broken}");
         }
@@ -304,6 +304,8 @@ impl Server {
         drop(previous);
         // Stored at once: building it made its TLS clients the pools' (`Pool::use_tls`).
         self.live.store(Arc::new(snapshot));
+        // The new listeners accept only now: a connection to a new address finds its service.
+        let _ = open.send(true);
         self.ipam = ipam;
         if let Err(e) = self.vip_store.save(&mut self.ipam) {
             tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
@@ -331,16 +333,18 @@ impl Server {
 
     /// Binds the addresses no listener holds yet. When one fails, those bound here are closed
     /// again and the error names the address.
+    /// Binds the listeners `desired` adds; they accept once the returned sender says so.
     async fn bind_new_listeners(
         &self,
         desired: &HashMap<SocketAddr, ListenerKind>,
-    ) -> Result<Vec<(SocketAddr, BoundListener)>, ServerError> {
+    ) -> Result<(Vec<(SocketAddr, BoundListener)>, tokio::sync::watch::Sender<bool>), ServerError> {
         let mut new: Vec<_> = desired.iter().filter(|(addr, _)| !self.listeners.contains_key(addr)).collect();
         new.sort_by_key(|(addr, _)| **addr);
+        let (open, opened) = tokio::sync::watch::channel(false);
         let mut bound = Vec::new();
         for (&addr, &kind) in new {
             let cell = KindCell::new(kind);
-            match listen::serve(addr, &cell, &self.workers, &self.proxy) {
+            match listen::serve(addr, &cell, &self.workers, &self.proxy, &opened) {
                 Ok((local, tasks)) => {
                     tracing::info!(listener = %local, %kind, workers = tasks.len(), "listening");
                     bound.push((addr, BoundListener { kind: cell, local, tasks }));
@@ -355,7 +359,7 @@ impl Server {
                 }
             }
         }
-        Ok(bound)
+        Ok((bound, open))
     }
 
     /// Stops the listeners no longer wanted; one that stays at its address with another kind

@@ -215,3 +215,31 @@ async fn a_drain_waits_for_upgraded_tunnels() {
     s.read_exact(&mut echo).await.unwrap();
     assert_eq!(&echo, b"still here", "and it kept working while the drain waited");
 }
+
+/// A listener a reload adds accepts only once the reload's configuration is in force: a client
+/// that connects to the new address as soon as it can (here while 10,000 other services are
+/// set up) is served, where it was accepted and closed for want of a service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_listener_serves_its_first_connection() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "new").await;
+    let mes = |i: usize| {
+        format!("type: MeshExternalService\nname: s{i}\nspec:\n  match: {{port: 80}}\n  endpoints: [{{address: 10.0.0.1, port: 80}}]\n---\n")
+    };
+    let (_dir, config) = config_dir(&mes(0));
+    let mut proxy = start(options(config.clone())).await;
+    let added = free_addr("127.0.0.1");
+    let mut text: String = (0..10_000).map(mes).collect();
+    text.push_str(&tcp_service("added", added, echo.addr.port()));
+    std::fs::write(&config, text).unwrap();
+    let first = std::thread::spawn(move || loop {
+        if let Ok(stream) = std::net::TcpStream::connect(added) {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut greeting = [0u8; 4];
+            return std::io::Read::read_exact(&mut &stream, &mut greeting).map(|()| greeting.to_vec());
+        }
+        std::thread::yield_now();
+    });
+    proxy.reload().await.unwrap();
+    let greeting = tokio::task::spawn_blocking(move || first.join().unwrap()).await.unwrap();
+    assert_eq!(greeting.expect("the first connection was closed unserved"), b"new\n");
+}

@@ -117,13 +117,15 @@ fn exclusive_probe(addr: SocketAddr, freebind: bool) -> io::Result<SocketAddr> {
     socket.local_addr()?.as_socket().ok_or_else(|| io::Error::other("bound address is not an IP address"))
 }
 
-/// Binds `addr` once per worker runtime and accepts on each; returns the bound address and the
-/// accept tasks. Each connection is handled as the kind in `kind` says when it is accepted.
+/// Binds `addr` once per worker runtime and accepts on each once `open` says so (connections
+/// wait in the backlog until then); returns the bound address and the accept tasks. Each
+/// connection is handled as the kind in `kind` says when it is accepted.
 pub fn serve<A: Accept>(
     addr: SocketAddr,
     kind: &Arc<KindCell>,
     workers: &[tokio::runtime::Handle],
     handler: &Arc<A>,
+    open: &tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
     let freebind = kind.get() == ListenerKind::Vip;
     let reuse_port = workers.len() > 1;
@@ -140,9 +142,12 @@ pub fn serve<A: Accept>(
         .iter()
         .zip(sockets)
         .map(|(worker, socket)| {
-            let (handler, kind) = (handler.clone(), kind.clone());
+            let (handler, kind, mut open) = (handler.clone(), kind.clone(), open.clone());
             // The socket joins the reactor of the runtime that runs its accept loop.
             worker.spawn(async move {
+                if open.wait_for(|open| *open).await.is_err() {
+                    return; // never opened: the configuration that wanted it was not applied
+                }
                 match TcpListener::from_std(socket) {
                     Ok(listener) => accept_loop(listener, kind, handler).await,
                     Err(error) => tracing::error!(kind = %kind.get(), listener = %local, %error, "cannot accept"),
