@@ -66,7 +66,10 @@ impl TlsClients {
             })
             .unwrap_or_default();
         // Compared once per configuration, and only if a reusable client trusts the system store.
+        // Unreadable now (a CA file being rotated, say), the roots read before stay in force for
+        // the clients made with them: the next reload reads them again.
         let system_unchanged = std::cell::OnceCell::new();
+        let previous_system = previous.and_then(|p| p.tls.system.as_deref());
         let mut clients = Vec::with_capacity(catalog.services().len());
         let mut broken = Vec::new();
         for (index, service) in catalog.services().iter().enumerate() {
@@ -79,8 +82,13 @@ impl TlsClients {
                 o.tls.as_ref() == Some(policy)
                     && o.protocol == service.protocol
                     && (!system_trust
-                        || *system_unchanged
-                            .get_or_init(|| previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots)))
+                        || *system_unchanged.get_or_init(|| match roots.get() {
+                            Ok(_) => previous_system == roots.loaded(),
+                            Err(error) => {
+                                tracing::warn!(%error, "the system CA roots could not be read; the roots read before stay in force");
+                                previous_system.is_some()
+                            }
+                        }))
             });
             match reusable {
                 Some((_, client)) => clients.push(Some((*client).clone())),
@@ -96,7 +104,9 @@ impl TlsClients {
         for (index, reason) in broken {
             catalog.mark_broken(index, reason);
         }
-        Self { clients, system: roots.loaded().map(<[_]>::to_vec) }
+        let system = if roots.failed() { previous_system } else { roots.loaded() };
+        let system = system.map(<[_]>::to_vec);
+        Self { clients, system }
     }
 
     /// The client of the service at `index` in the catalog it was built for.
@@ -131,12 +141,6 @@ impl TlsClient {
 /// Secured and SkipSAN without `caCert` trust the system store.
 fn uses_system_roots(policy: &TlsPolicy) -> bool {
     policy.ca.is_none() && matches!(policy.mode, VerificationMode::Secured | VerificationMode::SkipSAN)
-}
-
-/// Loads the system roots (once per configuration) and returns them; `None` when they cannot be.
-fn system_anchors(roots: &SystemRoots) -> Option<&[TrustAnchor<'static>]> {
-    roots.get().ok()?;
-    roots.loaded()
 }
 
 /// How a connection (and, for HTTP, each of its requests) finds its service in the snapshot

@@ -146,6 +146,13 @@ async fn a_new_system_ca_file_takes_effect_on_the_next_reload() {
     std::fs::write(&ca_file, &first_ca.pem).unwrap();
     proxy.reload().await.unwrap();
     assert_eq!(exchange().await, "hello Some(TLSv1_3)\nping");
+    // Unreadable at a reload (rotated, half written): the roots read before stay in force.
+    std::fs::remove_file(&ca_file).unwrap();
+    proxy.reload().await.unwrap();
+    assert_eq!(exchange().await, "hello Some(TLSv1_3)\nping", "a missing CA file broke the service");
+    std::fs::write(&ca_file, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    proxy.reload().await.unwrap();
+    assert_eq!(exchange().await, "hello Some(TLSv1_3)\nping", "a garbled CA file broke the service");
 }
 
 /// A query for `name`, answered or not within 10 s; true when an answer came.

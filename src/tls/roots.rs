@@ -41,6 +41,11 @@ impl SystemRoots {
         self.store.get_or_init(|| self.load()).clone()
     }
 
+    /// Whether they were read, and could not be.
+    pub fn failed(&self) -> bool {
+        matches!(self.store.get(), Some(Err(_)))
+    }
+
     /// The trust anchors, when they were loaded (and could be), for telling whether they changed.
     pub fn loaded(&self) -> Option<&[rustls_pki_types::TrustAnchor<'static>]> {
         self.store.get().and_then(|r| r.as_ref().ok()).map(|s| s.roots.as_slice())
