@@ -235,6 +235,8 @@ impl Server {
     }
 
     /// `POST /drain_listeners`: stops accepting; open connections go on. `/ready` answers 503.
+    /// DNS goes on being answered until the process exits: the application may still resolve
+    /// (Kuma's DNS, in kuma-dp, outlives Envoy's listeners too).
     pub fn drain_listeners(&mut self) {
         self.stop_listening();
         if let Some(state) = &self.admin {
@@ -410,13 +412,10 @@ impl Server {
         connections.count()
     }
 
-    /// Stops accepting on every listener.
+    /// Stops accepting on every proxy listener.
     pub fn stop_listening(&mut self) {
         for (_, l) in self.listeners.drain() {
             l.tasks.iter().for_each(JoinHandle::abort);
-        }
-        if let Some((_, tasks)) = self.dns.take() {
-            tasks.iter().for_each(JoinHandle::abort);
         }
     }
 }
@@ -424,5 +423,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_listening();
+        if let Some((_, tasks)) = self.dns.take() {
+            tasks.iter().for_each(JoinHandle::abort);
+        }
     }
 }

@@ -127,3 +127,18 @@ async fn a_dns_tcp_client_that_never_reads_is_closed() {
     let closed = tokio::time::timeout(std::time::Duration::from_secs(20), writes).await;
     assert!(closed.is_ok(), "the proxy kept the connection of a client that reads nothing");
 }
+
+/// `/drain_listeners` stops the proxy's listeners, not its DNS: the application still runs and
+/// may still resolve, until the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_is_answered_after_the_listeners_are_drained() {
+    let (_dir, config) = config_dir(&mes("httpbin"));
+    let mut opts = options(config);
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    let mut proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+    proxy.drain_listeners();
+    let answer =
+        tokio::task::spawn_blocking(move || dig(dns, &["httpbin.extsvc.mesh.local", "A", "+short"])).await.unwrap();
+    assert_eq!(answer.trim(), "242.0.0.1");
+}
