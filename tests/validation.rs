@@ -285,6 +285,19 @@ fn yaml_syntax_errors_name_the_line() {
     assert!(e[0].line.is_some_and(|l| l >= 4), "{}", e[0]);
 }
 
+/// A field error's line is the field's own, also below a header of comments and in a later
+/// document (the comments' lines were counted twice).
+#[test]
+fn errors_name_the_field_s_line_below_leading_comments() {
+    let header = "# licence\n#\n# more\n\n";
+    let second = "type: MeshExternalService\nname: y\nspec:\n  match: {type: HostnameGenerator, port: 80, protocol: tcp}\n  endpoints: [{address: 10.0.0.1, port: 80}]\n  extra: 1\n";
+    let text = format!("{header}{second}---\n{header}{second}");
+    let loaded = load(&text);
+    let lines: Vec<Option<usize>> = loaded.diagnostics.errors().map(|d| d.line).collect();
+    // `extra` is line 10 of the file, and line 21 in the document after the `---` on line 11.
+    assert_eq!(lines, [Some(10), Some(21)], "{}", loaded.diagnostics);
+}
+
 /// Files built to be slow to parse are refused before the YAML parser sees them: flow nesting
 /// past 64 levels (the parser's time grows with the square of the depth; 100,000 levels took
 /// 31 s before) and files over 16 MiB. Quoted and commented brackets do not count.

@@ -167,9 +167,14 @@ fn split_documents(text: &str) -> Vec<(&str, usize)> {
     docs.push((&text[start..], start_line));
     docs.into_iter()
         .map(|(doc, line)| {
-            // Report the line of the first content, not of leading comments.
-            let skipped = doc.lines().take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('#')).count();
-            (doc, line + skipped)
+            // From the first content on, not leading comments: the document's line, and the
+            // parser's lines (counted from the text it is given) added to it, are then right.
+            let skipped: Vec<&str> = doc
+                .split_inclusive('\n')
+                .take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+                .collect();
+            let bytes: usize = skipped.iter().map(|l| l.len()).sum();
+            (&doc[bytes..], line + skipped.len())
         })
         .collect()
 }
