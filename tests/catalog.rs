@@ -353,6 +353,30 @@ fn dataplane_outbounds_become_listener_keys() {
     assert_eq!(outbounds, ["127.0.0.1:10001", "127.0.0.2:10002"]);
 }
 
+/// A policy or secret defined twice (a file copied into a subdirectory, say) is an error naming
+/// the first, as a MeshExternalService is; it was applied twice, or the last one won.
+#[test]
+fn a_resource_defined_twice_is_an_error() {
+    let timeout = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {idleTimeout: 1s}\n";
+    let secret = "type: Secret\nname: s\nmesh: default\ndata: YQ==\n";
+    let text = format!("{timeout}---\n{secret}");
+    let files = [("x.yaml", text.as_str()), ("sub/x.yaml", text.as_str())];
+    let compiled = compile_with(&files, &CompileOptions::default(), &mut ipam("242.0.0.0/8"));
+    let e: Vec<String> = compiled.diagnostics.errors().map(|d| format!("{}: {}", d.path, d.message)).collect();
+    assert_eq!(
+        e,
+        [
+            "name: duplicate MeshTimeout default/t: already defined in x.yaml:1",
+            "name: duplicate Secret default/s: already defined in x.yaml:9",
+        ]
+    );
+    // The same name in another namespace is another resource.
+    let other = timeout.replace("mesh: default\n", "mesh: default\nlabels: {k8s.kuma.io/namespace: other}\n");
+    let compiled =
+        compile_with(&[("x.yaml", timeout), ("y.yaml", &other)], &CompileOptions::default(), &mut ipam("242.0.0.0/8"));
+    assert!(!compiled.diagnostics.has_errors(), "{}", compiled.diagnostics);
+}
+
 #[test]
 fn configuration_level_errors_are_reported() {
     let text = format!(

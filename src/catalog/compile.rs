@@ -80,7 +80,32 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
     let mut forbidden_meshes = Vec::new();
     let mut generators = Vec::new();
     let mut services: Vec<(&Meta, &MeshExternalServiceSpec, Option<IpAddr>)> = Vec::new();
+    // A name is a resource's identity within its type, mesh and namespace, as in Kuma's store:
+    // a second one (a file copied into a subdirectory, say) is an error, not a silent override
+    // or a policy applied twice. MeshExternalServices are checked with their VIPs below.
+    let mut seen: HashMap<(&str, &str, Option<&str>, &str), &Meta> = HashMap::new();
     for r in resources {
+        let type_name = r.kind.type_name();
+        if !matches!(r.kind, Kind::MeshExternalService { .. }) {
+            let namespace = r.meta.labels.get(crate::resources::LABEL_NAMESPACE).map(String::as_str);
+            match seen.entry((type_name, &r.meta.mesh, namespace, &r.meta.name)) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    let first = &first.get().origin;
+                    let message = format!(
+                        "duplicate {type_name} {}/{}: already defined in {}:{}",
+                        r.meta.mesh,
+                        r.meta.name,
+                        first.file.display(),
+                        first.line.unwrap_or(0)
+                    );
+                    diagnostics.push(Diagnostic::error(&r.meta.origin, "name", message));
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(&r.meta);
+                }
+            }
+        }
         match &r.kind {
             Kind::Secret(data) => {
                 secrets.insert((r.meta.mesh.clone(), r.meta.name.clone()), data.clone());

@@ -75,6 +75,21 @@ pub struct Resource {
     pub kind: Kind,
 }
 
+impl Kind {
+    /// The resource's `type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::MeshExternalService { .. } => "MeshExternalService",
+            Self::HostnameGenerator(_) => "HostnameGenerator",
+            Self::Mesh(_) => "Mesh",
+            Self::Secret(_) => "Secret",
+            Self::Dataplane(_) => "Dataplane",
+            Self::Policy(p) => p.kind.as_str(),
+            Self::Route(r) => r.kind.as_str(),
+        }
+    }
+}
+
 /// The result of reading configuration: valid resources and everything said about the input.
 #[derive(Debug, Default)]
 pub struct Loaded {
