@@ -54,7 +54,7 @@ impl TlsClients {
     /// TLS sessions and pooled connections survive a reload. A client that cannot be built
     /// breaks its service, with the reason naming the field.
     pub fn build(catalog: &mut Catalog, system_ca_file: Option<PathBuf>, previous: Option<&Snapshot>) -> Self {
-        let roots = SystemRoots::new(system_ca_file);
+        let roots = SystemRoots::new(system_ca_file).or_previous(previous.and_then(|p| p.tls.system.as_deref()));
         let old: HashMap<String, (&Service, &TlsClient)> = previous
             .map(|p| {
                 p.catalog
@@ -66,10 +66,7 @@ impl TlsClients {
             })
             .unwrap_or_default();
         // Compared once per configuration, and only if a reusable client trusts the system store.
-        // Unreadable now (a CA file being rotated, say), the roots read before stay in force for
-        // the clients made with them: the next reload reads them again.
         let system_unchanged = std::cell::OnceCell::new();
-        let previous_system = previous.and_then(|p| p.tls.system.as_deref());
         let mut clients = Vec::with_capacity(catalog.services().len());
         let mut broken = Vec::new();
         for (index, service) in catalog.services().iter().enumerate() {
@@ -82,13 +79,8 @@ impl TlsClients {
                 o.tls.as_ref() == Some(policy)
                     && o.protocol == service.protocol
                     && (!system_trust
-                        || *system_unchanged.get_or_init(|| match roots.get() {
-                            Ok(_) => previous_system == roots.loaded(),
-                            Err(error) => {
-                                tracing::warn!(%error, "the system CA roots could not be read; the roots read before stay in force");
-                                previous_system.is_some()
-                            }
-                        }))
+                        || *system_unchanged
+                            .get_or_init(|| previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots)))
             });
             match reusable {
                 Some((_, client)) => clients.push(Some((*client).clone())),
@@ -104,9 +96,7 @@ impl TlsClients {
         for (index, reason) in broken {
             catalog.mark_broken(index, reason);
         }
-        let system = if roots.failed() { previous_system } else { roots.loaded() };
-        let system = system.map(<[_]>::to_vec);
-        Self { clients, system }
+        Self { clients, system: roots.loaded().map(<[_]>::to_vec) }
     }
 
     /// The client of the service at `index` in the catalog it was built for.
@@ -141,6 +131,12 @@ impl TlsClient {
 /// Secured and SkipSAN without `caCert` trust the system store.
 fn uses_system_roots(policy: &TlsPolicy) -> bool {
     policy.ca.is_none() && matches!(policy.mode, VerificationMode::Secured | VerificationMode::SkipSAN)
+}
+
+/// Loads the system roots (once per configuration) and returns them; `None` when they cannot be.
+fn system_anchors(roots: &SystemRoots) -> Option<&[TrustAnchor<'static>]> {
+    roots.get().ok()?;
+    roots.loaded()
 }
 
 /// How a connection (and, for HTTP, each of its requests) finds its service in the snapshot

@@ -219,8 +219,8 @@ struct RunArgs {
     /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
     request_timeout: Duration,
-    /// Idle pooled HTTP/1 connections to endpoints are closed after this long (Kuma's
-    /// MeshTimeout `idleTimeout` default: 1h).
+    /// Idle pooled HTTP/1 connections to endpoints are closed after this long, `0s` for never
+    /// (as MeshTimeout's `idleTimeout: 0s`; Kuma's default: 1h).
     #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     idle_timeout: Duration,
     /// HTTP: a response body without data for this long is cut, `0s` for never (Kuma's
@@ -571,7 +571,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         upstream: Settings {
             connect_timeout: args.connect_timeout,
             max_connections: args.max_upstream_connections,
-            idle_timeout: args.idle_timeout,
+            idle_timeout: none_if_zero(args.idle_timeout),
             ejection: EjectionPolicy { consecutive_failures: args.eject_after, base_time: args.ejection_time },
             resolver: ResolverSource::new(args.upstream_dns),
         },

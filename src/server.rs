@@ -306,8 +306,10 @@ impl Server {
         drop(previous);
         // Stored at once: building it made its TLS clients the pools' (`Pool::use_tls`).
         self.live.store(Arc::new(snapshot));
-        // The new listeners accept only now: a connection to a new address finds its service.
+        // The new listeners accept only now, and those that stay change kind now: a connection
+        // finds its service as this snapshot routes it.
         let _ = open.send(true);
+        self.change_listener_kinds(&desired);
         self.ipam = ipam;
         if let Err(e) = self.vip_store.save(&mut self.ipam) {
             tracing::warn!(error = %e, "VIP assignments not saved; they may change after a restart");
@@ -364,10 +366,9 @@ impl Server {
         Ok((bound, open))
     }
 
-    /// Stops the listeners no longer wanted; one that stays at its address with another kind
-    /// keeps its socket and only changes how it routes.
-    async fn retire_listeners(&mut self, desired: &HashMap<SocketAddr, ListenerKind>) {
-        let gone: Vec<SocketAddr> = self.listeners.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+    /// A listener that stays at its address with another kind keeps its socket and only changes
+    /// how it routes.
+    fn change_listener_kinds(&self, desired: &HashMap<SocketAddr, ListenerKind>) {
         for (addr, listener) in &self.listeners {
             if let Some(&kind) = desired.get(addr) {
                 if listener.kind.get() != kind {
@@ -376,6 +377,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Stops the listeners no longer wanted.
+    async fn retire_listeners(&mut self, desired: &HashMap<SocketAddr, ListenerKind>) {
+        let gone: Vec<SocketAddr> = self.listeners.keys().filter(|a| !desired.contains_key(a)).copied().collect();
         for addr in gone {
             if let Some(listener) = self.listeners.remove(&addr) {
                 listener.stop().await;

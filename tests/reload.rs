@@ -126,9 +126,10 @@ async fn a_new_system_ca_file_takes_effect_on_the_next_reload() {
     std::fs::write(&ca_file, &first_ca.pem).unwrap();
     let outbound = free_addr("127.0.0.1");
     let tls = "  tls:\n    enabled: true\n    verification:\n      serverName: tcpbin.test\n";
-    let (_cfg, config) =
-        config_dir(&service_with_outbound("sys", outbound, &endpoint("127.0.0.1", server.addr.port(), 0), tls));
-    let mut opts = options(config);
+    let service =
+        |tls: &str| service_with_outbound("sys", outbound, &endpoint("127.0.0.1", server.addr.port(), 0), tls);
+    let (_cfg, config) = config_dir(&service(tls));
+    let mut opts = options(config.clone());
     opts.compile.system_ca_file = Some(ca_file.clone());
     let mut proxy = start(opts).await;
     let exchange = || async {
@@ -153,6 +154,10 @@ async fn a_new_system_ca_file_takes_effect_on_the_next_reload() {
     std::fs::write(&ca_file, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     proxy.reload().await.unwrap();
     assert_eq!(exchange().await, "hello Some(TLSv1_3)\nping", "a garbled CA file broke the service");
+    // A TLS client made anew meanwhile (its settings changed) trusts those roots too.
+    std::fs::write(&config, service(&format!("{tls}    version:\n      max: TLS12\n"))).unwrap();
+    proxy.reload().await.unwrap();
+    assert_eq!(exchange().await, "hello Some(TLSv1_2)\nping", "a changed service broke without the CA file");
 }
 
 /// A query for `name`, answered or not within 10 s; true when an answer came.

@@ -465,6 +465,7 @@ fn every_route_rule_has_its_message() {
         ("trailing slash", http_route("{matches: [{path: {type: PathPrefix, value: /a/}}], default: {}}"), format!("{r}.matches[0].path.value"), "does not need a trailing slash because only a `/`-separated prefix or an entire path is matched"),
         ("bad regex", http_route("{matches: [{path: {type: RegularExpression, value: \"(\"}}], default: {}}"), format!("{r}.matches[0].path.value"), "must be a valid regular expression"),
         // Valid alone; anchored for a whole-path match, its comment swallows the anchors.
+        ("regex closing the anchors' group", http_route("{matches: [{path: {type: RegularExpression, value: \"/admin)|(.*\"}}], default: {}}"), format!("{r}.matches[0].path.value"), "must be a valid regular expression"),
         ("regex comment", http_route("{matches: [{path: {type: RegularExpression, value: \"(?x)/admin # admin only\"}}], default: {}}"), format!("{r}.matches[0].path.value"), "must be a valid regular expression"),
         ("method", http_route("{matches: [{method: FETCH}], default: {}}"), format!("{r}.matches[0].method"), "must be one of: CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE"),
         ("query duplicate", http_route("{matches: [{queryParams: [{type: Exact, name: a, value: b}, {type: Exact, name: a, value: c}]}], default: {}}"), format!("{r}.matches[0].queryParams"), "multiple entries for name a"),

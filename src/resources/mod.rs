@@ -99,8 +99,10 @@ pub struct Loaded {
 
 /// A `RegularExpression` match value as Envoy's RE2 `FullMatch`: the whole value must match.
 /// Validation and matching both compile it here, so a value that loads always compiles to the
-/// same whole-value test (validating the bare value let `(?x)/admin # comment` through, whose
-/// comment then swallowed the anchors and the route lost its path test).
+/// same whole-value test. The value must be a regular expression alone too: anchored only,
+/// `(?x)/admin # comment` (its comment swallows the anchors) failed at matching, and
+/// `/admin)|(.*` (balanced only by the anchors' group) would match every path.
 pub fn full_match_regex(value: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(value)?;
     regex::Regex::new(&format!("^(?:{value})$"))
 }

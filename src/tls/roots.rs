@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, TrustAnchor};
 
 pub use crate::catalog::SYSTEM_CA_ENV;
 
@@ -25,11 +25,20 @@ pub struct SystemRoots {
     /// The file from [`SYSTEM_CA_ENV`], if set.
     ca_file: Option<PathBuf>,
     store: OnceLock<Result<Arc<RootCertStore>, String>>,
+    /// The roots read for the configuration before, used when these cannot be read.
+    fallback: Option<Vec<TrustAnchor<'static>>>,
 }
 
 impl SystemRoots {
     pub fn new(ca_file: Option<PathBuf>) -> Self {
-        Self { ca_file, store: OnceLock::new() }
+        Self { ca_file, store: OnceLock::new(), fallback: None }
+    }
+
+    /// Unreadable (a CA file being rotated, missing or half written), the roots read for the
+    /// configuration before stay in force, with a warning; the next configuration reads them
+    /// again. Without them the services that need the roots are broken.
+    pub fn or_previous(self, previous: Option<&[TrustAnchor<'static>]>) -> Self {
+        Self { fallback: previous.map(<[_]>::to_vec), ..self }
     }
 
     /// Reads [`SYSTEM_CA_ENV`].
@@ -38,16 +47,21 @@ impl SystemRoots {
     }
 
     pub fn get(&self) -> Result<Arc<RootCertStore>, String> {
-        self.store.get_or_init(|| self.load()).clone()
-    }
-
-    /// Whether they were read, and could not be.
-    pub fn failed(&self) -> bool {
-        matches!(self.store.get(), Some(Err(_)))
+        self.store
+            .get_or_init(|| {
+                self.load().or_else(|error| match &self.fallback {
+                    Some(roots) => {
+                        tracing::warn!(%error, "the system CA roots could not be read; the roots read before stay in force");
+                        Ok(Arc::new(RootCertStore { roots: roots.clone() }))
+                    }
+                    None => Err(error),
+                })
+            })
+            .clone()
     }
 
     /// The trust anchors, when they were loaded (and could be), for telling whether they changed.
-    pub fn loaded(&self) -> Option<&[rustls_pki_types::TrustAnchor<'static>]> {
+    pub fn loaded(&self) -> Option<&[TrustAnchor<'static>]> {
         self.store.get().and_then(|r| r.as_ref().ok()).map(|s| s.roots.as_slice())
     }
 

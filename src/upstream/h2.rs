@@ -129,12 +129,14 @@ impl Client {
             // only once it is. A GOAWAY meanwhile fails this wait whether or not the endpoint
             // takes the stream (it may be at or below the GOAWAY's last stream id): the stream's
             // fate comes with its response (h2 fails the streams the endpoint did not take), and
-            // the connection counts as closed for the next requests.
-            let _ = self.ready(&mut send).await;
+            // the connection counts as closed for the next requests. Only a stream known to be
+            // open is the request's own (a timeout then counts against the endpoint).
+            if self.ready(&mut send).await.is_ok() {
+                opened.store(true, Ordering::Relaxed);
+            }
             let (response, stream) = opened_stream;
             (response, stream, body)
         };
-        opened.store(true, Ordering::Relaxed);
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
         let mut cancel_pipe = None;
