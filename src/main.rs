@@ -576,10 +576,13 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             resolver: ResolverSource::new(args.upstream_dns),
         },
     };
-    let watch_paths = options.config_paths.clone();
+    // Watched before the first load: a change while it runs brings a reload right after.
+    let mut watch = if args.no_watch {
+        None
+    } else {
+        Some(ConfigWatch::new(&options.config_paths).context("watching the configuration")?)
+    };
     let mut server = Server::start(options, Arc::new(SoOriginalDst)).await?;
-    let mut watch =
-        if args.no_watch { None } else { Some(ConfigWatch::new(&watch_paths).context("watching the configuration")?) };
     if let Some(addr) = server.admin_addr() {
         tracing::info!(admin = %addr, "ready");
     }

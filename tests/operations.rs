@@ -410,3 +410,34 @@ async fn a_configmap_update_by_the_kubelets_data_swap_is_reloaded() {
     let dump = services().await;
     assert_eq!(dump.matches("\"name\": \"first\"").count(), 1, "{dump}");
 }
+
+/// A configuration directory replaced whole (`mv conf.new conf`, a deploy tool's swap) is
+/// watched anew: the change it brings is applied, and so is the next edit inside it (the watch
+/// stayed on the old directory, and edits were no longer seen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_configuration_directory_is_watched_anew() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [first, swapped, edited, admin]: [SocketAddr; 4] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let root = tempfile::tempdir().unwrap();
+    let (conf, staged) = (root.path().join("conf"), root.path().join("conf.new"));
+    let write = |dir: &std::path::Path, services: &[(&str, SocketAddr)]| {
+        std::fs::create_dir_all(dir).unwrap();
+        let text: Vec<String> = services.iter().map(|(n, a)| tcp_service(n, *a, echo.addr.port())).collect();
+        std::fs::write(dir.join("services.yaml"), text.join("---\n")).unwrap();
+    };
+    write(&conf, &[("first", first)]);
+    let _proxy = spawn_proxy(&conf, admin, &[], &[]);
+    wait_ready(admin).await;
+    write(&staged, &[("first", first), ("swapped", swapped)]);
+    std::fs::rename(&conf, root.path().join("conf.old")).unwrap();
+    std::fs::rename(&staged, &conf).unwrap();
+    eventually("the swapped-in directory is applied", Duration::from_secs(10), || async {
+        greet(swapped).await.is_ok()
+    })
+    .await;
+    write(&conf, &[("first", first), ("swapped", swapped), ("edited", edited)]);
+    eventually("an edit in the new directory is applied", Duration::from_secs(10), || async {
+        greet(edited).await.is_ok()
+    })
+    .await;
+}
