@@ -288,6 +288,13 @@ impl Server {
         if compiled.diagnostics.has_errors() {
             return Err(ServerError::InvalidConfig(compiled.diagnostics));
         }
+        // Valid, and maybe meant, but more often a directory caught half written or emptied.
+        if compiled.catalog.services().is_empty() && !previous.catalog.services().is_empty() {
+            tracing::warn!(
+                services = previous.catalog.services().len(),
+                "the new configuration has no MeshExternalService: every service, its listeners and DNS names go"
+            );
+        }
         let desired = self.desired_listeners(&compiled.catalog);
         if !self.options.listen_allow_remote {
             let remote = desired
