@@ -324,7 +324,12 @@ impl PolicySet {
             }
             let has_to = spec.to.as_ref().is_some_and(|to| !to.is_empty());
             let role = Role::of(&r.meta, has_to);
-            if let Some(reason) = proxies.why_not_selected(&r.meta.mesh, namespace.as_deref(), &top, role) {
+            // MeshCircuitBreaker and MeshHealthCheck act on the real endpoints, where Kuma's
+            // ZoneEgress applies every policy's `to` items whatever its top-level targetRef
+            // (`processToResourceRules`): so does mesh-egress, which talks to them itself.
+            let endpoint_side = matches!(kind, PolicyKind::MeshCircuitBreaker | PolicyKind::MeshHealthCheck);
+            let not_selected = proxies.why_not_selected(&r.meta.mesh, namespace.as_deref(), &top, role);
+            if let Some(reason) = not_selected.filter(|_| !endpoint_side) {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }
@@ -595,6 +600,46 @@ mod tests {
         let e = set.effective(&target, &origin, &mut diagnostics);
         assert!(diagnostics.0.is_empty(), "{diagnostics:?}");
         e
+    }
+
+    /// MeshCircuitBreaker and MeshHealthCheck apply whatever their top-level targetRef selects,
+    /// as on Kuma's ZoneEgress, which faces the real endpoints; a MeshTimeout (a sidecar
+    /// policy) with the same top-level targetRef is not applied.
+    #[test]
+    fn endpoint_side_policies_ignore_the_top_level_target_ref() {
+        let (_, set) = set(r#"
+type: MeshHealthCheck
+name: hc
+mesh: default
+spec:
+  targetRef: {kind: Dataplane, name: another-workload}
+  to:
+  - targetRef: {kind: MeshExternalService, name: httpbin}
+    default: {interval: 7s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1, tcp: {}}
+---
+type: MeshCircuitBreaker
+name: cb
+mesh: default
+spec:
+  targetRef: {kind: Mesh, proxyTypes: [Gateway]}
+  to:
+  - targetRef: {kind: MeshExternalService, name: httpbin}
+    default: {connectionLimits: {maxConnections: 7}}
+---
+type: MeshTimeout
+name: t
+mesh: default
+spec:
+  targetRef: {kind: Dataplane, name: another-workload}
+  to:
+  - targetRef: {kind: MeshExternalService, name: httpbin}
+    default: {idleTimeout: 7s}
+"#);
+        let e = effective(&set, "httpbin", &Labels::new());
+        assert_eq!(e.mesh_health_check.unwrap().interval.unwrap().get().as_secs(), 7);
+        assert_eq!(e.mesh_circuit_breaker.unwrap().connection_limits.unwrap().max_connections, Some(7));
+        assert!(e.mesh_timeout.is_none(), "a sidecar policy for another workload applied");
+        assert_eq!(set.ignored.iter().map(|i| i.kind).collect::<Vec<_>>(), ["MeshTimeout"]);
     }
 
     /// Kuma's `mretry_with_mes` testdata: the MES item overrides the Mesh item field by field,
