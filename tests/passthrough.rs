@@ -273,3 +273,33 @@ async fn http2_streams_are_decided_by_authority() {
         assert_eq!(response.status(), status, "{authority}");
     }
 }
+
+/// A passthrough connection has its access-log line (service `passthrough`, as Kuma's
+/// passthrough cluster), with the bytes it moved and the endpoint it went to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_connections_are_in_the_access_log() {
+    use mesh_egress::access_log::{AccessLog, Destination, Format};
+    let echo = echo_server("127.0.0.4:0".parse().unwrap(), "echo").await;
+    let policy = "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default: {passthroughMode: All}\n";
+    let (dir, config) = config_dir(policy);
+    let log = dir.path().join("access.log");
+    let mut opts = options(config);
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    let mut stream = injected.connect(proxy.transparent_addr().unwrap(), echo.addr).await;
+    stream.write_all(b"ping").await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut stream).await, "echo\nping<eof>");
+    eventually("the passthrough line", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"service\":\"passthrough\"")) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["endpoint"], echo.addr.to_string());
+    assert_eq!(line["outcome"], "closed");
+    assert_eq!(line["bytes_sent"], 4);
+}

@@ -160,6 +160,19 @@ impl Direction {
     }
 }
 
+/// How a flow ended, for the access log: `closed`, `idle_timeout`, `half_close_timeout` or
+/// `reset`.
+pub fn outcome(result: &io::Result<()>) -> &'static str {
+    match result {
+        Ok(()) => "closed",
+        Err(e) => match FlowTimedOut::of(e) {
+            Some(FlowTimedOut::Idle) => "idle_timeout",
+            Some(FlowTimedOut::HalfClose) => "half_close_timeout",
+            None => "reset",
+        },
+    }
+}
+
 /// The ways a peer can vanish mid-flow: a reset or a closed pipe ends that direction, not the
 /// whole flow.
 fn is_disconnect(kind: io::ErrorKind) -> bool {

@@ -31,12 +31,5 @@ pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream, timeouts:
         metrics().tls_failure(upstream.service(), reason);
     }
     ctx.bytes = bytes;
-    ctx.outcome = match &result {
-        Ok(()) => "closed",
-        Err(e) => match copy::FlowTimedOut::of(e) {
-            Some(copy::FlowTimedOut::Idle) => "idle_timeout",
-            Some(copy::FlowTimedOut::HalfClose) => "half_close_timeout",
-            None => "reset",
-        },
-    };
+    ctx.outcome = copy::outcome(&result);
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::{copy, Proxy, ProxySettings};
+use crate::access_log::Record;
 use crate::live::Snapshot;
 use crate::metrics::metrics;
 use crate::policy::passthrough::Allowed;
@@ -56,7 +57,7 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
             Allowed::Address => "address",
         };
         metrics().passthrough("connection", true, reason);
-        return tunnel(settings, client, peer, dst).await;
+        return tunnel(proxy, client, peer, dst).await;
     }
     if plan.mode == PassthroughMode::None {
         return deny(peer, dst, "mode_none", " (MeshPassthrough passthroughMode: None)");
@@ -68,7 +69,7 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
         Sniffed::Tls { sni: Some(name) } if plan.allows_sni(&name, dst.port()) => match pin(proxy, &name, dst).await {
             Ok(target) => {
                 metrics().passthrough("connection", true, "sni");
-                tunnel(settings, client, peer, target).await;
+                tunnel(proxy, client, peer, target).await;
             }
             Err(why) => deny(peer, dst, "unresolved", &format!(": SNI {name} is allowed but {why}")),
         },
@@ -113,14 +114,46 @@ pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<So
     Ok(target)
 }
 
-/// Connects to `target` and copies both ways.
-async fn tunnel(settings: &ProxySettings, mut client: TcpStream, peer: SocketAddr, target: SocketAddr) {
+/// Connects to `target` and copies both ways; one access-log line (service `passthrough`, as
+/// Kuma's passthrough cluster) when the access log is on.
+async fn tunnel(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, target: SocketAddr) {
+    let (settings, started) = (&proxy.settings, std::time::Instant::now());
     let addr = TargetAddr::Socket(target);
-    let mut upstream = match tokio::time::timeout(settings.connect_timeout, UpstreamStream::connect(&addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(error)) => return tracing::debug!(%peer, %target, %error, "passthrough connect failed"),
-        Err(_) => return tracing::debug!(%peer, %target, "passthrough connect timed out"),
+    let (bytes, outcome) = match tokio::time::timeout(settings.connect_timeout, UpstreamStream::connect(&addr)).await {
+        Ok(Ok(mut upstream)) => {
+            let (bytes, result) = copy::bidirectional(&mut client, &mut upstream, settings.timeouts.flow()).await;
+            (bytes, copy::outcome(&result))
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %target, %error, "passthrough connect failed");
+            (copy::Transferred::default(), "connect_failed")
+        }
+        Err(_) => {
+            tracing::debug!(%peer, %target, "passthrough connect timed out");
+            (copy::Transferred::default(), "connect_failed")
+        }
     };
-    let (bytes, _) = copy::bidirectional(&mut client, &mut upstream, settings.timeouts.flow()).await;
-    tracing::debug!(%peer, %target, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, "passthrough closed");
+    tracing::debug!(%peer, %target, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, outcome, "passthrough closed");
+    if let Some(log) = &proxy.access_log {
+        let (duration, time) = (started.elapsed(), std::time::SystemTime::now());
+        log.log(Arc::new(Record {
+            time,
+            start: time.checked_sub(duration).unwrap_or(time),
+            service: Arc::from(PASSTHROUGH_SERVICE),
+            protocol: "tcp",
+            client: peer,
+            endpoint: Some(target.to_string()),
+            request: None,
+            status: None,
+            outcome,
+            bytes_sent: bytes.client_to_upstream,
+            bytes_received: bytes.upstream_to_client,
+            duration,
+            http_version: None,
+            headers: None,
+        }));
+    }
 }
+
+/// The access log's service for passthrough connections.
+const PASSTHROUGH_SERVICE: &str = "passthrough";
