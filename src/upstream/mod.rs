@@ -409,14 +409,18 @@ impl Upstream {
                 tasks.push(tokio::spawn(task).abort_handle());
             }
         }
-        // Only HTTP services pool connections: TCP ones need no sweeper.
-        if protocol != Protocol::Tcp && tokio::runtime::Handle::try_current().is_ok() {
-            tasks.push(tokio::spawn(sweep_loop(Arc::downgrade(&upstream))).abort_handle());
-        }
         if let Ok(mut slot) = upstream.tasks.lock() {
             *slot = tasks;
         }
         upstream.set_policy(policy);
+        // Only HTTP services pool connections: TCP ones need no sweeper. Started once the
+        // policy's idle timeout is in force: its first wait is half of that timeout.
+        if protocol != Protocol::Tcp && tokio::runtime::Handle::try_current().is_ok() {
+            let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&upstream))).abort_handle();
+            if let Ok(mut slot) = upstream.tasks.lock() {
+                slot.push(sweeper);
+            }
+        }
         upstream
     }
 
