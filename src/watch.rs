@@ -1,6 +1,5 @@
 //! Watching the configuration paths for changes (notify), debounced into reload requests.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,34 +13,43 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 pub struct ConfigWatch {
     watcher: notify::RecommendedWatcher,
     changes: mpsc::Receiver<()>,
-    /// The directories given, each with the inode it was watched at.
-    dirs: Vec<(PathBuf, Option<u64>)>,
+    /// The directories given (absolute), watched anew after each burst of changes.
+    dirs: Vec<PathBuf>,
 }
 
 impl ConfigWatch {
-    /// Watches every path: directories recursively, and for a file or a directory, its parent
-    /// too: editors and Kubernetes ConfigMaps replace files rather than write them in place,
-    /// and a directory replaced whole (`mv conf.new conf`) must be watched anew. Only events
-    /// under the given paths count.
+    /// Watches every path: a directory recursively, and its parent, so that one replaced whole
+    /// (`mv conf.new conf`, deleted and made again) is seen; for a file, its directory, because
+    /// editors replace files rather than write them in place and a Kubernetes ConfigMap's
+    /// update touches only `..data` beside the file. An event counts when it is under a
+    /// directory given or in a given file's directory (notify reports absolute paths), or when
+    /// the kernel's queue overflowed and events were lost.
     pub fn new(paths: &[PathBuf]) -> notify::Result<Self> {
+        let cwd = std::env::current_dir().map_err(notify::Error::io)?;
+        let absolute: Vec<PathBuf> = paths.iter().map(|p| cwd.join(p)).collect();
+        let scopes: Vec<PathBuf> =
+            absolute.iter().map(|p| if p.is_dir() { p.clone() } else { parent(p).to_path_buf() }).collect();
         let (tx, changes) = mpsc::channel(1);
-        let watched = paths.to_vec();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let relevant = event.is_ok_and(|e| {
-                !matches!(e.kind, notify::EventKind::Access(_))
-                    && e.paths.iter().any(|p| watched.iter().any(|w| p.starts_with(w)))
+                e.need_rescan()
+                    || (!matches!(e.kind, notify::EventKind::Access(_))
+                        && e.paths.iter().any(|p| scopes.iter().any(|s| p.starts_with(s))))
             });
             if relevant {
                 let _ = tx.try_send(()); // one pending request is enough
             }
         })?;
         let mut dirs = Vec::new();
-        for path in paths {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            watcher.watch(parent, RecursiveMode::NonRecursive)?;
+        for path in absolute {
             if path.is_dir() {
-                watcher.watch(path, RecursiveMode::Recursive)?;
-                dirs.push((path.clone(), inode(path)));
+                watcher.watch(&path, RecursiveMode::Recursive)?;
+                if let Err(error) = watcher.watch(parent(&path), RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %path.display(), %error, "cannot watch the directory's parent: a replaced directory is seen at the next SIGHUP");
+                }
+                dirs.push(path);
+            } else {
+                watcher.watch(parent(&path), RecursiveMode::NonRecursive)?;
             }
         }
         Ok(Self { watcher, changes, dirs })
@@ -58,28 +66,24 @@ impl ConfigWatch {
                 break;
             }
         }
-        self.follow_replaced_dirs();
+        self.watch_dirs_anew();
     }
 
-    /// A directory given that is now another one (replaced, or deleted and made again) is
-    /// watched anew: the old watch went with the old directory.
-    fn follow_replaced_dirs(&mut self) {
-        for (dir, watched_inode) in &mut self.dirs {
-            let now = inode(dir);
-            if now == *watched_inode {
+    /// The directories given are watched anew: one replaced, or deleted and made again (often
+    /// with the same inode), lost its watch with the old one. Adding a watch again is harmless.
+    fn watch_dirs_anew(&mut self) {
+        for dir in &self.dirs {
+            let _ = self.watcher.unwatch(dir);
+            if !dir.is_dir() {
                 continue;
             }
-            let _ = self.watcher.unwatch(dir);
-            if now.is_some() {
-                if let Err(error) = self.watcher.watch(dir, RecursiveMode::Recursive) {
-                    tracing::warn!(dir = %dir.display(), %error, "cannot watch the replaced configuration directory; SIGHUP reloads it");
-                }
+            if let Err(error) = self.watcher.watch(dir, RecursiveMode::Recursive) {
+                tracing::warn!(dir = %dir.display(), %error, "cannot watch the configuration directory; SIGHUP reloads it");
             }
-            *watched_inode = now;
         }
     }
 }
 
-fn inode(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.ino())
+fn parent(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"))
 }

@@ -413,7 +413,8 @@ async fn a_configmap_update_by_the_kubelets_data_swap_is_reloaded() {
 
 /// A configuration directory replaced whole (`mv conf.new conf`, a deploy tool's swap) is
 /// watched anew: the change it brings is applied, and so is the next edit inside it (the watch
-/// stayed on the old directory, and edits were no longer seen).
+/// stayed on the old directory, and edits were no longer seen). The directory is given as a
+/// relative path, as in the README (notify reports absolute paths).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_configuration_directory_is_watched_anew() {
     let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
@@ -426,7 +427,17 @@ async fn a_replaced_configuration_directory_is_watched_anew() {
         std::fs::write(dir.join("services.yaml"), text.join("---\n")).unwrap();
     };
     write(&conf, &[("first", first)]);
-    let _proxy = spawn_proxy(&conf, admin, &[], &[]);
+    let admin_arg = admin.to_string();
+    let _proxy = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_mesh-egress"))
+            .current_dir(root.path())
+            .args(["run", "-c", "conf", "--admin", &admin_arg, "--transparent", "off", "--dns", "off"])
+            .args(["--readiness-port", "off"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mesh-egress"),
+    );
     wait_ready(admin).await;
     write(&staged, &[("first", first), ("swapped", swapped)]);
     std::fs::rename(&conf, root.path().join("conf.old")).unwrap();
@@ -440,4 +451,31 @@ async fn a_replaced_configuration_directory_is_watched_anew() {
         greet(edited).await.is_ok()
     })
     .await;
+}
+
+/// A single configuration file mounted from a Kubernetes ConfigMap: `config.yaml` is a link to
+/// `..data/config.yaml`, and an update writes a new timestamped directory and swaps the `..data`
+/// link, never touching `config.yaml` itself. The swap is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_of_a_single_file_is_applied() {
+    use std::os::unix::fs::symlink;
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [first, added, admin]: [SocketAddr; 3] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let mount = tempfile::tempdir().unwrap();
+    let version = |name: &str, services: &[(&str, SocketAddr)]| {
+        let dir = mount.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let text: Vec<String> = services.iter().map(|(n, a)| tcp_service(n, *a, echo.addr.port())).collect();
+        std::fs::write(dir.join("config.yaml"), text.join("---\n")).unwrap();
+    };
+    version("..2026_12_06_1", &[("first", first)]);
+    symlink("..2026_12_06_1", mount.path().join("..data")).unwrap();
+    symlink("..data/config.yaml", mount.path().join("config.yaml")).unwrap();
+    let _proxy = spawn_proxy(&mount.path().join("config.yaml"), admin, &[], &[]);
+    wait_ready(admin).await;
+    version("..2026_12_06_2", &[("first", first), ("added", added)]);
+    symlink("..2026_12_06_2", mount.path().join("..data_tmp")).unwrap();
+    std::fs::rename(mount.path().join("..data_tmp"), mount.path().join("..data")).unwrap();
+    eventually("the ConfigMap's update is applied", Duration::from_secs(10), || async { greet(added).await.is_ok() })
+        .await;
 }

@@ -46,7 +46,7 @@ fn deny(peer: SocketAddr, dst: SocketAddr, reason: &'static str, detail: &str) {
 }
 
 pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-    let settings = &proxy.settings;
+    let (settings, started) = (&proxy.settings, std::time::Instant::now());
     if !settings.passthrough {
         return deny(peer, dst, "passthrough_off", " (--no-passthrough)");
     }
@@ -57,7 +57,7 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
             Allowed::Address => "address",
         };
         metrics().passthrough("connection", true, reason);
-        return tunnel(proxy, client, peer, dst).await;
+        return tunnel(proxy, client, peer, dst, started).await;
     }
     if plan.mode == PassthroughMode::None {
         return deny(peer, dst, "mode_none", " (MeshPassthrough passthroughMode: None)");
@@ -69,7 +69,7 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
         Sniffed::Tls { sni: Some(name) } if plan.allows_sni(&name, dst.port()) => match pin(proxy, &name, dst).await {
             Ok(target) => {
                 metrics().passthrough("connection", true, "sni");
-                tunnel(proxy, client, peer, target).await;
+                tunnel(proxy, client, peer, target, started).await;
             }
             Err(why) => deny(peer, dst, "unresolved", &format!(": SNI {name} is allowed but {why}")),
         },
@@ -115,9 +115,16 @@ pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<So
 }
 
 /// Connects to `target` and copies both ways; one access-log line (service `passthrough`, as
-/// Kuma's passthrough cluster) when the access log is on.
-async fn tunnel(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, target: SocketAddr) {
-    let (settings, started) = (&proxy.settings, std::time::Instant::now());
+/// Kuma's passthrough cluster) when the access log is on, its time counted from `started`, when
+/// the connection was taken (before its first bytes were looked at).
+async fn tunnel(
+    proxy: &Proxy,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    started: std::time::Instant,
+) {
+    let settings = &proxy.settings;
     let addr = TargetAddr::Socket(target);
     let (bytes, outcome) = match tokio::time::timeout(settings.connect_timeout, UpstreamStream::connect(&addr)).await {
         Ok(Ok(mut upstream)) => {
@@ -142,7 +149,7 @@ async fn tunnel(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, target: 
             service: Arc::from(PASSTHROUGH_SERVICE),
             protocol: "tcp",
             client: peer,
-            endpoint: Some(target.to_string()),
+            endpoint: (outcome != "connect_failed").then(|| target.to_string()),
             request: None,
             status: None,
             outcome,
