@@ -303,3 +303,27 @@ async fn passthrough_connections_are_in_the_access_log() {
     assert_eq!(line["outcome"], "closed");
     assert_eq!(line["bytes_sent"], 4);
 }
+
+/// A bare `*` Domain rule allows an address as Host too, IPv6 in brackets included: the request
+/// goes to that address (a Host of `[::1]` was looked up in DNS with its brackets, and got 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_as_host_goes_to_that_address() {
+    let v6 = http_upstream_on("[::1]:0".parse().unwrap(), None).await;
+    let v4 = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let rule = |port: u16| format!("      - {{type: Domain, value: '*', port: {port}, protocol: http}}\n");
+    let policy = format!(
+        "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    appendMatch:\n{}{}",
+        rule(v6.addr.port()),
+        rule(v4.addr.port())
+    );
+    let (_dir, config) = config_dir(&policy);
+    let mut opts = options(config);
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    for upstream in [&v6, &v4] {
+        let stream = injected.connect(proxy.transparent_addr().unwrap(), upstream.addr).await;
+        let responses = http1(stream, &[(&upstream.addr.to_string(), "/literal")]).await;
+        assert!(responses[0].0.contains(" 200 ") && responses[0].1.contains("path: /literal"), "{responses:?}");
+    }
+}

@@ -94,8 +94,13 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
 /// Where a connection for the allowed `name` goes: the original destination when `name`
 /// resolves to it, else the first address it resolves to (on the same port); `Err`: why none.
 pub(crate) async fn pin(proxy: &Proxy, name: &str, dst: SocketAddr) -> Result<SocketAddr, String> {
-    let resolved = proxy.upstream_settings.resolver.resolve(name).await?;
-    let resolved: Vec<std::net::IpAddr> = resolved.addresses.into_iter().map(|ip| ip.to_canonical()).collect();
+    // An address (a Host of `[2001:db8::1]` or `192.0.2.1`, allowed by a bare `*`) is its own.
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let resolved = match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => proxy.upstream_settings.resolver.resolve(name).await?.addresses,
+    };
+    let resolved: Vec<std::net::IpAddr> = resolved.into_iter().map(|ip| ip.to_canonical()).collect();
     // The unspecified address is no destination: Linux connects it to loopback, where the
     // proxy's own listeners are (the loopback ones are refused below, like every own listener).
     if let Some(ip) = resolved.iter().find(|ip| ip.is_unspecified()) {
