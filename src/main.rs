@@ -625,6 +625,11 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
                 }
             },
         };
+        if trigger == "SIGHUP" {
+            if let Some(watch) = watch.as_mut() {
+                watch.watch_dirs_anew(); // a directory replaced while its watch was lost
+            }
+        }
         if listeners_drained {
             tracing::info!(trigger, "listeners are drained (/drain_listeners): the configuration is not reloaded");
             continue;

@@ -20,22 +20,29 @@ pub struct ConfigWatch {
 impl ConfigWatch {
     /// Watches every path: a directory recursively, and its parent, so that one replaced whole
     /// (`mv conf.new conf`, deleted and made again) is seen; for a file, its directory, because
-    /// editors replace files rather than write them in place and a Kubernetes ConfigMap's
-    /// update touches only `..data` beside the file. An event counts when it is under a
-    /// directory given or in a given file's directory (notify reports absolute paths), or when
-    /// the kernel's queue overflowed and events were lost.
+    /// editors and `sed -i` replace files rather than write them in place, and a Kubernetes
+    /// ConfigMap's update swaps only `..data` beside the file. An event counts when it is under
+    /// a directory given, or for a file when it is the file itself or a `..` entry beside it
+    /// (an access log written next to the file must not reload; notify reports absolute paths),
+    /// or when the kernel's queue overflowed and events were lost.
     pub fn new(paths: &[PathBuf]) -> notify::Result<Self> {
         let cwd = std::env::current_dir().map_err(notify::Error::io)?;
         let absolute: Vec<PathBuf> = paths.iter().map(|p| cwd.join(p)).collect();
-        let scopes: Vec<PathBuf> =
-            absolute.iter().map(|p| if p.is_dir() { p.clone() } else { parent(p).to_path_buf() }).collect();
+        let scopes: Vec<Scope> =
+            absolute.iter().map(|p| if p.is_dir() { Scope::Dir(p.clone()) } else { Scope::File(p.clone()) }).collect();
         let (tx, changes) = mpsc::channel(1);
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let relevant = event.is_ok_and(|e| {
-                e.need_rescan()
-                    || (!matches!(e.kind, notify::EventKind::Access(_))
-                        && e.paths.iter().any(|p| scopes.iter().any(|s| p.starts_with(s))))
-            });
+            let relevant = match event {
+                Ok(e) => {
+                    e.need_rescan()
+                        || (!matches!(e.kind, notify::EventKind::Access(_))
+                            && e.paths.iter().any(|p| scopes.iter().any(|s| s.covers(p))))
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "watching the configuration failed; SIGHUP reloads it");
+                    false
+                }
+            };
             if relevant {
                 let _ = tx.try_send(()); // one pending request is enough
             }
@@ -71,7 +78,8 @@ impl ConfigWatch {
 
     /// The directories given are watched anew: one replaced, or deleted and made again (often
     /// with the same inode), lost its watch with the old one. Adding a watch again is harmless.
-    fn watch_dirs_anew(&mut self) {
+    /// After each burst of changes, and on SIGHUP.
+    pub fn watch_dirs_anew(&mut self) {
         for dir in &self.dirs {
             let _ = self.watcher.unwatch(dir);
             if !dir.is_dir() {
@@ -79,6 +87,25 @@ impl ConfigWatch {
             }
             if let Err(error) = self.watcher.watch(dir, RecursiveMode::Recursive) {
                 tracing::warn!(dir = %dir.display(), %error, "cannot watch the configuration directory; SIGHUP reloads it");
+            }
+        }
+    }
+}
+
+/// What a path given covers.
+enum Scope {
+    Dir(PathBuf),
+    File(PathBuf),
+}
+
+impl Scope {
+    fn covers(&self, event: &Path) -> bool {
+        match self {
+            Self::Dir(dir) => event.starts_with(dir),
+            Self::File(file) => {
+                event == file
+                    || (event.parent() == file.parent()
+                        && event.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"..")))
             }
         }
     }

@@ -479,3 +479,26 @@ async fn a_configmap_update_of_a_single_file_is_applied() {
     eventually("the ConfigMap's update is applied", Duration::from_secs(10), || async { greet(added).await.is_ok() })
         .await;
 }
+
+/// Changes beside a single configuration file that are not about it, here the access log
+/// written next to it, reload nothing (every write reloaded, about every 250 ms under traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_beside_a_single_configuration_file_reload_nothing() {
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [outbound, admin]: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let (dir, config) = config_dir(&tcp_service("logged", outbound, echo.addr.port()));
+    let log = dir.path().join("access.log");
+    let _proxy = spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap()], &[]);
+    wait_ready(admin).await;
+    for _ in 0..4 {
+        greet(outbound).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await; // past the watch's debounce
+    }
+    assert!(std::fs::metadata(&log).unwrap().len() > 0, "the access log was written");
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(
+        !metrics.contains("mesh_egress_config_reloads_total{"),
+        "reloads without a configuration change:\n{}",
+        metrics.lines().filter(|l| l.contains("reloads")).collect::<Vec<_>>().join("\n")
+    );
+}
