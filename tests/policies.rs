@@ -1055,3 +1055,41 @@ async fn traffic_permissions_decide_per_workload() {
     assert_eq!(get_status(outbounds[4], &[]).await.0, 200, "the Dataplane item beats the Mesh one");
     assert_eq!(counter("mesh_egress_access_refused_total", "denied"), 1.0);
 }
+
+/// A reload that shortens MeshTimeout's `idleTimeout` on a kept service closes its idle pooled
+/// connections by the new timeout: the sweeper, asleep for half the old one (a minute at most),
+/// is woken (it closed them only after its sleep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_shortens_the_idle_timeout_applies_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    if common::read_head(&mut stream).await.is_err() {
+                        let _ = closed_tx.send(());
+                        return;
+                    }
+                    if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let idle = |timeout: &str| {
+        format!("type: MeshTimeout\nname: idle\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{idleTimeout: {timeout}}}\n")
+    };
+    let (outbound, _dir, config) = service_and_policies("shortened", "http", port, &idle("1h"));
+    let mut proxy = start(options(config.clone())).await;
+    let (status, _, _) = get_status(outbound, &[]).await;
+    assert_eq!(status, 200);
+    let text = std::fs::read_to_string(&config).unwrap().replace("idleTimeout: 1h", "idleTimeout: 200ms");
+    std::fs::write(&config, text).unwrap();
+    proxy.reload().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), closed.recv()).await;
+    assert!(ended.is_ok(), "the idle connection outlived the new idle timeout");
+}

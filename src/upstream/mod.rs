@@ -788,11 +788,15 @@ fn healthy_percent(targets: &[Target]) -> f64 {
 }
 
 /// Closes idle pooled connections past their idle timeout (checked at half of it, at most
-/// every minute, so a reload that shortens it takes effect).
+/// every minute; a reload that changes it wakes the loop to go by the new one).
 async fn sweep_loop(upstream: Weak<Upstream>) {
     loop {
-        let period = upstream.upgrade().map_or(pool::DEFAULT_IDLE_TIMEOUT, |u| u.pool.idle_timeout()) / 2;
-        tokio::time::sleep(period.clamp(Duration::from_millis(100), Duration::from_secs(60))).await;
+        let Some((idle, changed)) = upstream.upgrade().map(|u| u.pool.idle_timeout()) else { return };
+        let period = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = changed.notified() => continue,
+        }
         let Some(up) = upstream.upgrade() else { return };
         up.pool.sweep();
     }

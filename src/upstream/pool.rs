@@ -404,6 +404,9 @@ const UNLIMITED: u64 = u64::MAX;
 pub struct Pool {
     /// Nanoseconds an idle connection is kept (MeshTimeout `idleTimeout`, else `--idle-timeout`).
     idle_timeout: AtomicU64,
+    /// Told when the idle timeout changes: the sweeper, asleep for half the old one (up to a
+    /// minute), goes by the new one at once.
+    idle_timeout_changed: Arc<tokio::sync::Notify>,
     /// Nanoseconds a connection is used for new requests (`http.maxConnectionDuration`).
     max_lifetime: AtomicU64,
     /// One per worker slot: a worker takes and returns connections under its own lock, on its
@@ -426,7 +429,7 @@ impl Default for Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout()).finish()
+        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout().0).finish()
     }
 }
 
@@ -442,6 +445,7 @@ impl Pool {
     fn with_shards(idle_timeout: Duration, shards: usize) -> Self {
         Self {
             idle_timeout: AtomicU64::new(nanos(Some(idle_timeout))),
+            idle_timeout_changed: Arc::default(),
             max_lifetime: AtomicU64::new(UNLIMITED),
             shards: (0..shards.max(1)).map(|_| Line::default()).collect(),
             pools: Mutex::default(),
@@ -494,12 +498,15 @@ impl Pool {
 
     /// Applies a configuration's timeouts (`None`: no limit).
     pub fn set_timeouts(&self, idle: Option<Duration>, max_lifetime: Option<Duration>) {
-        self.idle_timeout.store(nanos(idle), Ordering::Relaxed);
+        if self.idle_timeout.swap(nanos(idle), Ordering::Relaxed) != nanos(idle) {
+            self.idle_timeout_changed.notify_one();
+        }
         self.max_lifetime.store(nanos(max_lifetime), Ordering::Relaxed);
     }
 
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
+    /// The idle timeout, and what tells when it changes.
+    pub fn idle_timeout(&self) -> (Duration, Arc<tokio::sync::Notify>) {
+        (Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed)), self.idle_timeout_changed.clone())
     }
 
     fn young(&self, opened: Instant) -> bool {
