@@ -167,7 +167,7 @@ struct RunArgs {
     /// Data-path worker threads (default: one per core).
     #[arg(long, env = "MESH_EGRESS_WORKERS")]
     workers: Option<usize>,
-    /// Timeout for connecting to an endpoint (Kuma's default: 5s).
+    /// Timeout for connecting to an endpoint, `0s` for none (Kuma's default: 5s).
     #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
     connect_timeout: Duration,
     /// Close an application connection (TCP flow, HTTP connection, tunnel, passthrough) after
@@ -192,19 +192,19 @@ struct RunArgs {
     /// HTTP/2 streams open at once per application connection (Envoy's default, 100).
     #[arg(long, env = "MESH_EGRESS_MAX_CONCURRENT_STREAMS", default_value_t = mesh_egress::proxy::http::MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
-    /// Time one upstream nameserver has to answer a forwarded DNS query.
+    /// Time one upstream nameserver has to answer a forwarded DNS query (`0s`: none).
     #[arg(long, env = "MESH_EGRESS_DNS_FORWARD_TIMEOUT", default_value = "2s", value_parser = duration)]
     dns_forward_timeout: Duration,
     /// Forwarded DNS queries waiting for an answer at once; more get SERVFAIL at once.
     #[arg(long, env = "MESH_EGRESS_DNS_MAX_IN_FLIGHT", default_value_t = mesh_egress::dns::MAX_FORWARDS_IN_FLIGHT)]
     dns_max_in_flight: usize,
-    /// A DNS-over-TCP connection without a query for this long is closed.
+    /// A DNS-over-TCP connection without a query for this long is closed (`0s`: never).
     #[arg(long, env = "MESH_EGRESS_DNS_TCP_IDLE_TIMEOUT", default_value = "10s", value_parser = duration)]
     dns_tcp_idle_timeout: Duration,
-    /// Time for an admin request's head to arrive.
+    /// Time for an admin request's head to arrive (`0s`: none).
     #[arg(long, env = "MESH_EGRESS_ADMIN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     admin_header_read_timeout: Duration,
-    /// An admin connection with no byte either way for this long is closed.
+    /// An admin connection with no byte either way for this long is closed (`0s`: never).
     #[arg(long, env = "MESH_EGRESS_ADMIN_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     admin_idle_timeout: Duration,
     /// HTTP/1 `Upgrade` protocols passed through as tunnels, comma-separated; a request asking
@@ -280,7 +280,9 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     Ok(humantime::parse_duration(s)?.min(LONGEST))
 }
 
-/// For the flags where `0s` means none.
+/// `0s` means none for every timeout flag but `--drain-timeout` (0s: exit at once) and
+/// `--ejection-time`; where a value of its own says so (`--request-timeout`, the stream idle
+/// and header-read timeouts) it is handled there.
 fn none_if_zero(duration: Duration) -> Duration {
     if duration.is_zero() {
         LONGEST
@@ -545,13 +547,13 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         command_line: std::env::args().collect(),
         log_control: LOG_CONTROL.get().cloned().map(|c| c as Arc<dyn mesh_egress::admin::LogControl>),
         admin_timeouts: mesh_egress::admin::AdminTimeouts {
-            header_read: args.admin_header_read_timeout,
-            idle: args.admin_idle_timeout,
+            header_read: none_if_zero(args.admin_header_read_timeout),
+            idle: none_if_zero(args.admin_idle_timeout),
         },
         dns_limits: mesh_egress::dns::DnsLimits {
-            forward_timeout: args.dns_forward_timeout,
+            forward_timeout: none_if_zero(args.dns_forward_timeout),
             max_in_flight: args.dns_max_in_flight,
-            tcp_idle: args.dns_tcp_idle_timeout,
+            tcp_idle: none_if_zero(args.dns_tcp_idle_timeout),
         },
         http_limits: mesh_egress::proxy::http::HttpLimits {
             max_headers: args.max_request_headers,
@@ -569,7 +571,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
         access_log,
         workers,
         upstream: Settings {
-            connect_timeout: args.connect_timeout,
+            connect_timeout: none_if_zero(args.connect_timeout),
             max_connections: args.max_upstream_connections,
             idle_timeout: none_if_zero(args.idle_timeout),
             ejection: EjectionPolicy { consecutive_failures: args.eject_after, base_time: args.ejection_time },

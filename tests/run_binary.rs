@@ -128,8 +128,9 @@ async fn one_gib_each_way_with_bounded_memory() {
     assert!(peak_kib < idle_kib + 16 * 1024, "peak RSS {peak_kib} KiB vs idle {idle_kib} KiB");
 }
 
-/// `0s` for the connection idle and half-close timeouts means none, as for the other timeout
-/// flags (it closed every flow at once), and a duration too long for the clock is taken as
+/// `0s` for a timeout flag means none (for the connection idle and half-close timeouts it closed
+/// every flow at once; the connect and admin ones are taken along, though on loopback their
+/// old reading did no visible harm here), and a duration too long for the clock is taken as
 /// long as it can be (it panicked in every flow's task). A TCP exchange where the application
 /// closes its half first, then the endpoint answers, goes through under each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,15 +147,25 @@ async fn zero_and_huge_flow_timeouts_leave_flows_alone() {
             });
         }
     });
-    for flags in [
-        ["--connection-idle-timeout", "0s", "--half-close-timeout", "0s"],
-        ["--connection-idle-timeout", "400000000000y", "--half-close-timeout", "400000000000y"],
-    ] {
+    let zero: &[&str] = &[
+        "--connection-idle-timeout",
+        "0s",
+        "--half-close-timeout",
+        "0s",
+        "--connect-timeout",
+        "0s",
+        "--admin-idle-timeout",
+        "0s",
+        "--admin-header-read-timeout",
+        "0s",
+    ];
+    let huge: &[&str] = &["--connection-idle-timeout", "400000000000y", "--half-close-timeout", "400000000000y"];
+    for flags in [zero, huge] {
         let outbound = free_addr("127.0.0.1");
         let (_dir, config) =
             config_dir(&service_with_outbound("flows", outbound, &endpoint("127.0.0.1", endpoint_addr.port(), 0), ""));
         let admin = free_addr("127.0.0.1");
-        let mut proxy = spawn_proxy(&config, admin, &flags, &[]);
+        let mut proxy = spawn_proxy(&config, admin, flags, &[]);
         wait_ready(admin).await;
         let mut app = TcpStream::connect(outbound).await.unwrap();
         app.write_all(b"ping").await.unwrap();
