@@ -460,21 +460,22 @@ fn an_http_route_to_a_tcp_service_is_reported_and_gets_no_traffic() {
 /// whole, or `usize::MAX` when it failed before its end.
 struct BodySizes {
     addr: SocketAddr,
-    heads: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// Each request's path, as its head arrives.
+    heads: tokio::sync::mpsc::UnboundedReceiver<String>,
     sizes: tokio::sync::mpsc::UnboundedReceiver<usize>,
 }
 
 async fn body_sizes() -> BodySizes {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (sizes_tx, sizes) = tokio::sync::mpsc::unbounded_channel::<usize>();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (heads_tx, sizes_tx) = (heads_tx.clone(), sizes_tx.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let _ = heads_tx.send(());
+                    let _ = heads_tx.send(req.uri().path().to_owned());
                     let sizes_tx = sizes_tx.clone();
                     async move {
                         use http_body_util::BodyExt as _;
@@ -539,6 +540,46 @@ async fn a_mirrored_request_body_is_copied_to_the_mirror() {
         usize::MAX,
         "the mirror took part of a body for all of it"
     );
+}
+
+/// A RequestMirror copy goes only where the request itself may go, and only to a mirror that may
+/// take traffic: a mirror service that is broken (here: its CA secret is missing, so it has no
+/// TLS client) gets nothing, where the copy used to go to it in clear text. Both mirror
+/// services here lead to one listener, which sees the copies in the order they come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_may_not_take_traffic_gets_no_copy() {
+    let BodySizes { addr: mirror_addr, mut heads, .. } = body_sizes().await;
+    let (primary, _task) = named("main").await;
+    let outbound = free_addr("127.0.0.1");
+    let mut yaml = service_with_protocol("main", "http", outbound, &endpoint("127.0.0.1", primary.port(), 0), "");
+    let broken_tls = "  tls:\n    enabled: true\n    verification:\n      caCert:\n        secret: missing\n";
+    for (name, tls) in [("copy", ""), ("broken-copy", broken_tls)] {
+        yaml.push_str("---\n");
+        yaml.push_str(&service_with_protocol(
+            name,
+            "http",
+            free_addr("127.0.0.1"),
+            &endpoint("127.0.0.1", mirror_addr.port(), 0),
+            tls,
+        ));
+    }
+    let rule = |path: &str, to: &str| {
+        format!("    - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n      default:\n        filters:\n        - {{type: RequestMirror, requestMirror: {{backendRef: {{kind: MeshExternalService, name: {to}}}}}}}\n")
+    };
+    yaml.push_str(&format!(
+        "---\ntype: MeshHTTPRoute\nname: mirrors\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n{}{}",
+        rule("/broken", "broken-copy"),
+        rule("/ok", "copy")
+    ));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    for path in ["/broken", "/ok"] {
+        let (status, body) =
+            text(h1(outbound).await.send_request(get(&format!("http://x{path}"), &[])).await.unwrap()).await;
+        assert_eq!((status.as_u16(), who(&body)), (200, "main"), "{path}");
+    }
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), heads.recv()).await.unwrap().unwrap();
+    assert_eq!(first, "/ok", "a copy went to the broken mirror service");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,14 +164,19 @@ impl HttpProxy {
         };
         // MeshHTTPRoute: the rule may send the request to another service, or answer it.
         let grpc = is_grpc(req.headers());
-        let (route, matched) = match routing::route(&snapshot, route, &mut req, grpc) {
+        let (route, mut matched) = match routing::route(&snapshot, route, &mut req, grpc) {
             Routed::Forward(route, matched) => (route, matched),
             Routed::Reply(response) => return *response,
         };
         drop(snapshot);
         let ctx = RequestCtx::new(route, &mut req, self);
         let mut response = match admit(&ctx.route.service) {
-            Ok(()) => forward::forward(&ctx, req, self).await,
+            Ok(()) => {
+                if let Some(mirror) = matched.as_mut().and_then(|m| m.mirror.take()) {
+                    mirror.send();
+                }
+                forward::forward(&ctx, req, self).await
+            }
             Err(denial) => reply::denied(ctx.grpc, denial),
         };
         if let Some(matched) = matched {

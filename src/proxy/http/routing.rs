@@ -28,6 +28,8 @@ pub(super) enum Routed {
 pub(super) struct MatchedRule {
     route: Route,
     rule: usize,
+    /// Its RequestMirror's copy, sent only once the request itself is admitted.
+    pub(super) mirror: Option<Box<PendingMirror>>,
 }
 
 impl MatchedRule {
@@ -66,10 +68,8 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
             rewrite_path(req, change, prefix.as_deref());
         }
     }
-    if let Some(mirror) = &rule.mirror {
-        mirror_request(snapshot, mirror, req);
-    }
-    let matched = MatchedRule { route: route.clone(), rule: rule_index };
+    let mirror = rule.mirror.as_ref().and_then(|mirror| mirror_request(snapshot, mirror, req));
+    let matched = MatchedRule { route: route.clone(), rule: rule_index, mirror };
     if rule.backends.is_empty() {
         count(&route, rule_index, rule, None, || route.service.key());
         return Routed::Forward(route, Some(matched));
@@ -142,11 +142,11 @@ fn redirect_reply(redirect: &Redirect, req: &Request<AppBody>, prefix: Option<&s
 /// answer is dropped and nothing about it reaches the application. A body is copied frame by
 /// frame as the primary sends it (a [`MirrorTee`] for the forward phase); a mirror that falls
 /// behind loses its copy, and never slows the primary.
-fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<AppBody>) {
+fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<AppBody>) -> Option<Box<PendingMirror>> {
     if rand::rng().random_range(0.0..100.0) >= mirror.percentage {
-        return;
+        return None;
     }
-    let Some(route) = mirror.backend.service.and_then(|i| snapshot.route_by_index(i)) else { return };
+    let route = mirror.backend.service.and_then(|i| snapshot.route_by_index(i))?;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = req.method().clone();
     parts.uri = req.uri().clone();
@@ -160,13 +160,33 @@ fn mirror_request(snapshot: &Snapshot, mirror: &Mirror, req: &mut Request<AppBod
         req.extensions_mut().insert(MirrorTee(sender));
         Some(receiver)
     };
-    tokio::spawn(async move {
-        let sent = tokio::time::timeout(MIRROR_TIMEOUT, super::forward::send_copy(&route, parts, body)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            tracing::debug!(service = %route.service.key(), "mirrored request failed");
+    Some(Box::new(PendingMirror { route, parts, body }))
+}
+
+/// A RequestMirror copy, to send once the request itself is admitted.
+pub(super) struct PendingMirror {
+    route: Route,
+    parts: http::request::Parts,
+    body: Option<tokio::sync::mpsc::Receiver<crate::upstream::pool::Copied>>,
+}
+
+impl PendingMirror {
+    /// Sends the copy on a task of its own, if the mirror's service is admitted too: a broken
+    /// one (no TLS client: the copy would go in clear), or one the mesh or a
+    /// MeshTrafficPermission refuses, gets nothing.
+    pub(super) fn send(self: Box<Self>) {
+        let Self { route, parts, body } = *self;
+        if crate::proxy::admit::admit(&route.service).is_err() {
+            return;
         }
-        metrics().route_request(&route.service.key(), "mirror", &route.service.key());
-    });
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(MIRROR_TIMEOUT, super::forward::send_copy(&route, parts, body)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!(service = %route.service.key(), "mirrored request failed");
+            }
+            metrics().route_request(&route.service.key(), "mirror", &route.service.key());
+        });
+    }
 }
 
 /// The mirror's end of a request body copy, carried in the request's extensions.
