@@ -336,6 +336,12 @@ async fn access_log_has_a_line_per_connection_and_request() {
         spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"], &[]);
     wait_ready(admin).await;
     assert_eq!(get(web, "/logged").await.unwrap().0, 200);
+    // A response without a body (here a 204) is as complete as any.
+    let mut empty = TcpStream::connect(web).await.unwrap();
+    empty.write_all(b"GET /empty HTTP/1.1\r\nhost: x\r\nx-status: 204\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    empty.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
     let (_, mut s) = greet(tcp).await.unwrap();
     s.write_all(b"abc").await.unwrap();
     s.shutdown().await.unwrap();
@@ -345,9 +351,11 @@ async fn access_log_has_a_line_per_connection_and_request() {
     let read = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     };
-    eventually("two access log lines", Duration::from_secs(10), || async { read().len() >= 2 }).await;
+    eventually("three access log lines", Duration::from_secs(10), || async { read().len() >= 3 }).await;
     let lines = read();
-    let http = lines.iter().find(|l| l["protocol"] == "http").unwrap();
+    let empty = lines.iter().find(|l| l["request"] == "GET /empty").unwrap();
+    assert_eq!((&empty["status"], &empty["outcome"]), (&serde_json::json!(204), &serde_json::json!("ok")), "{empty}");
+    let http = lines.iter().find(|l| l["request"] == "GET /logged").unwrap();
     assert_eq!(http["service"], "default/log-web");
     assert_eq!(http["request"], "GET /logged");
     assert_eq!(http["status"], 200);

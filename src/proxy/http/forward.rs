@@ -437,7 +437,9 @@ fn respond(
         request_slot,
     });
     if body.body.is_end_stream() {
-        body.return_to_pool(); // hyper will not poll an empty body
+        // hyper will not poll an empty body: it is complete now.
+        body.outcome = "ok";
+        body.return_to_pool();
     }
     Response::from_parts(parts, ProxyBody::Upstream(body))
 }
