@@ -186,8 +186,9 @@ struct RunArgs {
     /// HTTP/1: most headers in a request (431 beyond).
     #[arg(long, env = "MESH_EGRESS_MAX_REQUEST_HEADERS", default_value_t = mesh_egress::proxy::http::MAX_HEADERS)]
     max_request_headers: usize,
-    /// Largest HTTP/1 request head and HTTP/2 header list, in bytes (431 beyond).
-    #[arg(long, env = "MESH_EGRESS_MAX_HEADER_BYTES", default_value_t = mesh_egress::proxy::http::MAX_HEADER_BYTES)]
+    /// Largest HTTP/1 request head and HTTP/2 header list, in bytes (431 beyond); at least 8192
+    /// (the HTTP/1 server's smallest read buffer).
+    #[arg(long, env = "MESH_EGRESS_MAX_HEADER_BYTES", default_value_t = mesh_egress::proxy::http::MAX_HEADER_BYTES, value_parser = header_bytes)]
     max_header_bytes: usize,
     /// HTTP/2 streams open at once per application connection (Envoy's default, 100).
     #[arg(long, env = "MESH_EGRESS_MAX_CONCURRENT_STREAMS", default_value_t = mesh_egress::proxy::http::MAX_CONCURRENT_STREAMS)]
@@ -274,6 +275,17 @@ struct AdminListen(Option<AdminAddr>);
 /// The longest a duration flag takes: a longer one is taken as this, a deadline that far being
 /// none (and a clock read plus more would overflow).
 const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `--max-header-bytes`: hyper's HTTP/1 server asserts a read buffer of at least 8 KiB, and a
+/// smaller one made every HTTP connection's task panic.
+fn header_bytes(s: &str) -> Result<usize, String> {
+    const SMALLEST: usize = 8192;
+    let bytes: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if bytes < SMALLEST {
+        return Err(format!("must be at least {SMALLEST}"));
+    }
+    Ok(bytes)
+}
 
 /// A duration flag (humantime: `500ms`, `30s`, `1h`, `2d`).
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {

@@ -113,3 +113,13 @@ fn help_explains_every_command() {
         assert!(text(&out.stdout).contains("Usage: mesh-egress"), "{}", text(&out.stdout));
     }
 }
+
+/// `--max-header-bytes` below 8192 is refused at start, naming the flag: hyper's HTTP/1 server
+/// asserts a read buffer that large, and every HTTP connection's task panicked.
+#[test]
+fn a_header_limit_too_small_for_the_http_server_is_refused() {
+    let out = mesh_egress(&["run", "-c", "config/demo", "--max-header-bytes", "100"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--max-header-bytes") && stderr.contains("at least 8192"), "{stderr}");
+}

@@ -518,3 +518,31 @@ async fn http1_responses_of_every_framing_and_when_connections_are_reused() {
         String::from_utf8_lossy(&head[..n])
     );
 }
+
+/// An endpoint's response framed by both Transfer-Encoding: chunked and a Content-Length is read
+/// chunked, and reaches the application whole: the Content-Length, which does not frame it
+/// (RFC 9112 §6.3), is not passed on (the application got its first 5 bytes as the whole body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_response_with_a_content_length_reaches_the_application_whole() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_head(&mut stream).await.is_ok() {
+                    let body = "x".repeat(100);
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n64\r\n{body}\r\n0\r\n\r\n"
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                }
+            });
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("both", "http", outbound, &endpoint("127.0.0.1", addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let (status, body) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+    assert_eq!((status.as_u16(), body.len()), (200, 100));
+}

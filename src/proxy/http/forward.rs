@@ -400,6 +400,11 @@ fn respond(
         return Response::from_parts(parts, ProxyBody::empty());
     }
     let (mut parts, body) = response.into_parts();
+    // Transfer-Encoding wins over a Content-Length beside it (RFC 9112 §6.3): the body was read
+    // chunked, and the application's side must not cut it at the other length.
+    if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     if grpc {
         // The proxy may end a gRPC response early with its own trailers (deadline, upstream
