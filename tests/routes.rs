@@ -300,6 +300,20 @@ async fn a_tcp_route_on_an_http_service_sends_its_connections_to_the_backend() {
     }
 }
 
+/// Paths are normalized before routing, as Kuma's Envoy does (`normalize_path`): a request for
+/// `/public/../admin` is matched and sent as `/admin`; it matched the `/public` rule and went to
+/// that rule's backend, which resolved it to `/admin` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_cannot_carry_a_request_past_its_route() {
+    let route = "type: MeshHTTPRoute\nname: public\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /public}}]\n      default: {backendRefs: [{kind: MeshExternalService, name: v2}]}\n";
+    let s = setup(route).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let (_, body, _) = ask(s.outbound, "http://x/public/../admin", &[]).await;
+    assert!(body.starts_with("main /admin "), "{body}");
+    let (_, body, _) = ask(s.outbound, "http://x/public/./page", &[]).await;
+    assert!(body.starts_with("v2 /public/page "), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_route_splits_connections() {
     let a = echo_server("127.0.0.1:0".parse().unwrap(), "a").await;

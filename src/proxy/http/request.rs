@@ -162,6 +162,7 @@ impl HttpProxy {
         let Some(route) = snapshot.route(self.key) else {
             return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);
         };
+        super::rewrite::normalize_path(req.uri_mut());
         // MeshHTTPRoute: the rule may send the request to another service, or answer it.
         let grpc = is_grpc(req.headers());
         let (route, mut matched) = match routing::route(&snapshot, route, &mut req, grpc) {

@@ -36,6 +36,56 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Removes the `.` and `..` segments of the request's path (RFC 3986 §5.2.4), as Kuma's Envoy
+/// does (`normalize_path: true`) before routing: `/public/../admin` is matched, and sent, as
+/// `/admin`, so a route for `/public` cannot carry it to an endpoint that resolves it itself.
+/// A path without such segments (nearly all) is left as it is, unparsed.
+pub(super) fn normalize_path(uri: &mut Uri) {
+    let path = uri.path();
+    let dotted = path.split('/').any(|segment| segment == "." || segment == "..");
+    if !dotted {
+        return;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." => {
+                if last {
+                    kept.push("");
+                }
+            }
+            ".." => {
+                kept.pop();
+                if last {
+                    kept.push("");
+                }
+            }
+            other => kept.push(other),
+        }
+    }
+    let mut normalized = String::with_capacity(path.len());
+    for segment in &kept {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    if normalized.is_empty() {
+        normalized.push('/');
+    }
+    if let Some(query) = uri.query() {
+        normalized.push('?');
+        normalized.push_str(query);
+    }
+    let mut parts = uri.clone().into_parts();
+    if let Ok(path_and_query) = PathAndQuery::try_from(normalized) {
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(new) = Uri::from_parts(parts) {
+            *uri = new;
+        }
+    }
+}
+
 /// An upgrade the application asked for and the proxy allows: `Connection: upgrade` and an
 /// `Upgrade` whose first protocol is in `allowed` (case-insensitive; `websocket` by default).
 /// Others (h2c among them) are not upgrades: their headers are stripped and the request goes on
@@ -169,6 +219,24 @@ pub(super) fn prepare_request(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dot_segments_are_removed_as_rfc_3986_says() {
+        let normalized = |path: &str| {
+            let mut uri: Uri = path.parse().unwrap();
+            normalize_path(&mut uri);
+            uri.to_string()
+        };
+        assert_eq!(normalized("/public/../admin"), "/admin");
+        assert_eq!(normalized("/a/./b/../c?x=/../y"), "/a/c?x=/../y", "the query is left alone");
+        assert_eq!(normalized("/../../etc"), "/etc");
+        assert_eq!(normalized("/a/b/.."), "/a/");
+        assert_eq!(normalized("/a/."), "/a/");
+        assert_eq!(normalized("/.."), "/");
+        assert_eq!(normalized("http://h.test/a/../b"), "http://h.test/b");
+        assert_eq!(normalized("/a..b/.c/..."), "/a..b/.c/...", "not dot segments");
+        assert_eq!(normalized("/plain/path"), "/plain/path");
+    }
+
     use http::Request;
 
     use super::*;
