@@ -79,6 +79,8 @@ pub trait Lookup {
 pub enum FormatError {
     #[error("unsupported command operator %{0}%")]
     Unsupported(String),
+    #[error("%{0}%: arguments are not supported for this operator (%START_TIME% has RFC 3339 only)")]
+    Arguments(String),
     #[error("command operator starting at byte {0} is not closed with %")]
     Unclosed(usize),
     #[error("%{0}% needs a header name, as %{0}(X-HEADER)%")]
@@ -217,6 +219,11 @@ fn operator(body: &str) -> Result<Operator, FormatError> {
         let args = args.filter(|a| !a.is_empty()).ok_or(FormatError::MissingHeader(what))?;
         Ok(args.split('?').map(|h| h.trim().to_ascii_lowercase()).collect())
     };
+    // Only REQ and RESP take arguments here: an argument elsewhere (a START_TIME format, say)
+    // would be ignored without a word.
+    if args.is_some_and(|a| !a.is_empty()) && !matches!(name, "REQ" | "RESP") {
+        return Err(FormatError::Arguments(body.to_string()));
+    }
     Ok(match name {
         "START_TIME" => Operator::StartTime,
         "DURATION" => Operator::Duration,
@@ -329,6 +336,9 @@ mod tests {
         assert_eq!(Format::parse("a %DURATION", &kuma()), Err(FormatError::Unclosed(2)));
         assert_eq!(Format::parse("%REQ()%", &kuma()), Err(FormatError::MissingHeader("REQ")));
         assert_eq!(Format::parse("%REQ(A):x%", &kuma()), Err(FormatError::BadLength("REQ(A):x".into())));
+        // Ignored without a word before: the line said the default time.
+        assert_eq!(Format::parse("%START_TIME(%s)%", &kuma()), Err(FormatError::Arguments("START_TIME(%s)".into())));
+        assert!(Format::parse("%START_TIME()%", &kuma()).is_ok());
         assert!(Format::parse(DEFAULT_HTTP_FORMAT, &kuma()).is_ok());
         assert!(Format::parse(DEFAULT_TCP_FORMAT, &kuma()).is_ok());
     }
