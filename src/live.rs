@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use rustls::ClientConfig;
+use rustls::RootCertStore;
 use rustls_pki_types::TrustAnchor;
 
 use crate::catalog::{Catalog, Service};
@@ -44,8 +45,8 @@ const ROUTE_BLOCK: usize = 64;
 pub struct TlsClients {
     /// Indexed like `catalog.services()`; a reused client keeps its identity.
     clients: Vec<Option<TlsClient>>,
-    /// The system trust anchors the clients were built with, when any client uses them.
-    system: Option<Vec<TrustAnchor<'static>>>,
+    /// The system roots the clients were built with, when any client uses them.
+    system: Option<Arc<RootCertStore>>,
 }
 
 impl TlsClients {
@@ -54,7 +55,9 @@ impl TlsClients {
     /// TLS sessions and pooled connections survive a reload. A client that cannot be built
     /// breaks its service, with the reason naming the field.
     pub fn build(catalog: &mut Catalog, system_ca_file: Option<PathBuf>, previous: Option<&Snapshot>) -> Self {
-        let roots = SystemRoots::new(system_ca_file).or_previous(previous.and_then(|p| p.tls.system.as_deref()));
+        let previous_system = previous.and_then(|p| p.tls.system.clone());
+        let previous_anchors = previous_system.as_ref().map(|s| s.roots.as_slice());
+        let roots = SystemRoots::new(system_ca_file).or_previous(previous_system.clone());
         let old: HashMap<String, (&Service, &TlsClient)> = previous
             .map(|p| {
                 p.catalog
@@ -78,9 +81,7 @@ impl TlsClients {
             let reusable = old.get(&service.key()).filter(|(o, _)| {
                 o.tls.as_ref() == Some(policy)
                     && o.protocol == service.protocol
-                    && (!system_trust
-                        || *system_unchanged
-                            .get_or_init(|| previous.and_then(|p| p.tls.system.as_deref()) == system_anchors(&roots)))
+                    && (!system_trust || *system_unchanged.get_or_init(|| previous_anchors == system_anchors(&roots)))
             });
             match reusable {
                 Some((_, client)) => clients.push(Some((*client).clone())),
@@ -96,7 +97,7 @@ impl TlsClients {
         for (index, reason) in broken {
             catalog.mark_broken(index, reason);
         }
-        Self { clients, system: roots.loaded().map(<[_]>::to_vec) }
+        Self { clients, system: roots.loaded().cloned() }
     }
 
     /// The client of the service at `index` in the catalog it was built for.
@@ -136,7 +137,7 @@ fn uses_system_roots(policy: &TlsPolicy) -> bool {
 /// Loads the system roots (once per configuration) and returns them; `None` when they cannot be.
 fn system_anchors(roots: &SystemRoots) -> Option<&[TrustAnchor<'static>]> {
     roots.get().ok()?;
-    roots.loaded()
+    roots.loaded().map(|s| s.roots.as_slice())
 }
 
 /// How a connection (and, for HTTP, each of its requests) finds its service in the snapshot

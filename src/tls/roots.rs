@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, TrustAnchor};
+use rustls_pki_types::CertificateDer;
 
 pub use crate::catalog::SYSTEM_CA_ENV;
 
@@ -26,7 +26,7 @@ pub struct SystemRoots {
     ca_file: Option<PathBuf>,
     store: OnceLock<Result<Arc<RootCertStore>, String>>,
     /// The roots read for the configuration before, used when these cannot be read.
-    fallback: Option<Vec<TrustAnchor<'static>>>,
+    fallback: Option<Arc<RootCertStore>>,
 }
 
 impl SystemRoots {
@@ -37,8 +37,8 @@ impl SystemRoots {
     /// Unreadable (a CA file being rotated, missing or half written), the roots read for the
     /// configuration before stay in force, with a warning; the next configuration reads them
     /// again. Without them the services that need the roots are broken.
-    pub fn or_previous(self, previous: Option<&[TrustAnchor<'static>]>) -> Self {
-        Self { fallback: previous.map(<[_]>::to_vec), ..self }
+    pub fn or_previous(self, previous: Option<Arc<RootCertStore>>) -> Self {
+        Self { fallback: previous, ..self }
     }
 
     /// Reads [`SYSTEM_CA_ENV`].
@@ -52,7 +52,7 @@ impl SystemRoots {
                 self.load().or_else(|error| match &self.fallback {
                     Some(roots) => {
                         tracing::warn!(%error, "the system CA roots could not be read; the roots read before stay in force");
-                        Ok(Arc::new(RootCertStore { roots: roots.clone() }))
+                        Ok(roots.clone())
                     }
                     None => Err(error),
                 })
@@ -60,9 +60,9 @@ impl SystemRoots {
             .clone()
     }
 
-    /// The trust anchors, when they were loaded (and could be), for telling whether they changed.
-    pub fn loaded(&self) -> Option<&[TrustAnchor<'static>]> {
-        self.store.get().and_then(|r| r.as_ref().ok()).map(|s| s.roots.as_slice())
+    /// The roots, when they were loaded (and could be), for telling whether they changed.
+    pub fn loaded(&self) -> Option<&Arc<RootCertStore>> {
+        self.store.get().and_then(|r| r.as_ref().ok())
     }
 
     fn load(&self) -> Result<Arc<RootCertStore>, String> {
