@@ -68,6 +68,37 @@ pub struct Record {
     pub headers: Option<Box<Headers>>,
 }
 
+impl Record {
+    /// A TCP connection's record as it ends: begun at `started`, `bytes` moved (to the
+    /// endpoint, from it), and how it ended.
+    pub fn tcp(
+        service: Arc<str>,
+        client: SocketAddr,
+        endpoint: Option<String>,
+        outcome: &'static str,
+        (bytes_sent, bytes_received): (u64, u64),
+        started: std::time::Instant,
+    ) -> Self {
+        let (duration, time) = (started.elapsed(), SystemTime::now());
+        Self {
+            time,
+            start: time.checked_sub(duration).unwrap_or(time),
+            service,
+            protocol: "tcp",
+            client,
+            endpoint,
+            request: None,
+            status: None,
+            outcome,
+            bytes_sent,
+            bytes_received,
+            duration,
+            http_version: None,
+            headers: None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Headers {
     pub request: std::collections::BTreeMap<String, String>,

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use crate::metrics::Gauge;
 use tokio::sync::Notify;
@@ -43,24 +43,14 @@ impl ConnCtx {
 
     /// The access-log record of the connection as it ended.
     pub fn record(&self) -> Record {
-        let duration = self.started.elapsed();
-        let time = SystemTime::now();
-        Record {
-            time,
-            start: time.checked_sub(duration).unwrap_or(time),
-            http_version: None,
-            headers: None,
-            service: self.route.upstream.service().clone(),
-            protocol: "tcp",
-            client: self.peer,
-            endpoint: self.endpoint.as_ref().map(ToString::to_string),
-            request: None,
-            status: None,
-            outcome: self.outcome,
-            bytes_sent: self.bytes.client_to_upstream,
-            bytes_received: self.bytes.upstream_to_client,
-            duration,
-        }
+        Record::tcp(
+            self.route.upstream.service().clone(),
+            self.peer,
+            self.endpoint.as_ref().map(ToString::to_string),
+            self.outcome,
+            (self.bytes.client_to_upstream, self.bytes.upstream_to_client),
+            self.started,
+        )
     }
 }
 

@@ -147,23 +147,9 @@ async fn tunnel(
     };
     tracing::debug!(%peer, %target, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, outcome, "passthrough closed");
     if let Some(log) = &proxy.access_log {
-        let (duration, time) = (started.elapsed(), std::time::SystemTime::now());
-        log.log(Arc::new(Record {
-            time,
-            start: time.checked_sub(duration).unwrap_or(time),
-            service: Arc::from(PASSTHROUGH_SERVICE),
-            protocol: "tcp",
-            client: peer,
-            endpoint: (outcome != "connect_failed").then(|| target.to_string()),
-            request: None,
-            status: None,
-            outcome,
-            bytes_sent: bytes.client_to_upstream,
-            bytes_received: bytes.upstream_to_client,
-            duration,
-            http_version: None,
-            headers: None,
-        }));
+        let endpoint = (outcome != "connect_failed").then(|| target.to_string());
+        let bytes = (bytes.client_to_upstream, bytes.upstream_to_client);
+        log.log(Arc::new(Record::tcp(Arc::from(PASSTHROUGH_SERVICE), peer, endpoint, outcome, bytes, started)));
     }
 }
 
