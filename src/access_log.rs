@@ -55,6 +55,10 @@ pub struct Record {
     pub status: Option<u16>,
     /// How a TCP connection ended, or why a request failed.
     pub outcome: &'static str,
+    /// Envoy's response flag, when the proxy answered a request itself; else it follows from
+    /// the outcome.
+    #[serde(skip)]
+    pub flag: Option<&'static str>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     #[serde(serialize_with = "millis")]
@@ -90,6 +94,7 @@ impl Record {
             request: None,
             status: None,
             outcome,
+            flag: None,
             bytes_sent,
             bytes_received,
             duration,
@@ -212,6 +217,7 @@ mod tests {
             request: Some("GET /status/200".into()),
             status: Some(200),
             outcome: "ok",
+            flag: None,
             bytes_sent: 0,
             bytes_received: 42,
             duration: Duration::from_micros(1500),

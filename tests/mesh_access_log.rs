@@ -167,3 +167,85 @@ async fn open_telemetry_backend_exports_to_a_real_otlp_receiver() {
     assert_eq!(records[0]["resource"]["service.name"], "mesh-egress");
     drop(receiver.child);
 }
+
+/// Every request gets its line, with Envoy's `%RESPONSE_FLAGS%`: the proxy's own replies (a
+/// MeshCircuitBreaker overflow is UO, not UF), MeshHTTPRoute redirects, and requests whose
+/// application went away before the response (code 0, DC), which left no line before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_a_line_with_envoys_response_flags() {
+    let upstream = http_upstream(None).await;
+    let logs = tempfile::tempdir().unwrap();
+    let file = logs.path().join("flags.log");
+    let policy = format!(
+        r#"type: MeshAccessLog
+name: logs
+mesh: default
+spec:
+  to:
+  - targetRef: {{kind: Mesh}}
+    default:
+      backends:
+      - type: File
+        file:
+          path: {}
+          format: {{type: Plain, plain: "%REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"}}
+---
+type: MeshCircuitBreaker
+name: limits
+mesh: default
+spec:
+  to:
+  - targetRef: {{kind: Mesh}}
+    default: {{connectionLimits: {{maxRequests: 1}}}}
+---
+type: MeshHTTPRoute
+name: moved
+mesh: default
+spec:
+  to:
+  - targetRef: {{kind: MeshExternalService, name: flagged}}
+    rules:
+    - matches: [{{path: {{type: Exact, value: /moved}}}}]
+      default:
+        filters:
+        - {{type: RequestRedirect, requestRedirect: {{hostname: elsewhere.test, statusCode: 302}}}}
+"#,
+        file.display()
+    );
+    let (outbound, _dir, config) = config("flagged", "http", upstream.addr.port(), &policy);
+    let _proxy = start(options(config)).await;
+    let ask = |path: &'static str, headers: &'static [(&'static str, &'static str)]| async move {
+        let response = h1(outbound).await.send_request(get(&format!("http://x{path}"), headers)).await.unwrap();
+        text(response).await.0.as_u16()
+    };
+
+    let mut old = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    old.write_all(b"GET /ten HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut old, &mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.0 200"), "{}", String::from_utf8_lossy(&answer));
+
+    let slow = tokio::spawn(ask("/slow", &[("x-delay-ms", "800")]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ask("/over", &[]).await, 503);
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(ask("/moved", &[]).await, 302);
+
+    let mut gone = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    gone.write_all(b"GET /gone HTTP/1.1\r\nHost: x\r\nx-delay-ms: 3000\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(gone);
+
+    let mut got = wait_for_lines(&file, 5).await;
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "/gone HTTP/1.1 0 DC cancelled",
+            "/moved HTTP/1.1 302 - ok",
+            "/over HTTP/1.1 503 UO local_reply",
+            "/slow HTTP/1.1 200 - ok",
+            "/ten HTTP/1.0 200 - ok",
+        ]
+    );
+}

@@ -258,6 +258,9 @@ fn export_request(batch: &[Entry]) -> Vec<u8> {
 
 /// Envoy's response flags for how a record ended.
 pub fn response_flags(record: &Record) -> &'static str {
+    if let Some(flag) = record.flag {
+        return flag;
+    }
     match (record.outcome, record.status) {
         ("connect_failed", _) => "UF",
         ("reset", _) => "UC",
@@ -265,10 +268,8 @@ pub fn response_flags(record: &Record) -> &'static str {
         ("stream_idle_timeout", _) => "SI",
         ("max_stream_duration", _) => "UMSDR",
         ("deadline_exceeded", _) => "UT",
-        ("aborted", _) => "DC",
+        ("aborted" | "cancelled", _) => "DC",
         ("overflow", _) => "UO",
-        ("local_reply", Some(504)) => "UT",
-        ("local_reply", Some(503)) => "UF",
         _ => "-",
     }
 }
@@ -328,6 +329,7 @@ mod tests {
             request: None,
             status: Some(200),
             outcome: "ok",
+            flag: None,
             bytes_sent: 3,
             bytes_received: 42,
             duration: Duration::from_millis(7),

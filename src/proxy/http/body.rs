@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::reply::Failure;
 use crate::access_log::{Logs, Record};
 use crate::trace::ActiveSpan;
 use crate::upstream::pool::ReturnTicket;
@@ -200,14 +201,15 @@ impl UpstreamBody {
 /// The response body the application reads.
 pub enum ProxyBody {
     Upstream(Box<UpstreamBody>),
-    Local(Full<Bytes>),
+    /// The proxy's own answer; `Some` says why it could not forward the request.
+    Local(Full<Bytes>, Option<Failure>),
     /// A passthrough response, as the destination sends it.
     Passthrough(Incoming),
 }
 
 impl ProxyBody {
     pub fn empty() -> Self {
-        Self::Local(Full::new(Bytes::new()))
+        Self::Local(Full::default(), None)
     }
 }
 
@@ -217,7 +219,7 @@ impl Body for ProxyBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let up = match self.get_mut() {
-            Self::Local(full) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Self::Local(full, _) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
             Self::Passthrough(body) => return Pin::new(body).poll_frame(cx).map_err(Cut::from),
             Self::Upstream(up) => up,
         };
@@ -273,7 +275,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Local(full) => full.is_end_stream(),
+            Self::Local(full, _) => full.is_end_stream(),
             Self::Passthrough(body) => body.is_end_stream(),
             Self::Upstream(up) => up.finished || up.body.is_end_stream(),
         }
@@ -281,7 +283,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Local(full) => full.size_hint(),
+            Self::Local(full, _) => full.size_hint(),
             Self::Passthrough(body) => body.size_hint(),
             // A gRPC response may end early with the proxy's trailers: no exact length (hyper
             // would send it as Content-Length).

@@ -362,7 +362,7 @@ async fn attempt(
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
-            failed(failure, reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED))
+            failed(failure, reply::local_reply(grpc, Failure::UpstreamReset, reply::UPSTREAM_FAILED))
         }
     }
 }
@@ -371,13 +371,15 @@ async fn attempt(
 /// a failed connect.
 fn no_connection(error: ConnectError, grpc: bool) -> Attempt {
     tracing::warn!(%error, "no upstream connection");
-    let unavailable = || reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED);
+    let unavailable = |failure| reply::local_reply(grpc, failure, reply::UPSTREAM_FAILED);
     match error {
         ConnectError::Overflow { .. } | ConnectError::Pending { .. } | ConnectError::Pools { .. } => {
             Attempt::Failed(AttemptFailure::Local, reply::overflow(grpc))
         }
-        ConnectError::NoEndpoint { .. } => Attempt::Failed(AttemptFailure::Local, unavailable()),
-        _ => Attempt::Failed(AttemptFailure::Connect, unavailable()),
+        ConnectError::NoEndpoint { .. } => {
+            Attempt::Failed(AttemptFailure::Local, unavailable(Failure::NoHealthyUpstream))
+        }
+        _ => Attempt::Failed(AttemptFailure::Connect, unavailable(Failure::UpstreamFailed)),
     }
 }
 

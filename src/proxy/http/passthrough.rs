@@ -81,14 +81,14 @@ impl PassthroughHttp {
             metrics().passthrough("request", false, "no_match");
             let host = authority.as_ref().map_or("(none)", Authority::as_str);
             tracing::info!(peer = %self.peer, dst = %self.dst, host, "passthrough request denied: no MeshPassthrough rule matches this domain");
-            return reply::local_reply(grpc, Failure::Unavailable, NO_MATCH);
+            return reply::local_reply(grpc, Failure::NoRoute, NO_MATCH);
         };
         let target = match passthrough::pin(&self.proxy, authority.host(), self.dst).await {
             Ok(target) => target,
             Err(why) => {
                 metrics().passthrough("request", false, "unresolved");
                 tracing::info!(peer = %self.peer, host = authority.host(), "passthrough request denied: {why}");
-                return reply::local_reply(grpc, Failure::Unavailable, UNRESOLVED);
+                return reply::local_reply(grpc, Failure::DnsFailed, UNRESOLVED);
             }
         };
         metrics().passthrough("request", true, "host");
@@ -115,7 +115,7 @@ impl PassthroughHttp {
             }
             Err(error) => {
                 tracing::debug!(peer = %self.peer, %target, %error, "passthrough request failed");
-                reply::local_reply(grpc, Failure::Unavailable, reply::UPSTREAM_FAILED)
+                reply::local_reply(grpc, Failure::UpstreamFailed, reply::UPSTREAM_FAILED)
             }
         }
     }

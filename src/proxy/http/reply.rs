@@ -11,19 +11,44 @@ use super::grpc::GRPC_CONTENT_TYPE;
 use super::rewrite::Refusal;
 use crate::proxy::admit::Denial;
 
+/// Why the proxy answered a request itself: its HTTP status, its gRPC status and the response
+/// flag Envoy logs for it (`%RESPONSE_FLAGS%`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Failure {
-    Unavailable,
+pub enum Failure {
+    /// No connection to an endpoint could be made: 503, UF.
+    UpstreamFailed,
+    /// The endpoint's connection or stream ended before its response began: 503, UC.
+    UpstreamReset,
+    /// No backend of the matched route can take traffic: 503, UH.
+    NoHealthyUpstream,
+    /// The service, or the route's backend, is not configured or is broken: 503, NC.
+    NoCluster,
+    /// No MeshPassthrough rule matches the destination: 503, NR.
+    NoRoute,
+    /// The destination's name did not resolve: 503, DF.
+    DnsFailed,
+    /// The response headers did not arrive in time: 504, UT.
     Timeout,
+    /// A MeshCircuitBreaker limit was reached: 503, UO.
+    Overflow,
+    /// The Mesh or a MeshTrafficPermission refuses the service: 403, RBAC.
     Forbidden,
+    /// The request cannot be forwarded as it is: 400, DPE.
     BadRequest,
+    /// CONNECT: 405.
     MethodNotAllowed,
 }
 
 impl Failure {
     fn http_status(self) -> StatusCode {
         match self {
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamFailed
+            | Self::UpstreamReset
+            | Self::NoHealthyUpstream
+            | Self::NoCluster
+            | Self::NoRoute
+            | Self::DnsFailed
+            | Self::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::BadRequest => StatusCode::BAD_REQUEST,
@@ -33,12 +58,35 @@ impl Failure {
 
     fn grpc_status(self) -> &'static str {
         match self {
-            Self::Unavailable => "14",
+            Self::UpstreamFailed
+            | Self::UpstreamReset
+            | Self::NoHealthyUpstream
+            | Self::NoCluster
+            | Self::NoRoute
+            | Self::DnsFailed
+            | Self::Overflow => "14",
             Self::Timeout => "4",
             Self::Forbidden => "7",
             // As Envoy maps 400 and 405 for gRPC: INTERNAL, UNIMPLEMENTED.
             Self::BadRequest => "13",
             Self::MethodNotAllowed => "12",
+        }
+    }
+
+    /// Envoy's response flag for this reply.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::UpstreamFailed => "UF",
+            Self::UpstreamReset => "UC",
+            Self::NoHealthyUpstream => "UH",
+            Self::NoCluster => "NC",
+            Self::NoRoute => "NR",
+            Self::DnsFailed => "DF",
+            Self::Timeout => "UT",
+            Self::Overflow => "UO",
+            Self::Forbidden => "RBAC",
+            Self::BadRequest => "DPE",
+            Self::MethodNotAllowed => "-",
         }
     }
 }
@@ -51,7 +99,7 @@ pub(super) const OVERFLOW: &str = "upstream overflow: a MeshCircuitBreaker conne
 
 /// A connection limit was reached: 503 (gRPC UNAVAILABLE) at once, marked as Envoy marks it.
 pub(super) fn overflow(grpc: bool) -> Response<ProxyBody> {
-    let mut response = local_reply(grpc, Failure::Unavailable, OVERFLOW);
+    let mut response = local_reply(grpc, Failure::Overflow, OVERFLOW);
     response.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
     response
 }
@@ -63,7 +111,7 @@ pub(super) fn refused(grpc: bool, refusal: Refusal) -> Response<ProxyBody> {
         Refusal::Method => {
             local_reply(grpc, Failure::MethodNotAllowed, "CONNECT is not supported: mesh-egress is no forward proxy")
         }
-        Refusal::Unavailable(message) => local_reply(grpc, Failure::Unavailable, message),
+        Refusal::Unavailable(message) => local_reply(grpc, Failure::UpstreamFailed, message),
     }
 }
 
@@ -71,7 +119,7 @@ pub(super) fn refused(grpc: bool, refusal: Refusal) -> Response<ProxyBody> {
 pub(super) fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {
     match denial {
         Denial::Broken => {
-            local_reply(grpc, Failure::Unavailable, "service is not available: its configuration is broken")
+            local_reply(grpc, Failure::NoCluster, "service is not available: its configuration is broken")
         }
         Denial::Forbidden => {
             local_reply(grpc, Failure::Forbidden, "access to external services is forbidden by the Mesh")
@@ -86,7 +134,7 @@ pub(super) fn denied(grpc: bool, denial: Denial) -> Response<ProxyBody> {
 
 pub(super) fn local_reply(grpc: bool, failure: Failure, message: &'static str) -> Response<ProxyBody> {
     if grpc {
-        let mut response = Response::new(ProxyBody::empty());
+        let mut response = Response::new(ProxyBody::Local(Full::default(), Some(failure)));
         let h = response.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(GRPC_CONTENT_TYPE));
         h.insert("grpc-status", HeaderValue::from_static(failure.grpc_status()));
@@ -94,7 +142,8 @@ pub(super) fn local_reply(grpc: bool, failure: Failure, message: &'static str) -
         h.insert("grpc-message", HeaderValue::from_static(message.trim_end()));
         return response;
     }
-    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(message.as_bytes()))));
+    let body = Full::new(Bytes::from_static(message.as_bytes()));
+    let mut response = Response::new(ProxyBody::Local(body, Some(failure)));
     *response.status_mut() = failure.http_status();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response

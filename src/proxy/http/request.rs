@@ -75,7 +75,11 @@ impl RequestCtx {
                 record: Record {
                     time: now,
                     start: now,
-                    http_version: Some(if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" }),
+                    http_version: Some(match req.version() {
+                        http::Version::HTTP_2 => "HTTP/2",
+                        http::Version::HTTP_10 => "HTTP/1.0",
+                        _ => "HTTP/1.1",
+                    }),
                     headers,
                     service: route.upstream.service().clone(),
                     protocol: route.service.protocol.as_str(),
@@ -84,6 +88,7 @@ impl RequestCtx {
                     request: Some(format!("{} {}", req.method(), req.uri().path())),
                     status: None,
                     outcome: "ok",
+                    flag: None,
                     bytes_sent: 0,
                     bytes_received: 0,
                     duration: Duration::ZERO,
@@ -107,12 +112,12 @@ impl RequestCtx {
 
     /// The log phase: counts the request and hands the access-log record to the response body
     /// (written when the body ends) or writes it now for a local reply.
-    fn log(self, response: &mut Response<ProxyBody>) {
+    fn log(mut self, response: &mut Response<ProxyBody>) {
         let status = response.status().as_u16();
         let metrics = &self.route.upstream.metrics;
         metrics.request(status);
         metrics.request_duration.observe(self.started.elapsed().as_secs_f64());
-        if let Some(mut pending) = self.log {
+        if let Some(mut pending) = self.log.take() {
             pending.record.time = SystemTime::now();
             pending.record.status = Some(status);
             if let (Some(headers), Some(service)) = (pending.record.headers.as_mut(), pending.log.service.as_ref()) {
@@ -124,8 +129,23 @@ impl RequestCtx {
             }
             match response.body_mut() {
                 ProxyBody::Upstream(body) => body.log = Some(pending),
-                ProxyBody::Local(_) | ProxyBody::Passthrough(_) => pending.finish("local_reply", 0),
+                ProxyBody::Local(_, failure) => {
+                    pending.record.flag = failure.map(|f| f.flag());
+                    let outcome = if failure.is_some() { "local_reply" } else { "ok" };
+                    pending.finish(outcome, 0);
+                }
+                ProxyBody::Passthrough(_) => pending.finish("local_reply", 0),
             }
+        }
+    }
+}
+
+/// A request whose application went away before its response began (hyper drops the request's
+/// future) still gets its access-log line, as from Envoy: no status, flag DC.
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if let Some(pending) = self.log.take() {
+            pending.finish("cancelled", 0);
         }
     }
 }
@@ -160,14 +180,18 @@ impl HttpProxy {
     pub(super) async fn phases(&self, mut req: Request<AppBody>) -> Response<ProxyBody> {
         let snapshot = self.live.load();
         let Some(route) = snapshot.route(self.key) else {
-            return reply::local_reply(is_grpc(req.headers()), Failure::Unavailable, reply::NOT_CONFIGURED);
+            return reply::local_reply(is_grpc(req.headers()), Failure::NoCluster, reply::NOT_CONFIGURED);
         };
         super::rewrite::normalize_path(req.uri_mut());
         // MeshHTTPRoute: the rule may send the request to another service, or answer it.
         let grpc = is_grpc(req.headers());
         let (route, mut matched) = match routing::route(&snapshot, route, &mut req, grpc) {
             Routed::Forward(route, matched) => (route, matched),
-            Routed::Reply(response) => return *response,
+            Routed::Reply(route, response) => {
+                let mut response = *response;
+                RequestCtx::new(route, &mut req, self).log(&mut response);
+                return response;
+            }
         };
         drop(snapshot);
         let ctx = RequestCtx::new(route, &mut req, self);

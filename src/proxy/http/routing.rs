@@ -20,8 +20,9 @@ use rand::Rng as _;
 pub(super) enum Routed {
     /// Forward to this route; `rule` is kept for the response's header changes.
     Forward(Route, Option<MatchedRule>),
-    /// Answer at once (a redirect, or no usable backend).
-    Reply(Box<Response<ProxyBody>>),
+    /// Answer at once (a redirect, or no usable backend); the route is the service dialled,
+    /// whose access log and metrics count the reply.
+    Reply(Route, Box<Response<ProxyBody>>),
 }
 
 /// The rule a request matched, held for the response side.
@@ -55,7 +56,8 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     let rule_index = matched.rule;
     if let Some(redirect) = &rule.redirect {
         count(&route, rule_index, rule, None, || "redirect".to_string());
-        return Routed::Reply(Box::new(redirect_reply(redirect, req, prefix.as_deref())));
+        let reply = redirect_reply(redirect, req, prefix.as_deref());
+        return Routed::Reply(route, Box::new(reply));
     }
     if let Some(ops) = &rule.request_headers {
         ops.apply(req.headers_mut());
@@ -75,8 +77,9 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
         return Routed::Forward(route, Some(matched));
     }
     let Some((position, backend)) = pick(&rule.backends) else {
-        let reply = reply::local_reply(grpc, Failure::Unavailable, "no backend of the matched route can take traffic");
-        return Routed::Reply(Box::new(reply));
+        let reply =
+            reply::local_reply(grpc, Failure::NoHealthyUpstream, "no backend of the matched route can take traffic");
+        return Routed::Reply(route, Box::new(reply));
     };
     match backend.service.and_then(|i| snapshot.route_by_index(i)) {
         Some(target) => {
@@ -84,8 +87,8 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
             Routed::Forward(target, Some(matched))
         }
         None => {
-            let reply = reply::local_reply(grpc, Failure::Unavailable, "the route's backend is not configured");
-            Routed::Reply(Box::new(reply))
+            let reply = reply::local_reply(grpc, Failure::NoCluster, "the route's backend is not configured");
+            Routed::Reply(route, Box::new(reply))
         }
     }
 }
