@@ -3,6 +3,7 @@
 //! Each value is `None` when no policy sets it: the process defaults (flags, which default to
 //! Kuma's code defaults) then apply.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -172,15 +173,30 @@ impl HeaderMatcher {
         Some(Self { name, test })
     }
 
+    /// As Envoy matches: a header sent more than once is tested as its values joined by `,`;
+    /// Present and Absent ask only whether the header was sent, whatever its bytes.
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let value = headers.get(&self.name).and_then(|v| v.to_str().ok());
-        match (&self.test, value) {
-            (HeaderTest::Absent, v) => v.is_none(),
-            (_, None) => false,
-            (HeaderTest::Present, Some(_)) => true,
-            (HeaderTest::Exact(want), Some(v)) => v == want,
-            (HeaderTest::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
-            (HeaderTest::Regex(re), Some(v)) => re.is_match(v),
+        let mut values = headers.get_all(&self.name).iter();
+        let Some(first) = values.next() else {
+            return matches!(self.test, HeaderTest::Absent);
+        };
+        let value: Cow<'_, [u8]> = match values.next() {
+            None => Cow::Borrowed(first.as_bytes()),
+            Some(second) => {
+                let mut joined = first.as_bytes().to_vec();
+                for v in std::iter::once(second).chain(values) {
+                    joined.push(b',');
+                    joined.extend_from_slice(v.as_bytes());
+                }
+                Cow::Owned(joined)
+            }
+        };
+        match &self.test {
+            HeaderTest::Absent => false,
+            HeaderTest::Present => true,
+            HeaderTest::Exact(want) => *value == *want.as_bytes(),
+            HeaderTest::Prefix(want) => value.starts_with(want.as_bytes()),
+            HeaderTest::Regex(re) => std::str::from_utf8(&value).is_ok_and(|v| re.is_match(v)),
         }
     }
 }
@@ -570,5 +586,37 @@ impl Effective {
             backends.extend(plan);
         }
         (!backends.is_empty()).then_some(AccessLogPlan { backends })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn matcher(test: HeaderTest) -> HeaderMatcher {
+        HeaderMatcher { name: HeaderName::from_static("x-v"), test }
+    }
+
+    #[test]
+    fn a_repeated_header_is_matched_as_its_values_joined_by_commas() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-v", HeaderValue::from_static("a"));
+        headers.append("x-v", HeaderValue::from_static("b"));
+        assert!(matcher(HeaderTest::Exact("a,b".into())).matches(&headers));
+        assert!(!matcher(HeaderTest::Exact("a".into())).matches(&headers));
+        assert!(matcher(HeaderTest::Regex(crate::resources::full_match_regex(".*,b").unwrap())).matches(&headers));
+        assert!(matcher(HeaderTest::Prefix("a,".into())).matches(&headers));
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_present_not_absent() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-v", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert!(!matcher(HeaderTest::Absent).matches(&headers));
+        assert!(matcher(HeaderTest::Present).matches(&headers));
+        assert!(matcher(HeaderTest::Prefix("caf".into())).matches(&headers));
+        assert!(!matcher(HeaderTest::Regex(crate::resources::full_match_regex("caf.").unwrap())).matches(&headers));
+        assert!(matcher(HeaderTest::Absent).matches(&HeaderMap::new()));
     }
 }

@@ -6,8 +6,14 @@ use http::header::{self, HeaderMap};
 
 pub(super) const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
+/// `application/grpc`, `application/grpc+proto`, `application/grpc;...`, as Envoy decides: not
+/// gRPC-Web (`application/grpc-web`), whose failures an HTTP/1 browser client reads as HTTP.
 pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(GRPC_CONTENT_TYPE))
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return false };
+    value
+        .as_bytes()
+        .strip_prefix(GRPC_CONTENT_TYPE.as_bytes())
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
 }
 
 /// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -33,6 +39,23 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn grpc_content_types_but_not_grpc_web() {
+        let mut h = HeaderMap::new();
+        for (v, want) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc;charset=utf-8", true),
+            ("application/grpc-web", false),
+            ("application/grpc-web+proto", false),
+            ("application/json", false),
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            assert_eq!(is_grpc(&h), want, "{v}");
+        }
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
 
     #[test]
     fn grpc_timeouts() {
