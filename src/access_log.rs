@@ -6,8 +6,10 @@
 //! Two kinds of log share the records: the process-wide `--access-log` ([`AccessLog`]) and each
 //! service's MeshAccessLog backends ([`ServiceLog`], with Envoy formats, see [`sink`]).
 
+pub mod file;
 pub mod sink;
 
+pub use file::reopen_files;
 pub use sink::ServiceLog;
 
 use std::io::Write;
@@ -128,7 +130,7 @@ impl AccessLog {
     pub fn start(destination: Destination, format: Format) -> std::io::Result<Self> {
         let out: Box<dyn Write + Send> = match &destination {
             Destination::Stdout => Box::new(std::io::stdout()),
-            Destination::File(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+            Destination::File(path) => Box::new(file::LogFile::open(path.clone())?),
         };
         let (sender, receiver) = sync_channel(QUEUE);
         std::thread::Builder::new().name("access-log".into()).spawn(move || write_loop(receiver, out, format))?;

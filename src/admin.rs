@@ -448,8 +448,15 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-const MUTATING: [&str; 6] =
-    ["/logging", "/healthcheck/fail", "/healthcheck/ok", "/drain_listeners", "/quitquitquit", "/reset_counters"];
+const MUTATING: [&str; 7] = [
+    "/logging",
+    "/healthcheck/fail",
+    "/healthcheck/ok",
+    "/drain_listeners",
+    "/quitquitquit",
+    "/reopen_logs",
+    "/reset_counters",
+];
 
 fn route(state: &AdminState, req: &Request<Incoming>, mutations: bool) -> Response<Full<Bytes>> {
     let path = req.uri().path();
@@ -485,7 +492,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, mutations: bool) -> Respon
                 format!(
                     "mesh-egress admin\nservices: {services}\n\
                      GET: /ready /metrics /stats /stats/prometheus /clusters /server_info /listeners /config_dump /endpoints\n\
-                     POST: /logging?level=L|paths=module:L,... /healthcheck/fail /healthcheck/ok /drain_listeners /quitquitquit\n"
+                     POST: /logging?level=L|paths=module:L,... /healthcheck/fail /healthcheck/ok /drain_listeners /quitquitquit /reopen_logs\n"
                 ),
             )
         }
@@ -530,6 +537,11 @@ fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str, mutations: bo
         }
         "/drain_listeners" => command(AdminCommand::DrainListeners, "OK\n"),
         "/quitquitquit" => command(AdminCommand::Quit, "OK\n"),
+        "/reopen_logs" => {
+            crate::access_log::reopen_files();
+            tracing::info!("admin: access log files are opened again before their next line");
+            text(StatusCode::OK, "OK\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not supported: counters are Prometheus counters and never reset\n"),
     }
 }

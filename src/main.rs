@@ -47,7 +47,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy: load the configuration, bind the listeners and serve until SIGTERM/SIGINT.
-    /// SIGHUP reloads the configuration (an invalid one is rejected; the running one stays).
+    /// SIGHUP reloads the configuration (an invalid one is rejected; the running one stays);
+    /// SIGUSR1 reopens the access-log files (log rotation).
     Run(Box<RunArgs>),
     /// Check configuration files; exit 0 when valid, 1 when not (one line per error on stdout,
     /// warnings on stderr).
@@ -602,6 +603,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut reopen_logs = signal(SignalKind::user_defined1())?;
     let mut admin_commands = server.admin_commands();
     let mut listeners_drained = false;
     loop {
@@ -621,6 +623,11 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             _ = hangup.recv() => "SIGHUP",
             () = changed => "file change",
             _ = terminate.recv() => break,
+            _ = reopen_logs.recv() => {
+                tracing::info!("SIGUSR1: access log files are opened again before their next line");
+                mesh_egress::access_log::reopen_files();
+                continue;
+            }
             _ = tokio::signal::ctrl_c() => break,
             command = admin => match command {
                 Some(AdminCommand::Quit) => {

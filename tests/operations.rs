@@ -510,3 +510,57 @@ async fn writes_beside_a_single_configuration_file_reload_nothing() {
         metrics.lines().filter(|l| l.contains("reloads")).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// Log rotation (logrotate's `create`): once the file is renamed, SIGUSR1 or `POST /reopen_logs`
+/// has the next line written to a new file at the path, for `--access-log` and MeshAccessLog
+/// files alike; before, every later line went to the renamed file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_files_follow_log_rotation() {
+    let upstream = http_upstream(None).await;
+    let (web, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let logs = tempfile::tempdir().unwrap();
+    let (global, mesh) = (logs.path().join("global.log"), logs.path().join("mesh.log"));
+    let policy = format!(
+        "type: MeshAccessLog\nname: logs\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default:\n      backends:\n      - {{type: File, file: {{path: {}, format: {{type: Plain, plain: \"%REQ(:PATH)%\"}}}}}}\n",
+        mesh.display()
+    );
+    let (_dir, config) = config_dir(&format!("{}---\n{policy}", http_service("rotated", web, upstream.addr.port())));
+    let proxy = spawn_proxy(&config, admin, &["--access-log", global.to_str().unwrap()], &[]);
+    wait_ready(admin).await;
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    let rotate = |n: usize| {
+        for path in [&global, &mesh] {
+            std::fs::rename(path, path.with_extension(format!("log.{n}"))).unwrap();
+        }
+    };
+    let lines_in = |path: std::path::PathBuf, want: &'static str| async move {
+        let what = format!("{} to hold {want:?}", path.display());
+        eventually(&what, Duration::from_secs(10), || async { read(&path).contains(want) }).await;
+    };
+
+    assert_eq!(get(web, "/first").await.unwrap().0, 200);
+    lines_in(mesh.clone(), "/first").await;
+    lines_in(global.clone(), "/first").await;
+    rotate(1);
+    signal(&proxy, "USR1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(web, "/second").await.unwrap().0, 200);
+    lines_in(mesh.clone(), "/second").await;
+    lines_in(global.clone(), "/second").await;
+    rotate(2);
+    let response = Command::new("curl")
+        .args(["-s", "-X", "POST", &format!("http://{admin}/reopen_logs")])
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert_eq!(String::from_utf8_lossy(&response.stdout), "OK\n");
+    assert_eq!(get(web, "/third").await.unwrap().0, 200);
+    lines_in(mesh.clone(), "/third").await;
+    lines_in(global.clone(), "/third").await;
+
+    for path in [&global, &mesh] {
+        let (one, two, now) = (read(&path.with_extension("log.1")), read(&path.with_extension("log.2")), read(path));
+        assert!(one.contains("/first") && !one.contains("/second"), "{one}");
+        assert!(two.contains("/second") && !two.contains("/third"), "{two}");
+        assert!(now.contains("/third") && !now.contains("/second"), "{now}");
+    }
+}

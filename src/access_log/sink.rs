@@ -49,7 +49,7 @@ impl Sink {
         let thread = std::thread::Builder::new().name(name.into());
         match target.clone() {
             SinkTarget::File(path) => {
-                let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+                let file = super::file::LogFile::open(path)?;
                 thread.spawn(move || write_lines(receiver, std::io::BufWriter::new(file)))?;
             }
             SinkTarget::Tcp(address) => {

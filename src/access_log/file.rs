@@ -1,0 +1,125 @@
+//! An access-log file that follows log rotation: it is opened again when the file at its path
+//! is no longer the one it writes to (logrotate renamed or removed it), checked at most once a
+//! second, and at once after `SIGUSR1` or the admin's `POST /reopen_logs` (as Envoy's).
+//! A file that cannot be opened again leaves the old one in use: no line is lost.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bumped to have every access-log file opened again before its next write.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// How often a file checks that its path still leads to it.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Has every access-log file opened again by its path before its next write.
+pub fn reopen_files() {
+    REOPEN.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    file: File,
+    /// The file's device and inode, to tell it from a new file at the same path.
+    identity: (u64, u64),
+    generation: u64,
+    checked: Instant,
+}
+
+impl LogFile {
+    pub fn open(path: PathBuf) -> io::Result<Self> {
+        let generation = REOPEN.load(Ordering::Relaxed);
+        let (file, identity) = open(&path)?;
+        Ok(Self { path, file, identity, generation, checked: Instant::now() })
+    }
+
+    /// Opens the path again when asked to, or when it no longer leads to this file.
+    fn follow_rotation(&mut self) {
+        let generation = REOPEN.load(Ordering::Relaxed);
+        let asked = generation != self.generation;
+        if !asked && self.checked.elapsed() < CHECK_EVERY {
+            return;
+        }
+        self.generation = generation;
+        self.checked = Instant::now();
+        let moved = match std::fs::metadata(&self.path) {
+            Ok(meta) => (meta.dev(), meta.ino()) != self.identity,
+            Err(_) => true,
+        };
+        if !asked && !moved {
+            return;
+        }
+        match open(&self.path) {
+            Ok((file, identity)) => {
+                tracing::info!(path = %self.path.display(), "access log file opened again");
+                (self.file, self.identity) = (file, identity);
+            }
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "cannot open the access log file again; writing on to the old one");
+            }
+        }
+    }
+}
+
+fn open(path: &std::path::Path) -> io::Result<(File, (u64, u64))> {
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, (meta.dev(), meta.ino())))
+}
+
+impl Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.follow_rotation();
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotated_file_is_followed_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let rotated = dir.path().join("access.log.1");
+        let mut log = LogFile::open(path.clone()).unwrap();
+        log.write_all(b"one\n").unwrap();
+        std::fs::rename(&path, &rotated).unwrap();
+        // Asked at once (SIGUSR1, /reopen_logs) rather than waiting for the next check.
+        reopen_files();
+        log.write_all(b"two\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "one\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two\n");
+
+        // Unasked, within a second of the last check: the path is checked again.
+        std::fs::rename(&path, &rotated).unwrap();
+        log.checked -= CHECK_EVERY;
+        log.write_all(b"three\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "two\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_opened_again_keeps_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("logs");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("access.log");
+        let mut log = LogFile::open(path.clone()).unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(&sub, &moved).unwrap();
+        reopen_files();
+        log.write_all(b"kept\n").unwrap();
+        assert_eq!(std::fs::read_to_string(moved.join("access.log")).unwrap(), "kept\n");
+    }
+}
