@@ -142,3 +142,25 @@ async fn dns_is_answered_after_the_listeners_are_drained() {
         tokio::task::spawn_blocking(move || dig(dns, &["httpbin.extsvc.mesh.local", "A", "+short"])).await.unwrap();
     assert_eq!(answer.trim(), "242.0.0.1");
 }
+
+/// Clients that open DNS-over-TCP connections and send nothing cannot keep others out: with
+/// every slot taken by such connections, `dig +tcp` is answered, the longest-idle connection
+/// closed for it (RFC 7766 §6.2.3). Before, the new connection was closed and dig failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_dns_tcp_connections_cannot_hold_every_slot() {
+    let (_dir, config) = config_dir(&mes("httpbin"));
+    let mut opts = options(config);
+    opts.dns = Some("127.0.0.1:0".parse().unwrap());
+    let proxy = start(opts).await;
+    let dns = proxy.dns_addr().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..mesh_egress::dns::MAX_TCP_CONNECTIONS + 8 {
+        idle.push(tokio::net::TcpStream::connect(dns).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let answer = tokio::task::spawn_blocking(move || dig(dns, &["httpbin.extsvc.mesh.local", "A", "+tcp", "+short"]))
+        .await
+        .unwrap();
+    assert_eq!(answer.trim(), "242.0.0.1");
+    drop(idle);
+}

@@ -5,6 +5,7 @@
 //! no records. Everything else is forwarded verbatim to the system's resolvers, SERVFAIL when
 //! none answers. Malformed packets are dropped and counted.
 
+mod tcp_slots;
 mod udp;
 
 use std::io;
@@ -104,7 +105,7 @@ pub struct DnsProxy {
     live: Arc<Live>,
     forwarders: Forwarders,
     in_flight: Arc<tokio::sync::Semaphore>,
-    tcp_connections: Arc<tokio::sync::Semaphore>,
+    tcp_slots: Arc<tcp_slots::TcpSlots>,
     udp: udp::UdpForwarder,
     limits: DnsLimits,
 }
@@ -118,8 +119,8 @@ pub struct DnsSockets {
 impl DnsProxy {
     pub fn new(live: Arc<Live>, forwarders: Forwarders, limits: DnsLimits) -> Arc<Self> {
         let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight));
-        let tcp_connections = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
-        Arc::new(Self { live, forwarders, in_flight, tcp_connections, udp: udp::UdpForwarder::default(), limits })
+        let tcp_slots = tcp_slots::TcpSlots::new(MAX_TCP_CONNECTIONS);
+        Arc::new(Self { live, forwarders, in_flight, tcp_slots, udp: udp::UdpForwarder::default(), limits })
     }
 
     /// Binds UDP and TCP on the same port. With port 0, the port UDP got may be taken for TCP:
@@ -175,27 +176,31 @@ impl DnsProxy {
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (stream, peer) = crate::listen::accept(&listener, "dns-tcp").await;
-            let Ok(permit) = self.tcp_connections.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, max = MAX_TCP_CONNECTIONS, "DNS-over-TCP connections at their limit; closing");
+            let Some(held) = self.tcp_slots.take().await else {
+                tracing::debug!(%peer, max = MAX_TCP_CONNECTIONS, "DNS-over-TCP connections at their limit, all busy; closing");
                 continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
-                let _ = this.serve_tcp_connection(stream).await;
-                drop(permit);
+                let _ = this.serve_tcp_connection(stream, &held.slot).await;
             });
         }
     }
 
     /// Answers queries until the client closes the connection (or sends garbage, or stops
-    /// reading its answers for the idle timeout).
-    async fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
+    /// reading its answers for the idle timeout), or a new connection needs its slot.
+    async fn serve_tcp_connection(&self, mut stream: TcpStream, slot: &tcp_slots::Slot) -> io::Result<()> {
         loop {
+            slot.set_idle(true);
             // RFC 7766 §6.2.3: close idle TCP connections after a few seconds.
-            let Ok(packet) = tokio::time::timeout(self.limits.tcp_idle, read_framed(&mut stream)).await else {
-                return Ok(());
+            let packet = tokio::select! {
+                read = tokio::time::timeout(self.limits.tcp_idle, read_framed(&mut stream)) => match read {
+                    Ok(packet) => packet?,
+                    Err(_) => return Ok(()),
+                },
+                () = slot.evicted() => return Ok(()),
             };
-            let packet = packet?;
+            slot.set_idle(false);
             let response = match self.answer_locally(&packet) {
                 Answer::Local(bytes) => bytes,
                 Answer::Malformed => return Ok(()),
