@@ -176,8 +176,8 @@ struct RunArgs {
     /// default: 1h).
     #[arg(long, env = "MESH_EGRESS_CONNECTION_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     connection_idle_timeout: Duration,
-    /// TCP: once one side has closed its half, the other has this long to finish, `0s` for as
-    /// long as it takes (the idle timeout still applies).
+    /// TCP: once one side has closed its half, the flow ends after this long without a byte
+    /// (HAProxy's client-fin/server-fin), `0s` never (the idle timeout still applies).
     #[arg(long, env = "MESH_EGRESS_HALF_CLOSE_TIMEOUT", default_value = "60s", value_parser = duration)]
     half_close_timeout: Duration,
     /// HTTP/1: time to receive a request's head; also how long a keep-alive connection waits

@@ -185,7 +185,9 @@ fn is_disconnect(kind: io::ErrorKind) -> bool {
 pub struct FlowTimeouts {
     /// No byte either way for this long ends the flow.
     pub idle: Option<Duration>,
-    /// Once one direction has finished, the other has this long to finish too.
+    /// Once one direction has finished, the other may go this long without a byte (HAProxy's
+    /// `timeout client-fin`/`server-fin`): a download after the application's FIN goes on as
+    /// long as it moves.
     pub half_close: Option<Duration>,
 }
 
@@ -234,7 +236,8 @@ where
             half_closed_at = Some(Instant::now());
         }
         let idle_at = timeouts.idle.and_then(|d| last_progress.checked_add(d));
-        let half_close_at = half_closed_at.zip(timeouts.half_close).and_then(|(at, d)| at.checked_add(d));
+        let half_close_at =
+            half_closed_at.zip(timeouts.half_close).and_then(|(at, d)| at.max(last_progress).checked_add(d));
         let Some(deadline) = idle_at.into_iter().chain(half_close_at).min() else { return Poll::Pending };
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if timer.deadline() > deadline {
@@ -299,6 +302,34 @@ mod tests {
         app.shutdown().await.unwrap();
         let (_, result) = bidirectional(&mut proxy_side, &mut upstream_side, timeouts).await;
         assert_eq!(result.as_ref().err().and_then(FlowTimedOut::of), Some(FlowTimedOut::HalfClose), "{result:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_flow_goes_on_while_the_other_direction_moves() {
+        let timeouts = FlowTimeouts { idle: None, half_close: Some(std::time::Duration::from_secs(5)) };
+        let (mut app, mut proxy_side) = tokio::io::duplex(64);
+        let (mut upstream_side, mut server) = tokio::io::duplex(64);
+        app.shutdown().await.unwrap();
+        let server = tokio::spawn(async move {
+            // A download of 20 s after the application's FIN, a chunk every 2 s.
+            for _ in 0..10 {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                server.write_all(b"chunk").await.unwrap();
+            }
+            server.shutdown().await.unwrap();
+            server
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        let (moved, result) = bidirectional(&mut proxy_side, &mut upstream_side, timeouts).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(moved.upstream_to_client, 50);
+        drop(proxy_side);
+        assert_eq!(reader.await.unwrap(), 50);
+        drop(server.await.unwrap());
     }
 
     /// An application that resets: its read side fails at once, and what the upstream had
