@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::http_client::*;
 use common::http_upstream::http_upstream;
 use common::*;
+use http_body_util::BodyExt as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 fn lines(path: &Path) -> Vec<String> {
@@ -169,7 +170,8 @@ async fn open_telemetry_backend_exports_to_a_real_otlp_receiver() {
 }
 
 /// Every request gets its line, with Envoy's `%RESPONSE_FLAGS%`: the proxy's own replies (a
-/// MeshCircuitBreaker overflow is UO, not UF), MeshHTTPRoute redirects, and requests whose
+/// MeshCircuitBreaker overflow is UO, not UF), a response the endpoint cut (UC, not DC),
+/// MeshHTTPRoute redirects, and requests whose
 /// application went away before the response (code 0, DC), which left no line before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_a_line_with_envoys_response_flags() {
@@ -230,17 +232,20 @@ spec:
     assert_eq!(ask("/over", &[]).await, 503);
     assert_eq!(slow.await.unwrap(), 200);
     assert_eq!(ask("/moved", &[]).await, 302);
+    let cut = h1(outbound).await.send_request(get("http://x/cut", &[("x-reset", "mid")])).await.unwrap();
+    assert!(cut.into_body().collect().await.is_err(), "the body is cut");
 
     let mut gone = tokio::net::TcpStream::connect(outbound).await.unwrap();
     gone.write_all(b"GET /gone HTTP/1.1\r\nHost: x\r\nx-delay-ms: 3000\r\n\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(gone);
 
-    let mut got = wait_for_lines(&file, 5).await;
+    let mut got = wait_for_lines(&file, 6).await;
     got.sort();
     assert_eq!(
         got,
         [
+            "/cut HTTP/1.1 200 UC upstream_reset",
             "/gone HTTP/1.1 0 DC cancelled",
             "/moved HTTP/1.1 302 - ok",
             "/over HTTP/1.1 503 UO local_reply",

@@ -263,7 +263,7 @@ pub fn response_flags(record: &Record) -> &'static str {
     }
     match (record.outcome, record.status) {
         ("connect_failed", _) => "UF",
-        ("reset", _) => "UC",
+        ("reset" | "upstream_reset", _) => "UC",
         ("idle_timeout", _) => "SI",
         ("stream_idle_timeout", _) => "SI",
         ("max_stream_duration", _) => "UMSDR",

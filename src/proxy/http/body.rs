@@ -247,10 +247,13 @@ impl Body for ProxyBody {
                 return Poll::Ready(Some(Err(Cut::StreamIdle)));
             }
         }
-        // The headers are out, so a gRPC client learns of an upstream failure from the
-        // trailers (UNAVAILABLE), as from Envoy, not from a bare stream reset.
-        if up.grpc && matches!(frame, Poll::Ready(Some(Err(_)))) {
-            return up.end_with_grpc_status("aborted", "14", "upstream reset the stream");
+        if matches!(frame, Poll::Ready(Some(Err(_)))) {
+            // The headers are out, so a gRPC client learns of an upstream failure from the
+            // trailers (UNAVAILABLE), as from Envoy, not from a bare stream reset.
+            if up.grpc {
+                return up.end_with_grpc_status("upstream_reset", "14", "upstream reset the stream");
+            }
+            up.outcome = "upstream_reset";
         }
         // hyper stops polling once a body says it has ended, so the response is complete (and
         // the connection goes back to the pool) as soon as the last frame is out, not only on
