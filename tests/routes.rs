@@ -46,6 +46,7 @@ async fn named(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) 
                     let response = http::Response::builder()
                         .header("x-who", name)
                         .header("x-upstream-only", "1")
+                        .header("x-saw-original-path", h("x-envoy-original-path"))
                         .body(Full::new(Bytes::from(body)))
                         .unwrap();
                     Ok::<_, std::convert::Infallible>(response)
@@ -184,8 +185,12 @@ spec:
     assert_eq!(body, "main /v2/users?q=1 api.internal.test one+two set -");
     assert_eq!(response_headers["x-route"], "filters");
     assert!(!response_headers.contains_key("x-upstream-only"));
-    let (_, body, _) = ask(s.outbound, "http://x/strip/a/b?k=v", &[]).await;
+    assert_eq!(response_headers["x-saw-original-path"], "/v1/users?q=1", "as Envoy's router tells the endpoint");
+    let (_, body, response_headers) = ask(s.outbound, "http://x/strip/a/b?k=v", &[]).await;
     assert!(body.starts_with("main /a/b?k=v "), "{body}");
+    assert_eq!(response_headers["x-saw-original-path"], "/strip/a/b?k=v");
+    let (_, _, response_headers) = ask(s.outbound, "http://x/kept", &[]).await;
+    assert_eq!(response_headers["x-saw-original-path"], "-", "only a rewritten path has it");
     let (_, body, _) = ask(s.outbound, "http://x/strip", &[]).await;
     assert!(body.starts_with("main / "), "prefix `/` of a whole path: {body}");
     let (_, body, _) = ask(s.outbound, "http://x/old?z=9", &[]).await;

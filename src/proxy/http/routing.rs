@@ -3,7 +3,7 @@
 //! service itself), what changes on the way (headers, host, path) and whether it is answered
 //! with a redirect instead. A service without routes skips all of it.
 
-use http::header::{HeaderValue, HOST, LOCATION};
+use http::header::{HeaderName, HeaderValue, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Uri};
 
 use super::body::ProxyBody;
@@ -97,14 +97,21 @@ fn count(route: &Route, index: usize, rule: &HttpRule, backend: Option<usize>, k
     route.rule_counters.count(index, backend, || [route.service.key(), rule.name.clone(), key()]);
 }
 
+/// The request's path and query before a URLRewrite changed them, as Envoy's router passes it on.
+const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+
 fn rewrite_path(req: &mut Request<AppBody>, change: &PathChange, prefix: Option<&str>) {
     let uri = req.uri();
     let path_and_query = change.apply(uri.path(), uri.query(), prefix);
+    let original = uri.path_and_query().and_then(|pq| HeaderValue::from_str(pq.as_str()).ok());
     let mut parts = uri.clone().into_parts();
     if let Ok(pq) = path_and_query.parse() {
         parts.path_and_query = Some(pq);
         if let Ok(new) = Uri::from_parts(parts) {
             *req.uri_mut() = new;
+            if let Some(original) = original {
+                req.headers_mut().insert(X_ENVOY_ORIGINAL_PATH, original);
+            }
         }
     }
 }
