@@ -15,7 +15,7 @@ pub use sink::ServiceLog;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -75,6 +75,32 @@ pub struct Record {
 }
 
 impl Record {
+    /// An HTTP request's record as it begins; the rest is filled in as it is answered.
+    pub fn http<B>(service: Arc<str>, protocol: &'static str, client: SocketAddr, req: &http::Request<B>) -> Self {
+        let now = SystemTime::now();
+        Self {
+            time: now,
+            start: now,
+            service,
+            protocol,
+            client,
+            endpoint: None,
+            request: Some(format!("{} {}", req.method(), req.uri().path())),
+            status: None,
+            outcome: "ok",
+            flag: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration: Duration::ZERO,
+            http_version: Some(match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }),
+            headers: None,
+        }
+    }
+
     /// A TCP connection's record as it ends: begun at `started`, `bytes` moved (to the
     /// endpoint, from it), and how it ended.
     pub fn tcp(
@@ -169,7 +195,16 @@ impl Logs {
 
 fn write_loop(receiver: Receiver<Arc<Record>>, out: Box<dyn Write + Send>, format: Format) {
     let mut out = std::io::BufWriter::new(out);
-    while let Ok(record) = receiver.recv() {
+    loop {
+        let record = match receiver.recv_timeout(file::CHECK_EVERY) {
+            Ok(record) => record,
+            // Nothing to write: a flush still lets a rotated file go.
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = out.flush();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let mut next = Some(record);
         // Write everything queued, then flush once.
         while let Some(record) = next {

@@ -597,13 +597,15 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
     } else {
         Some(ConfigWatch::new(&options.config_paths).context("watching the configuration")?)
     };
+    // Handled from before the start: their default action would end the process (logrotate's
+    // `postrotate kill -USR1` may come at any time).
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut reopen_logs = signal(SignalKind::user_defined1())?;
     let mut server = Server::start(options, Arc::new(SoOriginalDst)).await?;
     if let Some(addr) = server.admin_addr() {
         tracing::info!(admin = %addr, "ready");
     }
-    let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut reopen_logs = signal(SignalKind::user_defined1())?;
     let mut admin_commands = server.admin_commands();
     let mut listeners_drained = false;
     loop {

@@ -327,3 +327,39 @@ async fn an_address_as_host_goes_to_that_address() {
         assert!(responses[0].0.contains(" 200 ") && responses[0].1.contains("path: /literal"), "{responses:?}");
     }
 }
+
+/// Passthrough HTTP requests have their lines in `--access-log` (service `passthrough`): the
+/// allowed one with its endpoint, the one no rule allows as the proxy's own 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_http_requests_are_in_the_access_log() {
+    use mesh_egress::access_log::{AccessLog, Destination, Format};
+    let dns = dns_server(30).await;
+    dns.set("web.test", ALLOWED);
+    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let policy = "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    passthroughMode: Matched\n    appendMatch:\n      - {type: Domain, value: web.test, protocol: http}\n";
+    let (dir, config) = config_dir(policy);
+    let log = dir.path().join("access.log");
+    let mut opts = options(config);
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
+    opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    let responses = http1(stream, &[("web.test", "/allowed"), ("other.test", "/denied")]).await;
+    assert!(responses[0].0.contains(" 200 ") && responses[1].0.contains(" 503 "), "{responses:?}");
+    eventually("two passthrough lines", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 2) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["service"], "passthrough");
+    assert_eq!(lines[0]["request"], "GET /allowed");
+    assert_eq!((lines[0]["status"].as_u64(), lines[0]["outcome"].as_str()), (Some(200), Some("ok")));
+    assert_eq!(lines[0]["endpoint"], web.addr.to_string());
+    assert_eq!(lines[1]["request"], "GET /denied");
+    assert_eq!((lines[1]["status"].as_u64(), lines[1]["outcome"].as_str()), (Some(503), Some("local_reply")));
+    assert_eq!(lines[1]["endpoint"], serde_json::Value::Null);
+}

@@ -1,7 +1,8 @@
 //! An access-log file that follows log rotation: it is opened again when the file at its path
 //! is no longer the one it writes to (logrotate renamed or removed it), checked at most once a
-//! second, and at once after `SIGUSR1` or the admin's `POST /reopen_logs` (as Envoy's).
-//! A file that cannot be opened again leaves the old one in use: no line is lost.
+//! second, and after `SIGUSR1` or the admin's `POST /reopen_logs` (as Envoy's) before the next
+//! line or within a second. Only between lines: a line is never split across two files. A file
+//! that cannot be opened again leaves the old one in use: no line is lost.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -13,8 +14,9 @@ use std::time::{Duration, Instant};
 /// Bumped to have every access-log file opened again before its next write.
 static REOPEN: AtomicU64 = AtomicU64::new(0);
 
-/// How often a file checks that its path still leads to it.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often a file checks that its path still leads to it; writers with nothing to write
+/// flush this often, so that a rotated file is let go of without waiting for a line.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Has every access-log file opened again by its path before its next write.
 pub fn reopen_files() {
@@ -29,13 +31,15 @@ pub struct LogFile {
     identity: (u64, u64),
     generation: u64,
     checked: Instant,
+    /// Flushed and not written since: the next write begins a line.
+    between_lines: bool,
 }
 
 impl LogFile {
     pub fn open(path: PathBuf) -> io::Result<Self> {
         let generation = REOPEN.load(Ordering::Relaxed);
         let (file, identity) = open(&path)?;
-        Ok(Self { path, file, identity, generation, checked: Instant::now() })
+        Ok(Self { path, file, identity, generation, checked: Instant::now(), between_lines: true })
     }
 
     /// Opens the path again when asked to, or when it no longer leads to this file.
@@ -72,14 +76,22 @@ fn open(path: &std::path::Path) -> io::Result<(File, (u64, u64))> {
     Ok((file, (meta.dev(), meta.ino())))
 }
 
+/// The writers flush after each batch of whole lines: a file is only opened again on a flush
+/// or on the first write after one, never in the middle of a line (a `BufWriter` in front
+/// writes out whenever it fills).
 impl Write for LogFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.follow_rotation();
+        if std::mem::take(&mut self.between_lines) {
+            self.follow_rotation();
+        }
         self.file.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.file.flush()?;
+        self.between_lines = true;
+        self.follow_rotation();
+        Ok(())
     }
 }
 
@@ -94,6 +106,7 @@ mod tests {
         let rotated = dir.path().join("access.log.1");
         let mut log = LogFile::open(path.clone()).unwrap();
         log.write_all(b"one\n").unwrap();
+        log.flush().unwrap();
         std::fs::rename(&path, &rotated).unwrap();
         // Asked at once (SIGUSR1, /reopen_logs) rather than waiting for the next check.
         reopen_files();
@@ -101,12 +114,29 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "one\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "two\n");
 
-        // Unasked, within a second of the last check: the path is checked again.
+        // Unasked, a second after the last check: the path is checked again.
+        log.flush().unwrap();
         std::fs::rename(&path, &rotated).unwrap();
         log.checked -= CHECK_EVERY;
         log.write_all(b"three\n").unwrap();
         assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "two\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+    }
+
+    #[test]
+    fn a_line_is_never_split_across_two_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let rotated = dir.path().join("access.log.1");
+        let mut log = LogFile::open(path.clone()).unwrap();
+        log.write_all(b"the start ").unwrap();
+        std::fs::rename(&path, &rotated).unwrap();
+        reopen_files();
+        log.write_all(b"and the end\n").unwrap();
+        log.flush().unwrap(); // the line is whole: now the file is opened again
+        log.write_all(b"next\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "the start and the end\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "next\n");
     }
 
     #[test]
@@ -119,6 +149,7 @@ mod tests {
         let moved = dir.path().join("moved");
         std::fs::rename(&sub, &moved).unwrap();
         reopen_files();
+        log.flush().unwrap();
         log.write_all(b"kept\n").unwrap();
         assert_eq!(std::fs::read_to_string(moved.join("access.log")).unwrap(), "kept\n");
     }

@@ -137,7 +137,16 @@ fn line(record: &Record, format: &LineFormat) -> String {
 }
 
 fn write_lines(receiver: Receiver<Entry>, mut out: impl Write) {
-    while let Ok(entry) = receiver.recv() {
+    loop {
+        let entry = match receiver.recv_timeout(super::file::CHECK_EVERY) {
+            Ok(entry) => entry,
+            // Nothing to write: a flush still lets a rotated file go.
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = out.flush();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let mut next = Some(entry);
         while let Some((record, format)) = next {
             let _ = out.write_all(line(&record, &format).as_bytes());

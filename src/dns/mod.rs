@@ -176,12 +176,14 @@ impl DnsProxy {
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (stream, peer) = crate::listen::accept(&listener, "dns-tcp").await;
-            let Some(held) = self.tcp_slots.take().await else {
-                tracing::debug!(%peer, max = MAX_TCP_CONNECTIONS, "DNS-over-TCP connections at their limit, all busy; closing");
-                continue;
-            };
             let this = self.clone();
+            // A slot may take a moment to free (an idle connection is told to close): the
+            // accept loop does not wait for it. At most one task waits per connection told.
             tokio::spawn(async move {
+                let Some(held) = this.tcp_slots.take().await else {
+                    tracing::debug!(%peer, max = MAX_TCP_CONNECTIONS, "DNS-over-TCP connections at their limit, all busy; closing");
+                    return;
+                };
                 let _ = this.serve_tcp_connection(stream, &held.slot).await;
             });
         }

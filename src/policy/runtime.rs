@@ -173,8 +173,9 @@ impl HeaderMatcher {
         Some(Self { name, test })
     }
 
-    /// As Envoy matches: a header sent more than once is tested as its values joined by `,`;
-    /// Present and Absent ask only whether the header was sent, whatever its bytes.
+    /// As Envoy matches: a header sent more than once is tested as its values joined by `,`
+    /// (`cookie`, which HTTP/2 clients split, by `; `); Present and Absent ask only whether the
+    /// header was sent, whatever its bytes.
     pub fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter();
         let Some(first) = values.next() else {
@@ -183,9 +184,10 @@ impl HeaderMatcher {
         let value: Cow<'_, [u8]> = match values.next() {
             None => Cow::Borrowed(first.as_bytes()),
             Some(second) => {
+                let separator: &[u8] = if self.name == http::header::COOKIE { b"; " } else { b"," };
                 let mut joined = first.as_bytes().to_vec();
                 for v in std::iter::once(second).chain(values) {
-                    joined.push(b',');
+                    joined.extend_from_slice(separator);
                     joined.extend_from_slice(v.as_bytes());
                 }
                 Cow::Owned(joined)
@@ -607,6 +609,12 @@ mod tests {
         assert!(!matcher(HeaderTest::Exact("a".into())).matches(&headers));
         assert!(matcher(HeaderTest::Regex(crate::resources::full_match_regex(".*,b").unwrap())).matches(&headers));
         assert!(matcher(HeaderTest::Prefix("a,".into())).matches(&headers));
+
+        let mut cookies = HeaderMap::new();
+        cookies.append(http::header::COOKIE, HeaderValue::from_static("a=1"));
+        cookies.append(http::header::COOKIE, HeaderValue::from_static("b=2"));
+        let cookie = HeaderMatcher { name: http::header::COOKIE, test: HeaderTest::Exact("a=1; b=2".into()) };
+        assert!(cookie.matches(&cookies), "HTTP/2 split cookies, joined as one cookie header");
     }
 
     #[test]

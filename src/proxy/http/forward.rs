@@ -362,7 +362,8 @@ async fn attempt(
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
-            failed(failure, reply::local_reply(grpc, Failure::UpstreamReset, reply::UPSTREAM_FAILED))
+            let why = if reset_by_endpoint(&error) { Failure::StreamReset } else { Failure::UpstreamReset };
+            failed(failure, reply::local_reply(grpc, why, reply::UPSTREAM_FAILED))
         }
     }
 }
@@ -487,22 +488,30 @@ fn closed_before_response(error: &SendError) -> bool {
 /// `REFUSED_STREAM`, or its GOAWAY (which refuses the streams it did not take, as nghttp2 tells
 /// Envoy with `REFUSED_STREAM`).
 fn refused_stream(error: &SendError) -> bool {
-    if refused_by_goaway(error) {
-        return true;
-    }
+    refused_by_goaway(error) || h2_error(error).is_some_and(|e| e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// The endpoint reset the request's stream (RST_STREAM), rather than its connection failing:
+/// Envoy's UR, not UC.
+fn reset_by_endpoint(error: &SendError) -> bool {
+    h2_error(error).is_some_and(|e| e.is_reset() && e.is_remote())
+}
+
+/// The HTTP/2 error under a failed send, if it is one.
+fn h2_error(error: &SendError) -> Option<&h2::Error> {
     let error = match error {
         SendError::Hyper(error) => error,
-        SendError::H2(error) => return error.reason() == Some(h2::Reason::REFUSED_STREAM),
-        SendError::H2Unsent(..) | SendError::Own(_) => return false,
+        SendError::H2(error) => return Some(error),
+        SendError::H2Unsent(..) | SendError::Own(_) => return None,
     };
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return Some(h2);
         }
         source = e.source();
     }
-    false
+    None
 }
 
 /// The endpoint's graceful GOAWAY turned the request away: no stream was opened for it, or

@@ -6,8 +6,9 @@ use http::header::{self, HeaderMap};
 
 pub(super) const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
-/// `application/grpc`, `application/grpc+proto`, `application/grpc;...`, as Envoy decides: not
-/// gRPC-Web (`application/grpc-web`), whose failures an HTTP/1 browser client reads as HTTP.
+/// `application/grpc` and `application/grpc+proto` as Envoy decides, and with parameters
+/// (`application/grpc;charset=...`, which Envoy does not count); not gRPC-Web
+/// (`application/grpc-web`), whose failures a browser client reads as HTTP.
 pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE) else { return false };
     value

@@ -20,6 +20,7 @@ use super::reply::{self, Failure};
 use super::resets::ResetBudget;
 use super::rewrite::{self, strip_hop_by_hop};
 use super::{ConnectionTimeouts, Handler};
+use crate::access_log::Record;
 use crate::metrics::metrics;
 use crate::proxy::{passthrough, Proxy};
 use crate::upstream::{AppBody, TargetAddr, UpstreamStream};
@@ -54,7 +55,27 @@ impl PassthroughHttp {
         Self { proxy: proxy.clone(), peer, dst, conns: Mutex::default(), resets: ResetBudget::default() }
     }
 
+    /// The request's phases, and its line in the process's access log (service `passthrough`,
+    /// as its TCP connections): written when the response head is out, without body bytes.
     async fn phases(&self, req: Request<AppBody>) -> Response<ProxyBody> {
+        let Some(log) = self.proxy.access_log.clone() else { return self.answer(req, &mut None).await };
+        let started = std::time::Instant::now();
+        let mut record = Record::http(Arc::from(passthrough::PASSTHROUGH_SERVICE), "http", self.peer, &req);
+        let mut target = None;
+        let response = self.answer(req, &mut target).await;
+        record.time = std::time::SystemTime::now();
+        record.duration = started.elapsed();
+        record.status = Some(response.status().as_u16());
+        record.endpoint = target.map(|t| t.to_string());
+        if let ProxyBody::Local(_, Some(failure)) = response.body() {
+            (record.outcome, record.flag) = ("local_reply", Some(failure.flag()));
+        }
+        log.log(Arc::new(record));
+        response
+    }
+
+    /// Answers the request; `target` is the destination once one is chosen.
+    async fn answer(&self, req: Request<AppBody>, chosen: &mut Option<SocketAddr>) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, body) = req.into_parts();
         if let Err(refusal) = rewrite::check(&parts) {
@@ -91,6 +112,7 @@ impl PassthroughHttp {
                 return reply::local_reply(grpc, Failure::DnsFailed, UNRESOLVED);
             }
         };
+        *chosen = Some(target);
         metrics().passthrough("request", true, "host");
         strip_hop_by_hop(&mut parts.headers);
         let http2 = parts.version == Version::HTTP_2;

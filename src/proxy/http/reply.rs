@@ -17,8 +17,10 @@ use crate::proxy::admit::Denial;
 pub enum Failure {
     /// No connection to an endpoint could be made: 503, UF.
     UpstreamFailed,
-    /// The endpoint's connection or stream ended before its response began: 503, UC.
+    /// The endpoint's connection ended before its response began: 503, UC.
     UpstreamReset,
+    /// The endpoint reset the request's HTTP/2 stream before its response began: 503, UR.
+    StreamReset,
     /// No backend of the matched route can take traffic: 503, UH.
     NoHealthyUpstream,
     /// The service, or the route's backend, is not configured or is broken: 503, NC.
@@ -44,6 +46,7 @@ impl Failure {
         match self {
             Self::UpstreamFailed
             | Self::UpstreamReset
+            | Self::StreamReset
             | Self::NoHealthyUpstream
             | Self::NoCluster
             | Self::NoRoute
@@ -60,6 +63,7 @@ impl Failure {
         match self {
             Self::UpstreamFailed
             | Self::UpstreamReset
+            | Self::StreamReset
             | Self::NoHealthyUpstream
             | Self::NoCluster
             | Self::NoRoute
@@ -78,6 +82,7 @@ impl Failure {
         match self {
             Self::UpstreamFailed => "UF",
             Self::UpstreamReset => "UC",
+            Self::StreamReset => "UR",
             Self::NoHealthyUpstream => "UH",
             Self::NoCluster => "NC",
             Self::NoRoute => "NR",

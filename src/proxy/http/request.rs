@@ -68,30 +68,12 @@ impl RequestCtx {
         let span = policy.tracer.as_ref().and_then(|tracer| tracer.begin(req, proxy.peer));
         let log = (logs.is_on() || span.is_some()).then(|| {
             let headers = logs.service.as_ref().map(|service| capture_request(req, service));
-            let now = SystemTime::now();
             Box::new(PendingLog {
                 log: logs,
                 span,
                 record: Record {
-                    time: now,
-                    start: now,
-                    http_version: Some(match req.version() {
-                        http::Version::HTTP_2 => "HTTP/2",
-                        http::Version::HTTP_10 => "HTTP/1.0",
-                        _ => "HTTP/1.1",
-                    }),
                     headers,
-                    service: route.upstream.service().clone(),
-                    protocol: route.service.protocol.as_str(),
-                    client: proxy.peer,
-                    endpoint: None,
-                    request: Some(format!("{} {}", req.method(), req.uri().path())),
-                    status: None,
-                    outcome: "ok",
-                    flag: None,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    duration: Duration::ZERO,
+                    ..Record::http(route.upstream.service().clone(), route.service.protocol.as_str(), proxy.peer, req)
                 },
                 started,
                 sent: Arc::new(AtomicU64::new(0)),

@@ -154,4 +154,4 @@ async fn tunnel(
 }
 
 /// The access log's service for passthrough connections.
-const PASSTHROUGH_SERVICE: &str = "passthrough";
+pub(crate) const PASSTHROUGH_SERVICE: &str = "passthrough";
