@@ -155,6 +155,22 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Rewrites the request for the endpoint at `addr`: hop-by-hop headers, Host / `:authority`
 /// (`hostname`, a DNS endpoint's name, as Kuma's `autoHostRewrite`), URI form and version.
+/// HTTP/2 clients may send `cookie` as one field per cookie (RFC 9113 §8.2.3); an HTTP/1.1
+/// request carries a single `Cookie` header, so they are joined with `; ` on the way, as Envoy
+/// does: an HTTP/1.1 server may read only the first.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else { return };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 pub(super) fn prepare_request(
     parts: &mut http::request::Parts,
     addr: &TargetAddr,
@@ -165,6 +181,9 @@ pub(super) fn prepare_request(
 ) -> Result<(), Refusal> {
     let upgrade_value = upgrade.then(|| parts.headers.get(header::UPGRADE).cloned()).flatten();
     strip_hop_by_hop(&mut parts.headers);
+    if !http2 && parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     if let Some(value) = upgrade_value {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, value);
@@ -297,6 +316,25 @@ mod tests {
             assert_eq!(parts.headers.get(header::HOST).map(|h| h.to_str().unwrap()), want_host, "case {i}");
             assert_eq!(parts.version, if http2 { V::HTTP_2 } else { V::HTTP_11 }, "case {i}");
         }
+    }
+
+    #[test]
+    fn split_http2_cookies_reach_an_http1_endpoint_as_one_header() {
+        let request = |version| {
+            let builder = Request::builder().version(version).uri("http://app.example/p");
+            let builder = builder.header(header::COOKIE, "a=1").header(header::COOKIE, "b=2");
+            builder.body(()).unwrap().into_parts().0
+        };
+        let addr = TargetAddr::Socket("10.0.0.1:80".parse().unwrap());
+        let cookies = |parts: &http::request::Parts| {
+            parts.headers.get_all(header::COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        let mut to_http1 = request(Version::HTTP_2);
+        prepare_request(&mut to_http1, &addr, None, false, false, false).unwrap();
+        assert_eq!(cookies(&to_http1), ["a=1; b=2"]);
+        let mut to_http2 = request(Version::HTTP_2);
+        prepare_request(&mut to_http2, &addr, None, false, true, false).unwrap();
+        assert_eq!(cookies(&to_http2), ["a=1", "b=2"], "HTTP/2 to HTTP/2: as they came");
     }
 
     #[test]
