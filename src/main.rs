@@ -171,8 +171,9 @@ struct RunArgs {
     /// Timeout for connecting to an endpoint, `0s` for none (Kuma's default: 5s).
     #[arg(long, env = "MESH_EGRESS_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
     connect_timeout: Duration,
-    /// Close an application connection (TCP flow, HTTP connection, tunnel, passthrough) after
-    /// this long without a byte either way, `0s` for never (Kuma's MeshTimeout `idleTimeout`
+    /// Close an application connection (TCP flow, tunnel, passthrough) after this long without
+    /// a byte either way; an HTTP connection after this long with no request open (as Envoy's
+    /// idle_timeout: a long poll keeps it); `0s` for never (Kuma's MeshTimeout `idleTimeout`
     /// default: 1h).
     #[arg(long, env = "MESH_EGRESS_CONNECTION_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     connection_idle_timeout: Duration,

@@ -974,6 +974,11 @@ async fn without_a_policy_the_stream_idle_default_applies() {
     let response =
         h1(outbound).await.send_request(get("http://x/", &[("x-drip", "3"), ("x-drip-ms", "1200")])).await.unwrap();
     assert!(response.into_body().collect().await.is_err(), "cut by --stream-idle-timeout");
+    // Headers, then nothing: counted from the response head, as Envoy's, not from a first
+    // frame that never comes (the connection idle timeout of an hour was all that bounded it).
+    let headers = [("x-drip", "1"), ("x-drip-ms", "1500"), ("x-drip-late", "1")];
+    let response = h1(outbound).await.send_request(get("http://x/", &headers)).await.unwrap();
+    assert!(response.into_body().collect().await.is_err(), "a body that never starts is cut too");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1092,4 +1097,27 @@ async fn a_reload_that_shortens_the_idle_timeout_applies_at_once() {
     proxy.reload().await.unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(10), closed.recv()).await;
     assert!(ended.is_ok(), "the idle connection outlived the new idle timeout");
+}
+
+/// The connection idle timeout on an HTTP connection is Envoy's: no request open for that long.
+/// A request whose response takes longer (a long poll) keeps its connection, HTTP/1.1 or h2c;
+/// the connection closes that long after the response. Before, nothing moving for the idle
+/// timeout closed it under the waiting request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_outlives_the_connection_idle_timeout() {
+    let upstream = http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("long-poll", "http", upstream.addr.port());
+    let mut opts = options(config);
+    opts.timeouts.idle = Duration::from_millis(400); // --connection-idle-timeout
+    let _proxy = start(opts).await;
+    let mut http1 = h1(outbound).await;
+    let response = http1.send_request(get("http://x/", &[("x-delay-ms", "1500")])).await.expect("HTTP/1.1 long poll");
+    assert_eq!(text(response).await.0, 200);
+    let mut http2 = h2(outbound).await;
+    let response = http2.send_request(get("http://x/", &[("x-delay-ms", "1500")])).await.expect("h2c long poll");
+    assert_eq!(text(response).await.0, 200);
+    // Then idle: closed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(http1.send_request(get("http://x/", &[])).await.is_err(), "idle HTTP/1.1 connection closed");
+    assert!(http2.send_request(get("http://x/", &[])).await.is_err(), "idle h2c connection closed");
 }

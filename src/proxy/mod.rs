@@ -52,7 +52,8 @@ pub struct ProxySettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionTimeouts {
     /// No byte either way for this long closes an application connection: TCP flows, tunnels,
-    /// passthrough and HTTP connections (Kuma's MeshTimeout `idleTimeout` default, 1 h).
+    /// passthrough; an HTTP connection, no request open and no byte for this long (Kuma's
+    /// MeshTimeout `idleTimeout` default, 1 h).
     pub idle: Duration,
     /// Once one side of a TCP flow has closed, the other has this long to finish.
     pub half_close: Duration,
@@ -60,8 +61,8 @@ pub struct ConnectionTimeouts {
     /// for its next request.
     pub header_read: Duration,
     /// HTTP: a response body without a frame for this long is cut (Kuma's MeshTimeout
-    /// `streamIdleTimeout` default, 30 min; zero: off). The timer is armed only once a body
-    /// has to wait.
+    /// `streamIdleTimeout` default, 30 min; zero: off), counted from the response head. The
+    /// timer is armed only once a body has to wait.
     pub stream_idle: Duration,
 }
 

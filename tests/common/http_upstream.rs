@@ -147,9 +147,11 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
     }
     if let Some(drips) = header(&req, "x-drip").and_then(|v| v.parse::<usize>().ok()) {
         let pause = Duration::from_millis(header(&req, "x-drip-ms").and_then(|v| v.parse().ok()).unwrap_or(100));
+        // `x-drip-late`: the pause comes before the first chunk too (headers, then silence).
+        let late = header(&req, "x-drip-late").is_some();
         let chunks = stream::unfold(0, move |i| async move {
             (i < drips).then_some(())?;
-            if i > 0 {
+            if i > 0 || late {
                 tokio::time::sleep(pause).await;
             }
             Some((Ok(Frame::data(Bytes::from_static(b"."))), i + 1))

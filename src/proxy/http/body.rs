@@ -103,42 +103,28 @@ pub struct UpstreamBody {
     pub request_slot: RequestSlot,
 }
 
-/// The stream idle timer. It is created lazily, when the body has to wait: at once for a
-/// timeout a policy set, and only after the body's first frame for the process default (a small
-/// response, complete as soon as its first frame is, then never costs a timer; a body that
-/// never starts is bounded by the connection idle timeout instead).
+/// The stream idle timer, counted from the response head. It is created lazily, on the body's
+/// first wait: a small response, complete as soon as its first frame is, never costs a timer.
 pub struct StreamIdle {
     pub idle: Duration,
-    /// Arm on the first wait, even before any frame (a MeshTimeout set it).
-    pub from_start: bool,
-    pub started: bool,
     pub timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl StreamIdle {
-    pub fn new(idle: Duration, from_start: bool) -> Self {
-        Self { idle, from_start, started: false, timer: None }
+    pub fn new(idle: Duration) -> Self {
+        Self { idle, timer: None }
     }
 
     /// `true` when the body has waited longer than the timeout.
     fn expired(&mut self, cx: &mut Context<'_>, ready: bool) -> bool {
         if ready {
-            self.started = true;
             if let Some(timer) = self.timer.as_mut() {
                 timer.as_mut().reset(Instant::now() + self.idle);
             }
             return false;
         }
-        match self.timer.as_mut() {
-            Some(timer) => timer.as_mut().poll(cx).is_ready(),
-            None if self.from_start || self.started => {
-                let mut timer = Box::pin(tokio::time::sleep_until(Instant::now() + self.idle));
-                let expired = timer.as_mut().poll(cx).is_ready();
-                self.timer = Some(timer);
-                expired
-            }
-            None => false,
-        }
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + self.idle)));
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 

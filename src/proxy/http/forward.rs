@@ -429,7 +429,7 @@ fn respond(
         Sender::Own(_) => Some(ReturnTicket::Own(OwnReturn { pool: ctx.route.upstream_handle(), key })),
         Sender::H2(_) => None,
     };
-    let stream_idle = ctx.stream_idle.map(|(idle, from_start)| StreamIdle::new(idle, from_start));
+    let stream_idle = ctx.stream_idle.map(StreamIdle::new);
     let mut body = Box::new(UpstreamBody {
         body,
         pool_return,

@@ -51,9 +51,10 @@ impl Heads {
     }
 
     /// A request begins; it ends when the returned guard (moved into its response body) drops.
-    /// `None` on HTTP/2, which has no head deadline.
-    pub(super) fn open(self: &Arc<Self>) -> Option<OpenRequest> {
-        self.open_body().map(OpenRequest)
+    /// Counted on HTTP/2 too: a connection with a request open is not idle.
+    pub(super) fn open(self: &Arc<Self>) -> OpenRequest {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenRequest(self.clone())
     }
 
     /// A request body begins ([`crate::upstream::AppBody`]): its request stays open until it
@@ -88,6 +89,25 @@ impl Heads {
         }
     }
 
+    /// Completes when the connection is idle for `timeout`: as Envoy's HTTP connection manager
+    /// `idle_timeout` (Kuma's MeshTimeout `idleTimeout`), no request open for that long, and no
+    /// byte moved either (a request body that outlives its response is not idle). A request
+    /// waiting for its response (a long poll) keeps the connection.
+    pub(super) async fn idle(&self, activity: &Activity, timeout: Duration) {
+        loop {
+            activity.idle_for(timeout).await;
+            if self.open.load(Ordering::Acquire) == 0 {
+                // A request that ended since stamped the clock before it left `open`.
+                self.waiting_since.idle_for(timeout).await;
+                if self.open.load(Ordering::Acquire) == 0 && activity.quiet_for(timeout) {
+                    return;
+                }
+            } else {
+                tokio::time::sleep(timeout).await;
+            }
+        }
+    }
+
     /// Watches an application connection's first bytes ([`crate::listen::idle::Tracked::watching_first_bytes`]):
     /// HTTP/2 when they are its client preface, else HTTP/1.
     pub(super) fn sniffer(self: &Arc<Self>) -> FirstBytes {
@@ -118,7 +138,7 @@ impl Heads {
 }
 
 /// A request counted open by [`Heads`].
-pub(super) struct OpenRequest(Arc<dyn EndWatch>);
+pub(super) struct OpenRequest(Arc<Heads>);
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
@@ -138,7 +158,7 @@ impl EndWatch for Heads {
 /// it is written, or when the exchange is abandoned).
 pub(super) struct Served {
     pub(super) body: ProxyBody,
-    pub(super) _open: Option<OpenRequest>,
+    pub(super) _open: OpenRequest,
 }
 
 impl Body for Served {
@@ -207,6 +227,27 @@ mod tests {
         assert!(overdue.as_mut().now_or_never().is_none(), "29 s after the response ended");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(overdue.as_mut().now_or_never().is_some(), "31 s after the response ended");
+    }
+
+    /// Idle as Envoy counts it: not while a request waits for its response, whatever the
+    /// protocol; from the end of the last one.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_a_request_open_is_not_idle() {
+        use futures_util::FutureExt as _;
+        let timeout = Duration::from_secs(30);
+        for heads in [sniffed(&[b"GET / HTTP/1.1\r\n"]).await, sniffed(&[PREFACE]).await] {
+            let activity = Activity::new();
+            let request = heads.open();
+            let idle = heads.idle(&activity, timeout);
+            tokio::pin!(idle);
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            assert!(idle.as_mut().now_or_never().is_none(), "a long poll, nothing moving for 100 s");
+            drop(request);
+            tokio::time::sleep(Duration::from_secs(29)).await;
+            assert!(idle.as_mut().now_or_never().is_none(), "29 s after the request ended");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(idle.as_mut().now_or_never().is_some(), "31 s after the request ended");
+        }
     }
 
     #[tokio::test(start_paused = true)]

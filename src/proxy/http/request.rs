@@ -35,9 +35,9 @@ pub(super) struct RequestCtx {
     /// Time allowed from the request's head until the response headers arrive (MeshTimeout
     /// `http.requestTimeout`, else `--request-timeout`); the deadline, if sooner, applies as well.
     pub request_timeout: Option<Duration>,
-    /// MeshTimeout `http.streamIdleTimeout` (armed from the start), else `--stream-idle-timeout`
-    /// (armed from the first body frame); `None`: off.
-    pub stream_idle: Option<(Duration, bool)>,
+    /// MeshTimeout `http.streamIdleTimeout`, else `--stream-idle-timeout`, counted from the
+    /// response head; `None`: off.
+    pub stream_idle: Option<Duration>,
     pub started: Instant,
     /// Set when a timeout gives up the attempt in flight, before it is dropped: the attempt
     /// then counts a local-origin failure against its endpoint ([`super::forward`]).
@@ -58,11 +58,7 @@ impl RequestCtx {
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
         let stream_limit = sooner(grpc_deadline, timeout_over(timeouts.max_stream, None));
         let request_timeout = timeout_over(timeouts.request, proxy.request_timeout);
-        let stream_idle = match timeouts.stream_idle {
-            Some(policy) => Some((policy, true)),
-            None => Some((proxy.timeouts.stream_idle, false)),
-        }
-        .filter(|(d, _)| !d.is_zero());
+        let stream_idle = Some(timeouts.stream_idle.unwrap_or(proxy.timeouts.stream_idle)).filter(|d| !d.is_zero());
         let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
         // MeshTrace: the context goes into the request now, before it is forwarded.
         let span = policy.tracer.as_ref().and_then(|tracer| tracer.begin(req, proxy.peer));
