@@ -511,6 +511,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Handled from the first moment: their default action would end the process (logrotate's
+    // `postrotate kill -USR1` may come at any time).
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut reopen_logs = signal(SignalKind::user_defined1())?;
     let (admin_tcp, admin_unix) = match args.admin.0.clone() {
         Some(AdminAddr::Tcp(addr)) => (Some(addr), None),
         Some(AdminAddr::Unix(path)) => (None, Some(path)),
@@ -598,10 +602,6 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
     } else {
         Some(ConfigWatch::new(&options.config_paths).context("watching the configuration")?)
     };
-    // Handled from before the start: their default action would end the process (logrotate's
-    // `postrotate kill -USR1` may come at any time).
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut reopen_logs = signal(SignalKind::user_defined1())?;
     let mut server = Server::start(options, Arc::new(SoOriginalDst)).await?;
     if let Some(addr) = server.admin_addr() {
         tracing::info!(admin = %addr, "ready");

@@ -329,7 +329,8 @@ async fn an_address_as_host_goes_to_that_address() {
 }
 
 /// Passthrough HTTP requests have their lines in `--access-log` (service `passthrough`): the
-/// allowed one with its endpoint, the one no rule allows as the proxy's own 503.
+/// allowed one with its endpoint, the one no rule allows as the proxy's own 503, the one the
+/// application gave up on as `cancelled`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_http_requests_are_in_the_access_log() {
     use mesh_egress::access_log::{AccessLog, Destination, Format};
@@ -348,9 +349,13 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
     let responses = http1(stream, &[("web.test", "/allowed"), ("other.test", "/denied")]).await;
     assert!(responses[0].0.contains(" 200 ") && responses[1].0.contains(" 503 "), "{responses:?}");
-    eventually("two passthrough lines", Duration::from_secs(10), || {
+    let mut gone = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    gone.write_all(b"GET /gone HTTP/1.1\r\nHost: web.test\r\nx-delay-ms: 3000\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(gone);
+    eventually("three passthrough lines", Duration::from_secs(10), || {
         let log = log.clone();
-        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 2) }
+        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 3) }
     })
     .await;
     let text = std::fs::read_to_string(&log).unwrap();
@@ -362,4 +367,6 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     assert_eq!(lines[1]["request"], "GET /denied");
     assert_eq!((lines[1]["status"].as_u64(), lines[1]["outcome"].as_str()), (Some(503), Some("local_reply")));
     assert_eq!(lines[1]["endpoint"], serde_json::Value::Null);
+    assert_eq!(lines[2]["request"], "GET /gone");
+    assert_eq!((lines[2]["status"].as_u64(), lines[2]["outcome"].as_str()), (None, Some("cancelled")));
 }

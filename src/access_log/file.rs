@@ -31,7 +31,7 @@ pub struct LogFile {
     identity: (u64, u64),
     generation: u64,
     checked: Instant,
-    /// Flushed and not written since: the next write begins a line.
+    /// The last write ended a line (or a flush came since): the next write begins one.
     between_lines: bool,
 }
 
@@ -76,15 +76,19 @@ fn open(path: &std::path::Path) -> io::Result<(File, (u64, u64))> {
     Ok((file, (meta.dev(), meta.ino())))
 }
 
-/// The writers flush after each batch of whole lines: a file is only opened again on a flush
-/// or on the first write after one, never in the middle of a line (a `BufWriter` in front
-/// writes out whenever it fills).
+/// The writers flush after each batch of whole lines: a file is only opened again on a flush,
+/// or on a write that begins a line (after a flush, or after a write that ended one), never in
+/// the middle of a line (a `BufWriter` in front writes out whenever it fills).
 impl Write for LogFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if std::mem::take(&mut self.between_lines) {
+        if self.between_lines {
             self.follow_rotation();
         }
-        self.file.write(buf)
+        let written = self.file.write(buf)?;
+        if written > 0 {
+            self.between_lines = buf[..written].ends_with(b"\n");
+        }
+        Ok(written)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -82,6 +82,17 @@ impl ConnectionTimeouts {
         copy::FlowTimeouts { idle: Some(self.idle), half_close: Some(self.half_close) }
     }
 
+    /// How long an HTTP connection with a request open may go without a byte either way: the
+    /// longer of the idle and stream idle timeouts (a long poll lives as long as a stream may
+    /// be silent); the idle timeout alone when the stream idle timeout is off.
+    pub fn idle_with_requests(&self) -> Duration {
+        if self.stream_idle.is_zero() {
+            self.idle
+        } else {
+            self.idle.max(self.stream_idle)
+        }
+    }
+
     /// Sets the time to receive a request head; zero (`--header-read-timeout 0`, MeshTimeout
     /// `requestHeadersTimeout: 0s`): no limit but the idle timeout.
     pub fn set_header_read(&mut self, timeout: Duration) {

@@ -92,8 +92,11 @@ impl Heads {
     /// Completes when the connection is idle for `timeout`: as Envoy's HTTP connection manager
     /// `idle_timeout` (Kuma's MeshTimeout `idleTimeout`), no request open for that long, and no
     /// byte moved either (a request body that outlives its response is not idle). A request
-    /// waiting for its response (a long poll) keeps the connection.
-    pub(super) async fn idle(&self, activity: &Activity, timeout: Duration) {
+    /// waiting for its response (a long poll) keeps the connection, up to `with_requests`
+    /// without a byte either way: the bound on a connection whose requests are stuck where no
+    /// stream timer sees them (a client that stopped reading, an endpoint that never answers
+    /// with the request timeout off).
+    pub(super) async fn idle(&self, activity: &Activity, timeout: Duration, with_requests: Duration) {
         loop {
             activity.idle_for(timeout).await;
             if self.open.load(Ordering::Acquire) == 0 {
@@ -102,8 +105,10 @@ impl Heads {
                 if self.open.load(Ordering::Acquire) == 0 && activity.quiet_for(timeout) {
                     return;
                 }
+            } else if activity.quiet_for(with_requests) {
+                return;
             } else {
-                tokio::time::sleep(timeout).await;
+                tokio::time::sleep(timeout.min(with_requests)).await;
             }
         }
     }
@@ -238,7 +243,7 @@ mod tests {
         for heads in [sniffed(&[b"GET / HTTP/1.1\r\n"]).await, sniffed(&[PREFACE]).await] {
             let activity = Activity::new();
             let request = heads.open();
-            let idle = heads.idle(&activity, timeout);
+            let idle = heads.idle(&activity, timeout, Duration::from_secs(600));
             tokio::pin!(idle);
             tokio::time::sleep(Duration::from_secs(100)).await;
             assert!(idle.as_mut().now_or_never().is_none(), "a long poll, nothing moving for 100 s");
@@ -248,6 +253,17 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(2)).await;
             assert!(idle.as_mut().now_or_never().is_some(), "31 s after the request ended");
         }
+        // A request open, nothing moving at all: closed once the connection has been silent
+        // for the bound.
+        let heads = sniffed(&[b"GET / HTTP/1.1\r\n"]).await;
+        let activity = Activity::new();
+        let _stuck = heads.open();
+        let idle = heads.idle(&activity, timeout, Duration::from_secs(600));
+        tokio::pin!(idle);
+        tokio::time::sleep(Duration::from_secs(590)).await;
+        assert!(idle.as_mut().now_or_never().is_none(), "590 s silent");
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert!(idle.as_mut().now_or_never().is_some(), "630 s silent with a request open");
     }
 
     #[tokio::test(start_paused = true)]

@@ -211,7 +211,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
     let watcher = tokio::spawn(async move {
         let why = tokio::select! {
-            () = watched_heads.idle(&activity, timeouts.idle) => Stop::Idle,
+            () = watched_heads.idle(&activity, timeouts.idle, timeouts.idle_with_requests()) => Stop::Idle,
             () = drain_requested(&mut draining) => Stop::Drain,
             () = watched.resets().exceeded() => Stop::RapidReset,
             () = watched_heads.overdue(timeouts.header_read) => Stop::HeadOverdue,
@@ -244,7 +244,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             connection.as_mut().graceful_shutdown();
             tokio::select! {
                 result = connection.as_mut() => result,
-                () = draining_heads.idle(&draining_activity, timeouts.idle) => return,
+                () = draining_heads.idle(&draining_activity, timeouts.idle, timeouts.idle_with_requests()) => return,
                 () = draining_heads.overdue(timeouts.header_read) => return,
             }
         }

@@ -20,7 +20,7 @@ use super::reply::{self, Failure};
 use super::resets::ResetBudget;
 use super::rewrite::{self, strip_hop_by_hop};
 use super::{ConnectionTimeouts, Handler};
-use crate::access_log::Record;
+use crate::access_log::{AccessLog, Record};
 use crate::metrics::metrics;
 use crate::proxy::{passthrough, Proxy};
 use crate::upstream::{AppBody, TargetAddr, UpstreamStream};
@@ -29,6 +29,31 @@ use crate::upstream::{AppBody, TargetAddr, UpstreamStream};
 pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No routes matched this domain - check configuration of your MeshPassthrough policy.\n";
 const UNRESOLVED: &str =
     "mesh-egress: the MeshPassthrough rule allows this domain, but it does not resolve to a usable address\n";
+
+/// A passthrough request's access-log line, written when its response head is out, or as
+/// `cancelled` when the request is dropped before (the application went away).
+struct PendingLine {
+    log: AccessLog,
+    record: Option<Record>,
+    started: std::time::Instant,
+}
+
+impl PendingLine {
+    fn write(&self, mut record: Record) {
+        record.time = std::time::SystemTime::now();
+        record.duration = self.started.elapsed();
+        self.log.log(Arc::new(record));
+    }
+}
+
+impl Drop for PendingLine {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.outcome = "cancelled";
+            self.write(record);
+        }
+    }
+}
 
 /// Destination connections one application connection keeps open.
 const MAX_KEPT: usize = 8;
@@ -59,18 +84,23 @@ impl PassthroughHttp {
     /// as its TCP connections): written when the response head is out, without body bytes.
     async fn phases(&self, req: Request<AppBody>) -> Response<ProxyBody> {
         let Some(log) = self.proxy.access_log.clone() else { return self.answer(req, &mut None).await };
-        let started = std::time::Instant::now();
-        let mut record = Record::http(Arc::from(passthrough::PASSTHROUGH_SERVICE), "http", self.peer, &req);
+        let protocol = if req.version() == Version::HTTP_2 { "http2" } else { "http" };
+        let service = Arc::from(passthrough::PASSTHROUGH_SERVICE);
+        let mut line = PendingLine {
+            log,
+            record: Some(Record::http(service, protocol, self.peer, &req)),
+            started: std::time::Instant::now(),
+        };
         let mut target = None;
         let response = self.answer(req, &mut target).await;
-        record.time = std::time::SystemTime::now();
-        record.duration = started.elapsed();
-        record.status = Some(response.status().as_u16());
-        record.endpoint = target.map(|t| t.to_string());
-        if let ProxyBody::Local(_, Some(failure)) = response.body() {
-            (record.outcome, record.flag) = ("local_reply", Some(failure.flag()));
+        if let Some(mut record) = line.record.take() {
+            record.status = Some(response.status().as_u16());
+            record.endpoint = target.map(|t| t.to_string());
+            if let ProxyBody::Local(_, Some(failure)) = response.body() {
+                (record.outcome, record.flag) = ("local_reply", Some(failure.flag()));
+            }
+            line.write(record);
         }
-        log.log(Arc::new(record));
         response
     }
 
