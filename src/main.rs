@@ -511,8 +511,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
-    // Handled from the first moment: their default action would end the process (logrotate's
-    // `postrotate kill -USR1` may come at any time).
+    // Handled from the start of serving (after logging and the runtimes are set up): their
+    // default action would end the process (logrotate's `postrotate kill -USR1` may come at
+    // any time).
     let mut hangup = signal(SignalKind::hangup())?;
     let mut reopen_logs = signal(SignalKind::user_defined1())?;
     let (admin_tcp, admin_unix) = match args.admin.0.clone() {

@@ -1121,3 +1121,20 @@ async fn a_long_poll_outlives_the_connection_idle_timeout() {
     assert!(http1.send_request(get("http://x/", &[])).await.is_err(), "idle HTTP/1.1 connection closed");
     assert!(http2.send_request(get("http://x/", &[])).await.is_err(), "idle h2c connection closed");
 }
+
+/// With a request open, a connection may be silent for the longer of the idle and stream idle
+/// timeouts, the service's MeshTimeout `streamIdleTimeout` counting over the flag's: here the
+/// flags alone would close it after 500 ms under the long poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_may_be_as_silent_as_the_services_stream_idle_timeout() {
+    let upstream = http_upstream(None).await;
+    let policy = "type: MeshTimeout\nname: long-polls\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 10s, streamIdleTimeout: 5s}}\n";
+    let (outbound, _dir, config) = service_and_policies("long-poll-policy", "http", upstream.addr.port(), policy);
+    let mut opts = options(config);
+    opts.timeouts.idle = Duration::from_millis(400);
+    opts.timeouts.stream_idle = Duration::from_millis(500);
+    let _proxy = start(opts).await;
+    let mut http1 = h1(outbound).await;
+    let response = http1.send_request(get("http://x/", &[("x-delay-ms", "1500")])).await.expect("long poll");
+    assert_eq!(text(response).await.0, 200);
+}

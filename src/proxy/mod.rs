@@ -84,10 +84,10 @@ impl ConnectionTimeouts {
 
     /// How long an HTTP connection with a request open may go without a byte either way: the
     /// longer of the idle and stream idle timeouts (a long poll lives as long as a stream may
-    /// be silent); the idle timeout alone when the stream idle timeout is off.
+    /// be silent); for ever when the stream idle timeout is off, as in Envoy.
     pub fn idle_with_requests(&self) -> Duration {
         if self.stream_idle.is_zero() {
-            self.idle
+            Duration::MAX
         } else {
             self.idle.max(self.stream_idle)
         }
@@ -172,6 +172,11 @@ impl Proxy {
             // MeshTimeout `http.requestHeadersTimeout` (0: off) for this connection's requests.
             if let Some(t) = policy.timeouts.request_headers {
                 proxy.set_header_read_timeout(t);
+            }
+            // MeshTimeout `http.streamIdleTimeout`: also how long the connection may be silent
+            // with a request open.
+            if let Some(t) = policy.timeouts.stream_idle {
+                proxy.set_stream_idle_timeout(t);
             }
             // Each request finds its route again: the connection keeps none, so a reload that
             // drops or replaces the service frees the old one (and stops its health checks).

@@ -105,10 +105,16 @@ impl Heads {
                 if self.open.load(Ordering::Acquire) == 0 && activity.quiet_for(timeout) {
                     return;
                 }
-            } else if activity.quiet_for(with_requests) {
-                return;
             } else {
-                tokio::time::sleep(timeout.min(with_requests)).await;
+                // Look again after another `timeout`, or close once silent for the bound.
+                tokio::select! {
+                    () = activity.idle_for(with_requests) => {
+                        if self.open.load(Ordering::Acquire) > 0 {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep(timeout) => {}
+                }
             }
         }
     }
@@ -258,12 +264,12 @@ mod tests {
         let heads = sniffed(&[b"GET / HTTP/1.1\r\n"]).await;
         let activity = Activity::new();
         let _stuck = heads.open();
-        let idle = heads.idle(&activity, timeout, Duration::from_secs(600));
+        let idle = heads.idle(&activity, timeout, Duration::from_secs(610));
         tokio::pin!(idle);
-        tokio::time::sleep(Duration::from_secs(590)).await;
-        assert!(idle.as_mut().now_or_never().is_none(), "590 s silent");
-        tokio::time::sleep(Duration::from_secs(40)).await;
-        assert!(idle.as_mut().now_or_never().is_some(), "630 s silent with a request open");
+        tokio::time::sleep(Duration::from_secs(605)).await;
+        assert!(idle.as_mut().now_or_never().is_none(), "605 s silent");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(idle.as_mut().now_or_never().is_some(), "611 s silent with a request open");
     }
 
     #[tokio::test(start_paused = true)]

@@ -109,6 +109,11 @@ impl HttpProxy {
     pub fn set_header_read_timeout(&mut self, timeout: Duration) {
         self.timeouts.set_header_read(timeout);
     }
+
+    /// The service's stream idle timeout (zero: off), for its requests and its connections.
+    pub fn set_stream_idle_timeout(&mut self, timeout: Duration) {
+        self.timeouts.stream_idle = timeout;
+    }
 }
 
 /// What answers the requests of one application connection: a service's [`HttpProxy`], or
