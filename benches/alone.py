@@ -2,6 +2,11 @@
 """One proxy alone: CPU, page faults and system calls per request, for telling user from kernel.
 
     sudo python3 benches/alone.py [--proxy mesh-egress|haproxy|both] [--workload KEY] [--duration 4] [--rounds 2]
+                                  [--mesh-binary PATH --mesh-binary PATH ...]
+
+With --mesh-binary given more than once, those mesh-egress binaries take turns instead (an A/B of
+two builds, e.g. the `profiling` builds benches/instructions.py leaves in target/profiling and
+target/baseline-target/profiling).
 
 KEY is one of compare.py's workloads served by the bench upstream's plain HTTP port (http1-c64,
 http1-c64-paced, http2-m10, grpc-unary, tcp-rr-64, ...; `--help` lists them).
@@ -85,11 +90,16 @@ def main():
     ap.add_argument("--workload", default="http1-c64", choices=WORKLOADS)
     ap.add_argument("--duration", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--mesh-binary", action="append", default=[], help="a mesh-egress binary; several take turns")
     args = ap.parse_args()
     for path in (C.MESH, C.UPSTREAM, os.path.join(C.OUT, "mesh.yaml"), os.path.join(C.OUT, "haproxy-1.cfg")):
         if not os.path.exists(path):
             sys.exit(f"{path} is missing: run benches/compare.py once first")
     kinds = ["mesh-egress", "haproxy"] if args.proxy == "both" else [args.proxy]
+    binaries = {"mesh-egress": C.MESH}
+    if args.mesh_binary:
+        binaries = {os.path.relpath(b): os.path.abspath(b) for b in args.mesh_binary}
+        kinds = list(binaries) + [k for k in kinds if k != "mesh-egress"]
     upstream = subprocess.Popen(["taskset", "-c", "0", C.UPSTREAM, "--http", f"127.0.0.1:{C.HTTP}"],
                                 stdout=subprocess.PIPE, text=True)
     try:
@@ -98,7 +108,9 @@ def main():
         results = {k: [] for k in kinds}
         for _ in range(args.rounds):
             for kind in kinds:  # alternating, so the VM's drift falls on both
-                r = measure(kind, args.workload, args.duration)
+                if kind in binaries:
+                    C.MESH = binaries[kind]
+                r = measure("mesh-egress" if kind in binaries else kind, args.workload, args.duration)
                 results[kind].append(r)
                 calls = ", ".join(f"{name} {per:.2f}" for name, per in sorted(r["calls"].items(), key=lambda c: -c[1])
                                   if per >= 0.01)
