@@ -8,6 +8,19 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
 /// Appends a protobuf varint.
+pub const GRPC_CONTENT_TYPE: &str = "application/grpc";
+
+/// `application/grpc` and `application/grpc+proto` as Envoy decides, and with parameters
+/// (`application/grpc;charset=...`, which Envoy does not count); not gRPC-Web
+/// (`application/grpc-web`), whose failures a browser client reads as HTTP.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else { return false };
+    value
+        .as_bytes()
+        .strip_prefix(GRPC_CONTENT_TYPE.as_bytes())
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+}
+
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);

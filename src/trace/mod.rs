@@ -203,7 +203,7 @@ impl Tracer {
         if let Some(id) = text(&X_CLIENT_TRACE_ID) {
             put("guid:x-client-trace-id", id.to_string());
         }
-        if text(&http::header::CONTENT_TYPE).is_some_and(|c| c.starts_with("application/grpc")) {
+        if crate::grpc_wire::is_grpc(req.headers()) {
             put("grpc.path", req.uri().path().to_string());
             put("grpc.authority", authority(req).to_string());
             put("grpc.content_type", dash(&http::header::CONTENT_TYPE));

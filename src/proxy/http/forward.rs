@@ -549,7 +549,7 @@ pub(super) async fn send_copy(
     let upstream = &route.upstream;
     let http2 = matches!(route.service.protocol, Protocol::Http2 | Protocol::Grpc);
     let tls = route.tls();
-    let (mut sender, target, _) =
+    let (mut sender, target, key) =
         client::connection(upstream, tls, http2, body.is_none(), &[], None).await.map_err(|e| e.to_string())?;
     prepare_request(&mut parts, &target.addr, upstream.hostname(&target), tls.is_some(), http2, false)
         .map_err(|_| "refused".to_string())?;
@@ -559,7 +559,14 @@ pub(super) async fn send_copy(
         None => RequestBody::empty(counted, None),
     };
     let request = Request::from_parts(parts, body);
-    let response = sender.send(request, &AtomicBool::new(false)).await.map_err(|e| e.to_string())?;
+    let mut sent = sender.send(request, &AtomicBool::new(false)).await;
+    // As for the request itself: an HTTP/2 connection closing (GOAWAY) hands the copy back
+    // unsent, and it goes once more on a new connection.
+    if let Err(SendError::H2Unsent(_, unsent)) = sent {
+        let mut fresh = client::shared_h2(upstream, &key, &target, tls).await.map_err(|e| e.to_string())?;
+        sent = fresh.send(*unsent.0, &AtomicBool::new(false)).await;
+    }
+    let response = sent.map_err(|e| e.to_string())?;
     upstream.record(&target, Outcome::Response(response.status().as_u16()));
     Ok(())
 }

@@ -2,20 +2,9 @@
 
 use std::time::Duration;
 
-use http::header::{self, HeaderMap};
+use http::header::HeaderMap;
 
-pub(super) const GRPC_CONTENT_TYPE: &str = "application/grpc";
-
-/// `application/grpc` and `application/grpc+proto` as Envoy decides, and with parameters
-/// (`application/grpc;charset=...`, which Envoy does not count); not gRPC-Web
-/// (`application/grpc-web`), whose failures a browser client reads as HTTP.
-pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else { return false };
-    value
-        .as_bytes()
-        .strip_prefix(GRPC_CONTENT_TYPE.as_bytes())
-        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
-}
+pub(super) use crate::grpc_wire::{is_grpc, GRPC_CONTENT_TYPE};
 
 /// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
@@ -39,6 +28,7 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
     use http::HeaderValue;
 
     #[test]

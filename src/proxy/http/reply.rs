@@ -42,57 +42,30 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn http_status(self) -> StatusCode {
-        match self {
-            Self::UpstreamFailed
-            | Self::UpstreamReset
-            | Self::StreamReset
-            | Self::NoHealthyUpstream
-            | Self::NoCluster
-            | Self::NoRoute
-            | Self::DnsFailed
-            | Self::Overflow => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::BadRequest => StatusCode::BAD_REQUEST,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        }
-    }
-
-    fn grpc_status(self) -> &'static str {
-        match self {
-            Self::UpstreamFailed
-            | Self::UpstreamReset
-            | Self::StreamReset
-            | Self::NoHealthyUpstream
-            | Self::NoCluster
-            | Self::NoRoute
-            | Self::DnsFailed
-            | Self::Overflow => "14",
-            Self::Timeout => "4",
-            Self::Forbidden => "7",
-            // As Envoy maps 400 and 405 for gRPC: INTERNAL, UNIMPLEMENTED.
-            Self::BadRequest => "13",
-            Self::MethodNotAllowed => "12",
-        }
+    /// The HTTP status, the gRPC status (as Envoy maps them: 400 INTERNAL, 405 UNIMPLEMENTED)
+    /// and Envoy's response flag.
+    fn codes(self) -> (StatusCode, &'static str, &'static str) {
+        const UNAVAILABLE: (StatusCode, &str) = (StatusCode::SERVICE_UNAVAILABLE, "14");
+        let ((http, grpc), flag) = match self {
+            Self::UpstreamFailed => (UNAVAILABLE, "UF"),
+            Self::UpstreamReset => (UNAVAILABLE, "UC"),
+            Self::StreamReset => (UNAVAILABLE, "UR"),
+            Self::NoHealthyUpstream => (UNAVAILABLE, "UH"),
+            Self::NoCluster => (UNAVAILABLE, "NC"),
+            Self::NoRoute => (UNAVAILABLE, "NR"),
+            Self::DnsFailed => (UNAVAILABLE, "DF"),
+            Self::Overflow => (UNAVAILABLE, "UO"),
+            Self::Timeout => ((StatusCode::GATEWAY_TIMEOUT, "4"), "UT"),
+            Self::Forbidden => ((StatusCode::FORBIDDEN, "7"), "RBAC"),
+            Self::BadRequest => ((StatusCode::BAD_REQUEST, "13"), "DPE"),
+            Self::MethodNotAllowed => ((StatusCode::METHOD_NOT_ALLOWED, "12"), "-"),
+        };
+        (http, grpc, flag)
     }
 
     /// Envoy's response flag for this reply.
     pub fn flag(self) -> &'static str {
-        match self {
-            Self::UpstreamFailed => "UF",
-            Self::UpstreamReset => "UC",
-            Self::StreamReset => "UR",
-            Self::NoHealthyUpstream => "UH",
-            Self::NoCluster => "NC",
-            Self::NoRoute => "NR",
-            Self::DnsFailed => "DF",
-            Self::Timeout => "UT",
-            Self::Overflow => "UO",
-            Self::Forbidden => "RBAC",
-            Self::BadRequest => "DPE",
-            Self::MethodNotAllowed => "-",
-        }
+        self.codes().2
     }
 }
 
@@ -142,14 +115,14 @@ pub(super) fn local_reply(grpc: bool, failure: Failure, message: &'static str) -
         let mut response = Response::new(ProxyBody::Local(Full::default(), Some(failure)));
         let h = response.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(GRPC_CONTENT_TYPE));
-        h.insert("grpc-status", HeaderValue::from_static(failure.grpc_status()));
+        h.insert("grpc-status", HeaderValue::from_static(failure.codes().1));
         // A header value has no line breaks; bodies may end with one.
         h.insert("grpc-message", HeaderValue::from_static(message.trim_end()));
         return response;
     }
     let body = Full::new(Bytes::from_static(message.as_bytes()));
     let mut response = Response::new(ProxyBody::Local(body, Some(failure)));
-    *response.status_mut() = failure.http_status();
+    *response.status_mut() = failure.codes().0;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
