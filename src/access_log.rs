@@ -194,26 +194,30 @@ impl Logs {
 }
 
 fn write_loop(receiver: Receiver<Arc<Record>>, out: Box<dyn Write + Send>, format: Format) {
-    let mut out = std::io::BufWriter::new(out);
-    loop {
-        let record = match receiver.recv_timeout(file::CHECK_EVERY) {
-            Ok(record) => record,
-            // Nothing to write: a flush still lets a rotated file go.
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
+    write_batches(&receiver, std::io::BufWriter::new(out), |out, record| {
+        let _ = match format {
+            Format::Json => serde_json::to_writer(&mut *out, &*record).map_err(std::io::Error::other),
+            Format::Text => write_text(out, &record),
         };
-        let mut next = Some(record);
-        // Write everything queued, then flush once.
-        while let Some(record) = next {
-            let _ = match format {
-                Format::Json => serde_json::to_writer(&mut out, &*record).map_err(std::io::Error::other),
-                Format::Text => write_text(&mut out, &record),
-            };
-            let _ = out.write_all(b"\n");
-            next = receiver.try_recv().ok();
+        let _ = out.write_all(b"\n");
+    });
+}
+
+/// A writer thread's loop: `write` gets every queued entry and `out` is flushed after each
+/// batch, and once every [`file::CHECK_EVERY`] with nothing to write (a flush lets a rotated
+/// file go); it ends when every sender is gone.
+fn write_batches<T, W: Write>(receiver: &Receiver<T>, mut out: W, mut write: impl FnMut(&mut W, T)) {
+    loop {
+        match receiver.recv_timeout(file::CHECK_EVERY) {
+            Ok(first) => {
+                let mut next = Some(first);
+                while let Some(entry) = next {
+                    write(&mut out, entry);
+                    next = receiver.try_recv().ok();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
         let _ = out.flush();
     }

@@ -7,7 +7,6 @@ use http::Request;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
-/// Appends a protobuf varint.
 pub const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
 /// `application/grpc` and `application/grpc+proto` as Envoy decides, and with parameters
@@ -21,6 +20,7 @@ pub fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
 }
 
+/// Appends a protobuf varint.
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);

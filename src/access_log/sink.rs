@@ -136,24 +136,10 @@ fn line(record: &Record, format: &LineFormat) -> String {
     out
 }
 
-fn write_lines(receiver: Receiver<Entry>, mut out: impl Write) {
-    loop {
-        let entry = match receiver.recv_timeout(super::file::CHECK_EVERY) {
-            Ok(entry) => entry,
-            // Nothing to write: a flush still lets a rotated file go.
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let mut next = Some(entry);
-        while let Some((record, format)) = next {
-            let _ = out.write_all(line(&record, &format).as_bytes());
-            next = receiver.try_recv().ok();
-        }
-        let _ = out.flush();
-    }
+fn write_lines(receiver: Receiver<Entry>, out: impl Write) {
+    super::write_batches(&receiver, out, |out, (record, format)| {
+        let _ = out.write_all(line(&record, &format).as_bytes());
+    });
 }
 
 /// Writes lines to a TCP collector, reconnecting (at most once a second) when it goes away;

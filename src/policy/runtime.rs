@@ -177,21 +177,8 @@ impl HeaderMatcher {
     /// (`cookie`, which HTTP/2 clients split, by `; `); Present and Absent ask only whether the
     /// header was sent, whatever its bytes.
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
-        let Some(first) = values.next() else {
+        let Some(value) = joined_values(headers, &self.name) else {
             return matches!(self.test, HeaderTest::Absent);
-        };
-        let value: Cow<'_, [u8]> = match values.next() {
-            None => Cow::Borrowed(first.as_bytes()),
-            Some(second) => {
-                let separator: &[u8] = if self.name == http::header::COOKIE { b"; " } else { b"," };
-                let mut joined = first.as_bytes().to_vec();
-                for v in std::iter::once(second).chain(values) {
-                    joined.extend_from_slice(separator);
-                    joined.extend_from_slice(v.as_bytes());
-                }
-                Cow::Owned(joined)
-            }
         };
         match &self.test {
             HeaderTest::Absent => false,
@@ -201,6 +188,22 @@ impl HeaderMatcher {
             HeaderTest::Regex(re) => std::str::from_utf8(&value).is_ok_and(|v| re.is_match(v)),
         }
     }
+}
+
+/// A header's values as one, as Envoy reads a header sent more than once: joined by `,`, and
+/// `cookie` (which HTTP/2 clients split, RFC 9113 §8.2.3) by `; `. Borrowed when it was sent
+/// once, owned when joined; `None` when it was not sent.
+pub fn joined_values<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<'a, [u8]>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let Some(second) = values.next() else { return Some(Cow::Borrowed(first.as_bytes())) };
+    let separator: &[u8] = if name == http::header::COOKIE { b"; " } else { b"," };
+    let mut joined = first.as_bytes().to_vec();
+    for value in std::iter::once(second).chain(values) {
+        joined.extend_from_slice(separator);
+        joined.extend_from_slice(value.as_bytes());
+    }
+    Some(Cow::Owned(joined))
 }
 
 /// The retry policy's HTTP `retryOn` default when none (or only methods) is given.

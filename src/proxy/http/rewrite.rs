@@ -1,10 +1,13 @@
 //! Rewriting a request for the endpoint and a response for the application: hop-by-hop
 //! headers, Host / `:authority`, URI form and version.
 
+use std::borrow::Cow;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::Version;
 
+use crate::policy::runtime::joined_values;
 use crate::upstream::TargetAddr;
 
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -153,24 +156,18 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Rewrites the request for the endpoint at `addr`: hop-by-hop headers, Host / `:authority`
-/// (`hostname`, a DNS endpoint's name, as Kuma's `autoHostRewrite`), URI form and version.
 /// HTTP/2 clients may send `cookie` as one field per cookie (RFC 9113 §8.2.3); an HTTP/1.1
 /// request carries a single `Cookie` header, so they are joined with `; ` on the way, as Envoy
 /// does: an HTTP/1.1 server may read only the first.
 fn join_cookies(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::COOKIE).iter();
-    let (Some(first), Some(_)) = (values.next(), values.next()) else { return };
-    let mut joined = first.as_bytes().to_vec();
-    for value in headers.get_all(header::COOKIE).iter().skip(1) {
-        joined.extend_from_slice(b"; ");
-        joined.extend_from_slice(value.as_bytes());
-    }
+    let Some(Cow::Owned(joined)) = joined_values(headers, &header::COOKIE) else { return };
     if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(header::COOKIE, value);
     }
 }
 
+/// Rewrites the request for the endpoint at `addr`: hop-by-hop headers, Host / `:authority`
+/// (`hostname`, a DNS endpoint's name, as Kuma's `autoHostRewrite`), URI form and version.
 pub(super) fn prepare_request(
     parts: &mut http::request::Parts,
     addr: &TargetAddr,
