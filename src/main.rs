@@ -218,8 +218,9 @@ struct RunArgs {
     /// without counting against an endpoint (Envoy's circuit-breaker default: 1024).
     #[arg(long, env = "MESH_EGRESS_MAX_UPSTREAM_CONNECTIONS", default_value_t = mesh_egress::upstream::DEFAULT_MAX_CONNECTIONS)]
     max_upstream_connections: usize,
-    /// HTTP/gRPC: time allowed until the response headers arrive, `0s` for none (Kuma's
-    /// MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
+    /// HTTP/gRPC: time allowed from the end of the request body until the response headers
+    /// arrive (as Envoy's route timeout; while the body arrives, time without any of it), `0s`
+    /// for none (Kuma's MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
     request_timeout: Duration,
     /// Idle pooled HTTP/1 connections to endpoints are closed after this long, `0s` for never

@@ -368,6 +368,51 @@ async fn access_log_has_a_line_per_connection_and_request() {
     assert_eq!(tcp_line["outcome"], "closed");
 }
 
+/// A request on a keep-alive connection whose service a reload removed gets a 503 (NC) and its
+/// access-log line, naming the service the connection was opened for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_service_removed_by_a_reload_is_logged() {
+    let upstream = http_upstream(None).await;
+    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let [web, tcp, admin]: [SocketAddr; 3] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let (dir, config) = config_dir(&format!(
+        "{}---\n{}",
+        http_service("going", web, upstream.addr.port()),
+        tcp_service("staying", tcp, echo.addr.port())
+    ));
+    let log = dir.path().join("access.log");
+    let _proxy =
+        spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"], &[]);
+    wait_ready(admin).await;
+    let mut conn = TcpStream::connect(web).await.unwrap();
+    let mut ask = async |path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = conn.read(&mut head).await.unwrap();
+        String::from_utf8_lossy(&head[..n]).into_owned()
+    };
+    assert!(ask("/before").await.starts_with("HTTP/1.1 200"));
+    std::fs::write(&config, tcp_service("staying", tcp, echo.addr.port())).unwrap();
+    eventually("the reload", Duration::from_secs(10), || async {
+        admin_get(admin, "/metrics").await.contains("mesh_egress_config_reloads_total{result=\"success\"} 1")
+    })
+    .await;
+    let answer = ask("/after").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    eventually("the 503's line", Duration::from_secs(10), || async {
+        read().iter().any(|l| l["request"] == "GET /after")
+    })
+    .await;
+    let lines = read();
+    let after = lines.iter().find(|l| l["request"] == "GET /after").unwrap();
+    assert_eq!(after["service"], "default/going", "{after}");
+    assert_eq!((&after["status"], &after["outcome"]), (&serde_json::json!(503), &serde_json::json!("local_reply")));
+}
+
 #[test]
 fn admin_refuses_a_remote_address_unless_asked() {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-egress"))

@@ -1138,3 +1138,44 @@ async fn a_long_poll_may_be_as_silent_as_the_services_stream_idle_timeout() {
     let response = http1.send_request(get("http://x/", &[("x-delay-ms", "1500")])).await.expect("long poll");
     assert_eq!(text(response).await.0, 200);
 }
+
+/// An upload of `chunks` kilobytes, one every `pause`; after the first, `stall` more silence.
+async fn timed_upload(
+    outbound: SocketAddr,
+    chunks: u64,
+    pause: Duration,
+    stall: Duration,
+) -> (http::StatusCode, String) {
+    use http_body_util::StreamBody;
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(outbound).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let frames = futures_util::stream::unfold(0, move |sent| async move {
+        if sent == chunks {
+            return None;
+        }
+        tokio::time::sleep(if sent == 1 { pause + stall } else { pause }).await;
+        Some((Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b'u'; 1024]))), sent + 1))
+    });
+    let post = Request::post("http://app/upload").body(StreamBody::new(frames)).unwrap();
+    text(sender.send_request(post).await.unwrap()).await
+}
+
+/// The request timeout and MeshRetry's perTryTimeout count from the end of the request body, as
+/// Envoy's route and per-try timeouts: an upload that lasts longer than either is not cut while
+/// it flows (it got a 504), and then has them in full for the response; a body that stops
+/// coming for that long still times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_count_from_the_end_of_the_request_body() {
+    let upstream = http_upstream(None).await;
+    let request_timeout = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 400ms}}\n";
+    let per_try = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 20s}}\n---\ntype: MeshRetry\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 400ms}\n";
+    for (name, policies) in [("per-try", per_try), ("request-timeout", request_timeout)] {
+        let (outbound, _dir, config) = service_and_policies(name, "http", upstream.addr.port(), policies);
+        let _proxy = start(options(config)).await;
+        let (status, body) = timed_upload(outbound, 8, Duration::from_millis(150), Duration::ZERO).await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "received: 8192\n"), "{name}: a 1.2 s upload");
+        let (status, _) = timed_upload(outbound, 3, Duration::from_millis(10), Duration::from_secs(3)).await;
+        assert_eq!(status.as_u16(), 504, "{name}: an upload that stops");
+    }
+}

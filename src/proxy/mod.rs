@@ -168,7 +168,8 @@ impl Proxy {
         let policy = route.policy.clone();
         if route.service.protocol != Protocol::Tcp && !tcp_routed {
             let protocol = route.service.protocol;
-            let mut proxy = http::HttpProxy::new(self, key, peer);
+            let accepted_for = (route.upstream.service().clone(), protocol.as_str());
+            let mut proxy = http::HttpProxy::new(self, key, accepted_for, peer);
             // MeshTimeout `http.requestHeadersTimeout` (0: off) for this connection's requests.
             if let Some(t) = policy.timeouts.request_headers {
                 proxy.set_header_read_timeout(t);

@@ -1,7 +1,7 @@
 //! An application's request body as the proxy's server reads it, with what waits for its end.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -18,24 +18,64 @@ pub trait EndWatch: Send + Sync {
 pub struct AppBody {
     inner: Incoming,
     watch: Option<Arc<dyn EndWatch>>,
-    /// Set once the whole body has arrived ([`AppBody::complete_flag`]).
-    complete: Option<Arc<AtomicBool>>,
+    /// What the request's timeouts await ([`AppBody::end_watch`]).
+    end: Option<Arc<BodyEnd>>,
+}
+
+/// How far a request body has come, for the timeouts that count from its end (Envoy's route
+/// and per-try timeouts start when the request has all arrived) and for outlier detection (a
+/// timeout during a slow upload is not the endpoint's doing).
+#[derive(Debug, Default)]
+pub struct BodyEnd {
+    /// Frames arrived so far: a timeout waiting for the end sees whether the body still moves.
+    frames: AtomicU32,
+    state: AtomicU8,
+    ended: tokio::sync::Notify,
+}
+
+const ARRIVING: u8 = 0;
+const COMPLETE: u8 = 1;
+const CUT: u8 = 2;
+
+impl BodyEnd {
+    /// The whole body arrived (not: it failed, or was dropped first).
+    pub fn is_complete(&self) -> bool {
+        self.state.load(Ordering::Acquire) == COMPLETE
+    }
+
+    pub fn frames(&self) -> u32 {
+        self.frames.load(Ordering::Relaxed)
+    }
+
+    /// Completes once the body has ended, whole or not.
+    pub async fn ended(&self) {
+        let notified = self.ended.notified();
+        tokio::pin!(notified);
+        // Registered before the state is read, so an end between the two still wakes it.
+        notified.as_mut().enable();
+        if self.state.load(Ordering::Acquire) == ARRIVING {
+            notified.await;
+        }
+    }
+
+    fn end(&self, complete: bool) {
+        self.state.store(if complete { COMPLETE } else { CUT }, Ordering::Release);
+        self.ended.notify_waiters();
+    }
 }
 
 impl AppBody {
     /// `watch`: told when the body ends (give none for a body that has already).
     pub fn new(inner: Incoming, watch: Option<Arc<dyn EndWatch>>) -> Self {
-        Self { inner, watch, complete: None }
+        Self { inner, watch, end: None }
     }
 
-    /// A flag set once the whole body has arrived (not when it fails or is dropped first);
-    /// `None`: it has all arrived already. (A timeout counts against the endpoint only once the
-    /// body is complete: a slow upload is not its doing.)
-    pub fn complete_flag(&mut self) -> Option<Arc<AtomicBool>> {
+    /// What tells how far the body has come; `None`: it has all arrived already.
+    pub fn end_watch(&mut self) -> Option<Arc<BodyEnd>> {
         if self.inner.is_end_stream() {
             return None;
         }
-        Some(self.complete.insert(Arc::default()).clone())
+        Some(self.end.insert(Arc::default()).clone())
     }
 
     /// The body ended (`complete`: all of it arrived).
@@ -43,8 +83,8 @@ impl AppBody {
         if let Some(watch) = self.watch.take() {
             watch.ended();
         }
-        if let Some(flag) = self.complete.take() {
-            flag.store(complete, Ordering::Relaxed);
+        if let Some(end) = self.end.take() {
+            end.end(complete);
         }
     }
 }
@@ -80,7 +120,12 @@ impl Body for AppBody {
             None => self.end(true),
             // Trailers end a body, though hyper's `is_end_stream` may not say so yet.
             Some(Ok(frame)) if frame.is_trailers() || self.inner.is_end_stream() => self.end(true),
-            Some(Ok(_)) => {}
+            Some(Ok(_)) => {
+                if let Some(end) = &self.end {
+                    // One writer: no read-modify-write needed.
+                    end.frames.store(end.frames().wrapping_add(1), Ordering::Relaxed);
+                }
+            }
         }
         Poll::Ready(frame)
     }

@@ -29,20 +29,19 @@ use crate::upstream::pool::{
 use crate::upstream::replay::Replay;
 use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
-/// Forwards within the request's time limits: the request timeout and the stream's deadline,
-/// both counted from the request's head. (Envoy counts its route timeout from the end of the
-/// request body; here an upload longer than the request timeout gets a 504, see
-/// docs/policies.md.)
+/// Forwards within the request's time limits: the request timeout, counted as Envoy counts its
+/// route timeout from the end of the request body ([`timed_out`]), and the stream's deadline,
+/// counted from the request's head.
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let exchange = std::pin::pin!(exchange(ctx, req, proxy));
     let answered = match (ctx.request_timeout, ctx.deadline) {
         (None, None) => return exchange.await,
         (None, Some(deadline)) => within(ctx, deadline_passed(deadline), exchange).await,
-        (Some(timeout), None) => within(ctx, timed_out(timeout), exchange).await,
+        (Some(timeout), None) => within(ctx, timed_out(ctx, timeout), exchange).await,
         (Some(timeout), Some(deadline)) => {
             // The sooner of the two decides whether the endpoint is to blame.
             let limit = async {
-                tokio::select! { endpoint = timed_out(timeout) => endpoint, endpoint = deadline_passed(deadline) => endpoint }
+                tokio::select! { endpoint = timed_out(ctx, timeout) => endpoint, endpoint = deadline_passed(deadline) => endpoint }
             };
             within(ctx, limit, exchange).await
         }
@@ -72,8 +71,26 @@ async fn within<F: std::future::Future>(
     }
 }
 
-/// A request or per-try timeout ([`within`]).
-async fn timed_out(limit: Duration) -> bool {
+/// A request or per-try timeout ([`within`]): `limit` from the end of the request body, as
+/// Envoy counts its route and per-try timeouts (a retry's body has ended: from its start). While
+/// the body still arrives, the request times out only when none of it came for `limit`: a long
+/// upload is not cut, a request whose body nobody reads (one queued for a connection) still is.
+async fn timed_out(ctx: &RequestCtx, limit: Duration) -> bool {
+    if let Some(body) = ctx.body_end.as_deref() {
+        let mut seen = body.frames();
+        loop {
+            tokio::select! {
+                () = body.ended() => break,
+                () = tokio::time::sleep(limit) => {
+                    let now = body.frames();
+                    if now == seen {
+                        return true;
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
     tokio::time::sleep(limit).await;
     true
 }
@@ -98,7 +115,7 @@ struct TimeoutCounts<'a> {
 
 impl Drop for TimeoutCounts<'_> {
     fn drop(&mut self) {
-        let complete = || self.ctx.body_complete.as_ref().map_or(true, |flag| flag.load(Ordering::Relaxed));
+        let complete = || self.ctx.body_end.as_ref().map_or(true, |body| body.is_complete());
         if self.ctx.timed_out.load(Ordering::Relaxed) && self.opened.load(Ordering::Relaxed) && complete() {
             self.ctx.route.upstream.record(self.target, Outcome::LocalFailure);
         }
@@ -193,7 +210,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, mut parts: Parts, b
             let exclude = if retry.omit_previous_hosts { &tried[..] } else { &[] };
             let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, Some(&mut picked)));
             match retry.per_try_timeout {
-                Some(limit) => within(ctx, timed_out(limit), attempt).await.unwrap_or_else(|| {
+                Some(limit) => within(ctx, timed_out(ctx, limit), attempt).await.unwrap_or_else(|| {
                     Attempt::Failed(
                         AttemptFailure::Reset,
                         reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),

@@ -75,6 +75,9 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 pub struct HttpProxy {
     live: Arc<Live>,
     key: RouteKey,
+    /// The service the connection was accepted for, and its protocol: what a request's log line
+    /// names should a reload remove the service while the connection stays open.
+    accepted_for: (Arc<str>, &'static str),
     peer: SocketAddr,
     /// Time allowed until the response headers arrive (`None`: no limit).
     request_timeout: Option<Duration>,
@@ -90,10 +93,11 @@ pub struct HttpProxy {
 }
 
 impl HttpProxy {
-    pub fn new(proxy: &Proxy, key: RouteKey, peer: SocketAddr) -> Self {
+    pub fn new(proxy: &Proxy, key: RouteKey, accepted_for: (Arc<str>, &'static str), peer: SocketAddr) -> Self {
         Self {
             live: proxy.live.clone(),
             key,
+            accepted_for,
             peer,
             request_timeout: proxy.settings.request_timeout,
             access_log: proxy.access_log.clone(),

@@ -20,7 +20,7 @@ use crate::catalog::Protocol;
 use crate::live::Route;
 use crate::policy::runtime::timeout_over;
 use crate::proxy::admit::admit;
-use crate::upstream::AppBody;
+use crate::upstream::{AppBody, BodyEnd};
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {
@@ -32,8 +32,9 @@ pub(super) struct RequestCtx {
     /// The stream's deadline, the sooner of the gRPC one (`grpc-timeout`) and MeshTimeout
     /// `http.maxStreamDuration`: the response is cut when it passes.
     pub deadline: Option<Instant>,
-    /// Time allowed from the request's head until the response headers arrive (MeshTimeout
-    /// `http.requestTimeout`, else `--request-timeout`); the deadline, if sooner, applies as well.
+    /// Time allowed from the end of the request body until the response headers arrive
+    /// (MeshTimeout `http.requestTimeout`, else `--request-timeout`); the deadline, if sooner,
+    /// applies as well.
     pub request_timeout: Option<Duration>,
     /// MeshTimeout `http.streamIdleTimeout`, else `--stream-idle-timeout`, counted from the
     /// response head; `None`: off.
@@ -42,9 +43,9 @@ pub(super) struct RequestCtx {
     /// Set when a timeout gives up the attempt in flight, before it is dropped: the attempt
     /// then counts a local-origin failure against its endpoint ([`super::forward`]).
     pub timed_out: AtomicBool,
-    /// Set once the request body has all arrived; `None`: it had with the head, or no outlier
-    /// detector counts timeouts.
-    pub body_complete: Option<Arc<AtomicBool>>,
+    /// How far the request body has come, for the timeouts that count from its end; `None`: it
+    /// had all arrived with the head, or no timeout counts from it.
+    pub body_end: Option<Arc<BodyEnd>>,
     /// Boxed: only there when the access log or a sampled span is on.
     pub log: Option<Box<PendingLog>>,
 }
@@ -78,9 +79,11 @@ impl RequestCtx {
         let deadline = stream_limit.map(|d| started + d);
         // Only outlier detectors count timeouts (the default ejection counts connect failures).
         let counts_timeouts = matches!(policy.outlier, crate::policy::runtime::Outlier::Detect(_));
-        let body_complete = if counts_timeouts { req.body_mut().complete_flag() } else { None };
+        let per_try = policy.retry.as_ref().is_some_and(|r| r.per_try_timeout.is_some());
+        let watch_body = counts_timeouts || per_try || request_timeout.is_some();
+        let body_end = if watch_body { req.body_mut().end_watch() } else { None };
         let timed_out = AtomicBool::new(false);
-        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_complete, log }
+        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
     }
 
     /// The request body's byte counter for the access log, when it is on.
@@ -155,10 +158,25 @@ fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 impl HttpProxy {
+    /// A request on a connection whose service a reload removed: 503 with Envoy's NC, and its
+    /// line in `--access-log` (the service's own MeshAccessLog went with it).
+    fn service_gone(&self, req: &Request<AppBody>) -> Response<ProxyBody> {
+        let response = reply::local_reply(is_grpc(req.headers()), Failure::NoCluster, reply::NOT_CONFIGURED);
+        if let Some(log) = &self.access_log {
+            let (service, protocol) = &self.accepted_for;
+            let mut record = Record::http(service.clone(), protocol, self.peer, req);
+            record.status = Some(response.status().as_u16());
+            record.flag = Some(Failure::NoCluster.flag());
+            record.outcome = "local_reply";
+            log.log(Arc::new(record));
+        }
+        response
+    }
+
     pub(super) async fn phases(&self, mut req: Request<AppBody>) -> Response<ProxyBody> {
         let snapshot = self.live.load();
         let Some(route) = snapshot.route(self.key) else {
-            return reply::local_reply(is_grpc(req.headers()), Failure::NoCluster, reply::NOT_CONFIGURED);
+            return self.service_gone(&req);
         };
         super::rewrite::normalize_path(req.uri_mut());
         // MeshHTTPRoute: the rule may send the request to another service, or answer it.
