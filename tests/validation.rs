@@ -482,6 +482,7 @@ fn every_route_rule_has_its_message() {
         ("backend kind", http_route("{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: Mesh, name: x}]}}"), format!("{r}.default.backendRefs[0].kind"), "value 'Mesh' is not supported"),
         ("multi-zone port", http_route("{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: MeshMultiZoneService, name: x}]}}"), format!("{r}.default.backendRefs[0].port"), "must be defined with kind MeshMultiZoneService"),
         ("tcp backends", "type: MeshTCPRoute\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: svc}\n    rules: [{default: {}}]\n".into(), "spec.to[0].rules[0].default.backendRefs".into(), "must be defined"),
+        ("tcp backends empty", "type: MeshTCPRoute\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: svc}\n    rules: [{default: {backendRefs: []}}]\n".into(), "spec.to[0].rules[0].default.backendRefs".into(), "must be defined"),
     ];
     expect_each(&cases);
 }
@@ -687,4 +688,29 @@ fn every_trace_rule_has_its_message() {
     let datadog = load(&b("{type: Datadog, datadog: {url: 'http://dd:8126'}}"));
     assert!(errors(&datadog).is_empty());
     assert!(datadog.diagnostics.warnings().any(|d| d.message.contains("does not export to Datadog")));
+}
+
+/// Kuma's inbound pattern (a Dataplane's inbound named by `sectionName`, with `rules` or
+/// `from`) is valid: Kuma rejects `sectionName` only on a policy without inbound items. It used
+/// to make the whole configuration invalid.
+#[test]
+fn a_dataplane_section_name_is_valid_on_inbound_policies() {
+    let inbound = [
+        policy("MeshTimeout", "  targetRef: {kind: Dataplane, labels: {app: web}, sectionName: http}\n  rules:\n  - default: {http: {requestTimeout: 30s}}\n"),
+        policy("MeshCircuitBreaker", "  targetRef: {kind: Dataplane, name: web, sectionName: http}\n  from:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxConnections: 5}}\n"),
+        policy("MeshTrafficPermission", "  targetRef: {kind: Dataplane, labels: {app: web}, sectionName: http}\n  from:\n  - targetRef: {kind: Mesh}\n    default: {action: Allow}\n"),
+    ];
+    for text in inbound {
+        let loaded = load(&text);
+        assert!(errors(&loaded).is_empty(), "{text}\n{}", loaded.diagnostics);
+    }
+    let outbound = policy(
+        "MeshTimeout",
+        "  targetRef: {kind: Dataplane, name: web, sectionName: http}\n  to:\n  - targetRef: {kind: Mesh}\n    default: {idleTimeout: 1s}\n",
+    );
+    let errors = errors(&load(&outbound));
+    assert_eq!(
+        errors,
+        [("spec.targetRef.sectionName".to_string(), "can only be used with inbound policies".to_string())]
+    );
 }

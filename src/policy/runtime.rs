@@ -272,8 +272,10 @@ impl Effective {
         }
         let d = o.detectors.clone().unwrap_or_default();
         let count = |n: Option<i64>, default: u32| n.and_then(|n| u32::try_from(n).ok()).unwrap_or(default);
-        let consecutive =
-            |c: &Option<crate::resources::policy::Consecutive>| c.as_ref().map(|c| count(c.consecutive, 5));
+        // A consecutive detector without its count is off, as Kuma configures it (enforcing 0).
+        let consecutive = |c: &Option<crate::resources::policy::Consecutive>| {
+            c.as_ref().and_then(|c| c.consecutive).and_then(|n| u32::try_from(n).ok())
+        };
         Outlier::Detect(OutlierDetection {
             interval: o.interval.map_or(Duration::from_secs(10), |d| d.get()),
             base_ejection_time: o.base_ejection_time.map_or(Duration::from_secs(30), |d| d.get()),
@@ -336,6 +338,13 @@ fn compile_retry(r: &HttpRetry, grpc: bool) -> Option<RetryPolicy> {
             }
             continue;
         }
+        // A status code is no condition of its own: with only codes (and methods), the
+        // default conditions still apply, and `retriable-status-codes` is added to them (Kuma's
+        // `genHttpRetryPolicy`).
+        if let Some(code) = item.parse::<u16>().ok().filter(|_| !grpc) {
+            status_codes.push(code);
+            continue;
+        }
         conditions += 1;
         match item.as_str() {
             "5xx" => on.five_xx = true,
@@ -346,7 +355,7 @@ fn compile_retry(r: &HttpRetry, grpc: bool) -> Option<RetryPolicy> {
             "RefusedStream" => on.refused_stream = true,
             "EnvoyRatelimited" => on.envoy_ratelimited = true,
             other if grpc => grpc_statuses.extend(grpc_status(other)),
-            other => status_codes.extend(other.parse::<u16>().ok()),
+            _ => {}
         }
     }
     if conditions == 0 {
@@ -419,7 +428,8 @@ pub enum Check {
 
 impl Effective {
     /// The active check for a service of `protocol`: the matching checker (http for http and
-    /// http2, grpc for grpc, tcp for tcp), else tcp when it is enabled, as Kuma chooses.
+    /// http2, grpc for grpc, tcp for tcp), else tcp when it is enabled and the matching one is
+    /// there but disabled, as Kuma chooses.
     pub fn health_check(&self, protocol: Protocol) -> Option<HealthCheck> {
         let c = self.mesh_health_check.as_ref()?;
         let enabled = |disabled: Option<bool>| disabled != Some(true);
@@ -450,7 +460,14 @@ impl Effective {
             }),
             Protocol::Tcp => None,
         };
-        let check = matching.or(tcp)?;
+        // tcp stands in only for the protocol's own checker given and disabled (Kuma's
+        // `selectHealthCheckType`): absent, there is no check.
+        let own_disabled = match protocol {
+            Protocol::Http | Protocol::Http2 => c.http.as_ref().is_some_and(|h| !enabled(h.disabled)),
+            Protocol::Grpc => c.grpc.as_ref().is_some_and(|g| !enabled(g.disabled)),
+            Protocol::Tcp => true,
+        };
+        let check = matching.or(tcp.filter(|_| own_disabled))?;
         let duration =
             |d: Option<crate::resources::policy::GoDuration>, default: Duration| d.map_or(default, |d| d.get());
         let count = |n: Option<i64>, default: u32| n.and_then(|n| u32::try_from(n).ok()).unwrap_or(default);
@@ -601,6 +618,48 @@ mod tests {
 
     fn matcher(test: HeaderTest) -> HeaderMatcher {
         HeaderMatcher { name: HeaderName::from_static("x-v"), test }
+    }
+
+    #[test]
+    fn a_consecutive_detector_without_its_count_is_off() {
+        let conf = |detectors: &str| {
+            let yaml = format!("{{outlierDetection: {{detectors: {detectors}}}}}");
+            let mesh_circuit_breaker = Some(serde_norway::from_str(&yaml).unwrap());
+            match (Effective { mesh_circuit_breaker, ..Effective::default() }).outlier() {
+                Outlier::Detect(d) => (d.consecutive_total, d.consecutive_gateway, d.consecutive_local),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(conf("{totalFailures: {}, gatewayFailures: {}, localOriginFailures: {}}"), (None, None, None));
+        assert_eq!(conf("{totalFailures: {consecutive: 3}}"), (Some(3), None, None));
+    }
+
+    #[test]
+    fn tcp_checks_an_http_service_only_in_place_of_a_disabled_http_check() {
+        let check = |conf: &str, protocol| {
+            let mesh_health_check = Some(serde_norway::from_str(conf).unwrap());
+            (Effective { mesh_health_check, ..Effective::default() }).health_check(protocol).map(|c| c.check)
+        };
+        assert_eq!(check("{tcp: {}}", Protocol::Http), None, "no http section: no check, as Kuma");
+        assert_eq!(check("{tcp: {}}", Protocol::Grpc), None);
+        let tcp = Some(Check::Tcp { send: None, receive: Vec::new() });
+        assert_eq!(check("{http: {disabled: true}, tcp: {}}", Protocol::Http2), tcp);
+        assert_eq!(check("{grpc: {disabled: true}, tcp: {}}", Protocol::Grpc), tcp);
+        assert_eq!(check("{tcp: {}}", Protocol::Tcp), tcp);
+    }
+
+    #[test]
+    fn status_codes_alone_keep_the_default_conditions() {
+        let retry_on = |items: &[&str]| HttpRetry {
+            retry_on: Some(items.iter().map(|s| s.to_string()).collect()),
+            ..HttpRetry::default()
+        };
+        let codes = compile_retry(&retry_on(&["429", "HttpMethodGET"]), false).unwrap();
+        assert_eq!(codes.on, HTTP_DEFAULT_RETRY_ON, "Kuma keeps gateway-error,connect-failure,refused-stream");
+        assert_eq!(codes.status_codes, [429]);
+        let named = compile_retry(&retry_on(&["429", "Reset"]), false).unwrap();
+        assert_eq!(named.on, RetryOn { reset: true, ..NONE }, "a named condition replaces the default");
+        assert_eq!(named.status_codes, [429]);
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub enum Action {
 /// MeshPassthrough: `spec.targetRef` and `spec.default`; nothing else.
 pub(super) fn validate_passthrough(spec: &PolicySpec, v: &mut Violations<'_>) {
     if let Some(r) = &spec.target_ref {
-        target_ref_violations("spec.targetRef", r, &["Mesh", "MeshSubset", "Dataplane"], v);
+        target_ref_violations("spec.targetRef", r, &["Mesh", "MeshSubset", "Dataplane"], false, v);
     }
     for (field, set) in [("to", spec.to.is_some()), ("from", spec.from.is_some()), ("rules", spec.rules.is_some())] {
         if set {
@@ -148,7 +148,10 @@ pub(super) fn validate_permission(spec: &PolicySpec, v: &mut Violations<'_>) {
     let on_service = top.kind == "MeshExternalService";
     if let Some(r) = &spec.target_ref {
         let kinds = ["Mesh", "MeshSubset", "MeshService", "MeshServiceSubset", "Dataplane", "MeshExternalService"];
-        target_ref_violations("spec.targetRef", r, &kinds, v);
+        // Every valid MeshTrafficPermission is inbound (`from` or `rules`).
+        let inbound =
+            spec.from.as_ref().is_some_and(|f| !f.is_empty()) || spec.rules.as_ref().is_some_and(|r| !r.is_empty());
+        target_ref_violations("spec.targetRef", r, &kinds, inbound, v);
     }
     if spec.to.is_some() {
         v.error("spec.to", "unknown field `to`: MeshTrafficPermission has `from` and `rules`");
@@ -173,7 +176,7 @@ pub(super) fn validate_permission(spec: &PolicySpec, v: &mut Violations<'_>) {
     }
     for (i, item) in from.iter().enumerate() {
         let path = format!("spec.from[{i}]");
-        target_ref_violations(&format!("{path}.targetRef"), &item.target_ref, &from_kinds, v);
+        target_ref_violations(&format!("{path}.targetRef"), &item.target_ref, &from_kinds, false, v);
         if let Some(conf) = typed::<PermissionConf>(&format!("{path}.default"), &item.default, v) {
             if conf.action.is_none() {
                 v.error(format!("{path}.default.action"), "must be defined");

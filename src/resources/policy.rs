@@ -713,12 +713,13 @@ pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
     let spec = &policy.spec;
     let kind = policy.kind;
     let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
-    if let Some(target_ref) = &spec.target_ref {
-        target_ref_violations("spec.targetRef", target_ref, &top_level_kinds(kind, system), v);
-    }
     let to = spec.to.as_deref().unwrap_or_default();
     let from = spec.from.as_deref().unwrap_or_default();
     let rules = spec.rules.as_deref().unwrap_or_default();
+    if let Some(target_ref) = &spec.target_ref {
+        let inbound = kind.has_inbound_sections() && !(from.is_empty() && rules.is_empty());
+        target_ref_violations("spec.targetRef", target_ref, &top_level_kinds(kind, system), inbound, v);
+    }
     if kind.has_inbound_sections() {
         if !rules.is_empty() && (!to.is_empty() || !from.is_empty()) {
             v.error("spec", "fields 'to' and 'from' must be empty when 'rules' is defined");
@@ -739,18 +740,26 @@ pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
             v.error("spec.from", "must not be defined");
             break;
         }
-        target_ref_violations(&format!("{path}.targetRef"), &item.target_ref, &["Mesh"], v);
+        target_ref_violations(&format!("{path}.targetRef"), &item.target_ref, &["Mesh"], false, v);
         conf(kind, &format!("{path}.default"), &item.default, &top.kind, v);
     }
     for (i, item) in to.iter().enumerate() {
         let path = format!("spec.to[{i}]");
-        target_ref_violations(&format!("{path}.targetRef"), &item.target_ref, to_kinds(kind, &top.kind), v);
+        target_ref_violations(&format!("{path}.targetRef"), &item.target_ref, to_kinds(kind, &top.kind), false, v);
         conf(kind, &format!("{path}.default"), &item.default, &top.kind, v);
     }
 }
 
 /// Kuma's `ValidateTargetRef` for the kinds a policy about MeshExternalServices can use.
-pub(super) fn target_ref_violations(path: &str, r: &TargetRef, supported: &[&str], v: &mut Violations<'_>) {
+/// `inbound`: the policy has `from` or `rules` items (Kuma's `AffectsInbounds`), so a
+/// `Dataplane` may name one of its inbounds by `sectionName`.
+pub(super) fn target_ref_violations(
+    path: &str,
+    r: &TargetRef,
+    supported: &[&str],
+    inbound: bool,
+    v: &mut Violations<'_>,
+) {
     let at = |field: &str| format!("{path}.{field}");
     if r.kind.is_empty() {
         return v.error(at("kind"), "must be defined");
@@ -794,7 +803,7 @@ pub(super) fn target_ref_violations(path: &str, r: &TargetRef, supported: &[&str
             if r.has_labels() && (name_set || namespace_set) {
                 v.error(at("labels"), "either labels or name and namespace must be specified");
             }
-            if set("sectionName") {
+            if set("sectionName") && !inbound {
                 v.error(at("sectionName"), "can only be used with inbound policies");
             }
         }

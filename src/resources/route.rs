@@ -204,14 +204,14 @@ const REDIRECT_CODES: [i64; 5] = [301, 302, 303, 307, 308];
 pub(super) fn validate(route: &Route, v: &mut Violations<'_>) {
     let top_kinds = ["Mesh", "MeshSubset", "MeshService", "MeshServiceSubset", "Dataplane", "MeshGateway"];
     if let Some(top) = &route.spec.target_ref {
-        super::policy::target_ref_violations("spec.targetRef", top, &top_kinds, v);
+        super::policy::target_ref_violations("spec.targetRef", top, &top_kinds, false, v);
     }
     let gateway = route.spec.target_ref.as_ref().is_some_and(|t| t.kind == "MeshGateway");
     for (i, to) in route.spec.to.iter().flatten().enumerate() {
         let path = format!("spec.to[{i}]");
         let kinds: &[&str] =
             if gateway { &["Mesh"] } else { &["MeshService", "MeshExternalService", "MeshMultiZoneService"] };
-        super::policy::target_ref_violations(&format!("{path}.targetRef"), &to.target_ref, kinds, v);
+        super::policy::target_ref_violations(&format!("{path}.targetRef"), &to.target_ref, kinds, false, v);
         if to.hostnames.is_some() && !gateway {
             v.error(format!("{path}.hostnames"), "must not be defined");
         }
@@ -231,8 +231,9 @@ pub(super) fn validate(route: &Route, v: &mut Violations<'_>) {
                         v.error(format!("{path}.rules[{j}].matches"), "unknown field `matches`");
                     }
                     if let Some(conf) = typed::<TcpRuleConf>(&at, &rule.default, v) {
-                        match &conf.backend_refs {
-                            None => v.error(format!("{at}.backendRefs"), "must be defined"),
+                        // Kuma: an empty list is as undefined (`len(Deref(backendRefs)) == 0`).
+                        match conf.backend_refs.as_deref() {
+                            None | Some([]) => v.error(format!("{at}.backendRefs"), "must be defined"),
                             Some(refs) => backend_refs(&format!("{at}.backendRefs"), refs, v),
                         }
                     }

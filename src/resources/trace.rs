@@ -118,7 +118,7 @@ pub(super) fn validate_trace(spec: &PolicySpec, meta: &Meta, v: &mut Violations<
         if Role::of(meta, false) == Role::System {
             kinds.push("MeshGateway");
         }
-        target_ref_violations("spec.targetRef", r, &kinds, v);
+        target_ref_violations("spec.targetRef", r, &kinds, false, v);
         if matches!(r.kind.as_str(), "MeshService" | "MeshServiceSubset" | "MeshSubset") {
             v.warning(
                 "spec.targetRef.kind",
