@@ -370,3 +370,30 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     assert_eq!(lines[2]["request"], "GET /gone");
     assert_eq!((lines[2]["status"].as_u64(), lines[2]["outcome"].as_str()), (None, Some("cancelled")));
 }
+
+/// A passthrough request is held to `--request-timeout`, as a service's (Envoy's 15 s route
+/// timeout on Kuma's passthrough routes): a destination that does not answer gets a 504, where
+/// the request waited for as long as the connection's idle bound (an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_request_is_held_to_the_request_timeout() {
+    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let policy = format!(
+        "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    appendMatch:\n      - {{type: Domain, value: '*', port: {}, protocol: http}}\n",
+        web.addr.port()
+    );
+    let (_dir, config) = config_dir(&policy);
+    let mut opts = options(config);
+    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
+    opts.request_timeout = Some(Duration::from_millis(300));
+    let injected = Arc::new(InjectedOriginalDst::default());
+    let proxy = start_with(opts, injected.clone()).await;
+    let host = web.addr.to_string();
+    let mut stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    let request = format!("GET /slow HTTP/1.1\r\nHost: {host}\r\nx-delay-ms: 30000\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_all(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer:?}");
+    let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    let responses = http1(stream, &[(&host, "/quick")]).await;
+    assert!(responses[0].0.contains(" 200 "), "{responses:?}");
+}

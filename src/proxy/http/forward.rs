@@ -27,7 +27,7 @@ use crate::upstream::pool::{
     BodyError, Copied, OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn,
 };
 use crate::upstream::replay::Replay;
-use crate::upstream::{ActiveGuard, AppBody, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
+use crate::upstream::{ActiveGuard, AppBody, BodyEnd, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
 
 /// Forwards within the request's time limits: the request timeout, counted as Envoy counts its
 /// route timeout from the end of the request body ([`timed_out`]), and the stream's deadline,
@@ -37,11 +37,11 @@ pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &Htt
     let answered = match (ctx.request_timeout, ctx.deadline) {
         (None, None) => return exchange.await,
         (None, Some(deadline)) => within(ctx, deadline_passed(deadline), exchange).await,
-        (Some(timeout), None) => within(ctx, timed_out(ctx, timeout), exchange).await,
+        (Some(timeout), None) => within(ctx, timed_out(ctx.body_end.as_deref(), timeout), exchange).await,
         (Some(timeout), Some(deadline)) => {
             // The sooner of the two decides whether the endpoint is to blame.
             let limit = async {
-                tokio::select! { endpoint = timed_out(ctx, timeout) => endpoint, endpoint = deadline_passed(deadline) => endpoint }
+                tokio::select! { endpoint = timed_out(ctx.body_end.as_deref(), timeout) => endpoint, endpoint = deadline_passed(deadline) => endpoint }
             };
             within(ctx, limit, exchange).await
         }
@@ -75,8 +75,8 @@ async fn within<F: std::future::Future>(
 /// Envoy counts its route and per-try timeouts (a retry's body has ended: from its start). While
 /// the body still arrives, the request times out only when none of it came for `limit`: a long
 /// upload is not cut, a request whose body nobody reads (one queued for a connection) still is.
-async fn timed_out(ctx: &RequestCtx, limit: Duration) -> bool {
-    if let Some(body) = ctx.body_end.as_deref() {
+pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration) -> bool {
+    if let Some(body) = body {
         let mut seen = body.frames();
         loop {
             tokio::select! {
@@ -210,12 +210,14 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, mut parts: Parts, b
             let exclude = if retry.omit_previous_hosts { &tried[..] } else { &[] };
             let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, Some(&mut picked)));
             match retry.per_try_timeout {
-                Some(limit) => within(ctx, timed_out(ctx, limit), attempt).await.unwrap_or_else(|| {
-                    Attempt::Failed(
-                        AttemptFailure::Reset,
-                        reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
-                    )
-                }),
+                Some(limit) => {
+                    within(ctx, timed_out(ctx.body_end.as_deref(), limit), attempt).await.unwrap_or_else(|| {
+                        Attempt::Failed(
+                            AttemptFailure::Reset,
+                            reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
+                        )
+                    })
+                }
                 None => attempt.await,
             }
         };

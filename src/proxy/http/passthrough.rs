@@ -107,7 +107,7 @@ impl PassthroughHttp {
     /// Answers the request; `target` is the destination once one is chosen.
     async fn answer(&self, req: Request<AppBody>, chosen: &mut Option<SocketAddr>) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
         if let Err(refusal) = rewrite::check(&parts) {
             return reply::refused(grpc, refusal);
         }
@@ -159,7 +159,22 @@ impl PassthroughHttp {
                     Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
             }
         }
-        match self.send(target, http2, Request::from_parts(parts, body)).await {
+        // `--request-timeout`, counted as a service's request timeout is (Envoy's 15 s route
+        // timeout on Kuma's passthrough routes).
+        let limit = self.proxy.settings.request_timeout;
+        let body_end = limit.and_then(|_| body.end_watch());
+        let send = std::pin::pin!(self.send(target, http2, Request::from_parts(parts, body)));
+        let sent = match limit {
+            Some(limit) => tokio::select! {
+                sent = send => sent,
+                _ = super::forward::timed_out(body_end.as_deref(), limit) => {
+                    tracing::debug!(peer = %self.peer, %target, "passthrough request timed out");
+                    return reply::local_reply(grpc, Failure::Timeout, reply::TIMED_OUT);
+                }
+            },
+            None => send.await,
+        };
+        match sent {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

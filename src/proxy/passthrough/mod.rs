@@ -33,11 +33,27 @@ pub(super) fn refused(settings: &ProxySettings, snapshot: &Snapshot, dst: Socket
     if settings.vip_cidr.is_some_and(|cidr| cidr.contains(&dst.ip())) {
         return Some("in the VIP range but no service's");
     }
-    let own = |addr: &SocketAddr| addr.port() == dst.port() && (addr.ip() == dst.ip() || addr.ip().is_unspecified());
+    let own = |addr: &SocketAddr| listens_for(*addr, dst);
     if settings.own_listeners.iter().any(own) || snapshot.catalog.outbounds().iter().any(|o| own(&o.address)) {
         return Some("one of the proxy's own listeners");
     }
     None
+}
+
+/// Whether the proxy's `listener` is what a connection to `dst` would reach: the same address,
+/// or a wildcard one (the readiness port's `0.0.0.0:9902`) and `dst` one of this host's own
+/// addresses. Any other host's port 9902 is not the proxy's.
+fn listens_for(listener: SocketAddr, dst: SocketAddr) -> bool {
+    if listener.port() != dst.port() {
+        return false;
+    }
+    let wildcard = listener.ip().is_unspecified() && listener.is_ipv4() == dst.is_ipv4();
+    listener.ip() == dst.ip() || (wildcard && is_local(dst.ip()))
+}
+
+/// An address of this host: one a socket can bind (only asked for a wildcard listener's port).
+fn is_local(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 fn deny(peer: SocketAddr, dst: SocketAddr, reason: &'static str, detail: &str) {
@@ -155,3 +171,19 @@ async fn tunnel(
 
 /// The access log's service for passthrough connections.
 pub(crate) const PASSTHROUGH_SERVICE: &str = "passthrough";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listener_is_reached_only_through_this_host_s_addresses() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listens_for(addr("0.0.0.0:9902"), addr("127.0.0.1:9902")));
+        assert!(listens_for(addr("127.0.0.1:9902"), addr("127.0.0.1:9902")));
+        // TEST-NET-1: no host has it; the bind that tells is never used to send.
+        assert!(!listens_for(addr("0.0.0.0:9902"), addr("192.0.2.1:9902")), "another host's 9902");
+        assert!(!listens_for(addr("0.0.0.0:9902"), addr("127.0.0.1:9903")));
+        assert!(!listens_for(addr("[::]:9902"), addr("127.0.0.1:9902")), "an IPv6-only wildcard");
+    }
+}
