@@ -71,14 +71,25 @@ pub fn unary_request(authority: &str, path: &str, message: &[u8]) -> Result<Requ
 
 /// The answer's body (still framed), when its `grpc-status` (trailers, or the headers of a
 /// trailers-only answer) is 0.
-pub async fn unary_response(response: http::Response<Incoming>) -> Result<Bytes, String> {
+pub async fn unary_response(response: http::Response<Incoming>) -> Result<Bytes, UnaryError> {
     let (parts, body) = response.into_parts();
-    let collected = body.collect().await.map_err(|e| format!("body: {e}"))?;
+    let collected = body.collect().await.map_err(UnaryError::Body)?;
     let status = collected.trailers().or(Some(&parts.headers)).and_then(|h| h.get("grpc-status"));
     match status.map(http::HeaderValue::as_bytes) {
         Some(b"0") => Ok(collected.to_bytes()),
-        other => Err(format!("grpc-status {:?}", other.map(String::from_utf8_lossy))),
+        other => Err(UnaryError::Status(other.map(|s| String::from_utf8_lossy(s).into_owned()))),
     }
+}
+
+/// Why a unary call gave no message.
+#[derive(Debug, thiserror::Error)]
+pub enum UnaryError {
+    /// The answer's body broke off.
+    #[error("body: {0}")]
+    Body(hyper::Error),
+    /// The server answered with another status than OK (or none).
+    #[error("grpc-status {0:?}")]
+    Status(Option<String>),
 }
 
 type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
@@ -134,7 +145,7 @@ impl GrpcClient {
             .await
             .map_err(|_| "no answer in 10s".to_string())?
             .map_err(|e| e.to_string())?;
-        unary_response(response).await
+        unary_response(response).await.map_err(|e| e.to_string())
     }
 }
 

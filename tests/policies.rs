@@ -394,6 +394,34 @@ async fn http_health_checks_take_a_failing_endpoint_out_and_log_the_event() {
     assert!(event["reason"].as_str().unwrap().contains("status 503"), "{event}");
 }
 
+/// An endpoint that answers its check with an unexpected status is unhealthy at once, whatever
+/// `unhealthyThreshold` (Envoy's ACTIVE failure; only failures to ask it count toward the
+/// threshold): one check round, an hour apart from the next, takes it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_answers_its_check_with_a_failure_is_out_at_once() {
+    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
+    let (good, _good_task) = fixed_upstream(200, "good").await;
+    let outbound = free_addr("127.0.0.1");
+    let events = tempfile::tempdir().unwrap();
+    let log = events.path().join("hc.log");
+    let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let policy = format!(
+        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{interval: 1h, noTrafficInterval: 1h, initialJitter: 10ms, unhealthyThreshold: 5, eventLogPath: {}, http: {{path: /}}}}\n",
+        log.display()
+    );
+    let yaml = format!("{}---\n{policy}", service_with_protocol("at-once", "http", outbound, &endpoints, ""));
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    eventually("the unhealthy event", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"unhealthy\""))
+    })
+    .await;
+    assert_eq!(health_checks("at-once", "failure"), 1.0, "one round only");
+    for _ in 0..20 {
+        assert_eq!(get_status(outbound, &[]).await.2["x-who"], "good", "the failing endpoint gets no traffic");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_health_checks_a_failing_endpoint_keeps_its_share() {
     let (bad, _bad_task) = fixed_upstream(503, "bad").await;

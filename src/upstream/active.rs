@@ -1,7 +1,7 @@
 //! Active health checks (MeshHealthCheck): every interval, each address of the service is
 //! checked on a connection of its own (over TLS when the service originates TLS); after
-//! `unhealthyThreshold` failures in a row it gets no new traffic, after `healthyThreshold`
-//! successes it gets traffic again. The task runs on the control runtime, off the data-path
+//! `unhealthyThreshold` failures in a row (or one answer that says no, as Envoy) it gets no new
+//! traffic, after `healthyThreshold` successes it gets traffic again. The task runs on the control runtime, off the data-path
 //! workers.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -45,7 +45,8 @@ pub(super) async fn run(upstream: Weak<Upstream>, check: Arc<HealthCheck>) {
             round.spawn(async move {
                 let reuse = check.reuse_connection.then_some(&kept);
                 let result = tokio::time::timeout(check.timeout, probe(&up, &target, &check.check, reuse)).await;
-                let result = result.unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
+                let result =
+                    result.unwrap_or_else(|_| Err(Failed::Network(format!("no answer within {:?}", check.timeout))));
                 record(&up, &target, &check, result).await;
             });
         }
@@ -70,8 +71,33 @@ fn next_wait(check: &HealthCheck, first: bool, had_traffic: bool) -> Duration {
     base + random(&mut rng, check.interval_jitter) + random(&mut rng, percent)
 }
 
+/// Why a check failed, as Envoy tells them apart.
+#[derive(Debug)]
+enum Failed {
+    /// The endpoint could not be asked: no connection, a reset, no answer in time. Counted
+    /// toward `unhealthyThreshold`.
+    Network(String),
+    /// The endpoint answered no (an unexpected HTTP status, a gRPC status other than SERVING):
+    /// unhealthy at once (Envoy's ACTIVE failure ignores the threshold).
+    Answered(String),
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Self {
+        Self::Network(reason)
+    }
+}
+
+impl Failed {
+    fn reason(self) -> String {
+        match self {
+            Self::Network(reason) | Self::Answered(reason) => reason,
+        }
+    }
+}
+
 /// Applies one result to the address's state and tells the metrics and the event log.
-async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Result<(), String>) {
+async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Result<(), Failed>) {
     let health = &target.health;
     let event = match &result {
         Ok(()) => {
@@ -80,11 +106,13 @@ async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Res
             let successes = health.checks.successes.fetch_add(1, Relaxed) + 1;
             (successes >= check.healthy_threshold && health.checks.unhealthy.swap(false, Relaxed)).then_some("healthy")
         }
-        Err(_) => {
+        Err(failed) => {
             up.metrics.health_check(HealthCheckResult::Failure);
             health.checks.successes.store(0, Relaxed);
             let failures = health.checks.failures.fetch_add(1, Relaxed) + 1;
-            let turned = failures >= check.unhealthy_threshold && !health.checks.unhealthy.swap(true, Relaxed);
+            let at_once = matches!(failed, Failed::Answered(_));
+            let turned =
+                (at_once || failures >= check.unhealthy_threshold) && !health.checks.unhealthy.swap(true, Relaxed);
             if turned {
                 Some("unhealthy")
             } else {
@@ -93,7 +121,7 @@ async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Res
         }
     };
     let Some(event) = event else { return };
-    let reason = result.err().unwrap_or_default();
+    let reason = result.err().map(Failed::reason).unwrap_or_default();
     match event {
         "healthy" => {
             tracing::info!(service = %up.service(), target = %target.addr, "health check passes again; endpoint back in traffic")
@@ -150,7 +178,7 @@ async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
 }
 
 /// One check of one address.
-async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), String> {
+async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), Failed> {
     let authority = up.hostname(target).map_or_else(|| target.addr.to_string(), str::to_string);
     // A kept connection (taken out while in use) or a new one.
     let reused = kept.and_then(|k| k.lock().ok()?.remove(&kept_key(target)));
@@ -174,7 +202,7 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
         }
     };
     match check {
-        Check::Tcp { send, receive } => tcp(&mut open(up, target).await?, send.as_deref(), receive).await,
+        Check::Tcp { send, receive } => Ok(tcp(&mut open(up, target).await?, send.as_deref(), receive).await?),
         Check::Http { path, http2, set, add, expected } => {
             let mut request =
                 Request::get(format!("http://{authority}{path}").parse::<Uri>().map_err(|e| e.to_string())?);
@@ -197,7 +225,7 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
             if expected.contains(&status) {
                 Ok(())
             } else {
-                Err(format!("status {status}, expected one of {expected:?}"))
+                Err(Failed::Answered(format!("status {status}, expected one of {expected:?}")))
             }
         }
         Check::Grpc { service_name, authority: configured } => {
@@ -212,9 +240,13 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
             let response = send(&mut client, request).await?;
             let body = grpc_wire::unary_response(response).await;
             give_back(client);
-            match serving_status(body?) {
+            let body = body.map_err(|e| match e {
+                grpc_wire::UnaryError::Body(_) => Failed::Network(e.to_string()),
+                grpc_wire::UnaryError::Status(_) => Failed::Answered(e.to_string()),
+            })?;
+            match serving_status(body) {
                 Some(1) => Ok(()),
-                other => Err(format!("health status {other:?}, not SERVING")),
+                other => Err(Failed::Answered(format!("health status {other:?}, not SERVING"))),
             }
         }
     }
