@@ -1,7 +1,7 @@
 //! The `mesh-egress` command line.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -483,6 +483,15 @@ async fn keep_a_timer_due_soon() {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // SIGHUP and SIGUSR1 are handled from the first moment there is a runtime to handle them:
+    // their default action would end the process (logrotate's `postrotate kill -USR1` may come
+    // at any time, start-up included).
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _in_runtime = control.enter();
+        Signals { hangup: signal(SignalKind::hangup())?, reopen_logs: signal(SignalKind::user_defined1())? }
+    };
     init_logging(args.log_format);
     // A sidecar holds two descriptors per proxied connection: take what the hard limit allows.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -506,17 +515,18 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .collect::<std::io::Result<Vec<_>>>()
         .context("starting the worker threads")?;
-    let control = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    control.block_on(serve(args, handles))
+    control.block_on(serve(args, handles, signals))
 }
 
-async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<ExitCode> {
+/// The signals `run` handles besides termination, registered before anything else.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    reopen_logs: tokio::signal::unix::Signal,
+}
+
+async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>, signals: Signals) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
-    // Handled from the start of serving (after logging and the runtimes are set up): their
-    // default action would end the process (logrotate's `postrotate kill -USR1` may come at
-    // any time).
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut reopen_logs = signal(SignalKind::user_defined1())?;
+    let Signals { mut hangup, mut reopen_logs } = signals;
     let (admin_tcp, admin_unix) = match args.admin.0.clone() {
         Some(AdminAddr::Tcp(addr)) => (Some(addr), None),
         Some(AdminAddr::Unix(path)) => (None, Some(path)),
@@ -534,6 +544,7 @@ async fn serve(args: RunArgs, workers: Vec<tokio::runtime::Handle>) -> anyhow::R
             "--dns {dns} is not a loopback address: the DNS proxy forwards unknown names, an open resolver to whoever reaches it; add --dns-allow-remote to allow it"
         );
     }
+    state_dir_outside(args.state_dir.as_deref(), &args.config)?;
     let access_log = match args.access_log.as_str() {
         "off" => None,
         dest => {
@@ -700,12 +711,29 @@ fn validate(paths: &[PathBuf], compile: &CompileArgs) -> anyhow::Result<ExitCode
     }
 }
 
+/// A state directory inside a configuration directory would have its `vips.json` read as
+/// configuration (and rejected), and each of its writes would reload.
+fn state_dir_outside(state_dir: Option<&Path>, config: &[PathBuf]) -> anyhow::Result<()> {
+    let Some(state_dir) = state_dir else { return Ok(()) };
+    let resolved = |p: &Path| p.canonicalize().or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf());
+    let state = resolved(state_dir);
+    match config.iter().find(|dir| dir.is_dir() && state.starts_with(resolved(dir))) {
+        Some(dir) => anyhow::bail!(
+            "--state-dir {} is inside the configuration directory {}: its vips.json would be read as configuration; choose a directory outside it",
+            state_dir.display(),
+            dir.display()
+        ),
+        None => Ok(()),
+    }
+}
+
 fn inspect(
     paths: &[PathBuf],
     format: Format,
     state_dir: Option<PathBuf>,
     compile: &CompileArgs,
 ) -> anyhow::Result<ExitCode> {
+    state_dir_outside(state_dir.as_deref(), paths)?;
     let store = VipStore::new(state_dir.as_deref());
     let (compiled, mut ipam) = load(paths, compile, &store)?;
     for d in &compiled.diagnostics.0 {

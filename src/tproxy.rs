@@ -93,6 +93,9 @@ impl Rules {
             }
         }
         out.push_str(&format!("-A {CHAIN} -d {} -j RETURN\n", family.loopback()));
+        // This host's own addresses (the pod's IP, another container's port through it) leave by
+        // the loopback interface: not redirected, as Kuma's `-o lo ... -j RETURN`.
+        out.push_str(&format!("-A {CHAIN} -o lo -j RETURN\n"));
         for port in &self.exclude_ports {
             out.push_str(&format!("-A {CHAIN} -p tcp --dport {port} -j RETURN\n"));
         }
@@ -212,6 +215,7 @@ mod tests {
              -A MESH_EGRESS_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053\n\
              -A MESH_EGRESS_OUTPUT -p tcp --dport 53 -j REDIRECT --to-ports 15053\n\
              -A MESH_EGRESS_OUTPUT -d 127.0.0.0/8 -j RETURN\n\
+             -A MESH_EGRESS_OUTPUT -o lo -j RETURN\n\
              -A MESH_EGRESS_OUTPUT -p tcp --dport 22 -j RETURN\n\
              -A MESH_EGRESS_OUTPUT -d 10.0.0.0/8 -j RETURN\n\
              -A MESH_EGRESS_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n\

@@ -123,3 +123,32 @@ fn a_header_limit_too_small_for_the_http_server_is_refused() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("--max-header-bytes") && stderr.contains("at least 8192"), "{stderr}");
 }
+
+/// A state directory inside a configuration directory is refused by name: its vips.json was read
+/// as configuration (every reload after the first save rejected, a restart refused).
+#[test]
+fn a_state_directory_inside_the_configuration_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), "type: MeshExternalService\nname: a\nmesh: default\nspec:\n  match: {port: 80, protocol: http}\n  endpoints: [{address: 127.0.0.1, port: 80}]\n").unwrap();
+    let config = dir.path().to_str().unwrap().to_string();
+    let state = dir.path().join("state");
+    let out = mesh_egress(&["inspect", &config, "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("is inside the configuration directory"), "{}", text(&out.stderr));
+    assert!(!state.join("vips.json").exists());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = mesh_egress(&["inspect", &config, "--state-dir", elsewhere.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Directory symlinks that loop (`a -> .`, `b -> .`) are read once: two of them made 2^40 paths
+/// to walk, and the reload (and SIGTERM, behind it) never finished.
+#[test]
+fn looping_directory_links_are_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), "type: MeshExternalService\nname: a\nmesh: default\nspec:\n  match: {port: 80, protocol: http}\n  endpoints: [{address: 127.0.0.1, port: 80}]\n").unwrap();
+    std::os::unix::fs::symlink(".", dir.path().join("a")).unwrap();
+    std::os::unix::fs::symlink(".", dir.path().join("b")).unwrap();
+    let out = mesh_egress(&["validate", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+}

@@ -35,6 +35,7 @@ fn ok(args: &[&str]) -> String {
 struct Net {
     app: String,
     ext: String,
+    app_ip: Ipv4Addr,
     ext_ip: Ipv4Addr,
     children: Vec<Child>,
 }
@@ -45,7 +46,7 @@ impl Net {
         let id = std::process::id() % 250 + 1;
         let (app, ext) = (format!("me-app-{id}{tag}"), format!("me-ext-{id}{tag}"));
         let (app_ip, ext_ip) = (Ipv4Addr::new(10, 231, id as u8, 1), Ipv4Addr::new(10, 231, id as u8, 2));
-        let net = Self { app: app.clone(), ext: ext.clone(), ext_ip, children: Vec::new() };
+        let net = Self { app: app.clone(), ext: ext.clone(), app_ip, ext_ip, children: Vec::new() };
         net.cleanup();
         let (veth_app, veth_ext) = (format!("mea{id}{tag}"), format!("mee{id}{tag}"));
         ok(&["ip", "netns", "add", &app]);
@@ -469,6 +470,13 @@ fn mesh_passthrough_in_network_namespaces() {
     write_config("None");
     wait_for("passthroughMode None", || socat(&format!("{TCP_LISTED}:5432")).is_empty());
     assert!(!s_client(&format!("{ALLOWED}:443"), "allowed.test").contains("HTTP/1.1"));
+    // This host's own address (the pod's IP) is not redirected, as Kuma's `-o lo` rule: under
+    // None too, a server of the application's own namespace is reached on it (it was closed).
+    let app_ip = net.app_ip;
+    let own =
+        net.spawn(&app, &["socat", &format!("TCP-LISTEN:7100,bind={app_ip},reuseaddr,fork"), "SYSTEM:echo own"], &[]);
+    wait_for("a server on the application's own address", || socat(&format!("{app_ip}:7100")) == "own\n");
+    net.stop(own);
     write_config("All");
     wait_for("passthroughMode All", || socat(&format!("{TCP_UNLISTED}:5432")) == "unlisted\nping<eof>");
     assert_eq!(socat("echo.extsvc.mesh.local:9000"), "mes\nping<eof>");

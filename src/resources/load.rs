@@ -1,5 +1,6 @@
 //! Reading resource files: directories, multi-document YAML/JSON, `kind: List`, both spellings.
 
+use std::collections::HashSet;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     let mut out = Loaded::default();
     for path in paths {
         let mut files = Vec::new();
-        if let Err(e) = collect_files(path, &mut files) {
+        if let Err(e) = collect_files(path, &mut files, &mut HashSet::new()) {
             out.diagnostics.push(Diagnostic::file_error(path, format!("cannot read: {e}")));
             continue;
         }
@@ -59,10 +60,16 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     out
 }
 
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// `seen`: the directories read so far, by device and inode: a directory reached again through
+/// a symlink (a loop, `a -> .`) is read once, where two such links made 2^40 paths to walk.
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>, seen: &mut HashSet<(u64, u64)>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let meta = fs::metadata(path)?;
     if !meta.is_dir() {
         files.push(path.to_path_buf());
+        return Ok(());
+    }
+    if !seen.insert((meta.dev(), meta.ino())) {
         return Ok(());
     }
     let mut entries: Vec<PathBuf> = fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
@@ -73,7 +80,7 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
             continue; // editors' swap files, Kubernetes ConfigMap `..data` links
         }
         if entry.is_dir() {
-            collect_files(&entry, files)?;
+            collect_files(&entry, files, seen)?;
         } else if entry.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json")) {
             files.push(entry);
         }
