@@ -99,9 +99,13 @@ async fn retry_on_status_codes_methods_and_response_headers() {
     let k = key("418");
     let (status, _, _) = get_status(outbound, &[("x-fail-first", "1"), ("x-fail-status", "418"), ("x-key", &k)]).await;
     assert_eq!(status, 200, "418 is listed");
+    // Status codes alone keep Kuma's default conditions (gateway-error: 502, 503, 504), not 500.
     let k = key("503");
     let (status, _, _) = get_status(outbound, &[("x-fail-first", "1"), ("x-key", &k)]).await;
-    assert_eq!(status, 503, "503 is not listed (retryOn replaces the defaults)");
+    assert_eq!(status, 200, "503 is retried under the default gateway-error");
+    let k = key("500");
+    let (status, _, _) = get_status(outbound, &[("x-fail-first", "1"), ("x-fail-status", "500"), ("x-key", &k)]).await;
+    assert_eq!(status, 500, "500 is neither listed nor a gateway error");
     let k = key("header");
     let headers =
         [("x-fail-first", "1"), ("x-fail-status", "200"), ("x-fail-header", "x-try-again: yes"), ("x-key", &k)];
