@@ -225,6 +225,16 @@ spec:
         filters:
         - type: RequestRedirect
           requestRedirect: {port: 8443}
+    - matches: [{path: {type: Exact, value: /host}}]
+      default:
+        filters:
+        - type: RequestRedirect
+          requestRedirect: {hostname: new.example.test}
+    - matches: [{path: {type: Exact, value: /secure}}]
+      default:
+        filters:
+        - type: RequestRedirect
+          requestRedirect: {scheme: https}
 "#;
     let s = setup(routes).await;
     let _proxy = start(options(s.config.clone())).await;
@@ -241,6 +251,23 @@ spec:
         &format!("{base}/temp"),
     ]);
     assert_eq!(out, "302 http://shop.test:8443/temp");
+    // As Envoy builds the Location (Kuma sets host_redirect, scheme_redirect): a new hostname
+    // takes no port from the request; a new scheme drops the request's port only when it was
+    // the old scheme's default.
+    let redirect = |host: &str, path: &str| {
+        curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            &format!("Host: {host}"),
+            &format!("{base}{path}"),
+        ])
+    };
+    assert_eq!(redirect("legacy.test:8080", "/host"), "302 http://new.example.test/host");
+    assert_eq!(redirect("legacy.test:8080", "/secure"), "302 https://legacy.test:8080/secure");
+    assert_eq!(redirect("legacy.test:80", "/secure"), "302 https://legacy.test/secure");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,11 +127,20 @@ fn redirect_reply(redirect: &Redirect, req: &Request<AppBody>, prefix: Option<&s
         Some(Some((host, port))) if port.parse::<u16>().is_ok() => (host.to_string(), port.parse().ok()),
         _ => (authority.unwrap_or_default(), None),
     };
-    let scheme = redirect.scheme.clone().unwrap_or_else(|| uri.scheme_str().unwrap_or("http").to_string());
-    let host = redirect.hostname.clone().unwrap_or(request_host);
-    // A port is kept only while the scheme stays; a new scheme takes its default port.
-    let port = redirect.port.or(if redirect.scheme.is_some() { None } else { request_port });
-    let port = port.filter(|&p| !matches!((scheme.as_str(), p), ("http", 80) | ("https", 443)));
+    let request_scheme = uri.scheme_str().unwrap_or("http");
+    let scheme = redirect.scheme.clone().unwrap_or_else(|| request_scheme.to_string());
+    let is_default = |scheme: &str, port: u16| matches!((scheme, port), ("http", 80) | ("https", 443));
+    // As Envoy's `newUri`: a new hostname takes no port from the request; the request's host
+    // keeps its port unless a port is set, or the scheme changes and the port was the old
+    // scheme's default. Default ports are left out (Gateway API).
+    let (host, request_port) = match redirect.hostname.clone() {
+        Some(host) => (host, None),
+        None => {
+            let dropped = |p: &u16| scheme != request_scheme && is_default(request_scheme, *p);
+            (request_host, request_port.filter(|p| !dropped(p)))
+        }
+    };
+    let port = redirect.port.or(request_port).filter(|&p| !is_default(&scheme, p));
     let path_and_query = match &redirect.path {
         Some(change) => change.apply(uri.path(), uri.query(), prefix),
         None => uri.path_and_query().map_or("/".to_string(), |p| p.as_str().to_string()),
