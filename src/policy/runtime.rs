@@ -76,8 +76,9 @@ pub struct OutlierDetection {
     pub consecutive_local: Option<u32>,
     pub success_rate: Option<SuccessRate>,
     pub failure_percentage: Option<FailurePercentage>,
-    /// Below this share of healthy addresses the balancer ignores health (Envoy: 50).
-    pub healthy_panic_threshold: f64,
+    /// Below this share of healthy addresses the balancer ignores health; `None`: unset (then
+    /// MeshHealthCheck's, else Envoy's 50).
+    pub healthy_panic_threshold: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -294,7 +295,7 @@ impl Effective {
                 request_volume: count(f.request_volume, 50),
                 threshold: count(f.threshold, 85),
             }),
-            healthy_panic_threshold: o.healthy_panic_threshold.as_ref().and_then(|p| p.decimal()).unwrap_or(50.0),
+            healthy_panic_threshold: o.healthy_panic_threshold.as_ref().and_then(|p| p.decimal()),
         })
     }
 

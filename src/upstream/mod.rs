@@ -593,18 +593,18 @@ impl Upstream {
     pub fn pick(&self, exclude: &[TargetAddr]) -> Option<Target> {
         let targets = self.targets.load();
         let allowed = |t: &&Target| !exclude.contains(&t.addr);
-        let healthy_level = match self.panic_threshold() {
-            // Below the panic threshold health is ignored, as Envoy does.
-            Some(threshold) if healthy_percent(&targets) < threshold => None,
-            _ => targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min(),
-        };
-        // MeshHealthCheck `failTrafficOnPanic`: no healthy address fails the request.
-        if healthy_level.is_none() && self.policy().health_check.as_ref().is_some_and(|c| c.fail_traffic_on_panic) {
-            return None;
-        }
-        let (level, only_healthy) = match healthy_level {
-            Some(level) => (level, true),
-            None => (targets.iter().filter(allowed).map(|t| t.priority).min()?, false),
+        let preferred = targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min();
+        let (level, only_healthy) = match preferred {
+            // In panic, as Envoy, the level's health is ignored.
+            Some(level) if !in_panic(&targets, level, self.panic_threshold()) => (level, true),
+            panicked => {
+                // MeshHealthCheck `failTrafficOnPanic`: panic (no healthy address, or too few)
+                // fails the request.
+                if self.policy().health_check.as_ref().is_some_and(|c| c.fail_traffic_on_panic) {
+                    return None;
+                }
+                (panicked.or_else(|| targets.iter().filter(allowed).map(|t| t.priority).min())?, false)
+            }
         };
         let eligible = |t: &&Target| allowed(t) && t.priority == level && (!only_healthy || t.health.is_healthy());
         let count = targets.iter().filter(eligible).count();
@@ -624,13 +624,17 @@ impl Upstream {
     }
 
     /// `healthyPanicThreshold` of MeshCircuitBreaker's outlier detection, else of MeshHealthCheck
-    /// (deprecated there).
-    fn panic_threshold(&self) -> Option<f64> {
+    /// (deprecated there), else Envoy's default: Kuma sets each only when given, and Envoy
+    /// keeps one threshold per cluster.
+    fn panic_threshold(&self) -> f64 {
         let policy = self.policy();
-        match &policy.outlier {
-            Outlier::Detect(d) => Some(d.healthy_panic_threshold),
-            _ => policy.health_check.as_ref().and_then(|c| c.healthy_panic_threshold),
-        }
+        let outlier = match &policy.outlier {
+            Outlier::Detect(d) => d.healthy_panic_threshold,
+            _ => None,
+        };
+        outlier
+            .or_else(|| policy.health_check.as_ref().and_then(|c| c.healthy_panic_threshold))
+            .unwrap_or(DEFAULT_PANIC_THRESHOLD)
     }
 
     /// Connects (and handshakes TLS) to a picked target; a failed connect is tried again on
@@ -779,12 +783,34 @@ fn is_local_resource_error(error: &io::Error) -> bool {
 }
 
 /// Share of addresses not ejected, in percent.
-fn healthy_percent(targets: &[Target]) -> f64 {
-    if targets.is_empty() {
-        return 100.0;
+/// Envoy's `healthy_panic_threshold` default (percent).
+const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
+/// Envoy's default overprovisioning factor: a level counts as fully healthy from 1/1.4 of it.
+const OVERPROVISIONING: f64 = 1.4;
+
+/// Whether `level` is in panic, as Envoy decides it per priority: the priority set's normalized
+/// health (each level's healthy share × 1.4, capped at 100, summed, capped at 100) is below 100,
+/// and the level's own healthy share is below `threshold`.
+fn in_panic(targets: &[Target], level: u8, threshold: f64) -> bool {
+    if targets.iter().all(|t| t.health.is_healthy()) {
+        return false;
     }
-    let healthy = targets.iter().filter(|t| t.health.is_healthy()).count();
-    healthy as f64 * 100.0 / targets.len() as f64
+    let share = |priority: u8| {
+        let (healthy, total) = targets
+            .iter()
+            .filter(|t| t.priority == priority)
+            .fold((0u32, 0u32), |(h, n), t| (h + u32::from(t.health.is_healthy()), n + 1));
+        if total == 0 {
+            0.0
+        } else {
+            f64::from(healthy) * 100.0 / f64::from(total)
+        }
+    };
+    let mut levels: Vec<u8> = targets.iter().map(|t| t.priority).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let normalized: f64 = levels.iter().map(|&p| (share(p) * OVERPROVISIONING).min(100.0)).sum();
+    normalized < 100.0 && share(level) < threshold
 }
 
 /// Closes idle pooled connections past their idle timeout (checked at half of it, at most
@@ -973,6 +999,26 @@ mod tests {
             t.health.record_failure(&up.settings.ejection);
         }
         assert_eq!(port(&up.pick(&[]).unwrap()), 1, "fails over when level 0 has no healthy target");
+    }
+
+    /// Envoy's panic mode, with its default threshold (50%): one healthy target of three (33%)
+    /// puts the level in panic, and health is ignored; across levels, a healthy fallback level
+    /// keeps the set out of panic (normalized health 100).
+    #[test]
+    fn below_half_healthy_a_level_ignores_health() {
+        let up = upstream(vec![ip_endpoint(1, 0), ip_endpoint(2, 0), ip_endpoint(3, 0)]);
+        for t in up.targets().iter().filter(|t| port(t) != 3) {
+            t.health.record_failure(&up.settings.ejection);
+        }
+        let picked: std::collections::HashSet<u16> = (0..200).map(|_| port(&up.pick(&[]).unwrap())).collect();
+        assert!(picked.contains(&1) || picked.contains(&2), "panic: the ejected are picked too ({picked:?})");
+        let two_of_four = upstream((1..=4).map(|p| ip_endpoint(p, 0)).collect());
+        for t in two_of_four.targets().iter().filter(|t| port(t) <= 2) {
+            t.health.record_failure(&two_of_four.settings.ejection);
+        }
+        for _ in 0..50 {
+            assert!(port(&two_of_four.pick(&[]).unwrap()) > 2, "half healthy is not panic");
+        }
     }
 
     #[test]
