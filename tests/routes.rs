@@ -628,10 +628,14 @@ async fn a_mirror_that_may_not_take_traffic_gets_no_copy() {
     assert_eq!(first, "/ok", "a copy went to the broken mirror service");
 }
 
+/// A backend is reached with its own endpoints, TLS and Host; the request's timeouts and
+/// retries are the dialled service's, as Kuma configures them on that service's listener and
+/// routes (the backend's cluster keeps its connection settings).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_is_reached_with_its_own_endpoints_tls_host_and_policies() {
+async fn a_backend_is_reached_with_its_own_endpoints_tls_host_and_the_dialled_service_s_route_policies() {
     use base64::Engine as _;
-    // `secure` is TLS to a DNS endpoint name; `slow` has a MeshTimeout of its own.
+    // `secure` is TLS to a DNS endpoint name; `slow` has a MeshTimeout of its own, `main` one and
+    // a MeshRetry.
     let ca = common::pki::Ca::new("route-ca");
     let leaf = ca.server(&["api.partner.test"]);
     let tls_upstream = common::http_upstream::http_upstream(Some(common::http_upstream::tls_config(&leaf))).await;
@@ -648,7 +652,8 @@ async fn a_backend_is_reached_with_its_own_endpoints_tls_host_and_policies() {
         service_with_protocol("main", "http", outbound, &endpoint("127.0.0.1", primary.port(), 0), ""),
         service_with_protocol("secure", "http", free_addr("127.0.0.1"), &endpoint("api.partner.test", tls_upstream.addr.port(), 0), &tls),
         service_with_protocol("slow", "http", free_addr("127.0.0.1"), &endpoint("127.0.0.1", plain_upstream.addr.port(), 0), ""),
-        "type: MeshTimeout\nname: slow-only\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: slow}\n    default: {http: {requestTimeout: 200ms}}\n".to_string(),
+        "type: MeshTimeout\nname: slow-only\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: slow}\n    default: {http: {requestTimeout: 200ms}}\n  - targetRef: {kind: MeshExternalService, name: main}\n    default: {http: {requestTimeout: 1s}}\n".to_string(),
+        "type: MeshRetry\nname: main-retries\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    default: {http: {numRetries: 1, retryOn: [5xx], backOff: {baseInterval: 1ms}}}\n".to_string(),
         "type: MeshHTTPRoute\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: main}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /secure}}]\n      default: {backendRefs: [{kind: MeshExternalService, name: secure}]}\n    - matches: [{path: {type: PathPrefix, value: /slow}}]\n      default: {backendRefs: [{kind: MeshExternalService, name: slow}]}\n".to_string(),
     ]
     .join("---\n");
@@ -663,10 +668,14 @@ async fn a_backend_is_reached_with_its_own_endpoints_tls_host_and_policies() {
         format!("api.partner.test:{}", tls_upstream.addr.port()),
         "TLS, SNI and Host of the backend"
     );
+    let (status, _, _) = ask(outbound, "http://app.local/slow/x", &[("x-delay-ms", "600")]).await;
+    assert_eq!(status, 200, "the dialled service's 1 s request timeout, not the backend's 200 ms");
     let (status, _, _) = ask(outbound, "http://app.local/slow/x", &[("x-delay-ms", "1500")]).await;
-    assert_eq!(status, 504, "the backend's own MeshTimeout");
-    let (status, body, _) = ask(outbound, "http://app.local/other", &[("x-delay-ms", "400")]).await;
-    assert_eq!((status, who(&body)), (200, "main"), "the dialled service keeps its own (default) timeout");
+    assert_eq!(status, 504, "the dialled service's MeshTimeout");
+    let key = format!("dialled-retry-{}", std::process::id());
+    let (status, _, headers) =
+        ask(outbound, "http://app.local/slow/x", &[("x-fail-first", "1"), ("x-key", &key)]).await;
+    assert_eq!((status, headers["x-attempt"].to_str().unwrap()), (200, "2"), "the dialled service's MeshRetry");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,7 +150,7 @@ async fn exchange(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) ->
     let Some(request_slot) = handle.request_slot() else {
         return reply::overflow(ctx.grpc);
     };
-    let retry = ctx.route.policy.retry.as_deref().filter(|r| !upgrade && r.admits(&parts));
+    let retry = ctx.retry().filter(|r| !upgrade && r.admits(&parts));
     let client_version = parts.version;
     let result = match retry {
         None => {

@@ -18,14 +18,19 @@ use super::{forward, HttpProxy};
 use crate::access_log::{Headers, Logs, Record, ServiceLog};
 use crate::catalog::Protocol;
 use crate::live::Route;
-use crate::policy::runtime::timeout_over;
+use crate::policy::runtime::{timeout_over, RetryPolicy};
 use crate::proxy::admit::admit;
 use crate::upstream::{AppBody, BodyEnd};
 
 /// One request as it passes the phases.
 pub(super) struct RequestCtx {
-    /// The service, with its policies as its configuration set them.
+    /// The service the request goes to, with its policies as its configuration set them: its
+    /// endpoints, TLS, pool, limits, outlier detection and `maxStreamDuration` (Envoy's cluster).
     pub route: Route,
+    /// The service the application dialled, when a MeshHTTPRoute sent the request to another:
+    /// its request timeout, stream idle timeout, retries, access log and tracing apply, as Kuma
+    /// configures them on the dialled service's listener and routes.
+    pub dialled: Option<Route>,
     /// gRPC by the service's protocol or the request's content type: failures are answered
     /// with a gRPC status.
     pub grpc: bool,
@@ -51,13 +56,14 @@ pub(super) struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(route: Route, req: &mut Request<AppBody>, proxy: &HttpProxy) -> Self {
+    fn new(route: Route, dialled: Option<Route>, req: &mut Request<AppBody>, proxy: &HttpProxy) -> Self {
         let started = Instant::now();
-        let policy = &route.policy;
+        // The dialled service's listener settings, the target's cluster settings.
+        let policy = &dialled.as_ref().unwrap_or(&route).policy;
         let timeouts = &policy.timeouts;
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
-        let stream_limit = sooner(grpc_deadline, timeout_over(timeouts.max_stream, None));
+        let stream_limit = sooner(grpc_deadline, timeout_over(route.policy.timeouts.max_stream, None));
         let request_timeout = timeout_over(timeouts.request, proxy.request_timeout);
         let stream_idle = Some(timeouts.stream_idle.unwrap_or(proxy.timeouts.stream_idle)).filter(|d| !d.is_zero());
         let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
@@ -78,12 +84,17 @@ impl RequestCtx {
         });
         let deadline = stream_limit.map(|d| started + d);
         // Only outlier detectors count timeouts (the default ejection counts connect failures).
-        let counts_timeouts = matches!(policy.outlier, crate::policy::runtime::Outlier::Detect(_));
+        let counts_timeouts = matches!(route.policy.outlier, crate::policy::runtime::Outlier::Detect(_));
         let per_try = policy.retry.as_ref().is_some_and(|r| r.per_try_timeout.is_some());
         let watch_body = counts_timeouts || per_try || request_timeout.is_some();
         let body_end = if watch_body { req.body_mut().end_watch() } else { None };
         let timed_out = AtomicBool::new(false);
-        Self { route, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
+        Self { route, dialled, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
+    }
+
+    /// The retry policy: the dialled service's, as Kuma sets it on the routes of its listener.
+    pub(super) fn retry(&self) -> Option<&RetryPolicy> {
+        self.dialled.as_ref().unwrap_or(&self.route).policy.retry.as_deref()
     }
 
     /// The request body's byte counter for the access log, when it is on.
@@ -185,12 +196,13 @@ impl HttpProxy {
             Routed::Forward(route, matched) => (route, matched),
             Routed::Reply(route, response) => {
                 let mut response = *response;
-                RequestCtx::new(route, &mut req, self).log(&mut response);
+                RequestCtx::new(route, None, &mut req, self).log(&mut response);
                 return response;
             }
         };
         drop(snapshot);
-        let ctx = RequestCtx::new(route, &mut req, self);
+        let dialled = matched.as_ref().and_then(|m| m.dialled_if_not(&route));
+        let ctx = RequestCtx::new(route, dialled, &mut req, self);
         let mut response = match admit(&ctx.route.service) {
             Ok(()) => {
                 if let Some(mirror) = matched.as_mut().and_then(|m| m.mirror.take()) {

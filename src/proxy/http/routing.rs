@@ -34,6 +34,11 @@ pub(super) struct MatchedRule {
 }
 
 impl MatchedRule {
+    /// The service the application dialled, when the rule sent the request to another.
+    pub(super) fn dialled_if_not(&self, target: &Route) -> Option<Route> {
+        (!std::sync::Arc::ptr_eq(&self.route.service, &target.service)).then(|| self.route.clone())
+    }
+
     /// Applies the rule's ResponseHeaderModifier.
     pub(super) fn apply(&self, response: &mut Response<ProxyBody>) {
         let rule =
