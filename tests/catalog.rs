@@ -395,3 +395,17 @@ fn configuration_level_errors_are_reported() {
         ]
     );
 }
+
+/// `status.vip.ip` is listened on (`--bind-vips`) and answered in DNS: the unspecified address
+/// (it listened on every interface, opening the service, its client certificate included, to the
+/// network), multicast and broadcast are refused by name.
+#[test]
+fn a_status_vip_that_is_not_unicast_is_refused() {
+    for ip in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255"] {
+        let text = mes("a", "").replace("spec:", &format!("status:\n  vip:\n    ip: \"{ip}\"\nspec:"));
+        let mut loaded = mesh_egress::resources::Loaded::default();
+        mesh_egress::resources::load_str(std::path::Path::new("x.yaml"), &text, &mut loaded);
+        let errors: Vec<String> = loaded.diagnostics.errors().map(|d| format!("{}: {}", d.path, d.message)).collect();
+        assert_eq!(errors, [format!("status.vip.ip: '{ip}' is not usable as a VIP: it must be a unicast address")]);
+    }
+}

@@ -141,9 +141,9 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
     let mut by_key: HashMap<String, usize> = HashMap::new();
     // Addresses asked for are taken before any is handed out: an earlier service without one
     // must not get the address a later one asks for.
-    for (_, _, requested) in &services {
+    for (meta, _, requested) in &services {
         if let Some(ip) = requested {
-            ipam.reserve(*ip);
+            ipam.reserve(&format!("{}/{}", meta.mesh, meta.name), *ip);
         }
     }
     for (meta, spec, status_vip) in services {

@@ -5,7 +5,7 @@
 //! state directory so that every service keeps its VIP across restarts, and a configuration is
 //! compiled against a copy that is kept only when the configuration is accepted.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -35,6 +35,9 @@ pub struct Ipam {
     cidr: IpNet,
     state: IpamState,
     in_use: HashSet<IpAddr>,
+    /// Addresses services ask for (`status.vip.ip`), and which: a service that had one of them
+    /// before gets another.
+    requested: HashMap<IpAddr, String>,
     /// Assignments changed since [`Ipam::mark_saved`].
     dirty: bool,
 }
@@ -52,6 +55,7 @@ impl Ipam {
             cidr: cidr.trunc(),
             state: IpamState { cidr: cidr.trunc().to_string(), ..IpamState::default() },
             in_use: HashSet::new(),
+            requested: HashMap::new(),
             dirty: false,
         }
     }
@@ -96,7 +100,9 @@ impl Ipam {
             }
             return Some(ip);
         }
-        if current.is_some() {
+        // Kept unless another service now asks for it (a VIP exported from another cluster,
+        // allocated from the same range).
+        if current.is_some_and(|ip| self.requested.get(&ip).is_none_or(|by| by == key)) {
             return current;
         }
         let (first, last) = self.host_offsets();
@@ -112,9 +118,10 @@ impl Ipam {
         None
     }
 
-    /// Keeps `ip` from being handed out (a service asks for it).
-    pub fn reserve(&mut self, ip: IpAddr) {
+    /// Keeps `ip` for service `key`, which asks for it.
+    pub fn reserve(&mut self, key: &str, ip: IpAddr) {
         self.in_use.insert(ip);
+        self.requested.insert(ip, key.to_string());
     }
 
     fn record(&mut self, key: &str, ip: IpAddr) {
@@ -164,6 +171,20 @@ mod tests {
         let mut ipam = Ipam::in_memory(net("242.0.0.0/8"));
         assert_eq!(ipam.assign("default/a", Some("242.0.0.1".parse().unwrap())), Some("242.0.0.1".parse().unwrap()));
         assert_eq!(ipam.assign("default/b", None), Some("242.0.0.2".parse().unwrap()));
+    }
+
+    /// A service whose saved VIP another now asks for gets a new one: both listened on one
+    /// address (and on one port, the configuration was refused).
+    #[test]
+    fn a_saved_vip_another_service_asks_for_is_given_up() {
+        let mut ipam = Ipam::in_memory(net("242.0.0.0/8"));
+        let first: IpAddr = "242.0.0.1".parse().unwrap();
+        assert_eq!(ipam.assign("default/a", None), Some(first));
+        ipam.reserve("default/b", first);
+        let moved = ipam.assign("default/a", None).unwrap();
+        assert_ne!(moved, first);
+        assert_eq!(ipam.assign("default/b", Some(first)), Some(first));
+        assert_eq!(ipam.assign("default/a", None), Some(moved), "and keeps its new one");
     }
 
     #[test]

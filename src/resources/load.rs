@@ -380,8 +380,17 @@ impl Document<'_> {
         let ip = status.and_then(|s| s.get("vip")).and_then(|v| v.get("ip")).and_then(Value::as_str);
         match ip {
             None | Some("") => Ok(None),
-            Some(ip) => {
-                ip.parse().map(Some).map_err(|_| self.error("status.vip.ip", format!("'{ip}' is not an IP address")))
+            Some(text) => {
+                let ip: IpAddr =
+                    text.parse().map_err(|_| self.error("status.vip.ip", format!("'{text}' is not an IP address")))?;
+                // A VIP is listened on (`--bind-vips`) and answered by the DNS proxy: the
+                // unspecified address would listen on every interface.
+                let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+                if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                    let message = format!("'{ip}' is not usable as a VIP: it must be a unicast address");
+                    return Err(self.error("status.vip.ip", message));
+                }
+                Ok(Some(ip))
             }
         }
     }
