@@ -385,20 +385,20 @@ async fn a_request_to_a_service_removed_by_a_reload_is_logged() {
         spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"], &[]);
     wait_ready(admin).await;
     let mut conn = TcpStream::connect(web).await.unwrap();
-    let mut ask = async |path: &str| {
+    async fn ask(conn: &mut TcpStream, path: &str) -> String {
         let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
         conn.write_all(request.as_bytes()).await.unwrap();
         let mut head = vec![0u8; 4096];
         let n = conn.read(&mut head).await.unwrap();
         String::from_utf8_lossy(&head[..n]).into_owned()
-    };
-    assert!(ask("/before").await.starts_with("HTTP/1.1 200"));
+    }
+    assert!(ask(&mut conn, "/before").await.starts_with("HTTP/1.1 200"));
     std::fs::write(&config, tcp_service("staying", tcp, echo.addr.port())).unwrap();
     eventually("the reload", Duration::from_secs(10), || async {
         admin_get(admin, "/metrics").await.contains("mesh_egress_config_reloads_total{result=\"success\"} 1")
     })
     .await;
-    let answer = ask("/after").await;
+    let answer = ask(&mut conn, "/after").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     let read = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()

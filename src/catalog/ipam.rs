@@ -102,7 +102,7 @@ impl Ipam {
         }
         // Kept unless another service now asks for it (a VIP exported from another cluster,
         // allocated from the same range).
-        if current.is_some_and(|ip| self.requested.get(&ip).is_none_or(|by| by == key)) {
+        if current.is_some_and(|ip| self.requested.get(&ip).map_or(true, |by| by == key)) {
             return current;
         }
         let (first, last) = self.host_offsets();
