@@ -115,6 +115,10 @@ pub struct Server {
     readiness_addr: Option<SocketAddr>,
     admin_commands: Option<tokio::sync::mpsc::UnboundedReceiver<AdminCommand>>,
     dns: Option<(SocketAddr, [JoinHandle<()>; 2])>,
+    /// The DNS proxy's tasks on `[::1]` (see [`ipv6_loopback_twin`]).
+    dns_v6: Option<(SocketAddr, [JoinHandle<()>; 2])>,
+    /// The transparent listener's `[::1]` twin.
+    transparent_v6: Option<SocketAddr>,
     draining: watch::Sender<bool>,
     workers: Vec<tokio::runtime::Handle>,
 }
@@ -132,6 +136,7 @@ impl Server {
         };
         let live = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let draining = watch::Sender::new(false);
+        let (transparent_v6, dns_v6) = (ipv6_loopback_twin(options.transparent), ipv6_loopback_twin(options.dns));
         let proxy = Arc::new(Proxy {
             live: live.clone(),
             settings: ProxySettings {
@@ -142,10 +147,17 @@ impl Server {
                 timeouts: options.timeouts,
                 http_limits: options.http_limits,
                 vip_cidr: Some(ipam.cidr()),
-                own_listeners: [options.admin, options.dns, options.transparent, options.readiness]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
+                own_listeners: [
+                    options.admin,
+                    options.dns,
+                    options.transparent,
+                    options.readiness,
+                    transparent_v6,
+                    dns_v6,
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
             },
             original_dst,
             access_log: options.access_log.clone(),
@@ -166,6 +178,8 @@ impl Server {
             readiness_addr: None,
             admin_commands: None,
             dns: None,
+            dns_v6: None,
+            transparent_v6,
             draining,
             workers,
         };
@@ -183,9 +197,13 @@ impl Server {
                 servers if servers.is_empty() => Forwarders::system(bound),
                 servers => Forwarders::new(servers, bound)?,
             };
-            let tasks = DnsProxy::new(server.live.clone(), forwarders, server.options.dns_limits).serve(sockets);
+            let dns = DnsProxy::new(server.live.clone(), forwarders, server.options.dns_limits);
+            server.dns = Some((bound, dns.serve(sockets)));
             tracing::info!(dns = %bound, "DNS proxy listening (UDP and TCP)");
-            server.dns = Some((bound, tasks));
+            if let Some(twin) = dns_v6 {
+                server.dns_v6 = Some((twin, dns.serve(DnsProxy::bind(twin).await?)));
+                tracing::info!(dns = %twin, "DNS proxy listening (UDP and TCP)");
+            }
         }
         server.publish_listeners();
         if let Some(state) = &server.admin {
@@ -250,7 +268,7 @@ impl Server {
     fn publish_listeners(&self) {
         let Some(state) = &self.admin else { return };
         let mut list: Vec<String> = self.listeners.values().map(|l| format!("{} {}", l.kind.get(), l.local)).collect();
-        list.extend(self.dns.as_ref().map(|(addr, _)| format!("dns {addr}")));
+        list.extend(self.dns.iter().chain(&self.dns_v6).map(|(addr, _)| format!("dns {addr}")));
         list.extend(self.admin_addr.map(|addr| format!("admin {addr}")));
         list.extend(self.options.admin_unix.as_ref().map(|p| format!("admin unix://{}", p.display())));
         list.extend(self.readiness_addr.map(|addr| format!("readiness {addr}")));
@@ -336,7 +354,7 @@ impl Server {
                 desired.entry(addr).or_insert(ListenerKind::Vip);
             }
         }
-        if let Some(addr) = self.options.transparent {
+        for addr in [self.options.transparent, self.transparent_v6].into_iter().flatten() {
             desired.insert(addr, ListenerKind::Transparent);
         }
         desired
@@ -411,7 +429,8 @@ impl Server {
 
     /// The bound address of the transparent listener (useful with port 0).
     pub fn transparent_addr(&self) -> Option<SocketAddr> {
-        self.listeners.values().find(|l| l.kind.get() == ListenerKind::Transparent).map(|l| l.local)
+        let transparent = self.listeners.values().filter(|l| l.kind.get() == ListenerKind::Transparent);
+        transparent.min_by_key(|l| l.local.is_ipv6()).map(|l| l.local)
     }
 
     /// Graceful drain: stops accepting, asks HTTP connections to finish their requests and
@@ -436,8 +455,18 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_listening();
-        if let Some((_, tasks)) = self.dns.take() {
+        for (_, tasks) in self.dns.take().into_iter().chain(self.dns_v6.take()) {
             tasks.iter().for_each(JoinHandle::abort);
         }
     }
+}
+
+/// `[::1]` on the port of an IPv4 loopback listener, where this host has IPv6: what
+/// `transparent-proxy install --ipv6` redirects the application's IPv6 connections and DNS to
+/// (`REDIRECT` sends them to `::1`, which an IPv4 listener does not hear). `None` for another
+/// address, port 0 (tests), or a host without IPv6.
+fn ipv6_loopback_twin(addr: Option<SocketAddr>) -> Option<SocketAddr> {
+    let addr = addr.filter(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST && a.port() != 0)?;
+    let twin = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port());
+    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok().then_some(twin)
 }

@@ -37,6 +37,8 @@ struct Net {
     ext: String,
     app_ip: Ipv4Addr,
     ext_ip: Ipv4Addr,
+    /// The ext namespace's IPv6 address (the app's is `…::1` of the same /64).
+    ext_ip6: std::net::Ipv6Addr,
     children: Vec<Child>,
 }
 
@@ -46,7 +48,11 @@ impl Net {
         let id = std::process::id() % 250 + 1;
         let (app, ext) = (format!("me-app-{id}{tag}"), format!("me-ext-{id}{tag}"));
         let (app_ip, ext_ip) = (Ipv4Addr::new(10, 231, id as u8, 1), Ipv4Addr::new(10, 231, id as u8, 2));
-        let net = Self { app: app.clone(), ext: ext.clone(), app_ip, ext_ip, children: Vec::new() };
+        let (app_ip6, ext_ip6) = (
+            std::net::Ipv6Addr::new(0xfd00, 231, id as u16, 0, 0, 0, 0, 1),
+            std::net::Ipv6Addr::new(0xfd00, 231, id as u16, 0, 0, 0, 0, 2),
+        );
+        let net = Self { app: app.clone(), ext: ext.clone(), app_ip, ext_ip, ext_ip6, children: Vec::new() };
         net.cleanup();
         let (veth_app, veth_ext) = (format!("mea{id}{tag}"), format!("mee{id}{tag}"));
         ok(&["ip", "netns", "add", &app]);
@@ -54,8 +60,9 @@ impl Net {
         ok(&["ip", "link", "add", &veth_app, "type", "veth", "peer", "name", &veth_ext]);
         ok(&["ip", "link", "set", &veth_app, "netns", &app]);
         ok(&["ip", "link", "set", &veth_ext, "netns", &ext]);
-        for (ns, dev, ip) in [(&app, &veth_app, app_ip), (&ext, &veth_ext, ext_ip)] {
+        for (ns, dev, ip, ip6) in [(&app, &veth_app, app_ip, app_ip6), (&ext, &veth_ext, ext_ip, ext_ip6)] {
             ok(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            ok(&["ip", "-n", ns, "addr", "add", &format!("{ip6}/64"), "dev", dev, "nodad"]);
             ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
             ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
@@ -259,6 +266,12 @@ fn transparent_proxy_dns_and_vips_in_network_namespaces() {
     net.app_ok(&[bin, "transparent-proxy", "install", "--proxy-uid", PROXY_UID]);
     assert_eq!(net.nat_table(), once, "install is idempotent");
     assert!(once.contains("-A OUTPUT -p tcp -j MESH_EGRESS_OUTPUT"), "{once}");
+    // And for IPv6: REDIRECT sends to ::1, where the proxy listens too.
+    net.app_ok(&[bin, "transparent-proxy", "install", "--ipv6", "--proxy-uid", PROXY_UID]);
+    assert_eq!(net.nat_table(), once, "the IPv4 rules as they were");
+    let ext6 = net.ext_ip6;
+    let v6_echo =
+        net.spawn(&ext, &["socat", &format!("TCP6-LISTEN:9006,bind=[{ext6}],fork,reuseaddr"), "SYSTEM:echo v6"], &[]);
 
     let run = |extra: &[&str]| -> Vec<String> {
         let mut args = run_as(PROXY_UID, &[], &config, dir.path());
@@ -299,9 +312,16 @@ fn transparent_proxy_dns_and_vips_in_network_namespaces() {
     // Not a VIP: passed through, by the proxy, whose own connection is not redirected again.
     let direct = net.app_ok(&["curl", "-sS", "--max-time", "10", &format!("http://{ext_ip}:8080/direct")]);
     assert!(direct.contains("path: /direct"), "{direct}");
+    // IPv6, redirected to [::1]: passed through, and DNS to an IPv6 nameserver answered by the
+    // proxy (nothing listened on ::1: every IPv6 connection was refused, every such query lost).
+    let v6 = net.app_ok(&["sh", "-c", &format!("printf ping | socat -t5 - TCP6:[{ext6}]:9006")]);
+    assert_eq!(v6, "v6\n", "an IPv6 connection, through the proxy");
+    let over_v6 = net.app_ok(&["dig", &format!("@{ext6}"), "web.extsvc.mesh.local", "+short"]);
+    assert_eq!(over_v6.trim(), vip, "DNS to an IPv6 nameserver goes to the DNS proxy");
+    net.stop(v6_echo);
 
     // --- uninstall leaves the nat table as it was ---
-    net.app_ok(&[bin, "transparent-proxy", "uninstall"]);
+    net.app_ok(&[bin, "transparent-proxy", "uninstall", "--ipv6"]);
     assert_eq!(net.nat_table(), nat_before);
     net.stop(proxy);
 
