@@ -721,3 +721,20 @@ spec:
     let (status, _, headers) = ask(s.outbound, "http://shop.test/go?x=1", &[]).await;
     assert_eq!((status, headers["location"].to_str().unwrap()), (308, "http://shop.test/gone?x=1"));
 }
+
+/// Two routes' rules that tie in Kuma's match order keep the stronger route's first (Kuma
+/// reverses each route's rules, merges by key where each last appears, and reverses back):
+/// between `tie-a` and `tie-z`, `tie-a` wins; the weaker one's rule came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tie_in_match_order_goes_to_the_stronger_route() {
+    let route = |name: &str, header: &str, backend: &str| {
+        format!("type: MeshHTTPRoute\nname: {name}\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: main}}\n    rules:\n    - matches: [{{headers: [{{type: Exact, name: {header}, value: \"1\"}}]}}]\n      default: {{backendRefs: [{{kind: MeshExternalService, name: {backend}}}]}}\n")
+    };
+    let routes = format!("{}---\n{}", route("tie-z", "x-region", "legacy"), route("tie-a", "x-canary", "v2"));
+    let s = setup(&routes).await;
+    let _proxy = start(options(s.config.clone())).await;
+    let (status, body, _) = ask(s.outbound, "http://x/", &[("x-region", "1"), ("x-canary", "1")]).await;
+    assert_eq!((status, who(&body)), (200, "v2"), "tie-a's rule, the stronger route's");
+    let (_, body, _) = ask(s.outbound, "http://x/", &[("x-region", "1")]).await;
+    assert_eq!(who(&body), "legacy");
+}

@@ -318,18 +318,26 @@ impl RouteSet {
         };
         let mut routes = ServiceRoutes::default();
         if http_based {
-            // Rules keyed by their whole `matches`; later (higher precedence) defaults merge over.
+            // Rules keyed by their whole `matches`, placed where the highest-precedence route
+            // that has the key puts it (Kuma's reverse, merge by key, reverse: ties in match
+            // order go to the stronger route), their defaults merged lowest precedence first.
+            let entries: Vec<&RouteEntry> = relevant(RouteKind::MeshHTTPRoute).collect();
             let mut merged: Vec<(Vec<HttpMatch>, serde_json::Value, String, Origin)> = Vec::new();
-            for e in relevant(RouteKind::MeshHTTPRoute) {
+            for e in entries.iter().rev() {
+                for rule in &e.rules {
+                    let matches = rule.matches.clone().unwrap_or_default();
+                    if !merged.iter().any(|(m, ..)| *m == matches) {
+                        let empty = serde_json::Value::Object(Default::default());
+                        merged.push((matches, empty, String::new(), e.origin.clone()));
+                    }
+                }
+            }
+            for e in &entries {
                 for (j, rule) in e.rules.iter().enumerate() {
                     let matches = rule.matches.clone().unwrap_or_default();
-                    let name = format!("{} rules[{j}]", e.policy);
-                    match merged.iter_mut().find(|(m, ..)| *m == matches) {
-                        Some((_, default, rule_name, _)) => {
-                            json_patch::merge(default, &rule.default);
-                            *rule_name = name;
-                        }
-                        None => merged.push((matches, rule.default.clone(), name, e.origin.clone())),
+                    if let Some((_, default, name, _)) = merged.iter_mut().find(|(m, ..)| *m == matches) {
+                        json_patch::merge(default, &rule.default);
+                        *name = format!("{} rules[{j}]", e.policy);
                     }
                 }
             }
