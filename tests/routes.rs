@@ -738,3 +738,31 @@ async fn a_tie_in_match_order_goes_to_the_stronger_route() {
     let (_, body, _) = ask(s.outbound, "http://x/", &[("x-region", "1")]).await;
     assert_eq!(who(&body), "legacy");
 }
+
+/// MeshTimeout and MeshRetry items `to: MeshHTTPRoute` set the requests of that route's rules
+/// (Kuma's route-level conf: the Mesh items and the route's, not the service's): here a longer
+/// request timeout and retries for `/reports`, where the service has a short timeout and none.
+/// Such items were validated and applied to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_to_a_mesh_http_route_set_its_requests() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let yaml = [
+        service_with_protocol("reports", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        "type: MeshHTTPRoute\nname: slow-reports\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: reports}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /reports}}]\n      default: {}\n".to_string(),
+        "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: reports}\n    default: {http: {requestTimeout: 300ms}}\n  - targetRef: {kind: MeshHTTPRoute, name: slow-reports}\n    default: {http: {requestTimeout: 5s}}\n".to_string(),
+        "type: MeshRetry\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshHTTPRoute, name: slow-reports}\n    default: {http: {numRetries: 1, retryOn: [5xx], backOff: {baseInterval: 1ms}}}\n".to_string(),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let (status, _, _) = ask(outbound, "http://x/reports/q3", &[("x-delay-ms", "800")]).await;
+    assert_eq!(status, 200, "the route's 5 s request timeout");
+    let (status, _, _) = ask(outbound, "http://x/other", &[("x-delay-ms", "800")]).await;
+    assert_eq!(status, 504, "the service's 300 ms elsewhere");
+    let key = |k: &str| format!("route-level-{k}-{}", std::process::id());
+    let (status, _, _) = ask(outbound, "http://x/reports/q4", &[("x-fail-first", "1"), ("x-key", &key("a"))]).await;
+    assert_eq!(status, 200, "the route's MeshRetry");
+    let (status, _, _) = ask(outbound, "http://x/other", &[("x-fail-first", "1"), ("x-key", &key("b"))]).await;
+    assert_eq!(status, 503, "no retries elsewhere");
+}

@@ -272,6 +272,11 @@ fn apply_policies(
         catalog.services.iter().map(|s| set.access(&target(s), forbidden_meshes.contains(&s.mesh.as_str()))).collect();
     for (index, ((mut routes, effective), access)) in routes.into_iter().zip(effective).zip(access).enumerate() {
         resolve_backends(catalog, index, &mut routes, diagnostics);
+        let protocol = catalog.services[index].protocol;
+        for rule in routes.http.iter_mut().flat_map(|table| table.rules.iter_mut()) {
+            let (route, namespace) = &rule.route;
+            rule.policies = set.route_level((route, namespace.as_deref()), protocol).map(Arc::new);
+        }
         let service = Arc::make_mut(&mut catalog.services[index]);
         service.access = access.access;
         service.access_by = access.by;

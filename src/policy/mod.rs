@@ -18,6 +18,7 @@ use std::cmp::Reverse;
 use serde::Serialize;
 use serde_norway::Value;
 
+use crate::model::Protocol;
 use crate::resources::egress::{PassthroughConf, PermissionConf};
 use crate::resources::kinds::Labels;
 use crate::resources::policy::{
@@ -531,6 +532,47 @@ impl PolicySet {
             });
         }
         effective
+    }
+
+    /// What `to: MeshHTTPRoute` items of MeshTimeout and MeshRetry set for the requests of the
+    /// route `route` (`mesh/name`, with its namespace) on a service of `protocol`: per kind, when
+    /// an item names the route, the merge of the Mesh items and those items, in precedence order
+    /// (Kuma's route-level conf; the MeshExternalService items are not part of it). `None`: no
+    /// item names the route.
+    pub fn route_level(
+        &self,
+        (route, namespace): (&str, Option<&str>),
+        protocol: Protocol,
+    ) -> Option<runtime::RouteLevel> {
+        let (mesh, name) = route.split_once('/')?;
+        let names_route = |e: &Entry| {
+            e.target_ref.kind == "MeshHTTPRoute"
+                && e.target_ref.name.as_deref() == Some(name)
+                && match (e.target_ref.namespace.as_deref().or(e.namespace.as_deref()), namespace) {
+                    (Some(wanted), Some(actual)) => wanted == actual,
+                    _ => true,
+                }
+        };
+        let merged = |kind: PolicyKind| {
+            let entries = || self.entries.iter().filter(move |e| e.kind == kind && e.mesh == mesh);
+            if !entries().any(names_route) {
+                return None;
+            }
+            let mut merged = serde_json::Value::Object(Default::default());
+            for e in entries().filter(|e| matches!(e.target_ref.kind.as_str(), "Mesh" | "") || names_route(e)) {
+                json_patch::merge(&mut merged, &e.default);
+            }
+            Some(merged)
+        };
+        let mut level = runtime::RouteLevel::default();
+        if let Some(conf) = merged(PolicyKind::MeshTimeout).and_then(|v| serde_json::from_value(v).ok()) {
+            level.timeouts = Some(Effective { mesh_timeout: Some(conf), ..Effective::default() }.timeouts());
+        }
+        if let Some(conf) = merged(PolicyKind::MeshRetry).and_then(|v| serde_json::from_value(v).ok()) {
+            let retry = Effective { mesh_retry: Some(conf), ..Effective::default() }.retry(protocol);
+            level.retry = Some(retry.map(std::sync::Arc::new));
+        }
+        (level.timeouts.is_some() || level.retry.is_some()).then_some(level)
     }
 }
 

@@ -34,6 +34,13 @@ pub struct Backend {
 pub struct HttpRule {
     /// `policy rules[j]`, for metrics and inspect.
     pub name: String,
+    /// The MeshHTTPRoute the rule is named after (the strongest that has its `matches`), and
+    /// its namespace: what `to: MeshHTTPRoute` policy items name.
+    #[serde(skip)]
+    pub route: (String, Option<String>),
+    /// What `to: MeshHTTPRoute` items of MeshTimeout and MeshRetry set for this rule's requests.
+    #[serde(skip)]
+    pub policies: Option<std::sync::Arc<super::runtime::RouteLevel>>,
     pub matches: Vec<HttpMatch>,
     /// Empty: the targeted service itself.
     pub backends: Vec<Backend>,
@@ -322,22 +329,28 @@ impl RouteSet {
             // that has the key puts it (Kuma's reverse, merge by key, reverse: ties in match
             // order go to the stronger route), their defaults merged lowest precedence first.
             let entries: Vec<&RouteEntry> = relevant(RouteKind::MeshHTTPRoute).collect();
-            let mut merged: Vec<(Vec<HttpMatch>, serde_json::Value, String, Origin)> = Vec::new();
+            let mut merged: Vec<MergedRule> = Vec::new();
             for e in entries.iter().rev() {
                 for rule in &e.rules {
                     let matches = rule.matches.clone().unwrap_or_default();
-                    if !merged.iter().any(|(m, ..)| *m == matches) {
-                        let empty = serde_json::Value::Object(Default::default());
-                        merged.push((matches, empty, String::new(), e.origin.clone()));
+                    if !merged.iter().any(|m| m.matches == matches) {
+                        merged.push(MergedRule {
+                            matches,
+                            default: serde_json::Value::Object(Default::default()),
+                            name: String::new(),
+                            route: (e.policy.clone(), e.namespace.clone()),
+                            origin: e.origin.clone(),
+                        });
                     }
                 }
             }
             for e in &entries {
                 for (j, rule) in e.rules.iter().enumerate() {
                     let matches = rule.matches.clone().unwrap_or_default();
-                    if let Some((_, default, name, _)) = merged.iter_mut().find(|(m, ..)| *m == matches) {
-                        json_patch::merge(default, &rule.default);
-                        *name = format!("{} rules[{j}]", e.policy);
+                    if let Some(m) = merged.iter_mut().find(|m| m.matches == matches) {
+                        json_patch::merge(&mut m.default, &rule.default);
+                        m.name = format!("{} rules[{j}]", e.policy);
+                        m.route = (e.policy.clone(), e.namespace.clone());
                     }
                 }
             }
@@ -394,12 +407,19 @@ fn backends(refs: Option<&[BackendRef]>) -> Vec<Backend> {
         .collect()
 }
 
-fn compile_http(
-    merged: Vec<(Vec<HttpMatch>, serde_json::Value, String, Origin)>,
-    diagnostics: &mut Diagnostics,
-) -> HttpRouteTable {
+/// One rule key of a service's merged MeshHTTPRoutes.
+struct MergedRule {
+    matches: Vec<HttpMatch>,
+    default: serde_json::Value,
+    name: String,
+    /// `mesh/name` and namespace of the strongest route with these `matches`.
+    route: (String, Option<String>),
+    origin: Origin,
+}
+
+fn compile_http(merged: Vec<MergedRule>, diagnostics: &mut Diagnostics) -> HttpRouteTable {
     let mut table = HttpRouteTable::default();
-    for (matches, default, name, origin) in merged {
+    for MergedRule { matches, default, name, route, origin } in merged {
         let conf: HttpRuleConf = match serde_json::from_value(default) {
             Ok(conf) => conf,
             Err(e) => {
@@ -411,6 +431,8 @@ fn compile_http(
         let filters = conf.filters.clone().unwrap_or_default();
         let mut rule = HttpRule {
             name,
+            route,
+            policies: None,
             matches: matches.clone(),
             backends: backends(conf.backend_refs.as_deref()),
             request_headers: None,

@@ -4,6 +4,7 @@
 //! Kuma's code defaults) then apply.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -25,6 +26,17 @@ pub struct Timeouts {
     pub max_stream: Option<Duration>,
     pub max_connection: Option<Duration>,
     pub request_headers: Option<Duration>,
+}
+
+/// What `to: MeshHTTPRoute` items set for the requests of one route's rules: for each kind, when
+/// an item names the route, the merge of the Mesh items and those items replaces the service's
+/// conf (Kuma's route-level conf, which leaves the MeshExternalService items out).
+#[derive(Debug, Clone, Default)]
+pub struct RouteLevel {
+    /// A MeshTimeout item names the route: its `requestTimeout` and `streamIdleTimeout`.
+    pub timeouts: Option<Timeouts>,
+    /// A MeshRetry item names the route (`Some(None)`: no retries).
+    pub retry: Option<Option<Arc<RetryPolicy>>>,
 }
 
 /// A policy's timeout (`set`) over the process default; a zero duration turns it off.

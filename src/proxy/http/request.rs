@@ -13,12 +13,12 @@ use tokio::time::Instant;
 use super::body::{PendingLog, ProxyBody};
 use super::grpc::{grpc_timeout, is_grpc};
 use super::reply::{self, Failure};
-use super::routing::{self, Routed};
+use super::routing::{self, MatchedRule, Routed};
 use super::{forward, HttpProxy};
 use crate::access_log::{Headers, Logs, Record, ServiceLog};
 use crate::catalog::Protocol;
 use crate::live::Route;
-use crate::policy::runtime::{timeout_over, RetryPolicy};
+use crate::policy::runtime::{timeout_over, RetryPolicy, RouteLevel};
 use crate::proxy::admit::admit;
 use crate::upstream::{AppBody, BodyEnd};
 
@@ -31,6 +31,9 @@ pub(super) struct RequestCtx {
     /// its request timeout, stream idle timeout, retries, access log and tracing apply, as Kuma
     /// configures them on the dialled service's listener and routes.
     pub dialled: Option<Route>,
+    /// What `to: MeshHTTPRoute` policy items set for the matched rule's route: over the
+    /// dialled service's request timeout, stream idle timeout and retries.
+    pub rule_level: Option<Arc<RouteLevel>>,
     /// gRPC by the service's protocol or the request's content type: failures are answered
     /// with a gRPC status.
     pub grpc: bool,
@@ -56,11 +59,17 @@ pub(super) struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(route: Route, dialled: Option<Route>, req: &mut Request<AppBody>, proxy: &HttpProxy) -> Self {
+    fn new(
+        route: Route,
+        dialled: Option<Route>,
+        rule_level: Option<Arc<RouteLevel>>,
+        req: &mut Request<AppBody>,
+        proxy: &HttpProxy,
+    ) -> Self {
         let started = Instant::now();
-        // The dialled service's listener settings, the target's cluster settings.
+        // The dialled service's listener settings (or its route's), the target's cluster settings.
         let policy = &dialled.as_ref().unwrap_or(&route).policy;
-        let timeouts = &policy.timeouts;
+        let timeouts = rule_level.as_ref().and_then(|l| l.timeouts.as_ref()).unwrap_or(&policy.timeouts);
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
         let stream_limit = sooner(grpc_deadline, timeout_over(route.policy.timeouts.max_stream, None));
@@ -85,16 +94,36 @@ impl RequestCtx {
         let deadline = stream_limit.map(|d| started + d);
         // Only outlier detectors count timeouts (the default ejection counts connect failures).
         let counts_timeouts = matches!(route.policy.outlier, crate::policy::runtime::Outlier::Detect(_));
-        let per_try = policy.retry.as_ref().is_some_and(|r| r.per_try_timeout.is_some());
+        let retry = match rule_level.as_ref().and_then(|l| l.retry.as_ref()) {
+            Some(rule) => rule.as_deref(),
+            None => policy.retry.as_deref(),
+        };
+        let per_try = retry.is_some_and(|r| r.per_try_timeout.is_some());
         let watch_body = counts_timeouts || per_try || request_timeout.is_some();
         let body_end = if watch_body { req.body_mut().end_watch() } else { None };
         let timed_out = AtomicBool::new(false);
-        Self { route, dialled, grpc, deadline, request_timeout, stream_idle, started, timed_out, body_end, log }
+        Self {
+            route,
+            dialled,
+            rule_level,
+            grpc,
+            deadline,
+            request_timeout,
+            stream_idle,
+            started,
+            timed_out,
+            body_end,
+            log,
+        }
     }
 
-    /// The retry policy: the dialled service's, as Kuma sets it on the routes of its listener.
+    /// The retry policy: the matched rule's route's, else the dialled service's, as Kuma sets
+    /// them on the routes of that service's listener.
     pub(super) fn retry(&self) -> Option<&RetryPolicy> {
-        self.dialled.as_ref().unwrap_or(&self.route).policy.retry.as_deref()
+        match self.rule_level.as_ref().and_then(|l| l.retry.as_ref()) {
+            Some(rule) => rule.as_deref(),
+            None => self.dialled.as_ref().unwrap_or(&self.route).policy.retry.as_deref(),
+        }
     }
 
     /// The request body's byte counter for the access log, when it is on.
@@ -196,13 +225,14 @@ impl HttpProxy {
             Routed::Forward(route, matched) => (route, matched),
             Routed::Reply(route, response) => {
                 let mut response = *response;
-                RequestCtx::new(route, None, &mut req, self).log(&mut response);
+                RequestCtx::new(route, None, None, &mut req, self).log(&mut response);
                 return response;
             }
         };
         drop(snapshot);
         let dialled = matched.as_ref().and_then(|m| m.dialled_if_not(&route));
-        let ctx = RequestCtx::new(route, dialled, &mut req, self);
+        let rule_level = matched.as_ref().and_then(MatchedRule::policies);
+        let ctx = RequestCtx::new(route, dialled, rule_level, &mut req, self);
         let mut response = match admit(&ctx.route.service) {
             Ok(()) => {
                 if let Some(mirror) = matched.as_mut().and_then(|m| m.mirror.take()) {

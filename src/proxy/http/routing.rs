@@ -34,6 +34,15 @@ pub(super) struct MatchedRule {
 }
 
 impl MatchedRule {
+    /// What `to: MeshHTTPRoute` policy items set for the rule's route.
+    pub(super) fn policies(&self) -> Option<std::sync::Arc<crate::policy::runtime::RouteLevel>> {
+        self.rule()?.policies.clone()
+    }
+
+    fn rule(&self) -> Option<&HttpRule> {
+        self.route.service.routes.as_ref()?.http.as_ref()?.rules.get(self.rule)
+    }
+
     /// The service the application dialled, when the rule sent the request to another.
     pub(super) fn dialled_if_not(&self, target: &Route) -> Option<Route> {
         (!std::sync::Arc::ptr_eq(&self.route.service, &target.service)).then(|| self.route.clone())
@@ -41,9 +50,7 @@ impl MatchedRule {
 
     /// Applies the rule's ResponseHeaderModifier.
     pub(super) fn apply(&self, response: &mut Response<ProxyBody>) {
-        let rule =
-            self.route.service.routes.as_ref().and_then(|r| r.http.as_ref()).and_then(|t| t.rules.get(self.rule));
-        if let Some(ops) = rule.and_then(|r| r.response_headers.as_ref()) {
+        if let Some(ops) = self.rule().and_then(|r| r.response_headers.as_ref()) {
             ops.apply(response.headers_mut());
         }
     }
