@@ -157,6 +157,13 @@ impl Passthrough {
         self.mode == PassthroughMode::Matched && self.domains.iter().any(|r| r.port.map_or(true, |p| p == port))
     }
 
+    /// Whether an `http`, `http2` or `grpc` Domain rule covers `port`: Kuma has an HTTP filter
+    /// chain there only then (a port with only `tls` rules closes plain HTTP, no 503).
+    pub fn has_http_rules(&self, port: u16) -> bool {
+        self.mode == PassthroughMode::Matched
+            && self.domains.iter().any(|r| !r.tls && r.port.map_or(true, |p| p == port))
+    }
+
     /// A TLS connection to `port` that names `sni`.
     pub fn allows_sni(&self, sni: &str, port: u16) -> bool {
         self.allows_domain(sni, port, true)
@@ -187,6 +194,15 @@ mod tests {
     fn plan(mode: Option<PassthroughMode>, rules: Vec<PassthroughMatch>) -> Passthrough {
         let conf = PassthroughConf { passthrough_mode: mode, append_match: Some(rules) };
         Passthrough::merge([("default/p".to_string(), &conf)])
+    }
+
+    #[test]
+    fn only_http_rules_open_a_port_to_http() {
+        let p =
+            plan(None, vec![rule("Domain", "a.test", Some(443), "tls"), rule("Domain", "b.test", Some(80), "http")]);
+        assert!(p.has_domain_rules(443) && !p.has_http_rules(443), "tls only: plain HTTP is closed");
+        assert!(p.has_http_rules(80));
+        assert!(!p.has_domain_rules(8080));
     }
 
     #[test]

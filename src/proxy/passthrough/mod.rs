@@ -93,6 +93,9 @@ pub(super) async fn forward(proxy: &Arc<Proxy>, client: TcpStream, peer: SocketA
             let sni = sni.unwrap_or_else(|| "(none)".into());
             deny(peer, dst, "no_match", &format!(": no MeshPassthrough tls rule matches SNI {sni}"))
         }
+        Sniffed::Http1 | Sniffed::Http2 if !plan.has_http_rules(dst.port()) => {
+            deny(peer, dst, "no_match", ": HTTP, and only tls MeshPassthrough rules match this port")
+        }
         sniffed @ (Sniffed::Http1 | Sniffed::Http2) => {
             let passthrough = super::http::PassthroughHttp::new(proxy, peer, dst);
             Box::pin(super::http::serve_passthrough(
