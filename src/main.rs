@@ -219,7 +219,7 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_MAX_UPSTREAM_CONNECTIONS", default_value_t = mesh_egress::upstream::DEFAULT_MAX_CONNECTIONS)]
     max_upstream_connections: usize,
     /// HTTP/gRPC: time allowed from the end of the request body until the response headers
-    /// arrive (as Envoy's route timeout; while the body arrives, time without any of it), `0s`
+    /// arrive (as Envoy's route timeout; before the end, only a body nobody reads times out), `0s`
     /// for none (Kuma's MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
     request_timeout: Duration,

@@ -1,7 +1,7 @@
 //! An application's request body as the proxy's server reads it, with what waits for its end.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -29,6 +29,8 @@ pub struct AppBody {
 pub struct BodyEnd {
     /// Frames arrived so far: a timeout waiting for the end sees whether the body still moves.
     frames: AtomicU32,
+    /// The last read found no frame: the body waits for the application, not for a reader.
+    waiting_for_application: AtomicBool,
     state: AtomicU8,
     ended: tokio::sync::Notify,
 }
@@ -45,6 +47,12 @@ impl BodyEnd {
 
     pub fn frames(&self) -> u32 {
         self.frames.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body's reader waits for the application to send more (rather than the body
+    /// waiting, unread, for its reader: an endpoint that does not read, a request queued).
+    pub fn waits_for_application(&self) -> bool {
+        self.waiting_for_application.load(Ordering::Relaxed)
     }
 
     /// Completes once the body has ended, whole or not.
@@ -114,7 +122,11 @@ impl Body for AppBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(end) = &self.end {
+            end.waiting_for_application.store(polled.is_pending(), Ordering::Relaxed);
+        }
+        let frame = ready!(polled);
         match &frame {
             Some(Err(_)) => self.end(false),
             None => self.end(true),

@@ -72,9 +72,12 @@ async fn within<F: std::future::Future>(
 }
 
 /// A request or per-try timeout ([`within`]): `limit` from the end of the request body, as
-/// Envoy counts its route and per-try timeouts (a retry's body has ended: from its start). While
-/// the body still arrives, the request times out only when none of it came for `limit`: a long
-/// upload is not cut, a request whose body nobody reads (one queued for a connection) still is.
+/// Envoy counts its route and per-try timeouts (from a retry's start once the body has ended).
+/// Before the end: an upload that moves, or that waits for the application to send more (a slow
+/// client, a gRPC stream waiting for its answer), is not timed out, as in Envoy (the connection's
+/// silence bound, `--stream-idle-timeout`, stops an application that stalls); a body that nobody
+/// reads for `limit` to two `limit`s (one queued for a connection, an endpoint that reads
+/// nothing) is, as Envoy, which reads a small body whole meanwhile, would time it out.
 pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration) -> bool {
     if let Some(body) = body {
         let mut seen = body.frames();
@@ -83,7 +86,7 @@ pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration) -> bool {
                 () = body.ended() => break,
                 () = tokio::time::sleep(limit) => {
                     let now = body.frames();
-                    if now == seen {
+                    if now == seen && !body.waits_for_application() {
                         return true;
                     }
                     seen = now;

@@ -79,7 +79,8 @@ pub struct HttpProxy {
     /// names should a reload remove the service while the connection stays open.
     accepted_for: (Arc<str>, &'static str),
     peer: SocketAddr,
-    /// Time allowed until the response headers arrive (`None`: no limit).
+    /// Time allowed from the end of the request body until the response headers arrive
+    /// (`--request-timeout`; `None`: no limit).
     request_timeout: Option<Duration>,
     access_log: Option<AccessLog>,
     /// Upgraded tunnels count as open connections, so a drain waits for them.

@@ -92,15 +92,6 @@ impl RequestCtx {
             })
         });
         let deadline = stream_limit.map(|d| started + d);
-        // Only outlier detectors count timeouts (the default ejection counts connect failures).
-        let counts_timeouts = matches!(route.policy.outlier, crate::policy::runtime::Outlier::Detect(_));
-        let retry = match rule_level.as_ref().and_then(|l| l.retry.as_ref()) {
-            Some(rule) => rule.as_deref(),
-            None => policy.retry.as_deref(),
-        };
-        let per_try = retry.is_some_and(|r| r.per_try_timeout.is_some());
-        let watch_body = counts_timeouts || per_try || request_timeout.is_some();
-        let body_end = if watch_body { req.body_mut().end_watch() } else { None };
         let timed_out = AtomicBool::new(false);
         Self {
             route,
@@ -112,8 +103,18 @@ impl RequestCtx {
             stream_idle,
             started,
             timed_out,
-            body_end,
+            body_end: None,
             log,
+        }
+    }
+
+    /// Before forwarding: watches the request body's end when a timeout counts from it, or an
+    /// outlier detector counts timeouts (only once the body is complete).
+    fn watch_body(&mut self, req: &mut Request<AppBody>) {
+        let counts_timeouts = matches!(self.route.policy.outlier, crate::policy::runtime::Outlier::Detect(_));
+        let per_try = self.retry().is_some_and(|r| r.per_try_timeout.is_some());
+        if counts_timeouts || per_try || self.request_timeout.is_some() {
+            self.body_end = req.body_mut().end_watch();
         }
     }
 
@@ -232,12 +233,13 @@ impl HttpProxy {
         drop(snapshot);
         let dialled = matched.as_ref().and_then(|m| m.dialled_if_not(&route));
         let rule_level = matched.as_ref().and_then(MatchedRule::policies);
-        let ctx = RequestCtx::new(route, dialled, rule_level, &mut req, self);
+        let mut ctx = RequestCtx::new(route, dialled, rule_level, &mut req, self);
         let mut response = match admit(&ctx.route.service) {
             Ok(()) => {
                 if let Some(mirror) = matched.as_mut().and_then(|m| m.mirror.take()) {
                     mirror.send();
                 }
+                ctx.watch_body(&mut req);
                 forward::forward(&ctx, req, self).await
             }
             Err(denial) => reply::denied(ctx.grpc, denial),
