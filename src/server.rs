@@ -136,7 +136,8 @@ impl Server {
         };
         let live = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let draining = watch::Sender::new(false);
-        let (transparent_v6, dns_v6) = (ipv6_loopback_twin(options.transparent), ipv6_loopback_twin(options.dns));
+        let (transparent_v6, dns_v6) =
+            (ipv6_loopback_twin(options.transparent, false), ipv6_loopback_twin(options.dns, true));
         let proxy = Arc::new(Proxy {
             live: live.clone(),
             settings: ProxySettings {
@@ -463,10 +464,27 @@ impl Drop for Server {
 
 /// `[::1]` on the port of an IPv4 loopback listener, where this host has IPv6: what
 /// `transparent-proxy install --ipv6` redirects the application's IPv6 connections and DNS to
-/// (`REDIRECT` sends them to `::1`, which an IPv4 listener does not hear). `None` for another
-/// address, port 0 (tests), or a host without IPv6.
-fn ipv6_loopback_twin(addr: Option<SocketAddr>) -> Option<SocketAddr> {
+/// (`REDIRECT` sends them to `::1`, which an IPv4 listener does not hear). Best effort: `None`
+/// for another address, port 0 (tests), a host without IPv6, or a port something else holds
+/// there (said once: IPv6 redirected traffic then finds no proxy).
+fn ipv6_loopback_twin(addr: Option<SocketAddr>, udp_too: bool) -> Option<SocketAddr> {
     let addr = addr.filter(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST && a.port() != 0)?;
     let twin = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port());
-    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok().then_some(twin)
+    if std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_err() {
+        return None; // no IPv6 here
+    }
+    let free = std::net::TcpListener::bind(twin).and_then(|_| {
+        if udp_too {
+            std::net::UdpSocket::bind(twin).map(drop)
+        } else {
+            Ok(())
+        }
+    });
+    match free {
+        Ok(()) => Some(twin),
+        Err(error) => {
+            tracing::warn!(listener = %twin, %error, "not listening on the IPv6 loopback twin of {addr}: IPv6 traffic redirected there (transparent-proxy install --ipv6) finds no proxy");
+            None
+        }
+    }
 }

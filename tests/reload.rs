@@ -255,3 +255,26 @@ async fn a_new_listener_serves_its_first_connection() {
     let greeting = tokio::task::spawn_blocking(move || first.join().unwrap()).await.unwrap();
     assert_eq!(greeting.expect("the first connection was closed unserved"), b"new\n");
 }
+
+/// The IPv6 loopback twins of the transparent listener and the DNS proxy (for
+/// `transparent-proxy install --ipv6`) are best effort: a port something else holds on `[::1]`
+/// does not keep the proxy from starting (it did: the twin's bind failed start-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_ipv6_loopback_port_does_not_stop_the_proxy() {
+    let Ok(probe) = std::net::UdpSocket::bind("[::1]:0") else {
+        panic!("this test needs IPv6 on loopback (::1)");
+    };
+    drop(probe);
+    let (transparent, dns) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _taken_tcp = std::net::TcpListener::bind(("::1", transparent.port())).unwrap();
+    let _taken_udp = std::net::UdpSocket::bind(("::1", dns.port())).unwrap();
+    let (_dir, config) = config_dir("");
+    let mut opts = options(config);
+    opts.transparent = Some(transparent);
+    opts.dns = Some(dns);
+    opts.dns_forwarders = vec!["127.0.0.1:9".parse().unwrap()]; // never the machine's resolver
+    let proxy = mesh_egress::server::Server::start(opts, Arc::new(mesh_egress::listen::SoOriginalDst)).await;
+    let proxy = proxy.unwrap_or_else(|e| panic!("the proxy did not start: {e}"));
+    assert_eq!(proxy.transparent_addr(), Some(transparent));
+    assert_eq!(proxy.dns_addr(), Some(dns));
+}
