@@ -792,7 +792,7 @@ const OVERPROVISIONING: f64 = 1.4;
 /// health (each level's healthy share × 1.4, capped at 100, summed, capped at 100) is below 100,
 /// and the level's own healthy share is below `threshold`.
 fn in_panic(targets: &[Target], level: u8, threshold: f64) -> bool {
-    if targets.iter().all(|t| t.health.is_healthy()) {
+    if threshold <= 0.0 || targets.iter().all(|t| t.health.is_healthy()) {
         return false;
     }
     let share = |priority: u8| {
@@ -806,11 +806,17 @@ fn in_panic(targets: &[Target], level: u8, threshold: f64) -> bool {
             f64::from(healthy) * 100.0 / f64::from(total)
         }
     };
-    let mut levels: Vec<u8> = targets.iter().map(|t| t.priority).collect();
-    levels.sort_unstable();
-    levels.dedup();
-    let normalized: f64 = levels.iter().map(|&p| (share(p) * OVERPROVISIONING).min(100.0)).sum();
-    normalized < 100.0 && share(level) < threshold
+    if share(level) >= threshold {
+        return false;
+    }
+    // Each level once (at its first target): no allocation on a path taken while degraded.
+    let normalized: f64 = targets
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| !targets[..*i].iter().any(|earlier| earlier.priority == t.priority))
+        .map(|(_, t)| (share(t.priority) * OVERPROVISIONING).min(100.0))
+        .sum();
+    normalized < 100.0
 }
 
 /// Closes idle pooled connections past their idle timeout (checked at half of it, at most
@@ -1018,6 +1024,15 @@ mod tests {
         }
         for _ in 0..50 {
             assert!(port(&two_of_four.pick(&[]).unwrap()) > 2, "half healthy is not panic");
+        }
+        // A third of level 0 healthy, level 1 all healthy: together at full health (33 × 1.4
+        // + 100), so level 0 is not in panic and its one healthy target takes the traffic.
+        let failover = upstream(vec![ip_endpoint(1, 0), ip_endpoint(2, 0), ip_endpoint(3, 0), ip_endpoint(4, 1)]);
+        for t in failover.targets().iter().filter(|t| matches!(port(t), 1 | 2)) {
+            t.health.record_failure(&failover.settings.ejection);
+        }
+        for _ in 0..50 {
+            assert_eq!(port(&failover.pick(&[]).unwrap()), 3, "normalized health 100: no panic");
         }
     }
 
