@@ -715,15 +715,41 @@ fn validate(paths: &[PathBuf], compile: &CompileArgs) -> anyhow::Result<ExitCode
 /// configuration (and rejected), and each of its writes would reload.
 fn state_dir_outside(state_dir: Option<&Path>, config: &[PathBuf]) -> anyhow::Result<()> {
     let Some(state_dir) = state_dir else { return Ok(()) };
-    let resolved = |p: &Path| p.canonicalize().or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf());
     let state = resolved(state_dir);
-    match config.iter().find(|dir| dir.is_dir() && state.starts_with(resolved(dir))) {
+    // Below a hidden directory the loader reads nothing (`.state`): allowed.
+    let read_as_config = |dir: &PathBuf| {
+        let dir = resolved(dir);
+        state.strip_prefix(&dir).is_ok_and(|rest| {
+            !rest.components().any(|c| c.as_os_str().to_str().is_some_and(|name| name.starts_with('.')))
+        })
+    };
+    match config.iter().find(|dir| dir.is_dir() && read_as_config(dir)) {
         Some(dir) => anyhow::bail!(
             "--state-dir {} is inside the configuration directory {}: its vips.json would be read as configuration; choose a directory outside it",
             state_dir.display(),
             dir.display()
         ),
         None => Ok(()),
+    }
+}
+
+/// `path` with its symlinks resolved, also when its last components do not exist yet (a state
+/// directory made on first save): the nearest existing ancestor resolved, the rest appended.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return missing.iter().rev().fold(real, |path, part| path.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
     }
 }
 

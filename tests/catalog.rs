@@ -401,7 +401,7 @@ fn configuration_level_errors_are_reported() {
 /// network), multicast and broadcast are refused by name.
 #[test]
 fn a_status_vip_that_is_not_unicast_is_refused() {
-    for ip in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255"] {
+    for ip in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "::ffff:0.0.0.0"] {
         let text = mes("a", "").replace("spec:", &format!("status:\n  vip:\n    ip: \"{ip}\"\nspec:"));
         let mut loaded = mesh_egress::resources::Loaded::default();
         mesh_egress::resources::load_str(std::path::Path::new("x.yaml"), &text, &mut loaded);

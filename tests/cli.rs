@@ -136,8 +136,18 @@ fn a_state_directory_inside_the_configuration_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("is inside the configuration directory"), "{}", text(&out.stderr));
     assert!(!state.join("vips.json").exists());
+    // Through a symlink to the configuration, not yet made: refused too.
+    let link = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(dir.path(), link.path().join("conf")).unwrap();
+    let through = link.path().join("conf/new/state");
+    let out = mesh_egress(&["inspect", &config, "--state-dir", through.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let elsewhere = tempfile::tempdir().unwrap();
     let out = mesh_egress(&["inspect", &config, "--state-dir", elsewhere.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // A hidden directory inside, which the loader skips, is fine.
+    let hidden = dir.path().join(".state");
+    let out = mesh_egress(&["inspect", &config, "--state-dir", hidden.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
@@ -149,6 +159,10 @@ fn looping_directory_links_are_read_once() {
     std::fs::write(dir.path().join("svc.yaml"), "type: MeshExternalService\nname: a\nmesh: default\nspec:\n  match: {port: 80, protocol: http}\n  endpoints: [{address: 127.0.0.1, port: 80}]\n").unwrap();
     std::os::unix::fs::symlink(".", dir.path().join("a")).unwrap();
     std::os::unix::fs::symlink(".", dir.path().join("b")).unwrap();
-    let out = mesh_egress(&["validate", dir.path().to_str().unwrap()]);
+    // Bounded: without the fix the walk does not end.
+    let out = Command::new("timeout")
+        .args(["60", env!("CARGO_BIN_EXE_mesh-egress"), "validate", dir.path().to_str().unwrap()])
+        .output()
+        .expect("run mesh-egress under timeout");
     assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
 }

@@ -141,6 +141,7 @@ pub fn compile(resources: &[Resource], options: &CompileOptions, ipam: &mut Ipam
     let mut by_key: HashMap<String, usize> = HashMap::new();
     // Addresses asked for are taken before any is handed out: an earlier service without one
     // must not get the address a later one asks for.
+    ipam.clear_requests();
     for (meta, _, requested) in &services {
         if let Some(ip) = requested {
             ipam.reserve(&format!("{}/{}", meta.mesh, meta.name), *ip);

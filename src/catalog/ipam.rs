@@ -118,6 +118,11 @@ impl Ipam {
         None
     }
 
+    /// Forgets which services asked for which address: each compile says it again.
+    pub fn clear_requests(&mut self) {
+        self.requested.clear();
+    }
+
     /// Keeps `ip` for service `key`, which asks for it.
     pub fn reserve(&mut self, key: &str, ip: IpAddr) {
         self.in_use.insert(ip);

@@ -385,8 +385,9 @@ impl Document<'_> {
                     text.parse().map_err(|_| self.error("status.vip.ip", format!("'{text}' is not an IP address")))?;
                 // A VIP is listened on (`--bind-vips`) and answered by the DNS proxy: the
                 // unspecified address would listen on every interface.
-                let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-                if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                let canonical = ip.to_canonical(); // `::ffff:0.0.0.0` too
+                let broadcast = matches!(canonical, IpAddr::V4(v4) if v4.is_broadcast());
+                if canonical.is_unspecified() || canonical.is_multicast() || broadcast {
                     let message = format!("'{ip}' is not usable as a VIP: it must be a unicast address");
                     return Err(self.error("status.vip.ip", message));
                 }

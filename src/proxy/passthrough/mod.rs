@@ -52,6 +52,8 @@ fn listens_for(listener: SocketAddr, dst: SocketAddr) -> bool {
 }
 
 /// An address of this host: one a socket can bind (only asked for a wildcard listener's port).
+/// Under `net.ipv4.ip_nonlocal_bind=1` every address binds: such a port is then refused for
+/// every host, the safe side.
 fn is_local(ip: std::net::IpAddr) -> bool {
     ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
