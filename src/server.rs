@@ -70,6 +70,8 @@ pub enum ServerError {
     Compile(String),
     #[error("{addr} ({kind} listener) is not a loopback address: anyone who reaches it could use the external services; run with --listen-allow-remote to allow it")]
     RemoteListener { addr: SocketAddr, kind: ListenerKind },
+    #[error("the new configuration would take working services out of traffic, so the running one stays:\n{}", .0.join("\n"))]
+    WouldBreak(Vec<String>),
     #[error("cannot listen on {addr} ({kind} listener): {error}")]
     Bind { addr: SocketAddr, kind: ListenerKind, error: std::io::Error },
     #[error(transparent)]
@@ -306,6 +308,21 @@ impl Server {
         }
         if compiled.diagnostics.has_errors() {
             return Err(ServerError::InvalidConfig(compiled.diagnostics));
+        }
+        // A service that works is not broken by a reload (a certificate pasted wrong, a secret
+        // gone mid-rotation): as Envoy keeps a cluster whose update it rejects, the running
+        // configuration stays. At start-up, there is nothing to keep: it starts broken.
+        let working: std::collections::HashSet<String> =
+            previous.catalog.services().iter().filter(|s| s.broken.is_none()).map(|s| s.key()).collect();
+        let would_break: Vec<String> = compiled
+            .catalog
+            .services()
+            .iter()
+            .filter(|s| working.contains(&s.key()))
+            .filter_map(|s| Some(format!("{}: {}", s.key(), s.broken.as_ref()?)))
+            .collect();
+        if !would_break.is_empty() {
+            return Err(ServerError::WouldBreak(would_break));
         }
         // Valid, and maybe meant, but more often a directory caught half written or emptied.
         if compiled.catalog.services().is_empty() && !previous.catalog.services().is_empty() {

@@ -278,3 +278,33 @@ async fn a_taken_ipv6_loopback_port_does_not_stop_the_proxy() {
     assert_eq!(proxy.transparent_addr(), Some(transparent));
     assert_eq!(proxy.dns_addr(), Some(dns));
 }
+
+/// A reload that would take a working service out of traffic (its CA secret gone mid-rotation,
+/// a certificate pasted wrong) is refused, naming the service, and the running configuration
+/// stays, as Envoy keeps a cluster whose update it rejects (the service was broken). A service
+/// new in the same file and broken from the start is no reason to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_would_break_a_working_service_keeps_the_running_one() {
+    let ca = Ca::new("reload-keeps");
+    let inline =
+        format!("        inlineString: |\n{}", ca.pem.lines().map(|l| format!("          {l}\n")).collect::<String>());
+    let tls = |ca_cert: &str| format!("  tls:\n    enabled: true\n    verification:\n      caCert:\n{ca_cert}");
+    let service = |name: &str, ca_cert: &str| {
+        service_with_outbound(name, free_addr("127.0.0.1"), &endpoint("127.0.0.1", 9, 0), &tls(ca_cert))
+    };
+    let (_dir, config) = config_dir(&service("pinned", &inline));
+    let mut proxy = start(options(config.clone())).await;
+    std::fs::write(&config, service("pinned", "        secret: rotated-away\n")).unwrap();
+    let error = proxy.reload().await.unwrap_err().to_string();
+    assert!(
+        error.contains("would take working services out of traffic") && error.contains("default/pinned"),
+        "{error}"
+    );
+    let snapshot = proxy.live().load();
+    assert!(snapshot.catalog.services()[0].broken.is_none(), "the running configuration stays");
+    let both =
+        format!("{}---\n{}", service("pinned", &inline), service("new-and-broken", "        secret: never-there\n"));
+    std::fs::write(&config, both).unwrap();
+    proxy.reload().await.unwrap();
+    assert_eq!(proxy.live().load().catalog.services().len(), 2);
+}
