@@ -125,7 +125,7 @@ impl GrpcClient {
         let sender = match &mut self.sender {
             Some(sender) if !sender.is_closed() => sender,
             slot => {
-                let connect = tokio::net::TcpStream::connect(self.endpoint.as_str());
+                let connect = crate::socket_mark::connect_host(self.endpoint.as_str());
                 let tcp = tokio::time::timeout(Duration::from_secs(5), connect)
                     .await
                     .map_err(|_| "connect timed out".to_string())?

@@ -737,20 +737,21 @@ fn state_dir_outside(state_dir: Option<&Path>, config: &[PathBuf]) -> anyhow::Re
 /// directory made on first save): the nearest existing ancestor resolved, the rest appended.
 fn resolved(path: &Path) -> PathBuf {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut missing = Vec::new();
-    let mut existing = absolute.as_path();
-    loop {
-        if let Ok(real) = existing.canonicalize() {
-            return missing.iter().rev().fold(real, |path, part| path.join(part));
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                missing.push(name.to_os_string());
-                existing = parent;
+    for ancestor in absolute.ancestors() {
+        let (Ok(real), Ok(rest)) = (ancestor.canonicalize(), absolute.strip_prefix(ancestor)) else { continue };
+        // What does not exist yet is read lexically: `new/../state` is `state`.
+        return rest.components().fold(real, |mut path, part| {
+            match part {
+                std::path::Component::ParentDir => {
+                    path.pop();
+                }
+                std::path::Component::Normal(name) => path.push(name),
+                _ => {}
             }
-            _ => return absolute,
-        }
+            path
+        });
     }
+    absolute
 }
 
 fn inspect(

@@ -70,7 +70,7 @@ pub enum ServerError {
     Compile(String),
     #[error("{addr} ({kind} listener) is not a loopback address: anyone who reaches it could use the external services; run with --listen-allow-remote to allow it")]
     RemoteListener { addr: SocketAddr, kind: ListenerKind },
-    #[error("the new configuration would take working services out of traffic, so the running one stays:\n{}", .0.join("\n"))]
+    #[error("the new configuration would take working services out of traffic (fix them, or remove them to take them out on purpose):\n{}", .0.join("\n"))]
     WouldBreak(Vec<String>),
     #[error("cannot listen on {addr} ({kind} listener): {error}")]
     Bind { addr: SocketAddr, kind: ListenerKind, error: std::io::Error },
@@ -310,8 +310,8 @@ impl Server {
             return Err(ServerError::InvalidConfig(compiled.diagnostics));
         }
         // A service that works is not broken by a reload (a certificate pasted wrong, a secret
-        // gone mid-rotation): as Envoy keeps a cluster whose update it rejects, the running
-        // configuration stays. At start-up, there is nothing to keep: it starts broken.
+        // gone mid-rotation): the running configuration stays (Envoy keeps that cluster's last
+        // version). At start-up, there is nothing to keep: it starts broken.
         let working: std::collections::HashSet<String> =
             previous.catalog.services().iter().filter(|s| s.broken.is_none()).map(|s| s.key()).collect();
         let would_break: Vec<String> = compiled

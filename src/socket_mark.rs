@@ -1,5 +1,5 @@
 //! SO_MARK on the proxy's own outgoing sockets (endpoint and passthrough connections, DNS
-//! forwards), matched by a RETURN rule that `transparent-proxy install` writes: the proxy's
+//! forwards, the trace exporters and the TCP access-log collector), matched by a RETURN rule that `transparent-proxy install` writes: the proxy's
 //! traffic is never redirected back to it, even when it runs under another uid than the
 //! `--proxy-uid` the rules name (without it, passthrough to an unknown address looped through
 //! the proxy until it ran out of file descriptors).
@@ -45,6 +45,27 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     apply(socket2::SockRef::from(&socket));
     socket.connect(addr).await
+}
+
+/// A TCP connection from a marked socket to `host:port`, trying its addresses in turn (the
+/// exporters and the access-log collector, named by the user).
+pub async fn connect_host(host_port: &str) -> io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(host_port).await? {
+        match connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host_port} has no address"))))
+}
+
+/// A blocking TCP connection from a marked socket (the access-log writer's thread).
+pub fn connect_blocking(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<std::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    apply(socket2::SockRef::from(&socket));
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
 }
 
 /// Parses a mark given as decimal or `0x` hex; `off` is none.

@@ -136,12 +136,14 @@ fn a_state_directory_inside_the_configuration_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("is inside the configuration directory"), "{}", text(&out.stderr));
     assert!(!state.join("vips.json").exists());
-    // Through a symlink to the configuration, not yet made: refused too.
+    // Through a symlink to the configuration, not yet made, or by `..`: refused too.
     let link = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(dir.path(), link.path().join("conf")).unwrap();
-    let through = link.path().join("conf/new/state");
-    let out = mesh_egress(&["inspect", &config, "--state-dir", through.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    for path in ["conf/new/state", "conf/new/../state"] {
+        let through = link.path().join(path);
+        let out = mesh_egress(&["inspect", &config, "--state-dir", through.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{path}: {}", text(&out.stderr));
+    }
     let elsewhere = tempfile::tempdir().unwrap();
     let out = mesh_egress(&["inspect", &config, "--state-dir", elsewhere.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

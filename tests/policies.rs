@@ -1211,3 +1211,34 @@ async fn timeouts_count_from_the_end_of_the_request_body() {
         assert_eq!((status.as_u16(), body.as_str()), (200, "received: 3072\n"), "{name}: an upload that pauses");
     }
 }
+
+/// Before its end, a request body the application stops sending is bounded by the stream idle
+/// timeout, as Envoy's: 408 (SI), not retried; a body nobody reads (an endpoint that reads
+/// nothing) still times out as the request does: 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_its_end_a_request_body_is_bounded_by_stream_idle_or_the_request_timeout() {
+    let upstream = http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("stalls", "http", upstream.addr.port());
+    let mut opts = options(config);
+    opts.request_timeout = Some(Duration::from_millis(300));
+    opts.timeouts.stream_idle = Duration::from_secs(1);
+    let _proxy = start(opts).await;
+    let (status, body) = timed_upload(outbound, 3, Duration::from_millis(10), Duration::from_secs(4)).await;
+    assert_eq!((status.as_u16(), body.as_str()), (408, "stream timeout"), "the application stopped sending");
+
+    let (silent, _task) = silent_endpoint().await;
+    let (outbound, _dir, config) = single_service("unread", "http", silent.port());
+    let mut opts = options(config);
+    opts.request_timeout = Some(Duration::from_millis(300));
+    let _proxy = start(opts).await;
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(outbound).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let chunk = Bytes::from(vec![b'x'; 1 << 20]);
+    let frames = futures_util::stream::iter(
+        (0..256).map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+    );
+    let post = Request::post("http://app/upload").body(http_body_util::StreamBody::new(frames)).unwrap();
+    let (status, _) = text(sender.send_request(post).await.unwrap()).await;
+    assert_eq!(status.as_u16(), 504, "256 MiB to an endpoint that reads nothing");
+}

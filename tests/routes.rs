@@ -751,7 +751,7 @@ async fn policies_to_a_mesh_http_route_set_its_requests() {
         service_with_protocol("reports", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
         "type: MeshHTTPRoute\nname: slow-reports\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: reports}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /reports}}]\n      default: {}\n".to_string(),
         "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: reports}\n    default: {http: {requestTimeout: 300ms}}\n  - targetRef: {kind: MeshHTTPRoute, name: slow-reports}\n    default: {http: {requestTimeout: 5s}}\n".to_string(),
-        "type: MeshRetry\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshHTTPRoute, name: slow-reports}\n    default: {http: {numRetries: 1, retryOn: [5xx], backOff: {baseInterval: 1ms}}}\n".to_string(),
+        "type: MeshRetry\nname: r\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: reports}\n    default: {http: {numRetries: 1, retryOn: [5xx], backOff: {baseInterval: 1ms}}}\n  - targetRef: {kind: MeshHTTPRoute, name: slow-reports}\n    default: {http: {perTryTimeout: 5s, backOff: {baseInterval: 1ms}}}\n".to_string(),
     ]
     .join("---\n");
     let (_dir, config) = config_dir(&yaml);
@@ -760,9 +760,14 @@ async fn policies_to_a_mesh_http_route_set_its_requests() {
     assert_eq!(status, 200, "the route's 5 s request timeout");
     let (status, _, _) = ask(outbound, "http://x/other", &[("x-delay-ms", "800")]).await;
     assert_eq!(status, 504, "the service's 300 ms elsewhere");
-    let key = |k: &str| format!("route-level-{k}-{}", std::process::id());
-    let (status, _, _) = ask(outbound, "http://x/reports/q4", &[("x-fail-first", "1"), ("x-key", &key("a"))]).await;
-    assert_eq!(status, 200, "the route's MeshRetry");
-    let (status, _, _) = ask(outbound, "http://x/other", &[("x-fail-first", "1"), ("x-key", &key("b"))]).await;
-    assert_eq!(status, 503, "no retries elsewhere");
+    // The route's MeshRetry conf is the Mesh items and its own, not the service's: its default
+    // conditions retry a 503 but not a 500, which the service's `5xx` retries elsewhere.
+    fn fail<'a>(key: &'a str, code: &'a str) -> [(&'a str, &'a str); 3] {
+        [("x-fail-first", "1"), ("x-fail-status", code), ("x-key", key)]
+    }
+    let [a, b, c] = ["a", "b", "c"].map(|k| format!("route-level-{k}-{}", std::process::id()));
+    let (a, b, c) = (a.as_str(), b.as_str(), c.as_str());
+    assert_eq!(ask(outbound, "http://x/reports/q4", &fail(a, "503")).await.0, 200, "the route's defaults: 503");
+    assert_eq!(ask(outbound, "http://x/reports/q5", &fail(b, "500")).await.0, 500, "not the service's 5xx");
+    assert_eq!(ask(outbound, "http://x/other", &fail(c, "500")).await.0, 200, "the service's 5xx elsewhere");
 }

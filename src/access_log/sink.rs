@@ -167,7 +167,7 @@ fn tcp_loop(receiver: Receiver<Entry>, address: &str) {
 fn connect(address: &str) -> Option<std::net::TcpStream> {
     use std::net::ToSocketAddrs as _;
     let addr = address.to_socket_addrs().ok()?.next()?;
-    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+    match crate::socket_mark::connect_blocking(addr, Duration::from_secs(2)) {
         Ok(s) => {
             let _ = s.set_nodelay(true);
             Some(s)

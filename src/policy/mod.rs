@@ -257,7 +257,7 @@ impl Proxies {
             }
             "MeshGateway" => Some("a top-level MeshGateway selects gateways, not this sidecar".to_string()),
             "MeshHTTPRoute" => Some(
-                "a top-level MeshHTTPRoute applies to that route's traffic; policies on routes are not supported yet"
+                "a top-level MeshHTTPRoute is deprecated in Kuma: use `to: MeshHTTPRoute` items of a MeshTimeout or MeshRetry"
                     .into(),
             ),
             other => Some(format!("top-level kind {other} cannot select a sidecar")),
@@ -569,8 +569,10 @@ impl PolicySet {
             level.timeouts = Some(Effective { mesh_timeout: Some(conf), ..Effective::default() }.timeouts());
         }
         if let Some(conf) = merged(PolicyKind::MeshRetry).and_then(|v| serde_json::from_value(v).ok()) {
+            // A route conf that makes no retry policy (`numRetries: 0`, no section for the
+            // protocol) leaves the service's in place, as Kuma's `configureRoute`.
             let retry = Effective { mesh_retry: Some(conf), ..Effective::default() }.retry(protocol);
-            level.retry = Some(retry.map(std::sync::Arc::new));
+            level.retry = retry.map(std::sync::Arc::new);
         }
         (level.timeouts.is_some() || level.retry.is_some()).then_some(level)
     }

@@ -35,8 +35,9 @@ pub struct Timeouts {
 pub struct RouteLevel {
     /// A MeshTimeout item names the route: its `requestTimeout` and `streamIdleTimeout`.
     pub timeouts: Option<Timeouts>,
-    /// A MeshRetry item names the route (`Some(None)`: no retries).
-    pub retry: Option<Option<Arc<RetryPolicy>>>,
+    /// A MeshRetry item names the route and makes a retry policy (one that makes none, as
+    /// `numRetries: 0`, leaves the service's, as Kuma).
+    pub retry: Option<Arc<RetryPolicy>>,
 }
 
 /// A policy's timeout (`set`) over the process default; a zero duration turns it off.

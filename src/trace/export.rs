@@ -219,7 +219,7 @@ impl ZipkinClient {
 }
 
 async fn connect(target: &ZipkinTarget) -> Result<H1, String> {
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(target.address.as_str()))
+    let tcp = tokio::time::timeout(Duration::from_secs(5), crate::socket_mark::connect_host(target.address.as_str()))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect to {}: {e}", target.address))?;

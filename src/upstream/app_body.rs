@@ -86,6 +86,13 @@ impl AppBody {
         Some(self.end.insert(Arc::default()).clone())
     }
 
+    /// Its reader gave up (a retry's body takes over): no read waits for the application now.
+    pub fn reader_gone(&self) {
+        if let Some(end) = &self.end {
+            end.waiting_for_application.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// The body ended (`complete`: all of it arrived).
     fn end(&mut self, complete: bool) {
         if let Some(watch) = self.watch.take() {

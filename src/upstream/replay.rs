@@ -46,6 +46,9 @@ impl State {
     /// A newer attempt takes the source over.
     fn supersede(&mut self) {
         self.attempt += 1;
+        // The given-up attempt's wait for the application is no one's now: until the next
+        // attempt reads, the body waits for its reader (the timeouts then run).
+        self.source.reader_gone();
         if let Some(waiting) = self.waiting.take() {
             waiting.wake();
         }

@@ -34,74 +34,98 @@ use crate::upstream::{ActiveGuard, AppBody, BodyEnd, ConnectError, Outcome, Perm
 /// counted from the request's head.
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let exchange = std::pin::pin!(exchange(ctx, req, proxy));
+    let body = ctx.body_end.as_deref();
     let answered = match (ctx.request_timeout, ctx.deadline) {
         (None, None) => return exchange.await,
         (None, Some(deadline)) => within(ctx, deadline_passed(deadline), exchange).await,
-        (Some(timeout), None) => within(ctx, timed_out(ctx.body_end.as_deref(), timeout), exchange).await,
+        (Some(timeout), None) => within(ctx, timed_out(body, timeout, ctx.stream_idle), exchange).await,
         (Some(timeout), Some(deadline)) => {
             // The sooner of the two decides whether the endpoint is to blame.
             let limit = async {
-                tokio::select! { endpoint = timed_out(ctx.body_end.as_deref(), timeout) => endpoint, endpoint = deadline_passed(deadline) => endpoint }
+                tokio::select! { why = timed_out(body, timeout, ctx.stream_idle) => why, why = deadline_passed(deadline) => why }
             };
             within(ctx, limit, exchange).await
         }
     };
-    answered.unwrap_or_else(|| reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT))
+    answered.unwrap_or_else(|why| why.reply(ctx.grpc))
 }
 
-/// `future` unless `limit` completes first, then `None`. A limit that completes with `true`
-/// (a request or per-try timeout) marks the request timed out before `future` is dropped, so
-/// the attempt in flight counts it against its endpoint ([`TimeoutCounts`]); the stream's
-/// deadline (the client's `grpc-timeout`, `maxStreamDuration`) does not, as in Envoy. `future`
+/// Why a time limit of the request passed ([`within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expired {
+    /// The request or per-try timeout: the endpoint did not answer in time (counted against it).
+    Timeout,
+    /// The stream's own deadline (`grpc-timeout`, `maxStreamDuration`): not the endpoint's doing.
+    Deadline,
+    /// The application stopped sending its request body for the stream idle timeout.
+    Stalled,
+}
+
+impl Expired {
+    pub(super) fn reply(self, grpc: bool) -> Response<ProxyBody> {
+        match self {
+            Self::Timeout | Self::Deadline => reply::local_reply(grpc, Failure::Timeout, reply::TIMED_OUT),
+            Self::Stalled => reply::local_reply(grpc, Failure::StreamIdle, reply::STREAM_IDLE),
+        }
+    }
+}
+
+/// `future` unless `limit` completes first, then why. A request or per-try timeout marks the
+/// request timed out before `future` is dropped, so the attempt in flight counts it against its
+/// endpoint ([`TimeoutCounts`]); the stream's deadline (the client's `grpc-timeout`,
+/// `maxStreamDuration`) and a stalled application do not, as in Envoy. `future`
 /// is pinned by the caller: taken by value, it was held twice in this function's state, and
 /// the request's future, copied once per request, doubled (callgrind: +12k instructions per
 /// h2 request, most of them in `memcpy`).
 async fn within<F: std::future::Future>(
     ctx: &RequestCtx,
-    limit: impl std::future::Future<Output = bool>,
+    limit: impl std::future::Future<Output = Expired>,
     mut future: std::pin::Pin<&mut F>,
-) -> Option<F::Output> {
+) -> Result<F::Output, Expired> {
     tokio::select! {
         biased;
-        output = future.as_mut() => Some(output),
-        endpoint = limit => {
-            ctx.timed_out.store(endpoint, Ordering::Relaxed);
-            None
+        output = future.as_mut() => Ok(output),
+        why = limit => {
+            ctx.timed_out.store(why == Expired::Timeout, Ordering::Relaxed);
+            Err(why)
         }
     }
 }
 
 /// A request or per-try timeout ([`within`]): `limit` from the end of the request body, as
-/// Envoy counts its route and per-try timeouts (from a retry's start once the body has ended).
-/// Before the end: an upload that moves, or that waits for the application to send more (a slow
-/// client, a gRPC stream waiting for its answer), is not timed out, as in Envoy (the connection's
-/// silence bound, `--stream-idle-timeout`, stops an application that stalls); a body that nobody
-/// reads for `limit` to two `limit`s (one queued for a connection, an endpoint that reads
+/// Envoy counts its route and per-try timeouts (from the attempt's start once the body has
+/// ended). Before the end: a body that moves is not timed out; one that waits for the
+/// application to send more (a paused client, a gRPC stream waiting for its answer) is not
+/// either, up to `stall` without a frame (the stream idle timeout, as Envoy's; `None`: for ever);
+/// one that nobody reads for one to two `limit`s (queued for a connection, an endpoint that reads
 /// nothing) is, as Envoy, which reads a small body whole meanwhile, would time it out.
-pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration) -> bool {
+pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration, stall: Option<Duration>) -> Expired {
     if let Some(body) = body {
-        let mut seen = body.frames();
+        let (mut seen, mut moved) = (body.frames(), tokio::time::Instant::now());
         loop {
             tokio::select! {
                 () = body.ended() => break,
                 () = tokio::time::sleep(limit) => {
                     let now = body.frames();
-                    if now == seen && !body.waits_for_application() {
-                        return true;
+                    if now != seen {
+                        (seen, moved) = (now, tokio::time::Instant::now());
+                    } else if !body.waits_for_application() {
+                        return Expired::Timeout;
+                    } else if stall.is_some_and(|stall| moved.elapsed() >= stall) {
+                        return Expired::Stalled;
                     }
-                    seen = now;
                 }
             }
         }
     }
     tokio::time::sleep(limit).await;
-    true
+    Expired::Timeout
 }
 
 /// The stream's deadline passed: not the endpoint's doing ([`within`]).
-async fn deadline_passed(deadline: tokio::time::Instant) -> bool {
+async fn deadline_passed(deadline: tokio::time::Instant) -> Expired {
     tokio::time::sleep_until(deadline).await;
-    false
+    Expired::Deadline
 }
 
 /// While an attempt waits for its response: dropped because the request or the attempt timed
@@ -214,11 +238,12 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, mut parts: Parts, b
             let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, Some(&mut picked)));
             match retry.per_try_timeout {
                 Some(limit) => {
-                    within(ctx, timed_out(ctx.body_end.as_deref(), limit), attempt).await.unwrap_or_else(|| {
-                        Attempt::Failed(
-                            AttemptFailure::Reset,
-                            reply::local_reply(ctx.grpc, Failure::Timeout, reply::TIMED_OUT),
-                        )
+                    let limit = timed_out(ctx.body_end.as_deref(), limit, ctx.stream_idle);
+                    within(ctx, limit, attempt).await.unwrap_or_else(|why| {
+                        // A timed-out attempt is retried as a reset; a stalled application is not.
+                        let failure =
+                            if why == Expired::Stalled { AttemptFailure::Local } else { AttemptFailure::Reset };
+                        Attempt::Failed(failure, why.reply(ctx.grpc))
                     })
                 }
                 None => attempt.await,

@@ -164,12 +164,13 @@ impl PassthroughHttp {
         let limit = self.proxy.settings.request_timeout;
         let body_end = limit.and_then(|_| body.end_watch());
         let send = std::pin::pin!(self.send(target, http2, Request::from_parts(parts, body)));
+        let stall = Some(self.proxy.settings.timeouts.stream_idle).filter(|d| !d.is_zero());
         let sent = match limit {
             Some(limit) => tokio::select! {
                 sent = send => sent,
-                _ = super::forward::timed_out(body_end.as_deref(), limit) => {
-                    tracing::debug!(peer = %self.peer, %target, "passthrough request timed out");
-                    return reply::local_reply(grpc, Failure::Timeout, reply::TIMED_OUT);
+                why = super::forward::timed_out(body_end.as_deref(), limit, stall) => {
+                    tracing::debug!(peer = %self.peer, %target, ?why, "passthrough request timed out");
+                    return why.reply(grpc);
                 }
             },
             None => send.await,

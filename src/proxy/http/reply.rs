@@ -31,6 +31,8 @@ pub enum Failure {
     DnsFailed,
     /// The response headers did not arrive in time: 504, UT.
     Timeout,
+    /// The application stopped sending its request body for the stream idle timeout: 408, SI.
+    StreamIdle,
     /// A MeshCircuitBreaker limit was reached: 503, UO.
     Overflow,
     /// The Mesh or a MeshTrafficPermission refuses the service: 403, RBAC.
@@ -56,6 +58,7 @@ impl Failure {
             Self::DnsFailed => (UNAVAILABLE, "DF"),
             Self::Overflow => (UNAVAILABLE, "UO"),
             Self::Timeout => ((StatusCode::GATEWAY_TIMEOUT, "4"), "UT"),
+            Self::StreamIdle => ((StatusCode::REQUEST_TIMEOUT, "4"), "SI"),
             Self::Forbidden => ((StatusCode::FORBIDDEN, "7"), "RBAC"),
             Self::BadRequest => ((StatusCode::BAD_REQUEST, "13"), "DPE"),
             Self::MethodNotAllowed => ((StatusCode::METHOD_NOT_ALLOWED, "12"), "-"),
@@ -72,6 +75,7 @@ impl Failure {
 pub(super) const NOT_CONFIGURED: &str = "service is no longer configured";
 pub(super) const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
 pub(super) const TIMED_OUT: &str = "upstream did not answer in time";
+pub(super) const STREAM_IDLE: &str = "stream timeout";
 pub(super) const BAD_REQUEST_BODY: &str = "malformed request body";
 pub(super) const OVERFLOW: &str = "upstream overflow: a MeshCircuitBreaker connection limit was reached";
 

@@ -69,12 +69,16 @@ impl RequestCtx {
         let started = Instant::now();
         // The dialled service's listener settings (or its route's), the target's cluster settings.
         let policy = &dialled.as_ref().unwrap_or(&route).policy;
-        let timeouts = rule_level.as_ref().and_then(|l| l.timeouts.as_ref()).unwrap_or(&policy.timeouts);
+        let rule_timeouts = rule_level.as_ref().and_then(|l| l.timeouts.as_ref());
+        let timeouts = rule_timeouts.unwrap_or(&policy.timeouts);
         let grpc = route.service.protocol == Protocol::Grpc || is_grpc(req.headers());
         let grpc_deadline = if grpc { grpc_timeout(req.headers()) } else { None };
         let stream_limit = sooner(grpc_deadline, timeout_over(route.policy.timeouts.max_stream, None));
         let request_timeout = timeout_over(timeouts.request, proxy.request_timeout);
-        let stream_idle = Some(timeouts.stream_idle.unwrap_or(proxy.timeouts.stream_idle)).filter(|d| !d.is_zero());
+        // A route's conf always sets the request timeout (its own, else the default), its stream
+        // idle timeout only when it has one (Kuma's `ConfigureRouteAction`): else the service's.
+        let stream_idle = timeouts.stream_idle.or(policy.timeouts.stream_idle);
+        let stream_idle = Some(stream_idle.unwrap_or(proxy.timeouts.stream_idle)).filter(|d| !d.is_zero());
         let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
         // MeshTrace: the context goes into the request now, before it is forwarded.
         let span = policy.tracer.as_ref().and_then(|tracer| tracer.begin(req, proxy.peer));
@@ -121,10 +125,8 @@ impl RequestCtx {
     /// The retry policy: the matched rule's route's, else the dialled service's, as Kuma sets
     /// them on the routes of that service's listener.
     pub(super) fn retry(&self) -> Option<&RetryPolicy> {
-        match self.rule_level.as_ref().and_then(|l| l.retry.as_ref()) {
-            Some(rule) => rule.as_deref(),
-            None => self.dialled.as_ref().unwrap_or(&self.route).policy.retry.as_deref(),
-        }
+        let rule = self.rule_level.as_ref().and_then(|l| l.retry.as_deref());
+        rule.or_else(|| self.dialled.as_ref().unwrap_or(&self.route).policy.retry.as_deref())
     }
 
     /// The request body's byte counter for the access log, when it is on.
