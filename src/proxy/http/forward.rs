@@ -101,18 +101,22 @@ async fn within<F: std::future::Future>(
 /// nothing) is, as Envoy, which reads a small body whole meanwhile, would time it out.
 pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration, stall: Option<Duration>) -> Expired {
     if let Some(body) = body {
-        let (mut seen, mut moved) = (body.frames(), tokio::time::Instant::now());
+        // Time without a frame, counted in ticks of `limit` (no clock read per request).
+        let (mut seen, mut still) = (body.frames(), Duration::ZERO);
         loop {
             tokio::select! {
                 () = body.ended() => break,
                 () = tokio::time::sleep(limit) => {
                     let now = body.frames();
                     if now != seen {
-                        (seen, moved) = (now, tokio::time::Instant::now());
+                        (seen, still) = (now, Duration::ZERO);
                     } else if !body.waits_for_application() {
                         return Expired::Timeout;
-                    } else if stall.is_some_and(|stall| moved.elapsed() >= stall) {
-                        return Expired::Stalled;
+                    } else {
+                        still += limit;
+                        if stall.is_some_and(|stall| still >= stall) {
+                            return Expired::Stalled;
+                        }
                     }
                 }
             }
