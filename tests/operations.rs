@@ -321,20 +321,46 @@ async fn sighup_and_file_changes_reload() {
     assert_eq!(greet(by_watch).await.unwrap().0, "echo");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_has_a_line_per_connection_and_request() {
+/// An http service and a tcp service (named as given) run by the binary with a JSON
+/// `--access-log`; kept alive by the struct.
+struct LoggedPair {
+    web: SocketAddr,
+    tcp: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    echo_port: u16,
+    log: std::path::PathBuf,
+    config: std::path::PathBuf,
+    _keep: (common::http_upstream::HttpUpstream, Upstream, tempfile::TempDir, KillOnDrop),
+}
+
+async fn logged_pair(http: &str, tcp_name: &str) -> LoggedPair {
     let upstream = http_upstream(None).await;
     let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
     let [web, tcp, admin]: [SocketAddr; 3] = std::array::from_fn(|_| free_addr("127.0.0.1"));
     let (dir, config) = config_dir(&format!(
         "{}---\n{}",
-        http_service("log-web", web, upstream.addr.port()),
-        tcp_service("log-tcp", tcp, echo.addr.port())
+        http_service(http, web, upstream.addr.port()),
+        tcp_service(tcp_name, tcp, echo.addr.port())
     ));
     let log = dir.path().join("access.log");
-    let _proxy =
+    let proxy =
         spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"], &[]);
     wait_ready(admin).await;
+    let (upstream_addr, echo_port) = (upstream.addr, echo.addr.port());
+    LoggedPair { web, tcp, admin, upstream: upstream_addr, echo_port, log, config, _keep: (upstream, echo, dir, proxy) }
+}
+
+/// The JSON lines of an access log written so far.
+fn json_lines(log: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_a_line_per_connection_and_request() {
+    let logged = logged_pair("log-web", "log-tcp").await;
+    let (web, tcp, log) = (logged.web, logged.tcp, logged.log.clone());
+    let upstream_addr = logged.upstream;
     assert_eq!(get(web, "/logged").await.unwrap().0, 200);
     // A response without a body (here a 204) is as complete as any.
     let mut empty = TcpStream::connect(web).await.unwrap();
@@ -348,9 +374,7 @@ async fn access_log_has_a_line_per_connection_and_request() {
     let mut sink = Vec::new();
     s.read_to_end(&mut sink).await.unwrap();
     drop(s);
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
+    let read = || json_lines(&log);
     eventually("three access log lines", Duration::from_secs(10), || async { read().len() >= 3 }).await;
     let lines = read();
     let empty = lines.iter().find(|l| l["request"] == "GET /empty").unwrap();
@@ -359,7 +383,7 @@ async fn access_log_has_a_line_per_connection_and_request() {
     assert_eq!(http["service"], "default/log-web");
     assert_eq!(http["request"], "GET /logged");
     assert_eq!(http["status"], 200);
-    assert_eq!(http["endpoint"], upstream.addr.to_string());
+    assert_eq!(http["endpoint"], upstream_addr.to_string());
     assert!(http["bytes_received"].as_u64().unwrap() > 0);
     assert_eq!(http["outcome"], "ok", "a complete response is logged as such");
     let tcp_line = lines.iter().find(|l| l["protocol"] == "tcp").unwrap();
@@ -372,18 +396,9 @@ async fn access_log_has_a_line_per_connection_and_request() {
 /// access-log line, naming the service the connection was opened for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_a_service_removed_by_a_reload_is_logged() {
-    let upstream = http_upstream(None).await;
-    let echo = echo_server("127.0.0.1:0".parse().unwrap(), "echo").await;
-    let [web, tcp, admin]: [SocketAddr; 3] = std::array::from_fn(|_| free_addr("127.0.0.1"));
-    let (dir, config) = config_dir(&format!(
-        "{}---\n{}",
-        http_service("going", web, upstream.addr.port()),
-        tcp_service("staying", tcp, echo.addr.port())
-    ));
-    let log = dir.path().join("access.log");
-    let _proxy =
-        spawn_proxy(&config, admin, &["--access-log", log.to_str().unwrap(), "--access-log-format", "json"], &[]);
-    wait_ready(admin).await;
+    let logged = logged_pair("going", "staying").await;
+    let (web, tcp, admin, log, config) =
+        (logged.web, logged.tcp, logged.admin, logged.log.clone(), logged.config.clone());
     let mut conn = TcpStream::connect(web).await.unwrap();
     async fn ask(conn: &mut TcpStream, path: &str) -> String {
         let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
@@ -393,16 +408,14 @@ async fn a_request_to_a_service_removed_by_a_reload_is_logged() {
         String::from_utf8_lossy(&head[..n]).into_owned()
     }
     assert!(ask(&mut conn, "/before").await.starts_with("HTTP/1.1 200"));
-    std::fs::write(&config, tcp_service("staying", tcp, echo.addr.port())).unwrap();
+    std::fs::write(&config, tcp_service("staying", tcp, logged.echo_port)).unwrap();
     eventually("the reload", Duration::from_secs(10), || async {
         admin_get(admin, "/metrics").await.contains("mesh_egress_config_reloads_total{result=\"success\"} 1")
     })
     .await;
     let answer = ask(&mut conn, "/after").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
+    let read = || json_lines(&log);
     eventually("the 503's line", Duration::from_secs(10), || async {
         read().iter().any(|l| l["request"] == "GET /after")
     })

@@ -367,21 +367,37 @@ async fn wait_for_failed_checks(service: &str, at_least: f64) {
     wait_for_checks(service, "failure", at_least).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_health_checks_take_a_failing_endpoint_out_and_log_the_event() {
-    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
-    let (good, _good_task) = fixed_upstream(200, "good").await;
+/// A service of two endpoints, `bad` (503) and `good` (200), under a MeshHealthCheck whose
+/// `default` is `check` with `LOG` standing for its event log's path; kept alive by `_keep`.
+struct Checked {
+    outbound: SocketAddr,
+    bad: SocketAddr,
+    log: std::path::PathBuf,
+    _keep:
+        (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>, [tempfile::TempDir; 2], mesh_egress::server::Server),
+}
+
+async fn checked(service: &str, check: &str) -> Checked {
+    let (bad, bad_task) = fixed_upstream(503, "bad").await;
+    let (good, good_task) = fixed_upstream(200, "good").await;
     let outbound = free_addr("127.0.0.1");
     let events = tempfile::tempdir().unwrap();
     let log = events.path().join("hc.log");
     let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
+    let check = check.replace("LOG", &log.display().to_string());
     let policy = format!(
-        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: checked}}\n    default:\n      interval: 100ms\n      noTrafficInterval: 100ms\n      unhealthyThreshold: 2\n      eventLogPath: {}\n      http: {{path: /health, expectedStatuses: [200], requestHeadersToAdd: {{set: [{{name: x-check, value: \"1\"}}]}}}}\n",
-        log.display()
+        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: {service}}}\n    default: {check}\n"
     );
-    let yaml = format!("{}---\n{policy}", service_with_protocol("checked", "http", outbound, &endpoints, ""));
-    let (_dir, config) = config_dir(&yaml);
-    let _proxy = start(options(config)).await;
+    let yaml = format!("{}---\n{policy}", service_with_protocol(service, "http", outbound, &endpoints, ""));
+    let (dir, config) = config_dir(&yaml);
+    let proxy = start(options(config)).await;
+    Checked { outbound, bad, log, _keep: (bad_task, good_task, [events, dir], proxy) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_take_a_failing_endpoint_out_and_log_the_event() {
+    let check = "{interval: 100ms, noTrafficInterval: 100ms, unhealthyThreshold: 2, eventLogPath: LOG, http: {path: /health, expectedStatuses: [200], requestHeadersToAdd: {set: [{name: x-check, value: \"1\"}]}}}";
+    let Checked { outbound, bad, log, _keep } = checked("checked", check).await;
     wait_for_failed_checks("checked", 2.0).await;
     for _ in 0..30 {
         let (status, _, headers) = get_status(outbound, &[]).await;
@@ -403,19 +419,9 @@ async fn http_health_checks_take_a_failing_endpoint_out_and_log_the_event() {
 /// threshold): one check round, an hour apart from the next, takes it out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_answers_its_check_with_a_failure_is_out_at_once() {
-    let (bad, _bad_task) = fixed_upstream(503, "bad").await;
-    let (good, _good_task) = fixed_upstream(200, "good").await;
-    let outbound = free_addr("127.0.0.1");
-    let events = tempfile::tempdir().unwrap();
-    let log = events.path().join("hc.log");
-    let endpoints = format!("{}{}", endpoint("127.0.0.1", bad.port(), 0), endpoint("127.0.0.1", good.port(), 0));
-    let policy = format!(
-        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{interval: 1h, noTrafficInterval: 1h, initialJitter: 10ms, unhealthyThreshold: 5, eventLogPath: {}, http: {{path: /}}}}\n",
-        log.display()
-    );
-    let yaml = format!("{}---\n{policy}", service_with_protocol("at-once", "http", outbound, &endpoints, ""));
-    let (_dir, config) = config_dir(&yaml);
-    let _proxy = start(options(config)).await;
+    let check =
+        "{interval: 1h, noTrafficInterval: 1h, initialJitter: 10ms, unhealthyThreshold: 5, eventLogPath: LOG, http: {path: /}}";
+    let Checked { outbound, log, _keep, .. } = checked("at-once", check).await;
     eventually("the unhealthy event", Duration::from_secs(10), || async {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"unhealthy\""))
     })
