@@ -32,6 +32,8 @@ pub struct BodyEnd {
     /// The last read found no frame: the body waits for the application, not for a reader.
     waiting_for_application: AtomicBool,
     state: AtomicU8,
+    /// Something waits (or has waited) in [`BodyEnd::ended`]: the end must notify.
+    watched: AtomicBool,
     ended: tokio::sync::Notify,
 }
 
@@ -42,7 +44,7 @@ const CUT: u8 = 2;
 impl BodyEnd {
     /// The whole body arrived (not: it failed, or was dropped first).
     pub fn is_complete(&self) -> bool {
-        self.state.load(Ordering::Acquire) == COMPLETE
+        self.state.load(Ordering::SeqCst) == COMPLETE
     }
 
     pub fn frames(&self) -> u32 {
@@ -57,18 +59,27 @@ impl BodyEnd {
 
     /// Completes once the body has ended, whole or not.
     pub async fn ended(&self) {
+        // Most bodies (a gRPC call's one message) have ended before anything waits.
+        if self.state.load(Ordering::SeqCst) != ARRIVING {
+            return;
+        }
+        self.watched.store(true, Ordering::SeqCst);
         let notified = self.ended.notified();
         tokio::pin!(notified);
-        // Registered before the state is read, so an end between the two still wakes it.
+        // Registered before the state is read again, so an end in between still wakes it; an
+        // end that saw no watcher yet is seen here.
         notified.as_mut().enable();
-        if self.state.load(Ordering::Acquire) == ARRIVING {
+        if self.state.load(Ordering::SeqCst) == ARRIVING {
             notified.await;
         }
     }
 
     fn end(&self, complete: bool) {
-        self.state.store(if complete { COMPLETE } else { CUT }, Ordering::Release);
-        self.ended.notify_waiters();
+        self.state.store(if complete { COMPLETE } else { CUT }, Ordering::SeqCst);
+        // No waiter, no lock: `ended` reads the state after saying it waits.
+        if self.watched.load(Ordering::SeqCst) {
+            self.ended.notify_waiters();
+        }
     }
 }
 
@@ -155,5 +166,29 @@ impl Body for AppBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiter is woken by the end, and one that comes after it does not wait.
+    #[tokio::test]
+    async fn the_end_wakes_its_waiter_and_a_late_one_does_not_wait() {
+        let body = Arc::new(BodyEnd::default());
+        let waiter = tokio::spawn({
+            let body = body.clone();
+            async move { body.ended().await }
+        });
+        tokio::task::yield_now().await; // the waiter registers
+        body.end(true);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await.unwrap().unwrap();
+        assert!(body.is_complete());
+        tokio::time::timeout(std::time::Duration::from_secs(10), body.ended()).await.unwrap();
+        let cut = BodyEnd::default();
+        cut.end(false);
+        cut.ended().await;
+        assert!(!cut.is_complete());
     }
 }
