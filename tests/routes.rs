@@ -771,3 +771,30 @@ async fn policies_to_a_mesh_http_route_set_its_requests() {
     assert_eq!(ask(outbound, "http://x/reports/q5", &fail(b, "500")).await.0, 500, "not the service's 5xx");
     assert_eq!(ask(outbound, "http://x/other", &fail(c, "500")).await.0, 200, "the service's 5xx elsewhere");
 }
+
+/// A `to: MeshHTTPRoute` item names its route by labels, or by the route's
+/// `kuma.io/display-name` (a synced route's resource name carries a suffix), as Kuma resolves
+/// them: such items applied to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_http_route_is_named_by_labels_or_display_name() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let route = |name: &str, labels: &str, path: &str| {
+        format!("type: MeshHTTPRoute\nname: {name}\nmesh: default\nlabels: {labels}\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: named}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n      default: {{}}\n")
+    };
+    let yaml = [
+        service_with_protocol("named", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        route("by-labels", "{speed: slow}", "/labelled"),
+        route("shown.kuma-demo", "{kuma.io/display-name: shown}", "/shown"),
+        "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: named}\n    default: {http: {requestTimeout: 300ms}}\n  - targetRef: {kind: MeshHTTPRoute, labels: {speed: slow}}\n    default: {http: {requestTimeout: 5s}}\n  - targetRef: {kind: MeshHTTPRoute, name: shown}\n    default: {http: {requestTimeout: 5s}}\n".to_string(),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    for path in ["/labelled/a", "/shown/a"] {
+        let (status, _, _) = ask(outbound, &format!("http://x{path}"), &[("x-delay-ms", "800")]).await;
+        assert_eq!(status, 200, "{path}: the route's 5 s");
+    }
+    let (status, _, _) = ask(outbound, "http://x/other", &[("x-delay-ms", "800")]).await;
+    assert_eq!(status, 504, "the service's 300 ms elsewhere");
+}

@@ -275,8 +275,7 @@ fn apply_policies(
         resolve_backends(catalog, index, &mut routes, diagnostics);
         let protocol = catalog.services[index].protocol;
         for rule in routes.http.iter_mut().flat_map(|table| table.rules.iter_mut()) {
-            let (route, namespace) = &rule.route;
-            rule.policies = set.route_level((route, namespace.as_deref()), protocol).map(Arc::new);
+            rule.policies = set.route_level(&rule.route, protocol).map(Arc::new);
         }
         let service = Arc::make_mut(&mut catalog.services[index]);
         service.access = access.access;

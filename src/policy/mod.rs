@@ -535,23 +535,28 @@ impl PolicySet {
     }
 
     /// What `to: MeshHTTPRoute` items of MeshTimeout and MeshRetry set for the requests of the
-    /// route `route` (`mesh/name`, with its namespace) on a service of `protocol`: per kind, when
-    /// an item names the route, the merge of the Mesh items and those items, in precedence order
-    /// (Kuma's route-level conf; the MeshExternalService items are not part of it). `None`: no
-    /// item names the route.
-    pub fn route_level(
-        &self,
-        (route, namespace): (&str, Option<&str>),
-        protocol: Protocol,
-    ) -> Option<runtime::RouteLevel> {
-        let (mesh, name) = route.split_once('/')?;
+    /// route `route` on a service of `protocol`: per kind, when an item names the route, the
+    /// merge of the Mesh items and those items, in precedence order (Kuma's route-level conf;
+    /// the MeshExternalService items are not part of it). An item names a route by `name` (its
+    /// resource name or `kuma.io/display-name`, and `namespace`, defaulting to the policy's) or
+    /// by `labels`. `None`: no item names the route.
+    pub fn route_level(&self, route: &routes::RouteId, protocol: Protocol) -> Option<runtime::RouteLevel> {
+        let (mesh, name) = route.policy.split_once('/')?;
         let names_route = |e: &Entry| {
-            e.target_ref.kind == "MeshHTTPRoute"
-                && e.target_ref.name.as_deref() == Some(name)
-                && match (e.target_ref.namespace.as_deref().or(e.namespace.as_deref()), namespace) {
-                    (Some(wanted), Some(actual)) => wanted == actual,
-                    _ => true,
+            let r = &e.target_ref;
+            if r.kind != "MeshHTTPRoute" {
+                return false;
+            }
+            match r.name.as_deref().filter(|n| !n.is_empty()) {
+                Some(wanted) => {
+                    let namespace_ok = match (r.namespace.as_deref().or(e.namespace.as_deref()), &route.namespace) {
+                        (Some(wanted), Some(actual)) => wanted == actual,
+                        _ => true,
+                    };
+                    (wanted == name || route.display_name.as_deref() == Some(wanted)) && namespace_ok
                 }
+                None => r.labels.as_ref().is_some_and(|labels| subset(labels, &route.labels)),
+            }
         };
         let merged = |kind: PolicyKind| {
             let entries = || self.entries.iter().filter(move |e| e.kind == kind && e.mesh == mesh);

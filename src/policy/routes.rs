@@ -15,7 +15,7 @@ use crate::resources::policy::TargetRef;
 use crate::resources::route::{
     BackendRef, Filter, HeaderModifier, HttpMatch, HttpRuleConf, PathRewrite, Route, RouteKind, TcpRuleConf,
 };
-use crate::resources::{Diagnostic, Diagnostics, Kind, Origin, Resource, LABEL_NAMESPACE};
+use crate::resources::{Diagnostic, Diagnostics, Kind, Origin, Resource, LABEL_DISPLAY_NAME, LABEL_NAMESPACE};
 
 /// A backend of a rule: a MeshExternalService reference, resolved by the catalog.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -34,10 +34,10 @@ pub struct Backend {
 pub struct HttpRule {
     /// `policy rules[j]`, for metrics and inspect.
     pub name: String,
-    /// The MeshHTTPRoute the rule is named after (the strongest that has its `matches`), and
-    /// its namespace: what `to: MeshHTTPRoute` policy items name.
+    /// The MeshHTTPRoute the rule is named after (the strongest that has its `matches`): what
+    /// `to: MeshHTTPRoute` policy items name.
     #[serde(skip)]
-    pub route: (String, Option<String>),
+    pub route: RouteId,
     /// What `to: MeshHTTPRoute` items of MeshTimeout and MeshRetry set for this rule's requests.
     #[serde(skip)]
     pub policies: Option<std::sync::Arc<super::runtime::RouteLevel>>,
@@ -261,6 +261,16 @@ pub struct ServiceRoutes {
     pub tcp: Option<TcpRoute>,
 }
 
+/// What names a MeshHTTPRoute in a policy's `to` item: its mesh and name (`policy`,
+/// `mesh/name`), namespace, `kuma.io/display-name` and labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteId {
+    pub policy: String,
+    pub namespace: Option<String>,
+    pub display_name: Option<String>,
+    pub labels: crate::resources::kinds::Labels,
+}
+
 /// One `to` item of a selected route.
 #[derive(Debug)]
 struct RouteEntry {
@@ -268,6 +278,7 @@ struct RouteEntry {
     mesh: String,
     policy: String,
     namespace: Option<String>,
+    id: RouteId,
     target_ref: TargetRef,
     rules: Vec<crate::resources::route::RouteRule>,
     rank: Rank,
@@ -295,8 +306,15 @@ impl RouteSet {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
             }
+            let id = RouteId {
+                policy: policy.clone(),
+                namespace: namespace.clone(),
+                display_name: r.meta.labels.get(LABEL_DISPLAY_NAME).cloned(),
+                labels: r.meta.labels.clone(),
+            };
             for to in spec.to.iter().flatten() {
                 set.entries.push(RouteEntry {
+                    id: id.clone(),
                     kind: *kind,
                     mesh: r.meta.mesh.clone(),
                     policy: policy.clone(),
@@ -338,7 +356,7 @@ impl RouteSet {
                             matches,
                             default: serde_json::Value::Object(Default::default()),
                             name: String::new(),
-                            route: (e.policy.clone(), e.namespace.clone()),
+                            route: e.id.clone(),
                             origin: e.origin.clone(),
                         });
                     }
@@ -350,7 +368,7 @@ impl RouteSet {
                     if let Some(m) = merged.iter_mut().find(|m| m.matches == matches) {
                         json_patch::merge(&mut m.default, &rule.default);
                         m.name = format!("{} rules[{j}]", e.policy);
-                        m.route = (e.policy.clone(), e.namespace.clone());
+                        m.route = e.id.clone();
                     }
                 }
             }
@@ -412,8 +430,8 @@ struct MergedRule {
     matches: Vec<HttpMatch>,
     default: serde_json::Value,
     name: String,
-    /// `mesh/name` and namespace of the strongest route with these `matches`.
-    route: (String, Option<String>),
+    /// The strongest route with these `matches`.
+    route: RouteId,
     origin: Origin,
 }
 
