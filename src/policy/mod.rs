@@ -542,21 +542,16 @@ impl PolicySet {
     /// by `labels`. `None`: no item names the route.
     pub fn route_level(&self, route: &routes::RouteId, protocol: Protocol) -> Option<runtime::RouteLevel> {
         let (mesh, name) = route.policy.split_once('/')?;
+        // Named as a service is: the same name, display name, namespace and labels rules.
+        let target = Target {
+            mesh,
+            name,
+            display_name: route.display_name.as_deref().unwrap_or(name),
+            namespace: route.namespace.as_deref().unwrap_or_default(),
+            labels: &route.labels,
+        };
         let names_route = |e: &Entry| {
-            let r = &e.target_ref;
-            if r.kind != "MeshHTTPRoute" {
-                return false;
-            }
-            match r.name.as_deref().filter(|n| !n.is_empty()) {
-                Some(wanted) => {
-                    let namespace_ok = match (r.namespace.as_deref().or(e.namespace.as_deref()), &route.namespace) {
-                        (Some(wanted), Some(actual)) => wanted == actual,
-                        _ => true,
-                    };
-                    (wanted == name || route.display_name.as_deref() == Some(wanted)) && namespace_ok
-                }
-                None => r.labels.as_ref().is_some_and(|labels| subset(labels, &route.labels)),
-            }
+            e.target_ref.kind == "MeshHTTPRoute" && selects_service(&e.target_ref, e.namespace.as_deref(), &target)
         };
         let merged = |kind: PolicyKind| {
             let entries = || self.entries.iter().filter(move |e| e.kind == kind && e.mesh == mesh);

@@ -596,7 +596,7 @@ impl Upstream {
         let preferred = targets.iter().filter(allowed).filter(|t| t.health.is_healthy()).map(|t| t.priority).min();
         let (level, only_healthy) = match preferred {
             // In panic, as Envoy, the level's health is ignored.
-            Some(level) if !in_panic(&targets, level, self.panic_threshold()) => (level, true),
+            Some(level) if !in_panic(&targets, level, || self.panic_threshold()) => (level, true),
             panicked => {
                 // MeshHealthCheck `failTrafficOnPanic`: panic (no healthy address, or too few)
                 // fails the request.
@@ -791,8 +791,13 @@ const OVERPROVISIONING: f64 = 1.4;
 /// Whether `level` is in panic, as Envoy decides it per priority: the priority set's normalized
 /// health (each level's healthy share × 1.4, capped at 100, summed, capped at 100) is below 100,
 /// and the level's own healthy share is below `threshold`.
-fn in_panic(targets: &[Target], level: u8, threshold: f64) -> bool {
-    if threshold <= 0.0 || targets.iter().all(|t| t.health.is_healthy()) {
+fn in_panic(targets: &[Target], level: u8, threshold: impl FnOnce() -> f64) -> bool {
+    // The threshold (the policy read) only once a target is unhealthy: not on every pick.
+    if targets.iter().all(|t| t.health.is_healthy()) {
+        return false;
+    }
+    let threshold = threshold();
+    if threshold <= 0.0 {
         return false;
     }
     let share = |priority: u8| {
