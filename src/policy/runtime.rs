@@ -166,7 +166,9 @@ pub struct HeaderMatcher {
 pub enum HeaderTest {
     Exact(String),
     Prefix(String),
-    Regex(regex::Regex),
+    /// Over the value's bytes, as RE2 reads them in Envoy: a value that is not UTF-8 can still
+    /// match, where the expression allows its bytes (`(?-u:.)`, `(?-u:\xe9)`).
+    Regex(regex::bytes::Regex),
     Present,
     Absent,
 }
@@ -181,7 +183,7 @@ impl HeaderMatcher {
             // Envoy: a prefix match with an empty prefix is a presence match.
             "Prefix" if value.is_empty() => HeaderTest::Present,
             "Prefix" => HeaderTest::Prefix(value),
-            "RegularExpression" => HeaderTest::Regex(crate::resources::full_match_regex(&value).ok()?),
+            "RegularExpression" => HeaderTest::Regex(crate::resources::full_match_bytes_regex(&value).ok()?),
             _ => HeaderTest::Exact(value),
         };
         Some(Self { name, test })
@@ -199,7 +201,7 @@ impl HeaderMatcher {
             HeaderTest::Present => true,
             HeaderTest::Exact(want) => *value == *want.as_bytes(),
             HeaderTest::Prefix(want) => value.starts_with(want.as_bytes()),
-            HeaderTest::Regex(re) => std::str::from_utf8(&value).is_ok_and(|v| re.is_match(v)),
+            HeaderTest::Regex(re) => re.is_match(&value),
         }
     }
 }
@@ -683,7 +685,7 @@ mod tests {
         headers.append("x-v", HeaderValue::from_static("b"));
         assert!(matcher(HeaderTest::Exact("a,b".into())).matches(&headers));
         assert!(!matcher(HeaderTest::Exact("a".into())).matches(&headers));
-        assert!(matcher(HeaderTest::Regex(crate::resources::full_match_regex(".*,b").unwrap())).matches(&headers));
+        assert!(matcher(HeaderTest::Regex(crate::resources::full_match_bytes_regex(".*,b").unwrap())).matches(&headers));
         assert!(matcher(HeaderTest::Prefix("a,".into())).matches(&headers));
 
         let mut cookies = HeaderMap::new();
@@ -700,7 +702,9 @@ mod tests {
         assert!(!matcher(HeaderTest::Absent).matches(&headers));
         assert!(matcher(HeaderTest::Present).matches(&headers));
         assert!(matcher(HeaderTest::Prefix("caf".into())).matches(&headers));
-        assert!(!matcher(HeaderTest::Regex(crate::resources::full_match_regex("caf.").unwrap())).matches(&headers));
+        let regex = |re: &str| matcher(HeaderTest::Regex(crate::resources::full_match_bytes_regex(re).unwrap()));
+        assert!(regex("caf(?-u:.)").matches(&headers), "a byte that is not UTF-8 is matched as a byte");
+        assert!(!regex("caf.").matches(&headers), "as RE2's UTF-8 mode: `.` matches a character, not a stray byte");
         assert!(matcher(HeaderTest::Absent).matches(&HeaderMap::new()));
     }
 }

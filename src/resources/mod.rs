@@ -106,3 +106,10 @@ pub fn full_match_regex(value: &str) -> Result<regex::Regex, regex::Error> {
     regex::Regex::new(value)?;
     regex::Regex::new(&format!("^(?:{value})$"))
 }
+
+/// [`full_match_regex`] over bytes, for header values, which need not be UTF-8: it may name
+/// bytes that are not UTF-8 (`(?-u:\xe9)`).
+pub fn full_match_bytes_regex(value: &str) -> Result<regex::bytes::Regex, regex::Error> {
+    regex::bytes::Regex::new(value)?;
+    regex::bytes::Regex::new(&format!("^(?:{value})$"))
+}

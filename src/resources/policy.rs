@@ -1244,7 +1244,7 @@ pub(super) fn header_match(path: &str, m: &HeaderMatch, v: &mut Violations<'_>) 
     }
     match (type_, &m.value) {
         ("Present" | "Absent", Some(_)) => v.error(format!("{path}.value"), "must not be defined"),
-        ("RegularExpression", Some(re)) if super::full_match_regex(re).is_err() => {
+        ("RegularExpression", Some(re)) if super::full_match_bytes_regex(re).is_err() => {
             v.error(format!("{path}.value"), "must be a valid regular expression");
         }
         _ => {}
