@@ -196,7 +196,7 @@ impl Logs {
 fn write_loop(receiver: Receiver<Arc<Record>>, out: Box<dyn Write + Send>, format: Format) {
     write_batches(&receiver, std::io::BufWriter::new(out), |out, record| {
         let _ = match format {
-            Format::Json => serde_json::to_writer(&mut *out, &*record).map_err(std::io::Error::other),
+            Format::Json => serde_json::to_writer(&mut *out, &JsonLine::of(&record)).map_err(std::io::Error::other),
             Format::Text => write_text(out, &record),
         };
         let _ = out.write_all(b"\n");
@@ -220,6 +220,20 @@ fn write_batches<T, W: Write>(receiver: &Receiver<T>, mut out: W, mut write: imp
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let _ = out.flush();
+    }
+}
+
+/// A JSON line: the record's fields and Envoy's `response_flags` for how it ended.
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    #[serde(flatten)]
+    record: &'a Record,
+    response_flags: &'static str,
+}
+
+impl<'a> JsonLine<'a> {
+    fn of(record: &'a Record) -> Self {
+        Self { record, response_flags: sink::response_flags(record) }
     }
 }
 

@@ -139,10 +139,8 @@ async fn matched_mode_allows_only_what_the_rules_name_and_pins_domains() {
         .replace("HTTP_PORT", &web.addr.port().to_string());
     let (dir, config) = config_dir(&format!("{mes}{}", policy.replace("MODE", "Matched")));
     let mut opts = options(config.clone());
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let listener = proxy.transparent_addr().unwrap();
     let mut world = World { proxy, injected, listener, config, policy, mes, _dir: dir };
     let connector = tls_connector(&ca);
@@ -257,10 +255,8 @@ async fn http2_streams_are_decided_by_authority() {
     );
     let (_dir, config) = config_dir(&policy);
     let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) =
@@ -284,10 +280,8 @@ async fn passthrough_connections_are_in_the_access_log() {
     let (dir, config) = config_dir(policy);
     let log = dir.path().join("access.log");
     let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let mut stream = injected.connect(proxy.transparent_addr().unwrap(), echo.addr).await;
     stream.write_all(b"ping").await.unwrap();
     stream.shutdown().await.unwrap();
@@ -317,10 +311,8 @@ async fn an_address_as_host_goes_to_that_address() {
         rule(v4.addr.port())
     );
     let (_dir, config) = config_dir(&policy);
-    let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let opts = options(config);
+    let (proxy, injected) = start_transparent(opts).await;
     for upstream in [&v6, &v4] {
         let stream = injected.connect(proxy.transparent_addr().unwrap(), upstream.addr).await;
         let responses = http1(stream, &[(&upstream.addr.to_string(), "/literal")]).await;
@@ -341,11 +333,9 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     let (dir, config) = config_dir(policy);
     let log = dir.path().join("access.log");
     let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
     opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
     let responses = http1(stream, &[("web.test", "/allowed"), ("other.test", "/denied")]).await;
     assert!(responses[0].0.contains(" 200 ") && responses[1].0.contains(" 503 "), "{responses:?}");
@@ -371,6 +361,66 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     assert_eq!((lines[2]["status"].as_u64(), lines[2]["outcome"].as_str()), (None, Some("cancelled")));
 }
 
+/// A passthrough request's line carries its body bytes both ways and how its response ended,
+/// and a failure names what failed as a service's does (Envoy's flags): UF no connection, UC
+/// the connection ended before the response, `upstream_reset` a body cut short. Before, every
+/// line had 0 bytes and `ok`, and every failure UF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_lines_carry_body_bytes_and_what_failed() {
+    use mesh_egress::access_log::{AccessLog, Destination, Format};
+    let dns = dns_server(30).await;
+    dns.set("web.test", ALLOWED);
+    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let refusing = std::net::TcpListener::bind(SocketAddr::new(ALLOWED.into(), 0)).unwrap().local_addr().unwrap();
+    let policy = "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    appendMatch:\n      - {type: Domain, value: web.test, protocol: http}\n";
+    let (dir, config) = config_dir(policy);
+    let log = dir.path().join("access.log");
+    let mut opts = options(config);
+    opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
+    opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
+    let (proxy, injected) = start_transparent(opts).await;
+    let requests = [
+        (web.addr, "POST /upload", "content-length: 5\r\n\r\nhello"),
+        (web.addr, "GET /sized", "x-size: 1000\r\n\r\n"),
+        (web.addr, "GET /before", "x-reset: before\r\n\r\n"),
+        (web.addr, "GET /mid", "x-reset: mid\r\n\r\n"),
+        (refusing, "GET /refused", "\r\n"),
+    ];
+    for (dst, request, rest) in requests {
+        let mut stream = injected.connect(proxy.transparent_addr().unwrap(), dst).await;
+        let head = format!("{request} HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n{rest}");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        read_all(&mut stream).await;
+    }
+    eventually("five passthrough lines", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 5) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let line =
+        |request: &str| lines.iter().find(|l| l["request"] == request).unwrap_or_else(|| panic!("{request}: {text}"));
+    let summary = |request: &str| {
+        let l = line(request);
+        let text = |field: &str| l[field].as_str().unwrap_or("?").to_string();
+        (
+            l["status"].as_u64(),
+            text("outcome"),
+            text("response_flags"),
+            l["bytes_sent"].as_u64(),
+            l["bytes_received"].as_u64(),
+        )
+    };
+    let (ok, local_reply) = ("ok".to_string(), "local_reply".to_string());
+    let answer = "received: 5\n".len() as u64;
+    assert_eq!(summary("POST /upload"), (Some(200), ok.clone(), "-".into(), Some(5), Some(answer)));
+    assert_eq!(summary("GET /sized"), (Some(200), ok, "-".into(), Some(0), Some(1000)));
+    assert_eq!(summary("GET /mid"), (Some(200), "upstream_reset".into(), "UC".into(), Some(0), Some(1000)));
+    assert_eq!(summary("GET /before"), (Some(503), local_reply.clone(), "UC".into(), Some(0), Some(0)));
+    assert_eq!(summary("GET /refused"), (Some(503), local_reply, "UF".into(), Some(0), Some(0)));
+}
+
 /// A passthrough request is held to `--request-timeout`, as a service's (Envoy's 15 s route
 /// timeout on Kuma's passthrough routes): a destination that does not answer gets a 504, where
 /// the request waited for as long as the connection's idle bound (an hour).
@@ -383,10 +433,8 @@ async fn a_passthrough_request_is_held_to_the_request_timeout() {
     );
     let (_dir, config) = config_dir(&policy);
     let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.request_timeout = Some(Duration::from_millis(300));
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let host = web.addr.to_string();
     let mut stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
     let request = format!("GET /slow HTTP/1.1\r\nHost: {host}\r\nx-delay-ms: 30000\r\nConnection: close\r\n\r\n");

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -60,10 +59,8 @@ async fn transparent_listener_routes_by_original_destination_and_passes_unknown_
         upstream.addr.port()
     );
     let (_dir, config) = config_dir(&yaml);
-    let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let opts = options(config);
+    let (proxy, injected) = start_transparent(opts).await;
     let listener = proxy.transparent_addr().unwrap();
 
     let vip: SocketAddr = "242.0.0.9:9000".parse().unwrap();
@@ -77,10 +74,8 @@ async fn passthrough_can_be_switched_off() {
     let elsewhere = echo_server("127.0.0.1:0".parse().unwrap(), "elsewhere").await;
     let (_dir, config) = config_dir("type: Mesh\nname: default\n");
     let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.passthrough = false;
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let mut stream = injected.connect(proxy.transparent_addr().unwrap(), elsewhere.addr).await;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await.unwrap();
@@ -207,10 +202,8 @@ async fn passthrough_refuses_the_proxys_own_listeners() {
     let (_dir, config) =
         config_dir(&service_with_outbound("own", outbound, &endpoint("127.0.0.1", echo.addr.port(), 0), ""));
     let mut opts = options(config);
-    opts.transparent = Some("127.0.0.1:0".parse().unwrap());
     opts.admin = Some(admin);
-    let injected = Arc::new(InjectedOriginalDst::default());
-    let proxy = start_with(opts, injected.clone()).await;
+    let (proxy, injected) = start_transparent(opts).await;
     let listener = proxy.transparent_addr().unwrap();
     for dst in [outbound, admin] {
         let mut stream = injected.connect(listener, dst).await;

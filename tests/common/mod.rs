@@ -229,6 +229,14 @@ pub async fn start_with(options: Options, original_dst: Arc<dyn OriginalDst>) ->
     Server::start(options, original_dst).await.unwrap_or_else(|e| panic!("proxy did not start: {e}"))
 }
 
+/// A proxy with a transparent listener on loopback whose original destinations the test
+/// chooses ([`InjectedOriginalDst::connect`]).
+pub async fn start_transparent(mut options: Options) -> (Server, Arc<InjectedOriginalDst>) {
+    options.transparent = Some("127.0.0.1:0".parse().unwrap());
+    let injected = Arc::new(InjectedOriginalDst::default());
+    (start_with(options, injected.clone()).await, injected)
+}
+
 /// Original destinations chosen by the test, keyed by the client's address.
 #[derive(Default)]
 pub struct InjectedOriginalDst(pub Mutex<HashMap<SocketAddr, SocketAddr>>);

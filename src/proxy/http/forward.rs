@@ -506,10 +506,16 @@ fn respond(
 /// The exchange failed because reading the application's request body did (malformed chunked
 /// framing, say): the error hyper's client reports wraps the server side's `hyper::Error`.
 fn request_body_failed(error: &SendError) -> bool {
-    let SendError::Hyper(error) = error else { return false };
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<BodyError>())
-        .is_some_and(|body| matches!(body, BodyError::App(_)))
+    matches!(error, SendError::Hyper(error) if application_body_failed(error))
+}
+
+/// hyper's client failed because the application's body did: its error (a passthrough
+/// request's body), or a [`BodyError::App`] (a service's), is the client error's source.
+pub(super) fn application_body_failed(error: &hyper::Error) -> bool {
+    std::error::Error::source(error).is_some_and(|source| {
+        source.is::<hyper::Error>()
+            || source.downcast_ref::<BodyError>().is_some_and(|b| matches!(b, BodyError::App(_)))
+    })
 }
 
 /// A pooled connection idle this long may be closed by the endpoint as it is reused.
@@ -550,11 +556,20 @@ fn reset_by_endpoint(error: &SendError) -> bool {
 
 /// The HTTP/2 error under a failed send, if it is one.
 fn h2_error(error: &SendError) -> Option<&h2::Error> {
-    let error = match error {
-        SendError::Hyper(error) => error,
-        SendError::H2(error) => return Some(error),
-        SendError::H2Unsent(..) | SendError::Own(_) => return None,
-    };
+    match error {
+        SendError::Hyper(error) => h2_source(error),
+        SendError::H2(error) => Some(error),
+        SendError::H2Unsent(..) | SendError::Own(_) => None,
+    }
+}
+
+/// The destination reset a passthrough request's HTTP/2 stream (UR, not UC).
+pub(super) fn h2_reset_by_peer(error: &hyper::Error) -> bool {
+    h2_source(error).is_some_and(|e| e.is_reset() && e.is_remote())
+}
+
+/// The HTTP/2 error under hyper's, if it is one.
+fn h2_source(error: &hyper::Error) -> Option<&h2::Error> {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 pub use body::ProxyBody;
 pub use grpc::grpc_timeout;
-pub use passthrough::PassthroughHttp;
+pub use passthrough::{PassthroughBody, PassthroughHttp};
 
 use super::{ConnectionTimeouts, Connections, Proxy};
 use crate::access_log::AccessLog;

@@ -6,12 +6,16 @@
 //! application connection's later requests.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 
 use super::body::ProxyBody;
@@ -30,27 +34,107 @@ pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No rout
 const UNRESOLVED: &str =
     "mesh-egress: the MeshPassthrough rule allows this domain, but it does not resolve to a usable address\n";
 
-/// A passthrough request's access-log line, written when its response head is out, or as
-/// `cancelled` when the request is dropped before (the application went away).
+/// A passthrough request's access-log line: written when its response body ends (or is
+/// dropped: `aborted`), at once for the proxy's own reply, or as `cancelled` when the request
+/// is dropped before its response head (the application went away).
 struct PendingLine {
     log: AccessLog,
     record: Option<Record>,
     started: std::time::Instant,
+    /// Request body bytes, counted as they pass ([`CountedBody`]).
+    sent: Arc<AtomicU64>,
 }
 
 impl PendingLine {
-    fn write(&self, mut record: Record) {
-        record.time = std::time::SystemTime::now();
-        record.duration = self.started.elapsed();
-        self.log.log(Arc::new(record));
+    fn finish(&mut self, outcome: &'static str, received: u64) {
+        if let Some(mut record) = self.record.take() {
+            record.outcome = outcome;
+            record.bytes_sent = self.sent.load(Ordering::Relaxed);
+            record.bytes_received = received;
+            record.duration = self.started.elapsed();
+            self.log.log(Arc::new(record));
+        }
     }
 }
 
 impl Drop for PendingLine {
     fn drop(&mut self) {
-        if let Some(mut record) = self.record.take() {
-            record.outcome = "cancelled";
-            self.write(record);
+        self.finish("cancelled", 0);
+    }
+}
+
+/// A passthrough request body on its way to the destination, its bytes counted when the access
+/// log is on.
+pub(super) struct CountedBody {
+    inner: AppBody,
+    sent: Option<Arc<AtomicU64>>,
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let (Some(sent), Some(Ok(frame))) = (&self.sent, &frame) {
+            sent.fetch_add(frame.data_ref().map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A passthrough response body as the destination sends it, counted; the request's access-log
+/// line, when the log is on, is written as it ends, with a service's outcomes: `ok` once every
+/// frame has passed, `upstream_reset` when the destination cut it, `aborted` when the
+/// application went away first.
+pub struct PassthroughBody {
+    body: Incoming,
+    received: u64,
+    outcome: &'static str,
+    line: Option<PendingLine>,
+}
+
+impl Body for PassthroughBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            None => self.outcome = "ok",
+            Some(Err(_)) => self.outcome = "upstream_reset",
+            Some(Ok(data)) => {
+                self.received += data.data_ref().map_or(0, |d| d.len() as u64);
+                // hyper stops polling once a body says it has ended.
+                if self.body.is_end_stream() {
+                    self.outcome = "ok";
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PassthroughBody {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.as_mut() {
+            line.finish(self.outcome, self.received);
         }
     }
 }
@@ -59,8 +143,34 @@ impl Drop for PendingLine {
 const MAX_KEPT: usize = 8;
 
 enum Conn {
-    H1(http1::SendRequest<AppBody>),
-    H2(http2::SendRequest<AppBody>),
+    H1(http1::SendRequest<CountedBody>),
+    H2(http2::SendRequest<CountedBody>),
+}
+
+/// Why a passthrough request got no response from its destination.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("connect to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("handshake with {0}: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+    #[error(transparent)]
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    /// As a service's: no connection UF, a connection that ended before the response UC, a
+    /// stream the destination reset UR, the application's own malformed body 400 (DPE).
+    fn failure(&self) -> Failure {
+        match self {
+            Self::ConnectTimeout(_) | Self::Connect(..) | Self::Handshake(..) => Failure::UpstreamFailed,
+            Self::Exchange(error) if super::forward::application_body_failed(error) => Failure::BadRequest,
+            Self::Exchange(error) if super::forward::h2_reset_by_peer(error) => Failure::StreamReset,
+            Self::Exchange(_) => Failure::UpstreamReset,
+        }
+    }
 }
 
 /// One passthrough application connection that speaks HTTP.
@@ -81,31 +191,45 @@ impl PassthroughHttp {
     }
 
     /// The request's phases, and its line in the process's access log (service `passthrough`,
-    /// as its TCP connections): written when the response head is out, without body bytes.
+    /// as its TCP connections), written as its response ends.
     async fn phases(&self, req: Request<AppBody>) -> Response<ProxyBody> {
-        let Some(log) = self.proxy.access_log.clone() else { return self.answer(req, &mut None).await };
+        let Some(log) = self.proxy.access_log.clone() else { return self.answer(req, &mut None, None).await };
         let protocol = if req.version() == Version::HTTP_2 { "http2" } else { "http" };
         let service = Arc::from(passthrough::PASSTHROUGH_SERVICE);
         let mut line = PendingLine {
             log,
             record: Some(Record::http(service, protocol, self.peer, &req)),
             started: std::time::Instant::now(),
+            sent: Arc::default(),
         };
         let mut target = None;
-        let response = self.answer(req, &mut target).await;
-        if let Some(mut record) = line.record.take() {
+        let mut response = self.answer(req, &mut target, Some(line.sent.clone())).await;
+        if let Some(record) = line.record.as_mut() {
+            record.time = std::time::SystemTime::now();
             record.status = Some(response.status().as_u16());
             record.endpoint = target.map(|t| t.to_string());
-            if let ProxyBody::Local(_, Some(failure)) = response.body() {
-                (record.outcome, record.flag) = ("local_reply", Some(failure.flag()));
+        }
+        match response.body_mut() {
+            ProxyBody::Passthrough(body) => body.line = Some(line),
+            ProxyBody::Local(_, failure) => {
+                let failure = *failure;
+                if let (Some(record), Some(failure)) = (line.record.as_mut(), failure) {
+                    record.flag = Some(failure.flag());
+                }
+                line.finish(if failure.is_some() { "local_reply" } else { "ok" }, 0);
             }
-            line.write(record);
+            ProxyBody::Upstream(_) => line.finish("ok", 0),
         }
         response
     }
 
     /// Answers the request; `target` is the destination once one is chosen.
-    async fn answer(&self, req: Request<AppBody>, chosen: &mut Option<SocketAddr>) -> Response<ProxyBody> {
+    async fn answer(
+        &self,
+        req: Request<AppBody>,
+        chosen: &mut Option<SocketAddr>,
+        sent: Option<Arc<AtomicU64>>,
+    ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let (mut parts, mut body) = req.into_parts();
         if let Err(refusal) = rewrite::check(&parts) {
@@ -163,6 +287,7 @@ impl PassthroughHttp {
         // timeout on Kuma's passthrough routes).
         let limit = self.proxy.settings.request_timeout;
         let body_end = limit.and_then(|_| body.end_watch());
+        let body = CountedBody { inner: body, sent };
         let send = std::pin::pin!(self.send(target, http2, Request::from_parts(parts, body)));
         let stall = Some(self.proxy.settings.timeouts.stream_idle).filter(|d| !d.is_zero());
         let sent = match limit {
@@ -179,11 +304,15 @@ impl PassthroughHttp {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, ProxyBody::Passthrough(body))
+                let body = PassthroughBody { body, received: 0, outcome: "aborted", line: None };
+                Response::from_parts(parts, ProxyBody::Passthrough(Box::new(body)))
             }
             Err(error) => {
                 tracing::debug!(peer = %self.peer, %target, %error, "passthrough request failed");
-                reply::local_reply(grpc, Failure::UpstreamFailed, reply::UPSTREAM_FAILED)
+                match error.failure() {
+                    Failure::BadRequest => reply::local_reply(grpc, Failure::BadRequest, reply::BAD_REQUEST_BODY),
+                    failure => reply::local_reply(grpc, failure, reply::UPSTREAM_FAILED),
+                }
             }
         }
     }
@@ -193,8 +322,8 @@ impl PassthroughHttp {
         &self,
         target: SocketAddr,
         http2: bool,
-        req: Request<AppBody>,
-    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+        req: Request<CountedBody>,
+    ) -> Result<Response<Incoming>, SendError> {
         let kept = {
             let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match conns.iter().position(|(addr, c)| *addr == target && matches!(c, Conn::H2(_)) == http2) {
@@ -232,18 +361,20 @@ impl PassthroughHttp {
                 conns.push((target, conn));
             }
         }
-        Ok(response?)
+        response.map_err(SendError::Exchange)
     }
 
-    async fn connect(&self, target: SocketAddr, http2: bool) -> Result<Conn, Box<dyn std::error::Error + Send + Sync>> {
+    async fn connect(&self, target: SocketAddr, http2: bool) -> Result<Conn, SendError> {
         let addr = TargetAddr::Socket(target);
         let stream = tokio::time::timeout(self.proxy.settings.connect_timeout, UpstreamStream::connect(&addr))
             .await
-            .map_err(|_| format!("connect to {target} timed out"))??;
+            .map_err(|_| SendError::ConnectTimeout(target))?
+            .map_err(|e| SendError::Connect(target, e))?;
+        let handshake = |e| SendError::Handshake(target, e);
         Ok(if http2 {
-            Conn::H2(super::client::handshake_h2(stream, ()).await?)
+            Conn::H2(super::client::handshake_h2(stream, ()).await.map_err(handshake)?)
         } else {
-            Conn::H1(super::client::handshake_h1(stream, ()).await?)
+            Conn::H1(super::client::handshake_h1(stream, ()).await.map_err(handshake)?)
         })
     }
 }
