@@ -1219,18 +1219,24 @@ async fn timeouts_count_from_the_end_of_the_request_body() {
 }
 
 /// Before its end, a request body the application stops sending is bounded by the stream idle
-/// timeout, as Envoy's: 408 (SI), not retried; a body nobody reads (an endpoint that reads
-/// nothing) still times out as the request does: 504.
+/// timeout, as Envoy's: 408 (SI), not retried, whether the request timeout is shorter, longer
+/// or off; a body nobody reads (an endpoint that reads nothing) still times out as the request
+/// does: 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn before_its_end_a_request_body_is_bounded_by_stream_idle_or_the_request_timeout() {
     let upstream = http_upstream(None).await;
-    let (outbound, _dir, config) = single_service("stalls", "http", upstream.addr.port());
-    let mut opts = options(config);
-    opts.request_timeout = Some(Duration::from_millis(300));
-    opts.timeouts.stream_idle = Duration::from_secs(1);
-    let _proxy = start(opts).await;
-    let (status, body) = timed_upload(outbound, 3, Duration::from_millis(10), Duration::from_secs(4)).await;
-    assert_eq!((status.as_u16(), body.as_str()), (408, "stream timeout"), "the application stopped sending");
+    // The stall bound was checked once per request timeout (a 10 s one let a 4 s stall pass),
+    // and not at all with the request timeout off.
+    for request_timeout in [Some(Duration::from_millis(300)), Some(Duration::from_secs(10)), None] {
+        let (outbound, _dir, config) = single_service("stalls", "http", upstream.addr.port());
+        let mut opts = options(config);
+        opts.request_timeout = request_timeout;
+        opts.timeouts.stream_idle = Duration::from_secs(1);
+        let _proxy = start(opts).await;
+        let (status, body) = timed_upload(outbound, 3, Duration::from_millis(10), Duration::from_secs(4)).await;
+        let stalled = (status.as_u16(), body.as_str());
+        assert_eq!(stalled, (408, "stream timeout"), "the application stopped sending; timeout {request_timeout:?}");
+    }
 
     let (silent, _task) = silent_endpoint().await;
     let (outbound, _dir, config) = single_service("unread", "http", silent.port());

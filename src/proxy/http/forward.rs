@@ -35,14 +35,19 @@ use crate::upstream::{ActiveGuard, AppBody, BodyEnd, ConnectError, Outcome, Perm
 pub(super) async fn forward(ctx: &RequestCtx, req: Request<AppBody>, proxy: &HttpProxy) -> Response<ProxyBody> {
     let exchange = std::pin::pin!(exchange(ctx, req, proxy));
     let body = ctx.body_end.as_deref();
-    let answered = match (ctx.request_timeout, ctx.deadline) {
-        (None, None) => return exchange.await,
-        (None, Some(deadline)) => within(ctx, deadline_passed(deadline), exchange).await,
-        (Some(timeout), None) => within(ctx, timed_out(body, timeout, ctx.stream_idle), exchange).await,
-        (Some(timeout), Some(deadline)) => {
+    // With the request timeout off, a body still to come is bounded by the stream idle timeout.
+    let timed = ctx.request_timeout.is_some() || (body.is_some() && ctx.stream_idle.is_some());
+    let answered = match (timed, ctx.deadline) {
+        (false, None) => return exchange.await,
+        (false, Some(deadline)) => within(ctx, deadline_passed(deadline), exchange).await,
+        (true, None) => within(ctx, timed_out(body, ctx.request_timeout, ctx.stream_idle), exchange).await,
+        (true, Some(deadline)) => {
             // The sooner of the two decides whether the endpoint is to blame.
             let limit = async {
-                tokio::select! { why = timed_out(body, timeout, ctx.stream_idle) => why, why = deadline_passed(deadline) => why }
+                tokio::select! {
+                    why = timed_out(body, ctx.request_timeout, ctx.stream_idle) => why,
+                    why = deadline_passed(deadline) => why,
+                }
             };
             within(ctx, limit, exchange).await
         }
@@ -94,35 +99,44 @@ async fn within<F: std::future::Future>(
 
 /// A request or per-try timeout ([`within`]): `limit` from the end of the request body, as
 /// Envoy counts its route and per-try timeouts (from the attempt's start once the body has
-/// ended). Before the end: a body that moves is not timed out; one that waits for the
-/// application to send more (a paused client, a gRPC stream waiting for its answer) is not
-/// either, up to `stall` without a frame (the stream idle timeout, as Envoy's; `None`: for ever);
-/// one that nobody reads for one to two `limit`s (queued for a connection, an endpoint that reads
-/// nothing) is, as Envoy, which reads a small body whole meanwhile, would time it out.
-pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Duration, stall: Option<Duration>) -> Expired {
-    if let Some(body) = body {
-        // Time without a frame, counted in ticks of `limit` (no clock read per request).
-        let (mut seen, mut still) = (body.frames(), Duration::ZERO);
+/// ended; `None`: never). Before the end: a body that moves is not timed out; one that waits
+/// for the application to send more (a paused client, a gRPC stream waiting for its answer) is
+/// not either, up to `stall` without a frame (the stream idle timeout, as Envoy's; `None`: for
+/// ever); one that nobody reads for `limit` (queued for a connection, an endpoint that reads
+/// nothing) is, as Envoy, which reads a small body whole meanwhile, would time it out. Both are
+/// sampled a quarter of the shorter apart (no clock read per frame), so each fires up to that
+/// late.
+pub(super) async fn timed_out(body: Option<&BodyEnd>, limit: Option<Duration>, stall: Option<Duration>) -> Expired {
+    let tick = [limit, stall].into_iter().flatten().min().map(|shorter| shorter / 4);
+    if let (Some(body), Some(tick)) = (body, tick.filter(|t| !t.is_zero())) {
+        // Time without a frame while the application is waited for, and while nobody reads.
+        let (mut seen, mut still, mut unread) = (body.frames(), Duration::ZERO, Duration::ZERO);
         loop {
             tokio::select! {
                 () = body.ended() => break,
-                () = tokio::time::sleep(limit) => {
+                () = tokio::time::sleep(tick) => {
                     let now = body.frames();
                     if now != seen {
-                        (seen, still) = (now, Duration::ZERO);
-                    } else if !body.waits_for_application() {
-                        return Expired::Timeout;
-                    } else {
-                        still += limit;
+                        (seen, still, unread) = (now, Duration::ZERO, Duration::ZERO);
+                    } else if body.waits_for_application() {
+                        still += tick;
                         if stall.is_some_and(|stall| still >= stall) {
                             return Expired::Stalled;
+                        }
+                    } else {
+                        unread += tick;
+                        if limit.is_some_and(|limit| unread >= limit) {
+                            return Expired::Timeout;
                         }
                     }
                 }
             }
         }
     }
-    tokio::time::sleep(limit).await;
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
+    }
     Expired::Timeout
 }
 
@@ -242,7 +256,7 @@ async fn with_retries(ctx: &RequestCtx, retry: &RetryPolicy, mut parts: Parts, b
             let attempt = std::pin::pin!(attempt(ctx, parts, body, false, exclude, Some(&mut picked)));
             match retry.per_try_timeout {
                 Some(limit) => {
-                    let limit = timed_out(ctx.body_end.as_deref(), limit, ctx.stream_idle);
+                    let limit = timed_out(ctx.body_end.as_deref(), Some(limit), ctx.stream_idle);
                     within(ctx, limit, attempt).await.unwrap_or_else(|why| {
                         // A timed-out attempt is retried as a reset; a stalled application is not.
                         let failure =

@@ -285,20 +285,21 @@ impl PassthroughHttp {
         }
         // `--request-timeout`, counted as a service's request timeout is (Envoy's 15 s route
         // timeout on Kuma's passthrough routes).
+        // With it off, a body still to come is bounded by the stream idle timeout.
         let limit = self.proxy.settings.request_timeout;
-        let body_end = limit.and_then(|_| body.end_watch());
+        let stall = Some(self.proxy.settings.timeouts.stream_idle).filter(|d| !d.is_zero());
+        let body_end = (limit.is_some() || stall.is_some()).then(|| body.end_watch()).flatten();
         let body = CountedBody { inner: body, sent };
         let send = std::pin::pin!(self.send(target, http2, Request::from_parts(parts, body)));
-        let stall = Some(self.proxy.settings.timeouts.stream_idle).filter(|d| !d.is_zero());
-        let sent = match limit {
-            Some(limit) => tokio::select! {
+        let sent = match (limit, &body_end) {
+            (None, None) => send.await,
+            _ => tokio::select! {
                 sent = send => sent,
                 why = super::forward::timed_out(body_end.as_deref(), limit, stall) => {
                     tracing::debug!(peer = %self.peer, %target, ?why, "passthrough request timed out");
                     return why.reply(grpc);
                 }
             },
-            None => send.await,
         };
         match sent {
             Ok(response) => {

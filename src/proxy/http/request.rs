@@ -112,12 +112,13 @@ impl RequestCtx {
         }
     }
 
-    /// Before forwarding: watches the request body's end when a timeout counts from it, or an
-    /// outlier detector counts timeouts (only once the body is complete).
+    /// Before forwarding: watches the request body's end when a timeout counts from it, the
+    /// stream idle timeout bounds it, or an outlier detector counts timeouts (only once the body
+    /// is complete).
     fn watch_body(&mut self, req: &mut Request<AppBody>) {
         let counts_timeouts = matches!(self.route.policy.outlier, crate::policy::runtime::Outlier::Detect(_));
         let per_try = self.retry().is_some_and(|r| r.per_try_timeout.is_some());
-        if counts_timeouts || per_try || self.request_timeout.is_some() {
+        if counts_timeouts || per_try || self.request_timeout.is_some() || self.stream_idle.is_some() {
             self.body_end = req.body_mut().end_watch();
         }
     }
