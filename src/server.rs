@@ -319,7 +319,10 @@ impl Server {
             .services()
             .iter()
             .filter(|s| working.contains(&s.key()))
-            .filter_map(|s| Some(format!("{}: {}", s.key(), s.broken.as_ref()?)))
+            .filter_map(|s| {
+                let line = s.origin.line.map(|l| format!(":{l}")).unwrap_or_default();
+                Some(format!("{}{line}: {}: {}", s.origin.file.display(), s.key(), s.broken.as_ref()?))
+            })
             .collect();
         if !would_break.is_empty() {
             return Err(ServerError::WouldBreak(would_break));

@@ -297,8 +297,9 @@ async fn a_reload_that_would_break_a_working_service_keeps_the_running_one() {
     std::fs::write(&config, service("pinned", "        secret: rotated-away\n")).unwrap();
     let error = proxy.reload().await.unwrap_err().to_string();
     assert!(
-        error.contains("would take working services out of traffic") && error.contains("default/pinned"),
-        "{error}"
+        error.contains("would take working services out of traffic")
+            && error.contains(&format!("{}:1: default/pinned: ", config.display())),
+        "the file and line, the service and why: {error}"
     );
     let snapshot = proxy.live().load();
     assert!(snapshot.catalog.services()[0].broken.is_none(), "the running configuration stays");
