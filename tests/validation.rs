@@ -482,6 +482,7 @@ fn every_route_rule_has_its_message() {
         ("backend kind", http_route("{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: Mesh, name: x}]}}"), format!("{r}.default.backendRefs[0].kind"), "value 'Mesh' is not supported"),
         ("multi-zone port", http_route("{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: MeshMultiZoneService, name: x}]}}"), format!("{r}.default.backendRefs[0].port"), "must be defined with kind MeshMultiZoneService"),
         ("tcp backends", "type: MeshTCPRoute\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: svc}\n    rules: [{default: {}}]\n".into(), "spec.to[0].rules[0].default.backendRefs".into(), "must be defined"),
+        ("producer and consumer items", "apiVersion: kuma.io/v1alpha1\nkind: MeshTimeout\nmetadata: {name: t, namespace: shop, labels: {kuma.io/mesh: default}}\nspec:\n  to:\n  - targetRef: {kind: MeshHTTPRoute, name: r}\n    default: {http: {requestTimeout: 1s}}\n  - targetRef: {kind: MeshExternalService, name: svc}\n    default: {http: {requestTimeout: 1s}}\n".into(), "spec.to".into(), "it's not allowed to mix producer and consumer items in the same policy"),
         ("tcp backends empty", "type: MeshTCPRoute\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: svc}\n    rules: [{default: {backendRefs: []}}]\n".into(), "spec.to[0].rules[0].default.backendRefs".into(), "must be defined"),
     ];
     expect_each(&cases);

@@ -323,8 +323,7 @@ impl PolicySet {
                 set.add_permission(&r.meta, spec, policy, namespace, top);
                 continue;
             }
-            let has_to = spec.to.as_ref().is_some_and(|to| !to.is_empty());
-            let role = Role::of(&r.meta, has_to);
+            let role = Role::of(&r.meta, spec.to_refs());
             // MeshCircuitBreaker and MeshHealthCheck act on the real endpoints, where Kuma's
             // ZoneEgress applies every policy's `to` items whatever its top-level targetRef
             // (`processToResourceRules`): so does mesh-egress, which talks to them itself.
@@ -337,7 +336,7 @@ impl PolicySet {
             if *kind == PolicyKind::MeshPassthrough {
                 let conf: PassthroughConf =
                     spec.default.clone().and_then(|d| serde_json::from_value(d).ok()).unwrap_or_default();
-                passthroughs.push((rank_of(&r.meta, false, &top, &TargetRef::mesh()), policy, conf));
+                passthroughs.push((rank(&r.meta, role, &top, &TargetRef::mesh()), policy, conf));
                 continue;
             }
             if *kind == PolicyKind::MeshTrace {
@@ -350,7 +349,7 @@ impl PolicySet {
                     index: 0,
                     target_ref: TargetRef::mesh(),
                     default: spec.default.clone().unwrap_or_default(),
-                    rank: rank_of(&r.meta, false, &top, &TargetRef::mesh()),
+                    rank: rank(&r.meta, role, &top, &TargetRef::mesh()),
                 });
                 continue;
             }
@@ -369,7 +368,7 @@ impl PolicySet {
                     index,
                     target_ref: item.target_ref.clone(),
                     default: item.default.clone(),
-                    rank: rank(&r.meta, spec, &top, &item.target_ref),
+                    rank: rank(&r.meta, role, &top, &item.target_ref),
                 });
             }
         }
@@ -597,11 +596,7 @@ pub fn selects_service(r: &TargetRef, policy_namespace: Option<&str>, service: &
     r.labels.as_ref().is_some_and(|labels| subset(labels, service.labels))
 }
 
-fn rank(meta: &Meta, spec: &PolicySpec, top: &TargetRef, item: &TargetRef) -> Rank {
-    rank_of(meta, spec.to.as_ref().is_some_and(|to| !to.is_empty()), top, item)
-}
-
-fn rank_of(meta: &Meta, has_to_items: bool, top: &TargetRef, item: &TargetRef) -> Rank {
+fn rank(meta: &Meta, role: Role, top: &TargetRef, item: &TargetRef) -> Rank {
     let dataplane_by_name = match top.kind.as_str() {
         "Dataplane" if top.name.as_deref().is_some_and(|n| !n.is_empty()) => 2,
         "Dataplane" => 1,
@@ -616,7 +611,7 @@ fn rank_of(meta: &Meta, has_to_items: bool, top: &TargetRef, item: &TargetRef) -
         top_kind: kind_rank(&top.kind),
         dataplane_by_name,
         origin,
-        role: Role::of(meta, has_to_items),
+        role,
         to_kind: kind_rank(&item.kind),
         name: Reverse(meta.labels.get(LABEL_DISPLAY_NAME).cloned().unwrap_or_else(|| meta.name.clone())),
     }
@@ -789,12 +784,48 @@ kind: MeshTimeout
 metadata: {name: system, namespace: kuma-system, labels: {kuma.io/mesh: default}}
 spec:
   to: [{targetRef: {kind: MeshExternalService, name: svc}, default: {idleTimeout: 1m}}]
+---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTimeout
+metadata: {name: route-owner, namespace: billing, labels: {kuma.io/mesh: default}}
+spec:
+  to: [{targetRef: {kind: MeshHTTPRoute, name: r}, default: {http: {requestTimeout: 3s}}}]
 "#);
         let e = effective(&set, "svc", &Labels::new());
         let t = e.mesh_timeout.unwrap();
         assert_eq!(t.connection_timeout.unwrap().get().as_secs(), 2);
         assert_eq!(t.idle_timeout.unwrap().get().as_secs(), 60, "system policies select every proxy");
+        // Items that all name a route of the policy's namespace make it a producer policy (Kuma's
+        // `ComputePolicyRole`), which selects proxies of every namespace.
         assert_eq!(set.ignored().iter().map(|i| i.policy.as_str()).collect::<Vec<_>>(), ["default/other-team"]);
+    }
+
+    #[test]
+    fn the_role_follows_the_to_items_as_kuma_computes_it() {
+        let meta = |namespace: Option<&str>| Meta {
+            name: "p".into(),
+            mesh: "default".into(),
+            labels: namespace.map(|ns| [(LABEL_NAMESPACE.to_string(), ns.to_string())].into()).unwrap_or_default(),
+            origin: crate::resources::Origin::flag("test"),
+        };
+        let to = |kind: &str, name: Option<&str>, namespace: Option<&str>| TargetRef {
+            kind: kind.into(),
+            name: name.map(Into::into),
+            namespace: namespace.map(Into::into),
+            ..TargetRef::mesh()
+        };
+        let shop = meta(Some("shop"));
+        let route = to("MeshHTTPRoute", Some("r"), None);
+        let service = to("MeshService", Some("s"), Some("shop"));
+        assert_eq!(Role::of(&shop, [&route, &service]), Role::Producer);
+        assert_eq!(Role::of(&shop, [&to("MeshHTTPRoute", Some("r"), Some("other"))]), Role::Consumer);
+        assert_eq!(Role::of(&shop, [&to("MeshHTTPRoute", None, None)]), Role::Consumer, "by labels");
+        assert_eq!(Role::of(&shop, [&to("MeshExternalService", Some("x"), None)]), Role::Consumer);
+        assert_eq!(Role::of(&shop, []), Role::WorkloadOwner);
+        assert_eq!(Role::of(&meta(None), [&route]), Role::System, "Universal");
+        assert_eq!(Role::of(&meta(Some("kuma-system")), [&route]), Role::System);
+        assert!(Role::mixed(&shop, [&route, &to("Mesh", None, None)]));
+        assert!(!Role::mixed(&meta(None), [&route, &to("Mesh", None, None)]));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use rand::Rng as _;
 use serde::Serialize;
 
 use super::runtime::HeaderMatcher;
-use super::{rank_of, selects_service, Ignored, Proxies, Rank, Target};
+use super::{rank, selects_service, Ignored, Proxies, Rank, Target};
 use crate::resources::policy::TargetRef;
 use crate::resources::route::{
     BackendRef, Filter, HeaderModifier, HttpMatch, HttpRuleConf, PathRewrite, Route, RouteKind, TcpRuleConf,
@@ -301,7 +301,8 @@ impl RouteSet {
             let policy = format!("{}/{}", r.meta.mesh, r.meta.name);
             let namespace = r.meta.labels.get(LABEL_NAMESPACE).cloned();
             let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);
-            let role = crate::resources::policy::Role::of(&r.meta, true);
+            let to = spec.to.iter().flatten().map(|to| &to.target_ref);
+            let role = crate::resources::policy::Role::of(&r.meta, to);
             if let Some(reason) = proxies.why_not_selected(&r.meta.mesh, namespace.as_deref(), &top, role) {
                 set.ignored.push(Ignored { kind: kind.as_str(), policy, reason });
                 continue;
@@ -321,7 +322,7 @@ impl RouteSet {
                     namespace: namespace.clone(),
                     target_ref: to.target_ref.clone(),
                     rules: to.rules.clone(),
-                    rank: rank_of(&r.meta, true, &top, &to.target_ref),
+                    rank: rank(&r.meta, role, &top, &to.target_ref),
                     origin: r.meta.origin.clone(),
                 });
             }

@@ -80,6 +80,13 @@ pub struct PolicySpec {
     pub default: Option<serde_json::Value>,
 }
 
+impl PolicySpec {
+    /// Its `to` items' target refs.
+    pub fn to_refs(&self) -> impl Iterator<Item = &TargetRef> {
+        self.to.iter().flatten().map(|item| &item.target_ref)
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyItem {
@@ -676,11 +683,12 @@ pub enum Role {
 }
 
 impl Role {
-    /// The `kuma.io/policy-role` label when set; else what Kuma's webhook would compute: a
-    /// Universal policy or one in the system namespace is `system`, one with `to` items is
-    /// `consumer` (MeshExternalService items are never producer items), the rest are
-    /// `workload-owner`.
-    pub fn of(meta: &Meta, has_to_items: bool) -> Self {
+    /// The `kuma.io/policy-role` label when set; else what Kuma's webhook computes
+    /// (`ComputePolicyRole`): a Universal policy or one in the system namespace is `system`; one
+    /// with `to` items is `producer` when each names a MeshService or MeshHTTPRoute by name in the
+    /// policy's own namespace, else `consumer` (validation refuses a mix: [`Role::mixed`]); the
+    /// rest are `workload-owner`.
+    pub fn of<'a>(meta: &Meta, to: impl IntoIterator<Item = &'a TargetRef>) -> Self {
         match meta.labels.get(LABEL_POLICY_ROLE).map(String::as_str) {
             Some("system") => return Self::System,
             Some("producer") => return Self::Producer,
@@ -688,13 +696,36 @@ impl Role {
             Some("workload-owner") => return Self::WorkloadOwner,
             _ => {}
         }
-        match meta.labels.get(LABEL_NAMESPACE) {
-            None => Self::System,
-            Some(ns) if ns == SYSTEM_NAMESPACE => Self::System,
-            Some(_) if has_to_items => Self::Consumer,
-            Some(_) => Self::WorkloadOwner,
+        let Some(namespace) = meta.labels.get(LABEL_NAMESPACE).filter(|ns| *ns != SYSTEM_NAMESPACE) else {
+            return Self::System;
+        };
+        match producer_items(namespace, to) {
+            (0, 0) => Self::WorkloadOwner,
+            (_, 0) => Self::Producer,
+            _ => Self::Consumer,
         }
     }
+
+    /// A namespaced policy whose `to` items are producer and consumer items both, which Kuma's
+    /// webhook refuses.
+    pub fn mixed<'a>(meta: &Meta, to: impl IntoIterator<Item = &'a TargetRef>) -> bool {
+        let namespace = meta.labels.get(LABEL_NAMESPACE).filter(|ns| *ns != SYSTEM_NAMESPACE);
+        namespace.is_some_and(|ns| matches!(producer_items(ns, to), (1.., 1..)))
+    }
+}
+
+/// How many `to` items are producer items (a MeshService or MeshHTTPRoute named in `namespace`,
+/// or with no namespace), and how many are not.
+fn producer_items<'a>(namespace: &str, to: impl IntoIterator<Item = &'a TargetRef>) -> (usize, usize) {
+    to.into_iter().fold((0, 0), |(producer, consumer), r| {
+        let named = r.name.as_deref().is_some_and(|n| !n.is_empty());
+        let own_namespace = r.namespace.as_deref().map_or(true, |ns| ns.is_empty() || ns == namespace);
+        if matches!(r.kind.as_str(), "MeshService" | "MeshHTTPRoute") && named && own_namespace {
+            (producer + 1, consumer)
+        } else {
+            (producer, consumer + 1)
+        }
+    })
 }
 
 /// Validates a policy with Kuma's messages, all problems at once.
@@ -708,8 +739,10 @@ pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
     if policy.spec.default.is_some() {
         v.error("spec.default", format!("unknown field `default`: {} sets `default` per item", policy.kind.as_str()));
     }
-    let has_to = policy.spec.to.as_ref().is_some_and(|to| !to.is_empty());
-    let system = Role::of(meta, has_to) == Role::System;
+    let system = Role::of(meta, policy.spec.to_refs()) == Role::System;
+    if Role::mixed(meta, policy.spec.to_refs()) {
+        v.error("spec.to", "it's not allowed to mix producer and consumer items in the same policy");
+    }
     let spec = &policy.spec;
     let kind = policy.kind;
     let top = spec.target_ref.clone().unwrap_or_else(TargetRef::mesh);

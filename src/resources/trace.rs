@@ -115,7 +115,7 @@ pub struct HeaderTag {
 pub(super) fn validate_trace(spec: &PolicySpec, meta: &Meta, v: &mut Violations<'_>) {
     if let Some(r) = &spec.target_ref {
         let mut kinds = vec!["Mesh", "MeshSubset", "MeshService", "MeshServiceSubset", "Dataplane"];
-        if Role::of(meta, false) == Role::System {
+        if Role::of(meta, []) == Role::System {
             kinds.push("MeshGateway");
         }
         target_ref_violations("spec.targetRef", r, &kinds, false, v);
