@@ -244,6 +244,7 @@ impl Snapshot {
             .map(|(index, s)| {
                 let key = s.key();
                 let mut policy = UpstreamPolicy::new(settings, &s.policies, s.protocol, &key);
+                policy.start_rule_access_logs(s);
                 policy.tls = s.tls.clone().zip(tls.get(index).cloned());
                 let up = match reusable.get(&key) {
                     Some(up) if up.endpoints() == s.endpoints.as_slice() && up.protocol() == s.protocol => {

@@ -254,3 +254,41 @@ spec:
         ]
     );
 }
+
+/// A MeshAccessLog item that names a MeshHTTPRoute logs that route's requests with its own
+/// backends (the merge of the Mesh items and its items, as Kuma's per-route access logs), in
+/// place of the service's, redirects included; one whose merge has no backend leaves them out.
+/// Before, such items applied to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_access_log_item_can_name_a_route() {
+    let upstream = http_upstream(None).await;
+    let logs = tempfile::tempdir().unwrap();
+    let (service_log, route_log) = (logs.path().join("service.log"), logs.path().join("route.log"));
+    let route = |name: &str, path: &str, filter: &str| {
+        format!("type: MeshHTTPRoute\nname: {name}\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: MeshExternalService, name: routed}}\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n      default: {{{filter}}}\n")
+    };
+    let file = |path: &Path| {
+        format!(
+            "[{{type: File, file: {{path: {}, format: {{type: Plain, plain: '%REQ(:PATH)% %RESPONSE_CODE%'}}}}}}]",
+            path.display()
+        )
+    };
+    let policy = format!(
+        "type: MeshAccessLog\nname: logs\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{backends: {}}}\n  - targetRef: {{kind: MeshHTTPRoute, name: own}}\n    default: {{backends: {}}}\n  - targetRef: {{kind: MeshHTTPRoute, name: moved}}\n    default: {{backends: {}}}\n  - targetRef: {{kind: MeshHTTPRoute, name: quiet}}\n    default: {{backends: []}}\n",
+        file(&service_log),
+        file(&route_log),
+        file(&route_log)
+    );
+    let redirect = "filters: [{type: RequestRedirect, requestRedirect: {hostname: new.example.test}}]";
+    let policies = [route("own", "/own", ""), route("moved", "/moved", redirect), route("quiet", "/quiet", ""), policy]
+        .join("---\n");
+    let (outbound, _dir, config) = config("routed", "http", upstream.addr.port(), &policies);
+    let _proxy = start(options(config)).await;
+    for (path, status) in [("/own/a", 200), ("/quiet/a", 200), ("/moved/b", 302), ("/elsewhere", 200)] {
+        let response = h1(outbound).await.send_request(get(&format!("http://routed.test{path}"), &[])).await.unwrap();
+        assert_eq!(text(response).await.0.as_u16(), status, "{path}");
+    }
+    assert_eq!(wait_for_lines(&route_log, 2).await, ["/own/a 200", "/moved/b 302"]);
+    let service = wait_for_lines(&service_log, 1).await;
+    assert_eq!(service, ["/elsewhere 200"], "the quiet route's request is in neither");
+}

@@ -533,8 +533,8 @@ impl PolicySet {
         effective
     }
 
-    /// What `to: MeshHTTPRoute` items of MeshTimeout and MeshRetry set for the requests of the
-    /// route `route` on a service of `protocol`: per kind, when an item names the route, the
+    /// What `to: MeshHTTPRoute` items of MeshTimeout, MeshRetry and MeshAccessLog set for the
+    /// requests of the route `route` on a service of `protocol`: per kind, when an item names the route, the
     /// merge of the Mesh items and those items, in precedence order (Kuma's route-level conf;
     /// the MeshExternalService items are not part of it). An item names a route by `name` (its
     /// resource name or `kuma.io/display-name`, and `namespace`, defaulting to the policy's) or
@@ -573,7 +573,8 @@ impl PolicySet {
             let retry = Effective { mesh_retry: Some(conf), ..Effective::default() }.retry(protocol);
             level.retry = retry.map(std::sync::Arc::new);
         }
-        (level.timeouts.is_some() || level.retry.is_some()).then_some(level)
+        level.access_log = merged(PolicyKind::MeshAccessLog).and_then(|v| serde_json::from_value(v).ok());
+        (level.timeouts.is_some() || level.retry.is_some() || level.access_log.is_some()).then_some(level)
     }
 }
 

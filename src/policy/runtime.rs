@@ -13,7 +13,7 @@ use http::{HeaderMap, Method};
 use super::Effective;
 use crate::log_format::{Format, KumaValues, DEFAULT_HTTP_FORMAT, DEFAULT_TCP_FORMAT};
 use crate::model::Protocol;
-use crate::resources::policy::{HeaderMatch, HttpRetry};
+use crate::resources::policy::{AccessLogConf, HeaderMatch, HttpRetry};
 
 /// MeshTimeout, per service. A zero duration turns its timeout off (except `connect`, which
 /// validation keeps positive).
@@ -38,6 +38,9 @@ pub struct RouteLevel {
     /// A MeshRetry item names the route and makes a retry policy (one that makes none, as
     /// `numRetries: 0`, leaves the service's, as Kuma).
     pub retry: Option<Arc<RetryPolicy>>,
+    /// A MeshAccessLog item names the route: its requests are logged by this conf's backends
+    /// only (none, when it has none), not the service's, as Kuma's per-route access logs.
+    pub access_log: Option<AccessLogConf>,
 }
 
 /// A policy's timeout (`set`) over the process default; a zero duration turns it off.
@@ -564,7 +567,18 @@ impl Effective {
     /// The access log of service `mesh/name`; `None` without a MeshAccessLog or with an empty
     /// backend list. Backends that cannot be compiled (validation reports them) are left out.
     pub fn access_log(&self, mesh: &str, name: &str, protocol: Protocol, zone: &str) -> Option<AccessLogPlan> {
-        let conf = self.mesh_access_log.as_ref()?;
+        self.access_log_of(self.mesh_access_log.as_ref()?, mesh, name, protocol, zone)
+    }
+
+    /// [`Effective::access_log`] with `conf` in place of the service's MeshAccessLog (a route's).
+    pub fn access_log_of(
+        &self,
+        conf: &AccessLogConf,
+        mesh: &str,
+        name: &str,
+        protocol: Protocol,
+        zone: &str,
+    ) -> Option<AccessLogPlan> {
         let source = self.source.clone().unwrap_or_default();
         let kuma = KumaValues {
             mesh: mesh.to_string(),

@@ -144,6 +144,10 @@ pub struct UpstreamPolicy {
     pub tls: Option<(TlsPolicy, Arc<rustls::ClientConfig>)>,
     /// MeshAccessLog backends.
     pub access_log: Option<Arc<crate::access_log::ServiceLog>>,
+    /// Per MeshHTTPRoute rule of the service, the backends of a MeshAccessLog that names the
+    /// rule's route, in place of the service's (set by the live snapshot; see
+    /// [`policy_runtime::RouteLevel::access_log`]).
+    pub rule_access_logs: Box<[Option<Arc<crate::access_log::ServiceLog>>]>,
     /// MeshTrace: HTTP-family services only.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
@@ -173,12 +177,29 @@ impl UpstreamPolicy {
                 let plan = policies.access_log(mesh, name, protocol, "");
                 plan.and_then(|plan| crate::access_log::ServiceLog::start(key, &plan))
             },
+            rule_access_logs: Box::default(),
             tracer: {
                 let mesh = key.split_once('/').map_or("", |(mesh, _)| mesh);
                 let plan = policies.trace(mesh).filter(|_| protocol != Protocol::Tcp);
                 plan.and_then(|plan| crate::trace::Tracer::start(key, &plan))
             },
         }
+    }
+
+    /// Starts the access logs of `service`'s MeshHTTPRoute rules whose route a MeshAccessLog
+    /// names.
+    pub fn start_rule_access_logs(&mut self, service: &crate::catalog::Service) {
+        let Some(table) = service.routes.as_ref().and_then(|r| r.http.as_ref()) else { return };
+        let key = service.key();
+        let start = |conf| {
+            let plan = service.policies.access_log_of(conf, &service.mesh, &service.name, service.protocol, "")?;
+            crate::access_log::ServiceLog::start(&key, &plan)
+        };
+        self.rule_access_logs = table
+            .rules
+            .iter()
+            .map(|rule| rule.policies.as_ref().and_then(|level| level.access_log.as_ref()).and_then(start))
+            .collect();
     }
 
     fn has_interval_detectors(&self) -> bool {

@@ -59,13 +59,10 @@ pub(super) struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(
-        route: Route,
-        dialled: Option<Route>,
-        rule_level: Option<Arc<RouteLevel>>,
-        req: &mut Request<AppBody>,
-        proxy: &HttpProxy,
-    ) -> Self {
+    /// The context of a request to `route`, sent there by the MeshHTTPRoute rule `matched`.
+    fn new(route: Route, matched: Option<&MatchedRule>, req: &mut Request<AppBody>, proxy: &HttpProxy) -> Self {
+        let dialled = matched.and_then(|m| m.dialled_if_not(&route));
+        let rule_level = matched.and_then(MatchedRule::policies);
         let started = Instant::now();
         // The dialled service's listener settings (or its route's), the target's cluster settings.
         let policy = &dialled.as_ref().unwrap_or(&route).policy;
@@ -79,7 +76,8 @@ impl RequestCtx {
         // idle timeout only when it has one (Kuma's `ConfigureRouteAction`): else the service's.
         let stream_idle = timeouts.stream_idle.or(policy.timeouts.stream_idle);
         let stream_idle = Some(stream_idle.unwrap_or(proxy.timeouts.stream_idle)).filter(|d| !d.is_zero());
-        let logs = Logs { global: proxy.access_log.clone(), service: policy.access_log.clone() };
+        let service_log = matched.and_then(MatchedRule::access_log).unwrap_or_else(|| policy.access_log.clone());
+        let logs = Logs { global: proxy.access_log.clone(), service: service_log };
         // MeshTrace: the context goes into the request now, before it is forwarded.
         let span = policy.tracer.as_ref().and_then(|tracer| tracer.begin(req, proxy.peer));
         let log = (logs.is_on() || span.is_some()).then(|| {
@@ -227,16 +225,14 @@ impl HttpProxy {
         let grpc = is_grpc(req.headers());
         let (route, mut matched) = match routing::route(&snapshot, route, &mut req, grpc) {
             Routed::Forward(route, matched) => (route, matched),
-            Routed::Reply(route, response) => {
+            Routed::Reply(route, response, matched) => {
                 let mut response = *response;
-                RequestCtx::new(route, None, None, &mut req, self).log(&mut response);
+                RequestCtx::new(route, Some(&matched), &mut req, self).log(&mut response);
                 return response;
             }
         };
         drop(snapshot);
-        let dialled = matched.as_ref().and_then(|m| m.dialled_if_not(&route));
-        let rule_level = matched.as_ref().and_then(MatchedRule::policies);
-        let mut ctx = RequestCtx::new(route, dialled, rule_level, &mut req, self);
+        let mut ctx = RequestCtx::new(route, matched.as_ref(), &mut req, self);
         let mut response = match admit(&ctx.route.service) {
             Ok(()) => {
                 if let Some(mirror) = matched.as_mut().and_then(|m| m.mirror.take()) {

@@ -21,8 +21,8 @@ pub(super) enum Routed {
     /// Forward to this route; `rule` is kept for the response's header changes.
     Forward(Route, Option<MatchedRule>),
     /// Answer at once (a redirect, or no usable backend); the route is the service dialled,
-    /// whose access log and metrics count the reply.
-    Reply(Route, Box<Response<ProxyBody>>),
+    /// whose access log (or its rule's route's) and metrics count the reply.
+    Reply(Route, Box<Response<ProxyBody>>, MatchedRule),
 }
 
 /// The rule a request matched, held for the response side.
@@ -37,6 +37,13 @@ impl MatchedRule {
     /// What `to: MeshHTTPRoute` policy items set for the rule's route.
     pub(super) fn policies(&self) -> Option<std::sync::Arc<crate::policy::runtime::RouteLevel>> {
         self.rule()?.policies.clone()
+    }
+
+    /// The access log of the rule's route, when a MeshAccessLog names it: `Some(None)` when its
+    /// conf has no backend (the route's requests are not logged); `None`: the service's applies.
+    pub(super) fn access_log(&self) -> Option<Option<std::sync::Arc<crate::access_log::ServiceLog>>> {
+        self.rule()?.policies.as_ref()?.access_log.as_ref()?;
+        Some(self.route.policy.rule_access_logs.get(self.rule).cloned().flatten())
     }
 
     fn rule(&self) -> Option<&HttpRule> {
@@ -69,7 +76,8 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     if let Some(redirect) = &rule.redirect {
         count(&route, rule_index, rule, None, || "redirect".to_string());
         let reply = redirect_reply(redirect, req, prefix.as_deref());
-        return Routed::Reply(route, Box::new(reply));
+        let matched = MatchedRule { route: route.clone(), rule: rule_index, mirror: None };
+        return Routed::Reply(route, Box::new(reply), matched);
     }
     if let Some(ops) = &rule.request_headers {
         ops.apply(req.headers_mut());
@@ -91,7 +99,7 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
     let Some((position, backend)) = pick(&rule.backends) else {
         let reply =
             reply::local_reply(grpc, Failure::NoHealthyUpstream, "no backend of the matched route can take traffic");
-        return Routed::Reply(route, Box::new(reply));
+        return Routed::Reply(route, Box::new(reply), matched);
     };
     match backend.service.and_then(|i| snapshot.route_by_index(i)) {
         Some(target) => {
@@ -100,7 +108,7 @@ pub(super) fn route(snapshot: &Snapshot, route: Route, req: &mut Request<AppBody
         }
         None => {
             let reply = reply::local_reply(grpc, Failure::NoCluster, "the route's backend is not configured");
-            Routed::Reply(route, Box::new(reply))
+            Routed::Reply(route, Box::new(reply), matched)
         }
     }
 }
