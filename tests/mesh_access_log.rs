@@ -292,3 +292,30 @@ async fn a_mesh_access_log_item_can_name_a_route() {
     let service = wait_for_lines(&service_log, 1).await;
     assert_eq!(service, ["/elsewhere 200"], "the quiet route's request is in neither");
 }
+
+/// A response that ends with trailers over HTTP/1 is logged `ok`: hyper stops reading a body
+/// after its trailers, which an HTTP/1 body does not count as its end, and the line said
+/// `aborted` (DC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_ending_with_trailers_is_complete() {
+    let upstream = http_upstream(None).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("trailers.log");
+    let policy = format!(
+        "type: MeshAccessLog\nname: logs\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default: {{backends: [{{type: File, file: {{path: {}, format: {{type: Plain, plain: '%REQ(:PATH)% %RESPONSE_FLAGS% %BYTES_SENT%'}}}}}}]}}\n",
+        log.display()
+    );
+    let (outbound, _dir, config) = config("trailing", "http", upstream.addr.port(), &policy);
+    let _proxy = start(options(config)).await;
+    let request = http::Request::post("http://trailing.test/with-trailers")
+        .header("te", "trailers")
+        .header("x-trailers", "1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"upload")))
+        .unwrap();
+    let response = h1(outbound).await.send_request(request).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(trailers.get("x-checksum").map(|v| v.as_bytes()), Some(&b"abc"[..]), "the trailers came through");
+    assert_eq!(collected.to_bytes(), "abc");
+    assert_eq!(wait_for_lines(&log, 1).await, ["/with-trailers - 3"]);
+}

@@ -382,6 +382,8 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
     let requests = [
         (web.addr, "POST /upload", "content-length: 5\r\n\r\nhello"),
         (web.addr, "GET /sized", "x-size: 1000\r\n\r\n"),
+        (web.addr, "HEAD /head", "x-size: 1000\r\n\r\n"),
+        (web.addr, "GET /none", "x-status: 204\r\n\r\n"),
         (web.addr, "GET /before", "x-reset: before\r\n\r\n"),
         (web.addr, "GET /mid", "x-reset: mid\r\n\r\n"),
         (refusing, "GET /refused", "\r\n"),
@@ -392,9 +394,9 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
         stream.write_all(head.as_bytes()).await.unwrap();
         read_all(&mut stream).await;
     }
-    eventually("five passthrough lines", Duration::from_secs(10), || {
+    eventually("seven passthrough lines", Duration::from_secs(10), || {
         let log = log.clone();
-        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 5) }
+        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 7) }
     })
     .await;
     let text = std::fs::read_to_string(&log).unwrap();
@@ -415,7 +417,10 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
     let (ok, local_reply) = ("ok".to_string(), "local_reply".to_string());
     let answer = "received: 5\n".len() as u64;
     assert_eq!(summary("POST /upload"), (Some(200), ok.clone(), "-".into(), Some(5), Some(answer)));
-    assert_eq!(summary("GET /sized"), (Some(200), ok, "-".into(), Some(0), Some(1000)));
+    assert_eq!(summary("GET /sized"), (Some(200), ok.clone(), "-".into(), Some(0), Some(1000)));
+    // A body that has ended with its head is never polled: `ok`, not `aborted`.
+    assert_eq!(summary("HEAD /head"), (Some(200), ok.clone(), "-".into(), Some(0), Some(0)));
+    assert_eq!(summary("GET /none"), (Some(204), ok.clone(), "-".into(), Some(0), Some(0)));
     assert_eq!(summary("GET /mid"), (Some(200), "upstream_reset".into(), "UC".into(), Some(0), Some(1000)));
     assert_eq!(summary("GET /before"), (Some(503), local_reply.clone(), "UC".into(), Some(0), Some(0)));
     assert_eq!(summary("GET /refused"), (Some(503), local_reply, "UF".into(), Some(0), Some(0)));

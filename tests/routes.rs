@@ -798,3 +798,26 @@ async fn a_mesh_http_route_is_named_by_labels_or_display_name() {
     let (status, _, _) = ask(outbound, "http://x/other", &[("x-delay-ms", "800")]).await;
     assert_eq!(status, 504, "the service's 300 ms elsewhere");
 }
+
+/// A route's MeshTimeout `streamIdleTimeout` longer than the service's widens the application
+/// connection's silence bound with a request open (the longer of the idle and stream idle
+/// timeouts), so that bound does not cut that route's requests sooner: a request on the route
+/// waiting 1.5 s for its answer, with the service's stream idle timeout at 400 ms and the
+/// connection idle timeout at 300 ms, gets its 200 (the connection was closed at 400 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_stream_idle_timeout_widens_the_connections_silence_bound() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let outbound = free_addr("127.0.0.1");
+    let yaml = [
+        service_with_protocol("quiet", "http", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        "type: MeshHTTPRoute\nname: slow\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: quiet}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /slow}}]\n      default: {}\n".to_string(),
+        "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: MeshExternalService, name: quiet}\n    default: {http: {streamIdleTimeout: 400ms}}\n  - targetRef: {kind: MeshHTTPRoute, name: slow}\n    default: {http: {streamIdleTimeout: 5s}}\n".to_string(),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.timeouts.idle = std::time::Duration::from_millis(300);
+    let _proxy = start(opts).await;
+    let (status, _, _) = ask(outbound, "http://x/slow/a", &[("x-delay-ms", "1500")]).await;
+    assert_eq!(status, 200, "the route's 5 s stream idle timeout bounds the connection's silence");
+}

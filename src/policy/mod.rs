@@ -825,8 +825,11 @@ spec:
         assert_eq!(Role::of(&shop, []), Role::WorkloadOwner);
         assert_eq!(Role::of(&meta(None), [&route]), Role::System, "Universal");
         assert_eq!(Role::of(&meta(Some("kuma-system")), [&route]), Role::System);
-        assert!(Role::mixed(&shop, [&route, &to("Mesh", None, None)]));
-        assert!(!Role::mixed(&meta(None), [&route, &to("Mesh", None, None)]));
+        let mesh = to("Mesh", None, None);
+        assert!(Role::refused(&shop, [&route, &mesh], false).is_some_and(|m| m.contains("producer and consumer")));
+        assert!(Role::refused(&shop, [&mesh], true).is_some_and(|m| m.contains("'to' and 'from'")));
+        assert_eq!(Role::refused(&shop, [&mesh], false), None);
+        assert_eq!(Role::refused(&meta(None), [&route, &mesh], true), None, "Universal: no role to compute");
     }
 
     #[test]

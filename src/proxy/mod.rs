@@ -175,9 +175,16 @@ impl Proxy {
                 proxy.set_header_read_timeout(t);
             }
             // MeshTimeout `http.streamIdleTimeout`: also how long the connection may be silent
-            // with a request open.
+            // with a request open, for the longest of the service's routes' too.
             if let Some(t) = policy.timeouts.stream_idle {
                 proxy.set_stream_idle_timeout(t);
+            }
+            let rules = route.service.routes.as_ref().and_then(|r| r.http.as_ref()).map_or(&[][..], |t| &t.rules);
+            for rule in rules {
+                let level = rule.policies.as_ref().and_then(|l| l.timeouts.as_ref());
+                if let Some(t) = level.and_then(|t| t.stream_idle) {
+                    proxy.widen_for_route(t);
+                }
             }
             // Each request finds its route again: the connection keeps none, so a reload that
             // drops or replaces the service frees the old one (and stops its health checks).

@@ -686,7 +686,7 @@ impl Role {
     /// The `kuma.io/policy-role` label when set; else what Kuma's webhook computes
     /// (`ComputePolicyRole`): a Universal policy or one in the system namespace is `system`; one
     /// with `to` items is `producer` when each names a MeshService or MeshHTTPRoute by name in the
-    /// policy's own namespace, else `consumer` (validation refuses a mix: [`Role::mixed`]); the
+    /// policy's own namespace, else `consumer` (validation refuses a mix: [`Role::refused`]); the
     /// rest are `workload-owner`.
     pub fn of<'a>(meta: &Meta, to: impl IntoIterator<Item = &'a TargetRef>) -> Self {
         match meta.labels.get(LABEL_POLICY_ROLE).map(String::as_str) {
@@ -706,11 +706,20 @@ impl Role {
         }
     }
 
-    /// A namespaced policy whose `to` items are producer and consumer items both, which Kuma's
-    /// webhook refuses.
-    pub fn mixed<'a>(meta: &Meta, to: impl IntoIterator<Item = &'a TargetRef>) -> bool {
-        let namespace = meta.labels.get(LABEL_NAMESPACE).filter(|ns| *ns != SYSTEM_NAMESPACE);
-        namespace.is_some_and(|ns| matches!(producer_items(ns, to), (1.., 1..)))
+    /// What Kuma's webhook refuses in a namespaced policy (outside the system namespace), in
+    /// its words: `to` and `from` both, or `to` items that are producer and consumer items both.
+    pub fn refused<'a>(
+        meta: &Meta,
+        to: impl IntoIterator<Item = &'a TargetRef>,
+        has_from: bool,
+    ) -> Option<&'static str> {
+        let namespace = meta.labels.get(LABEL_NAMESPACE).filter(|ns| *ns != SYSTEM_NAMESPACE)?;
+        match producer_items(namespace, to) {
+            (0, 0) => None,
+            _ if has_from => Some("it's not allowed to mix 'to' and 'from' arrays in the same policy"),
+            (1.., 1..) => Some("it's not allowed to mix producer and consumer items in the same policy"),
+            _ => None,
+        }
     }
 }
 
@@ -740,8 +749,9 @@ pub(super) fn validate(policy: &Policy, meta: &Meta, v: &mut Violations<'_>) {
         v.error("spec.default", format!("unknown field `default`: {} sets `default` per item", policy.kind.as_str()));
     }
     let system = Role::of(meta, policy.spec.to_refs()) == Role::System;
-    if Role::mixed(meta, policy.spec.to_refs()) {
-        v.error("spec.to", "it's not allowed to mix producer and consumer items in the same policy");
+    let has_from = policy.spec.from.as_ref().is_some_and(|from| !from.is_empty());
+    if let Some(message) = Role::refused(meta, policy.spec.to_refs(), has_from) {
+        v.error("spec.to", message);
     }
     let spec = &policy.spec;
     let kind = policy.kind;

@@ -27,7 +27,13 @@ pub(super) fn resource(r: &Resource, out: &mut Diagnostics) {
         Kind::HostnameGenerator(spec) => hostname_generator(spec, &mut v),
         Kind::Dataplane(spec) => dataplane(spec, &mut v),
         Kind::Policy(policy) => super::policy::validate(policy, &r.meta, &mut v),
-        Kind::Route(route) => super::route::validate(route, &mut v),
+        Kind::Route(route) => {
+            super::route::validate(route, &mut v);
+            let to = route.spec.to.iter().flatten().map(|to| &to.target_ref);
+            if let Some(message) = super::policy::Role::refused(&r.meta, to, false) {
+                v.error("spec.to", message);
+            }
+        }
         Kind::Mesh(_) | Kind::Secret(_) => {}
     }
 }

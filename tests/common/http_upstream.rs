@@ -1,5 +1,6 @@
 //! An HTTP/1.1 + h2c (optionally TLS) upstream whose behaviour is set by request headers:
-//! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-challenge`
+//! `x-status`, `x-delay-ms`, `x-size` (streamed body), `x-reset: before|mid`, `x-trailers`
+//! (a body then trailers), `x-challenge`
 //! (answers with `Proxy-Authenticate`), `x-fail-first: <n>` with `x-key: <k>` (the first n
 //! requests with that key get `x-fail-status`, default 503, and `x-fail-header` as a response
 //! header, after `x-fail-delay-ms` and after reading the whole body; later ones succeed; every response says `x-attempt`), `x-drip: <n>` (n one-byte
@@ -157,6 +158,16 @@ async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxB
             Some((Ok(Frame::data(Bytes::from_static(b"."))), i + 1))
         });
         return Ok(Response::builder().body(StreamBody::new(chunks).boxed()).unwrap());
+    }
+    if header(&req, "x-trailers").is_some() {
+        // Chunked (HTTP/1, when the request said `TE: trailers`): a data frame, then trailers.
+        count_body(req.into_body()).await?;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let frames = stream::iter([Ok(Frame::data(Bytes::from_static(b"abc"))), Ok(Frame::trailers(trailers))]);
+        // hyper sends only the trailers the head declares.
+        let builder = Response::builder().header(http::header::TRAILER, "x-checksum");
+        return Ok(builder.body(StreamBody::new(frames).boxed()).unwrap());
     }
     if header(&req, "x-reset") == Some("before") {
         return Err(std::io::Error::other("reset before the response"));

@@ -190,7 +190,7 @@ pub enum ProxyBody {
     /// The proxy's own answer; `Some` says why it could not forward the request.
     Local(Full<Bytes>, Option<Failure>),
     /// A passthrough response, as the destination sends it.
-    Passthrough(Box<super::passthrough::PassthroughBody>),
+    Passthrough(super::passthrough::PassthroughBody),
 }
 
 impl ProxyBody {
@@ -206,7 +206,7 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let up = match self.get_mut() {
             Self::Local(full, _) => return Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
-            Self::Passthrough(body) => return Pin::new(&mut **body).poll_frame(cx).map_err(Cut::from),
+            Self::Passthrough(body) => return Pin::new(body).poll_frame(cx).map_err(Cut::from),
             Self::Upstream(up) => up,
         };
         if up.finished {
@@ -251,7 +251,8 @@ impl Body for ProxyBody {
             }
             Poll::Ready(Some(Ok(f))) => {
                 up.received += f.data_ref().map_or(0, |d| d.len() as u64);
-                up.body.is_end_stream()
+                // An HTTP/1 body does not count its trailers as its end; hyper stops after them.
+                f.is_trailers() || up.body.is_end_stream()
             }
             _ => false,
         };

@@ -523,13 +523,15 @@ fn request_body_failed(error: &SendError) -> bool {
     matches!(error, SendError::Hyper(error) if application_body_failed(error))
 }
 
-/// hyper's client failed because the application's body did: its error (a passthrough
-/// request's body), or a [`BodyError::App`] (a service's), is the client error's source.
+/// hyper's client failed because the application's body did (a user body error): its error
+/// (a passthrough request's body), or a [`BodyError::App`] (a service's), is the source. Not a
+/// cancelled request (a reused connection that failed), whose source is a `hyper::Error` too.
 pub(super) fn application_body_failed(error: &hyper::Error) -> bool {
-    std::error::Error::source(error).is_some_and(|source| {
-        source.is::<hyper::Error>()
-            || source.downcast_ref::<BodyError>().is_some_and(|b| matches!(b, BodyError::App(_)))
-    })
+    error.is_user()
+        && std::error::Error::source(error).is_some_and(|source| {
+            source.is::<hyper::Error>()
+                || source.downcast_ref::<BodyError>().is_some_and(|b| matches!(b, BodyError::App(_)))
+        })
 }
 
 /// A pooled connection idle this long may be closed by the endpoint as it is reused.

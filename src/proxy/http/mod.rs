@@ -87,7 +87,12 @@ pub struct HttpProxy {
     connections: Arc<Connections>,
     /// `Upgrade` protocols passed through as tunnels (`--upgrade-protocols`).
     upgrades: Arc<[String]>,
+    /// The connection's timeouts; its `stream_idle` bounds its silence with a request open, the
+    /// longest of the service's and its routes' ([`HttpProxy::widen_for_route`]).
     timeouts: ConnectionTimeouts,
+    /// A request's stream idle timeout when neither its route nor its service sets one: the
+    /// flag's (zero: off).
+    stream_idle: Duration,
     limits: HttpLimits,
     /// Streams cancelled before their answer (rapid reset).
     resets: resets::ResetBudget,
@@ -105,6 +110,7 @@ impl HttpProxy {
             connections: proxy.connections.clone(),
             upgrades: proxy.settings.upgrade_protocols.clone(),
             timeouts: proxy.settings.timeouts,
+            stream_idle: proxy.settings.timeouts.stream_idle,
             limits: proxy.settings.http_limits,
             resets: resets::ResetBudget::default(),
         }
@@ -118,6 +124,16 @@ impl HttpProxy {
     /// The service's stream idle timeout (zero: off), for its requests and its connections.
     pub fn set_stream_idle_timeout(&mut self, timeout: Duration) {
         self.timeouts.stream_idle = timeout;
+        self.stream_idle = timeout;
+    }
+
+    /// A route of the service sets its requests' stream idle timeout (zero: off): the
+    /// connection's silence bound with a request open never cuts one sooner.
+    pub fn widen_for_route(&mut self, stream_idle: Duration) {
+        let current = self.timeouts.stream_idle;
+        if !current.is_zero() {
+            self.timeouts.stream_idle = if stream_idle.is_zero() { stream_idle } else { current.max(stream_idle) };
+        }
     }
 }
 

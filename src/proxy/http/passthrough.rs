@@ -34,32 +34,28 @@ pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No rout
 const UNRESOLVED: &str =
     "mesh-egress: the MeshPassthrough rule allows this domain, but it does not resolve to a usable address\n";
 
-/// A passthrough request's access-log line: written when its response body ends (or is
-/// dropped: `aborted`), at once for the proxy's own reply, or as `cancelled` when the request
-/// is dropped before its response head (the application went away).
+/// A passthrough request's access-log line, written when it is dropped: with its response body
+/// ([`PassthroughBody`]), at once for the proxy's own reply, or before the response head (the
+/// application went away: `cancelled`).
 struct PendingLine {
     log: AccessLog,
     record: Option<Record>,
     started: std::time::Instant,
     /// Request body bytes, counted as they pass ([`CountedBody`]).
     sent: Arc<AtomicU64>,
-}
-
-impl PendingLine {
-    fn finish(&mut self, outcome: &'static str, received: u64) {
-        if let Some(mut record) = self.record.take() {
-            record.outcome = outcome;
-            record.bytes_sent = self.sent.load(Ordering::Relaxed);
-            record.bytes_received = received;
-            record.duration = self.started.elapsed();
-            self.log.log(Arc::new(record));
-        }
-    }
+    received: u64,
+    outcome: &'static str,
 }
 
 impl Drop for PendingLine {
     fn drop(&mut self) {
-        self.finish("cancelled", 0);
+        if let Some(mut record) = self.record.take() {
+            record.outcome = self.outcome;
+            record.bytes_sent = self.sent.load(Ordering::Relaxed);
+            record.bytes_received = self.received;
+            record.duration = self.started.elapsed();
+            self.log.log(Arc::new(record));
+        }
     }
 }
 
@@ -91,31 +87,33 @@ impl Body for CountedBody {
     }
 }
 
-/// A passthrough response body as the destination sends it, counted; the request's access-log
-/// line, when the log is on, is written as it ends, with a service's outcomes: `ok` once every
-/// frame has passed, `upstream_reset` when the destination cut it, `aborted` when the
-/// application went away first.
+/// A passthrough response body as the destination sends it. With the access log on, it is
+/// counted and carries its request's line, written when it is dropped, with a service's
+/// outcomes: `ok` once every frame has passed (or there was none), `upstream_reset` when the
+/// destination cut it, `aborted` when the application went away first.
 pub struct PassthroughBody {
     body: Incoming,
-    received: u64,
-    outcome: &'static str,
-    line: Option<PendingLine>,
+    line: Option<Box<PendingLine>>,
 }
 
 impl Body for PassthroughBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        match &frame {
-            None => self.outcome = "ok",
-            Some(Err(_)) => self.outcome = "upstream_reset",
-            Some(Ok(data)) => {
-                self.received += data.data_ref().map_or(0, |d| d.len() as u64);
-                // hyper stops polling once a body says it has ended.
-                if self.body.is_end_stream() {
-                    self.outcome = "ok";
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if let Some(line) = this.line.as_mut() {
+            match &frame {
+                None => line.outcome = "ok",
+                Some(Err(_)) => line.outcome = "upstream_reset",
+                Some(Ok(frame)) => {
+                    line.received += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    // hyper stops polling once a body says it has ended, and after trailers
+                    // (which an HTTP/1 body does not count as its end).
+                    if frame.is_trailers() || this.body.is_end_stream() {
+                        line.outcome = "ok";
+                    }
                 }
             }
         }
@@ -128,14 +126,6 @@ impl Body for PassthroughBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
-    }
-}
-
-impl Drop for PassthroughBody {
-    fn drop(&mut self) {
-        if let Some(line) = self.line.as_mut() {
-            line.finish(self.outcome, self.received);
-        }
     }
 }
 
@@ -201,6 +191,8 @@ impl PassthroughHttp {
             record: Some(Record::http(service, protocol, self.peer, &req)),
             started: std::time::Instant::now(),
             sent: Arc::default(),
+            received: 0,
+            outcome: "cancelled",
         };
         let mut target = None;
         let mut response = self.answer(req, &mut target, Some(line.sent.clone())).await;
@@ -210,15 +202,18 @@ impl PassthroughHttp {
             record.endpoint = target.map(|t| t.to_string());
         }
         match response.body_mut() {
-            ProxyBody::Passthrough(body) => body.line = Some(line),
+            ProxyBody::Passthrough(body) => {
+                // A body that has ended already (HEAD, 204, 304, no content) is never polled.
+                line.outcome = if body.body.is_end_stream() { "ok" } else { "aborted" };
+                body.line = Some(Box::new(line));
+            }
             ProxyBody::Local(_, failure) => {
-                let failure = *failure;
+                line.outcome = if failure.is_some() { "local_reply" } else { "ok" };
                 if let (Some(record), Some(failure)) = (line.record.as_mut(), failure) {
                     record.flag = Some(failure.flag());
                 }
-                line.finish(if failure.is_some() { "local_reply" } else { "ok" }, 0);
             }
-            ProxyBody::Upstream(_) => line.finish("ok", 0),
+            ProxyBody::Upstream(_) => line.outcome = "ok",
         }
         response
     }
@@ -305,8 +300,7 @@ impl PassthroughHttp {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = PassthroughBody { body, received: 0, outcome: "aborted", line: None };
-                Response::from_parts(parts, ProxyBody::Passthrough(Box::new(body)))
+                Response::from_parts(parts, ProxyBody::Passthrough(PassthroughBody { body, line: None }))
             }
             Err(error) => {
                 tracing::debug!(peer = %self.peer, %target, %error, "passthrough request failed");

@@ -75,7 +75,7 @@ impl RequestCtx {
         // A route's conf always sets the request timeout (its own, else the default), its stream
         // idle timeout only when it has one (Kuma's `ConfigureRouteAction`): else the service's.
         let stream_idle = timeouts.stream_idle.or(policy.timeouts.stream_idle);
-        let stream_idle = Some(stream_idle.unwrap_or(proxy.timeouts.stream_idle)).filter(|d| !d.is_zero());
+        let stream_idle = Some(stream_idle.unwrap_or(proxy.stream_idle)).filter(|d| !d.is_zero());
         let service_log = matched.and_then(MatchedRule::access_log).unwrap_or_else(|| policy.access_log.clone());
         let logs = Logs { global: proxy.access_log.clone(), service: service_log };
         // MeshTrace: the context goes into the request now, before it is forwarded.
