@@ -320,11 +320,18 @@ async fn an_address_as_host_goes_to_that_address() {
     }
 }
 
-/// Passthrough HTTP requests have their lines in `--access-log` (service `passthrough`): the
-/// allowed one with its endpoint, the one no rule allows as the proxy's own 503, the one the
-/// application gave up on as `cancelled`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passthrough_http_requests_are_in_the_access_log() {
+/// A proxy whose MeshPassthrough allows `web.test` (HTTP, any port), which a DNS server of the
+/// test's own resolves to a web upstream on [`ALLOWED`], with a JSON `--access-log`.
+struct LoggedWeb {
+    web: common::http_upstream::HttpUpstream,
+    log: std::path::PathBuf,
+    proxy: Server,
+    injected: Arc<InjectedOriginalDst>,
+    _dns: DnsServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn logged_web() -> LoggedWeb {
     use mesh_egress::access_log::{AccessLog, Destination, Format};
     let dns = dns_server(30).await;
     dns.set("web.test", ALLOWED);
@@ -336,6 +343,15 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
     opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
     let (proxy, injected) = start_transparent(opts).await;
+    LoggedWeb { web, log, proxy, injected, _dns: dns, _dir: dir }
+}
+
+/// Passthrough HTTP requests have their lines in `--access-log` (service `passthrough`): the
+/// allowed one with its endpoint, the one no rule allows as the proxy's own 503, the one the
+/// application gave up on as `cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_http_requests_are_in_the_access_log() {
+    let LoggedWeb { web, log, proxy, injected, _dns, _dir } = logged_web().await;
     let stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
     let responses = http1(stream, &[("web.test", "/allowed"), ("other.test", "/denied")]).await;
     assert!(responses[0].0.contains(" 200 ") && responses[1].0.contains(" 503 "), "{responses:?}");
@@ -367,18 +383,8 @@ async fn passthrough_http_requests_are_in_the_access_log() {
 /// line had 0 bytes and `ok`, and every failure UF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_lines_carry_body_bytes_and_what_failed() {
-    use mesh_egress::access_log::{AccessLog, Destination, Format};
-    let dns = dns_server(30).await;
-    dns.set("web.test", ALLOWED);
-    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let LoggedWeb { web, log, proxy, injected, _dns, _dir } = logged_web().await;
     let refusing = std::net::TcpListener::bind(SocketAddr::new(ALLOWED.into(), 0)).unwrap().local_addr().unwrap();
-    let policy = "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    appendMatch:\n      - {type: Domain, value: web.test, protocol: http}\n";
-    let (dir, config) = config_dir(policy);
-    let log = dir.path().join("access.log");
-    let mut opts = options(config);
-    opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
-    opts.access_log = Some(AccessLog::start(Destination::File(log.clone()), Format::Json).unwrap());
-    let (proxy, injected) = start_transparent(opts).await;
     let requests = [
         (web.addr, "POST /upload", "content-length: 5\r\n\r\nhello"),
         (web.addr, "GET /sized", "x-size: 1000\r\n\r\n"),
