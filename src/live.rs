@@ -29,6 +29,8 @@ pub struct Snapshot {
     /// Each upstream's policy as this configuration set it; indexed the same way.
     policies: Vec<Arc<UpstreamPolicy>>,
     tls: TlsClients,
+    /// MeshAccessLog backends of passthrough connections and requests.
+    pub passthrough_log: Option<Arc<crate::access_log::ServiceLog>>,
     /// Each worker's routes, made on its first request to each service (slot 0: every other
     /// thread): a request clones its own worker's, never an `Arc` every worker writes.
     local: Box<[Line<OnceLock<WorkerRoutes>>]>,
@@ -262,7 +264,9 @@ impl Snapshot {
             })
             .unzip();
         let local = std::iter::repeat_with(Line::default).take(worker::slots()).collect();
-        Self { catalog, upstreams, policies, tls, local }
+        let passthrough_log =
+            catalog.passthrough_access_log().and_then(|plan| crate::access_log::ServiceLog::start("passthrough", plan));
+        Self { catalog, upstreams, policies, tls, passthrough_log, local }
     }
 
     /// The route of the service at `index` in the catalog (a route's backend).

@@ -456,3 +456,51 @@ async fn a_passthrough_request_is_held_to_the_request_timeout() {
     let responses = http1(stream, &[(&host, "/quick")]).await;
     assert!(responses[0].0.contains(" 200 "), "{responses:?}");
 }
+
+/// MeshAccessLog `to: Mesh` items log passthrough traffic too, as Kuma configures them on its
+/// passthrough listeners: destination service `external`; HTTP requests with their path,
+/// status, flags and the headers the format reads; TCP connections, and by default Kuma's TCP
+/// format. Before, only `--access-log` logged passthrough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_access_log_logs_passthrough_traffic() {
+    let dns = dns_server(30).await;
+    dns.set("web.test", ALLOWED);
+    let web = http_upstream_on(SocketAddr::new(ALLOWED.into(), 0), None).await;
+    let echo = echo_server("127.0.0.4:0".parse().unwrap(), "echo").await;
+    let logs = tempfile::tempdir().unwrap();
+    let (plain, default) = (logs.path().join("plain.log"), logs.path().join("default.log"));
+    let yaml = format!(
+        "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    passthroughMode: Matched\n    appendMatch:\n      - {{type: Domain, value: web.test, protocol: http}}\n      - {{type: IP, value: 127.0.0.4, protocol: tcp}}\n---\ntype: MeshAccessLog\nname: all\nmesh: default\nspec:\n  to:\n  - targetRef: {{kind: Mesh}}\n    default:\n      backends:\n      - {{type: File, file: {{path: {}, format: {{type: Plain, plain: '%KUMA_DESTINATION_SERVICE% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(X-TAG)% %RESP(X-UPSTREAM-CONN)% %BYTES_RECEIVED%'}}}}}}\n      - {{type: File, file: {{path: {}}}}}\n",
+        plain.display(),
+        default.display()
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.upstream.resolver = ResolverSource::new(vec![dns.addr]);
+    let (proxy, injected) = start_transparent(opts).await;
+    let mut stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    let request = "GET /logged HTTP/1.1\r\nHost: web.test\r\nx-tag: t1\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    assert!(read_all(&mut stream).await.starts_with("HTTP/1.1 200"));
+    let mut stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;
+    stream.write_all(b"GET /denied HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    assert!(read_all(&mut stream).await.starts_with("HTTP/1.1 503"));
+    let mut stream = injected.connect(proxy.transparent_addr().unwrap(), echo.addr).await;
+    stream.write_all(b"ping").await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut stream).await, "echo\nping<eof>");
+
+    let lines = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map(|t| t.lines().map(str::to_string).collect::<Vec<_>>()).unwrap_or_default()
+    };
+    eventually("three lines in each file", Duration::from_secs(10), || async {
+        lines(&plain).len() >= 3 && lines(&default).len() >= 3
+    })
+    .await;
+    let plain = lines(&plain);
+    assert_eq!(plain[0], "external /logged 200 - t1 1 0", "{plain:?}");
+    assert_eq!(plain[1], "external /denied 503 NR - - 0", "{plain:?}");
+    assert_eq!(plain[2], "external - 0 - - - 4", "{plain:?}");
+    let tcp = &lines(&default)[2];
+    assert!(tcp.contains(&format!("->{}(external) took ", echo.addr)) && tcp.ends_with("received: 4 bytes"), "{tcp}");
+}

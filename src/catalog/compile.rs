@@ -289,6 +289,7 @@ fn apply_policies(
     }
     catalog.ignored_policies = set.ignored().iter().chain(&route_set.ignored).cloned().collect();
     catalog.passthrough = Arc::new(set.passthrough().clone());
+    catalog.passthrough_access_log = set.passthrough_access_log();
 }
 
 /// Points each route backend at the catalog's service it names (same mesh, by name or labels).

@@ -23,6 +23,7 @@ pub use crate::model::{
 
 use crate::policy::passthrough::Passthrough;
 use crate::policy::routes::ServiceRoutes;
+use crate::policy::runtime::AccessLogPlan;
 use crate::policy::{Effective, Ignored};
 use crate::resources::{Labels, Origin};
 
@@ -91,12 +92,18 @@ pub struct Catalog {
     outbounds: Vec<Outbound>,
     ignored_policies: Vec<Ignored>,
     passthrough: Arc<Passthrough>,
+    passthrough_access_log: Option<AccessLogPlan>,
 }
 
 impl Catalog {
     /// MeshPassthrough, merged: what the transparent listener does with other destinations.
     pub fn passthrough(&self) -> &Arc<Passthrough> {
         &self.passthrough
+    }
+
+    /// MeshAccessLog for passthrough connections and requests (the mesh's `to: Mesh` items).
+    pub fn passthrough_access_log(&self) -> Option<&AccessLogPlan> {
+        self.passthrough_access_log.as_ref()
     }
 
     /// Policies that select no part of this sidecar, and why.

@@ -50,6 +50,9 @@ pub struct Source {
     pub item: String,
 }
 
+/// `%KUMA_DESTINATION_SERVICE%` of passthrough traffic, as Kuma sets it.
+pub const PASSTHROUGH_DESTINATION: &str = "external";
+
 /// This sidecar's Dataplane, as `%KUMA_SOURCE_SERVICE%` and `%KUMA_SOURCE_ADDRESS%` name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceDataplane {
@@ -525,12 +528,36 @@ impl PolicySet {
             }
         }
         if effective.mesh_access_log.is_some() || effective.mesh_trace.is_some() {
-            effective.source = self.proxies.dataplanes.iter().find(|d| d.mesh == service.mesh).map(|d| {
-                let service = d.inbound_tags.iter().find_map(|tags| tags.get("kuma.io/service")).cloned();
-                SourceDataplane { name: d.name.clone(), address: d.address.clone(), service }
-            });
+            effective.source = self.source(service.mesh);
         }
         effective
+    }
+
+    /// This sidecar's Dataplane of `mesh`, for the values the access log and traces carry.
+    fn source(&self, mesh: &str) -> Option<SourceDataplane> {
+        self.proxies.dataplanes.iter().find(|d| d.mesh == mesh).map(|d| {
+            let service = d.inbound_tags.iter().find_map(|tags| tags.get("kuma.io/service")).cloned();
+            SourceDataplane { name: d.name.clone(), address: d.address.clone(), service }
+        })
+    }
+
+    /// MeshAccessLog for passthrough traffic: the merge of the `to: Mesh` items of this
+    /// sidecar's mesh (its first Dataplane's, else `default`), as Kuma computes it for the
+    /// transparent proxy's passthrough listeners (`kuma.io/service: pass_through`, which no
+    /// MeshExternalService item names): destination service `external`, Kuma's TCP format by
+    /// default. `None`: no item, or no backend.
+    pub fn passthrough_access_log(&self) -> Option<runtime::AccessLogPlan> {
+        let mesh = self.proxies.dataplanes.first().map_or("default", |d| d.mesh.as_str());
+        let mut merged: Option<serde_json::Value> = None;
+        let mesh_items = self.entries.iter().filter(|e| {
+            e.kind == PolicyKind::MeshAccessLog && e.mesh == mesh && matches!(e.target_ref.kind.as_str(), "Mesh" | "")
+        });
+        for e in mesh_items {
+            json_patch::merge(merged.get_or_insert_with(|| serde_json::Value::Object(Default::default())), &e.default);
+        }
+        let conf: AccessLogConf = serde_json::from_value(merged?).ok()?;
+        let effective = Effective { source: self.source(mesh), ..Effective::default() };
+        effective.access_log_of(&conf, mesh, PASSTHROUGH_DESTINATION, Protocol::Tcp, "")
     }
 
     /// What `to: MeshHTTPRoute` items of MeshTimeout, MeshRetry and MeshAccessLog set for the

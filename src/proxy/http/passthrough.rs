@@ -21,10 +21,11 @@ use hyper::client::conn::{http1, http2};
 use super::body::ProxyBody;
 use super::grpc::is_grpc;
 use super::reply::{self, Failure};
+use super::request::{capture_request, capture_response};
 use super::resets::ResetBudget;
 use super::rewrite::{self, strip_hop_by_hop};
 use super::{ConnectionTimeouts, Handler};
-use crate::access_log::{AccessLog, Record};
+use crate::access_log::{Logs, Record};
 use crate::metrics::metrics;
 use crate::proxy::{passthrough, Proxy};
 use crate::upstream::{AppBody, TargetAddr, UpstreamStream};
@@ -38,7 +39,7 @@ const UNRESOLVED: &str =
 /// ([`PassthroughBody`]), at once for the proxy's own reply, or before the response head (the
 /// application went away: `cancelled`).
 struct PendingLine {
-    log: AccessLog,
+    logs: Logs,
     record: Option<Record>,
     started: std::time::Instant,
     /// Request body bytes, counted as they pass ([`CountedBody`]).
@@ -54,7 +55,7 @@ impl Drop for PendingLine {
             record.bytes_sent = self.sent.load(Ordering::Relaxed);
             record.bytes_received = self.received;
             record.duration = self.started.elapsed();
-            self.log.log(Arc::new(record));
+            self.logs.log(record);
         }
     }
 }
@@ -181,14 +182,19 @@ impl PassthroughHttp {
     }
 
     /// The request's phases, and its line in the process's access log (service `passthrough`,
-    /// as its TCP connections), written as its response ends.
+    /// as its TCP connections) and the mesh's MeshAccessLog, written as its response ends.
     async fn phases(&self, req: Request<AppBody>) -> Response<ProxyBody> {
-        let Some(log) = self.proxy.access_log.clone() else { return self.answer(req, &mut None, None).await };
+        let logs = self.proxy.passthrough_logs();
+        if !logs.is_on() {
+            return self.answer(req, &mut None, None).await;
+        }
         let protocol = if req.version() == Version::HTTP_2 { "http2" } else { "http" };
         let service = Arc::from(passthrough::PASSTHROUGH_SERVICE);
+        let headers = logs.service.as_ref().map(|service| capture_request(&req, service));
+        let record = Record { headers, ..Record::http(service, protocol, self.peer, &req) };
         let mut line = PendingLine {
-            log,
-            record: Some(Record::http(service, protocol, self.peer, &req)),
+            logs,
+            record: Some(record),
             started: std::time::Instant::now(),
             sent: Arc::default(),
             received: 0,
@@ -200,6 +206,9 @@ impl PassthroughHttp {
             record.time = std::time::SystemTime::now();
             record.status = Some(response.status().as_u16());
             record.endpoint = target.map(|t| t.to_string());
+            if let Some(service) = line.logs.service.as_ref() {
+                capture_response(record, service, &response);
+            }
         }
         match response.body_mut() {
             ProxyBody::Passthrough(body) => {

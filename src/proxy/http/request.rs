@@ -143,12 +143,8 @@ impl RequestCtx {
         if let Some(mut pending) = self.log.take() {
             pending.record.time = SystemTime::now();
             pending.record.status = Some(status);
-            if let (Some(headers), Some(service)) = (pending.record.headers.as_mut(), pending.log.service.as_ref()) {
-                for name in &service.response_headers {
-                    if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
-                        headers.response.insert(name.as_str().to_string(), value.to_string());
-                    }
-                }
+            if let Some(service) = pending.log.service.as_ref() {
+                capture_response(&mut pending.record, service, response);
             }
             match response.body_mut() {
                 ProxyBody::Upstream(body) => body.log = Some(pending),
@@ -174,7 +170,17 @@ impl Drop for RequestCtx {
 }
 
 /// The request headers the service's MeshAccessLog formats read, and the pseudo-headers.
-fn capture_request(req: &Request<AppBody>, log: &ServiceLog) -> Box<Headers> {
+/// The response headers `log`'s formats read, into a record that captured its request's.
+pub(super) fn capture_response(record: &mut Record, log: &ServiceLog, response: &Response<ProxyBody>) {
+    let Some(headers) = record.headers.as_mut() else { return };
+    for name in &log.response_headers {
+        if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
+            headers.response.insert(name.as_str().to_string(), value.to_string());
+        }
+    }
+}
+
+pub(super) fn capture_request(req: &Request<AppBody>, log: &ServiceLog) -> Box<Headers> {
     let mut headers = Headers::default();
     let uri = req.uri();
     headers.request.insert(":method".into(), req.method().to_string());

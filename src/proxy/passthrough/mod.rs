@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::{copy, Proxy, ProxySettings};
-use crate::access_log::Record;
+use crate::access_log::{Logs, Record};
 use crate::live::Snapshot;
 use crate::metrics::metrics;
 use crate::policy::passthrough::Allowed;
@@ -167,10 +167,20 @@ async fn tunnel(
         }
     };
     tracing::debug!(%peer, %target, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, outcome, "passthrough closed");
-    if let Some(log) = &proxy.access_log {
+    let logs = proxy.passthrough_logs();
+    if logs.is_on() {
         let endpoint = (outcome != "connect_failed").then(|| target.to_string());
         let bytes = (bytes.client_to_upstream, bytes.upstream_to_client);
-        log.log(Arc::new(Record::tcp(Arc::from(PASSTHROUGH_SERVICE), peer, endpoint, outcome, bytes, started)));
+        logs.log(Record::tcp(Arc::from(PASSTHROUGH_SERVICE), peer, endpoint, outcome, bytes, started));
+    }
+}
+
+impl Proxy {
+    /// Where passthrough traffic is logged: `--access-log`, and the backends of the mesh's
+    /// MeshAccessLog `to: Mesh` items (as Kuma logs its passthrough listeners), as the current
+    /// configuration has them.
+    pub(crate) fn passthrough_logs(&self) -> Logs {
+        Logs { global: self.access_log.clone(), service: self.live.load().passthrough_log.clone() }
     }
 }
 
