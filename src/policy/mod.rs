@@ -545,13 +545,17 @@ impl PolicySet {
     /// sidecar's mesh (its first Dataplane's, else `default`), as Kuma computes it for the
     /// transparent proxy's passthrough listeners (`kuma.io/service: pass_through`, which no
     /// MeshExternalService item names): destination service `external`, Kuma's TCP format by
-    /// default. `None`: no item, or no backend.
+    /// default. A policy with a `MeshHTTPRoute` item is left out, as Kuma's legacy rules leave it
+    /// out. `None`: no item, or no backend.
     pub fn passthrough_access_log(&self) -> Option<runtime::AccessLogPlan> {
         let mesh = self.proxies.dataplanes.first().map_or("default", |d| d.mesh.as_str());
         let mut merged: Option<serde_json::Value> = None;
-        let mesh_items = self.entries.iter().filter(|e| {
-            e.kind == PolicyKind::MeshAccessLog && e.mesh == mesh && matches!(e.target_ref.kind.as_str(), "Mesh" | "")
-        });
+        let of_kind = || self.entries.iter().filter(|e| e.kind == PolicyKind::MeshAccessLog && e.mesh == mesh);
+        // Kuma's legacy rules (`legacyBuildToRules`) leave out a policy with a route item.
+        let with_routes: Vec<&str> =
+            of_kind().filter(|e| e.target_ref.kind == "MeshHTTPRoute").map(|e| e.policy.as_str()).collect();
+        let mesh_items = of_kind()
+            .filter(|e| matches!(e.target_ref.kind.as_str(), "Mesh" | "") && !with_routes.contains(&e.policy.as_str()));
         for e in mesh_items {
             json_patch::merge(merged.get_or_insert_with(|| serde_json::Value::Object(Default::default())), &e.default);
         }
@@ -826,6 +830,35 @@ spec:
         // Items that all name a route of the policy's namespace make it a producer policy (Kuma's
         // `ComputePolicyRole`), which selects proxies of every namespace.
         assert_eq!(set.ignored().iter().map(|i| i.policy.as_str()).collect::<Vec<_>>(), ["default/other-team"]);
+    }
+
+    /// Passthrough is logged by the merge of the mesh's `to: Mesh` MeshAccessLog items, leaving
+    /// out a policy with a route item as Kuma's legacy rules do.
+    #[test]
+    fn passthrough_is_logged_by_the_mesh_items_of_policies_without_route_items() {
+        let (_, set) = set(r#"
+type: MeshAccessLog
+name: everything
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    default: {backends: [{type: File, file: {path: /tmp/all.log}}]}
+---
+type: MeshAccessLog
+name: a-routes
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    default: {backends: [{type: File, file: {path: /tmp/routes.log}}]}
+  - targetRef: {kind: MeshHTTPRoute, name: r}
+    default: {backends: []}
+"#);
+        let plan = set.passthrough_access_log().expect("the Mesh item of `everything`");
+        let sinks: Vec<_> = plan.backends.iter().map(|b| format!("{:?}", b.sink)).collect();
+        assert_eq!(sinks.len(), 1);
+        assert!(sinks[0].contains("/tmp/all.log"), "{sinks:?}");
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub struct HttpProxy {
     /// longest of the service's and its routes' ([`HttpProxy::widen_for_route`]).
     timeouts: ConnectionTimeouts,
     /// A request's stream idle timeout when neither its route nor its service sets one: the
-    /// flag's (zero: off).
+    /// flag's (`--stream-idle-timeout`; zero: off).
     stream_idle: Duration,
     limits: HttpLimits,
     /// Streams cancelled before their answer (rapid reset).
@@ -121,10 +121,10 @@ impl HttpProxy {
         self.timeouts.set_header_read(timeout);
     }
 
-    /// The service's stream idle timeout (zero: off), for its requests and its connections.
+    /// The service's stream idle timeout (zero: off), for its connections (its requests read
+    /// it from the service's policy as each arrives).
     pub fn set_stream_idle_timeout(&mut self, timeout: Duration) {
         self.timeouts.stream_idle = timeout;
-        self.stream_idle = timeout;
     }
 
     /// A route of the service sets its requests' stream idle timeout (zero: off): the

@@ -150,6 +150,8 @@ async fn tunnel(
     target: SocketAddr,
     started: std::time::Instant,
 ) {
+    // As a service's flow: the logs of the configuration it began under.
+    let logs = proxy.passthrough_logs();
     let settings = &proxy.settings;
     let addr = TargetAddr::Socket(target);
     let (bytes, outcome) = match tokio::time::timeout(settings.connect_timeout, UpstreamStream::connect(&addr)).await {
@@ -167,7 +169,6 @@ async fn tunnel(
         }
     };
     tracing::debug!(%peer, %target, sent = bytes.client_to_upstream, received = bytes.upstream_to_client, outcome, "passthrough closed");
-    let logs = proxy.passthrough_logs();
     if logs.is_on() {
         let endpoint = (outcome != "connect_failed").then(|| target.to_string());
         let bytes = (bytes.client_to_upstream, bytes.upstream_to_client);
