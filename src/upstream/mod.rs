@@ -187,19 +187,31 @@ impl UpstreamPolicy {
     }
 
     /// Starts the access logs of `service`'s MeshHTTPRoute rules whose route a MeshAccessLog
-    /// names.
+    /// names: once per distinct conf (a route's rules share theirs), so a backend that cannot
+    /// start is reported once.
     pub fn start_rule_access_logs(&mut self, service: &crate::catalog::Service) {
         let Some(table) = service.routes.as_ref().and_then(|r| r.http.as_ref()) else { return };
         let key = service.key();
-        let start = |conf| {
-            let plan = service.policies.access_log_of(conf, &service.mesh, &service.name, service.protocol, "")?;
-            crate::access_log::ServiceLog::start(&key, &plan)
-        };
-        self.rule_access_logs = table
-            .rules
-            .iter()
-            .map(|rule| rule.policies.as_ref().and_then(|level| level.access_log.as_ref()).and_then(start))
-            .collect();
+        let mut started: Vec<(&crate::resources::policy::AccessLogConf, Option<Arc<crate::access_log::ServiceLog>>)> =
+            Vec::new();
+        let mut logs = Vec::with_capacity(table.rules.len());
+        for rule in &table.rules {
+            let Some(conf) = rule.policies.as_ref().and_then(|level| level.access_log.as_ref()) else {
+                logs.push(None);
+                continue;
+            };
+            let log = match started.iter().find(|(seen, _)| *seen == conf) {
+                Some((_, log)) => log.clone(),
+                None => {
+                    let plan = service.policies.access_log_of(conf, &service.mesh, &service.name, service.protocol, "");
+                    let log = plan.and_then(|plan| crate::access_log::ServiceLog::start(&key, &plan));
+                    started.push((conf, log.clone()));
+                    log
+                }
+            };
+            logs.push(log);
+        }
+        self.rule_access_logs = logs.into_boxed_slice();
     }
 
     fn has_interval_detectors(&self) -> bool {
