@@ -565,11 +565,11 @@ impl PolicySet {
     }
 
     /// What `to: MeshHTTPRoute` items of MeshTimeout, MeshRetry and MeshAccessLog set for the
-    /// requests of the route `route` on a service of `protocol`: per kind, when an item names the route, the
-    /// merge of the Mesh items and those items, in precedence order (Kuma's route-level conf;
-    /// the MeshExternalService items are not part of it). An item names a route by `name` (its
-    /// resource name or `kuma.io/display-name`, and `namespace`, defaulting to the policy's) or
-    /// by `labels`. `None`: no item names the route.
+    /// requests of the route `route` on a service of `protocol`: per kind, when an item names
+    /// the route, the merge of the Mesh items and those items, in precedence order (Kuma's
+    /// route-level conf; the MeshExternalService items are not part of it). An item names a
+    /// route by `name` (its resource name or `kuma.io/display-name`, and `namespace`, defaulting
+    /// to the policy's) or by `labels`. `None`: no item names the route.
     pub fn route_level(&self, route: &routes::RouteId, protocol: Protocol) -> Option<runtime::RouteLevel> {
         let (mesh, name) = route.policy.split_once('/')?;
         // Named as a service is: the same name, display name, namespace and labels rules.

@@ -169,7 +169,6 @@ impl Drop for RequestCtx {
     }
 }
 
-/// The request headers the service's MeshAccessLog formats read, and the pseudo-headers.
 /// The response headers `log`'s formats read, into a record that captured its request's.
 pub(super) fn capture_response(record: &mut Record, log: &ServiceLog, response: &Response<ProxyBody>) {
     let Some(headers) = record.headers.as_mut() else { return };
@@ -180,6 +179,7 @@ pub(super) fn capture_response(record: &mut Record, log: &ServiceLog, response: 
     }
 }
 
+/// The request headers `log`'s formats read, and the pseudo-headers.
 pub(super) fn capture_request(req: &Request<AppBody>, log: &ServiceLog) -> Box<Headers> {
     let mut headers = Headers::default();
     let uri = req.uri();
