@@ -1,5 +1,6 @@
 //! SO_MARK on the proxy's own outgoing sockets (endpoint and passthrough connections, DNS
-//! forwards, the trace exporters and the TCP access-log collector), matched by a RETURN rule that `transparent-proxy install` writes: the proxy's
+//! forwards, the resolver of endpoint names, the trace exporters and the TCP access-log
+//! collector), matched by a RETURN rule that `transparent-proxy install` writes: the proxy's
 //! traffic is never redirected back to it, even when it runs under another uid than the
 //! `--proxy-uid` the rules name (without it, passthrough to an unknown address looped through
 //! the proxy until it ran out of file descriptors).
