@@ -204,8 +204,16 @@ impl Server {
             server.dns = Some((bound, dns.serve(sockets)));
             tracing::info!(dns = %bound, "DNS proxy listening (UDP and TCP)");
             if let Some(twin) = dns_v6 {
-                server.dns_v6 = Some((twin, dns.serve(DnsProxy::bind(twin).await?)));
-                tracing::info!(dns = %twin, "DNS proxy listening (UDP and TCP)");
+                // Best effort, as its probe: a port taken since is said, not fatal.
+                match DnsProxy::bind(twin).await {
+                    Ok(sockets) => {
+                        server.dns_v6 = Some((twin, dns.serve(sockets)));
+                        tracing::info!(dns = %twin, "DNS proxy listening (UDP and TCP)");
+                    }
+                    Err(error) => {
+                        tracing::warn!(dns = %twin, %error, "not listening on the IPv6 loopback twin of the DNS proxy: IPv6 queries redirected there find no proxy")
+                    }
+                }
             }
         }
         server.publish_listeners();
@@ -398,6 +406,11 @@ impl Server {
                 Ok((local, tasks)) => {
                     tracing::info!(listener = %local, %kind, workers = tasks.len(), "listening");
                     bound.push((addr, BoundListener { kind: cell, local, tasks }));
+                }
+                // The transparent listener's `[::1]` twin is best effort, as its probe: a port
+                // taken since is said, not fatal (the next reload tries again).
+                Err(error) if Some(addr) == self.transparent_v6 => {
+                    tracing::warn!(listener = %addr, %error, "not listening on the IPv6 loopback twin of the transparent listener: IPv6 traffic redirected there finds no proxy");
                 }
                 Err(error) => {
                     let error = ServerError::Bind { addr, kind, error };
