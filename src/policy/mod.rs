@@ -52,6 +52,8 @@ pub struct Source {
 
 /// `%KUMA_DESTINATION_SERVICE%` of passthrough traffic, as Kuma sets it.
 pub const PASSTHROUGH_DESTINATION: &str = "external";
+/// The `kuma.io/service` Kuma computes passthrough's policies for.
+const PASSTHROUGH_SERVICE_TAG: &str = "pass_through";
 
 /// This sidecar's Dataplane, as `%KUMA_SOURCE_SERVICE%` and `%KUMA_SOURCE_ADDRESS%` name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -542,10 +544,10 @@ impl PolicySet {
     }
 
     /// MeshAccessLog for passthrough traffic: the merge of the `to: Mesh` items of this
-    /// sidecar's mesh (its first Dataplane's, else `default`), as Kuma computes it for the
-    /// transparent proxy's passthrough listeners (`kuma.io/service: pass_through`, which no
-    /// MeshExternalService item names): destination service `external`, Kuma's TCP format by
-    /// default. A policy with a `MeshHTTPRoute` item is left out, as Kuma's legacy rules leave it
+    /// sidecar's mesh (its first Dataplane's, else `default`) and of `to: MeshService` items
+    /// named `pass_through`, as Kuma computes it for the transparent proxy's passthrough
+    /// listeners (`kuma.io/service: pass_through`, which no MeshExternalService item names):
+    /// destination service `external`, Kuma's TCP format by default. A policy with a `MeshHTTPRoute` item is left out, as Kuma's legacy rules leave it
     /// out. `None`: no item, or no backend.
     pub fn passthrough_access_log(&self) -> Option<runtime::AccessLogPlan> {
         let mesh = self.proxies.dataplanes.first().map_or("default", |d| d.mesh.as_str());
@@ -554,8 +556,14 @@ impl PolicySet {
         // Kuma's legacy rules (`legacyBuildToRules`) leave out a policy with a route item.
         let with_routes: Vec<&str> =
             of_kind().filter(|e| e.target_ref.kind == "MeshHTTPRoute").map(|e| e.policy.as_str()).collect();
-        let mesh_items = of_kind()
-            .filter(|e| matches!(e.target_ref.kind.as_str(), "Mesh" | "") && !with_routes.contains(&e.policy.as_str()));
+        // Its items for every service, and one for the service `pass_through` (Universal).
+        let for_passthrough = |r: &TargetRef| match r.kind.as_str() {
+            "Mesh" | "" => true,
+            "MeshService" => r.name.as_deref() == Some(PASSTHROUGH_SERVICE_TAG),
+            _ => false,
+        };
+        let mesh_items =
+            of_kind().filter(|e| for_passthrough(&e.target_ref) && !with_routes.contains(&e.policy.as_str()));
         for e in mesh_items {
             json_patch::merge(merged.get_or_insert_with(|| serde_json::Value::Object(Default::default())), &e.default);
         }
@@ -836,7 +844,7 @@ spec:
     /// out a policy with a route item as Kuma's legacy rules do.
     #[test]
     fn passthrough_is_logged_by_the_mesh_items_of_policies_without_route_items() {
-        let (_, set) = set(r#"
+        let (_, with_routes) = set(r#"
 type: MeshAccessLog
 name: everything
 mesh: default
@@ -855,10 +863,28 @@ spec:
   - targetRef: {kind: MeshHTTPRoute, name: r}
     default: {backends: []}
 "#);
-        let plan = set.passthrough_access_log().expect("the Mesh item of `everything`");
-        let sinks: Vec<_> = plan.backends.iter().map(|b| format!("{:?}", b.sink)).collect();
-        assert_eq!(sinks.len(), 1);
-        assert!(sinks[0].contains("/tmp/all.log"), "{sinks:?}");
+        let sinks = |set: &PolicySet| {
+            let plan = set.passthrough_access_log().expect("a plan");
+            plan.backends.iter().map(|b| format!("{:?}", b.sink)).collect::<Vec<_>>()
+        };
+        let from_mesh = sinks(&with_routes);
+        assert!(from_mesh.len() == 1 && from_mesh[0].contains("/tmp/all.log"), "{from_mesh:?}");
+        // A Universal `MeshService` item for `pass_through` ranks above the Mesh items.
+        let (_, named) = set(r#"
+type: MeshAccessLog
+name: everything
+mesh: default
+spec:
+  to:
+  - targetRef: {kind: MeshService, name: pass_through}
+    default: {backends: [{type: File, file: {path: /tmp/passthrough.log}}]}
+  - targetRef: {kind: Mesh}
+    default: {backends: [{type: File, file: {path: /tmp/all.log}}]}
+  - targetRef: {kind: MeshService, name: backend}
+    default: {backends: [{type: File, file: {path: /tmp/backend.log}}]}
+"#);
+        let named = sinks(&named);
+        assert!(named.len() == 1 && named[0].contains("/tmp/passthrough.log"), "{named:?}");
     }
 
     #[test]
