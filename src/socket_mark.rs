@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 /// The default mark, in `run --socket-mark` and `transparent-proxy install --proxy-mark`
 /// (0x4d45, "ME").
@@ -41,11 +41,24 @@ pub fn apply(socket: socket2::SockRef<'_>) {
     }
 }
 
-/// A TCP connection from a marked socket.
-pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+/// A TCP socket for `addr`'s family, marked before its connect (whose first packet is the one
+/// the rules look at).
+pub fn tcp_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     apply(socket2::SockRef::from(&socket));
-    socket.connect(addr).await
+    Ok(socket)
+}
+
+/// A TCP connection from a marked socket.
+pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    tcp_socket(addr)?.connect(addr).await
+}
+
+/// A UDP socket bound to `local`, marked.
+pub async fn bind_udp(local: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(local).await?;
+    apply(socket2::SockRef::from(&socket));
+    Ok(socket)
 }
 
 /// A TCP connection from a marked socket to `host:port`, trying its addresses in turn (the

@@ -14,15 +14,6 @@ use common::*;
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).map(|t| t.lines().map(str::to_string).collect()).unwrap_or_default()
-}
-
-async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
-    eventually("access log lines", Duration::from_secs(10), || async { lines(path).len() >= n }).await;
-    lines(path)
-}
-
 /// `name` on a fresh outbound, with a Dataplane `app-<name>` at 10.1.2.3, plus `policies`.
 fn config(name: &str, protocol: &str, port: u16, policies: &str) -> (std::net::SocketAddr, tempfile::TempDir, PathBuf) {
     let outbound = free_addr("127.0.0.1");

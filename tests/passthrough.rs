@@ -286,13 +286,8 @@ async fn passthrough_connections_are_in_the_access_log() {
     stream.write_all(b"ping").await.unwrap();
     stream.shutdown().await.unwrap();
     assert_eq!(read_all(&mut stream).await, "echo\nping<eof>");
-    eventually("the passthrough line", Duration::from_secs(10), || {
-        let log = log.clone();
-        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"service\":\"passthrough\"")) }
-    })
-    .await;
-    let text = std::fs::read_to_string(&log).unwrap();
-    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let line = &wait_for_json_lines(&log, 1).await[0];
+    assert_eq!(line["service"], "passthrough");
     assert_eq!(line["endpoint"], echo.addr.to_string());
     assert_eq!(line["outcome"], "closed");
     assert_eq!(line["bytes_sent"], 4);
@@ -359,13 +354,7 @@ async fn passthrough_http_requests_are_in_the_access_log() {
     gone.write_all(b"GET /gone HTTP/1.1\r\nHost: web.test\r\nx-delay-ms: 3000\r\n\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(gone);
-    eventually("three passthrough lines", Duration::from_secs(10), || {
-        let log = log.clone();
-        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 3) }
-    })
-    .await;
-    let text = std::fs::read_to_string(&log).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = wait_for_json_lines(&log, 3).await;
     assert_eq!(lines[0]["service"], "passthrough");
     assert_eq!(lines[0]["request"], "GET /allowed");
     assert_eq!((lines[0]["status"].as_u64(), lines[0]["outcome"].as_str()), (Some(200), Some("ok")));
@@ -400,15 +389,10 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
         stream.write_all(head.as_bytes()).await.unwrap();
         read_all(&mut stream).await;
     }
-    eventually("seven passthrough lines", Duration::from_secs(10), || {
-        let log = log.clone();
-        async move { std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 7) }
-    })
-    .await;
-    let text = std::fs::read_to_string(&log).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let line =
-        |request: &str| lines.iter().find(|l| l["request"] == request).unwrap_or_else(|| panic!("{request}: {text}"));
+    let lines = wait_for_json_lines(&log, 7).await;
+    let line = |request: &str| {
+        lines.iter().find(|l| l["request"] == request).unwrap_or_else(|| panic!("{request}: {lines:?}"))
+    };
     let summary = |request: &str| {
         let l = line(request);
         let text = |field: &str| l[field].as_str().unwrap_or("?").to_string();
@@ -490,17 +474,10 @@ async fn a_mesh_access_log_logs_passthrough_traffic() {
     stream.shutdown().await.unwrap();
     assert_eq!(read_all(&mut stream).await, "echo\nping<eof>");
 
-    let lines = |path: &std::path::Path| {
-        std::fs::read_to_string(path).map(|t| t.lines().map(str::to_string).collect::<Vec<_>>()).unwrap_or_default()
-    };
-    eventually("three lines in each file", Duration::from_secs(10), || async {
-        lines(&plain).len() >= 3 && lines(&default).len() >= 3
-    })
-    .await;
-    let plain = lines(&plain);
+    let plain = wait_for_lines(&plain, 3).await;
     assert_eq!(plain[0], "external /logged 200 - t1 1 0", "{plain:?}");
     assert_eq!(plain[1], "external /denied 503 NR - - 0", "{plain:?}");
     assert_eq!(plain[2], "external - 0 - - - 4", "{plain:?}");
-    let tcp = &lines(&default)[2];
+    let tcp = &wait_for_lines(&default, 3).await[2];
     assert!(tcp.contains(&format!("->{}(external) took ", echo.addr)) && tcp.ends_with("received: 4 bytes"), "{tcp}");
 }

@@ -75,8 +75,7 @@ impl UdpForwarder {
 
 impl Shared {
     async fn open(local: SocketAddr) -> io::Result<Arc<Self>> {
-        let socket = UdpSocket::bind(local).await?;
-        crate::socket_mark::apply(socket2::SockRef::from(&socket));
+        let socket = crate::socket_mark::bind_udp(local).await?;
         let shared = Arc::new(Self { socket, pending: Mutex::default() });
         tokio::spawn(receive(shared.clone()));
         Ok(shared)

@@ -551,7 +551,6 @@ impl PolicySet {
     /// out. `None`: no item, or no backend.
     pub fn passthrough_access_log(&self) -> Option<runtime::AccessLogPlan> {
         let mesh = self.proxies.dataplanes.first().map_or("default", |d| d.mesh.as_str());
-        let mut merged: Option<serde_json::Value> = None;
         let of_kind = || self.entries.iter().filter(|e| e.kind == PolicyKind::MeshAccessLog && e.mesh == mesh);
         // Kuma's legacy rules (`legacyBuildToRules`) leave out a policy with a route item.
         let with_routes: Vec<&str> =
@@ -564,10 +563,7 @@ impl PolicySet {
         };
         let mesh_items =
             of_kind().filter(|e| for_passthrough(&e.target_ref) && !with_routes.contains(&e.policy.as_str()));
-        for e in mesh_items {
-            json_patch::merge(merged.get_or_insert_with(|| serde_json::Value::Object(Default::default())), &e.default);
-        }
-        let conf: AccessLogConf = serde_json::from_value(merged?).ok()?;
+        let conf: AccessLogConf = serde_json::from_value(merge_defaults(mesh_items)?).ok()?;
         let effective = Effective { source: self.source(mesh), ..Effective::default() };
         effective.access_log_of(&conf, mesh, PASSTHROUGH_DESTINATION, Protocol::Tcp, "")
     }
@@ -596,11 +592,7 @@ impl PolicySet {
             if !entries().any(names_route) {
                 return None;
             }
-            let mut merged = serde_json::Value::Object(Default::default());
-            for e in entries().filter(|e| matches!(e.target_ref.kind.as_str(), "Mesh" | "") || names_route(e)) {
-                json_patch::merge(&mut merged, &e.default);
-            }
-            Some(merged)
+            merge_defaults(entries().filter(|e| matches!(e.target_ref.kind.as_str(), "Mesh" | "") || names_route(e)))
         };
         let mut level = runtime::RouteLevel::default();
         if let Some(conf) = merged(PolicyKind::MeshTimeout).and_then(|v| serde_json::from_value(v).ok()) {
@@ -622,6 +614,16 @@ impl Entry {
     fn selects(&self, service: &Target<'_>) -> bool {
         selects_service(&self.target_ref, self.namespace.as_deref(), service)
     }
+}
+
+/// The RFC 7396 merge of `entries`' confs in their order (lowest precedence first); `None`
+/// when there is none.
+fn merge_defaults<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<serde_json::Value> {
+    entries.fold(None, |merged, e| {
+        let mut merged = merged.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+        json_patch::merge(&mut merged, &e.default);
+        Some(merged)
+    })
 }
 
 /// Whether a MeshExternalService reference (`name`, with `namespace` defaulting to the

@@ -276,8 +276,7 @@ pub struct RouteId {
 struct RouteEntry {
     kind: RouteKind,
     mesh: String,
-    policy: String,
-    namespace: Option<String>,
+    /// Its route's `mesh/name`, namespace and the rest a policy item may name it by.
     id: RouteId,
     target_ref: TargetRef,
     rules: Vec<crate::resources::route::RouteRule>,
@@ -308,8 +307,8 @@ impl RouteSet {
                 continue;
             }
             let id = RouteId {
-                policy: policy.clone(),
-                namespace: namespace.clone(),
+                policy,
+                namespace,
                 display_name: r.meta.labels.get(LABEL_DISPLAY_NAME).cloned(),
                 labels: r.meta.labels.clone(),
             };
@@ -318,8 +317,6 @@ impl RouteSet {
                     id: id.clone(),
                     kind: *kind,
                     mesh: r.meta.mesh.clone(),
-                    policy: policy.clone(),
-                    namespace: namespace.clone(),
                     target_ref: to.target_ref.clone(),
                     rules: to.rules.clone(),
                     rank: rank(&r.meta, role, &top, &to.target_ref),
@@ -339,7 +336,7 @@ impl RouteSet {
                 e.kind == kind
                     && e.mesh == service.mesh
                     && e.target_ref.kind == "MeshExternalService"
-                    && selects_service(&e.target_ref, e.namespace.as_deref(), service)
+                    && selects_service(&e.target_ref, e.id.namespace.as_deref(), service)
             })
         };
         let mut routes = ServiceRoutes::default();
@@ -368,7 +365,7 @@ impl RouteSet {
                     let matches = rule.matches.clone().unwrap_or_default();
                     if let Some(m) = merged.iter_mut().find(|m| m.matches == matches) {
                         json_patch::merge(&mut m.default, &rule.default);
-                        m.name = format!("{} rules[{j}]", e.policy);
+                        m.name = format!("{} rules[{j}]", e.id.policy);
                         m.route = e.id.clone();
                     }
                 }
@@ -384,7 +381,7 @@ impl RouteSet {
                     let slot =
                         tcp.get_or_insert_with(|| (serde_json::Value::Object(Default::default()), String::new()));
                     json_patch::merge(&mut slot.0, &rule.default);
-                    slot.1 = format!("{} rules[0]", e.policy);
+                    slot.1 = format!("{} rules[0]", e.id.policy);
                 }
             }
             if let Some((default, name)) = tcp {

@@ -12,7 +12,7 @@ use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::GenericConnector;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::Resolver;
-use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 /// Re-resolution never happens more often than this, whatever the record TTL.
 pub const MIN_REFRESH: Duration = Duration::from_secs(5);
@@ -63,9 +63,7 @@ impl RuntimeProvider for MarkedRuntime {
         wait_for: Option<Duration>,
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
         Box::pin(async move {
-            let socket = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-            // Before the connect: its first packet is the one the rules look at.
-            crate::socket_mark::apply(socket2::SockRef::from(&socket));
+            let socket = crate::socket_mark::tcp_socket(server)?;
             if let Some(bind) = bind {
                 socket.bind(bind)?;
             }
@@ -83,11 +81,7 @@ impl RuntimeProvider for MarkedRuntime {
         local: SocketAddr,
         _server: SocketAddr,
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<UdpSocket>>>> {
-        Box::pin(async move {
-            let socket = UdpSocket::bind(local).await?;
-            crate::socket_mark::apply(socket2::SockRef::from(&socket));
-            Ok(socket)
-        })
+        Box::pin(crate::socket_mark::bind_udp(local))
     }
 }
 

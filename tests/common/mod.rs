@@ -284,6 +284,22 @@ where
     }
 }
 
+/// The lines of a log file so far (none while it does not exist).
+pub fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).map(|t| t.lines().map(str::to_string).collect()).unwrap_or_default()
+}
+
+/// The lines of a log file once it has at least `n`.
+pub async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    eventually("access log lines", Duration::from_secs(10), || async { lines(path).len() >= n }).await;
+    lines(path)
+}
+
+/// The lines of a JSON log file once it has at least `n`, parsed.
+pub async fn wait_for_json_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    wait_for_lines(path, n).await.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 /// A child process killed (and reaped) when dropped.
 pub struct KillOnDrop(pub std::process::Child);
 
