@@ -389,9 +389,8 @@ impl Server {
         desired
     }
 
-    /// Binds the addresses no listener holds yet. When one fails, those bound here are closed
-    /// again and the error names the address.
-    /// Binds the listeners `desired` adds; they accept once the returned sender says so.
+    /// Binds the addresses `desired` adds; they accept once the returned sender says so. When
+    /// one fails, those bound here are closed again and the error names the address.
     async fn bind_new_listeners(
         &self,
         desired: &HashMap<SocketAddr, ListenerKind>,

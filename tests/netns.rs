@@ -270,8 +270,13 @@ fn transparent_proxy_dns_and_vips_in_network_namespaces() {
     net.app_ok(&[bin, "transparent-proxy", "install", "--ipv6", "--proxy-uid", PROXY_UID]);
     assert_eq!(net.nat_table(), once, "the IPv4 rules as they were");
     let ext6 = net.ext_ip6;
-    let v6_echo =
-        net.spawn(&ext, &["socat", &format!("TCP6-LISTEN:9006,bind=[{ext6}],fork,reuseaddr"), "SYSTEM:echo v6"], &[]);
+    // Reads the client's bytes before it answers and closes: bytes arriving after the close
+    // would be answered with a RST, which discards `v6` unread in the proxy's socket.
+    let v6_echo = net.spawn(
+        &ext,
+        &["socat", &format!("TCP6-LISTEN:9006,bind=[{ext6}],fork,reuseaddr"), "SYSTEM:cat >/dev/null; echo v6"],
+        &[],
+    );
 
     let run = |extra: &[&str]| -> Vec<String> {
         let mut args = run_as(PROXY_UID, &[], &config, dir.path());

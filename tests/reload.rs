@@ -239,7 +239,8 @@ async fn a_new_listener_serves_its_first_connection() {
     };
     let (_dir, config) = config_dir(&mes(0));
     let mut proxy = start(options(config.clone())).await;
-    let added = free_addr("127.0.0.1");
+    // An address of its own: no other test's listener or connection is ever there.
+    let added = free_addr("127.0.8.1");
     let mut text: String = (0..10_000).map(mes).collect();
     text.push_str(&tcp_service("added", added, echo.addr.port()));
     std::fs::write(&config, text).unwrap();

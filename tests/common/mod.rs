@@ -226,7 +226,15 @@ pub async fn start(options: Options) -> Server {
 }
 
 pub async fn start_with(options: Options, original_dst: Arc<dyn OriginalDst>) -> Server {
+    log_warnings();
     Server::start(options, original_dst).await.unwrap_or_else(|e| panic!("proxy did not start: {e}"))
+}
+
+/// The proxy's warnings and errors (`RUST_LOG` for more) go to the test's captured output, so
+/// a failing test shows why the proxy closed a connection or refused a request.
+pub fn log_warnings() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_test_writer().try_init();
 }
 
 /// A proxy with a transparent listener on loopback whose original destinations the test
