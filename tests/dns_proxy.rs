@@ -12,7 +12,7 @@ use common::*;
 
 fn dig(server: SocketAddr, args: &[&str]) -> String {
     let out = Command::new("dig")
-        .args([&format!("@{}", server.ip()), "-p", &server.port().to_string(), "+time=3", "+tries=1"])
+        .args([&format!("@{}", server.ip()), "-p", &server.port().to_string(), "+time=6", "+tries=1"])
         .args(args)
         .output()
         .expect("dig must be installed (.ci/run installs dnsutils)");

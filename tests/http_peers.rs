@@ -115,14 +115,14 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
         "",
     ));
     let mut opts = options(config);
-    opts.upstream.idle_timeout = Duration::from_millis(300);
+    opts.upstream.idle_timeout = Duration::from_secs(1);
     let _proxy = start(opts).await;
     let url = format!("http://{outbound}/");
     let get = move || curl(&[&url]);
     tokio::task::spawn_blocking(get.clone()).await.unwrap();
     tokio::task::spawn_blocking(get.clone()).await.unwrap();
     assert_eq!(upstream.connections(), 1, "reused while fresh");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     tokio::task::spawn_blocking(get).await.unwrap();
     assert_eq!(upstream.connections(), 2, "expired, so a new connection");
 }

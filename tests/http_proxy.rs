@@ -245,7 +245,7 @@ async fn error_mapping() {
     let upstream = http_upstream(None).await;
     let ca = Ca::new("ca");
     let untrusted = http_upstream(Some(tls_config(&Ca::new("other").server(&["tls.test"])))).await;
-    let dead = free_addr("127.0.0.1");
+    let dead = dead_addr();
     let (up, down, bad_tls, forbid_out) =
         (free_addr("127.0.0.1"), free_addr("127.0.0.1"), free_addr("127.0.0.1"), free_addr("127.0.0.1"));
     let tls = format!(
@@ -255,13 +255,13 @@ async fn error_mapping() {
     let yaml = format!(
         "{}---\n{}---\n{}---\ntype: Mesh\nname: locked\nrouting:\n  defaultForbidMeshExternalServiceAccess: true\n---\n{}",
         service_with_protocol("up", "http", up, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
-        service_with_protocol("down", "http", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
+        service_with_protocol("down", "http", down, &endpoint("127.0.9.1", dead.port(), 0), ""),
         service_with_protocol("bad-tls", "http", bad_tls, &endpoint("127.0.0.1", untrusted.addr.port(), 0), &tls),
         service_with_protocol("locked", "http", forbid_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), "").replace("mesh: default", "mesh: locked"),
     );
     let (_dir, config) = config_dir(&yaml);
     let mut opts = options(config);
-    opts.request_timeout = Some(Duration::from_millis(500));
+    opts.request_timeout = Some(Duration::from_secs(1));
     let _proxy = start(opts).await;
 
     let status = |r: http::Response<hyper::body::Incoming>| r.status();
@@ -309,12 +309,12 @@ async fn header_limits_answer_431() {
 async fn grpc_setup(extra_yaml: &str, mesh: &str) -> (GrpcGuard, SocketAddr, SocketAddr) {
     let server = grpc_server(None).await;
     let (live, down) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let dead = free_addr("127.0.0.1");
+    let dead = dead_addr();
     let yaml = format!(
         "{extra_yaml}{}---\n{}",
         service_with_protocol("grpc-live", "grpc", live, &endpoint("127.0.0.1", server.addr.port(), 0), "")
             .replace("mesh: default", &format!("mesh: {mesh}")),
-        service_with_protocol("grpc-down", "grpc", down, &endpoint("127.0.0.1", dead.port(), 0), ""),
+        service_with_protocol("grpc-down", "grpc", down, &endpoint("127.0.9.1", dead.port(), 0), ""),
     );
     let (dir, config) = config_dir(&yaml);
     let proxy = start(options(config)).await;
@@ -418,9 +418,19 @@ async fn expect_100_continue_and_chunked_upload() {
     s.read_exact(&mut interim).await.unwrap();
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     s.write_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
-    let response = String::from_utf8_lossy(&buf[..n]);
+    // The head and the body may come in separate reads: read until the body's end (or 10 s).
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !response.ends_with(b"received: 11\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("received: 11\n"), "{response}");
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::http_client::*;
-use common::http_upstream::http_upstream;
+use common::http_upstream::{attempts_seen, http_upstream};
 use common::*;
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -218,8 +218,12 @@ spec:
     tokio::io::AsyncReadExt::read_to_end(&mut old, &mut answer).await.unwrap();
     assert!(answer.starts_with(b"HTTP/1.0 200"), "{}", String::from_utf8_lossy(&answer));
 
-    let slow = tokio::spawn(ask("/slow", &[("x-delay-ms", "800")]));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Counted at the endpoint on arrival, answered 200 two seconds later: it holds the one slot.
+    const SLOW: &[(&str, &str)] =
+        &[("x-fail-first", "1"), ("x-fail-status", "200"), ("x-fail-delay-ms", "2000"), ("x-key", "access-log-slow")];
+    let slow = tokio::spawn(ask("/slow", SLOW));
+    eventually("/slow at the endpoint", Duration::from_secs(10), || async { attempts_seen("access-log-slow") >= 1 })
+        .await;
     assert_eq!(ask("/over", &[]).await, 503);
     assert_eq!(slow.await.unwrap(), 200);
     assert_eq!(ask("/moved", &[]).await, 302);

@@ -498,8 +498,11 @@ fn mesh_passthrough_in_network_namespaces() {
     // This host's own address (the pod's IP) is not redirected, as Kuma's `-o lo` rule: under
     // None too, a server of the application's own namespace is reached on it (it was closed).
     let app_ip = net.app_ip;
-    let own =
-        net.spawn(&app, &["socat", &format!("TCP-LISTEN:7100,bind={app_ip},reuseaddr,fork"), "SYSTEM:echo own"], &[]);
+    let own = net.spawn(
+        &app,
+        &["socat", &format!("TCP-LISTEN:7100,bind={app_ip},reuseaddr,fork"), "SYSTEM:cat >/dev/null; echo own"],
+        &[],
+    );
     wait_for("a server on the application's own address", || socat(&format!("{app_ip}:7100")) == "own\n");
     net.stop(own);
     write_config("All");

@@ -173,9 +173,17 @@ async fn metrics_parse_and_count_known_traffic() {
     stream.shutdown().await.unwrap();
     stream.read_to_end(&mut sink).await.unwrap();
     drop(stream);
-    tokio::time::sleep(Duration::from_millis(200)).await; // the TCP connection's bookkeeping
+    // The TCP connection's bookkeeping ends once the proxy has seen both sides close.
+    let admin = proxy.admin_addr().unwrap();
+    eventually("the TCP connection counted as closed", Duration::from_secs(10), || async {
+        admin_get(admin, "/metrics")
+            .await
+            .lines()
+            .any(|l| l.starts_with("mesh_egress_connections_active{") && l.contains("metrics-tcp") && l.ends_with(" 0"))
+    })
+    .await;
 
-    let text = admin_get(proxy.admin_addr().unwrap(), "/metrics").await;
+    let text = admin_get(admin, "/metrics").await;
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("a Prometheus text parser reads /metrics");
     let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
@@ -262,7 +270,7 @@ async fn drain_completes_requests_in_flight_and_exits_zero() {
     wait_ready(admin).await;
     let mut slow = TcpStream::connect(web).await.unwrap();
     slow.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nx-delay-ms: 1500\r\n\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the request at the endpoint", Duration::from_secs(10), || async { upstream.connections() >= 1 }).await;
     signal(&proxy, "TERM");
     // No new connections once draining.
     eventually("listener closed", Duration::from_secs(5), || async { TcpStream::connect(web).await.is_err() }).await;
@@ -601,10 +609,12 @@ async fn access_log_files_follow_log_rotation() {
     lines_in(global.clone(), "/first").await;
     rotate(1);
     signal(&proxy, "USR1");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(get(web, "/second").await.unwrap().0, 200);
-    lines_in(mesh.clone(), "/second").await;
-    lines_in(global.clone(), "/second").await;
+    // Until the signal is handled, requests are logged to the renamed files.
+    eventually("a request logged to the reopened files", Duration::from_secs(10), || async {
+        assert_eq!(get(web, "/second").await.unwrap().0, 200);
+        read(&mesh).contains("/second") && read(&global).contains("/second")
+    })
+    .await;
     rotate(2);
     let response = Command::new("curl")
         .args(["-s", "-X", "POST", &format!("http://{admin}/reopen_logs")])

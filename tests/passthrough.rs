@@ -428,7 +428,7 @@ async fn a_passthrough_request_is_held_to_the_request_timeout() {
     );
     let (_dir, config) = config_dir(&policy);
     let mut opts = options(config);
-    opts.request_timeout = Some(Duration::from_millis(300));
+    opts.request_timeout = Some(Duration::from_secs(1));
     let (proxy, injected) = start_transparent(opts).await;
     let host = web.addr.to_string();
     let mut stream = injected.connect(proxy.transparent_addr().unwrap(), web.addr).await;

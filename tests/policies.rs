@@ -6,12 +6,13 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::grpc::{self, grpc_server, RawCodec};
 use common::http_client::*;
-use common::http_upstream::http_upstream;
+use common::http_upstream::{attempts_seen, http_upstream};
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -243,12 +244,12 @@ async fn stream_idle_and_max_stream_duration_cut_responses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_timeout_and_max_connect_attempt() {
     let live = echo_server("127.0.0.1:0".parse().unwrap(), "live").await;
-    let dead = [free_addr("127.0.0.1"), free_addr("127.0.0.1")];
+    let dead = [dead_addr(), dead_addr()];
     let outbound = free_addr("127.0.0.1");
     let endpoints = format!(
         "{}{}{}",
-        endpoint("127.0.0.1", dead[0].port(), 0),
-        endpoint("127.0.0.1", dead[1].port(), 0),
+        endpoint("127.0.9.1", dead[0].port(), 0),
+        endpoint("127.0.9.1", dead[1].port(), 0),
         endpoint("127.0.0.1", live.addr.port(), 0)
     );
     // Ejection off, so that every connection picks among all three endpoints.
@@ -277,8 +278,9 @@ async fn max_requests_overflow_is_answered_503_at_once() {
     let (outbound, _dir, config) = service_and_policies("limited", "http", upstream.addr.port(), policy);
     let _proxy = start(options(config)).await;
     let before = counter("mesh_egress_upstream_overflows_total", "limited");
-    let first = tokio::spawn(get_status(outbound, &[("x-delay-ms", "800")]));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let first = tokio::spawn(get_status(outbound, &[("x-delay-ms", "2000")]));
+    eventually("the first request at the endpoint", Duration::from_secs(10), || async { upstream.connections() >= 1 })
+        .await;
     let (status, body, headers) = get_status(outbound, &[]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(headers["x-envoy-overloaded"], "true");
@@ -298,10 +300,10 @@ async fn fixed_upstream(status: u16, name: &'static str) -> (SocketAddr, tokio::
 async fn switchable_upstream(
     status: u16,
     name: &'static str,
-) -> (SocketAddr, tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::atomic::AtomicU16>) {
+) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<std::sync::atomic::AtomicU16>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let current = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status));
+    let current = Arc::new(std::sync::atomic::AtomicU16::new(status));
     let shared = current.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -573,7 +575,7 @@ async fn health_checks_go_over_tls_when_the_service_originates_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_try_timeout_retries_a_slow_attempt() {
     let upstream = http_upstream(None).await;
-    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 200ms, retryOn: [Reset], backOff: {baseInterval: 1ms}}\n";
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 1s, retryOn: [Reset], backOff: {baseInterval: 1ms}}\n";
     let (outbound, _dir, config) = service_and_policies("per-try", "http", upstream.addr.port(), policy);
     let _proxy = start(options(config)).await;
     let k = key("slow-first");
@@ -589,8 +591,9 @@ async fn max_connections_overflow_answers_503_without_a_new_connection() {
     let policy = "type: MeshCircuitBreaker\nname: limits\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxConnections: 1}}\n";
     let (outbound, _dir, config) = service_and_policies("one-conn", "http", upstream.addr.port(), policy);
     let _proxy = start(options(config)).await;
-    let slow = tokio::spawn(get_status(outbound, &[("x-delay-ms", "800")]));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let slow = tokio::spawn(get_status(outbound, &[("x-delay-ms", "2000")]));
+    eventually("the slow request at the endpoint", Duration::from_secs(10), || async { upstream.connections() >= 1 })
+        .await;
     // The only connection is busy: a second request would need another.
     let (status, _, headers) = get_status(outbound, &[]).await;
     assert_eq!(status, 503);
@@ -705,7 +708,7 @@ async fn omit_previous_hosts_counts_an_attempt_that_timed_out() {
     let (good, _good_task) = fixed_upstream(200, "good").await;
     let outbound = free_addr("127.0.0.1");
     let endpoints = format!("{}{}", endpoint("127.0.0.1", silent.port(), 0), endpoint("127.0.0.1", good.port(), 0));
-    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 100ms, retryOn: [Reset], backOff: {baseInterval: 1ms}, hostSelection: [{predicate: OmitPreviousHosts}]}\n---\ntype: MeshCircuitBreaker\nname: keep-both\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {outlierDetection: {disabled: true, detectors: {totalFailures: {}}}}\n";
+    let policy = "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      http: {numRetries: 1, perTryTimeout: 1s, retryOn: [Reset], backOff: {baseInterval: 1ms}, hostSelection: [{predicate: OmitPreviousHosts}]}\n---\ntype: MeshCircuitBreaker\nname: keep-both\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {outlierDetection: {disabled: true, detectors: {totalFailures: {}}}}\n";
     let yaml = format!("{}---\n{policy}", service_with_protocol("omit-timed-out", "http", outbound, &endpoints, ""));
     let (_dir, config) = config_dir(&yaml);
     let _proxy = start(options(config)).await;
@@ -719,7 +722,7 @@ async fn omit_previous_hosts_counts_an_attempt_that_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connection_duration_retires_pooled_connections() {
     let upstream = http_upstream(None).await;
-    let policy = "type: MeshTimeout\nname: lifetime\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {maxConnectionDuration: 300ms}}\n";
+    let policy = "type: MeshTimeout\nname: lifetime\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {maxConnectionDuration: 1500ms}}\n";
     let (outbound, _dir, config) = service_and_policies("lifetime", "http", upstream.addr.port(), policy);
     let _proxy = start(options(config)).await;
     let mut client = h1(outbound).await;
@@ -728,7 +731,7 @@ async fn max_connection_duration_retires_pooled_connections() {
     client.ready().await.unwrap();
     let (_, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
     assert_eq!(upstream.connections(), 1, "reused while young");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     client.ready().await.unwrap();
     let (status, _) = text(client.send_request(get("http://x/", &[])).await.unwrap()).await;
     assert_eq!(status, 200);
@@ -749,23 +752,27 @@ async fn request_headers_timeout_closes_a_slow_request_head() {
 }
 
 /// A TCP listener that accepts and never says a word (a TLS handshake to it never ends).
-async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// A listener that accepts, counts and holds connections, and never says anything.
+async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(stream);
         }
     });
-    (addr, task)
+    (addr, task, accepted)
 }
 
 const SKIP_ALL_TLS: &str = "  tls:\n    enabled: true\n    verification: {mode: SkipAll}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_timeout_bounds_connect_and_tls_handshake() {
-    let (silent, _task) = silent_listener().await;
+    let (silent, _task, _) = silent_listener().await;
     let outbound = free_addr("127.0.0.1");
     let policy = "type: MeshTimeout\nname: connect\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionTimeout: 300ms}\n";
     let service =
@@ -782,7 +789,7 @@ async fn connection_timeout_bounds_connect_and_tls_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_pending_requests_overflow() {
-    let (silent, _task) = silent_listener().await;
+    let (silent, _task, accepted) = silent_listener().await;
     let outbound = free_addr("127.0.0.1");
     let policy = "type: MeshCircuitBreaker\nname: pending\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {connectionLimits: {maxPendingRequests: 1}}\n";
     let service =
@@ -791,7 +798,10 @@ async fn max_pending_requests_overflow() {
     let _proxy = start(options(config)).await;
     // The first request waits in the (never-ending, 2 s-bounded) TLS handshake of a new connection.
     let first = tokio::spawn(get_status(outbound, &[]));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the first connection accepted", Duration::from_secs(10), || async {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
     let (status, _, headers) = get_status(outbound, &[]).await;
     assert_eq!(status, 503);
     assert_eq!(headers["x-envoy-overloaded"], "true", "refused at once as pending overflow");
@@ -805,15 +815,15 @@ async fn max_retries_bounds_retries_in_flight() {
     let (outbound, _dir, config) = service_and_policies("budget", "http", upstream.addr.port(), policy);
     let _proxy = start(options(config)).await;
     let before = counter("mesh_egress_upstream_overflows_total", "budget");
-    // A's failing attempts take 600 ms each; B fails once while A's retry is in flight.
+    // A's failing attempts take 1.5 s each; B fails once while A's retry is in flight.
     let ka = key("a");
     let a = {
         let ka = ka.clone();
         tokio::spawn(async move {
-            get_status(outbound, &[("x-fail-first", "2"), ("x-fail-delay-ms", "600"), ("x-key", &ka)]).await
+            get_status(outbound, &[("x-fail-first", "2"), ("x-fail-delay-ms", "1500"), ("x-key", &ka)]).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    eventually("A's retry at the endpoint", Duration::from_secs(10), || async { attempts_seen(&ka) >= 2 }).await;
     let kb = key("b");
     let (status_b, _, headers_b) = get_status(outbound, &[("x-fail-first", "1"), ("x-key", &kb)]).await;
     assert_eq!((status_b.as_u16(), headers_b["x-attempt"].to_str().unwrap()), (503, "1"), "no retry budget left for B");
@@ -890,14 +900,14 @@ async fn success_rate_and_local_origin_detectors_eject() {
     let (bad, _b) = fixed_upstream(500, "bad").await;
     let (g1, _g1) = fixed_upstream(200, "g1").await;
     let (g2, _g2) = fixed_upstream(200, "g2").await;
-    let dead = free_addr("127.0.0.1");
+    let dead = dead_addr();
     let outbound = free_addr("127.0.0.1");
     let endpoints = format!(
         "{}{}{}{}",
         endpoint("127.0.0.1", bad.port(), 0),
         endpoint("127.0.0.1", g1.port(), 0),
         endpoint("127.0.0.1", g2.port(), 0),
-        endpoint("127.0.0.1", dead.port(), 0)
+        endpoint("127.0.9.1", dead.port(), 0)
     );
     // With the split, connect failures count as local-origin failures only; the 500s count for
     // the success rate only.
@@ -944,7 +954,7 @@ async fn an_endpoint_that_never_answers_is_ejected_by_its_timeouts() {
     let outbound = free_addr("127.0.0.1");
     let endpoints =
         format!("{}{}", endpoint("127.0.0.1", silent_addr.port(), 0), endpoint("127.0.0.1", good.port(), 0));
-    let policies = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 200ms}}\n---\ntype: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        healthyPanicThreshold: 0\n        splitExternalAndLocalErrors: true\n        detectors:\n          localOriginFailures: {consecutive: 1}\n";
+    let policies = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 1s}}\n---\ntype: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        healthyPanicThreshold: 0\n        splitExternalAndLocalErrors: true\n        detectors:\n          localOriginFailures: {consecutive: 1}\n";
     let yaml = format!("{}---\n{policies}", service_with_protocol("silent", "http", outbound, &endpoints, ""));
     let (_dir, config) = config_dir(&yaml);
     let _proxy = start(options(config)).await;

@@ -49,7 +49,8 @@ async fn a_reload_whose_listener_cannot_be_bound_changes_nothing() {
     let failures = failed_reloads();
     let err = proxy.reload().await.unwrap_err().to_string();
     assert!(err.contains(&format!("cannot listen on {taken_addr}")), "{err}");
-    assert_eq!(failed_reloads(), failures + 1, "counted as a failed reload");
+    // At least: the counter is the process's, and other tests here fail reloads too.
+    assert!(failed_reloads() > failures, "counted as a failed reload");
     assert_eq!(greet(first).await.unwrap().0, "a", "the running configuration stays whole");
     assert_eq!(proxy.live().load().catalog.services().len(), 1);
 

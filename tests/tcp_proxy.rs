@@ -113,10 +113,10 @@ async fn unix_socket_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_endpoint_is_retried_on_the_other_one() {
     let upstream = echo_server("127.0.0.1:0".parse().unwrap(), "alive").await;
-    let dead = free_addr("127.0.0.1");
+    let dead = dead_addr();
     let outbound = free_addr("127.0.0.1");
     let endpoints =
-        format!("{}{}", endpoint("127.0.0.1", dead.port(), 0), endpoint("127.0.0.1", upstream.addr.port(), 0));
+        format!("{}{}", endpoint("127.0.9.1", dead.port(), 0), endpoint("127.0.0.1", upstream.addr.port(), 0));
     let (_dir, config) = config_dir(&service_with_outbound("f", outbound, &endpoints, ""));
     let _proxy = start(options(config)).await;
     for i in 0..20 {
@@ -127,11 +127,12 @@ async fn refused_endpoint_is_retried_on_the_other_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_levels_fail_over_and_back() {
-    let primary_addr = free_addr("127.0.0.1");
+    // Down until the test starts it, on an address of its own: nothing else comes up there.
+    let primary_addr = free_addr("127.0.9.2");
     let secondary = echo_server("127.0.0.1:0".parse().unwrap(), "secondary").await;
     let outbound = free_addr("127.0.0.1");
     let endpoints =
-        format!("{}{}", endpoint("127.0.0.1", primary_addr.port(), 0), endpoint("127.0.0.1", secondary.addr.port(), 1));
+        format!("{}{}", endpoint("127.0.9.2", primary_addr.port(), 0), endpoint("127.0.0.1", secondary.addr.port(), 1));
     let (_dir, config) = config_dir(&service_with_outbound("p", outbound, &endpoints, ""));
     let _proxy = start(options(config)).await;
 

@@ -100,19 +100,22 @@ impl Failed {
 async fn record(up: &Upstream, target: &Target, check: &HealthCheck, result: Result<(), Failed>) {
     let health = &target.health;
     let event = match &result {
+        // Counted once the state has changed: whoever sees the count finds the endpoint as
+        // the check left it.
         Ok(()) => {
-            up.metrics.health_check(HealthCheckResult::Success);
             health.checks.failures.store(0, Relaxed);
             let successes = health.checks.successes.fetch_add(1, Relaxed) + 1;
-            (successes >= check.healthy_threshold && health.checks.unhealthy.swap(false, Relaxed)).then_some("healthy")
+            let turned = successes >= check.healthy_threshold && health.checks.unhealthy.swap(false, Relaxed);
+            up.metrics.health_check(HealthCheckResult::Success);
+            turned.then_some("healthy")
         }
         Err(failed) => {
-            up.metrics.health_check(HealthCheckResult::Failure);
             health.checks.successes.store(0, Relaxed);
             let failures = health.checks.failures.fetch_add(1, Relaxed) + 1;
             let at_once = matches!(failed, Failed::Answered(_));
             let turned =
                 (at_once || failures >= check.unhealthy_threshold) && !health.checks.unhealthy.swap(true, Relaxed);
+            up.metrics.health_check(HealthCheckResult::Failure);
             if turned {
                 Some("unhealthy")
             } else {

@@ -111,13 +111,23 @@ fn trace_headers(req: &Request<Incoming>) -> String {
 }
 
 /// Requests seen per `x-key`, across every upstream of the test process.
-fn attempts(key: &str) -> usize {
+fn seen() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, usize>> {
     static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
         std::sync::OnceLock::new();
-    let mut seen = SEEN.get_or_init(Default::default).lock().unwrap();
+    SEEN.get_or_init(Default::default).lock().unwrap()
+}
+
+/// Counts a request with `x-key: key`; returns its attempt number.
+fn attempts(key: &str) -> usize {
+    let mut seen = seen();
     let n = seen.entry(key.to_string()).or_default();
     *n += 1;
     *n
+}
+
+/// How many requests with `x-key: key` have reached an upstream so far.
+pub fn attempts_seen(key: &str) -> usize {
+    seen().get(key).copied().unwrap_or(0)
 }
 
 async fn handle(conn: usize, mut req: Request<Incoming>) -> Result<Response<BoxBody>, std::io::Error> {

@@ -36,10 +36,29 @@ pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Resu
     Ok(head)
 }
 
-/// An address nothing listens on (bound, then released).
+/// An address nothing listens on (bound, then released), never handed out before in this
+/// process: the kernel may give a released port again at once, and two of a test's listeners
+/// then asked for the same address.
 pub fn free_addr(ip: &str) -> SocketAddr {
-    let l = std::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+    let ip = ip.parse::<IpAddr>().unwrap();
+    let mut held = Vec::new(); // bound until a new one is found, so the kernel offers others
+    loop {
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&addr) {
+            given.push(addr);
+            return addr;
+        }
+        held.push(listener);
+    }
+}
+
+/// A dead endpoint: an address nothing listens on, on 127.0.9.1, which no test binds (a port
+/// [`free_addr`] released on 127.0.0.1 may be taken meanwhile by another test's server).
+pub fn dead_addr() -> SocketAddr {
+    free_addr("127.0.9.1")
 }
 
 /// A TCP server that greets with `name\n`, echoes what it reads, and on the client's FIN
