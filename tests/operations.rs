@@ -609,12 +609,15 @@ async fn access_log_files_follow_log_rotation() {
     lines_in(global.clone(), "/first").await;
     rotate(1);
     signal(&proxy, "USR1");
-    // Until the signal is handled, requests are logged to the renamed files.
+    // Until the signal is handled, requests are logged to the renamed files: probes until then.
     eventually("a request logged to the reopened files", Duration::from_secs(10), || async {
-        assert_eq!(get(web, "/second").await.unwrap().0, 200);
-        read(&mesh).contains("/second") && read(&global).contains("/second")
+        assert_eq!(get(web, "/probe").await.unwrap().0, 200);
+        read(&mesh).contains("/probe") && read(&global).contains("/probe")
     })
     .await;
+    assert_eq!(get(web, "/second").await.unwrap().0, 200);
+    lines_in(mesh.clone(), "/second").await;
+    lines_in(global.clone(), "/second").await;
     rotate(2);
     let response = Command::new("curl")
         .args(["-s", "-X", "POST", &format!("http://{admin}/reopen_logs")])
