@@ -36,27 +36,37 @@ pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Resu
     Ok(head)
 }
 
-/// An address nothing listens on (bound, then released), never handed out before in this
-/// process: the kernel may give a released port again at once, and two of a test's listeners
-/// then asked for the same address.
+/// An address nothing listens on (bound, then released), with a port below the kernel's
+/// ephemeral range, handed out once per process: no `bind(0)` of another test's server and no
+/// outgoing connection can take it before the test binds it, and no two callers share one (both
+/// happened with ports from `bind(0)`).
 pub fn free_addr(ip: &str) -> SocketAddr {
-    static GIVEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
     let ip = ip.parse::<IpAddr>().unwrap();
-    let mut held = Vec::new(); // bound until a new one is found, so the kernel offers others
-    loop {
-        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !given.contains(&addr) {
-            given.push(addr);
-            return addr;
-        }
-        held.push(listener);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low < 4096 {
+        // No room below the ephemeral range: the kernel's choice.
+        return std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap();
     }
+    let floor = ephemeral_low.saturating_sub(12_000).max(1024);
+    let span = ephemeral_low - floor;
+    let mut next = NEXT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Test binaries run one after another: each starts elsewhere in the span.
+    let first = *next.get_or_insert(floor + u16::try_from(std::process::id() % u32::from(span)).unwrap());
+    for step in 0..span {
+        let port = floor + (first - floor + step) % span;
+        if let Ok(listener) = std::net::TcpListener::bind((ip, port)) {
+            *next = Some(floor + (port - floor + 1) % span);
+            return listener.local_addr().unwrap();
+        }
+    }
+    panic!("no free port on {ip} between {floor} and {ephemeral_low}");
 }
 
-/// A dead endpoint: an address nothing listens on, on 127.0.9.1, which no test binds (a port
-/// [`free_addr`] released on 127.0.0.1 may be taken meanwhile by another test's server).
+/// A dead endpoint: an address nothing listens on, on 127.0.9.1, where no test runs a server.
 pub fn dead_addr() -> SocketAddr {
     free_addr("127.0.9.1")
 }
