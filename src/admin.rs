@@ -234,13 +234,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeouts = state.timeouts;
-    let service = service_fn(move |req| {
-        let state = state.clone();
-        async move {
-            let response = if ready_only { readiness(&state, &req) } else { route(&state, &req, mutations) };
-            Ok::<_, Infallible>(response)
-        }
-    });
+    let quit = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (state, quit) = (state.clone(), quit.clone());
+        service_fn(move |req| {
+            let (state, quit) = (state.clone(), quit.clone());
+            async move {
+                let response = if ready_only { readiness(&state, &req) } else { route(&state, &req, mutations) };
+                if response.extensions().get::<QuitAfterResponse>().is_some() {
+                    quit.store(true, Ordering::Release);
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
     // A scraper or a stuck client must not hold a connection forever.
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(stream, activity.clone()));
@@ -252,7 +259,15 @@ where
         _ = connection => {}
         () = activity.idle_for(timeouts.idle) => {}
     }
+    if quit.load(Ordering::Acquire) {
+        let _ = state.commands.send(AdminCommand::Quit);
+    }
 }
+
+/// Marks the `/quitquitquit` answer: its connection closes once it is written, and only then
+/// has the process exit (sent at once, the exit could beat the answer: the client saw nothing).
+#[derive(Clone, Copy)]
+struct QuitAfterResponse;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
@@ -536,7 +551,16 @@ fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str, mutations: bo
             text(StatusCode::OK, "OK\n")
         }
         "/drain_listeners" => command(AdminCommand::DrainListeners, "OK\n"),
-        "/quitquitquit" => command(AdminCommand::Quit, "OK\n"),
+        "/quitquitquit" => {
+            if state.commands.is_closed() {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "the process is not taking commands\n");
+            }
+            // Sent by the connection once this answer is written: the process may exit at once.
+            let mut response = text(StatusCode::OK, "OK\n");
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            response.extensions_mut().insert(QuitAfterResponse);
+            response
+        }
         "/reopen_logs" => {
             crate::access_log::reopen_files();
             tracing::info!("admin: access log files are opened again before their next line");
@@ -606,5 +630,31 @@ fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             text(StatusCode::OK, format!("active filter: {active}\n"))
         }
         Err(why) => text(StatusCode::BAD_REQUEST, format!("invalid filter '{directives}': {why}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `/quitquitquit` has the process exit only once its answer is written: while the client
+    /// has not read it (a 16-byte pipe holds less than the answer), no command is sent. It was
+    /// sent before the answer, and an exit could leave the client with nothing.
+    #[tokio::test]
+    async fn quit_is_sent_once_its_answer_is_written() {
+        let (state, mut commands) = AdminState::new(Arc::default(), Vec::new(), None);
+        let (mut client, server) = tokio::io::duplex(16);
+        tokio::spawn(connection(server, Arc::new(state), false, true));
+        client.write_all(b"POST /quitquitquit HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(commands.try_recv().is_err(), "quit sent before its answer was written");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("OK\n"), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+        assert!(matches!(commands.recv().await, Some(AdminCommand::Quit)));
     }
 }
