@@ -532,9 +532,10 @@ fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str, mutations: bo
             "forbidden: endpoints that change the proxy need a loopback or unix-socket admin\n",
         );
     }
+    let not_taking_commands = || text(StatusCode::SERVICE_UNAVAILABLE, "the process is not taking commands\n");
     let command = |c: AdminCommand, said: &'static str| {
         if state.commands.send(c).is_err() {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "the process is not taking commands\n");
+            return not_taking_commands();
         }
         text(StatusCode::OK, said)
     };
@@ -553,7 +554,7 @@ fn mutate(state: &AdminState, req: &Request<Incoming>, path: &str, mutations: bo
         "/drain_listeners" => command(AdminCommand::DrainListeners, "OK\n"),
         "/quitquitquit" => {
             if state.commands.is_closed() {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "the process is not taking commands\n");
+                return not_taking_commands();
             }
             // Sent by the connection once this answer is written: the process may exit at once.
             let mut response = text(StatusCode::OK, "OK\n");

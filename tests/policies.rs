@@ -704,7 +704,7 @@ async fn omit_previous_hosts_sends_the_retry_to_another_endpoint() {
 /// so the retry went back to the silent endpoint half the time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omit_previous_hosts_counts_an_attempt_that_timed_out() {
-    let (silent, _silent_task) = silent_endpoint().await;
+    let (silent, _silent_task, _) = silent_listener().await;
     let (good, _good_task) = fixed_upstream(200, "good").await;
     let outbound = free_addr("127.0.0.1");
     let endpoints = format!("{}{}", endpoint("127.0.0.1", silent.port(), 0), endpoint("127.0.0.1", good.port(), 0));
@@ -931,25 +931,12 @@ async fn success_rate_and_local_origin_detectors_eject() {
     }
 }
 
-/// An endpoint that accepts connections, reads nothing and answers nothing.
-async fn silent_endpoint() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            held.push(tcp);
-        }
-    });
-    (addr, task)
-}
-
 /// An endpoint that takes requests and never answers: each request timeout counts as a
 /// local-origin failure against it (as Envoy counts a timeout), so it is ejected and the next
 /// requests go to the endpoint that answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_never_answers_is_ejected_by_its_timeouts() {
-    let (silent_addr, _silent) = silent_endpoint().await;
+    let (silent_addr, _silent, _) = silent_listener().await;
     let (good, _g) = fixed_upstream(200, "good").await;
     let outbound = free_addr("127.0.0.1");
     let endpoints =
@@ -972,7 +959,7 @@ async fn an_endpoint_that_never_answers_is_ejected_by_its_timeouts() {
 /// endpoint's doing: passing it counts nothing against the endpoint, as in Envoy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_deadline_does_not_count_against_the_endpoint() {
-    let (silent_addr, _silent) = silent_endpoint().await;
+    let (silent_addr, _silent, _) = silent_listener().await;
     let outbound = free_addr("127.0.0.1");
     let policies = "type: MeshTimeout\nname: t\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {http: {requestTimeout: 0s, maxStreamDuration: 100ms}}\n---\ntype: MeshCircuitBreaker\nname: outliers\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default:\n      outlierDetection:\n        baseEjectionTime: 1m\n        maxEjectionPercent: 100\n        splitExternalAndLocalErrors: true\n        detectors:\n          localOriginFailures: {consecutive: 1}\n";
     let ep = endpoint("127.0.0.1", silent_addr.port(), 0);
@@ -1248,7 +1235,7 @@ async fn before_its_end_a_request_body_is_bounded_by_stream_idle_or_the_request_
         assert_eq!(stalled, (408, "stream timeout"), "the application stopped sending; timeout {request_timeout:?}");
     }
 
-    let (silent, _task) = silent_endpoint().await;
+    let (silent, _task, _) = silent_listener().await;
     let (outbound, _dir, config) = single_service("unread", "http", silent.port());
     let mut opts = options(config);
     opts.request_timeout = Some(Duration::from_millis(300));

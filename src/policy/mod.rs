@@ -547,8 +547,9 @@ impl PolicySet {
     /// sidecar's mesh (its first Dataplane's, else `default`) and of `to: MeshService` items
     /// named `pass_through`, as Kuma computes it for the transparent proxy's passthrough
     /// listeners (`kuma.io/service: pass_through`, which no MeshExternalService item names):
-    /// destination service `external`, Kuma's TCP format by default. A policy with a `MeshHTTPRoute` item is left out, as Kuma's legacy rules leave it
-    /// out. `None`: no item, or no backend.
+    /// destination service `external`, Kuma's TCP format by default. A policy with a
+    /// `MeshHTTPRoute` item is left out, as Kuma's legacy rules leave it out. `None`: no item,
+    /// or no backend.
     pub fn passthrough_access_log(&self) -> Option<runtime::AccessLogPlan> {
         let mesh = self.proxies.dataplanes.first().map_or("default", |d| d.mesh.as_str());
         let of_kind = || self.entries.iter().filter(|e| e.kind == PolicyKind::MeshAccessLog && e.mesh == mesh);
