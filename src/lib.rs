@@ -10,8 +10,9 @@ pub const LAYERS: &[&str] = &[
     // Vocabulary: plain data every layer shares, and which worker a thread is.
     "model",
     "worker",
-    // The mark on the proxy's own sockets.
+    // The mark on the proxy's own sockets, and how they write.
     "socket_mark",
+    "sendmsg",
     // Configuration as written: files → typed, validated resources (templates are theirs).
     "template",
     "log_format",
@@ -61,6 +62,7 @@ pub mod model;
 pub mod policy;
 pub mod proxy;
 pub mod resources;
+pub mod sendmsg;
 pub mod server;
 pub mod socket_mark;
 pub mod template;

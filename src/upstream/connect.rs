@@ -71,12 +71,15 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => crate::sendmsg::poll_send_vectored(s, cx, bufs),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Tcp(_) => true,
             Self::Unix(s) => s.is_write_vectored(),
         }
     }

@@ -40,6 +40,7 @@ use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
+use crate::sendmsg::SendmsgStream;
 use crate::upstream::AppBody;
 use heads::{Heads, Served};
 
@@ -225,7 +226,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = if http2_only { builder.http2_only() } else { builder };
     let activity = Activity::new();
-    let client = Tracked::new(client, activity.clone());
+    let client = Tracked::new(SendmsgStream(client), activity.clone());
     // The first bytes tell HTTP/2 (no head deadline) from HTTP/1, unless the listener is h2 only.
     let client = if http2_only { client } else { client.watching_first_bytes(watched_heads.sniffer()) };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
