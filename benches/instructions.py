@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per request (callgrind), mesh-egress against a baseline revision.
 
-    sudo python3 benches/instructions.py [--baseline REV] [--requests 2000]
+    sudo python3 benches/instructions.py [--baseline REV] [--requests 2000] [--haproxy] [--loaded]
 
 Counts the instructions mesh-egress executes per request for HTTP/1.1, h2 and gRPC unary, the
 same way for this tree and for a baseline revision (default: the merge base with the last
@@ -12,6 +12,13 @@ landed main, `origin/main` if there is one, else HEAD~1). Each binary is the `pr
 configuration loading, the warm-up and shutdown cancel out. Instruction counts do not depend
 on the machine's load or clock, so unlike throughput they compare across runs and machines.
 The client is h2load (HTTP/1.1 with --h1), one connection, requests one after another.
+
+--haproxy adds HAProxy (Debian's, one thread, `http-reuse always`, h2 to the endpoint for the
+h2 and gRPC services, as benches/compare.py configures it) under the same harness: the user-space
+instructions of the two proxies, which unlike their CPU time do not move with this VM's mode.
+--loaded sends at the bench's concurrency instead (HTTP/1.1 64 connections, h2 and gRPC 16
+connections of 10 streams each; --requests defaults to 20,000 then), where a connection's
+wake-ups and system calls are shared by several requests.
 Results: stdout and target/bench/instructions.md.
 """
 
@@ -33,6 +40,18 @@ UPSTREAM = os.path.join(ROOT, "target", "release", "examples", "bench_upstream")
 HTTP = 18180
 ADMIN = 29911
 WARMUP = 200
+# HAProxy's configuration for --haproxy: the same services on the same ports.
+HAPROXY_CFG = f"""global
+    nbthread 1
+defaults
+    timeout connect 5s
+    timeout client 1h
+    timeout server 15s
+frontend monitor
+    bind 127.0.0.1:{ADMIN}
+    mode http
+    monitor-uri /ready
+"""
 SERVICES = [("http", "http", 20101), ("http2", "http2", 20102), ("grpc", "grpc", 20103)]
 WORKLOADS = [
     ("HTTP/1.1 keep-alive", "http", ["--h1"]),
@@ -45,12 +64,24 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
 
 
+def haproxy_config(directory):
+    text = HAPROXY_CFG
+    for name, protocol, port in SERVICES:
+        h2 = protocol != "http"
+        text += (f"listen {name}\n    bind 127.0.0.1:{port}{' proto h2' if h2 else ''}\n    mode http\n"
+                 f"    http-reuse always\n    server s0 127.0.0.1:{HTTP}{' proto h2' if h2 else ''}\n")
+    path = os.path.join(directory, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def prepare(baseline):
-    if not shutil.which("h2load") or not shutil.which("valgrind"):
+    if not all(shutil.which(tool) for tool in ("h2load", "valgrind", "haproxy")):
         if os.geteuid() != 0:
-            sys.exit("missing h2load or valgrind: run as root (it installs nghttp2-client and valgrind)")
+            sys.exit("missing h2load, valgrind or haproxy: run as root (it installs them)")
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client", "valgrind"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client", "valgrind", "haproxy"], check=True)
     os.makedirs(OUT, exist_ok=True)
     subprocess.run(["cargo", "build", "--profile", "profiling", "--bin", "mesh-egress"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--example", "bench_upstream"], cwd=ROOT, check=True)
@@ -96,8 +127,9 @@ def wait_ready(proc, timeout=120.0):
     raise RuntimeError("not ready under valgrind")
 
 
-def h2load(port, n, extra):
-    cmd = ["h2load", "-n", str(n), "-c", "1", "-m", "1"]
+def h2load(port, n, extra, loaded=False):
+    conns, streams = ((64, 1) if extra == ["--h1"] else (16, 10)) if loaded else (1, 1)
+    cmd = ["h2load", "-n", str(n), "-c", str(conns), "-m", str(streams)]
     url = f"http://127.0.0.1:{port}/"
     if extra == "grpc":
         args, url = grpc_request(port)
@@ -110,20 +142,24 @@ def h2load(port, n, extra):
         raise RuntimeError(f"h2load did not get {n} answers:\n{out}")
 
 
-def instructions(binary, config_path, port, extra, n):
-    """Total instructions of one proxy run: start, WARMUP requests, then n more, stop."""
+def mesh_command(binary, config_path, state_dir):
+    return [binary, "run", "-c", config_path, "--workers", "1", "--admin", f"127.0.0.1:{ADMIN}", "--readiness-port",
+            "off", "--transparent", "off", "--dns", "off", "--no-watch", "--state-dir", state_dir]
+
+
+def instructions(command, port, extra, n, loaded=False):
+    """Total instructions of one proxy run: start, the warm-up, then n more requests, stop.
+    `command(state_dir)`: the proxy's command line."""
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "callgrind.out")
         proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", binary, "run", "-c", config_path,
-             "--workers", "1", "--admin", f"127.0.0.1:{ADMIN}", "--readiness-port", "off", "--transparent", "off",
-             "--dns", "off", "--no-watch", "--state-dir", tmp],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"] + command(tmp),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="error"))
         try:
             wait_ready(proc)
-            h2load(port, WARMUP, extra)
+            h2load(port, WARMUP * 10 if loaded else WARMUP, extra, loaded)
             if n:
-                h2load(port, n, extra)
+                h2load(port, n, extra, loaded)
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=120)
@@ -136,8 +172,12 @@ def instructions(binary, config_path, port, extra, n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default=None, help="revision to compare against")
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=None, help="requests measured (2,000; 20,000 with --loaded)")
+    parser.add_argument("--haproxy", action="store_true", help="also HAProxy, under the same harness")
+    parser.add_argument("--loaded", action="store_true", help="the bench's concurrency, not one request at a time")
     args = parser.parse_args()
+    if args.requests is None:
+        args.requests = 20000 if args.loaded else 2000
     baseline = args.baseline
     if baseline is None:
         has_origin = subprocess.run(["git", "rev-parse", "--verify", "-q", "origin/main"], cwd=ROOT,
@@ -151,28 +191,40 @@ def main():
             sys.exit("bench_upstream did not start")
         with tempfile.TemporaryDirectory() as tmp:
             config_path = config(tmp)
+            targets = [(head, lambda d, b=current: mesh_command(b, config_path, d)),
+                       (base_rev, lambda d, b=base: mesh_command(b, config_path, d))]
+            if args.haproxy:
+                haproxy_cfg = haproxy_config(tmp)
+                targets.append(("HAProxy", lambda d: ["haproxy", "-db", "-f", haproxy_cfg]))
             rows = []
             for label, service, extra in WORKLOADS:
                 port = next(p for name, _, p in SERVICES if name == service)
                 per = {}
-                for name, binary in ((head, current), (base_rev, base)):
-                    without = instructions(binary, config_path, port, extra, 0)
-                    with_n = instructions(binary, config_path, port, extra, args.requests)
+                for name, command in targets:
+                    without = instructions(command, port, extra, 0, args.loaded)
+                    with_n = instructions(command, port, extra, args.requests, args.loaded)
                     per[name] = (with_n - without) / args.requests
-                rows.append((label, per[head], per[base_rev]))
-                print(f"{label}: {per[head]:,.0f} instructions/request at {head}, {per[base_rev]:,.0f} at {base_rev}",
+                rows.append((label, per))
+                print(f"{label}: " + ", ".join(f"{n:,.0f} instructions/request at {name}" for name, n in per.items()),
                       flush=True)
     finally:
         up.terminate()
+    flags = (" --haproxy" if args.haproxy else "") + (" --loaded" if args.loaded else "")
+    load = ("HTTP/1.1 over 64 connections, h2 and gRPC over 16 connections of 10 streams" if args.loaded
+            else "one connection, one request at a time")
     lines = [
-        f"Instructions per request (callgrind, 1 worker, {args.requests} requests after a {WARMUP}-request warm-up, "
-        f"one connection). Command: `sudo python3 benches/instructions.py --baseline {base_rev}`",
+        f"Instructions per request (callgrind, 1 worker, {args.requests} requests after a warm-up, {load}). "
+        f"Command: `sudo python3 benches/instructions.py --baseline {base_rev}{flags}`",
         "",
-        f"| workload | {head} (this tree) | {base_rev} (baseline) | change |",
-        "|---|---|---|---|",
+        f"| workload | {head} (this tree) | {base_rev} (baseline) | change |" + (" HAProxy | this tree / HAProxy |" if args.haproxy else ""),
+        "|---|---|---|---|" + ("---|---|" if args.haproxy else ""),
     ]
-    for label, now, before in rows:
-        lines.append(f"| {label} | {now:,.0f} | {before:,.0f} | {(now / before - 1) * 100:+.1f}% |")
+    for label, per in rows:
+        now, before = per[head], per[base_rev]
+        line = f"| {label} | {now:,.0f} | {before:,.0f} | {(now / before - 1) * 100:+.1f}% |"
+        if args.haproxy:
+            line += f" {per['HAProxy']:,.0f} | {now / per['HAProxy']:.2f} |"
+        lines.append(line)
     text = "\n".join(lines) + "\n"
     print(text)
     with open(os.path.join(OUT, "instructions.md"), "w") as f:
