@@ -16,7 +16,9 @@ upstream, target/bench/mesh.yaml and haproxy-1.cfg). Each round starts the proxy
 with one worker (the bench upstream and the load generator on CPU 0), warms it up for 2 s,
 measures one run of the workload (utime, stime and minor faults of the proxy from
 /proc/PID/stat, divided by the requests counted), then counts its system calls with `strace -c`
-over a second run (strace slows the proxy; the counts per request are what it is for).
+over a second run (strace slows the proxy; the counts per request are what it is for). It also
+counts the TCP segments the whole machine sent per request (loopback: the load generator's, the
+proxy's and the upstream's), which tells whether a proxy makes the kernel send more packets.
 """
 
 import argparse
@@ -46,6 +48,14 @@ def minor_faults(pid):
         return int(f.read().rsplit(")", 1)[1].split()[7])  # field 10
 
 
+def tcp_segments():
+    """The machine's TCP segments sent so far (/proc/net/snmp's Tcp OutSegs): over a run on
+    loopback, every segment the load generator, the proxy and the upstream sent."""
+    with open("/proc/net/snmp") as f:
+        names, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
+    return int(values[names.index("OutSegs")])
+
+
 def syscalls(pid, run):
     """System calls per request over one run, from `strace -c -f` attached to the proxy."""
     with tempfile.NamedTemporaryFile(mode="r", suffix=".strace") as out:
@@ -72,12 +82,12 @@ def measure(kind, key, secs):
     proxy = C.Proxy(kind, 1, "1", None, C.OUT)
     try:
         short(port)
-        (u0, s0), f0 = proxy.cpu(), minor_faults(proxy.pid)
+        (u0, s0), f0, g0 = proxy.cpu(), minor_faults(proxy.pid), tcp_segments()
         sample = run(port)
-        (u1, s1), f1 = proxy.cpu(), minor_faults(proxy.pid)
+        (u1, s1), f1, g1 = proxy.cpu(), minor_faults(proxy.pid), tcp_segments()
         n = sample["count"]
         result = {"rate": sample["rate"], "user": (u1 - u0) * 1e6 / n, "system": (s1 - s0) * 1e6 / n,
-                  "minflt": (f1 - f0) / n}
+                  "minflt": (f1 - f0) / n, "segments": (g1 - g0) / n}
         result["calls"] = syscalls(proxy.pid, lambda: short(port))
         return result
     finally:
@@ -115,7 +125,8 @@ def main():
                 calls = ", ".join(f"{name} {per:.2f}" for name, per in sorted(r["calls"].items(), key=lambda c: -c[1])
                                   if per >= 0.01)
                 print(f"{kind:12} {args.workload}: {r['rate']:9,.0f} req/s, user {r['user']:.2f} + system "
-                      f"{r['system']:.2f} = {r['user'] + r['system']:.2f} µs/req, minor faults {r['minflt']:.4f}/req; "
+                      f"{r['system']:.2f} = {r['user'] + r['system']:.2f} µs/req, minor faults {r['minflt']:.4f}/req, "
+                      f"TCP segments {r['segments']:.2f}/req; "
                       f"system calls per request: {calls}", flush=True)
         for kind, rs in results.items():
             med = lambda k: statistics.median(r[k] for r in rs)
