@@ -50,7 +50,8 @@ def minor_faults(pid):
 
 def tcp_segments():
     """The machine's TCP segments sent so far (/proc/net/snmp's Tcp OutSegs): over a run on
-    loopback, every segment the load generator, the proxy and the upstream sent."""
+    loopback, every segment the load generator, the proxy and the upstream sent (and any other
+    job's: run it on an otherwise quiet machine)."""
     with open("/proc/net/snmp") as f:
         names, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
     return int(values[names.index("OutSegs")])
@@ -131,7 +132,8 @@ def main():
         for kind, rs in results.items():
             med = lambda k: statistics.median(r[k] for r in rs)
             print(f"MEDIAN {kind:12} {med('rate'):9,.0f} req/s, user {med('user'):.2f}, system {med('system'):.2f}, "
-                  f"total {statistics.median(r['user'] + r['system'] for r in rs):.2f} µs/req")
+                  f"total {statistics.median(r['user'] + r['system'] for r in rs):.2f} µs/req, "
+                  f"TCP segments {med('segments'):.2f}/req")
     finally:
         upstream.terminate()
 

@@ -76,12 +76,14 @@ def haproxy_config(directory):
     return path
 
 
-def prepare(baseline):
-    if not all(shutil.which(tool) for tool in ("h2load", "valgrind", "haproxy")):
+def prepare(baseline, haproxy):
+    tools = ("h2load", "valgrind") + (("haproxy",) if haproxy else ())
+    if not all(shutil.which(tool) for tool in tools):
         if os.geteuid() != 0:
             sys.exit("missing h2load, valgrind or haproxy: run as root (it installs them)")
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client", "valgrind", "haproxy"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client", "valgrind"] + (["haproxy"] if haproxy else []),
+                       check=True)
     os.makedirs(OUT, exist_ok=True)
     subprocess.run(["cargo", "build", "--profile", "profiling", "--bin", "mesh-egress"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--example", "bench_upstream"], cwd=ROOT, check=True)
@@ -183,7 +185,7 @@ def main():
         has_origin = subprocess.run(["git", "rev-parse", "--verify", "-q", "origin/main"], cwd=ROOT,
                                     capture_output=True).returncode == 0
         baseline = sh(["git", "merge-base", "HEAD", "origin/main"], cwd=ROOT).strip() if has_origin else "HEAD~1"
-    current, (base_rev, base) = prepare(baseline)
+    current, (base_rev, base) = prepare(baseline, args.haproxy)
     head = sh(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).strip()
     up = subprocess.Popen([UPSTREAM, "--http", f"127.0.0.1:{HTTP}"], stdout=subprocess.PIPE, text=True)
     try:
@@ -191,8 +193,9 @@ def main():
             sys.exit("bench_upstream did not start")
         with tempfile.TemporaryDirectory() as tmp:
             config_path = config(tmp)
-            targets = [(head, lambda d, b=current: mesh_command(b, config_path, d)),
-                       (base_rev, lambda d, b=base: mesh_command(b, config_path, d))]
+            # Keyed by role, not revision: a baseline that is HEAD must not overwrite this tree's.
+            targets = [("tree", lambda d, b=current: mesh_command(b, config_path, d)),
+                       ("baseline", lambda d, b=base: mesh_command(b, config_path, d))]
             if args.haproxy:
                 haproxy_cfg = haproxy_config(tmp)
                 targets.append(("HAProxy", lambda d: ["haproxy", "-db", "-f", haproxy_cfg]))
@@ -205,7 +208,8 @@ def main():
                     with_n = instructions(command, port, extra, args.requests, args.loaded)
                     per[name] = (with_n - without) / args.requests
                 rows.append((label, per))
-                print(f"{label}: " + ", ".join(f"{n:,.0f} instructions/request at {name}" for name, n in per.items()),
+                names = {"tree": head, "baseline": base_rev, "HAProxy": "HAProxy"}
+                print(f"{label}: " + ", ".join(f"{n:,.0f} instructions/request at {names[role]}" for role, n in per.items()),
                       flush=True)
     finally:
         up.terminate()
@@ -220,7 +224,7 @@ def main():
         "|---|---|---|---|" + ("---|---|" if args.haproxy else ""),
     ]
     for label, per in rows:
-        now, before = per[head], per[base_rev]
+        now, before = per["tree"], per["baseline"]
         line = f"| {label} | {now:,.0f} | {before:,.0f} | {(now / before - 1) * 100:+.1f}% |"
         if args.haproxy:
             line += f" {per['HAProxy']:,.0f} | {now / per['HAProxy']:.2f} |"

@@ -14,9 +14,14 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Linux's limit on the buffers of one sendmsg.
+const IOV_MAX: usize = 1024;
+
 /// Writes `bufs` to `stream` with one sendmsg, once the socket has room, as tokio's own writes
-/// wait for it. MSG_NOSIGNAL: a closed peer is an `EPIPE` error, never a signal.
+/// wait for it. MSG_NOSIGNAL: a closed peer is an `EPIPE` error, never a signal. At most
+/// IOV_MAX buffers per call, as std's `write_vectored` takes (the rest is a partial write).
 pub fn poll_send_vectored(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    let bufs = &bufs[..bufs.len().min(IOV_MAX)];
     loop {
         ready!(stream.poll_write_ready(cx))?;
         // try_io clears the readiness tokio saw if the socket has no room after all.
@@ -104,20 +109,33 @@ mod tests {
         assert!(reader.await.unwrap() == expected, "the bytes received differ from those sent");
     }
 
-    /// A peer that is gone is an error to the writer, not SIGPIPE for the process.
+    /// A peer that is gone is an error to the writer. (Rust programs ignore SIGPIPE, so this
+    /// cannot show MSG_NOSIGNAL at work; it shows the error reaches the caller.)
     #[tokio::test]
     async fn a_closed_peer_is_an_error() {
         let (mut sender, receiver) = pair().await;
+        // Closed with a reset at once, rather than a FIN that a write must first draw a reset to.
+        SockRef::from(&receiver).set_linger(Some(std::time::Duration::ZERO)).unwrap();
         drop(receiver);
         let bufs = [IoSlice::new(b"head"), IoSlice::new(b"body")];
-        let mut result = Ok(0);
-        for _ in 0..100 {
-            result = sender.write_vectored(&bufs).await;
-            if result.is_err() {
-                break;
+        let error = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if let Err(error) = sender.write_vectored(&bufs).await {
+                    return error;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-        }
-        let error = result.expect_err("writes to a closed peer kept succeeding");
+        })
+        .await
+        .expect("writes to a closed peer kept succeeding for 30 s");
         assert!(matches!(error.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset), "{error}");
+    }
+
+    /// More buffers than one sendmsg takes are a partial write, not an error.
+    #[tokio::test]
+    async fn more_buffers_than_iov_max_are_a_partial_write() {
+        let (mut sender, _receiver) = pair().await;
+        let bufs = vec![IoSlice::new(b"x"); IOV_MAX + 10];
+        assert_eq!(sender.write_vectored(&bufs).await.unwrap(), IOV_MAX);
     }
 }
