@@ -4,7 +4,7 @@
 //! fsnotify) before it reaches the socket; sendmsg goes to the socket directly, as the send(2)
 //! of tokio's single-buffer writes already does. hyper writes an HTTP/1 response's head and
 //! body, and h2 its frames, as vectored writes: one per response on the application side.
-//! With sendmsg the kernel spent about 0.5 µs less per HTTP/1.1 request (docs/benchmarks.md).
+//! With sendmsg the kernel spent about 0.4 µs less per HTTP/1.1 request (docs/benchmarks.md).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
