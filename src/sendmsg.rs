@@ -20,7 +20,7 @@ const IOV_MAX: usize = 1024;
 /// Writes `bufs` to `stream` with one sendmsg, once the socket has room, as tokio's own writes
 /// wait for it. MSG_NOSIGNAL: a closed peer is an `EPIPE` error, never a signal. At most
 /// IOV_MAX buffers per call, as std's `write_vectored` takes (the rest is a partial write).
-pub fn poll_send_vectored(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+fn poll_send_vectored(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
     let bufs = &bufs[..bufs.len().min(IOV_MAX)];
     loop {
         ready!(stream.poll_write_ready(cx))?;
@@ -34,7 +34,8 @@ pub fn poll_send_vectored(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSl
     }
 }
 
-/// An application's TCP connection whose vectored writes are one sendmsg each.
+/// A TCP connection whose vectored writes are one sendmsg each: the application's (HTTP
+/// listeners) and the endpoint's (`upstream::UpstreamStream`).
 #[derive(Debug)]
 pub struct SendmsgStream(pub TcpStream);
 

@@ -5,15 +5,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 use tokio_rustls::client::TlsStream;
 
 pub use crate::model::TargetAddr;
+use crate::sendmsg::SendmsgStream;
 
 /// A connected upstream byte stream.
 #[derive(Debug)]
 pub enum UpstreamStream {
-    Tcp(TcpStream),
+    /// Vectored writes (h2 frames, TLS records) as one sendmsg each.
+    Tcp(SendmsgStream),
     Unix(UnixStream),
 }
 
@@ -23,7 +25,7 @@ impl UpstreamStream {
             TargetAddr::Socket(addr) => {
                 let stream = crate::socket_mark::connect(*addr).await?;
                 stream.set_nodelay(true)?;
-                Ok(Self::Tcp(stream))
+                Ok(Self::Tcp(SendmsgStream(stream)))
             }
             TargetAddr::Unix(path) => Ok(Self::Unix(UnixStream::connect(path).await?)),
         }
@@ -32,7 +34,7 @@ impl UpstreamStream {
     /// Writes what the socket takes now, without waiting.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Self::Tcp(s) => s.try_write(buf),
+            Self::Tcp(s) => s.0.try_write(buf),
             Self::Unix(s) => s.try_write(buf),
         }
     }
@@ -71,15 +73,12 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => crate::sendmsg::poll_send_vectored(s, cx, bufs),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        delegate!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Self::Tcp(_) => true,
+            Self::Tcp(s) => s.is_write_vectored(),
             Self::Unix(s) => s.is_write_vectored(),
         }
     }
