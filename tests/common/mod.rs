@@ -43,10 +43,13 @@ pub async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Resu
 pub fn free_addr(ip: &str) -> SocketAddr {
     static NEXT: Mutex<Option<u16>> = Mutex::new(None);
     let ip = ip.parse::<IpAddr>().unwrap();
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    static EPHEMERAL_LOW: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    let ephemeral_low = *EPHEMERAL_LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768)
+    });
     if ephemeral_low < 4096 {
         // No room below the ephemeral range: the kernel's choice.
         return std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap();
