@@ -312,6 +312,11 @@ fn parse_head(
             present.note(&name, &value);
             headers.append(name, value);
         }
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): the length goes, so what
+        // is passed on agrees with how the body was read, as hyper's client (1.13) does.
+        if present.transfer_encoding && present.content_length != ContentLength::Absent {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
         let (framing, keep_alive) = framing(status, version, method, &headers, present)?;
         return Ok(Some(Head { status, version, headers, reason, framing, keep_alive }));
     }
@@ -613,6 +618,19 @@ mod tests {
                 assert_eq!(head.is_some(), i == 22 + end.len(), "{end:?} at byte {i}");
             }
         }
+    }
+
+    #[test]
+    fn a_content_length_beside_transfer_encoding_is_dropped() {
+        let parse = |head: &[u8]| {
+            let (mut read, mut spans) = (BytesMut::from(head), Vec::new());
+            parse_head(&mut read, &mut spans, &Method::GET, &mut HeadProgress::default()).unwrap().expect("a head")
+        };
+        let both = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(!both.headers.contains_key(http::header::CONTENT_LENGTH));
+        assert_eq!((both.framing, both.keep_alive), (Framing::Chunked, false), "framed two ways: not reused");
+        let length_only = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(length_only.headers[http::header::CONTENT_LENGTH], "5");
     }
 
     #[test]

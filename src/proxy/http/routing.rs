@@ -213,8 +213,8 @@ impl PendingMirror {
     /// Sends the copy on a task of its own, if the mirror's service is admitted too: a broken
     /// one (no TLS client: the copy would go in clear), or one the mesh or a
     /// MeshTrafficPermission refuses, gets nothing.
-    pub(super) fn send(self: Box<Self>) {
-        let Self { route, parts, body } = *self;
+    pub(super) fn send(self) {
+        let Self { route, parts, body } = self;
         if crate::proxy::admit::admit(&route.service).is_err() {
             return;
         }
