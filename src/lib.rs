@@ -10,9 +10,10 @@ pub const LAYERS: &[&str] = &[
     // Vocabulary: plain data every layer shares, and which worker a thread is.
     "model",
     "worker",
-    // The mark on the proxy's own sockets, and how they write.
+    // The mark on the proxy's own sockets, how they write, and how bulk flows move between them.
     "socket_mark",
     "sendmsg",
+    "splice",
     // Configuration as written: files → typed, validated resources (templates are theirs).
     "template",
     "log_format",
@@ -65,6 +66,7 @@ pub mod resources;
 pub mod sendmsg;
 pub mod server;
 pub mod socket_mark;
+pub mod splice;
 pub mod template;
 pub mod tls;
 pub mod tproxy;

@@ -209,6 +209,7 @@ async fn metrics_parse_and_count_known_traffic() {
     assert_eq!(value("mesh_egress_connections_active", &tcp_labels), 0.0);
     assert_eq!(value("mesh_egress_upstream_bytes_sent_total", &tcp_labels), 5.0);
     assert_eq!(value("mesh_egress_upstream_bytes_received_total", &tcp_labels), 15.0, "echo\\n + 12345 + <eof>");
+    assert_eq!(value("mesh_egress_upstream_bytes_spliced_total", &tcp_labels), 0.0, "too small to splice");
     // Histograms: the +Inf bucket counts every observation.
     assert_eq!(value("mesh_egress_request_duration_seconds", &web_labels), 5.0);
     assert_eq!(value("mesh_egress_upstream_connect_duration_seconds", &tcp_labels), 1.0);

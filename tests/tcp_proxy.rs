@@ -217,3 +217,40 @@ async fn passthrough_refuses_the_proxys_own_listeners() {
     // Elsewhere still works.
     assert_eq!(round_trip(injected.connect(listener, echo.addr).await).await, "echo\nping<eof>");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_flow_is_spliced_whole_both_ways() {
+    let upstream = echo_server("127.0.0.1:0".parse().unwrap(), "bulk").await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_outbound("bulk", outbound, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let data: Vec<u8> = (0..8_000_000u32).map(|i| (i % 241) as u8).collect();
+    let (mut read, mut write) = TcpStream::connect(outbound).await.unwrap().into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let mut reply = Vec::new();
+    read.read_to_end(&mut reply).await.unwrap();
+    writer.await.unwrap();
+    assert!(reply == [&b"bulk\n"[..], &data, b"<eof>"].concat(), "the echo comes back whole and in order");
+    // The flow's metrics are counted when it ends, just after the proxy's last write.
+    let spliced = async {
+        loop {
+            let text = mesh_egress::metrics::metrics().encode();
+            let line =
+                text.lines().find(|l| l.starts_with("mesh_egress_upstream_bytes_spliced_total{") && l.contains("bulk"));
+            if let Some(value) = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()) {
+                if value > 0.0 {
+                    return value;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let spliced = tokio::time::timeout(Duration::from_secs(10), spliced).await.expect("no spliced bytes counted");
+    // Both ways, after the first few reads of each through the buffers.
+    assert!(spliced > 14_000_000.0, "{spliced}");
+}

@@ -146,6 +146,7 @@ pub struct Metrics {
     connect_errors: Family<ServiceLabels, Counter>,
     bytes_sent: Family<ServiceLabels, Counter>,
     bytes_received: Family<ServiceLabels, Counter>,
+    bytes_spliced: Family<ServiceLabels, Counter>,
     retries: Family<ServiceLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
@@ -171,6 +172,8 @@ pub struct ServiceMetrics {
     pub bytes_sent: Counter,
     /// Bytes from the endpoint to the application.
     pub bytes_received: Counter,
+    /// Of those, TCP bytes moved socket to socket by splice(2), either way.
+    pub bytes_spliced: Counter,
     /// Requests (or connects) sent again by MeshRetry.
     pub retries: Counter,
     /// Indexed like [`Limit::ALL`].
@@ -218,6 +221,7 @@ impl Metrics {
             connect_errors: Family::default(),
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
+            bytes_spliced: Family::default(),
             retries: Family::default(),
             overflows: Family::default(),
             ejections: Family::default(),
@@ -241,6 +245,11 @@ impl Metrics {
             "upstream_bytes_received",
             "Bytes received from endpoints (TCP payload or HTTP bodies)",
             m.bytes_received.clone(),
+        );
+        r.register(
+            "upstream_bytes_spliced",
+            "Of the TCP payload bytes sent and received, those moved socket to socket by splice(2), not copied through the proxy",
+            m.bytes_spliced.clone(),
         );
         r.register("upstream_retries", "Requests and TCP connects retried by MeshRetry", m.retries.clone());
         r.register(
@@ -305,6 +314,7 @@ impl Metrics {
             connect_errors: self.connect_errors.get_or_create(&labels).clone(),
             bytes_sent: self.bytes_sent.get_or_create(&labels).clone(),
             bytes_received: self.bytes_received.get_or_create(&labels).clone(),
+            bytes_spliced: self.bytes_spliced.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
             overflows: Limit::ALL.map(|limit| {
                 let l = OverflowLabels {

@@ -1,8 +1,10 @@
 //! Moving bytes both ways between the application and the endpoint.
 //!
 //! Each direction has one buffer that starts small (idle connections stay cheap) and grows when
-//! reads keep filling it (bulk flows get large reads), as ztunnel does. A FIN from one side is
-//! passed on with `shutdown` while the other direction keeps flowing (half-close).
+//! reads keep filling it (bulk flows get large reads), as ztunnel does. Between two plain TCP
+//! sockets its last step is a pipe instead ([`crate::splice`]): a bulk flow's bytes then move
+//! without being copied through the proxy. A FIN from one side is passed on with `shutdown`
+//! while the other direction keeps flowing (half-close).
 
 use std::future::{poll_fn, Future as _};
 use std::io;
@@ -12,6 +14,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::splice::{Pipe, Splice};
 
 /// Why a flow was ended by one of its [`FlowTimeouts`] (inside a `TimedOut` I/O error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -29,7 +33,7 @@ impl FlowTimedOut {
     }
 }
 
-/// Buffer sizes a direction steps through.
+/// Buffer sizes a direction steps through. The last, between two plain TCP sockets, is a pipe.
 const SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
 /// Consecutive full reads before a buffer grows.
 const FULL_READS_TO_GROW: u8 = 2;
@@ -39,10 +43,16 @@ const FULL_READS_TO_GROW: u8 = 2;
 pub struct Transferred {
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// Of both, the bytes that went through a pipe (spliced), not a buffer.
+    pub spliced: u64,
 }
 
 struct Direction {
     buf: Vec<u8>,
+    /// Both ends are plain TCP sockets: a bulk flow may go through a pipe.
+    can_splice: bool,
+    /// Once it does, the pipe its bytes go through instead of `buf`.
+    pipe: Option<Pipe>,
     size_step: usize,
     pos: usize,
     filled: usize,
@@ -51,14 +61,18 @@ struct Direction {
     need_flush: bool,
     done: bool,
     bytes: u64,
+    /// Of `bytes`, those spliced.
+    spliced: u64,
     /// The peer went away abruptly (reset, broken pipe) and this direction ended there.
     reset: Option<io::ErrorKind>,
 }
 
 impl Direction {
-    fn new() -> Self {
+    fn new(can_splice: bool) -> Self {
         Self {
             buf: vec![0; SIZES[0]],
+            can_splice,
+            pipe: None,
             size_step: 0,
             pos: 0,
             filled: 0,
@@ -67,16 +81,73 @@ impl Direction {
             need_flush: false,
             done: false,
             bytes: 0,
+            spliced: 0,
             reset: None,
         }
     }
 
     fn grow_if_busy(&mut self) {
-        if self.full_reads >= FULL_READS_TO_GROW && self.size_step + 1 < SIZES.len() {
-            self.size_step += 1;
-            self.buf = vec![0; SIZES[self.size_step]];
-            self.full_reads = 0;
+        if self.full_reads < FULL_READS_TO_GROW || self.size_step + 1 >= SIZES.len() {
+            return;
         }
+        self.size_step += 1;
+        self.full_reads = 0;
+        if self.can_splice && self.size_step + 1 == SIZES.len() {
+            match Pipe::new() {
+                Ok(pipe) => {
+                    self.pipe = Some(pipe);
+                    self.buf = Vec::new();
+                    return;
+                }
+                // Out of file descriptors, say: the flow goes on through a buffer.
+                Err(error) => tracing::debug!(%error, "no pipe to splice through; copying"),
+            }
+        }
+        self.buf = vec![0; SIZES[self.size_step]];
+    }
+
+    /// Nothing read is waiting to be written.
+    fn is_drained(&self) -> bool {
+        match &self.pipe {
+            Some(pipe) => pipe.held() == 0,
+            None => self.pos == self.filled,
+        }
+    }
+
+    /// Reads into the buffer, or splices into the pipe: the bytes read, 0 at the end.
+    fn poll_fill<R>(&mut self, cx: &mut Context<'_>, reader: Pin<&mut R>) -> Poll<io::Result<usize>>
+    where
+        R: AsyncRead + Splice + ?Sized,
+    {
+        if let Some(pipe) = &mut self.pipe {
+            match ready!(pipe.poll_fill(cx, tcp_of(reader.as_ref().get_ref())?)) {
+                // The pipe is empty when filled: nothing is lost going back to a buffer.
+                Err(e) if crate::splice::refused(&e) => {
+                    self.pipe = None;
+                    self.buf = vec![0; SIZES[self.size_step]];
+                }
+                result => return Poll::Ready(result),
+            }
+        }
+        let mut read_buf = ReadBuf::new(&mut self.buf);
+        ready!(reader.poll_read(cx, &mut read_buf))?;
+        let n = read_buf.filled().len();
+        self.full_reads = if n == self.buf.len() { self.full_reads.saturating_add(1) } else { 0 };
+        (self.pos, self.filled) = (0, n);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes from the buffer, or splices out of the pipe: the bytes written.
+    fn poll_drain<W>(&mut self, cx: &mut Context<'_>, writer: Pin<&mut W>) -> Poll<io::Result<usize>>
+    where
+        W: AsyncWrite + Splice + ?Sized,
+    {
+        if let Some(pipe) = &mut self.pipe {
+            return pipe.poll_drain(cx, tcp_of(writer.as_ref().get_ref())?);
+        }
+        let n = ready!(writer.poll_write(cx, &self.buf[self.pos..self.filled]))?;
+        self.pos += n;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_copy<R, W>(
@@ -86,14 +157,13 @@ impl Direction {
         mut writer: Pin<&mut W>,
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: AsyncRead + Splice + ?Sized,
+        W: AsyncWrite + Splice + ?Sized,
     {
         loop {
-            if self.pos == self.filled && !self.read_done {
+            if self.is_drained() && !self.read_done {
                 self.grow_if_busy();
-                let mut read_buf = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut read_buf) {
+                match self.poll_fill(cx, reader.as_mut()) {
                     Poll::Pending => {
                         // Nothing to read now: make sure what was written is not held back.
                         if self.need_flush {
@@ -115,28 +185,21 @@ impl Direction {
                         self.reset = Some(e.kind());
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {
-                        let n = read_buf.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.full_reads = if n == self.buf.len() { self.full_reads.saturating_add(1) } else { 0 };
-                            self.pos = 0;
-                            self.filled = n;
-                        }
-                    }
+                    Poll::Ready(Ok(n)) => self.read_done = n == 0,
                 }
             }
-            while self.pos < self.filled {
-                let n = match ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..self.filled])) {
+            while !self.is_drained() {
+                let n = match ready!(self.poll_drain(cx, writer.as_mut())) {
                     // The writer is gone: nothing more can go this way.
                     Ok(0) => return self.end_reset(io::ErrorKind::WriteZero),
                     Ok(n) => n,
                     Err(e) if is_disconnect(e.kind()) => return self.end_reset(e.kind()),
                     Err(e) => return Poll::Ready(Err(e)),
                 };
-                self.pos += n;
                 self.bytes += n as u64;
+                if self.pipe.is_some() {
+                    self.spliced += n as u64;
+                }
                 self.need_flush = true;
             }
             if self.read_done {
@@ -158,6 +221,11 @@ impl Direction {
         self.reset = self.reset.or(Some(kind));
         Poll::Ready(Ok(()))
     }
+}
+
+/// The socket of a stream in a direction that splices: both ends were plain TCP when it began.
+fn tcp_of(stream: &(impl Splice + ?Sized)) -> io::Result<&tokio::net::TcpStream> {
+    stream.tcp().ok_or_else(|| io::Error::other("splicing a stream that is not a plain socket"))
 }
 
 /// How a flow ended, for the access log: `closed`, `idle_timeout`, `half_close_timeout` or
@@ -201,11 +269,12 @@ pub async fn bidirectional<C, U>(
     timeouts: FlowTimeouts,
 ) -> (Transferred, io::Result<()>)
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: AsyncRead + AsyncWrite + Splice + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Splice + Unpin + ?Sized,
 {
-    let mut up = Direction::new();
-    let mut down = Direction::new();
+    let can_splice = crate::splice::available() && client.tcp().is_some() && upstream.tcp().is_some();
+    let mut up = Direction::new(can_splice);
+    let mut down = Direction::new(can_splice);
     // One timer per flow, re-armed only when it fires (not on every byte): the idle deadline,
     // or the half-close one once a direction has finished.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
@@ -254,7 +323,8 @@ where
         Poll::Pending
     })
     .await;
-    (Transferred { client_to_upstream: up.bytes, upstream_to_client: down.bytes }, result)
+    let spliced = up.spliced + down.spliced;
+    (Transferred { client_to_upstream: up.bytes, upstream_to_client: down.bytes, spliced }, result)
 }
 
 #[cfg(test)]
@@ -282,7 +352,7 @@ mod tests {
         assert_eq!(reply, b"pong after fin");
         let (bytes, result) = task.await.unwrap();
         result.unwrap();
-        assert_eq!(bytes, Transferred { client_to_upstream: 4, upstream_to_client: 14 });
+        assert_eq!(bytes, Transferred { client_to_upstream: 4, upstream_to_client: 14, spliced: 0 });
     }
 
     #[tokio::test(start_paused = true)]
@@ -338,6 +408,9 @@ mod tests {
         written: Vec<u8>,
     }
 
+    impl Splice for ResetReader {}
+    impl Splice for tokio::io::DuplexStream {}
+
     impl AsyncRead for ResetReader {
         fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
@@ -372,9 +445,66 @@ mod tests {
         assert!(rest.is_empty(), "the upstream got a FIN for the reset side");
     }
 
+    /// app ⇄ (client, upstream) ⇄ server, over loopback TCP.
+    async fn tcp_flow() -> [tokio::net::TcpStream; 4] {
+        async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            (near, listener.accept().await.unwrap().0)
+        }
+        let ((app, client), (upstream, server)) = (pair().await, pair().await);
+        [app, client, upstream, server]
+    }
+
+    #[tokio::test]
+    async fn a_bulk_flow_between_sockets_is_spliced_both_ways_and_half_closes() {
+        let [mut app, mut client, mut upstream, mut server] = tcp_flow().await;
+        let flow =
+            tokio::spawn(async move { bidirectional(&mut client, &mut upstream, FlowTimeouts::default()).await });
+        let upload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        let download: Vec<u8> = upload.iter().rev().copied().collect();
+        let sent = upload.clone();
+        let uploading = tokio::spawn(async move {
+            app.write_all(&sent).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        // The server reads to the application's FIN, then answers: the half-closed flow goes on.
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == upload, "the upload arrives whole and in order");
+        server.write_all(&download).await.unwrap();
+        server.shutdown().await.unwrap();
+        assert!(uploading.await.unwrap() == download, "the download arrives whole and in order");
+        let (bytes, result) = flow.await.unwrap();
+        result.unwrap();
+        assert_eq!((bytes.client_to_upstream, bytes.upstream_to_client), (5_000_000, 5_000_000));
+        // Each way, the first few reads go through the buffers before it shows it is bulk.
+        assert!(bytes.spliced > 9_000_000, "{bytes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_response_flow_between_sockets_is_not_spliced() {
+        let [mut app, mut client, mut upstream, mut server] = tcp_flow().await;
+        let flow =
+            tokio::spawn(async move { bidirectional(&mut client, &mut upstream, FlowTimeouts::default()).await });
+        for _ in 0..100 {
+            app.write_all(b"ping").await.unwrap();
+            let mut buf = [0; 4];
+            server.read_exact(&mut buf).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            app.read_exact(&mut buf).await.unwrap();
+        }
+        drop((app, server));
+        let (bytes, _) = flow.await.unwrap();
+        assert_eq!(bytes, Transferred { client_to_upstream: 400, upstream_to_client: 400, spliced: 0 });
+    }
+
     #[test]
     fn buffers_grow_only_under_sustained_full_reads() {
-        let mut d = Direction::new();
+        let mut d = Direction::new(false);
         d.grow_if_busy();
         assert_eq!(d.buf.len(), SIZES[0]);
         d.full_reads = FULL_READS_TO_GROW;
@@ -385,5 +515,13 @@ mod tests {
         d.full_reads = FULL_READS_TO_GROW;
         d.grow_if_busy();
         assert_eq!(d.buf.len(), SIZES[2], "stops at the largest size");
+        assert!(d.pipe.is_none());
+        // Between two sockets, the last step is a pipe.
+        let mut d = Direction::new(true);
+        for _ in 0..3 {
+            d.full_reads = FULL_READS_TO_GROW;
+            d.grow_if_busy();
+        }
+        assert!(d.pipe.is_some() && d.buf.is_empty());
     }
 }

@@ -26,6 +26,7 @@ pub(super) async fn forward(ctx: &mut ConnCtx, client: &mut TcpStream, timeouts:
     let (bytes, result) = copy::bidirectional(client, &mut stream, timeouts).await;
     upstream.metrics.bytes_sent.inc_by(bytes.client_to_upstream);
     upstream.metrics.bytes_received.inc_by(bytes.upstream_to_client);
+    upstream.metrics.bytes_spliced.inc_by(bytes.spliced);
     // TLS 1.3 servers reject a client certificate after the handshake: count it too.
     if let Some(reason) = result.as_ref().err().and_then(tls::reason_of_io) {
         metrics().tls_failure(upstream.service(), reason);

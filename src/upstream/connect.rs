@@ -10,6 +10,7 @@ use tokio_rustls::client::TlsStream;
 
 pub use crate::model::TargetAddr;
 use crate::sendmsg::SendmsgStream;
+use crate::splice::Splice;
 
 /// A connected upstream byte stream.
 #[derive(Debug)]
@@ -47,6 +48,15 @@ macro_rules! delegate {
             UpstreamStream::Unix($s) => $e,
         }
     };
+}
+
+impl Splice for UpstreamStream {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self {
+            Self::Tcp(stream) => stream.tcp(),
+            Self::Unix(_) => None,
+        }
+    }
 }
 
 impl AsyncRead for UpstreamStream {
@@ -118,6 +128,16 @@ macro_rules! delegate_io {
             UpstreamIo::Tls($s) => $e,
         }
     };
+}
+
+/// TLS reads and writes the bytes itself: only a plain connection splices.
+impl Splice for UpstreamIo {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self {
+            Self::Plain(stream) => stream.tcp(),
+            Self::Tls(_) => None,
+        }
+    }
 }
 
 impl AsyncRead for UpstreamIo {

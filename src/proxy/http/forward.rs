@@ -607,6 +607,9 @@ fn refused_by_goaway(error: &SendError) -> bool {
     }
 }
 
+/// hyper may hold bytes of an upgraded connection it read ahead: never spliced.
+impl crate::splice::Splice for TokioIo<hyper::upgrade::Upgraded> {}
+
 /// Moves an upgraded connection's bytes; counted as an open connection until it closes.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
