@@ -8,7 +8,8 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::task::{ready, Context, Poll};
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
@@ -21,28 +22,36 @@ use crate::sendmsg::SendmsgStream;
 /// reference to part of a page) is what limits a call in practice.
 const MAX_FILL: usize = 1 << 20;
 /// A pipe's size: 64 slots instead of Linux's 16. Bulk flows took about 30% less CPU per byte
-/// (docs/benchmarks.md); larger gained nothing more. The pages are the received data's own,
-/// held only until written out.
+/// (docs/benchmarks.md); larger gained nothing more.
 const PIPE_SIZE: usize = 256 * 1024;
+/// Smaller than this, a pipe is not worth it: past the user's `pipe-user-pages-soft` Linux
+/// gives new pipes 2 slots, fewer bytes per call than the buffer it would replace.
+const MIN_PIPE_SIZE: usize = 64 * 1024;
+/// Pipes open at once in the process, at most: 128 × 64 pages is half the default per-user
+/// quota (16,384 pages), which the proxy shares with every process of its user. Flows past it
+/// copy through buffers.
+const MAX_PIPES: usize = 128;
 
-/// Set once splice(2) is found refused (a seccomp profile, a kernel without it): flows copy
-/// through buffers from then on.
-static REFUSED: AtomicBool = AtomicBool::new(false);
+static PIPES: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether flows may splice: not once the kernel has refused it.
+/// Whether splice(2) may be used here, found once: a seccomp profile may refuse the call
+/// (EPERM, ENOSYS), and then no flow tries it. The probe splices one byte between two empty
+/// pipes, which the kernel answers EAGAIN when the call is allowed.
 pub fn available() -> bool {
-    !REFUSED.load(Ordering::Relaxed)
-}
-
-/// Whether `error`, from filling a pipe, says splicing is not allowed or not possible here
-/// rather than that the connection failed; if so, the first one is logged and splicing is off
-/// for the process.
-pub fn refused(error: &io::Error) -> bool {
-    let refused = is_refusal(error);
-    if refused && !REFUSED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(%error, "splice(2) is refused here; TCP flows are copied through buffers instead");
-    }
-    refused
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let probe = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).and_then(|(from, _keep)| {
+            let (_keep_too, to) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+            splice(&from, &to, 1)
+        });
+        match probe {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => true,
+            Err(error) => {
+                tracing::warn!(%error, "splice(2) is not available; TCP flows are copied through buffers");
+                false
+            }
+        }
+    })
 }
 
 /// A stream whose bytes may be spliced: a plain TCP socket, with nothing layered on it that
@@ -66,22 +75,63 @@ impl Splice for SendmsgStream {
     }
 }
 
+/// Why a pipe is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum Unspliceable {
+    /// The socket has bytes that splice(2) does not see: urgent data (TCP's out-of-band byte
+    /// stops `tcp_read_sock`) or a socket an eBPF sockmap redirects into. The direction goes
+    /// back to a buffer, whose recv(2) reads them.
+    #[error("the socket has bytes splice(2) cannot read")]
+    Unreadable,
+    /// The socket type has no splice support (EINVAL).
+    #[error("the socket does not splice")]
+    Unsupported,
+}
+
+/// Whether `error`, from filling an empty pipe, says the direction should go back to a buffer
+/// (nothing is lost: the pipe is empty) rather than that the connection failed.
+pub fn unspliceable(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|e| e.is::<Unspliceable>())
+}
+
 /// One direction's pipe: what was spliced in from the reader and not yet out to the writer.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     held: usize,
+    _place: Place,
+}
+
+/// One of `max` places counted by `taken` ([`MAX_PIPES`] in [`PIPES`]), given back on drop.
+#[derive(Debug)]
+struct Place(&'static AtomicUsize);
+
+impl Place {
+    fn take(taken: &'static AtomicUsize, max: usize) -> Option<Self> {
+        // Relaxed: a count, touched only when a bulk flow starts or ends.
+        let took = taken.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
+        took.is_ok().then(|| Self(taken))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pipe {
-    /// A non-blocking pipe (two file descriptors, closed on drop with whatever it still holds).
-    pub fn new() -> io::Result<Self> {
+    /// A non-blocking pipe (two file descriptors, closed on drop with whatever it still holds),
+    /// or `None` when the process has [`MAX_PIPES`] already or the pipe would be too small.
+    pub fn new() -> io::Result<Option<Self>> {
+        let Some(place) = Place::take(&PIPES, MAX_PIPES) else { return Ok(None) };
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        // Refused past the user's pipe-user-pages-soft (unless privileged): the default size
-        // still works, with more calls per byte.
-        let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
-        Ok(Self { read, write, held: 0 })
+        let pipe = Self { read, write, held: 0, _place: place };
+        // Refused past the quota (unless privileged): what the pipe has then decides.
+        let size = rustix::pipe::fcntl_setpipe_size(&pipe.write, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe.write))?;
+        Ok((size >= MIN_PIPE_SIZE).then_some(pipe))
     }
 
     /// Bytes in the pipe, not yet written out.
@@ -90,14 +140,15 @@ impl Pipe {
     }
 
     /// Moves what `from` has received into the (empty) pipe, once it has something: the bytes
-    /// moved, 0 at the end of the stream.
+    /// moved, 0 at the end of the stream. An [`Unspliceable`] error: the socket's bytes must be
+    /// read some other way.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, from: &TcpStream) -> Poll<io::Result<usize>> {
         debug_assert_eq!(self.held, 0, "filled only when empty: a full pipe would read as an empty socket");
         loop {
             ready!(from.poll_read_ready(cx))?;
-            // With the pipe empty, EAGAIN can only mean the socket has nothing: try_io then
-            // clears the readiness tokio saw, and the loop waits for more.
-            match from.try_io(Interest::READABLE, || Ok(splice(from, &self.write, MAX_FILL)?)) {
+            // With the pipe empty, EAGAIN can only mean the socket has nothing splice can take:
+            // try_io then clears the readiness tokio saw, and the loop waits for more.
+            match from.try_io(Interest::READABLE, || fill(from, &self.write)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
                 Ok(n) => {
@@ -125,14 +176,31 @@ impl Pipe {
     }
 }
 
-/// A seccomp profile answers EPERM or ENOSYS (sometimes EACCES), a socket that cannot splice
-/// EINVAL or EOPNOTSUPP.
-fn is_refusal(error: &io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EINVAL | libc::EOPNOTSUPP))
+/// One splice from `from` into the empty pipe. When it finds nothing (EAGAIN) or the end of
+/// the stream, a peek (recv with MSG_PEEK) checks that the socket has no bytes splice(2) cannot
+/// see ([`Unspliceable::Unreadable`]): without it such a flow would stall, then end short.
+fn fill(from: &TcpStream, pipe: &OwnedFd) -> io::Result<usize> {
+    let at_end = match splice(from, pipe, MAX_FILL) {
+        Ok(0) => true,
+        Ok(n) => return Ok(n),
+        Err(rustix::io::Errno::AGAIN) => false,
+        Err(rustix::io::Errno::INVAL) => return Err(io::Error::other(Unspliceable::Unsupported)),
+        Err(error) => return Err(error.into()),
+    };
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    match socket2::SockRef::from(from).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        // The end of the stream (a FIN may have come since the splice).
+        Ok(0) => Ok(0),
+        Ok(_) => Err(io::Error::other(Unspliceable::Unreadable)),
+        // After the end, the end: an EAGAIN here must not wait for a socket that stays readable.
+        Err(e) if at_end && e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        // Nothing there (try_io clears the readiness), or the connection's error.
+        Err(e) => Err(e),
+    }
 }
 
 /// One splice(2) of up to `len` bytes, never blocking on the pipe. A socket written to after
-/// its peer has gone answers `EPIPE`: Rust's runtime ignores SIGPIPE, as it does for `send`.
+/// its peer has gone answers `EPIPE` (and raises SIGPIPE, which Rust's runtime ignores).
 fn splice(from: impl std::os::fd::AsFd, to: impl std::os::fd::AsFd, len: usize) -> rustix::io::Result<usize> {
     rustix::pipe::splice(from, None, to, None, len, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)
 }
@@ -168,7 +236,7 @@ mod tests {
             receiver.read_to_end(&mut got).await.unwrap();
             got
         });
-        let mut pipe = Pipe::new().unwrap();
+        let mut pipe = Pipe::new().unwrap().expect("a pipe");
         assert_eq!(rustix::pipe::fcntl_getpipe_size(&pipe.write).unwrap(), PIPE_SIZE);
         let mut moved = 0;
         loop {
@@ -187,33 +255,35 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_is_told_from_a_failed_connection() {
-        for errno in [libc::EPERM, libc::ENOSYS, libc::EINVAL, libc::EOPNOTSUPP, libc::EACCES] {
-            assert!(is_refusal(&io::Error::from_raw_os_error(errno)), "{errno}");
-        }
-        for errno in [libc::ECONNRESET, libc::EPIPE, libc::EAGAIN, libc::ENOMEM] {
-            assert!(!is_refusal(&io::Error::from_raw_os_error(errno)), "{errno}");
-        }
-        assert!(!is_refusal(&io::ErrorKind::UnexpectedEof.into()));
+    fn splice_is_available_here_and_pipes_are_capped() {
+        assert!(available(), "the probe found splice(2) refused on this machine");
+        static TAKEN: AtomicUsize = AtomicUsize::new(0);
+        let places: Vec<_> = (0..3).map_while(|_| Place::take(&TAKEN, 2)).collect();
+        assert_eq!(places.len(), 2, "no place past the cap");
+        drop(places);
+        assert_eq!(TAKEN.load(Ordering::Relaxed), 0, "places are given back");
     }
 
     #[tokio::test]
-    async fn a_writer_whose_peer_is_gone_is_an_error_not_a_signal() {
+    async fn a_writer_whose_peer_is_gone_is_an_error() {
         let (mut sender, from) = pair().await;
         let (to, receiver) = pair().await;
         // The receiver resets: an RST (SO_LINGER 0) instead of a FIN.
         socket2::SockRef::from(&receiver).set_linger(Some(std::time::Duration::ZERO)).unwrap();
         drop(receiver);
         sender.write_all(&[7; 64 * 1024]).await.unwrap();
-        let mut pipe = Pipe::new().unwrap();
-        let error = loop {
-            if pipe.held() == 0 && poll_fn(|cx| pipe.poll_fill(cx, &from)).await.unwrap() == 0 {
-                panic!("the sender did not close");
-            }
-            if let Err(error) = poll_fn(|cx| pipe.poll_drain(cx, &to)).await {
-                break error;
+        let mut pipe = Pipe::new().unwrap().expect("a pipe");
+        let error = async {
+            loop {
+                if pipe.held() == 0 && poll_fn(|cx| pipe.poll_fill(cx, &from)).await.unwrap() == 0 {
+                    panic!("the sender did not close");
+                }
+                if let Err(error) = poll_fn(|cx| pipe.poll_drain(cx, &to)).await {
+                    return error;
+                }
             }
         };
+        let error = tokio::time::timeout(std::time::Duration::from_secs(10), error).await.expect("no error");
         assert!(matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{error:?}");
     }
 }

@@ -94,11 +94,13 @@ impl Direction {
         self.full_reads = 0;
         if self.can_splice && self.size_step + 1 == SIZES.len() {
             match Pipe::new() {
-                Ok(pipe) => {
+                Ok(Some(pipe)) => {
                     self.pipe = Some(pipe);
                     self.buf = Vec::new();
                     return;
                 }
+                // The process's pipes are all in use, or the user's quota is: a buffer.
+                Ok(None) => {}
                 // Out of file descriptors, say: the flow goes on through a buffer.
                 Err(error) => tracing::debug!(%error, "no pipe to splice through; copying"),
             }
@@ -122,7 +124,8 @@ impl Direction {
         if let Some(pipe) = &mut self.pipe {
             match ready!(pipe.poll_fill(cx, tcp_of(reader.as_ref().get_ref())?)) {
                 // The pipe is empty when filled: nothing is lost going back to a buffer.
-                Err(e) if crate::splice::refused(&e) => {
+                Err(e) if crate::splice::unspliceable(&e) => {
+                    tracing::debug!(error = %e, "splicing stopped; copying");
                     self.pipe = None;
                     self.buf = vec![0; SIZES[self.size_step]];
                 }
@@ -483,6 +486,29 @@ mod tests {
         assert_eq!((bytes.client_to_upstream, bytes.upstream_to_client), (5_000_000, 5_000_000));
         // Each way, the first few reads go through the buffers before it shows it is bulk.
         assert!(bytes.spliced > 9_000_000, "{bytes:?}");
+    }
+
+    /// TCP urgent data stops splice(2) at the urgent byte for good: the direction goes back to
+    /// a buffer, whose recv(2) drops that byte (as before splicing) and reads on.
+    #[tokio::test]
+    async fn urgent_data_in_a_spliced_flow_sends_it_back_to_a_buffer() {
+        let [mut app, mut client, mut upstream, mut server] = tcp_flow().await;
+        let flow =
+            tokio::spawn(async move { bidirectional(&mut client, &mut upstream, FlowTimeouts::default()).await });
+        let bulk = vec![5u8; 2_000_000];
+        app.write_all(&bulk).await.unwrap();
+        let mut got = vec![0; bulk.len()];
+        server.read_exact(&mut got).await.unwrap();
+        socket2::SockRef::from(&app).send_out_of_band(b"!").unwrap();
+        app.write_all(b"tail").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut rest)).await;
+        assert_eq!(rest, b"tail", "the bytes after the urgent one arrive ({read:?})");
+        drop((app, server));
+        let (bytes, _) = flow.await.unwrap();
+        assert_eq!(bytes.client_to_upstream, 2_000_004);
+        assert!(bytes.spliced > 1_000_000, "{bytes:?}");
     }
 
     #[tokio::test]
