@@ -178,24 +178,46 @@ impl Pipe {
 
 /// One splice from `from` into the empty pipe. When it finds nothing (EAGAIN) or the end of
 /// the stream, a peek (recv with MSG_PEEK) checks that the socket has no bytes splice(2) cannot
-/// see ([`Unspliceable::Unreadable`]): without it such a flow would stall, then end short.
+/// see ([`Unspliceable::Unreadable`]): without it such a flow would stall, then end short. Bytes
+/// the peek sees may also have arrived just after the splice, so a second splice decides: only
+/// this task reads the socket, so what the peek saw is still there for it.
 fn fill(from: &TcpStream, pipe: &OwnedFd) -> io::Result<usize> {
-    let at_end = match splice(from, pipe, MAX_FILL) {
-        Ok(0) => true,
-        Ok(n) => return Ok(n),
-        Err(rustix::io::Errno::AGAIN) => false,
-        Err(rustix::io::Errno::INVAL) => return Err(io::Error::other(Unspliceable::Unsupported)),
-        Err(error) => return Err(error.into()),
+    let at_end = match splice_in(from, pipe)? {
+        Spliced::Bytes(n) => return Ok(n),
+        Spliced::End => true,
+        Spliced::Nothing => false,
     };
     let mut byte = [std::mem::MaybeUninit::uninit()];
     match socket2::SockRef::from(from).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
         // The end of the stream (a FIN may have come since the splice).
         Ok(0) => Ok(0),
-        Ok(_) => Err(io::Error::other(Unspliceable::Unreadable)),
+        Ok(_) => match splice_in(from, pipe)? {
+            Spliced::Bytes(n) => Ok(n),
+            Spliced::End | Spliced::Nothing => Err(io::Error::other(Unspliceable::Unreadable)),
+        },
         // After the end, the end: an EAGAIN here must not wait for a socket that stays readable.
         Err(e) if at_end && e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         // Nothing there (try_io clears the readiness), or the connection's error.
         Err(e) => Err(e),
+    }
+}
+
+/// What one splice from a socket into the empty pipe did.
+enum Spliced {
+    Bytes(usize),
+    /// It returned 0: the end of the stream, as far as splice(2) can see.
+    End,
+    /// EAGAIN: nothing it can take now.
+    Nothing,
+}
+
+fn splice_in(from: &TcpStream, pipe: &OwnedFd) -> io::Result<Spliced> {
+    match splice(from, pipe, MAX_FILL) {
+        Ok(0) => Ok(Spliced::End),
+        Ok(n) => Ok(Spliced::Bytes(n)),
+        Err(rustix::io::Errno::AGAIN) => Ok(Spliced::Nothing),
+        Err(rustix::io::Errno::INVAL) => Err(io::Error::other(Unspliceable::Unsupported)),
+        Err(error) => Err(error.into()),
     }
 }
 

@@ -488,6 +488,42 @@ mod tests {
         assert!(bytes.spliced > 9_000_000, "{bytes:?}");
     }
 
+    /// A sender on another thread keeps sending: bytes that arrive between a splice that found
+    /// none and the peek after it are not mistaken for bytes splice cannot read.
+    #[tokio::test]
+    async fn a_bulk_flow_from_a_busy_sender_stays_spliced() {
+        const TOTAL: usize = 64 << 20;
+        let [app, mut client, mut upstream, mut server] = tcp_flow().await;
+        let app = app.into_std().unwrap();
+        app.set_nonblocking(false).unwrap();
+        let sender = std::thread::spawn(move || {
+            use std::io::Write;
+            let chunk = vec![1u8; 64 * 1024];
+            let mut app = app;
+            for _ in 0..TOTAL / chunk.len() {
+                app.write_all(&chunk).unwrap();
+            }
+            app.shutdown(std::net::Shutdown::Write).unwrap();
+            app
+        });
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0; 1 << 20];
+            let mut total = 0;
+            loop {
+                match server.read(&mut buf).await.unwrap() {
+                    0 => return total,
+                    n => total += n,
+                }
+            }
+        });
+        let (bytes, result) = bidirectional(&mut client, &mut upstream, FlowTimeouts::default()).await;
+        result.unwrap();
+        drop(upstream);
+        assert_eq!(reader.await.unwrap(), TOTAL);
+        drop(sender.join().unwrap());
+        assert!(bytes.spliced as usize > TOTAL - (1 << 20), "{bytes:?}");
+    }
+
     /// TCP urgent data stops splice(2) at the urgent byte for good: the direction goes back to
     /// a buffer, whose recv(2) drops that byte (as before splicing) and reads on.
     #[tokio::test]
