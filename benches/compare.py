@@ -234,7 +234,8 @@ HAPROXY_RETRY_ON = {
 def haproxy_config(inspect, services, ca_file, workers, maxconn):
     """HAProxy configuration equivalent to what mesh-egress compiled from the same files.
 
-    One listen section per service, on the service's HAProxy port. tcp: `mode tcp`. http:
+    One listen section per service, on the service's HAProxy port. tcp: `mode tcp` with
+    `option splice-auto` (HAProxy splices when it sees bulk, as mesh-egress does). http:
     `mode http`, HTTP/1.1 to the upstream with `http-reuse always` (HTTP/1.1 or h2c from the
     client). http2/grpc: the listener takes h2c only (`proto h2`, which is all the h2load rows
     send) and the server speaks HTTP/2 (`proto h2`). TLS: `ssl verify required` against the
@@ -284,7 +285,8 @@ def haproxy_config(inspect, services, ca_file, workers, maxconn):
         lines += [f"    timeout client {idle}"]
         server = f"    server s0 {host}:{eport}"
         if protocol == "tcp":
-            lines += [f"    timeout server {idle}"]
+            # mesh-egress splices bulk TCP flows between plain sockets; so may HAProxy.
+            lines += [f"    timeout server {idle}", "    option splice-auto"]
         else:
             request = haproxy_duration((timeouts.get("http") or {}).get("requestTimeout"), "15s")
             lines += ["    http-reuse always", f"    timeout server {request}"]
