@@ -250,6 +250,10 @@ def haproxy_config(inspect, services, ca_file, workers, maxconn):
         # Client-side connections; every one also holds an upstream connection, so HAProxy asks
         # for about twice this many descriptors (the idle-connection row needs --idle-conns).
         f"    maxconn {maxconn}",
+        # Pipes for `option splice-auto`: by default maxconn / 4, two descriptors each, which
+        # the idle-connection row's maxconn would take past the open-file limit. 128, as
+        # mesh-egress's own cap.
+        "    maxpipes 128",
         "",
         "defaults",
         f"    maxconn {maxconn}",
