@@ -21,7 +21,7 @@ use crate::sendmsg::SendmsgStream;
 /// The most one splice asks to move into the pipe: the pipe's room (its slots, each a
 /// reference to part of a page) is what limits a call in practice.
 const MAX_FILL: usize = 1 << 20;
-/// A pipe's size: 64 slots instead of Linux's 16. Bulk flows took about 30% less CPU per byte
+/// A pipe's size: 64 slots instead of Linux's 16. One bulk flow took about 30% less CPU per byte
 /// (docs/benchmarks.md); larger gained nothing more.
 const PIPE_SIZE: usize = 256 * 1024;
 /// Smaller than this, a pipe is not worth it: past the user's `pipe-user-pages-soft` Linux
