@@ -259,7 +259,8 @@ mod tests {
             got
         });
         let mut pipe = Pipe::new().unwrap().expect("a pipe");
-        assert_eq!(rustix::pipe::fcntl_getpipe_size(&pipe.write).unwrap(), PIPE_SIZE);
+        // 256 KiB, unless the user is past its pipe quota or fs.pipe-max-size is lower.
+        assert!(rustix::pipe::fcntl_getpipe_size(&pipe.write).unwrap() >= MIN_PIPE_SIZE);
         let mut moved = 0;
         loop {
             let n = poll_fn(|cx| pipe.poll_fill(cx, &from)).await.unwrap();

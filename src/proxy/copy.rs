@@ -212,15 +212,24 @@ impl Direction {
                     Err(e) if !is_disconnect(e.kind()) => return Poll::Ready(Err(e)),
                     _ => {}
                 }
-                self.done = true;
+                self.finish();
                 return Poll::Ready(Ok(()));
             }
         }
     }
 
+    /// This direction is over. Its pipe (two descriptors, one of the process's places) and
+    /// buffer go now, not with the flow: the other direction of a half-closed flow may go on
+    /// for hours.
+    fn finish(&mut self) {
+        self.done = true;
+        self.pipe = None;
+        self.buf = Vec::new();
+    }
+
     /// This direction ends: its writer is gone.
     fn end_reset(&mut self, kind: io::ErrorKind) -> Poll<io::Result<()>> {
-        self.done = true;
+        self.finish();
         self.reset = self.reset.or(Some(kind));
         Poll::Ready(Ok(()))
     }
@@ -585,5 +594,7 @@ mod tests {
             d.grow_if_busy();
         }
         assert!(d.pipe.is_some() && d.buf.is_empty());
+        d.finish();
+        assert!(d.pipe.is_none(), "a finished direction gives its pipe back");
     }
 }
