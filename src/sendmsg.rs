@@ -17,21 +17,34 @@ use tokio::net::TcpStream;
 /// Linux's limit on the buffers of one sendmsg.
 const IOV_MAX: usize = 1024;
 
-/// Writes `bufs` to `stream` with one sendmsg, once the socket has room, as tokio's own writes
-/// wait for it. MSG_NOSIGNAL: a closed peer is an `EPIPE` error, never a signal. At most
-/// IOV_MAX buffers per call, as std's `write_vectored` takes (the rest is a partial write).
-fn poll_send_vectored(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-    let bufs = &bufs[..bufs.len().min(IOV_MAX)];
+/// Makes a system call tokio has no method for (`call`) on `stream` once it is ready for
+/// `interest` (readable or writable), waiting as tokio's own reads and writes do: a
+/// `WouldBlock` from the call clears the readiness tokio saw (`try_io`), and it waits again.
+pub fn poll_io<T>(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    interest: Interest,
+    mut call: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
     loop {
-        ready!(stream.poll_write_ready(cx))?;
-        // try_io clears the readiness tokio saw if the socket has no room after all.
-        match stream
-            .try_io(Interest::WRITABLE, || SockRef::from(stream).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL))
-        {
+        if interest.is_writable() {
+            ready!(stream.poll_write_ready(cx))?;
+        } else {
+            ready!(stream.poll_read_ready(cx))?;
+        }
+        match stream.try_io(interest, &mut call) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            written => return Poll::Ready(written),
+            result => return Poll::Ready(result),
         }
     }
+}
+
+/// Writes `bufs` to `stream` with one sendmsg, once the socket has room. MSG_NOSIGNAL: a closed
+/// peer is an `EPIPE` error, never a signal. At most IOV_MAX buffers per call, as std's
+/// `write_vectored` takes (the rest is a partial write).
+fn poll_send_vectored(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    let bufs = &bufs[..bufs.len().min(IOV_MAX)];
+    poll_io(stream, cx, Interest::WRITABLE, || SockRef::from(stream).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL))
 }
 
 /// A TCP connection whose vectored writes are one sendmsg each: the application's (HTTP

@@ -16,7 +16,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::sendmsg::SendmsgStream;
+use crate::sendmsg::{poll_io, SendmsgStream};
 
 /// The most one splice asks to move into the pipe: the pipe's room (its slots, each a
 /// reference to part of a page) is what limits a call in practice.
@@ -144,35 +144,19 @@ impl Pipe {
     /// read some other way.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, from: &TcpStream) -> Poll<io::Result<usize>> {
         debug_assert_eq!(self.held, 0, "filled only when empty: a full pipe would read as an empty socket");
-        loop {
-            ready!(from.poll_read_ready(cx))?;
-            // With the pipe empty, EAGAIN can only mean the socket has nothing splice can take:
-            // try_io then clears the readiness tokio saw, and the loop waits for more.
-            match from.try_io(Interest::READABLE, || fill(from, &self.write)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(n) => {
-                    self.held += n;
-                    return Poll::Ready(Ok(n));
-                }
-            }
-        }
+        // With the pipe empty, EAGAIN can only mean the socket has nothing splice can take:
+        // the readiness tokio saw is then cleared, and it waits for more.
+        let n = ready!(poll_io(from, cx, Interest::READABLE, || fill(from, &self.write)))?;
+        self.held += n;
+        Poll::Ready(Ok(n))
     }
 
     /// Moves what the pipe holds out to `to`, once it has room: the bytes moved.
     pub fn poll_drain(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(to.poll_write_ready(cx))?;
-            // The pipe holds bytes: EAGAIN can only mean the socket has no room.
-            match to.try_io(Interest::WRITABLE, || Ok(splice(&self.read, to, self.held)?)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(n) => {
-                    self.held -= n;
-                    return Poll::Ready(Ok(n));
-                }
-            }
-        }
+        // The pipe holds bytes: EAGAIN can only mean the socket has no room.
+        let n = ready!(poll_io(to, cx, Interest::WRITABLE, || Ok(splice(&self.read, to, self.held)?)))?;
+        self.held -= n;
+        Poll::Ready(Ok(n))
     }
 }
 
