@@ -3,23 +3,26 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 
-# 1) Dependencies only: build against placeholder sources so this layer is cached
-#    until Cargo.toml or Cargo.lock change.
-COPY Cargo.toml Cargo.lock ./
-COPY benches ./benches
-COPY .cargo ./.cargo
-RUN mkdir src \
- && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
- && cargo build --release --locked --bin mesh-egress \
- && rm -rf src
+# The profile-guided build (scripts/pgo-build) needs an llvm-profdata of rustc's LLVM version:
+# rustup's component, or Debian's llvm-N where rustup cannot download it.
+RUN rustup component add llvm-tools 2>/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends \
+       "llvm-$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')")
 
-# 2) The real sources. `touch` makes sure cargo sees them as newer than the placeholder build
-#    (COPY keeps the files' original mtimes, which can be older).
+# 1) Dependencies only, downloaded in a layer of their own that stays cached until Cargo.toml
+#    or Cargo.lock change. (They are compiled below: the instrumented and the optimised builds
+#    compile them with different flags, the second with a profile of this very tree.)
+COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
+COPY benches ./benches
+RUN cargo fetch --locked
+
+# 2) The sources, then the profile-guided build: instrumented, trained on every data path by
+#    examples/pgo_train.rs, rebuilt with the profile (docs/benchmarks.md, "Profile-guided build").
+COPY examples ./examples
+COPY scripts ./scripts
 COPY src ./src
-RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin mesh-egress \
- && install -m 0755 target/release/mesh-egress /mesh-egress
+RUN scripts/pgo-build /mesh-egress
 
 FROM debian:bookworm-slim
 # iptables is for the init container that runs `transparent-proxy install`.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Instructions per request (callgrind), mesh-egress against a baseline revision.
 
-    sudo python3 benches/instructions.py [--baseline REV] [--requests 2000] [--haproxy] [--loaded]
+    sudo python3 benches/instructions.py [--baseline REV | --baseline-binary PATH] [--binary PATH]
+                                         [--requests 2000] [--haproxy] [--loaded] [--cache]
 
 Counts the instructions mesh-egress executes per request for HTTP/1.1, h2 and gRPC unary, the
 same way for this tree and for a baseline revision (default: the merge base with the last
@@ -19,6 +20,11 @@ instructions of the two proxies, which unlike their CPU time do not move with th
 --loaded sends at the bench's concurrency instead (HTTP/1.1 64 connections, h2 and gRPC 16
 connections of 10 streams each; --requests defaults to 20,000 then), where a connection's
 wake-ups and system calls are shared by several requests.
+--binary PATH measures a given mesh-egress binary as this tree's (the profile-guided build,
+target/pgo/mesh-egress, say), --baseline-binary PATH one as the baseline instead of building a
+revision (target/release/mesh-egress, the plain release build); --cache adds callgrind's simulated
+first-level instruction cache misses per request (--cache-sim=yes), which tell how much code a
+request runs through, where the instruction count tells only how much of it.
 Results: stdout and target/bench/instructions.md.
 """
 
@@ -76,7 +82,7 @@ def haproxy_config(directory):
     return path
 
 
-def prepare(baseline, haproxy):
+def prepare(baseline, haproxy, binary=None, baseline_binary=None):
     tools = ("h2load", "valgrind") + (("haproxy",) if haproxy else ())
     if not all(shutil.which(tool) for tool in tools):
         if os.geteuid() != 0:
@@ -85,9 +91,12 @@ def prepare(baseline, haproxy):
         subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client", "valgrind"] + (["haproxy"] if haproxy else []),
                        check=True)
     os.makedirs(OUT, exist_ok=True)
-    subprocess.run(["cargo", "build", "--profile", "profiling", "--bin", "mesh-egress"], cwd=ROOT, check=True)
+    if binary is None:
+        subprocess.run(["cargo", "build", "--profile", "profiling", "--bin", "mesh-egress"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--example", "bench_upstream"], cwd=ROOT, check=True)
-    current = os.path.join(ROOT, "target", "profiling", "mesh-egress")
+    current = binary or os.path.join(ROOT, "target", "profiling", "mesh-egress")
+    if baseline_binary:
+        return current, (os.path.relpath(baseline_binary, ROOT), baseline_binary)
     # The baseline in a worktree of its own, built into its own target directory (kept, so a
     # second run does not build it again).
     rev = sh(["git", "rev-parse", "--short", baseline], cwd=ROOT).strip()
@@ -149,13 +158,15 @@ def mesh_command(binary, config_path, state_dir):
             "off", "--transparent", "off", "--dns", "off", "--no-watch", "--state-dir", state_dir]
 
 
-def instructions(command, port, extra, n, loaded=False):
-    """Total instructions of one proxy run: start, the warm-up, then n more requests, stop.
+def instructions(command, port, extra, n, loaded=False, cache=False):
+    """Total instructions of one proxy run (start, the warm-up, then n more requests, stop) and,
+    with `cache`, its simulated first-level instruction cache misses: {"Ir": .., "I1mr": ..}.
     `command(state_dir)`: the proxy's command line."""
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "callgrind.out")
         proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"] + command(tmp),
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
+            + (["--cache-sim=yes"] if cache else []) + command(tmp),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="error"))
         try:
             wait_ready(proc)
@@ -165,10 +176,11 @@ def instructions(command, port, extra, n, loaded=False):
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=120)
-        total = re.search(r"Collected : (\d+)", err)
-        if not total:
+        events = re.search(r"Events *: ([\w ]+)\n", err)
+        total = re.search(r"Collected : ([\d ]+)\n", err)
+        if not events or not total:
             raise RuntimeError(f"no callgrind total:\n{err[-2000:]}")
-        return int(total.group(1))
+        return dict(zip(events.group(1).split(), map(int, total.group(1).split())))
 
 
 def main():
@@ -177,16 +189,23 @@ def main():
     parser.add_argument("--requests", type=int, default=None, help="requests measured (2,000; 20,000 with --loaded)")
     parser.add_argument("--haproxy", action="store_true", help="also HAProxy, under the same harness")
     parser.add_argument("--loaded", action="store_true", help="the bench's concurrency, not one request at a time")
+    parser.add_argument("--binary", help="measure this mesh-egress binary as this tree's (e.g. target/pgo/mesh-egress)")
+    parser.add_argument("--baseline-binary", help="measure this mesh-egress binary as the baseline, not a revision")
+    parser.add_argument("--cache", action="store_true",
+                        help="also simulated instruction-cache misses per request (callgrind --cache-sim=yes)")
     args = parser.parse_args()
     if args.requests is None:
         args.requests = 20000 if args.loaded else 2000
     baseline = args.baseline
-    if baseline is None:
+    if baseline is None and not args.baseline_binary:
         has_origin = subprocess.run(["git", "rev-parse", "--verify", "-q", "origin/main"], cwd=ROOT,
                                     capture_output=True).returncode == 0
         baseline = sh(["git", "merge-base", "HEAD", "origin/main"], cwd=ROOT).strip() if has_origin else "HEAD~1"
-    current, (base_rev, base) = prepare(baseline, args.haproxy)
-    head = sh(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).strip()
+    binary = os.path.abspath(args.binary) if args.binary else None
+    baseline_binary = os.path.abspath(args.baseline_binary) if args.baseline_binary else None
+    current, (base_rev, base) = prepare(baseline, args.haproxy, binary, baseline_binary)
+    head = os.path.relpath(binary, ROOT) if binary else sh(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).strip()
+    events = ["Ir", "I1mr"] if args.cache else ["Ir"]
     up = subprocess.Popen([UPSTREAM, "--http", f"127.0.0.1:{HTTP}"], stdout=subprocess.PIPE, text=True)
     try:
         if up.stdout.readline().strip() != "ready":
@@ -204,36 +223,42 @@ def main():
                 port = next(p for name, _, p in SERVICES if name == service)
                 per = {}
                 for name, command in targets:
-                    without = instructions(command, port, extra, 0, args.loaded)
-                    with_n = instructions(command, port, extra, args.requests, args.loaded)
-                    per[name] = (with_n - without) / args.requests
+                    without = instructions(command, port, extra, 0, args.loaded, args.cache)
+                    with_n = instructions(command, port, extra, args.requests, args.loaded, args.cache)
+                    per[name] = {e: (with_n[e] - without[e]) / args.requests for e in events}
                 rows.append((label, per))
                 names = {"tree": head, "baseline": base_rev, "HAProxy": "HAProxy"}
-                print(f"{label}: " + ", ".join(f"{n:,.0f} instructions/request at {names[role]}" for role, n in per.items()),
-                      flush=True)
+                print(f"{label}: " + ", ".join(
+                    f"{n['Ir']:,.0f} instructions/request at {names[role]}"
+                    + (f" ({n['I1mr']:,.0f} I1 misses)" if args.cache else "") for role, n in per.items()), flush=True)
     finally:
         up.terminate()
-    flags = (" --haproxy" if args.haproxy else "") + (" --loaded" if args.loaded else "")
+    flags = ((f" --binary {head}" if binary else "") + (f" --baseline-binary {base_rev}" if baseline_binary else f" --baseline {base_rev}")
+             + (" --haproxy" if args.haproxy else "") + (" --loaded" if args.loaded else "") + (" --cache" if args.cache else ""))
     load = ("HTTP/1.1 over 64 connections, h2 and gRPC over 16 connections of 10 streams" if args.loaded
             else "one connection, one request at a time")
     lines = [
         f"Instructions per request (callgrind, 1 worker, {args.requests} requests after a warm-up, {load}). "
-        f"Command: `sudo python3 benches/instructions.py --baseline {base_rev}{flags}`",
+        f"Command: `sudo python3 benches/instructions.py{flags}`",
         "",
-        f"| workload | {head} (this tree) | {base_rev} (baseline) | change |" + (" HAProxy | this tree / HAProxy |" if args.haproxy else ""),
-        "|---|---|---|---|" + ("---|---|" if args.haproxy else ""),
     ]
-    for label, per in rows:
-        now, before = per["tree"], per["baseline"]
-        line = f"| {label} | {now:,.0f} | {before:,.0f} | {(now / before - 1) * 100:+.1f}% |"
-        if args.haproxy:
-            line += f" {per['HAProxy']:,.0f} | {now / per['HAProxy']:.2f} |"
-        lines.append(line)
-    text = "\n".join(lines) + "\n"
+    for event in events:
+        what = {"Ir": "instructions", "I1mr": "I1 misses (simulated first-level instruction cache)"}[event]
+        lines += [
+            f"| {what} | {head} (this tree) | {base_rev} (baseline) | change |" + (" HAProxy | this tree / HAProxy |" if args.haproxy else ""),
+            "|---|---|---|---|" + ("---|---|" if args.haproxy else ""),
+        ]
+        for label, per in rows:
+            now, before = per["tree"][event], per["baseline"][event]
+            line = f"| {label} | {now:,.0f} | {before:,.0f} | {(now / before - 1) * 100:+.1f}% |"
+            if args.haproxy:
+                line += f" {per['HAProxy'][event]:,.0f} | {now / per['HAProxy'][event]:.2f} |"
+            lines.append(line)
+        lines.append("")
+    text = "\n".join(lines)
     print(text)
     with open(os.path.join(OUT, "instructions.md"), "w") as f:
         f.write(text)
-
 
 if __name__ == "__main__":
     main()

@@ -340,7 +340,7 @@ async fn main() {
     tcp_echo(to("tcp-echo"), 16, n).await;
     tcp_http_close(to("tcp-tls"), n / 50).await;
     for _ in 0..4 {
-        tcp_bulk(to("tcp-echo"), 64).await;
+        tcp_bulk(to("tcp-echo"), (n / 300).max(1)).await; // 66 MiB each way at 20,000 requests
     }
     eprintln!("pgo_train: {n} requests a kind, sent in {:.1?}", started.elapsed());
 
