@@ -7,7 +7,7 @@
 Counts the instructions mesh-egress executes per request for HTTP/1.1, h2 and gRPC unary, the
 same way for this tree and for a baseline revision (default: the merge base with the last
 landed main, `origin/main` if there is one, else HEAD~1). Each binary is the `profiling` build
-(the release build with line tables). Each workload runs the proxy under
+(the release build with line tables), unless given (--binary, --baseline-binary). Each workload runs the proxy under
 `valgrind --tool=callgrind` twice, once with a short warm-up only and once with the warm-up plus
 --requests more, with one worker, and reports (Ir(warm-up + N) - Ir(warm-up)) / N, so start-up,
 configuration loading, the warm-up and shutdown cancel out. Instruction counts do not depend
@@ -23,7 +23,8 @@ wake-ups and system calls are shared by several requests.
 --binary PATH measures a given mesh-egress binary as this tree's (the profile-guided build,
 target/pgo/mesh-egress, say), --baseline-binary PATH one as the baseline instead of building a
 revision (target/release/mesh-egress, the plain release build); --cache adds callgrind's simulated
-first-level instruction cache misses per request (--cache-sim=yes), which tell how much code a
+first-level instruction cache misses per request (--cache-sim=yes, a 32 KiB 8-way cache of
+64-byte lines whatever the machine's), which tell how much code a
 request runs through, where the instruction count tells only how much of it.
 Results: stdout and target/bench/instructions.md.
 """
@@ -166,7 +167,7 @@ def instructions(command, port, extra, n, loaded=False, cache=False):
         out_file = os.path.join(tmp, "callgrind.out")
         proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
-            + (["--cache-sim=yes"] if cache else []) + command(tmp),
+            + (["--cache-sim=yes", "--I1=32768,8,64"] if cache else []) + command(tmp),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="error"))
         try:
             wait_ready(proc)
@@ -185,12 +186,13 @@ def instructions(command, port, extra, n, loaded=False, cache=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", default=None, help="revision to compare against")
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--baseline", default=None, help="revision to compare against")
     parser.add_argument("--requests", type=int, default=None, help="requests measured (2,000; 20,000 with --loaded)")
     parser.add_argument("--haproxy", action="store_true", help="also HAProxy, under the same harness")
     parser.add_argument("--loaded", action="store_true", help="the bench's concurrency, not one request at a time")
     parser.add_argument("--binary", help="measure this mesh-egress binary as this tree's (e.g. target/pgo/mesh-egress)")
-    parser.add_argument("--baseline-binary", help="measure this mesh-egress binary as the baseline, not a revision")
+    base.add_argument("--baseline-binary", help="measure this mesh-egress binary as the baseline, not a revision")
     parser.add_argument("--cache", action="store_true",
                         help="also simulated instruction-cache misses per request (callgrind --cache-sim=yes)")
     args = parser.parse_args()
@@ -245,7 +247,7 @@ def main():
     for event in events:
         what = {"Ir": "instructions", "I1mr": "I1 misses (simulated first-level instruction cache)"}[event]
         lines += [
-            f"| {what} | {head} (this tree) | {base_rev} (baseline) | change |" + (" HAProxy | this tree / HAProxy |" if args.haproxy else ""),
+            f"| {what} | {head}{'' if binary else ' (this tree)'} | {base_rev} (baseline) | change |" + (" HAProxy | this tree / HAProxy |" if args.haproxy else ""),
             "|---|---|---|---|" + ("---|---|" if args.haproxy else ""),
         ]
         for label, per in rows:

@@ -1,6 +1,7 @@
 //! Fast local upstreams for the benchmark harness (`benches/compare.py`):
 //!
-//! - `--http ADDR`: HTTP/1.1 and h2c; answers `hello world`, and echoes gRPC unary calls
+//! - `--http ADDR`: HTTP/1.1 and h2c; answers `hello world` (after reading the request's body),
+//!   `/chunked` with 32 KiB of `c` in 8 pieces and no length, and echoes gRPC unary calls
 //!   (`content-type: application/grpc`) with `grpc-status: 0`.
 //! - `--https ADDR`: the same over TLS (ALPN h2 and http/1.1), with a throwaway certificate for
 //!   `bench.test` whose CA is written to `--ca-out FILE`.
@@ -26,7 +27,14 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc && req.uri().path() == "/chunked" {
+        // No length: chunked on HTTP/1.1, in several DATA frames on h2.
+        let frames = (0..8).map(|_| Ok(Frame::data(Bytes::from_static(&[b'c'; 4096]))));
+        return Ok(Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed()));
+    }
     if !grpc {
+        // A body is read to its end first, as most servers do (the trainer's POSTs).
+        let _ = req.into_body().collect().await;
         let mut response = Response::new(Full::new(Bytes::from_static(b"hello world\n")).boxed());
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return Ok(response);

@@ -1,17 +1,24 @@
 //! The training load of a profile-guided build (`scripts/pgo-build`): runs a mesh-egress binary
-//! (the instrumented one) against `bench_upstream` and sends through it the traffic of every data
-//! path users run, in about the proportions a busy sidecar sees: HTTP/1.1 on pooled keep-alive
-//! connections and one connection per request, h2 and gRPC multiplexed, the same with the policies
-//! (MeshTimeout, MeshRetry, MeshCircuitBreaker), TLS origination for HTTP/1.1, h2 and TCP, TCP
-//! request/response and bulk flows. Code this load does not reach is what the compiler then treats
-//! as cold. Every answer is checked; any wrong one, or the proxy exiting other than cleanly when
-//! asked to (`POST /quitquitquit`, which writes the profile), fails the run.
+//! (the instrumented one) against `bench_upstream` and sends through it the traffic of the data
+//! paths a sidecar's requests take, in about the proportions a busy one sees: HTTP/1.1 on pooled
+//! keep-alive connections and one connection per request, GETs and POSTs (with a length and
+//! chunked), chunked responses, h2 and gRPC multiplexed, a service with MeshTimeout, MeshRetry,
+//! MeshCircuitBreaker and a MeshHTTPRoute, the access log, TLS origination for HTTP/1.1, h2 and
+//! TCP, TCP request/response and bulk flows. Code this load does not reach is what the compiler
+//! then treats as cold: the DNS proxy, the transparent listener and passthrough, endpoints given
+//! by name (docs/benchmarks.md, "Profile-guided build").
+//!
+//! It fails, naming the step, on any wrong answer, a step that takes over two minutes, a warning
+//! or error the proxy logs, a service whose request count or a bulk flow whose spliced bytes
+//! say the traffic did not go the intended way, or the proxy exiting other than cleanly when
+//! asked (`POST /quitquitquit`, which writes the profile).
 //!
 //! ```text
-//! pgo_train --proxy PATH --upstream PATH [--requests N]
+//! pgo_train --proxy PATH --upstream PATH [--requests N]    (N >= 1000; default 20,000)
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a harness: failing loudly is right
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -20,16 +27,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const HELLO: &[u8] = b"hello world\n";
+/// `bench_upstream`'s `/chunked` answer: 8 pieces of 4 KiB, no length.
+const CHUNKED_LEN: usize = 8 * 4096;
 /// One gRPC message (`bench_upstream` echoes it) with its 5-byte frame header.
 const GRPC_MESSAGE: &[u8] = b"\x00\x00\x00\x00\x0a0123456789";
+/// The longest a step may take, and the proxy's start and exit.
+const STEP_LIMIT: Duration = Duration::from_secs(120);
 
-/// The services, each with its protocol, endpoint (an upstream port by index), TLS and policies.
+/// The services: name, protocol, endpoint (an upstream by kind), TLS origination.
 const SERVICES: &[(&str, &str, Upstream, bool)] = &[
     ("http", "http", Upstream::Http, false),
     ("http2", "http2", Upstream::Http, false),
@@ -48,6 +60,8 @@ enum Upstream {
     Echo,
 }
 
+/// The http-policies service's policies and route (its `/api` requests get a header and a
+/// rewritten path on the way).
 const POLICIES: &str = "type: MeshTimeout
 name: train-timeouts
 spec:
@@ -70,6 +84,20 @@ spec:
       default:
         connectionLimits: {maxConnections: 100000, maxPendingRequests: 100000, maxRequests: 100000}
         outlierDetection: {detectors: {totalFailures: {consecutive: 5}}}
+---
+type: MeshHTTPRoute
+name: train-route
+spec:
+  to:
+    - targetRef: {kind: MeshExternalService, name: http-policies}
+      rules:
+        - matches: [{path: {type: PathPrefix, value: /api}}]
+          default:
+            filters:
+              - type: RequestHeaderModifier
+                requestHeaderModifier: {set: [{name: x-train, value: route}]}
+              - type: URLRewrite
+                urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
 ";
 
 struct Args {
@@ -92,6 +120,8 @@ fn args() -> Args {
             _ => panic!("unknown argument {flag}; usage: pgo_train --proxy PATH --upstream PATH [--requests N]"),
         }
     }
+    // Below this, some kinds below would send nothing (they send n / 50, n / 20, n / 300).
+    assert!(requests >= 1000, "--requests: at least 1000");
     Args {
         proxy: proxy.expect("--proxy PATH is required"),
         upstream: upstream.expect("--upstream PATH is required"),
@@ -113,6 +143,16 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Runs one step of the load, or fails naming it.
+async fn step<T>(name: &str, work: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = tokio::time::timeout(STEP_LIMIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("{name}: not done within {STEP_LIMIT:?}"));
+    eprintln!("pgo_train: {name} ({:.1?})", started.elapsed());
+    out
 }
 
 fn config(dir: &Path, upstream_ports: [u16; 3], ca: &str, outbound: &[u16]) -> PathBuf {
@@ -142,33 +182,74 @@ fn config(dir: &Path, upstream_ports: [u16; 3], ca: &str, outbound: &[u16]) -> P
 }
 
 async fn wait_ready(admin: SocketAddr, proxy: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    loop {
         if let Some(status) = proxy.try_wait().unwrap() {
             panic!("the proxy exited before it was ready: {status}");
         }
-        if let Ok(response) = http1_request(admin, Method::GET, "/ready", Bytes::new()).await {
-            if response.0 == StatusCode::OK {
-                return;
-            }
+        if let Ok((StatusCode::OK, _)) = get(admin, "/ready").await {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the proxy was not ready within 60 s");
 }
 
 /// One request on a connection of its own: (status, body).
-async fn http1_request(to: SocketAddr, method: Method, path: &str, body: Bytes) -> anyhow::Result<(StatusCode, Bytes)> {
+async fn request(to: SocketAddr, method: Method, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(TcpStream::connect(to).await?)).await?;
     tokio::spawn(conn);
-    let request = Request::builder().method(method).uri(path).header(header::HOST, "train").body(Full::new(body))?;
+    let request =
+        Request::builder().method(method).uri(path).header(header::HOST, "train").body(Full::new(Bytes::new()))?;
     let response = sender.send_request(request).await?;
     let status = response.status();
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
-/// `n` requests over `conns` keep-alive HTTP/1.1 connections, one at a time on each.
-async fn http1_keep_alive(to: SocketAddr, conns: usize, n: usize) {
+async fn get(to: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    request(to, Method::GET, path).await
+}
+
+/// What an HTTP/1.1 client sends in the keep-alive steps, in turn.
+#[derive(Clone, Copy)]
+enum H1Kind {
+    Get,
+    /// A GET answered with a chunked body.
+    GetChunked,
+    /// A POST with a `content-length` body.
+    PostSized,
+    /// A POST with a chunked body.
+    PostChunked,
+}
+
+fn h1_request(
+    kind: H1Kind,
+    path: &str,
+) -> Request<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>> {
+    let body = Bytes::from_static(&[b'p'; 512]);
+    let (method, path, body) = match kind {
+        H1Kind::Get => (Method::GET, path.to_string(), Full::new(Bytes::new()).boxed()),
+        H1Kind::GetChunked => (Method::GET, "/chunked".to_string(), Full::new(Bytes::new()).boxed()),
+        H1Kind::PostSized => (Method::POST, path.to_string(), Full::new(body).boxed()),
+        H1Kind::PostChunked => {
+            let frames = [Ok(Frame::data(body.slice(..256))), Ok(Frame::data(body.slice(256..)))];
+            (Method::POST, path.to_string(), StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        }
+    };
+    Request::builder().method(method).uri(path).header(header::HOST, "train").body(body).unwrap()
+}
+
+/// `n` requests over `conns` keep-alive HTTP/1.1 connections, one at a time on each; of every 8
+/// requests, 5 GETs, a GET with a chunked answer, a POST with a length, a chunked POST.
+async fn http1_keep_alive(to: SocketAddr, path: &'static str, conns: usize, n: usize) {
+    const MIX: [H1Kind; 8] = [
+        H1Kind::Get,
+        H1Kind::Get,
+        H1Kind::PostSized,
+        H1Kind::Get,
+        H1Kind::GetChunked,
+        H1Kind::Get,
+        H1Kind::PostChunked,
+        H1Kind::Get,
+    ];
     let tasks = (0..conns).map(|_| {
         tokio::spawn(async move {
             let (mut sender, conn) =
@@ -176,11 +257,15 @@ async fn http1_keep_alive(to: SocketAddr, conns: usize, n: usize) {
                     .await
                     .unwrap();
             tokio::spawn(conn);
-            for _ in 0..n / conns {
-                let request = Request::get("/").header(header::HOST, "train").body(Full::new(Bytes::new())).unwrap();
-                let response = sender.send_request(request).await.unwrap();
+            for i in 0..n / conns {
+                let kind = MIX[i % MIX.len()];
+                let response = sender.send_request(h1_request(kind, path)).await.unwrap();
                 assert_eq!(response.status(), StatusCode::OK, "HTTP/1.1 through {to}");
-                assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), HELLO);
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                match kind {
+                    H1Kind::GetChunked => assert_eq!(body.len(), CHUNKED_LEN, "chunked answer through {to}"),
+                    _ => assert_eq!(body, HELLO, "HTTP/1.1 through {to}"),
+                }
             }
         })
     });
@@ -197,14 +282,16 @@ async fn h2(to: SocketAddr, streams: usize, n: usize, grpc: bool) {
     let tasks = (0..streams).map(|_| {
         let mut sender = sender.clone();
         tokio::spawn(async move {
-            for _ in 0..n / streams {
+            for i in 0..n / streams {
+                let chunked = !grpc && i % 8 == 4;
                 let request = if grpc {
                     Request::post(format!("http://{to}/bench.Echo/Unary"))
                         .header(header::CONTENT_TYPE, "application/grpc")
                         .header(header::TE, "trailers")
                         .body(Full::new(Bytes::from_static(GRPC_MESSAGE)))
                 } else {
-                    Request::get(format!("http://{to}/")).body(Full::new(Bytes::new()))
+                    let path = if chunked { "/chunked" } else { "/" };
+                    Request::get(format!("http://{to}{path}")).body(Full::new(Bytes::new()))
                 };
                 let response = sender.send_request(request.unwrap()).await.unwrap();
                 assert_eq!(response.status(), StatusCode::OK, "h2 through {to}");
@@ -213,6 +300,8 @@ async fn h2(to: SocketAddr, streams: usize, n: usize, grpc: bool) {
                     let status = body.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes().to_vec());
                     assert_eq!(status.as_deref(), Some(&b"0"[..]), "gRPC through {to}");
                     assert_eq!(body.to_bytes(), GRPC_MESSAGE);
+                } else if chunked {
+                    assert_eq!(body.to_bytes().len(), CHUNKED_LEN, "h2 answer in pieces through {to}");
                 } else {
                     assert_eq!(body.to_bytes(), HELLO);
                 }
@@ -281,6 +370,16 @@ async fn tcp_bulk(to: SocketAddr, mib: usize) {
     assert_eq!(total, mib << 20, "bulk echo through {to}");
 }
 
+/// The sum of the `/metrics` samples named `name` whose labels include all of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    let prefix = format!("{name}{{");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = args();
@@ -308,51 +407,90 @@ async fn main() {
     let ca = std::fs::read_to_string(&ca_file).unwrap();
     let mesh = config(dir.path(), upstream_ports, &ca, outbound);
     let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let log = dir.path().join("proxy.log");
+    // A failure shows what the proxy logged (warnings and errors) before the run's files go.
+    let default_hook = std::panic::take_hook();
+    let log_path = log.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+        eprintln!("pgo_train: the proxy's log so far:\n{logged}");
+    }));
     let mut proxy = Reaped(
         Command::new(&args.proxy)
             .arg("run")
             .arg("-c")
             .arg(&mesh)
             .args(["--workers", "1", "--admin", &admin_addr.to_string(), "--readiness-port", "off"])
-            .args(["--transparent", "off", "--dns", "off", "--no-watch", "--state-dir"])
+            .args(["--transparent", "off", "--dns", "off", "--no-watch", "--drain-timeout", "5s", "--state-dir"])
             .arg(dir.path())
-            .env("RUST_LOG", "error")
+            .arg("--access-log")
+            .arg(dir.path().join("access.log"))
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", args.proxy.display())),
     );
-    wait_ready(admin_addr, &mut proxy.0).await;
+    step("the proxy's start", wait_ready(admin_addr, &mut proxy.0)).await;
 
     let to = |name: &str| -> SocketAddr {
         let i = SERVICES.iter().position(|s| s.0 == name).unwrap();
         ([127, 0, 0, 1], outbound[i]).into()
     };
-    let started = Instant::now();
-    http1_keep_alive(to("http"), 16, n).await;
-    http1_keep_alive(to("http-policies"), 16, n / 2).await;
-    http1_keep_alive(to("https"), 16, n / 2).await;
-    for _ in 0..n / 20 {
-        let (status, body) = http1_request(to("http"), Method::GET, "/", Bytes::new()).await.unwrap();
-        assert!(status == StatusCode::OK && body == HELLO, "HTTP/1.1, a connection per request");
-    }
-    h2(to("http2"), 10, n, false).await;
-    h2(to("grpc"), 10, n, true).await;
-    h2(to("https2"), 10, n / 2, false).await;
-    tcp_echo(to("tcp-echo"), 16, n).await;
-    tcp_http_close(to("tcp-tls"), n / 50).await;
-    for _ in 0..4 {
-        tcp_bulk(to("tcp-echo"), (n / 300).max(1)).await; // 66 MiB each way at 20,000 requests
-    }
-    eprintln!("pgo_train: {n} requests a kind, sent in {:.1?}", started.elapsed());
-
-    let (status, _) = http1_request(admin_addr, Method::POST, "/quitquitquit", Bytes::new()).await.unwrap();
-    assert_eq!(status, StatusCode::OK, "POST /quitquitquit");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(status) = proxy.0.try_wait().unwrap() {
-            break status;
+    step("HTTP/1.1", http1_keep_alive(to("http"), "/", 16, n)).await;
+    step("HTTP/1.1 with policies and a route", http1_keep_alive(to("http-policies"), "/api/items", 16, n / 2)).await;
+    step("HTTP/1.1, TLS to the endpoint", http1_keep_alive(to("https"), "/", 16, n / 2)).await;
+    step("HTTP/1.1, a connection per request", async {
+        for _ in 0..n / 20 {
+            let (status, body) = get(to("http"), "/").await.unwrap();
+            assert!(status == StatusCode::OK && body == HELLO, "HTTP/1.1, a connection per request");
         }
-        assert!(Instant::now() < deadline, "the proxy did not exit within 30 s of /quitquitquit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
+    step("h2", h2(to("http2"), 10, n, false)).await;
+    step("gRPC", h2(to("grpc"), 10, n, true)).await;
+    step("h2, TLS to the endpoint", h2(to("https2"), 10, n / 2, false)).await;
+    step("TCP request/response", tcp_echo(to("tcp-echo"), 16, n)).await;
+    step("TCP, TLS to the endpoint, a connection each", tcp_http_close(to("tcp-tls"), n / 50)).await;
+    step("TCP bulk", async {
+        for _ in 0..4 {
+            tcp_bulk(to("tcp-echo"), (n / 300).max(1)).await; // 66 MiB each way at 20,000 requests
+        }
+    })
+    .await;
+
+    // The traffic went where it was meant to: every service counted its requests, and bulk flows
+    // went by pipe.
+    let (_, metrics) = step("/metrics", get(admin_addr, "/metrics")).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    let sent = |requests: usize, lanes: usize| requests / lanes * lanes; // each lane sends its share
+    let expected = [
+        ("http", sent(n, 16)),
+        ("http-policies", sent(n / 2, 16)),
+        ("https", sent(n / 2, 16)),
+        ("http2", sent(n, 10)),
+        ("grpc", sent(n, 10)),
+    ];
+    for (service, least) in expected {
+        let service_label = format!("service=\"default/{service}\"");
+        let counted = sample(&metrics, "mesh_egress_requests_total", &[&service_label, "status_class=\"2xx\""]);
+        assert!(counted >= least as f64, "{service}: {counted} requests answered 2xx counted, {least} sent");
+    }
+    let spliced = sample(&metrics, "mesh_egress_upstream_bytes_spliced_total", &["service=\"default/tcp-echo\""]);
+    assert!(spliced > 0.0, "no bulk byte went by pipe");
+
+    let (status, _) = step("POST /quitquitquit", request(admin_addr, Method::POST, "/quitquitquit")).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "POST /quitquitquit");
+    let exit = step("the proxy's exit", async {
+        loop {
+            if let Some(status) = proxy.0.try_wait().unwrap() {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.trim().is_empty(), "the proxy logged warnings or errors:\n{logged}");
     assert!(exit.success(), "the proxy exited with {exit}");
 }
