@@ -193,9 +193,17 @@ async fn wait_ready(admin: SocketAddr, proxy: &mut Child) {
     }
 }
 
+/// A connection with Nagle's algorithm off, as the proxy's own: a request written in two parts
+/// (gRPC's HEADERS, then DATA) must not wait for the peer's delayed ACK.
+async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(to).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// One request on a connection of its own: (status, body).
 async fn request(to: SocketAddr, method: Method, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(TcpStream::connect(to).await?)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(connect(to).await?)).await?;
     tokio::spawn(conn);
     let request =
         Request::builder().method(method).uri(path).header(header::HOST, "train").body(Full::new(Bytes::new()))?;
@@ -253,9 +261,7 @@ async fn http1_keep_alive(to: SocketAddr, path: &'static str, conns: usize, n: u
     let tasks = (0..conns).map(|_| {
         tokio::spawn(async move {
             let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(TcpStream::connect(to).await.unwrap()))
-                    .await
-                    .unwrap();
+                hyper::client::conn::http1::handshake(TokioIo::new(connect(to).await.unwrap())).await.unwrap();
             tokio::spawn(conn);
             for i in 0..n / conns {
                 let kind = MIX[i % MIX.len()];
@@ -276,7 +282,7 @@ async fn http1_keep_alive(to: SocketAddr, path: &'static str, conns: usize, n: u
 
 /// `n` requests (gRPC calls with `grpc`) over one h2c connection, `streams` at a time.
 async fn h2(to: SocketAddr, streams: usize, n: usize, grpc: bool) {
-    let io = TokioIo::new(TcpStream::connect(to).await.unwrap());
+    let io = TokioIo::new(connect(to).await.unwrap());
     let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
     tokio::spawn(conn);
     let tasks = (0..streams).map(|_| {
@@ -329,8 +335,7 @@ async fn tcp_http_close(to: SocketAddr, n: usize) {
 async fn tcp_echo(to: SocketAddr, conns: usize, n: usize) {
     let tasks = (0..conns).map(|_| {
         tokio::spawn(async move {
-            let mut stream = TcpStream::connect(to).await.unwrap();
-            stream.set_nodelay(true).unwrap();
+            let mut stream = connect(to).await.unwrap();
             let (out, mut back) = ([7u8; 64], [0u8; 64]);
             for _ in 0..n / conns {
                 stream.write_all(&out).await.unwrap();
