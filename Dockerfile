@@ -1,4 +1,4 @@
-# mesh-egress: multi-stage build. Stage 1 builds the release binary, stage 2 is a slim runtime.
+# mesh-egress: multi-stage build. Stage 1 builds the profile-guided release binary (scripts/pgo-build), stage 2 is a slim runtime.
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
