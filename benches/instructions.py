@@ -262,5 +262,6 @@ def main():
     with open(os.path.join(OUT, "instructions.md"), "w") as f:
         f.write(text)
 
+
 if __name__ == "__main__":
     main()

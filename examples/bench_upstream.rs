@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::{Body as _, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
@@ -33,8 +33,11 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         return Ok(Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed()));
     }
     if !grpc {
-        // A body is read to its end first, as most servers do (the trainer's POSTs).
-        let _ = req.into_body().collect().await;
+        // A body is read to its end first, as most servers do (the trainer's POSTs); a GET has
+        // none to wait for.
+        if !req.body().is_end_stream() {
+            let _ = req.into_body().collect().await;
+        }
         let mut response = Response::new(Full::new(Bytes::from_static(b"hello world\n")).boxed());
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return Ok(response);

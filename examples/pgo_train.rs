@@ -193,6 +193,17 @@ async fn wait_ready(admin: SocketAddr, proxy: &mut Child) {
     }
 }
 
+/// Runs `lanes` clients side by side, each a task of its own, and fails if one does.
+async fn side_by_side<F>(lanes: usize, client: impl Fn() -> F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..lanes).map(|_| tokio::spawn(client())).collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 /// A connection with Nagle's algorithm off, as the proxy's own: a request written in two parts
 /// (gRPC's HEADERS, then DATA) must not wait for the peer's delayed ACK.
 async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -258,26 +269,22 @@ async fn http1_keep_alive(to: SocketAddr, path: &'static str, conns: usize, n: u
         H1Kind::PostChunked,
         H1Kind::Get,
     ];
-    let tasks = (0..conns).map(|_| {
-        tokio::spawn(async move {
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(connect(to).await.unwrap())).await.unwrap();
-            tokio::spawn(conn);
-            for i in 0..n / conns {
-                let kind = MIX[i % MIX.len()];
-                let response = sender.send_request(h1_request(kind, path)).await.unwrap();
-                assert_eq!(response.status(), StatusCode::OK, "HTTP/1.1 through {to}");
-                let body = response.into_body().collect().await.unwrap().to_bytes();
-                match kind {
-                    H1Kind::GetChunked => assert_eq!(body.len(), CHUNKED_LEN, "chunked answer through {to}"),
-                    _ => assert_eq!(body, HELLO, "HTTP/1.1 through {to}"),
-                }
+    side_by_side(conns, || async move {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(connect(to).await.unwrap())).await.unwrap();
+        tokio::spawn(conn);
+        for i in 0..n / conns {
+            let kind = MIX[i % MIX.len()];
+            let response = sender.send_request(h1_request(kind, path)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "HTTP/1.1 through {to}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            match kind {
+                H1Kind::GetChunked => assert_eq!(body.len(), CHUNKED_LEN, "chunked answer through {to}"),
+                _ => assert_eq!(body, HELLO, "HTTP/1.1 through {to}"),
             }
-        })
-    });
-    for task in tasks.collect::<Vec<_>>() {
-        task.await.unwrap();
-    }
+        }
+    })
+    .await;
 }
 
 /// `n` requests (gRPC calls with `grpc`) over one h2c connection, `streams` at a time.
@@ -285,9 +292,9 @@ async fn h2(to: SocketAddr, streams: usize, n: usize, grpc: bool) {
     let io = TokioIo::new(connect(to).await.unwrap());
     let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
     tokio::spawn(conn);
-    let tasks = (0..streams).map(|_| {
+    side_by_side(streams, || {
         let mut sender = sender.clone();
-        tokio::spawn(async move {
+        async move {
             for i in 0..n / streams {
                 let chunked = !grpc && i % 8 == 4;
                 let request = if grpc {
@@ -312,11 +319,9 @@ async fn h2(to: SocketAddr, streams: usize, n: usize, grpc: bool) {
                     assert_eq!(body.to_bytes(), HELLO);
                 }
             }
-        })
-    });
-    for task in tasks.collect::<Vec<_>>() {
-        task.await.unwrap();
-    }
+        }
+    })
+    .await;
 }
 
 /// A request with `Connection: close` on a raw TCP connection, read to the end (the tcp-tls
@@ -333,20 +338,16 @@ async fn tcp_http_close(to: SocketAddr, n: usize) {
 
 /// `n` 64-byte request/response exchanges over `conns` TCP connections to the echo upstream.
 async fn tcp_echo(to: SocketAddr, conns: usize, n: usize) {
-    let tasks = (0..conns).map(|_| {
-        tokio::spawn(async move {
-            let mut stream = connect(to).await.unwrap();
-            let (out, mut back) = ([7u8; 64], [0u8; 64]);
-            for _ in 0..n / conns {
-                stream.write_all(&out).await.unwrap();
-                stream.read_exact(&mut back).await.unwrap();
-                assert_eq!(back, out, "TCP echo through {to}");
-            }
-        })
-    });
-    for task in tasks.collect::<Vec<_>>() {
-        task.await.unwrap();
-    }
+    side_by_side(conns, || async move {
+        let mut stream = connect(to).await.unwrap();
+        let (out, mut back) = ([7u8; 64], [0u8; 64]);
+        for _ in 0..n / conns {
+            stream.write_all(&out).await.unwrap();
+            stream.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, out, "TCP echo through {to}");
+        }
+    })
+    .await;
 }
 
 /// `mib` MiB written to the echo upstream while the echo is read back: both directions of a
