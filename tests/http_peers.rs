@@ -189,3 +189,102 @@ async fn one_gib_upload_and_download_stream_with_bounded_memory() {
     );
     assert!(peak < idle + 32 * 1024, "peak RSS {peak} KiB vs idle {idle} KiB: bodies must stream, not buffer");
 }
+
+/// An endpoint that answers an upload with a 413 as soon as the request head is in, then closes
+/// without reading the body: the kernel resets the connection (its unread bytes), most often
+/// while the proxy is still writing the body. With `tls`, over TLS.
+async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> SocketAddr {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn reject(mut s: impl AsyncRead + AsyncWrite + Unpin) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n")
+            .await;
+        let _ = s.flush().await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            // Else a small response can wait behind an unacknowledged one (Nagle) and be
+            // dropped with the send queue when the close resets the connection.
+            tcp.set_nodelay(true).unwrap();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(config) => {
+                        if let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+                            reject(stream).await;
+                        }
+                    }
+                    None => reject(tcp).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upload the endpoint answers early and resets reaches curl as the endpoint's answer, as it
+/// does without the proxy: before, the proxy's write into the reset connection failed the
+/// request first, a 503 for about one upload in four (plain and TLS, with a length and chunked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
+    let ca = Ca::new("upstream-ca");
+    let plain = rejecting_upstream(None).await;
+    let tls = rejecting_upstream(Some(tls_config(&ca.server(&["reject.test"])))).await;
+    let outs: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let yaml = [
+        service_with_protocol("reject", "http", outs[0], &endpoint("127.0.0.1", plain.port(), 0), ""),
+        service_with_protocol(
+            "reject-tls",
+            "http",
+            outs[1],
+            &endpoint("127.0.0.1", tls.port(), 0),
+            &tls_block("reject.test", &ca),
+        ),
+    ]
+    .join("---\n");
+    let (dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    let upload = dir.path().join("upload");
+    std::fs::write(&upload, vec![b'x'; 4 << 20]).unwrap();
+    let upload = format!("@{}", upload.display());
+    let codes = tokio::task::spawn_blocking(move || {
+        let mut codes = Vec::new();
+        for out in outs {
+            for framing in ["Content-Length:", "Transfer-Encoding: chunked"] {
+                for _ in 0..25 {
+                    let url = format!("http://{out}/upload");
+                    // Without `Expect: 100-continue` the body follows its head at once.
+                    let args = [
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-H",
+                        framing,
+                        "-H",
+                        "Expect:",
+                        "--data-binary",
+                        &upload,
+                        &url,
+                    ];
+                    codes.push(format!("{out} {framing} {}", curl(&args)));
+                }
+            }
+        }
+        codes
+    })
+    .await
+    .unwrap();
+    let failed: Vec<_> = codes.iter().filter(|c| !c.ends_with(" 413")).collect();
+    assert!(failed.is_empty(), "{} of {} uploads did not get the 413: {failed:?}", failed.len(), codes.len());
+}

@@ -6,6 +6,7 @@
 pub mod active;
 mod app_body;
 mod connect;
+pub mod early_response;
 pub mod h1;
 pub mod h2;
 pub mod health;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 
+use crate::upstream::early_response::EarlyResponseIo;
 use crate::upstream::pool::H1Sender;
 use crate::upstream::pool::{PoolKey, RequestBody};
 use crate::upstream::{h1, h2, ConnectError, Connected, Target, TargetAddr, TlsSetup, Upstream};
@@ -226,7 +227,8 @@ where
 }
 
 /// The connection runs on its own task, which holds `slot` (a connection-limit permit, or
-/// nothing) until it closes.
+/// nothing) until it closes. A response the endpoint sent before it reset the connection under
+/// a request body is read, not lost to the write's error ([`EarlyResponseIo`]).
 pub(super) async fn handshake_h1<B, S>(io: S, slot: impl Send + 'static) -> Result<http1::SendRequest<B>, hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -234,7 +236,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(EarlyResponseIo::new(io))).await?;
     tokio::spawn(async move {
         let _slot = slot;
         if let Err(error) = connection.with_upgrades().await {
