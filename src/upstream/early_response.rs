@@ -8,10 +8,7 @@
 //! the read side ends: the writer waits, the reader takes the response first, and the error
 //! comes back only when there is nothing left to read. The connection is closed either way, so
 //! its read side does end, and wakes the held writer.
-//!
-//! Over TLS the read side needs a second look: tokio-rustls returns the socket's reset before the
-//! response records it read and decrypted in the same call, and gives them on the next read
-//! (the socket then reads as closed). A reset with nothing read is read once more.
+//! (Over TLS, [`super::UpstreamIo`] reads what came before the reset.)
 
 use std::io;
 use std::pin::Pin;
@@ -65,13 +62,7 @@ impl<S> EarlyResponseIo<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for EarlyResponseIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let mut polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(&polled, Poll::Ready(Err(e)) if closed_connection(e.kind())) && buf.filled().len() == before {
-            let again = Pin::new(&mut self.io).poll_read(cx, buf);
-            if matches!(again, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-                polled = again;
-            }
-        }
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         let ended = match &polled {
             Poll::Ready(Ok(())) => buf.filled().len() == before && buf.remaining() > 0,
             Poll::Ready(Err(_)) => true,
@@ -223,20 +214,6 @@ mod tests {
 
         // What the wrapper is for: hyper's client alone fails the request on the write.
         let error = upload(endpoint(1, [Ok(TOO_LARGE)])).await.expect_err("a write error");
-        assert!(std::error::Error::source(&error).is_some_and(|e| e.is::<io::Error>()), "{error:?}");
-    }
-
-    #[tokio::test]
-    async fn a_response_after_a_read_s_reset_is_read_too() {
-        // As tokio-rustls: the reset first, then the records it had decrypted, then the close.
-        let reset = || Err(io::ErrorKind::ConnectionReset.into());
-        let io = endpoint(1, [reset(), Ok(TOO_LARGE), Ok(&b""[..])]);
-        let response = upload(EarlyResponseIo::new(io)).await.expect("the early response");
-        assert_eq!(response.status(), 413);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"too big\n");
-
-        let error = upload(endpoint(1, [reset(), Ok(TOO_LARGE)])).await.expect_err("the reset");
         assert!(std::error::Error::source(&error).is_some_and(|e| e.is::<io::Error>()), "{error:?}");
     }
 
