@@ -192,7 +192,8 @@ async fn one_gib_upload_and_download_stream_with_bounded_memory() {
 
 /// An endpoint that answers an upload with a 413 as soon as the request head is in, then closes
 /// without reading the body: the kernel resets the connection (its unread bytes), most often
-/// while the proxy is still writing the body. With `tls`, over TLS.
+/// while the proxy is still writing the body. A request head with no body framing gets 400 (the
+/// proxy would have taken another path). With `tls`, over TLS.
 async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> SocketAddr {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     async fn reject(mut s: impl AsyncRead + AsyncWrite + Unpin) {
@@ -204,9 +205,14 @@ async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -
                 Ok(n) => head.extend_from_slice(&buf[..n]),
             }
         }
-        let _ = s
-            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n")
-            .await;
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let response: &[u8] =
+            if head.contains("\r\ncontent-length: ") || head.contains("\r\ntransfer-encoding: chunked") {
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n"
+            } else {
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 8\r\nconnection: close\r\n\r\nno body\n"
+            };
+        let _ = s.write_all(response).await;
         let _ = s.flush().await;
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -234,7 +240,8 @@ async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -
 
 /// An upload the endpoint answers early and resets reaches curl as the endpoint's answer, as it
 /// does without the proxy: before, the proxy's write into the reset connection failed the
-/// request first, a 503 for about one upload in four (plain and TLS, with a length and chunked).
+/// request first, a 503 for about one chunked upload in five (plain and TLS, with a length and
+/// chunked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
     let ca = Ca::new("upstream-ca");
@@ -260,7 +267,8 @@ async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
     let codes = tokio::task::spawn_blocking(move || {
         let mut codes = Vec::new();
         for out in outs {
-            for framing in ["Content-Length:", "Transfer-Encoding: chunked"] {
+            // curl sends a Content-Length of its own (a no-op header stands in for the framing).
+            for framing in ["X-Framing: length", "Transfer-Encoding: chunked"] {
                 for _ in 0..25 {
                     let url = format!("http://{out}/upload");
                     // Without `Expect: 100-continue` the body follows its head at once.

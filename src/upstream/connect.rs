@@ -142,33 +142,7 @@ impl Splice for UpstreamIo {
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => read_past_reset(s, cx, buf),
-        }
-    }
-}
-
-/// A read of a TLS stream that does not lose what came before the endpoint's reset (its
-/// abortive close, or its close with a request's bytes unread). tokio-rustls reads the socket
-/// until it has a record's plaintext; when the reset comes in the same call as the response's
-/// records, it returns the reset and keeps the plaintext for the next read, and the socket then
-/// reads as closed. So a reset with nothing read is read once more; the kernel, for its part,
-/// hands over what arrived before a reset first.
-fn read_past_reset<S: AsyncRead + Unpin>(
-    io: &mut S,
-    cx: &mut Context<'_>,
-    buf: &mut ReadBuf<'_>,
-) -> Poll<io::Result<()>> {
-    let before = buf.filled().len();
-    match Pin::new(&mut *io).poll_read(cx, buf) {
-        Poll::Ready(Err(reset)) if reset.kind() == io::ErrorKind::ConnectionReset && buf.filled().len() == before => {
-            match Pin::new(io).poll_read(cx, buf) {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => Poll::Ready(Ok(())),
-                _ => Poll::Ready(Err(reset)),
-            }
-        }
-        polled => polled,
+        delegate_io!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -198,57 +172,5 @@ impl AsyncWrite for UpstreamIo {
             Self::Plain(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::VecDeque;
-
-    /// Reads that give, in turn, these outcomes.
-    struct Reads(VecDeque<io::Result<&'static [u8]>>);
-
-    impl AsyncRead for Reads {
-        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            match self.0.pop_front() {
-                Some(Ok(bytes)) => {
-                    buf.put_slice(bytes);
-                    Poll::Ready(Ok(()))
-                }
-                Some(Err(e)) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            }
-        }
-    }
-
-    fn read(outcomes: impl IntoIterator<Item = io::Result<&'static [u8]>>) -> (io::Result<Vec<u8>>, usize) {
-        let mut io = Reads(outcomes.into_iter().collect());
-        let mut bytes = [0u8; 64];
-        let mut buf = ReadBuf::new(&mut bytes);
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        let result = match read_past_reset(&mut io, &mut cx, &mut buf) {
-            Poll::Ready(result) => result.map(|()| buf.filled().to_vec()),
-            Poll::Pending => panic!("pending"),
-        };
-        (result, io.0.len())
-    }
-
-    fn reset() -> io::Result<&'static [u8]> {
-        Err(io::ErrorKind::ConnectionReset.into())
-    }
-
-    #[test]
-    fn a_tls_read_gives_what_came_before_the_reset() {
-        // As tokio-rustls: the reset, then the plaintext it kept, then the close.
-        assert_eq!(read([reset(), Ok(b"HTTP/1.1 200 OK\r\n"), Ok(b"")]).0.unwrap(), b"HTTP/1.1 200 OK\r\n");
-        // Nothing kept: the reset.
-        let (result, _) = read([reset(), Ok(b"")]);
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
-        // Other errors, and reads that give bytes, are not read again.
-        let (result, left) = read([Err(io::ErrorKind::InvalidData.into()), Ok(&b"x"[..])]);
-        assert_eq!((result.unwrap_err().kind(), left), (io::ErrorKind::InvalidData, 1));
-        let (result, left) = read([Ok(&b"a"[..]), Ok(&b"b"[..])]);
-        assert_eq!((result.unwrap(), left), (b"a".to_vec(), 1));
     }
 }

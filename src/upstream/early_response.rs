@@ -1,61 +1,77 @@
 //! A response the endpoint sent before it stopped taking the request: an upload answered early
 //! (a 413, a 401) by an endpoint that then closed without reading the rest, which resets the
 //! connection. Direct, curl reads that response; hyper's client, writing the body when the reset
-//! arrives, fails the request on the write error before it reads what is already in the socket,
-//! and the application got a 503 for about one such upload in four.
+//! arrives, failed the request on the write error before it read what was already in the
+//! socket, and the application got a 503.
 //!
 //! [`EarlyResponseIo`] holds a write error that means the endpoint closed the connection until
 //! the read side ends: the writer waits, the reader takes the response first, and the error
-//! comes back only when there is nothing left to read. The connection is closed either way, so
-//! its read side does end, and wakes the held writer.
-//! (Over TLS, [`super::UpstreamIo`] reads what came before the reset.)
+//! comes back once there is nothing left to read. The kernel hands over what arrived before a
+//! reset first, so the response is in the socket when the write fails and the reader needs only
+//! its turn; the hold is bounded ([`HOLD_AT_MOST`]) for where no one reads any more (a tunnel's
+//! finished direction, hyper's reader with a whole response it keeps for a slow application).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::h1::closed_connection;
 
-/// An endpoint connection whose writes fail only once its reads have ended.
+/// The longest a write error is held.
+const HOLD_AT_MOST: Duration = Duration::from_secs(1);
+
+/// An endpoint connection whose writes fail only once its reads have ended (or [`HOLD_AT_MOST`]
+/// has passed).
 #[derive(Debug)]
 pub struct EarlyResponseIo<S> {
     io: S,
-    /// The endpoint closed the connection under a write: returned once the read side ends.
-    held: Option<io::Error>,
+    held: Option<Held>,
     /// The read side returned its end (EOF) or an error.
     read_ended: bool,
     /// The writer waiting for the read side to end.
     writer: Option<Waker>,
 }
 
+/// A write error that said the endpoint closed the connection, and when it is returned at last.
+#[derive(Debug)]
+struct Held {
+    error: io::Error,
+    until: Pin<Box<tokio::time::Sleep>>,
+}
+
 impl<S> EarlyResponseIo<S> {
     pub fn new(io: S) -> Self {
         Self { io, held: None, read_ended: false, writer: None }
     }
+}
 
-    /// A write's outcome: an error that closed the connection is held while reads go on.
-    fn hold<T>(&mut self, cx: &Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        match polled {
-            Poll::Ready(Err(e)) if !self.read_ended && closed_connection(e.kind()) => {
-                self.held = Some(e);
-                self.wait(cx)
-            }
-            other => other,
+impl<S: AsyncWrite + Unpin> EarlyResponseIo<S> {
+    /// A write (`op`), unless an error is held: then the error once the read side has ended or
+    /// the hold is over, else wait.
+    fn write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let mut held = match self.held.take() {
+            Some(held) => held,
+            None => match op(Pin::new(&mut self.io), cx) {
+                Poll::Ready(Err(error)) if !self.read_ended && closed_connection(error.kind()) => {
+                    Held { error, until: Box::pin(tokio::time::sleep(HOLD_AT_MOST)) }
+                }
+                polled => return polled,
+            },
+        };
+        if self.read_ended || held.until.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(held.error));
         }
-    }
-
-    /// After a held error: the error once the read side has ended, else wait for it.
-    fn wait<T>(&mut self, cx: &Context<'_>) -> Poll<io::Result<T>> {
-        match self.held.take() {
-            Some(e) if self.read_ended => Poll::Ready(Err(e)),
-            held => {
-                self.held = held;
-                self.writer = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
+        self.held = Some(held);
+        self.writer = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -80,11 +96,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for EarlyResponseIo<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyResponseIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.held.is_some() {
-            return self.wait(cx);
-        }
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.hold(cx, polled)
+        self.write(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -92,11 +104,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyResponseIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.held.is_some() {
-            return self.wait(cx);
-        }
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.hold(cx, polled)
+        self.write(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -104,13 +112,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyResponseIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.held.is_some() {
-            return self.wait(cx);
-        }
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.hold(cx, polled)
+        self.write(cx, |io, cx| io.poll_flush(cx))
     }
 
+    /// Not held: hyper shuts a connection down once it is done with it, reads included.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
@@ -223,5 +228,23 @@ mod tests {
         let io = std::error::Error::source(&error).and_then(|e| e.downcast_ref::<io::Error>());
         // The read's reset, or the held write's broken pipe: the endpoint closed, either way.
         assert!(io.is_some_and(|e| closed_connection(e.kind())), "{error:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_held_error_comes_back_once_the_read_side_ends_or_the_hold_is_over() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Nothing reads (a tunnel's finished direction): the hold's end.
+        let started = tokio::time::Instant::now();
+        let mut io = EarlyResponseIo::new(endpoint(0, []));
+        assert_eq!(io.write_all(b"x").await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(started.elapsed(), HOLD_AT_MOST);
+
+        // The reader meets the endpoint's close: the writer gets its error then, not later.
+        let started = tokio::time::Instant::now();
+        let (mut read, mut write) = tokio::io::split(EarlyResponseIo::new(endpoint(0, [Ok(&b""[..])])));
+        let writer = tokio::spawn(async move { write.write_all(b"x").await });
+        assert_eq!(read.read(&mut [0u8; 8]).await.unwrap(), 0);
+        assert_eq!(writer.await.unwrap().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }
