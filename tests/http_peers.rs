@@ -190,28 +190,37 @@ async fn one_gib_upload_and_download_stream_with_bounded_memory() {
     assert!(peak < idle + 32 * 1024, "peak RSS {peak} KiB vs idle {idle} KiB: bodies must stream, not buffer");
 }
 
-/// An endpoint that answers an upload with a 413 as soon as the request head is in, then closes
-/// without reading the body: the kernel resets the connection (its unread bytes), most often
-/// while the proxy is still writing the body. A request head with no body framing gets 400 (the
-/// proxy would have taken another path). With `tls`, over TLS.
-async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> SocketAddr {
+/// An endpoint that reads a request head (and a body of the length it gives), writes what
+/// `answer` makes of the head (lowercased) and closes: a plain close, or over TLS (`tls`) one
+/// without close_notify, as many TLS servers close.
+async fn scripted_upstream(
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    answer: fn(&str) -> &'static [u8],
+) -> SocketAddr {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-    async fn reject(mut s: impl AsyncRead + AsyncWrite + Unpin) {
-        let mut head = Vec::new();
+    async fn serve(mut s: impl AsyncRead + AsyncWrite + Unpin, answer: fn(&str) -> &'static [u8]) {
+        let mut read = Vec::new();
         let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let head_end = loop {
+            if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&read[..head_end]).to_ascii_lowercase();
+        let response = answer(&head);
+        if !response.starts_with(b"HTTP/1.1 413") {
+            let length = head.lines().find_map(|l| l.strip_prefix("content-length: ")?.trim().parse().ok());
+            while read.len() < head_end + length.unwrap_or(0) {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read.extend_from_slice(&buf[..n]),
+                }
             }
         }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let response: &[u8] =
-            if head.contains("\r\ncontent-length: ") || head.contains("\r\ntransfer-encoding: chunked") {
-                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n"
-            } else {
-                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 8\r\nconnection: close\r\n\r\nno body\n"
-            };
         let _ = s.write_all(response).await;
         let _ = s.flush().await;
     }
@@ -220,22 +229,57 @@ async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             // Else a small response can wait behind an unacknowledged one (Nagle) and be
-            // dropped with the send queue when the close resets the connection.
+            // dropped with the send queue when a close resets the connection.
             tcp.set_nodelay(true).unwrap();
             let tls = tls.clone();
             tokio::spawn(async move {
                 match tls {
                     Some(config) => {
                         if let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
-                            reject(stream).await;
+                            serve(stream, answer).await;
                         }
                     }
-                    None => reject(tcp).await,
+                    None => serve(tcp, answer).await,
                 }
             });
         }
     });
     addr
+}
+
+/// A 413 for an upload as soon as its head is in, the body left unread, so the close resets the
+/// connection, most often while the proxy is still writing the body. A head with no body framing
+/// gets 400 (the proxy would have taken another path).
+fn reject_upload(head: &str) -> &'static [u8] {
+    if head.contains("\r\ncontent-length: ") || head.contains("\r\ntransfer-encoding: chunked") {
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n"
+    } else {
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 8\r\nconnection: close\r\n\r\nno body\n"
+    }
+}
+
+/// Two services on `upstream` and `tls_upstream`, the second with TLS to the endpoint (server
+/// name `reject.test`): their outbounds and the proxy.
+async fn plain_and_tls_services(
+    ca: &Ca,
+    upstream: SocketAddr,
+    tls_upstream: SocketAddr,
+) -> ([SocketAddr; 2], tempfile::TempDir, mesh_egress::server::Server) {
+    let outs: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let yaml = [
+        service_with_protocol("plain", "http", outs[0], &endpoint("127.0.0.1", upstream.port(), 0), ""),
+        service_with_protocol(
+            "tls",
+            "http",
+            outs[1],
+            &endpoint("127.0.0.1", tls_upstream.port(), 0),
+            &tls_block("reject.test", ca),
+        ),
+    ]
+    .join("---\n");
+    let (dir, config) = config_dir(&yaml);
+    let proxy = start(options(config)).await;
+    (outs, dir, proxy)
 }
 
 /// An upload the endpoint answers early and resets reaches curl as the endpoint's answer, as it
@@ -245,22 +289,9 @@ async fn rejecting_upstream(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
     let ca = Ca::new("upstream-ca");
-    let plain = rejecting_upstream(None).await;
-    let tls = rejecting_upstream(Some(tls_config(&ca.server(&["reject.test"])))).await;
-    let outs: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
-    let yaml = [
-        service_with_protocol("reject", "http", outs[0], &endpoint("127.0.0.1", plain.port(), 0), ""),
-        service_with_protocol(
-            "reject-tls",
-            "http",
-            outs[1],
-            &endpoint("127.0.0.1", tls.port(), 0),
-            &tls_block("reject.test", &ca),
-        ),
-    ]
-    .join("---\n");
-    let (dir, config) = config_dir(&yaml);
-    let _proxy = start(options(config)).await;
+    let plain = scripted_upstream(None, reject_upload).await;
+    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), reject_upload).await;
+    let (outs, dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
     let upload = dir.path().join("upload");
     std::fs::write(&upload, vec![b'x'; 4 << 20]).unwrap();
     let upload = format!("@{}", upload.display());
@@ -295,4 +326,31 @@ async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
     .unwrap();
     let failed: Vec<_> = codes.iter().filter(|c| !c.ends_with(" 413")).collect();
     assert!(failed.is_empty(), "{} of {} uploads did not get the 413: {failed:?}", failed.len(), codes.len());
+}
+
+/// A response delimited by the endpoint's close reaches the application whole, over TLS too when
+/// the endpoint closes without close_notify (curl takes it so; the proxy took it for a
+/// truncation: curl got an empty reply or a cut body). With and without a request body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_ended_by_the_endpoint_s_close_without_close_notify_is_whole() {
+    fn until_close(_: &str) -> &'static [u8] {
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the close\n"
+    }
+    let ca = Ca::new("upstream-ca");
+    let plain = scripted_upstream(None, until_close).await;
+    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), until_close).await;
+    let (outs, _dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
+    for out in outs {
+        let url = format!("http://{out}/close");
+        for body in [None, Some("a=1")] {
+            let url = url.clone();
+            let answer = tokio::task::spawn_blocking(move || match body {
+                Some(body) => curl(&["-d", body, &url]),
+                None => curl(&[&url]),
+            })
+            .await
+            .unwrap();
+            assert_eq!(answer, "until the close\n", "{out} with body {body:?}");
+        }
+    }
 }

@@ -142,7 +142,16 @@ impl Splice for UpstreamIo {
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate_io!(self, s => Pin::new(s).poll_read(cx, buf))
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            // An endpoint that closes without close_notify (many do) has still said all it had to
+            // say: its end, as curl, browsers and ztunnel read it. A response framed by a length
+            // or chunks still tells when it is cut short; one delimited by the close ends there.
+            UpstreamIo::Tls(s) => match Pin::new(s).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+                polled => polled,
+            },
+        }
     }
 }
 

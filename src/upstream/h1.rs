@@ -171,10 +171,8 @@ impl Conn {
             let started = self.0.read.iter().any(|b| !matches!(b, b'\r' | b'\n'));
             let closed = Err(if started { Error::Incomplete } else { Error::ClosedEarly });
             match self.fill().await {
+                // Over TLS, with or without close_notify (`UpstreamIo` reads both as the end).
                 Ok(0) => return closed,
-                // A TLS endpoint that closed without close_notify (its keep-alive timeout, say)
-                // has closed all the same: before any response byte, a request may be resent.
-                Err(Error::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return closed,
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
@@ -434,6 +432,21 @@ impl ContentLength {
     }
 }
 
+/// Whether a response's `Connection` lines (`connection`) let its connection carry another
+/// request: HTTP/1.1 does, HTTP/1.0 only with `keep-alive`; a `close` anywhere wins, whatever
+/// comes after it (RFC 9112 §9.6; hyper reads it the same way).
+pub fn keeps_alive<'a>(version: Version, connection: impl Iterator<Item = &'a HeaderValue>) -> bool {
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
+    // A line with bytes other than visible ASCII is not read at all, as hyper does.
+    for value in connection.filter_map(|value| value.to_str().ok()) {
+        for token in value.split(',').map(str::trim) {
+            saw_close |= token.eq_ignore_ascii_case("close");
+            saw_keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    !saw_close && (version == Version::HTTP_11 || saw_keep_alive)
+}
+
 /// How the response body is delimited, and whether the connection may carry another request.
 fn framing(
     status: StatusCode,
@@ -442,18 +455,8 @@ fn framing(
     headers: &HeaderMap,
     present: Present,
 ) -> Result<(Framing, bool), Error> {
-    // HTTP/1.1 keeps the connection, HTTP/1.0 only with `keep-alive`; a `close` anywhere wins,
-    // whatever comes after it (RFC 9112 §9.6; hyper reads it the same way).
-    let (mut saw_close, mut saw_keep_alive) = (false, false);
     let connection = present.connection.then(|| headers.get_all(http::header::CONNECTION));
-    // A line with bytes other than visible ASCII is not read at all, as hyper does.
-    for value in connection.iter().flatten().filter_map(|value| value.to_str().ok()) {
-        for token in value.split(',').map(str::trim) {
-            saw_close |= token.eq_ignore_ascii_case("close");
-            saw_keep_alive |= token.eq_ignore_ascii_case("keep-alive");
-        }
-    }
-    let keep_alive = !saw_close && (version == Version::HTTP_11 || saw_keep_alive);
+    let keep_alive = keeps_alive(version, connection.iter().flatten());
     if matches!(status.as_u16(), 204 | 304) || method == Method::HEAD {
         return Ok((Framing::Done, keep_alive));
     }

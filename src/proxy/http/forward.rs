@@ -23,6 +23,7 @@ use super::HttpProxy;
 use crate::catalog::Protocol;
 use crate::policy::runtime::RetryPolicy;
 use crate::proxy::copy;
+use crate::upstream::h1;
 use crate::upstream::pool::{
     BodyError, Copied, OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn,
 };
@@ -468,6 +469,9 @@ fn respond(
         return Response::from_parts(parts, ProxyBody::empty());
     }
     let (mut parts, body) = response.into_parts();
+    // An endpoint that will close the connection after this response (hyper's client then takes
+    // no other request on it) must not have it pooled: the next request would wait on it.
+    let reusable = h1::keeps_alive(parts.version, parts.headers.get_all(http::header::CONNECTION).iter());
     // Transfer-Encoding wins over a Content-Length beside it (RFC 9112 §6.3): the body was read
     // chunked, and the application's side must not cut it at the other length.
     if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
@@ -481,6 +485,7 @@ fn respond(
     }
     parts.version = client_version;
     let pool_return = match sender {
+        Sender::H1(_) if !reusable => None,
         Sender::H1(sender) => {
             let connection = PoolReturn { pool: ctx.route.upstream_handle(), key, sender };
             Some(match shared_return {
