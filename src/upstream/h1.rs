@@ -59,6 +59,8 @@ pub enum Error {
     Head(#[source] httparse::Error),
     #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
+    #[error("more than {MAX_HEADERS} response headers")]
+    TooManyHeaders,
     #[error("invalid response: {0}")]
     Invalid(&'static str),
     #[error("the endpoint closed the connection before the response body ended")]
@@ -273,7 +275,7 @@ fn parse_head(
             match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, read, &mut slots) {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return incomplete(read, progress),
-                Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
+                Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
                 Err(e) => return Err(Error::Head(e)),
             };
         let code = parsed.code.unwrap_or_default();
@@ -663,6 +665,11 @@ mod tests {
         }
         assert!(matches!(result, Err(Error::HeadTooLarge)));
         assert_eq!(progress.skipped, MAX_HEAD_BYTES.next_multiple_of(4096));
+        // Too many headers is said so, not taken for a head too large.
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let mut read = BytesMut::from(format!("HTTP/1.1 200 OK\r\n{many}\r\n").as_bytes());
+        let result = parse_head(&mut read, &mut spans, &Method::GET, &mut HeadProgress::default());
+        assert!(matches!(result, Err(Error::TooManyHeaders)));
     }
 
     #[test]
