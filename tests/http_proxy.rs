@@ -593,3 +593,42 @@ async fn a_chunked_response_with_a_content_length_reaches_the_application_whole(
     let (status, body) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
     assert_eq!((status.as_u16(), body.len()), (200, 100));
 }
+
+/// A pooled connection the endpoint closes as a request arrives on it (a keep-alive timeout
+/// shorter than a second, or a close right after its last answer without `Connection: close`):
+/// an idempotent request without a body goes again on a new connection, however short the
+/// connection sat idle; a POST does not (the endpoint may have acted on it) and gets 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_reused_connection_closes_under_is_resent_when_idempotent() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            // Answers the first request of each connection, closes when the second arrives.
+            tokio::spawn(async move {
+                if read_head(&mut s).await.is_ok() {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    let _ = read_head(&mut s).await;
+                }
+            });
+        }
+    });
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("s", "http", outbound, &endpoint("127.0.0.1", upstream.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    let status = |method: &'static str| async move {
+        let mut app = TcpStream::connect(outbound).await.unwrap();
+        let request = format!("{method} / HTTP/1.1\r\nHost: s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        app.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = app.read_to_end(&mut response).await;
+        String::from_utf8_lossy(&response).lines().next().unwrap_or_default().to_string()
+    };
+    assert_eq!(status("GET").await, "HTTP/1.1 200 OK");
+    // At once: the pooled connection closes under each of these.
+    for method in ["GET", "PUT", "DELETE"] {
+        assert_eq!(status(method).await, "HTTP/1.1 200 OK", "{method} was not sent again");
+    }
+    assert_eq!(status("POST").await, "HTTP/1.1 503 Service Unavailable");
+}

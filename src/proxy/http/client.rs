@@ -65,13 +65,24 @@ impl Sender {
         let response = match self {
             Self::H1(s) => s.sender.send_request(request).await?,
             Self::H2(client) => return Ok(client.send_noting_open(request, opened).await?.map(ResponseBody::H2)),
-            Self::Own(conn) => {
-                let conn = conn.take().ok_or(h1::Error::Invalid("connection already used"))?;
-                let (parts, _) = request.into_parts();
-                return Ok(conn.exchange(&parts).await?.map(ResponseBody::Own));
-            }
+            Self::Own(_) => return self.exchange(&request.into_parts().0, opened).await,
         };
         Ok(response.map(ResponseBody::Hyper))
+    }
+
+    /// Sends a request without a body on one of [`h1`]'s connections, its head from `parts`
+    /// (kept by the caller, to send again on another connection).
+    pub(super) async fn exchange(
+        &mut self,
+        parts: &http::request::Parts,
+        opened: &AtomicBool,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        opened.store(true, Ordering::Relaxed);
+        let Self::Own(conn) = self else {
+            return Err(h1::Error::Invalid("not a connection of upstream::h1").into());
+        };
+        let conn = conn.take().ok_or(h1::Error::Invalid("connection already used"))?;
+        Ok(conn.exchange(parts).await?.map(ResponseBody::Own))
     }
 
     /// How long the connection sat in the pool before this request (`None`: new, or shared).

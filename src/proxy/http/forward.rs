@@ -364,35 +364,45 @@ async fn attempt(
         Sender::H1(_) => body.share_pool_return(),
         Sender::H2(_) | Sender::Own(_) => None,
     };
-    // A pooled HTTP/1 connection that sat idle may be closed by the endpoint (its keep-alive
-    // timeout) just as this request goes out: an idempotent request without a body is then sent
-    // once more on a new connection (RFC 9110 §9.2.2). Only for such a connection is the copy
-    // it needs kept.
-    let resend = (sender.idle_for().is_some_and(|d| d >= STALE_IDLE)
-        && parts.method.is_idempotent()
-        && hyper::body::Body::is_end_stream(&body))
-    .then(|| (Template::of(&parts), body.upstream(), body.sent()));
+    // A pooled HTTP/1 connection may be closed by the endpoint (its keep-alive timeout, or a
+    // close right after its last answer) just as this request goes out: an idempotent request
+    // without a body is then sent once more on a new connection (RFC 9110 §9.2.2). One of
+    // `upstream::h1`'s sends the request's head from `parts`, which stay here: it is resent
+    // after any reuse, at no cost. hyper's client takes the request, so for it a copy is kept,
+    // only after an idle time of STALE_IDLE or more.
+    let resendable = parts.method.is_idempotent() && hyper::body::Body::is_end_stream(&body);
     let opened = AtomicBool::new(false);
-    let request = Request::from_parts(parts, body);
     let timeout_counts = TimeoutCounts { ctx, target: &target, opened: &opened };
-    let mut sent = sender.send(request, &opened).await;
     // A resend that gets no new connection records nothing more: a connect failure recorded
     // itself, and an idle connection the endpoint closed, or a local limit, is not its fault.
     let mut recorded = false;
-    if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
-        if closed_before_response(error) {
-            tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the pooled connection closed as the request went out; sending it again on a new one");
-            // The new connection is not the request's until it is made.
-            opened.store(false, Ordering::Relaxed);
-            match Box::pin(client::new_h1(upstream, &key, &target, tls, bodiless)).await {
-                Ok(fresh) => {
+    let mut sent;
+    if let Sender::Own(_) = sender {
+        drop(body); // none to send
+        let reused = sender.idle_for().is_some();
+        sent = sender.exchange(&parts, &opened).await;
+        if matches!(&sent, Err(error) if reused && resendable && closed_before_response(error)) {
+            match resend_connection(ctx, &key, &target, tls, bodiless, &opened).await {
+                Some(fresh) => {
                     sender = fresh;
-                    let request = Request::from_parts(template.parts(), RequestBody::empty(counted, bytes));
-                    sent = sender.send(request, &opened).await;
+                    sent = sender.exchange(&parts, &opened).await;
                 }
-                Err(error) => {
-                    tracing::debug!(%error, "no new connection for the request");
-                    recorded = true;
+                None => recorded = true,
+            }
+        }
+    } else {
+        let resend = (sender.idle_for().is_some_and(|d| d >= STALE_IDLE) && resendable)
+            .then(|| (Template::of(&parts), body.upstream(), body.sent()));
+        sent = sender.send(Request::from_parts(parts, body), &opened).await;
+        if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
+            if closed_before_response(error) {
+                match resend_connection(ctx, &key, &target, tls, bodiless, &opened).await {
+                    Some(fresh) => {
+                        sender = fresh;
+                        let request = Request::from_parts(template.parts(), RequestBody::empty(counted, bytes));
+                        sent = sender.send(request, &opened).await;
+                    }
+                    None => recorded = true,
                 }
             }
         }
@@ -447,6 +457,29 @@ fn no_connection(error: ConnectError, grpc: bool) -> Attempt {
             Attempt::Failed(AttemptFailure::Local, unavailable(Failure::NoHealthyUpstream))
         }
         _ => Attempt::Failed(AttemptFailure::Connect, unavailable(Failure::UpstreamFailed)),
+    }
+}
+
+/// A new connection for a request the pooled one closed under as it went out; `None` when there
+/// is none (a connect failure records itself). The new connection is not the request's until it
+/// is made (`opened`).
+async fn resend_connection(
+    ctx: &RequestCtx,
+    key: &PoolKey,
+    target: &Target,
+    tls: Option<crate::upstream::TlsSetup<'_>>,
+    bodiless: bool,
+    opened: &AtomicBool,
+) -> Option<Sender> {
+    let upstream = &ctx.route.upstream;
+    tracing::debug!(service = %upstream.service(), endpoint = %target.addr, "the pooled connection closed as the request went out; sending it again on a new one");
+    opened.store(false, Ordering::Relaxed);
+    match Box::pin(client::new_h1(upstream, key, target, tls, bodiless)).await {
+        Ok(fresh) => Some(fresh),
+        Err(error) => {
+            tracing::debug!(%error, "no new connection for the request");
+            None
+        }
     }
 }
 
