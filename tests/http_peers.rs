@@ -330,15 +330,22 @@ async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
 
 /// A response delimited by the endpoint's close reaches the application whole, over TLS too when
 /// the endpoint closes without close_notify (curl takes it so; the proxy took it for a
-/// truncation: curl got an empty reply or a cut body). With and without a request body.
+/// truncation: curl got an empty reply or a cut body). With and without a request body. A
+/// response framed by a length or by chunks that the close cuts short is still cut short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_ended_by_the_endpoint_s_close_without_close_notify_is_whole() {
-    fn until_close(_: &str) -> &'static [u8] {
-        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the close\n"
+    fn answer(head: &str) -> &'static [u8] {
+        if head.starts_with("get /short ") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nnot 100 bytes\n"
+        } else if head.starts_with("get /chunks ") {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nfirst\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the close\n"
+        }
     }
     let ca = Ca::new("upstream-ca");
-    let plain = scripted_upstream(None, until_close).await;
-    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), until_close).await;
+    let plain = scripted_upstream(None, answer).await;
+    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), answer).await;
     let (outs, _dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
     for out in outs {
         let url = format!("http://{out}/close");
@@ -351,6 +358,15 @@ async fn a_response_ended_by_the_endpoint_s_close_without_close_notify_is_whole(
             .await
             .unwrap();
             assert_eq!(answer, "until the close\n", "{out} with body {body:?}");
+        }
+        for path in ["/short", "/chunks"] {
+            let url = format!("http://{out}{path}");
+            let cut = tokio::task::spawn_blocking(move || {
+                Command::new("curl").args(["-sS", "--max-time", "10", &url]).output().expect("curl must be installed")
+            })
+            .await
+            .unwrap();
+            assert!(!cut.status.success(), "{out}{path}: a cut response passed as whole: {cut:?}");
         }
     }
 }

@@ -180,6 +180,7 @@ impl Direction {
                     }
                     // A TLS peer that closes without close_notify has still said all it had
                     // to say (as ztunnel treats it): an end of this direction, not a reset.
+                    // (An endpoint's `UpstreamIo` already reads it so; other TLS streams may not.)
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.read_done = true,
                     // The reader is gone: what was read still goes out, then the FIN; the
                     // other direction finishes on its own (as ztunnel's copy does).

@@ -80,8 +80,9 @@ impl Error {
     }
 }
 
-/// An I/O error that means the endpoint closed the connection: a reset, a broken pipe, or over
-/// TLS a close without close_notify (rustls: unexpected EOF).
+/// An I/O error that means the endpoint closed the connection: a reset, a broken pipe, or a TLS
+/// stream's unexpected EOF (a close without close_notify; [`super::UpstreamIo`] reads it as the
+/// end, hyper's own TLS streams elsewhere may not).
 pub fn closed_connection(kind: io::ErrorKind) -> bool {
     matches!(kind, io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof)
 }
@@ -169,13 +170,16 @@ impl Conn {
             if let Some(head) = self.parse_head(&parts.method, &mut progress)? {
                 break head;
             }
-            // As hyper: empty lines are not a response begun (closing after them may be resent).
-            let started = self.0.read.iter().any(|b| !matches!(b, b'\r' | b'\n'));
+            // As hyper: empty lines are not a response begun (closing after them may be resent);
+            // an informational response is.
+            let started = progress.informational || self.0.read.iter().any(|b| !matches!(b, b'\r' | b'\n'));
             let closed = Err(if started { Error::Incomplete } else { Error::ClosedEarly });
             match self.fill().await {
                 // Over TLS, with or without close_notify (`UpstreamIo` reads both as the end).
                 Ok(0) => return closed,
                 Ok(_) => {}
+                // Reset once the response has begun: not a request that never got there.
+                Err(Error::Io(e)) if started && closed_connection(e.kind()) => return closed,
                 Err(e) => return Err(e),
             }
         };
@@ -244,6 +248,8 @@ struct HeadProgress {
     /// `partial` does not help); dropped once, they still count towards the head's size, as in
     /// hyper, which keeps them in its buffer.
     skipped: usize,
+    /// An informational (1xx) response came before: the endpoint has begun to answer.
+    informational: bool,
 }
 
 /// A complete final response head from `read`, or `None` if more is needed (informational
@@ -284,7 +290,7 @@ fn parse_head(
                 return Err(Error::Invalid("101 Switching Protocols without an upgrade"));
             }
             read.advance(len);
-            *progress = HeadProgress::default();
+            *progress = HeadProgress { informational: true, ..HeadProgress::default() };
             continue;
         }
         let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
@@ -589,6 +595,26 @@ impl Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint that began its answer (part of a head, or an informational response) and
+    /// then reset the connection (closed with the request unread) did get the request: not a
+    /// connection closed before the response, which an idempotent request is sent again for.
+    #[tokio::test]
+    async fn a_reset_after_the_answer_began_is_not_a_close_before_it() {
+        for begun in [&b"HTTP/1.1 200 OK\r\n"[..], b"HTTP/1.1 100 Continue\r\n\r\n"] {
+            let (client, mut endpoint) = tokio::net::UnixStream::pair().unwrap();
+            let exchange = tokio::spawn(async move {
+                let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+                Conn::over_socket_pair(client).exchange(&parts).await.map(|_| ())
+            });
+            let mut byte = [0u8; 1];
+            endpoint.read_exact(&mut byte).await.unwrap(); // the request is in, one byte read
+            endpoint.write_all(begun).await.unwrap();
+            drop(endpoint); // the rest of the request unread: a reset
+            let error = exchange.await.unwrap().unwrap_err();
+            assert!(matches!(error, Error::Incomplete) && !error.closed_before_response(), "{error:?}");
+        }
+    }
 
     fn method_get() -> Method {
         Method::GET

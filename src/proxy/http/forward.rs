@@ -373,22 +373,17 @@ async fn attempt(
     let resendable = parts.method.is_idempotent() && hyper::body::Body::is_end_stream(&body);
     let opened = AtomicBool::new(false);
     let timeout_counts = TimeoutCounts { ctx, target: &target, opened: &opened };
-    // A resend that gets no new connection records nothing more: a connect failure recorded
-    // itself, and an idle connection the endpoint closed, or a local limit, is not its fault.
-    let mut recorded = false;
     let mut sent;
     if let Sender::Own(_) = sender {
         drop(body); // none to send
         let reused = sender.idle_for().is_some();
         sent = sender.exchange(&parts, &opened).await;
         if matches!(&sent, Err(error) if reused && resendable && closed_before_response(error)) {
-            match resend_connection(ctx, &key, &target, tls, bodiless, &opened).await {
-                Some(fresh) => {
-                    sender = fresh;
-                    sent = sender.exchange(&parts, &opened).await;
-                }
-                None => recorded = true,
-            }
+            sender = match resend_connection(ctx, &key, &target, tls, bodiless, &opened).await {
+                Ok(fresh) => fresh,
+                Err(error) => return no_connection(error, grpc),
+            };
+            sent = sender.exchange(&parts, &opened).await;
         }
     } else {
         let resend = (sender.idle_for().is_some_and(|d| d >= STALE_IDLE) && resendable)
@@ -396,14 +391,12 @@ async fn attempt(
         sent = sender.send(Request::from_parts(parts, body), &opened).await;
         if let (Err(error), Some((template, counted, bytes))) = (&sent, resend) {
             if closed_before_response(error) {
-                match resend_connection(ctx, &key, &target, tls, bodiless, &opened).await {
-                    Some(fresh) => {
-                        sender = fresh;
-                        let request = Request::from_parts(template.parts(), RequestBody::empty(counted, bytes));
-                        sent = sender.send(request, &opened).await;
-                    }
-                    None => recorded = true,
-                }
+                sender = match resend_connection(ctx, &key, &target, tls, bodiless, &opened).await {
+                    Ok(fresh) => fresh,
+                    Err(error) => return no_connection(error, grpc),
+                };
+                let request = Request::from_parts(template.parts(), RequestBody::empty(counted, bytes));
+                sent = sender.send(request, &opened).await;
             }
         }
     }
@@ -434,7 +427,7 @@ async fn attempt(
             tracing::warn!(service = %upstream.service(), endpoint = %target.addr, %error, "upstream request failed before the response");
             // A request the endpoint's GOAWAY turned away is not its failure: it is closing
             // the connection in good order.
-            if !recorded && (refused_again || !refused_by_goaway(&error)) {
+            if refused_again || !refused_by_goaway(&error) {
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
@@ -460,9 +453,10 @@ fn no_connection(error: ConnectError, grpc: bool) -> Attempt {
     }
 }
 
-/// A new connection for a request the pooled one closed under as it went out; `None` when there
-/// is none (a connect failure records itself). The new connection is not the request's until it
-/// is made (`opened`).
+/// A new connection for a request the pooled one closed under as it went out. Failing, the
+/// request gets the connect failure's answer (a local limit's, or 503), which recorded itself:
+/// the endpoint that closed an idle connection is not at fault. The new connection is not the
+/// request's until it is made (`opened`).
 async fn resend_connection(
     ctx: &RequestCtx,
     key: &PoolKey,
@@ -470,17 +464,11 @@ async fn resend_connection(
     tls: Option<crate::upstream::TlsSetup<'_>>,
     bodiless: bool,
     opened: &AtomicBool,
-) -> Option<Sender> {
+) -> Result<Sender, ConnectError> {
     let upstream = &ctx.route.upstream;
     tracing::debug!(service = %upstream.service(), endpoint = %target.addr, "the pooled connection closed as the request went out; sending it again on a new one");
     opened.store(false, Ordering::Relaxed);
-    match Box::pin(client::new_h1(upstream, key, target, tls, bodiless)).await {
-        Ok(fresh) => Some(fresh),
-        Err(error) => {
-            tracing::debug!(%error, "no new connection for the request");
-            None
-        }
-    }
+    Box::pin(client::new_h1(upstream, key, target, tls, bodiless)).await
 }
 
 /// The response for the application: the endpoint's head with its body streamed through, or
@@ -504,7 +492,8 @@ fn respond(
     let (mut parts, body) = response.into_parts();
     // An endpoint that will close the connection after this response (hyper's client then takes
     // no other request on it) must not have it pooled: the next request would wait on it.
-    let reusable = h1::keeps_alive(parts.version, parts.headers.get_all(http::header::CONNECTION).iter());
+    let reusable = matches!(sender, Sender::H1(_))
+        && h1::keeps_alive(parts.version, parts.headers.get_all(http::header::CONNECTION).iter());
     // Transfer-Encoding wins over a Content-Length beside it (RFC 9112 §6.3): the body was read
     // chunked, and the application's side must not cut it at the other length.
     if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
