@@ -211,7 +211,8 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(executor::BoxingExecutor);
+    let mut streams = executor::ConnectionStreams::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(streams.spawner());
     builder
         .http1()
         .max_headers(limits.max_headers)
@@ -229,8 +230,6 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let client = Tracked::new(SendmsgStream(client), activity.clone());
     // The first bytes tell HTTP/2 (no head deadline) from HTTP/1, unless the listener is h2 only.
     let client = if http2_only { client } else { client.watching_first_bytes(watched_heads.sniffer()) };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
-    tokio::pin!(connection);
     // For a connection that drains: still held to its idle and head deadlines.
     let (draining_activity, draining_heads) = (activity.clone(), watched_heads.clone());
     // What ends a connection early is watched by a task of its own, so the connection's task,
@@ -245,39 +244,47 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         };
         let _ = stop_tx.send(why);
     });
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        Ok(why) = &mut stop => {
-            match why {
-                Stop::Idle => {
-                    tracing::debug!("application connection idle past the idle timeout; closing");
-                    return;
+    let ended = async {
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = streams.drive(connection.as_mut()) => result,
+            Ok(why) = &mut stop => {
+                match why {
+                    Stop::Idle => {
+                        tracing::debug!("application connection idle past the idle timeout; closing");
+                        return None;
+                    }
+                    Stop::HeadOverdue => {
+                        tracing::debug!("no HTTP/1 request head within the header-read timeout; closing");
+                        return None;
+                    }
+                    Stop::Drain => {}
+                    Stop::RapidReset => {
+                        tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY and closing");
+                        // h2 takes new streams until the client answers the GOAWAY's PING, which an
+                        // attacker need not do: the connection gets a moment to send the GOAWAY and
+                        // finish what is in flight, then is closed (Envoy closes it at once).
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(RAPID_RESET_GRACE, streams.drive(connection.as_mut())).await;
+                        return None;
+                    }
                 }
-                Stop::HeadOverdue => {
-                    tracing::debug!("no HTTP/1 request head within the header-read timeout; closing");
-                    return;
-                }
-                Stop::Drain => {}
-                Stop::RapidReset => {
-                    tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY and closing");
-                    // h2 takes new streams until the client answers the GOAWAY's PING, which an
-                    // attacker need not do: the connection gets a moment to send the GOAWAY and
-                    // finish what is in flight, then is closed (Envoy closes it at once).
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(RAPID_RESET_GRACE, connection.as_mut()).await;
-                    return;
+                connection.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = streams.drive(connection.as_mut()) => result,
+                    () = draining_heads.idle(&draining_activity, timeouts.idle, timeouts.idle_with_requests()) => return None,
+                    () = draining_heads.overdue(timeouts.header_read) => return None,
                 }
             }
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = draining_heads.idle(&draining_activity, timeouts.idle, timeouts.idle_with_requests()) => return,
-                () = draining_heads.overdue(timeouts.header_read) => return,
-            }
-        }
-    };
+        };
+        Some(result)
+    }
+    .await;
+    // The streams the connection's end (or its drop) reset end at their next poll.
+    streams.finish().await;
     watcher.abort();
-    if let Err(error) = result {
+    if let Some(Err(error)) = ended {
         tracing::debug!(%error, "application connection ended with an error");
     }
 }
