@@ -112,7 +112,8 @@ impl ConnectionStreams {
     }
 
     fn take_handed_over(&mut self) {
-        if !self.handed_over.any.swap(false, Ordering::Acquire) {
+        // A load first: the swap is a locked instruction, and HTTP/1 hands nothing over.
+        if !self.handed_over.any.load(Ordering::Relaxed) || !self.handed_over.any.swap(false, Ordering::Acquire) {
             return;
         }
         let mut streams = self.handed_over.streams.lock().unwrap_or_else(PoisonError::into_inner);
@@ -122,6 +123,10 @@ impl ConnectionStreams {
     /// Polls the streams woken since the last poll; `FuturesUnordered` yields (waking the task)
     /// once it has polled as many as it holds, so one busy connection cannot hold its thread.
     fn poll_running(&mut self, cx: &mut Context<'_>) {
+        // Empty (always, on HTTP/1), a poll would still register the task's waker.
+        if self.running.is_empty() {
+            return;
+        }
         while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
     }
 }
