@@ -3,6 +3,7 @@
 //! ([`BoxingExecutor`]).
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -39,7 +40,7 @@ type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// inside the connection, and the set stays empty.
 pub(crate) struct ConnectionStreams {
     handed_over: Arc<HandedOver>,
-    running: FuturesUnordered<StreamFuture>,
+    running: FuturesUnordered<Isolated>,
 }
 
 /// Streams hyper handed over and the connection's task has not yet taken in.
@@ -47,7 +48,7 @@ pub(crate) struct ConnectionStreams {
 struct HandedOver {
     /// Lets a poll skip the lock when nothing was handed over, as on every HTTP/1 poll.
     any: AtomicBool,
-    streams: Mutex<Vec<StreamFuture>>,
+    streams: Mutex<Vec<Isolated>>,
 }
 
 /// The executor given to hyper: it hands each stream to the connection's [`ConnectionStreams`].
@@ -60,8 +61,27 @@ where
 {
     fn execute(&self, future: F) {
         let mut streams = self.0.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        streams.push(Box::pin(future));
+        streams.push(Isolated(Box::pin(future)));
         self.0.any.store(true, Ordering::Release);
+    }
+}
+
+/// A stream whose panic ends only that stream, as when it was a task of its own (tokio caught
+/// it there): the connection and its other streams go on. The stream is dropped, which resets it.
+struct Isolated(StreamFuture);
+
+impl Future for Isolated {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let stream = &mut self.get_mut().0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| stream.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                tracing::error!("an HTTP/2 stream panicked; that stream is reset, its connection goes on");
+                Poll::Ready(())
+            }
+        }
     }
 }
 
@@ -186,6 +206,30 @@ mod tests {
         assert_eq!(streams.running.len(), 1, "the stream still waiting is kept, not dropped");
         let _ = release.send(());
         streams.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_panics_ends_alone() {
+        let mut streams = ConnectionStreams::new();
+        let spawner = streams.spawner();
+        let (ran, did_run) = oneshot::channel::<()>();
+        spawner.execute(async move {
+            tokio::task::yield_now().await;
+            #[allow(clippy::panic)]
+            {
+                panic!("a bug in one stream");
+            }
+        });
+        spawner.execute(async move {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            let _ = ran.send(());
+        });
+        let connection = did_run;
+        tokio::pin!(connection);
+        assert!(streams.drive(connection).await.is_ok(), "the other stream ran to its end");
+        assert!(streams.running.is_empty());
     }
 
     #[tokio::test]
