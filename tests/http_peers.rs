@@ -328,6 +328,39 @@ async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
     assert!(failed.is_empty(), "{} of {} uploads did not get the 413: {failed:?}", failed.len(), codes.len());
 }
 
+/// An application still uploading when the proxy answers early and ends the connection (the
+/// endpoint's 413) is read from until it closes (a lingering close): its writes succeed and it
+/// reads the answer and then the end. Closed at once, the proxy's socket reset the connection
+/// under the application's writes (curl: "Send failure: Broken pipe", exit 55, now and then in
+/// the test above; here every time, the upload being far larger than the socket buffers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_still_uploading_after_the_early_answer_is_not_reset() {
+    use std::io::{Read, Write};
+    let ca = Ca::new("upstream-ca");
+    let plain = scripted_upstream(None, reject_upload).await;
+    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), reject_upload).await;
+    let (outs, _dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
+    for out in outs {
+        let (sent, answer) = tokio::task::spawn_blocking(move || {
+            const UPLOAD: usize = 64 << 20;
+            let mut app = std::net::TcpStream::connect(out).unwrap();
+            let head = format!("POST /upload HTTP/1.1\r\nhost: upload.test\r\ncontent-length: {UPLOAD}\r\n\r\n");
+            app.write_all(head.as_bytes()).unwrap();
+            let chunk = vec![b'x'; 1 << 20];
+            let sent = (0..UPLOAD / chunk.len()).try_for_each(|_| app.write_all(&chunk));
+            let _ = app.shutdown(std::net::Shutdown::Write);
+            let mut answer = Vec::new();
+            let read = app.read_to_end(&mut answer).map(|_| String::from_utf8_lossy(&answer).into_owned());
+            (sent, read)
+        })
+        .await
+        .unwrap();
+        assert!(sent.is_ok(), "{out}: the upload was cut: {sent:?}");
+        let answer = answer.unwrap_or_else(|e| panic!("{out}: the answer was lost: {e}"));
+        assert!(answer.starts_with("HTTP/1.1 413"), "{out}: {answer}");
+    }
+}
+
 /// A response delimited by the endpoint's close reaches the application whole, over TLS too when
 /// the endpoint closes without close_notify (curl takes it so; the proxy took it for a
 /// truncation: curl got an empty reply or a cut body). With and without a request body. A

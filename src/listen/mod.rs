@@ -2,6 +2,7 @@
 //! manual outbounds, VIP listeners and the transparent (iptables-redirected) listener.
 
 pub mod idle;
+pub mod linger;
 mod original_dst;
 
 use std::future::Future;

@@ -39,6 +39,7 @@ use super::{ConnectionTimeouts, Connections, Proxy};
 use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
+use crate::listen::linger::Lingering;
 use crate::live::{Live, RouteKey};
 use crate::sendmsg::SendmsgStream;
 use crate::upstream::AppBody;
@@ -245,7 +246,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         let _ = stop_tx.send(why);
     });
     let ended = async {
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(Lingering::new(client)), svc);
         tokio::pin!(connection);
         let result = tokio::select! {
             result = streams.drive(connection.as_mut()) => result,
