@@ -342,7 +342,7 @@ async fn an_application_still_uploading_after_the_early_answer_is_not_reset() {
     let (outs, _dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
     for out in outs {
         let (sent, answer) = tokio::task::spawn_blocking(move || {
-            const UPLOAD: usize = 64 << 20;
+            const UPLOAD: usize = 16 << 20;
             let mut app = std::net::TcpStream::connect(out).unwrap();
             let head = format!("POST /upload HTTP/1.1\r\nhost: upload.test\r\ncontent-length: {UPLOAD}\r\n\r\n");
             app.write_all(head.as_bytes()).unwrap();

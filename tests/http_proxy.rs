@@ -240,6 +240,41 @@ async fn websocket_upgrade_round_trip() {
     assert_eq!(&echo, b"frames both ways");
 }
 
+/// A tunnel whose endpoint half-closes first still carries what the application sends after:
+/// the endpoint's FIN reaches the application, and the application connection's lingering
+/// close (for HTTP answers the proxy ends first) does not apply to a tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_the_endpoint_half_closes_still_carries_the_application_s_bytes() {
+    let endpoint_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = endpoint_listener.local_addr().unwrap().port();
+    let endpoint_got = tokio::spawn(async move {
+        let (mut conn, _) = endpoint_listener.accept().await.unwrap();
+        read_head(&mut conn).await.unwrap();
+        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        conn.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("ws", "http", outbound, &endpoint("127.0.0.1", port, 0), ""));
+    let _proxy = start(options(config)).await;
+    let mut app = TcpStream::connect(outbound).await.unwrap();
+    app.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let head = read_head(&mut app).await.unwrap_or_else(|head| panic!("{}", String::from_utf8_lossy(&head)));
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "the endpoint's half-close reaches the application");
+    app.write_all(b"after the endpoint's half-close").await.unwrap();
+    app.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), endpoint_got).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "after the endpoint's half-close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_mapping() {
     let upstream = http_upstream(None).await;

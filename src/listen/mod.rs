@@ -2,7 +2,6 @@
 //! manual outbounds, VIP listeners and the transparent (iptables-redirected) listener.
 
 pub mod idle;
-pub mod linger;
 mod original_dst;
 
 use std::future::Future;

@@ -52,6 +52,9 @@ struct HandedOver {
 }
 
 /// The executor given to hyper: it hands each stream to the connection's [`ConnectionStreams`].
+/// It wakes no one: hyper hands streams over only while the connection's task polls the
+/// connection (a new stream) or a stream (an HTTP/2 upgrade's task), and `drive` takes them in
+/// before it returns.
 #[derive(Clone)]
 pub(crate) struct StreamSpawner(Arc<HandedOver>);
 
@@ -148,6 +151,14 @@ impl ConnectionStreams {
             return;
         }
         while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
+    }
+}
+
+/// A stream handed over holds a [`StreamSpawner`], so one never taken in (the connection's task
+/// dropped right after the hand-over) would keep `HandedOver` and itself alive: a cycle.
+impl Drop for ConnectionStreams {
+    fn drop(&mut self) {
+        self.handed_over.streams.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }
 

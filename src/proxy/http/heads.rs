@@ -11,7 +11,7 @@
 //! client preface, are only held to the idle timeout.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,6 +38,8 @@ pub(super) struct Heads {
     /// speak HTTP/1): the next head is due a timeout later.
     waiting_since: Arc<Activity>,
     protocol: AtomicU8,
+    /// Set once a response switched the connection's protocol (a 101): what follows is a tunnel.
+    upgraded: AtomicBool,
 }
 
 impl Heads {
@@ -47,7 +49,17 @@ impl Heads {
             open: AtomicU32::new(0),
             waiting_since: Activity::new(),
             protocol: AtomicU8::new(if http2 { HTTP2 } else { UNDECIDED }),
+            upgraded: AtomicBool::new(false),
         })
+    }
+
+    /// The connection is a tunnel from now on (its response was a 101).
+    pub(super) fn upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Relaxed)
     }
 
     /// A request begins; it ends when the returned guard (moved into its response body) drops.

@@ -10,6 +10,7 @@ mod executor;
 mod forward;
 mod grpc;
 mod heads;
+mod linger;
 mod passthrough;
 mod reply;
 mod request;
@@ -39,7 +40,6 @@ use super::{ConnectionTimeouts, Connections, Proxy};
 use crate::access_log::AccessLog;
 use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
-use crate::listen::linger::Lingering;
 use crate::live::{Live, RouteKey};
 use crate::sendmsg::SendmsgStream;
 use crate::upstream::AppBody;
@@ -209,6 +209,9 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
             let stream = proxy.resets().stream(req.version() == http::Version::HTTP_2);
             let response = proxy.phases(req).await;
             stream.answered();
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                heads.upgraded(); // the connection's shutdown is now the tunnel's (`linger`)
+            }
             Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
         }
     });
@@ -233,6 +236,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
     let client = if http2_only { client } else { client.watching_first_bytes(watched_heads.sniffer()) };
     // For a connection that drains: still held to its idle and head deadlines.
     let (draining_activity, draining_heads) = (activity.clone(), watched_heads.clone());
+    let lingering_heads = watched_heads.clone();
     // What ends a connection early is watched by a task of its own, so the connection's task,
     // woken several times per request, polls one oneshot instead of a timer and two notifiers.
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
@@ -246,7 +250,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         let _ = stop_tx.send(why);
     });
     let ended = async {
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(Lingering::new(client)), svc);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(linger::Lingering::new(client, lingering_heads)), svc);
         tokio::pin!(connection);
         let result = tokio::select! {
             result = streams.drive(connection.as_mut()) => result,

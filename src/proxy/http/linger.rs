@@ -8,49 +8,48 @@
 //! write side is closed (FIN, after the answer) and what the application still sends is read
 //! and dropped until it closes its side, for at most [`LINGER_AT_MOST`] (Envoy's
 //! `delayed_close_timeout` default). A connection the application already closed ends at the
-//! first read, without a timer or a buffer.
+//! first read, without a timer. A connection upgraded to a tunnel (a 101) is no longer HTTP:
+//! its shutdown is the tunnel's half-close, passed through.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// How long an application still sending after the proxy's close is read from.
-pub const LINGER_AT_MOST: Duration = Duration::from_secs(1);
+use super::heads::Heads;
 
-/// Bytes read (and dropped) per read while lingering.
-const SCRATCH: usize = 16 * 1024;
+/// How long an application still sending after the proxy's close is read from.
+pub(super) const LINGER_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Bytes read (and dropped) per read while lingering: on the stack, so a lingering connection
+/// holds a timer and no buffer.
+const SCRATCH: usize = 4 * 1024;
 
 /// An application connection whose shutdown lingers; reads and writes pass through.
-#[derive(Debug)]
-pub struct Lingering<S> {
+pub(super) struct Lingering<S> {
     inner: S,
+    /// Tells whether the connection was upgraded.
+    heads: Arc<Heads>,
     state: Shutdown,
 }
 
-#[derive(Debug)]
 enum Shutdown {
     Open,
     /// The write side is closed; the first read tells whether to linger.
     WriteClosed,
     /// The application is still sending: read until it closes or the deadline passes.
-    Lingering(Box<Linger>),
+    Lingering(Pin<Box<Sleep>>),
     Done,
 }
 
-#[derive(Debug)]
-struct Linger {
-    deadline: Pin<Box<Sleep>>,
-    scratch: Box<[u8]>,
-}
-
 impl<S> Lingering<S> {
-    pub fn new(inner: S) -> Self {
-        Self { inner, state: Shutdown::Open }
+    pub(super) fn new(inner: S, heads: Arc<Heads>) -> Self {
+        Self { inner, heads, state: Shutdown::Open }
     }
 }
 
@@ -60,39 +59,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Lingering<S> {
             match &mut self.state {
                 Shutdown::Open => {
                     std::task::ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
-                    self.state = Shutdown::WriteClosed;
+                    // A tunnel's half-close: the other direction may still be carrying data.
+                    self.state = if self.heads.is_upgraded() { Shutdown::Done } else { Shutdown::WriteClosed };
                 }
-                Shutdown::WriteClosed => {
-                    let mut probe = [0u8; 64];
-                    let mut buf = ReadBuf::new(&mut probe);
-                    match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
-                        // Closed (or failed): nothing to wait for.
-                        Poll::Ready(Ok(())) if buf.filled().is_empty() => self.state = Shutdown::Done,
-                        Poll::Ready(Err(_)) => self.state = Shutdown::Done,
-                        Poll::Ready(Ok(())) | Poll::Pending => {
-                            self.state = Shutdown::Lingering(Box::new(Linger {
-                                deadline: Box::pin(tokio::time::sleep(LINGER_AT_MOST)),
-                                scratch: vec![0; SCRATCH].into_boxed_slice(),
-                            }));
-                        }
+                Shutdown::WriteClosed => match self.poll_discard(cx) {
+                    Poll::Ready(true) => self.state = Shutdown::Done,
+                    // Still sending, or neither sending nor closed yet.
+                    Poll::Ready(false) | Poll::Pending => {
+                        self.state = Shutdown::Lingering(Box::pin(tokio::time::sleep(LINGER_AT_MOST)));
                     }
-                }
-                Shutdown::Lingering(linger) => {
-                    if linger.deadline.as_mut().poll(cx).is_ready() {
+                },
+                Shutdown::Lingering(deadline) => {
+                    if deadline.as_mut().poll(cx).is_ready() {
                         tracing::debug!(
                             "application still sending {LINGER_AT_MOST:?} after the proxy's close; closing"
                         );
                         self.state = Shutdown::Done;
                         continue;
                     }
-                    let mut buf = ReadBuf::new(&mut linger.scratch);
-                    match std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf)) {
-                        Ok(()) if !buf.filled().is_empty() => {}
-                        _ => self.state = Shutdown::Done,
+                    if std::task::ready!(self.poll_discard(cx)) {
+                        self.state = Shutdown::Done;
                     }
                 }
                 Shutdown::Done => return Poll::Ready(Ok(())),
             }
+        }
+    }
+
+    /// Reads and drops what the application sent: `true` once it closed (or the read failed).
+    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut scratch = [0u8; SCRATCH];
+        let mut buf = ReadBuf::new(&mut scratch);
+        match std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf)) {
+            Ok(()) => Poll::Ready(buf.filled().is_empty()),
+            Err(_) => Poll::Ready(true),
         }
     }
 }
@@ -136,11 +136,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_shutdown_reads_what_the_peer_still_sends_until_it_closes() {
-        let (ours, mut peer) = tokio::io::duplex(64);
-        let mut ours = Lingering::new(ours);
+        let (ours, mut peer) = tokio::io::duplex(SCRATCH);
+        let mut ours = Lingering::new(ours, Heads::new(false));
         let shutdown = tokio::spawn(async move { ours.shutdown().await });
         // Far more than the pipe holds: written only because the lingering side reads it.
-        peer.write_all(&vec![b'x'; 1 << 20]).await.unwrap();
+        peer.write_all(&vec![b'x'; 256 * 1024]).await.unwrap();
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "our side's write half is closed");
@@ -151,7 +151,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_neither_sends_nor_closes_is_waited_for_at_most_the_linger() {
         let (ours, _peer) = tokio::io::duplex(64);
-        let mut ours = Lingering::new(ours);
+        let mut ours = Lingering::new(ours, Heads::new(false));
         let started = tokio::time::Instant::now();
         ours.shutdown().await.unwrap();
         assert_eq!(started.elapsed(), LINGER_AT_MOST);
@@ -161,8 +161,23 @@ mod tests {
     async fn a_peer_already_closed_ends_it_at_once() {
         let (ours, peer) = tokio::io::duplex(64);
         drop(peer);
-        let mut ours = Lingering::new(ours);
+        let mut ours = Lingering::new(ours, Heads::new(false));
         ours.shutdown().await.unwrap();
         assert!(matches!(ours.state, Shutdown::Done));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_s_shutdown_is_only_its_half_close() {
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let heads = Heads::new(false);
+        heads.upgraded();
+        let mut ours = Lingering::new(ours, heads);
+        peer.write_all(b"still the tunnel's").await.unwrap();
+        ours.shutdown().await.unwrap();
+        // The application's bytes are still the tunnel's to read, not dropped by a linger.
+        let mut read = [0u8; 18];
+        let reading = tokio::time::timeout(Duration::from_secs(5), ours.read_exact(&mut read)).await;
+        assert!(reading.is_ok(), "the bytes sent before the half-close were dropped");
+        assert_eq!(&read, b"still the tunnel's");
     }
 }
