@@ -543,7 +543,9 @@ async fn paced_rapid_reset_gets_goaway() {
 async fn rapid_reset_from_a_client_deaf_to_goaway_is_closed() {
     let upstream = common::http_upstream::http_upstream(None).await;
     let (outbound, _dir, config) = single_service("rr", "http2", upstream.addr.port());
-    let _proxy = start(options(config)).await;
+    let mut opts = options(config);
+    opts.admin = Some("127.0.0.1:0".parse().unwrap());
+    let proxy = start(opts).await;
     let (mut read, mut write) = TcpStream::connect(outbound).await.unwrap().into_split();
     // What the proxy sends is read and never answered, until it closes the connection.
     let closed = tokio::spawn(async move {
@@ -580,6 +582,15 @@ async fn rapid_reset_from_a_client_deaf_to_goaway_is_closed() {
     }
     let ended = tokio::time::timeout(Duration::from_secs(20), closed).await;
     assert!(ended.is_ok(), "a rapid-reset connection that ignores the GOAWAY is still open");
+    // The connection's task ends too: the streams still waiting for the endpoint (its 2 s delay),
+    // polled in that task, end once the connection is gone (`ConnectionStreams::finish`).
+    let admin = proxy.admin_addr().unwrap();
+    eventually("the rapid-reset connection's task ended", Duration::from_secs(10), || async {
+        http_get(admin, "/metrics").await.is_some_and(|metrics| {
+            metrics.lines().any(|l| l.starts_with("mesh_egress_connections_active{") && l.ends_with(" 0"))
+        })
+    })
+    .await;
 }
 
 /// A TLS endpoint that ends its connection without close_notify (many do) has still sent all it
