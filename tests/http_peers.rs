@@ -258,13 +258,14 @@ fn reject_upload(head: &str) -> &'static [u8] {
     }
 }
 
-/// Two services on `upstream` and `tls_upstream`, the second with TLS to the endpoint (server
-/// name `reject.test`): their outbounds and the proxy.
+/// Two services, each on a [`scripted_upstream`] that gives `answer`, the second with TLS to
+/// its endpoint (server name `reject.test`): their outbounds and the proxy.
 async fn plain_and_tls_services(
-    ca: &Ca,
-    upstream: SocketAddr,
-    tls_upstream: SocketAddr,
+    answer: fn(&str) -> &'static [u8],
 ) -> ([SocketAddr; 2], tempfile::TempDir, mesh_egress::server::Server) {
+    let ca = &Ca::new("upstream-ca");
+    let upstream = scripted_upstream(None, answer).await;
+    let tls_upstream = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), answer).await;
     let outs: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
     let yaml = [
         service_with_protocol("plain", "http", outs[0], &endpoint("127.0.0.1", upstream.port(), 0), ""),
@@ -288,10 +289,7 @@ async fn plain_and_tls_services(
 /// chunked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
-    let ca = Ca::new("upstream-ca");
-    let plain = scripted_upstream(None, reject_upload).await;
-    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), reject_upload).await;
-    let (outs, dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
+    let (outs, dir, _proxy) = plain_and_tls_services(reject_upload).await;
     let upload = dir.path().join("upload");
     std::fs::write(&upload, vec![b'x'; 4 << 20]).unwrap();
     let upload = format!("@{}", upload.display());
@@ -336,10 +334,7 @@ async fn an_upload_answered_early_and_reset_gets_the_endpoint_s_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_still_uploading_after_the_early_answer_is_not_reset() {
     use std::io::{Read, Write};
-    let ca = Ca::new("upstream-ca");
-    let plain = scripted_upstream(None, reject_upload).await;
-    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), reject_upload).await;
-    let (outs, _dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
+    let (outs, _dir, _proxy) = plain_and_tls_services(reject_upload).await;
     for out in outs {
         let (sent, answer) = tokio::task::spawn_blocking(move || {
             const UPLOAD: usize = 16 << 20;
@@ -376,10 +371,7 @@ async fn a_response_ended_by_the_endpoint_s_close_without_close_notify_is_whole(
             b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the close\n"
         }
     }
-    let ca = Ca::new("upstream-ca");
-    let plain = scripted_upstream(None, answer).await;
-    let tls = scripted_upstream(Some(tls_config(&ca.server(&["reject.test"]))), answer).await;
-    let (outs, _dir, _proxy) = plain_and_tls_services(&ca, plain, tls).await;
+    let (outs, _dir, _proxy) = plain_and_tls_services(answer).await;
     for out in outs {
         let url = format!("http://{out}/close");
         for body in [None, Some("a=1")] {
