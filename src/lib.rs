@@ -68,6 +68,8 @@ pub mod server;
 pub mod socket_mark;
 pub mod splice;
 pub mod template;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod tproxy;
 pub mod trace;

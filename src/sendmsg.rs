@@ -88,12 +88,9 @@ impl AsyncWrite for SendmsgStream {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     async fn pair() -> (SendmsgStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (client, server) = crate::test_support::tcp_pair().await;
         (SendmsgStream(client), server)
     }
 

@@ -460,12 +460,8 @@ mod tests {
 
     /// app ⇄ (client, upstream) ⇄ server, over loopback TCP.
     async fn tcp_flow() -> [tokio::net::TcpStream; 4] {
-        async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-            (near, listener.accept().await.unwrap().0)
-        }
-        let ((app, client), (upstream, server)) = (pair().await, pair().await);
+        use crate::test_support::tcp_pair;
+        let ((app, client), (upstream, server)) = (tcp_pair().await, tcp_pair().await);
         [app, client, upstream, server]
     }
 
