@@ -10,6 +10,8 @@ pub const LAYERS: &[&str] = &[
     // Vocabulary: plain data every layer shares, and which worker a thread is.
     "model",
     "worker",
+    // Helpers for unit tests (loopback sockets).
+    "test_support",
     // The mark on the proxy's own sockets, how they write, and how bulk flows move between them.
     "socket_mark",
     "sendmsg",

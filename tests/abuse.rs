@@ -552,14 +552,7 @@ async fn rapid_reset_from_a_client_deaf_to_goaway_is_closed() {
         let mut sink = [0u8; 4096];
         while let Ok(1..) = read.read(&mut sink).await {}
     });
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
-        let mut f = length[1..].to_vec();
-        f.extend([kind, flags]);
-        f.extend(stream.to_be_bytes());
-        f.extend(payload);
-        f
-    };
+    let frame = h2_frame;
     // GET http://a/ (static table indices), x-delay-ms: 2000 as a literal without indexing.
     let mut block = vec![0x82, 0x86, 0x84, 0x01, 0x01, b'a', 0x00, 10];
     block.extend(b"x-delay-ms");
@@ -688,6 +681,104 @@ async fn raw_upstream(response: &'static [u8]) -> (SocketAddr, tokio::task::Join
         }
     });
     (addr, task)
+}
+
+/// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = length[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// An HTTP/2 endpoint written frame by frame: it acknowledges the proxy's SETTINGS and answers
+/// the HEADERS of each stream with one HEADERS frame (END_HEADERS | END_STREAM) carrying the HPACK
+/// block `response`.
+async fn raw_h2_upstream(response: &'static [u8]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let frame = h2_frame;
+                let mut preface = [0u8; 24];
+                if stream.read_exact(&mut preface).await.is_err()
+                    || stream.write_all(&frame(4, 0, 0, &[])).await.is_err()
+                {
+                    return;
+                }
+                let mut head = [0u8; 9];
+                while stream.read_exact(&mut head).await.is_ok() {
+                    let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+                    if stream.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let reply = match (head[3], head[4] & 1) {
+                        (4, 0) => frame(4, 1, 0, &[]), // SETTINGS: ACK
+                        (1, _) => frame(1, 0x4 | 0x1, id, response),
+                        _ => continue,
+                    };
+                    if stream.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 endpoint whose response breaks the protocol gets the application a 502 (gRPC:
+/// UNAVAILABLE), as Envoy's `UPE`, whether h2 refuses the stream (a connection-specific header:
+/// its RST_STREAM) or the connection (an HPACK index out of the table: its GOAWAY). Before, 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_endpoint_breaking_the_protocol_gets_a_502() {
+    // `:status: 200` (static index 8), then `connection: close`, a literal with a new name.
+    let stream_error = raw_h2_upstream(b"\x88\x00\x0aconnection\x05close").await;
+    // `:status: 200`, then index 63: no such entry (the static table has 61, the dynamic none).
+    let connection_error = raw_h2_upstream(b"\x88\xbf").await;
+    let outbounds: Vec<SocketAddr> = (0..3).map(|_| free_addr("127.0.0.1")).collect();
+    let yaml =
+        [("h2-stream", "http2", stream_error), ("h2-conn", "http2", connection_error), ("grpc", "grpc", stream_error)]
+            .iter()
+            .zip(&outbounds)
+            .map(|((name, protocol, at), outbound)| {
+                service_with_protocol(name, protocol, *outbound, &endpoint("127.0.0.1", at.port(), 0), "")
+            })
+            .collect::<Vec<_>>()
+            .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.admin = Some("127.0.0.1:0".parse().unwrap());
+    let proxy = start(opts).await;
+    for (outbound, what) in
+        [(outbounds[0], "a malformed response (stream error)"), (outbounds[1], "bad HPACK (connection error)")]
+    {
+        for _ in 0..2 {
+            let response = http_get(outbound, "/").await.unwrap_or_default();
+            assert!(response.starts_with("HTTP/1.1 502"), "{what}: {response}");
+            assert!(response.ends_with("reset reason: protocol error"), "{what}: {response}");
+        }
+    }
+    let (mut sender, _conn) = h2c(outbounds[2]).await;
+    let request = http::Request::post(format!("http://{}/svc/Method", outbounds[2]))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200, "gRPC: trailers only");
+    assert_eq!(response.headers().get("grpc-status").map(|v| v.to_str().unwrap()), Some("14"));
+    let metrics = http_get(proxy.admin_addr().unwrap(), "/metrics").await.unwrap_or_default();
+    for service in ["h2-stream", "h2-conn"] {
+        let line = format!(
+            "mesh_egress_requests_total{{service=\"default/{service}\",protocol=\"http2\",status_class=\"5xx\"}} 2"
+        );
+        assert!(metrics.contains(&line), "the 502s are counted: {metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -504,6 +504,8 @@ async fn framing_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::At
                         "/http10" => (b"HTTP/1.0 200 OK\r\n\r\nuntil close", true),
                         "/extra" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled", false),
                         "/bad-length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok", true),
+                        // A header folded over two lines (obs-fold, RFC 9112 §5.2).
+                        "/obs-fold" => (b"HTTP/1.1 200 OK\r\nx-folded: one\r\n two\r\ncontent-length: 2\r\n\r\nok", true),
                         "/bad-chunk" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nabcdeXY", true),
                         _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
                     };
@@ -574,9 +576,22 @@ async fn http1_responses_of_every_framing_and_when_connections_are_reused() {
     assert_eq!((status, body.as_deref()), (200, Ok("length")), "not the smuggled response");
     assert_eq!(used(), 4, "the connection with stray bytes was dropped");
 
-    // Malformed framing: no response (503), or an aborted body; never a reused connection.
-    let (status, _, _) = call(&mut client, "GET", "/bad-length").await;
-    assert_eq!(status, 503, "differing Content-Length values");
+    // Malformed framing: no response (502, as Envoy's UPE), or an aborted body; never a reused
+    // connection.
+    let (status, _, body) = call(&mut client, "GET", "/bad-length").await;
+    assert_eq!(status, 502, "differing Content-Length values");
+    assert_eq!(
+        body.as_deref(),
+        Ok("upstream connect error or disconnect/reset before headers. reset reason: protocol error")
+    );
+    // A folded header: 502 (RFC 9112 §5.2 allows a proxy that or unfolding), through our own
+    // client (a request without a body) and hyper's (with one).
+    let (status, _, _) = call(&mut client, "GET", "/obs-fold").await;
+    assert_eq!(status, 502, "obs-fold, own client");
+    client.ready().await.unwrap();
+    let post = Request::post("/obs-fold").header("host", "framing").body(Full::new(Bytes::from_static(b"x"))).unwrap();
+    let (status, _) = text(client.send_request(post).await.unwrap()).await;
+    assert_eq!(status, 502, "obs-fold, hyper's client");
     // The proxy may not have written the head yet when the body breaks: then the application
     // connection just closes. Either way nothing passes for a complete response.
     let request = get("/bad-chunk", &[("host", "framing")]);
@@ -587,7 +602,7 @@ async fn http1_responses_of_every_framing_and_when_connections_are_reused() {
     let mut client = h1(outbound).await;
     let (status, _) = text(client.send_request(get("/length", &[("host", "framing")])).await.unwrap()).await;
     assert_eq!(status, 200);
-    assert_eq!(used(), 6, "each broken response's connection was dropped");
+    assert_eq!(used(), 8, "each broken response's connection was dropped");
 
     // A reason phrase that is not the status code's usual one passes through, as with hyper.
     let mut raw = TcpStream::connect(outbound).await.unwrap();

@@ -368,12 +368,23 @@ async fn passthrough_http_requests_are_in_the_access_log() {
 
 /// A passthrough request's line carries its body bytes both ways and how its response ended,
 /// and a failure names what failed as a service's does (Envoy's flags): UF no connection, UC
-/// the connection ended before the response, `upstream_reset` a body cut short. Before, every
+/// the connection ended before the response, UPE a response that broke the protocol (502),
+/// `upstream_reset` a body cut short. Before, every
 /// line had 0 bytes and `ok`, and every failure UF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_lines_carry_body_bytes_and_what_failed() {
     let LoggedWeb { web, log, proxy, injected, _dns, _dir } = logged_web().await;
     let refusing = std::net::TcpListener::bind(SocketAddr::new(ALLOWED.into(), 0)).unwrap().local_addr().unwrap();
+    // A destination whose response head folds a header over two lines (obs-fold): 502, UPE.
+    let folding = tokio::net::TcpListener::bind(SocketAddr::new(ALLOWED.into(), 0)).await.unwrap();
+    let folded = folding.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = folding.accept().await {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nx-folded: one\r\n two\r\ncontent-length: 2\r\n\r\nok").await;
+        }
+    });
     let requests = [
         (web.addr, "POST /upload", "content-length: 5\r\n\r\nhello"),
         (web.addr, "GET /sized", "x-size: 1000\r\n\r\n"),
@@ -382,6 +393,7 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
         (web.addr, "GET /before", "x-reset: before\r\n\r\n"),
         (web.addr, "GET /mid", "x-reset: mid\r\n\r\n"),
         (refusing, "GET /refused", "\r\n"),
+        (folded, "GET /folded", "\r\n"),
     ];
     for (dst, request, rest) in requests {
         let mut stream = injected.connect(proxy.transparent_addr().unwrap(), dst).await;
@@ -389,7 +401,7 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
         stream.write_all(head.as_bytes()).await.unwrap();
         read_all(&mut stream).await;
     }
-    let lines = wait_for_json_lines(&log, 7).await;
+    let lines = wait_for_json_lines(&log, 8).await;
     let line = |request: &str| {
         lines.iter().find(|l| l["request"] == request).unwrap_or_else(|| panic!("{request}: {lines:?}"))
     };
@@ -413,7 +425,8 @@ async fn passthrough_lines_carry_body_bytes_and_what_failed() {
     assert_eq!(summary("GET /none"), (Some(204), ok.clone(), "-".into(), Some(0), Some(0)));
     assert_eq!(summary("GET /mid"), (Some(200), "upstream_reset".into(), "UC".into(), Some(0), Some(1000)));
     assert_eq!(summary("GET /before"), (Some(503), local_reply.clone(), "UC".into(), Some(0), Some(0)));
-    assert_eq!(summary("GET /refused"), (Some(503), local_reply, "UF".into(), Some(0), Some(0)));
+    assert_eq!(summary("GET /refused"), (Some(503), local_reply.clone(), "UF".into(), Some(0), Some(0)));
+    assert_eq!(summary("GET /folded"), (Some(502), local_reply, "UPE".into(), Some(0), Some(0)));
 }
 
 /// A passthrough request is held to `--request-timeout`, as a service's (Envoy's 15 s route

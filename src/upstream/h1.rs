@@ -70,6 +70,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// The endpoint's response head broke HTTP/1.1 (malformed, obs-fold included; too large;
+    /// invalid), as opposed to the connection ending.
+    pub fn is_protocol_error(&self) -> bool {
+        matches!(self, Self::Head(_) | Self::HeadTooLarge | Self::TooManyHeaders | Self::Invalid(_))
+    }
+
     /// The connection ended before any response byte: closed, reset, or the request never left.
     pub fn closed_before_response(&self) -> bool {
         match self {

@@ -431,8 +431,14 @@ async fn attempt(
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
-            let why = if reset_by_endpoint(&error) { Failure::StreamReset } else { Failure::UpstreamReset };
-            failed(failure, reply::local_reply(grpc, why, reply::UPSTREAM_FAILED))
+            let (why, message) = if reset_by_endpoint(&error) {
+                (Failure::StreamReset, reply::UPSTREAM_FAILED)
+            } else if protocol_error(&error) {
+                (Failure::UpstreamProtocolError, reply::PROTOCOL_ERROR)
+            } else {
+                (Failure::UpstreamReset, reply::UPSTREAM_FAILED)
+            };
+            failed(failure, reply::local_reply(grpc, why, message))
         }
     }
 }
@@ -595,6 +601,35 @@ fn refused_stream(error: &SendError) -> bool {
 /// Envoy's UR, not UC.
 fn reset_by_endpoint(error: &SendError) -> bool {
     h2_error(error).is_some_and(|e| e.is_reset() && e.is_remote())
+}
+
+/// The endpoint's answer broke the protocol: a response head our HTTP/1 client or hyper's
+/// cannot parse, or HTTP/2 that h2 refused (and answered with its own RST_STREAM or GOAWAY).
+fn protocol_error(error: &SendError) -> bool {
+    match error {
+        SendError::Own(error) => error.is_protocol_error(),
+        SendError::Hyper(error) if error.is_parse() => true,
+        _ => h2_error(error).is_some_and(h2_protocol_error),
+    }
+}
+
+/// A passthrough destination's answer broke the protocol (see [`protocol_error`]).
+pub(super) fn hyper_protocol_error(error: &hyper::Error) -> bool {
+    error.is_parse() || h2_source(error).is_some_and(h2_protocol_error)
+}
+
+fn h2_protocol_error(error: &h2::Error) -> bool {
+    use h2::Reason;
+    error.is_library()
+        && error.reason().is_some_and(|reason| {
+            matches!(
+                reason,
+                Reason::PROTOCOL_ERROR
+                    | Reason::FLOW_CONTROL_ERROR
+                    | Reason::FRAME_SIZE_ERROR
+                    | Reason::COMPRESSION_ERROR
+            )
+        })
 }
 
 /// The HTTP/2 error under a failed send, if it is one.

@@ -153,12 +153,14 @@ enum SendError {
 
 impl SendError {
     /// As a service's: no connection UF, a connection that ended before the response UC, a
-    /// stream the destination reset UR, the application's own malformed body 400 (DPE).
+    /// stream the destination reset UR, a response that broke the protocol UPE (502), the
+    /// application's own malformed body 400 (DPE).
     fn failure(&self) -> Failure {
         match self {
             Self::ConnectTimeout(_) | Self::Connect(..) | Self::Handshake(..) => Failure::UpstreamFailed,
             Self::Exchange(error) if super::forward::application_body_failed(error) => Failure::BadRequest,
             Self::Exchange(error) if super::forward::h2_reset_by_peer(error) => Failure::StreamReset,
+            Self::Exchange(error) if super::forward::hyper_protocol_error(error) => Failure::UpstreamProtocolError,
             Self::Exchange(_) => Failure::UpstreamReset,
         }
     }
@@ -315,6 +317,9 @@ impl PassthroughHttp {
                 tracing::debug!(peer = %self.peer, %target, %error, "passthrough request failed");
                 match error.failure() {
                     Failure::BadRequest => reply::local_reply(grpc, Failure::BadRequest, reply::BAD_REQUEST_BODY),
+                    Failure::UpstreamProtocolError => {
+                        reply::local_reply(grpc, Failure::UpstreamProtocolError, reply::PROTOCOL_ERROR)
+                    }
                     failure => reply::local_reply(grpc, failure, reply::UPSTREAM_FAILED),
                 }
             }

@@ -21,6 +21,9 @@ pub enum Failure {
     UpstreamReset,
     /// The endpoint reset the request's HTTP/2 stream before its response began: 503, UR.
     StreamReset,
+    /// The endpoint's response broke the protocol (a malformed HTTP/1 head, obs-fold included;
+    /// HTTP/2 frames or headers h2 refuses): 502, UPE, as Envoy since 1.22.
+    UpstreamProtocolError,
     /// No backend of the matched route can take traffic: 503, UH.
     NoHealthyUpstream,
     /// The service, or the route's backend, is not configured or is broken: 503, NC.
@@ -52,6 +55,8 @@ impl Failure {
             Self::UpstreamFailed => (UNAVAILABLE, "UF"),
             Self::UpstreamReset => (UNAVAILABLE, "UC"),
             Self::StreamReset => (UNAVAILABLE, "UR"),
+            // gRPC's HTTP mapping: 502 is UNAVAILABLE.
+            Self::UpstreamProtocolError => ((StatusCode::BAD_GATEWAY, "14"), "UPE"),
             Self::NoHealthyUpstream => (UNAVAILABLE, "UH"),
             Self::NoCluster => (UNAVAILABLE, "NC"),
             Self::NoRoute => (UNAVAILABLE, "NR"),
@@ -74,6 +79,8 @@ impl Failure {
 
 pub(super) const NOT_CONFIGURED: &str = "service is no longer configured";
 pub(super) const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
+pub(super) const PROTOCOL_ERROR: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: protocol error";
 pub(super) const TIMED_OUT: &str = "upstream did not answer in time";
 pub(super) const STREAM_IDLE: &str = "stream timeout";
 pub(super) const BAD_REQUEST_BODY: &str = "malformed request body";
