@@ -258,6 +258,19 @@ struct HeadProgress {
     informational: bool,
 }
 
+/// A folded header value with each obs-fold (CRLF and the whitespace around it) replaced by one
+/// space; a value with no line break comes back as it is.
+fn unfold(value: &[u8]) -> Vec<u8> {
+    let mut unfolded = Vec::with_capacity(value.len());
+    for line in value.split(|b| *b == b'\n').map(|line| line.trim_ascii()).filter(|line| !line.is_empty()) {
+        if !unfolded.is_empty() {
+            unfolded.push(b' ');
+        }
+        unfolded.extend_from_slice(line);
+    }
+    unfolded
+}
+
 /// A complete final response head from `read`, or `None` if more is needed (informational
 /// responses are dropped on the way). `spans`: scratch space, kept between calls.
 fn parse_head(
@@ -283,13 +296,16 @@ fn parse_head(
         // Not initialised: zeroing 100 slots cost more than parsing a typical head.
         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
-        let len =
-            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, read, &mut slots) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return incomplete(read, progress),
-                Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
-                Err(e) => return Err(Error::Head(e)),
-            };
+        // A header folded over lines (obs-fold) is read and unfolded (RFC 9112 §5.2), as Envoy
+        // and hyper's client do.
+        let mut config = httparse::ParserConfig::default();
+        config.allow_obsolete_multiline_headers_in_responses(true);
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, read, &mut slots) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return incomplete(read, progress),
+            Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
+            Err(e) => return Err(Error::Head(e)),
+        };
         let code = parsed.code.unwrap_or_default();
         if (100..200).contains(&code) {
             if code == 101 {
@@ -319,8 +335,11 @@ fn parse_head(
         for &[name_start, name_end, value_start, value_end] in spans.iter() {
             let name =
                 HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| Error::Invalid("header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|_| Error::Invalid("header value"))?;
+            let value = match HeaderValue::from_maybe_shared(head.slice(value_start..value_end)) {
+                Ok(value) => value,
+                Err(_) => HeaderValue::from_bytes(&unfold(&head[value_start..value_end]))
+                    .map_err(|_| Error::Invalid("header value"))?,
+            };
             present.note(&name, &value);
             headers.append(name, value);
         }
@@ -668,6 +687,17 @@ mod tests {
         assert_eq!((both.framing, both.keep_alive), (Framing::Chunked, false), "framed two ways: not reused");
         let length_only = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
         assert_eq!(length_only.headers[http::header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn a_folded_header_is_unfolded() {
+        let (mut read, mut spans) = (
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-folded: one\r\n two\r\n\t three\r\nx-plain: a  b\r\n\r\n"[..]),
+            Vec::new(),
+        );
+        let head = parse_head(&mut read, &mut spans, &Method::GET, &mut HeadProgress::default()).unwrap().unwrap();
+        assert_eq!(head.headers["x-folded"], "one two three", "each obs-fold is one space, as Envoy and hyper");
+        assert_eq!(head.headers["x-plain"], "a  b", "spaces inside a value stay");
     }
 
     #[test]

@@ -247,7 +247,11 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(EarlyResponseIo::new(io))).await?;
+    // A header folded over lines (obs-fold) is unfolded (RFC 9112 §5.2), as Envoy does.
+    let (sender, connection) = http1::Builder::new()
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .handshake(TokioIo::new(EarlyResponseIo::new(io)))
+        .await?;
     tokio::spawn(async move {
         let _slot = slot;
         if let Err(error) = connection.with_upgrades().await {
