@@ -119,7 +119,11 @@ pub fn h1_response_against_hyper(data: &[u8]) -> io::Result<()> {
     })?;
     let (theirs, their_request) = h1_exchange(answer, piece, method, |stream, request| async move {
         let io = hyper_util::rt::TokioIo::new(stream);
-        let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(io).await else {
+        // Configured as the proxy's (`proxy::http::client::handshake_h1`): obs-fold unfolded.
+        let handshake = hyper::client::conn::http1::Builder::new()
+            .allow_obsolete_multiline_headers_in_responses(true)
+            .handshake(io);
+        let Ok((mut sender, connection)) = handshake.await else {
             return Read::NoResponse;
         };
         tokio::spawn(connection);
