@@ -69,11 +69,22 @@ pub fn unary_request(authority: &str, path: &str, message: &[u8]) -> Result<Requ
         .map_err(|e| e.to_string())
 }
 
+/// The most of a unary answer's body read: health checks' and OTLP export's answers are a few
+/// bytes, and a server must not make the proxy hold more (it would read until the call's
+/// timeout, as fast as the server sends).
+pub const MAX_UNARY_RESPONSE: usize = 64 * 1024;
+
 /// The answer's body (still framed), when its `grpc-status` (trailers, or the headers of a
 /// trailers-only answer) is 0.
 pub async fn unary_response(response: http::Response<Incoming>) -> Result<Bytes, UnaryError> {
     let (parts, body) = response.into_parts();
-    let collected = body.collect().await.map_err(UnaryError::Body)?;
+    let collected = http_body_util::Limited::new(body, MAX_UNARY_RESPONSE).collect().await.map_err(|error| {
+        if error.is::<http_body_util::LengthLimitError>() {
+            UnaryError::TooLarge
+        } else {
+            UnaryError::Body(error)
+        }
+    })?;
     let status = collected.trailers().or(Some(&parts.headers)).and_then(|h| h.get("grpc-status"));
     match status.map(http::HeaderValue::as_bytes) {
         Some(b"0") => Ok(collected.to_bytes()),
@@ -86,7 +97,10 @@ pub async fn unary_response(response: http::Response<Incoming>) -> Result<Bytes,
 pub enum UnaryError {
     /// The answer's body broke off.
     #[error("body: {0}")]
-    Body(hyper::Error),
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    /// The answer's body is larger than [`MAX_UNARY_RESPONSE`].
+    #[error("answer larger than {MAX_UNARY_RESPONSE} bytes")]
+    TooLarge,
     /// The server answered with another status than OK (or none).
     #[error("grpc-status {0:?}")]
     Status(Option<String>),

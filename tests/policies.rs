@@ -474,6 +474,39 @@ async fn fail_traffic_on_panic_fails_requests_when_no_endpoint_is_healthy() {
     assert_eq!(headers["x-who"], "bad");
 }
 
+/// An endpoint that answers its HTTP check with 200 and a body that never ends, as fast as the
+/// proxy reads: only the status counts, the proxy reads a bounded part and drops the connection.
+/// Before, it read the whole body into memory until the check's timeout (5 GB in 8 s from a
+/// local sender), and the check then failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_health_check_answer_is_not_read_to_its_end() {
+    use tokio::io::AsyncWriteExt;
+    let endless = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = endless.local_addr().unwrap();
+    let _endless = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = endless.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut request).await;
+                let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                if stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.is_ok() {
+                    while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+                }
+            });
+        }
+    });
+    let policy = "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  to:\n  - targetRef: {kind: Mesh}\n    default: {interval: 100ms, noTrafficInterval: 100ms, timeout: 2s, unhealthyThreshold: 1, http: {path: /}}\n";
+    let outbound = free_addr("127.0.0.1");
+    let yaml = format!(
+        "{}---\n{policy}",
+        service_with_protocol("endless", "http", outbound, &endpoint("127.0.0.1", at.port(), 0), "")
+    );
+    let (_dir, config) = config_dir(&yaml);
+    let _proxy = start(options(config)).await;
+    wait_for_checks("endless", "success", 3.0).await;
+    assert_eq!(health_checks("endless", "failure"), 0.0, "no check timed out reading the body");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_checks_use_the_standard_health_service() {
     let healthy = grpc_server(None).await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{Request, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -181,6 +181,10 @@ async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
 }
 
 /// One check of one address.
+/// The most of an HTTP check's answer read before its connection is dropped instead of kept:
+/// only its status counts.
+const MAX_HTTP_BODY: usize = 64 * 1024;
+
 async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), Failed> {
     let authority = up.hostname(target).map_or_else(|| target.addr.to_string(), str::to_string);
     // A kept connection (taken out while in use) or a new one.
@@ -222,9 +226,14 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
             let mut client = client(*http2).await?;
             let response = send(&mut client, request).await?;
             let status = response.status().as_u16();
-            // The body is read so that the connection can serve the next check.
-            response.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
-            give_back(client);
+            // The body is read so that the connection can serve the next check, up to a bound:
+            // past it the connection is dropped (closed, or the stream reset) rather than the
+            // endpoint's bytes held (it could send them as fast as the check's timeout allows).
+            match Limited::new(response.into_body(), MAX_HTTP_BODY).collect().await {
+                Ok(_) => give_back(client),
+                Err(error) if error.is::<LengthLimitError>() => {}
+                Err(error) => return Err(Failed::Network(format!("body: {error}"))),
+            }
             if expected.contains(&status) {
                 Ok(())
             } else {
@@ -245,7 +254,7 @@ async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept
             give_back(client);
             let body = body.map_err(|e| match e {
                 grpc_wire::UnaryError::Body(_) => Failed::Network(e.to_string()),
-                grpc_wire::UnaryError::Status(_) => Failed::Answered(e.to_string()),
+                grpc_wire::UnaryError::Status(_) | grpc_wire::UnaryError::TooLarge => Failed::Answered(e.to_string()),
             })?;
             match serving_status(body) {
                 Some(1) => Ok(()),
