@@ -6,7 +6,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -196,7 +196,13 @@ pub fn h2_response_against_hyper(data: &[u8]) -> io::Result<()> {
         let Ok(mut client) = crate::upstream::h2::Client::handshake(io, ()).await else { return Read::NoResponse };
         let Ok(response) = client.send(request).await else { return Read::NoResponse };
         let (head, mut body) = response.into_parts();
-        Read::with_body(&head, |cx| body.poll_frame(cx)).await
+        // The one intended difference: a RST_STREAM(NO_ERROR) before the response's end cuts it
+        // short for upstream::h2 (an error) and ends it for hyper's client (reading stops).
+        Read::with_body(&head, |cx| match ready!(body.poll_frame(cx)) {
+            Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) && e.is_remote() => Poll::Ready(None),
+            other => Poll::Ready(other),
+        })
+        .await
     })?;
     let (theirs, their_request) = h2_exchange(script, post, |io, request| async move {
         let io = hyper_util::rt::TokioIo::new(io);

@@ -9,7 +9,8 @@
 //! size, the request body piped as the endpoint's flow control allows (eagerly in the request's
 //! task, in a task of its own for a body that is not all there yet; unlike hyper, a body's last
 //! frame is handed to h2 without waiting for the window), the response body's
-//! capacity released as it is read, and `RST_STREAM(NO_ERROR)` ending a response early.
+//! capacity released as it is read, and `RST_STREAM(NO_ERROR)` after a complete response
+//! ending nothing but the request (one before the response's end cuts it short, an error).
 //! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
 
 use std::future::{poll_fn, Future};
@@ -358,9 +359,9 @@ impl Body {
                     self.remaining = self.remaining.map(|r| r.saturating_sub(data.len() as u64));
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                // RST_STREAM(NO_ERROR) after a complete response: the endpoint needs no more of
-                // the request (RFC 9113 §8.1), the response ends there.
-                Some(Err(error)) if error.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(None),
+                // A reset, RST_STREAM(NO_ERROR) included, before the response's END_STREAM: the
+                // response is cut short (one after it, RFC 9113 §8.1's "no more of the request",
+                // h2 keeps out of the response: its data and end are read as sent).
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
                 None => self.data_done = true,
             }
@@ -522,8 +523,8 @@ mod tests {
     }
 
     /// `RST_STREAM(NO_ERROR)` after a complete response: the endpoint wants no more of the
-    /// request; the response ends without an error (RFC 9113 §8.1), as with hyper's client.
-    /// (h2 drops response data not yet read when the reset arrives, hyper's client too.)
+    /// request; the response, read after the reset arrived, is whole and ends without an error
+    /// (RFC 9113 §8.1).
     #[tokio::test]
     async fn a_no_error_reset_after_the_response_ends_it_normally() {
         let (mut client, mut server) = pair(65_535).await;
@@ -536,15 +537,49 @@ mod tests {
             let mut stream = respond.send_response(http::Response::new(()), false).unwrap();
             read.await.unwrap();
             stream.send_data(Bytes::from_static(b"early answer"), true).unwrap();
+            // A reset drops what is still queued: the answer goes out first.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             stream.send_reset(Reason::NO_ERROR);
         });
         let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
         head_read.send(()).unwrap();
+        // Read only once the reset has arrived.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         let mut body = response.into_body();
+        let mut read = Vec::new();
         while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
-            assert!(frame.is_ok(), "{frame:?}");
+            read.extend_from_slice(frame.expect("no error").data_ref().unwrap_or(&Bytes::new()));
         }
+        assert_eq!(read, b"early answer");
         drop(tx);
+    }
+
+    /// `RST_STREAM(NO_ERROR)` before the response's END_STREAM cuts it short: the body ends with
+    /// an error, not as if it were whole (RFC 9113 §8.1 allows NO_ERROR only after a complete
+    /// response). Before, a truncated JSON document reached the application as a success.
+    #[tokio::test]
+    async fn a_no_error_reset_before_the_response_ends_is_an_error() {
+        let (mut client, mut server) = pair(65_535).await;
+        let (head_read, read) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (_request, mut respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let mut stream = respond.send_response(http::Response::new(()), false).unwrap();
+            read.await.unwrap();
+            stream.send_data(Bytes::from_static(b"{\"items\": [1, 2"), false).unwrap();
+            stream.send_reset(Reason::NO_ERROR);
+        });
+        let get = Request::get("http://endpoint/").body(RequestBody::empty(UpstreamHandle::detached(), None)).unwrap();
+        let mut body = client.send(get).await.unwrap().into_body();
+        head_read.send(()).unwrap();
+        let mut error = None;
+        while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
+            if let Err(e) = frame {
+                error = Some(e);
+                break;
+            }
+        }
+        assert_eq!(error.expect("the cut response ended without an error").reason(), Some(Reason::NO_ERROR));
     }
 
     /// After the endpoint's GOAWAY, while an earlier stream still holds the connection open,
