@@ -683,6 +683,67 @@ async fn raw_upstream(response: &'static [u8]) -> (SocketAddr, tokio::task::Join
     (addr, task)
 }
 
+/// Applications that stop reading large downloads from an HTTP/2 service hold their streams'
+/// windows on the shared endpoint connection, not the connection's: another application's
+/// small request on it still gets its answer. Before, three stalled downloads (2 MiB stream
+/// windows) used up the 5 MiB connection window and every other response on it stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_nobody_reads_do_not_stall_the_shared_endpoint_connection() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let (outbound, _dir, config) = single_service("shared", "http2", upstream.addr.port());
+    let _proxy = start(options(config)).await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut app = TcpStream::connect(outbound).await.unwrap();
+        // 256 MiB each, never read: the proxy's socket buffers fill, then the stream's window.
+        app.write_all(b"GET /big HTTP/1.1\r\nhost: shared\r\nx-size: 268435456\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        app.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stalled.push(app);
+    }
+    // Time for the three downloads to fill what they can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let small = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut app = TcpStream::connect(outbound).await.unwrap();
+        app.write_all(b"GET /small HTTP/1.1\r\nhost: shared\r\nx-size: 100000\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        app.read_to_end(&mut response).await.unwrap();
+        response
+    })
+    .await
+    .expect("the small response stalled behind downloads nobody reads");
+    assert!(small.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&small[..64.min(small.len())]));
+    assert!(small.len() > 100_000, "the whole body came: {} bytes", small.len());
+    drop(stalled);
+}
+
+/// An HTTP/2 endpoint's response headers of up to 64 KiB pass (as `--max-header-bytes` for
+/// requests; Envoy's default is 60 KiB). Before, hyper's 16 KiB refused a 20 KiB header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_endpoint_s_large_response_headers_pass() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let response = http::Response::builder().header("x-big", "b".repeat(40_000)).body(()).unwrap();
+                    let _ = respond.send_response(response, true);
+                }
+            });
+        }
+    });
+    let (outbound, _dir, config) = single_service("big-headers", "http2", at.port());
+    let _proxy = start(options(config)).await;
+    let response = http_get(outbound, "/").await.unwrap_or_default();
+    assert!(response.starts_with("HTTP/1.1 200"), "{}", &response[..64.min(response.len())]);
+    assert!(response.contains(&"b".repeat(40_000)), "the header passed whole");
+}
+
 /// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and `payload`.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let length = u32::try_from(payload.len()).unwrap().to_be_bytes();

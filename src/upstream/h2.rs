@@ -5,8 +5,8 @@
 //! opens the stream and spawns one more task per request to await the response and pass it back
 //! through a second channel: per request, a task to create and two more wake-ups. Here the
 //! connection's task only reads and writes. What hyper's client adds is kept: its settings
-//! (windows, frame, header-list and send-buffer sizes), `content-length` for a body of known
-//! size, the request body piped as the endpoint's flow control allows (eagerly in the request's
+//! (stream window, frame and send-buffer sizes; a larger connection window and header list),
+//! `content-length` for a body of known size, the request body piped as the endpoint's flow control allows (eagerly in the request's
 //! task, in a task of its own for a body that is not all there yet; unlike hyper, a body's last
 //! frame is handed to h2 without waiting for the window), the response body's
 //! capacity released as it is read, and `RST_STREAM(NO_ERROR)` after a complete response
@@ -30,12 +30,19 @@ use tokio::sync::oneshot;
 
 use super::pool::{BodyError, RequestBody};
 
-// hyper 1.x's HTTP/2 client defaults, so endpoints see what they saw before.
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+// hyper 1.x's HTTP/2 client defaults, so endpoints see what they saw before, except the
+// connection window and the header list.
+/// A response's data is released to the endpoint as its application reads it: a stream whose
+/// application stops reading holds up to `STREAM_WINDOW` of the connection's window. With
+/// hyper's 5 MiB, three such downloads stalled every other response on the shared connection;
+/// 32 MiB takes sixteen, and bounds what unread responses hold per endpoint connection.
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// A response's header list, at most: as `--max-header-bytes`' default for requests (Envoy's
+/// `max_response_headers_kb` default is 60 KiB; hyper's 16 KiB refused real responses).
+const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Streams that may be opened before the endpoint's SETTINGS say how many it allows.
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
