@@ -6,11 +6,12 @@
 //! through a second channel: per request, a task to create and two more wake-ups. Here the
 //! connection's task only reads and writes. What hyper's client adds is kept: its settings
 //! (stream window, frame and send-buffer sizes; a larger connection window and header list),
-//! `content-length` for a body of known size, the request body piped as the endpoint's flow control allows (eagerly in the request's
-//! task, in a task of its own for a body that is not all there yet; unlike hyper, a body's last
-//! frame is handed to h2 without waiting for the window), the response body's
-//! capacity released as it is read, and `RST_STREAM(NO_ERROR)` after a complete response
-//! ending nothing but the request (one before the response's end cuts it short, an error).
+//! `content-length` for a body of known size, the request body piped as the endpoint's flow
+//! control allows (eagerly in the request's task, in a task of its own for a body that is not
+//! all there yet; unlike hyper, a body's last frame is handed to h2 without waiting for the
+//! window), the response body's capacity released as it is read, and `RST_STREAM(NO_ERROR)`
+//! after a complete response ending nothing but the request (one before the response's end
+//! cuts it short, an error).
 //! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
 
 use std::future::{poll_fn, Future};
