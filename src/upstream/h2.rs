@@ -530,25 +530,37 @@ mod tests {
         drop(tx);
     }
 
-    /// `RST_STREAM(NO_ERROR)` after a complete response: the endpoint wants no more of the
-    /// request; the response, read after the reset arrived, is whole and ends without an error
-    /// (RFC 9113 §8.1).
-    #[tokio::test]
-    async fn a_no_error_reset_after_the_response_ends_it_normally() {
-        let (mut client, mut server) = pair(65_535).await;
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(Copied::Data(Bytes::from_static(b"unwanted"))).await.unwrap();
+    /// An endpoint that answers the first request with a head, then, once told, with `data`
+    /// (ending the stream when `end`) and `RST_STREAM(NO_ERROR)` `pause_ms` later.
+    fn answer_then_reset(
+        mut server: h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+        data: &'static [u8],
+        end: bool,
+        pause_ms: u64,
+    ) -> tokio::sync::oneshot::Sender<()> {
         let (head_read, read) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let (_request, mut respond) = server.accept().await.unwrap().unwrap();
             tokio::spawn(async move { while server.accept().await.is_some() {} });
             let mut stream = respond.send_response(http::Response::new(()), false).unwrap();
             read.await.unwrap();
-            stream.send_data(Bytes::from_static(b"early answer"), true).unwrap();
-            // A reset drops what is still queued: the answer goes out first.
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            stream.send_data(Bytes::from_static(data), end).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
             stream.send_reset(Reason::NO_ERROR);
         });
+        head_read
+    }
+
+    /// `RST_STREAM(NO_ERROR)` after a complete response: the endpoint wants no more of the
+    /// request; the response, read after the reset arrived, is whole and ends without an error
+    /// (RFC 9113 §8.1).
+    #[tokio::test]
+    async fn a_no_error_reset_after_the_response_ends_it_normally() {
+        let (mut client, server) = pair(65_535).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Copied::Data(Bytes::from_static(b"unwanted"))).await.unwrap();
+        // A reset drops what is still queued: the answer goes out first.
+        let head_read = answer_then_reset(server, b"early answer", true, 100);
         let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
         head_read.send(()).unwrap();
         // Read only once the reset has arrived.
@@ -567,16 +579,8 @@ mod tests {
     /// response). Before, a truncated JSON document reached the application as a success.
     #[tokio::test]
     async fn a_no_error_reset_before_the_response_ends_is_an_error() {
-        let (mut client, mut server) = pair(65_535).await;
-        let (head_read, read) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let (_request, mut respond) = server.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while server.accept().await.is_some() {} });
-            let mut stream = respond.send_response(http::Response::new(()), false).unwrap();
-            read.await.unwrap();
-            stream.send_data(Bytes::from_static(b"{\"items\": [1, 2"), false).unwrap();
-            stream.send_reset(Reason::NO_ERROR);
-        });
+        let (mut client, server) = pair(65_535).await;
+        let head_read = answer_then_reset(server, b"{\"items\": [1, 2", false, 0);
         let get = Request::get("http://endpoint/").body(RequestBody::empty(UpstreamHandle::detached(), None)).unwrap();
         let mut body = client.send(get).await.unwrap().into_body();
         head_read.send(()).unwrap();
