@@ -162,11 +162,12 @@ impl Client {
             }
         }
         let response = response.await?;
-        if let Some(mut guard) = cancel_pipe {
-            guard.0 = None; // answered: the pipe goes on
-        }
         let length = content_length(response.headers());
-        Ok(response.map(|recv| Body { recv, data_done: false, remaining: length }))
+        // Answered: the pipe goes on, unless the response is dropped before its end (the
+        // application gone, a stream idle timeout), which resets the stream as Envoy does: else
+        // a body the endpoint never takes would hold its stream and memory until the endpoint
+        // closes the connection.
+        Ok(response.map(|recv| Body { recv, data_done: false, ended: false, remaining: length, cancel_pipe }))
     }
 }
 
@@ -354,8 +355,23 @@ impl Future for SpawnedPipe {
 pub struct Body {
     recv: RecvStream,
     data_done: bool,
+    /// The response was read to its end (its trailers, or its end without them).
+    ended: bool,
     /// What `Content-Length` says is left.
     remaining: Option<u64>,
+    /// The request body's spawned pipe, told to reset the stream if this response is dropped
+    /// before its end.
+    cancel_pipe: Option<CancelPipe>,
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(mut guard) = self.cancel_pipe.take() {
+            if self.ended {
+                guard.0 = None; // a whole response: the request body may still go on
+            }
+        }
+    }
 }
 
 impl Body {
@@ -374,7 +390,9 @@ impl Body {
                 None => self.data_done = true,
             }
         }
-        match ready!(self.recv.poll_trailers(cx)) {
+        let trailers = ready!(self.recv.poll_trailers(cx));
+        self.ended = trailers.is_ok();
+        match trailers {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
             Err(error) => Poll::Ready(Some(Err(error))),
@@ -525,6 +543,30 @@ mod tests {
         });
         let send = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached())));
         assert!(tokio::time::timeout(std::time::Duration::from_millis(50), send).await.is_err());
+        let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
+        assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL));
+        drop(tx);
+    }
+
+    /// A response dropped before its end (the application gone, a stream idle timeout) while
+    /// the request body still waits for a window the endpoint never opens resets the stream:
+    /// the endpoint's stream slot and the body's memory are not held until the connection
+    /// closes. Before, the answered pipe waited on.
+    #[tokio::test]
+    async fn a_response_dropped_before_its_end_resets_a_waiting_upload() {
+        let (mut client, mut server) = pair(0).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Copied::Data(Bytes::from_static(b"never taken"))).await.unwrap();
+        let endpoint = tokio::spawn(async move {
+            let (request, mut respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let _open = respond.send_response(http::Response::new(()), false).unwrap();
+            // Never read, and the window is 0: the body cannot move.
+            let mut body = request.into_body();
+            body.data().await.and_then(|r| r.err()).and_then(|e| e.reason())
+        });
+        let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
+        drop(response);
         let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
         assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL));
         drop(tx);
