@@ -431,14 +431,14 @@ async fn attempt(
                 upstream.record(&target, Outcome::LocalFailure);
             }
             let failure = if refused_stream(&error) { AttemptFailure::RefusedStream } else { AttemptFailure::Reset };
-            let (why, message) = if reset_by_endpoint(&error) {
-                (Failure::StreamReset, reply::UPSTREAM_FAILED)
+            let why = if reset_by_endpoint(&error) {
+                Failure::StreamReset
             } else if protocol_error(&error) {
-                (Failure::UpstreamProtocolError, reply::PROTOCOL_ERROR)
+                Failure::UpstreamProtocolError
             } else {
-                (Failure::UpstreamReset, reply::UPSTREAM_FAILED)
+                Failure::UpstreamReset
             };
-            failed(failure, reply::local_reply(grpc, why, message))
+            failed(failure, reply::upstream_failed(grpc, why))
         }
     }
 }
@@ -447,7 +447,7 @@ async fn attempt(
 /// a failed connect.
 fn no_connection(error: ConnectError, grpc: bool) -> Attempt {
     tracing::warn!(%error, "no upstream connection");
-    let unavailable = |failure| reply::local_reply(grpc, failure, reply::UPSTREAM_FAILED);
+    let unavailable = |failure| reply::upstream_failed(grpc, failure);
     match error {
         ConnectError::Overflow { .. } | ConnectError::Pending { .. } | ConnectError::Pools { .. } => {
             Attempt::Failed(AttemptFailure::Local, reply::overflow(grpc))
@@ -608,12 +608,14 @@ fn reset_by_endpoint(error: &SendError) -> bool {
 fn protocol_error(error: &SendError) -> bool {
     match error {
         SendError::Own(error) => error.is_protocol_error(),
-        SendError::Hyper(error) if error.is_parse() => true,
-        _ => h2_error(error).is_some_and(h2_protocol_error),
+        SendError::Hyper(error) => hyper_protocol_error(error),
+        SendError::H2(error) => h2_protocol_error(error),
+        SendError::H2Unsent(..) => false,
     }
 }
 
-/// A passthrough destination's answer broke the protocol (see [`protocol_error`]).
+/// hyper's client's error says the answer broke the protocol (also a passthrough
+/// destination's).
 pub(super) fn hyper_protocol_error(error: &hyper::Error) -> bool {
     error.is_parse() || h2_source(error).is_some_and(h2_protocol_error)
 }

@@ -317,10 +317,7 @@ impl PassthroughHttp {
                 tracing::debug!(peer = %self.peer, %target, %error, "passthrough request failed");
                 match error.failure() {
                     Failure::BadRequest => reply::local_reply(grpc, Failure::BadRequest, reply::BAD_REQUEST_BODY),
-                    Failure::UpstreamProtocolError => {
-                        reply::local_reply(grpc, Failure::UpstreamProtocolError, reply::PROTOCOL_ERROR)
-                    }
-                    failure => reply::local_reply(grpc, failure, reply::UPSTREAM_FAILED),
+                    failure => reply::upstream_failed(grpc, failure),
                 }
             }
         }

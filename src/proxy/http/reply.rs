@@ -78,13 +78,19 @@ impl Failure {
 }
 
 pub(super) const NOT_CONFIGURED: &str = "service is no longer configured";
-pub(super) const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
-pub(super) const PROTOCOL_ERROR: &str =
-    "upstream connect error or disconnect/reset before headers. reset reason: protocol error";
+const UPSTREAM_FAILED: &str = "upstream connect error or disconnect/reset before headers";
+const PROTOCOL_ERROR: &str = "upstream connect error or disconnect/reset before headers. reset reason: protocol error";
 pub(super) const TIMED_OUT: &str = "upstream did not answer in time";
 pub(super) const STREAM_IDLE: &str = "stream timeout";
 pub(super) const BAD_REQUEST_BODY: &str = "malformed request body";
 pub(super) const OVERFLOW: &str = "upstream overflow: a MeshCircuitBreaker connection limit was reached";
+
+/// The reply to a request whose endpoint gave no response (no connection, a reset, a broken
+/// answer): Envoy's text, with its reset reason for a protocol error.
+pub(super) fn upstream_failed(grpc: bool, failure: Failure) -> Response<ProxyBody> {
+    let message = if failure == Failure::UpstreamProtocolError { PROTOCOL_ERROR } else { UPSTREAM_FAILED };
+    local_reply(grpc, failure, message)
+}
 
 /// A connection limit was reached: 503 (gRPC UNAVAILABLE) at once, marked as Envoy marks it.
 pub(super) fn overflow(grpc: bool) -> Response<ProxyBody> {
