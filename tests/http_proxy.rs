@@ -154,6 +154,63 @@ async fn requests_after_an_endpoint_s_goaway_go_on_a_new_connection() {
     drop(held);
 }
 
+/// An HTTP/2 endpoint that allows `max_streams` streams per connection and answers `/hold`
+/// only once `held` such requests are open at the same time; it counts its connections.
+async fn answers_once_all_are_open(max_streams: u32, held: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let all_open = Arc::new(tokio::sync::Barrier::new(held));
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let all_open = all_open.clone();
+            tokio::spawn(async move {
+                let handshake =
+                    h2::server::Builder::new().max_concurrent_streams(max_streams).handshake::<_, Bytes>(socket);
+                let Ok(mut connection) = handshake.await else { return };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let all_open = all_open.clone();
+                    tokio::spawn(async move {
+                        if request.uri().path() == "/hold" {
+                            all_open.wait().await;
+                        }
+                        let _ = respond.send_response(http::Response::new(()), true);
+                    });
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Requests beyond what an HTTP/2 endpoint allows at once on a connection (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`) go on another connection to it, as Envoy's pool sends
+/// them, rather than wait for a stream on the first: five requests reach an endpoint that
+/// allows two streams per connection, all at the same time. They used to wait in turn on one
+/// connection, and here, where the endpoint answers once all five are there, time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_an_endpoint_s_stream_limit_go_on_another_connection() {
+    let (addr, connections) = answers_once_all_are_open(2, 5).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("limited", "http2", outbound, &endpoint("127.0.0.1", addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    // The endpoint's SETTINGS arrive after the connection's first request may have gone.
+    for _ in 0..2 {
+        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200);
+    }
+    let requests = (0..5).map(|_| async {
+        let (status, _) = text(h1(outbound).await.send_request(get("/hold", &[("host", "a")])).await.unwrap()).await;
+        status
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(statuses, [200; 5], "all five open at the endpoint at once (else each times out: 504)");
+    assert!(connections.load(Ordering::SeqCst) >= 3, "two streams per connection: at least three connections");
+}
+
 /// RequestMirror copies to an HTTP/2 mirror that closes its connection in good order (GOAWAY)
 /// go on a new connection, as requests do: every copy arrives. (A copy h2 hands back unsent
 /// is sent again; the window for that is too narrow for this test to hit on purpose.)

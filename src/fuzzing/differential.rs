@@ -193,7 +193,9 @@ pub fn h2_response_against_hyper(data: &[u8]) -> io::Result<()> {
     let Some((&first, script)) = data.split_first() else { return Ok(()) };
     let post = first & 1 == 1;
     let (ours, our_request) = h2_exchange(script, post, |io, request| async move {
-        let Ok(mut client) = crate::upstream::h2::Client::handshake(io, ()).await else { return Read::NoResponse };
+        let Ok(mut client) = crate::upstream::h2::Client::handshake(io, (), None).await else {
+            return Read::NoResponse;
+        };
         let Ok(response) = client.send(request).await else { return Read::NoResponse };
         let (head, mut body) = response.into_parts();
         // The one intended difference: a RST_STREAM(NO_ERROR) before the response's end cuts it

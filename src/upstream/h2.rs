@@ -16,7 +16,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -48,8 +48,8 @@ const MAX_HEADER_LIST: u32 = 64 * 1024;
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// One shared connection to an endpoint; each request uses a clone.
-#[derive(Clone)]
+/// One shared connection to an endpoint; each request uses a handle of its own
+/// ([`Client::reserve`]), holding one of the endpoint's streams.
 pub struct Client {
     /// One handle for all the connection's requests, taken in turn to open a stream: as in
     /// hyper's client, when the endpoint's stream limit is reached at most one stream waits to
@@ -60,17 +60,47 @@ pub struct Client {
     send: Arc<tokio::sync::Mutex<SendRequest<Bytes>>>,
     /// Set when the connection's task ends, or once it takes no new stream (GOAWAY).
     closed: Arc<AtomicBool>,
+    streams: Arc<Streams>,
+    /// A request's handle: its stream's place in `streams`, until its response ends.
+    held: Option<StreamHeld>,
+}
+
+/// The streams the connection's requests hold, against how many the endpoint allows at once
+/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, as h2 last saw it): the pool opens another
+/// connection to the endpoint rather than queue a request behind a full one, as Envoy's pool
+/// does.
+#[derive(Debug)]
+struct Streams {
+    held: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// One stream's place in [`Streams`], given back when dropped (with the response's body).
+#[derive(Debug)]
+struct StreamHeld(Arc<Streams>);
+
+impl Drop for StreamHeld {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Client {
     /// The connection runs on its own task, which holds `slot` (a connection-limit permit, or
-    /// nothing) until it closes. It closes once no clone and no stream is left.
-    pub async fn handshake<S>(io: S, slot: impl Send + 'static) -> Result<Self, h2::Error>
+    /// nothing) until it closes. It closes once no handle and no stream is left. Until the
+    /// endpoint's SETTINGS arrive, up to `expected_streams` streams may be open (what another
+    /// connection to it learnt; else 100): more would be refused by an endpoint allowing fewer.
+    pub async fn handshake<S>(
+        io: S,
+        slot: impl Send + 'static,
+        expected_streams: Option<usize>,
+    ) -> Result<Self, h2::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let expected_streams = expected_streams.unwrap_or(INITIAL_MAX_SEND_STREAMS);
         let (send, connection) = h2::client::Builder::new()
-            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .initial_max_send_streams(expected_streams)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
@@ -89,11 +119,44 @@ impl Client {
             }
             ended.store(true, Ordering::Release);
         });
-        Ok(Self { send: Arc::new(tokio::sync::Mutex::new(send)), closed })
+        let streams = Arc::new(Streams { held: AtomicUsize::new(0), limit: AtomicUsize::new(expected_streams) });
+        Ok(Self { send: Arc::new(tokio::sync::Mutex::new(send)), closed, streams, held: None })
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// A handle for one request, if the endpoint allows one more stream than the connection's
+    /// requests hold.
+    pub fn reserve(&self) -> Option<Self> {
+        let limit = self.streams.limit.load(Ordering::Relaxed);
+        self.streams
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| (held < limit).then_some(held + 1))
+            .ok()?;
+        Some(self.handle())
+    }
+
+    /// A handle for one request even when the endpoint's streams are all held: the request
+    /// waits for one to end (no other connection could be opened).
+    pub fn reserve_waiting(&self) -> Self {
+        self.streams.held.fetch_add(1, Ordering::Relaxed);
+        self.handle()
+    }
+
+    /// How many streams the endpoint allows at once, as last seen.
+    pub fn stream_limit(&self) -> usize {
+        self.streams.limit.load(Ordering::Relaxed)
+    }
+
+    fn handle(&self) -> Self {
+        Self {
+            send: self.send.clone(),
+            closed: self.closed.clone(),
+            streams: self.streams.clone(),
+            held: Some(StreamHeld(self.streams.clone())),
+        }
     }
 
     /// Waits until `send` may open a stream (the last one opened is open). A GOAWAY or a
@@ -133,6 +196,8 @@ impl Client {
             }
             let end_of_stream = body.is_end_stream();
             let opened_stream = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
+            // The endpoint's SETTINGS may have changed it since the last request.
+            self.streams.limit.store(send.current_max_send_streams(), Ordering::Relaxed);
             // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
             // stream): the body's pipe starts, and the next request may wait behind this one,
             // only once it is. A GOAWAY meanwhile fails this wait whether or not the endpoint
@@ -167,7 +232,14 @@ impl Client {
         // application gone, a stream idle timeout), which resets the stream as Envoy does: else
         // a body the endpoint never takes would hold its stream and memory until the endpoint
         // closes the connection.
-        Ok(response.map(|recv| Body { recv, data_done: false, ended: false, remaining: length, cancel_pipe }))
+        Ok(response.map(|recv| Body {
+            recv,
+            data_done: false,
+            ended: false,
+            remaining: length,
+            cancel_pipe,
+            _held: self.held.take(),
+        }))
     }
 }
 
@@ -362,6 +434,10 @@ pub struct Body {
     /// The request body's spawned pipe, told to reset the stream if this response is dropped
     /// before its end.
     cancel_pipe: Option<CancelPipe>,
+    /// The stream's place among those the endpoint allows. Given back with the response: a
+    /// request body still going after it (rare) holds the stream a little longer, and a request
+    /// more than counted then waits in h2 for it.
+    _held: Option<StreamHeld>,
 }
 
 impl Drop for Body {
@@ -422,7 +498,7 @@ mod tests {
         let server = tokio::spawn(async move {
             h2::server::Builder::new().initial_window_size(window).handshake(server_io).await.unwrap()
         });
-        let client = Client::handshake(client_io, ()).await.unwrap();
+        let client = Client::handshake(client_io, (), None).await.unwrap();
         (client, server.await.unwrap())
     }
 
@@ -636,13 +712,39 @@ mod tests {
         assert_eq!(error.expect("the cut response ended without an error").reason(), Some(Reason::NO_ERROR));
     }
 
+    /// A request's handle holds one of the streams the endpoint allows from when the pool
+    /// hands it out until its response is dropped; at the limit the pool gets none (and opens
+    /// another connection), and a handle given up before its request gives its place back.
+    #[tokio::test]
+    async fn a_handle_holds_a_stream_until_its_response_is_dropped() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(server_io).await.unwrap();
+            while let Some(Ok((_, mut respond))) = server.accept().await {
+                let _ = respond.send_response(http::Response::new(()), false).map(std::mem::forget);
+            }
+        });
+        let client = Client::handshake(client_io, (), Some(1)).await.unwrap();
+        assert_eq!(client.stream_limit(), 1, "until the endpoint's SETTINGS: another connection's limit");
+        let given_up = client.reserve().expect("a stream is free");
+        assert!(client.reserve().is_none(), "the endpoint's one stream is held");
+        drop(given_up);
+        let mut first = client.reserve().expect("a handle given up gives its stream back");
+        let empty = RequestBody::empty(UpstreamHandle::detached(), None);
+        let response = first.send(Request::get("http://endpoint/").body(empty).unwrap()).await.unwrap();
+        drop(first);
+        assert!(client.reserve().is_none(), "the response holds the stream");
+        drop(response);
+        assert!(client.reserve().is_some(), "a dropped response gives it back");
+    }
+
     /// After the endpoint's GOAWAY, while an earlier stream still holds the connection open,
     /// a new request fails without being sent, comes back whole for another connection, and
     /// the connection counts as closed, so the pool opens another for the next request.
     #[tokio::test]
     async fn a_goaway_closes_the_connection_for_new_requests() {
         let (mut client, mut server) = pair(65_535).await;
-        let pooled = client.clone();
+        let pooled = client.reserve_waiting();
         let (first_answered, answered) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let (_request, mut respond) = server.accept().await.unwrap().unwrap();
@@ -691,7 +793,7 @@ mod tests {
         let server = tokio::spawn(async move {
             h2::server::Builder::new().max_concurrent_streams(1).handshake(server_io).await.unwrap()
         });
-        let client = Client::handshake(client_io, ()).await.unwrap();
+        let client = Client::handshake(client_io, (), None).await.unwrap();
         let mut server: h2::server::Connection<_, Bytes> = server.await.unwrap();
         let (accepted_tx, accepted) = mpsc::unbounded_channel();
         let (read_tx, read) = mpsc::unbounded_channel();
@@ -714,7 +816,7 @@ mod tests {
             }
         });
         // An answered request first, so the client has the endpoint's SETTINGS (one stream).
-        client.clone().send(get("/first")).await.unwrap();
+        client.reserve_waiting().send(get("/first")).await.unwrap();
         OneStreamEndpoint { client, accepted, read, release: Some(release_tx) }
     }
 
@@ -726,7 +828,7 @@ mod tests {
 
     /// `request` sent on a clone of `client` in a task of its own.
     fn spawn_send(client: &Client, request: Request<RequestBody>) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
-        let mut client = client.clone();
+        let mut client = client.reserve_waiting();
         tokio::spawn(async move { client.send(request).await.map(|_| ()) })
     }
 
@@ -745,13 +847,13 @@ mod tests {
         assert_eq!(endpoint.accepted.recv().await.as_deref(), Some("/first"));
         assert_eq!(endpoint.accepted.recv().await.as_deref(), Some("/held"));
         for path in ["/queued", "/given-up-1", "/given-up-2"] {
-            let mut waiting = endpoint.client.clone();
+            let mut waiting = endpoint.client.reserve_waiting();
             let send = tokio::time::timeout(std::time::Duration::from_millis(20), waiting.send(get(path)));
             assert!(send.await.is_err(), "{path} was answered while the only stream was held");
         }
         endpoint.release.take().unwrap().send(()).unwrap();
         held.await.unwrap().unwrap();
-        endpoint.client.clone().send(get("/last")).await.unwrap();
+        endpoint.client.reserve_waiting().send(get("/last")).await.unwrap();
         let later = drain(&mut endpoint.accepted);
         assert!(
             later.iter().all(|p| !p.starts_with("/given-up")),

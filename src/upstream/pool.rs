@@ -358,7 +358,9 @@ struct Shard {
 
 type FastHash = foldhash::fast::RandomState;
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<(super::h2::Client, Instant)>>>;
+/// A key's HTTP/2 connections, each with when it was opened: one, unless the endpoint's stream
+/// limit made the pool open more.
+type H2Slot = Arc<tokio::sync::Mutex<Vec<(super::h2::Client, Instant)>>>;
 /// Idle HTTP/1 connections of one kind, each with when it became idle.
 type IdleMap<C> = Mutex<HashMap<PoolKey, Vec<(C, Instant)>, FastHash>>;
 
@@ -581,11 +583,13 @@ impl Pool {
             && !conn.closed()
     }
 
-    /// The shared HTTP/2 connection for `key`, connecting (once, for all waiters) if there is
-    /// none or it closed.
+    /// A stream on one of `key`'s shared HTTP/2 connections, connecting (once, for all waiters)
+    /// when there is none, or when all hold as many streams as their endpoint allows at once
+    /// (as Envoy's pool does). If that connection cannot be had (a limit, a failed connect), the
+    /// request waits for a stream on one that is open.
     pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<super::h2::Client, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<usize>) -> Fut,
         Fut: Future<Output = Result<super::h2::Client, E>>,
     {
         // A request begun under an earlier TLS client gets a connection of its own, not kept.
@@ -593,14 +597,21 @@ impl Pool {
             Ok(mut map) if self.current(key) => map.entry(key.clone()).or_default().clone(),
             _ => H2Slot::default(),
         };
-        let mut current = slot.lock().await;
-        if let Some((sender, _)) = current.as_ref().filter(|(s, opened)| !s.is_closed() && self.young(*opened)) {
-            return Ok(sender.clone());
+        let mut open = slot.lock().await;
+        // A closed or old connection is only forgotten: it closes once its last stream ends.
+        open.retain(|(client, opened)| !client.is_closed() && self.young(*opened));
+        if let Some(stream) = open.iter().find_map(|(client, _)| client.reserve()) {
+            return Ok(stream);
         }
-        // An old connection is only forgotten: it closes once its last stream ends.
-        let sender = connect().await?;
-        *current = Some((sender.clone(), Instant::now()));
-        Ok(sender)
+        // Another connection to the endpoint knows how many streams it allows.
+        match connect(open.first().map(|(client, _)| client.stream_limit())).await {
+            Ok(client) => {
+                let stream = client.reserve_waiting();
+                open.push((client, Instant::now()));
+                Ok(stream)
+            }
+            Err(error) => open.first().map(|(client, _)| client.reserve_waiting()).ok_or(error),
+        }
     }
 
     /// Forgets every pooled connection (idle HTTP/1 ones close; shared HTTP/2 ones close once
@@ -628,7 +639,7 @@ impl Pool {
             self.sweep_idle(&shard.h1);
             self.sweep_idle(&shard.own);
             if let Ok(mut h2) = shard.h2.lock() {
-                h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|(s, _)| !s.is_closed())));
+                h2.retain(|_, slot| slot.try_lock().map_or(true, |open| open.iter().any(|(c, _)| !c.is_closed())));
             }
         }
         // A pool with nothing idle and no shared connection is gone. A key's connections are
@@ -714,7 +725,7 @@ mod tests {
         };
         let map = IdleMap::<Idle>::default();
         let h2_kept = |tls| pool.shard().h2.lock().unwrap().contains_key(&key(tls));
-        let no_h2 = || async { Err::<super::super::h2::Client, ()>(()) };
+        let no_h2 = |_| async { Err::<super::super::h2::Client, ()>(()) };
         pool.use_tls(old);
         pool.put(&map, key(old), Idle(Instant::now()));
         assert!(pool.take(&map, &key(old)).is_some(), "the client in force pools its connections");

@@ -155,10 +155,10 @@ pub(super) async fn shared_h2(
     target: &Target,
     tls: Option<TlsSetup<'_>>,
 ) -> Result<Sender, ConnectError> {
-    let connect = || {
-        Box::pin(async {
+    let connect = |expected_streams| {
+        Box::pin(async move {
             let connected = open(upstream, key, target, tls).await?;
-            h2::Client::handshake(connected.stream, connected.slot)
+            h2::Client::handshake(connected.stream, connected.slot, expected_streams)
                 .await
                 .map_err(|e| handshake_error(upstream, target, e))
         })
