@@ -720,6 +720,80 @@ async fn downloads_nobody_reads_do_not_stall_the_shared_endpoint_connection() {
     drop(stalled);
 }
 
+/// An upload whose HTTP/2 endpoint answers it whole at once (trailers included, as a gRPC
+/// endpoint refusing a client-streaming call) and never opens a window for all of its body is
+/// cut once the answer has reached the application, as Envoy's router cuts it:
+/// the endpoint's stream is reset (`CANCEL`), the application's HTTP/2 stream too (`NO_ERROR`,
+/// RFC 9113 §8.1), and its HTTP/1 connection closes after the answer. Before, the body's next
+/// frame waited for the window in the proxy, holding the endpoint's stream and the body's
+/// memory until the endpoint closed its connection, whatever the application did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_an_http2_endpoint_answered_whole_is_cut() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let (reset_tx, mut resets) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let reset_tx = reset_tx.clone();
+            tokio::spawn(async move {
+                let handshake = h2::server::Builder::new().initial_window_size(0).handshake::<_, bytes::Bytes>(socket);
+                let Ok(mut connection) = handshake.await else { return };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    // With trailers, as a gRPC endpoint refusing a client-streaming call early:
+                    // the response is read to its very end (a response ending with its last
+                    // data frame is dropped before that, and its upload was already cut).
+                    if let Ok(mut answer) = respond.send_response(http::Response::new(()), false) {
+                        let _ = answer.send_data(bytes::Bytes::from_static(b"answered"), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("7"));
+                        let _ = answer.send_trailers(trailers);
+                    }
+                    let reset_tx = reset_tx.clone();
+                    // What the first window (h2's default until SETTINGS arrive) lets through
+                    // is read; no capacity is released: the rest cannot come.
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let end = loop {
+                            match body.data().await {
+                                Some(Ok(_)) => continue,
+                                Some(Err(error)) => break error.reason(),
+                                None => break None,
+                            }
+                        };
+                        let _ = reset_tx.send(end);
+                    });
+                }
+            });
+        }
+    });
+    let (outbound, _dir, config) = single_service("answered", "http2", at.port());
+    let _proxy = start(options(config)).await;
+    // More than any window the endpoint opens.
+    let chunk = bytes::Bytes::from(vec![b'u'; 0x20000]);
+
+    // An HTTP/2 application, whose upload is still going.
+    let (mut send, connection) = h2::client::handshake(TcpStream::connect(outbound).await.unwrap()).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("http://answered/upload").body(()).unwrap();
+    let (response, mut upload) = send.send_request(request, false).unwrap();
+    upload.send_data(chunk.clone(), false).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    let reset = tokio::time::timeout(Duration::from_secs(10), resets.recv()).await;
+    assert_eq!(reset.expect("the endpoint's stream was not reset"), Some(Some(h2::Reason::CANCEL)));
+    let reset = tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| upload.poll_reset(cx))).await;
+    assert_eq!(reset.expect("the application's stream was not reset").unwrap(), h2::Reason::NO_ERROR);
+
+    // An HTTP/1 application, whose upload is still going.
+    let mut app = TcpStream::connect(outbound).await.unwrap();
+    app.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n20000\r\n").await.unwrap();
+    app.write_all(&chunk).await.unwrap();
+    app.write_all(b"\r\n").await.unwrap();
+    let reset = tokio::time::timeout(Duration::from_secs(10), resets.recv()).await;
+    assert_eq!(reset.expect("the endpoint's stream was not reset"), Some(Some(h2::Reason::CANCEL)));
+    let answer = closed_by_proxy(app).await.expect("the application's connection stayed open");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+}
+
 /// An HTTP/2 endpoint's response headers of up to 64 KiB pass (as `--max-header-bytes` for
 /// requests; Envoy's default is 60 KiB), more get 502. Before, hyper's 16 KiB refused a 20 KiB
 /// header, and a refusal was a 503.

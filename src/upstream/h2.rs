@@ -11,7 +11,10 @@
 //! all there yet; unlike hyper, a body's last frame is handed to h2 without waiting for the
 //! window), the response body's capacity released as it is read, and `RST_STREAM(NO_ERROR)`
 //! after a complete response ending nothing but the request (one before the response's end
-//! cuts it short, an error).
+//! cuts it short, an error). Unlike hyper, a request body still on its way when its response
+//! is dropped (read whole, or given up) is cut and the stream reset, as Envoy does. And a
+//! request's handle holds one of the streams the endpoint allows at once, so the pool can open
+//! another connection rather than queue it.
 //! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
 
 use std::future::{poll_fn, Future};
@@ -213,32 +216,33 @@ impl Client {
         };
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
-        let mut cancel_pipe = None;
+        let mut pipe_guard = None;
         if !body.is_end_stream() {
             let mut pipe = Pipe { body, stream, data: None };
             match poll_fn(|cx| Poll::Ready(pipe.poll_send(cx))).await {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(error)) => tracing::debug!(%error, "request body not sent to the endpoint"),
                 Poll::Pending => {
-                    let (cancel, cancelled) = oneshot::channel();
-                    cancel_pipe = Some(CancelPipe(Some(cancel)));
-                    tokio::spawn(Box::pin(SpawnedPipe { pipe, cancelled: Some(cancelled) }));
+                    let (guard, dropped) = oneshot::channel();
+                    pipe_guard = Some(guard);
+                    tokio::spawn(Box::pin(SpawnedPipe { pipe, dropped }));
                 }
             }
         }
         let response = response.await?;
         let length = content_length(response.headers());
-        // Answered: the pipe goes on, unless the response is dropped before its end (the
-        // application gone, a stream idle timeout), which resets the stream as Envoy does: else
-        // a body the endpoint never takes would hold its stream and memory until the endpoint
-        // closes the connection.
+        // Answered: the pipe goes on until the response is dropped (read to its end, the
+        // application gone, a stream idle timeout), which resets the stream if the body is still
+        // on its way, as Envoy's router does (`allow_multiplexed_upstream_half_close` is off by
+        // default): else a body the endpoint never takes would hold its stream and memory until
+        // the endpoint closes the connection.
+        let held = self.held.take();
         Ok(response.map(|recv| Body {
             recv,
             data_done: false,
-            ended: false,
             remaining: length,
-            cancel_pipe,
-            _held: self.held.take(),
+            _pipe_guard: pipe_guard,
+            _held: held,
         }))
     }
 }
@@ -295,16 +299,6 @@ fn reset_reason(error: &BodyError) -> Reason {
 /// values differ (h2 itself refuses a body that does not match it).
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     super::h1::content_length(headers).ok().flatten()
-}
-
-struct CancelPipe(Option<oneshot::Sender<()>>);
-
-impl Drop for CancelPipe {
-    fn drop(&mut self) {
-        if let Some(cancel) = self.0.take() {
-            let _ = cancel.send(());
-        }
-    }
 }
 
 /// The request body on its way to the stream.
@@ -397,24 +391,17 @@ impl Pipe {
 /// A pipe that outlived its first pass, in a task of its own.
 struct SpawnedPipe {
     pipe: Pipe,
-    /// Fires when the request was given up before its response.
-    cancelled: Option<oneshot::Receiver<()>>,
+    /// Ready once the request or its response is dropped (its sender is `Body`'s `_pipe_guard`).
+    dropped: oneshot::Receiver<()>,
 }
 
 impl Future for SpawnedPipe {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if let Some(cancelled) = self.cancelled.as_mut() {
-            match Pin::new(cancelled).poll(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.pipe.stream.send_reset(Reason::CANCEL);
-                    return Poll::Ready(());
-                }
-                // Answered: the body goes on.
-                Poll::Ready(Err(_)) => self.cancelled = None,
-                Poll::Pending => {}
-            }
+        if Pin::new(&mut self.dropped).poll(cx).is_ready() {
+            self.pipe.stream.send_reset(Reason::CANCEL);
+            return Poll::Ready(());
         }
         if let Err(error) = ready!(self.pipe.poll_send(cx)) {
             tracing::debug!(%error, "request body not sent to the endpoint");
@@ -427,27 +414,13 @@ impl Future for SpawnedPipe {
 pub struct Body {
     recv: RecvStream,
     data_done: bool,
-    /// The response was read to its end (its trailers, or its end without them).
-    ended: bool,
     /// What `Content-Length` says is left.
     remaining: Option<u64>,
-    /// The request body's spawned pipe, told to reset the stream if this response is dropped
-    /// before its end.
-    cancel_pipe: Option<CancelPipe>,
-    /// The stream's place among those the endpoint allows. Given back with the response: a
-    /// request body still going after it (rare) holds the stream a little longer, and a request
-    /// more than counted then waits in h2 for it.
+    /// Dropped with the response, it tells the request body's spawned pipe to reset the stream.
+    _pipe_guard: Option<oneshot::Sender<()>>,
+    /// The stream's place among those the endpoint allows, given back with the response (any
+    /// request body still on its way is then cut).
     _held: Option<StreamHeld>,
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        if let Some(mut guard) = self.cancel_pipe.take() {
-            if self.ended {
-                guard.0 = None; // a whole response: the request body may still go on
-            }
-        }
-    }
 }
 
 impl Body {
@@ -466,9 +439,7 @@ impl Body {
                 None => self.data_done = true,
             }
         }
-        let trailers = ready!(self.recv.poll_trailers(cx));
-        self.ended = trailers.is_ok();
-        match trailers {
+        match ready!(self.recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
             Err(error) => Poll::Ready(Some(Err(error))),
@@ -624,28 +595,34 @@ mod tests {
         drop(tx);
     }
 
-    /// A response dropped before its end (the application gone, a stream idle timeout) while
-    /// the request body still waits for a window the endpoint never opens resets the stream:
-    /// the endpoint's stream slot and the body's memory are not held until the connection
-    /// closes. Before, the answered pipe waited on.
+    /// A response dropped, before its end (the application gone, a stream idle timeout) or
+    /// after it, while the request body still waits for a window the endpoint never opens
+    /// resets the stream: the endpoint's stream slot and the body's memory are not held until
+    /// the connection closes. Before, the answered pipe waited on, after a whole response too.
     #[tokio::test]
-    async fn a_response_dropped_before_its_end_resets_a_waiting_upload() {
-        let (mut client, mut server) = pair(0).await;
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(Copied::Data(Bytes::from_static(b"never taken"))).await.unwrap();
-        let endpoint = tokio::spawn(async move {
-            let (request, mut respond) = server.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while server.accept().await.is_some() {} });
-            let _open = respond.send_response(http::Response::new(()), false).unwrap();
-            // Never read, and the window is 0: the body cannot move.
-            let mut body = request.into_body();
-            body.data().await.and_then(|r| r.err()).and_then(|e| e.reason())
-        });
-        let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
-        drop(response);
-        let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
-        assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL));
-        drop(tx);
+    async fn a_response_dropped_resets_a_waiting_upload() {
+        for whole in [false, true] {
+            let (mut client, mut server) = pair(0).await;
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(Copied::Data(Bytes::from_static(b"never taken"))).await.unwrap();
+            let endpoint = tokio::spawn(async move {
+                let (request, mut respond) = server.accept().await.unwrap().unwrap();
+                tokio::spawn(async move { while server.accept().await.is_some() {} });
+                let _open = respond.send_response(http::Response::new(()), whole).unwrap();
+                // Never read, and the window is 0: the body cannot move.
+                let mut body = request.into_body();
+                body.data().await.and_then(|r| r.err()).and_then(|e| e.reason())
+            });
+            let response = client.send(post(RequestBody::mirror(rx, UpstreamHandle::detached()))).await.unwrap();
+            let mut body = response.into_body();
+            if whole {
+                assert!(poll_fn(|cx| body.poll_frame(cx)).await.is_none(), "the response ends");
+            }
+            drop(body);
+            let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
+            assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL), "whole: {whole}");
+            drop(tx);
+        }
     }
 
     /// An endpoint that answers the first request with a head, then, once told, with `data`
