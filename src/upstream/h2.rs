@@ -76,6 +76,8 @@ pub struct Client {
 struct Streams {
     held: AtomicUsize,
     limit: AtomicUsize,
+    /// A stream was taken since the pool's sweeper last asked ([`Client::idle_since_last_asked`]).
+    used: AtomicBool,
 }
 
 /// One stream's place in [`Streams`], given back when dropped (with the response's body).
@@ -122,7 +124,11 @@ impl Client {
             }
             ended.store(true, Ordering::Release);
         });
-        let streams = Arc::new(Streams { held: AtomicUsize::new(0), limit: AtomicUsize::new(expected_streams) });
+        let streams = Arc::new(Streams {
+            held: AtomicUsize::new(0),
+            limit: AtomicUsize::new(expected_streams),
+            used: AtomicBool::new(false),
+        });
         Ok(Self { send: Arc::new(tokio::sync::Mutex::new(send)), closed, streams, held: None })
     }
 
@@ -153,7 +159,14 @@ impl Client {
         self.streams.limit.load(Ordering::Relaxed)
     }
 
+    /// No request holds a stream, and none took one since the last time this was asked.
+    pub fn idle_since_last_asked(&self) -> bool {
+        let used = self.streams.used.swap(false, Ordering::Relaxed);
+        !used && self.streams.held.load(Ordering::Relaxed) == 0
+    }
+
     fn handle(&self) -> Self {
+        self.streams.used.store(true, Ordering::Relaxed);
         Self {
             send: self.send.clone(),
             closed: self.closed.clone(),

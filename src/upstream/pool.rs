@@ -358,9 +358,16 @@ struct Shard {
 
 type FastHash = foldhash::fast::RandomState;
 
-/// A key's HTTP/2 connections, each with when it was opened: one, unless the endpoint's stream
-/// limit made the pool open more.
-type H2Slot = Arc<tokio::sync::Mutex<Vec<(super::h2::Client, Instant)>>>;
+/// A key's HTTP/2 connections: one, unless the endpoint's stream limit made the pool open more.
+type H2Slot = Arc<tokio::sync::Mutex<Vec<H2Conn>>>;
+
+/// A shared HTTP/2 connection in the pool.
+struct H2Conn {
+    client: super::h2::Client,
+    opened: Instant,
+    /// When the sweeper last saw it used: one unused for the idle timeout is closed.
+    used_at: Instant,
+}
 /// Idle HTTP/1 connections of one kind, each with when it became idle.
 type IdleMap<C> = Mutex<HashMap<PoolKey, Vec<(C, Instant)>, FastHash>>;
 
@@ -599,18 +606,19 @@ impl Pool {
         };
         let mut open = slot.lock().await;
         // A closed or old connection is only forgotten: it closes once its last stream ends.
-        open.retain(|(client, opened)| !client.is_closed() && self.young(*opened));
-        if let Some(stream) = open.iter().find_map(|(client, _)| client.reserve()) {
+        open.retain(|conn| !conn.client.is_closed() && self.young(conn.opened));
+        if let Some(stream) = open.iter().find_map(|conn| conn.client.reserve()) {
             return Ok(stream);
         }
         // Another connection to the endpoint knows how many streams it allows.
-        match connect(open.first().map(|(client, _)| client.stream_limit())).await {
+        match connect(open.first().map(|conn| conn.client.stream_limit())).await {
             Ok(client) => {
                 let stream = client.reserve_waiting();
-                open.push((client, Instant::now()));
+                let now = Instant::now();
+                open.push(H2Conn { client, opened: now, used_at: now });
                 Ok(stream)
             }
-            Err(error) => open.first().map(|(client, _)| client.reserve_waiting()).ok_or(error),
+            Err(error) => open.first().map(|conn| conn.client.reserve_waiting()).ok_or(error),
         }
     }
 
@@ -633,13 +641,30 @@ impl Pool {
         }
     }
 
-    /// Closes idle HTTP/1 connections past the idle timeout and forgets closed HTTP/2 ones.
+    /// Closes idle HTTP/1 connections past the idle timeout, forgets closed HTTP/2 ones and
+    /// closes those no request used for the idle timeout (as Envoy's pool; before, they stayed
+    /// open until the endpoint closed them, and those a burst beyond an endpoint's stream limit
+    /// opened would have stayed all).
     pub fn sweep(&self) {
+        let idle_timeout = Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed));
+        let now = Instant::now();
         for shard in self.each_shard() {
             self.sweep_idle(&shard.h1);
             self.sweep_idle(&shard.own);
             if let Ok(mut h2) = shard.h2.lock() {
-                h2.retain(|_, slot| slot.try_lock().map_or(true, |open| open.iter().any(|(c, _)| !c.is_closed())));
+                h2.retain(|_, slot| {
+                    // Busy with a new connection: looked at on the next sweep.
+                    let Ok(mut open) = slot.try_lock() else { return true };
+                    open.retain_mut(|conn| {
+                        let used = !conn.client.idle_since_last_asked();
+                        if used {
+                            conn.used_at = now;
+                        }
+                        let idle_for = now.saturating_duration_since(conn.used_at);
+                        !conn.client.is_closed() && (used || idle_for < idle_timeout)
+                    });
+                    !open.is_empty()
+                });
             }
         }
         // A pool with nothing idle and no shared connection is gone. A key's connections are
@@ -742,6 +767,45 @@ mod tests {
         assert!(!h2_kept(old));
         assert!(pool.h2(&key(new), no_h2).await.is_err());
         assert!(h2_kept(new));
+    }
+
+    /// The sweeper closes an HTTP/2 connection no request used for the idle timeout (here 0:
+    /// any time unused counts), and keeps one a request holds a stream of, or took one of
+    /// since the last sweep. Before, an HTTP/2 connection stayed until the endpoint closed it.
+    #[tokio::test]
+    async fn an_http2_connection_unused_for_the_idle_timeout_is_closed() {
+        let pool = Pool::with_shards(Duration::ZERO, 1);
+        let key = PoolKey {
+            target: TargetAddr::Socket("127.0.0.1:443".parse().unwrap()),
+            endpoint: 0,
+            tls: TlsIdentity::default(),
+            http2: true,
+            worker: worker::slot(),
+        };
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let endpoint = tokio::spawn(async move {
+            let mut server = h2::server::Builder::new().handshake::<_, Bytes>(server_io).await.unwrap();
+            while let Some(Ok(_)) = server.accept().await {}
+        });
+        let connect = |_| super::super::h2::Client::handshake(client_io, (), None);
+        let stream = pool.h2(&key, connect).await.unwrap();
+        let kept = || {
+            pool.shard()
+                .h2
+                .lock()
+                .unwrap()
+                .get(&key)
+                .is_some_and(|slot| slot.try_lock().is_ok_and(|open| !open.is_empty()))
+        };
+        pool.sweep();
+        assert!(kept(), "used since the last sweep");
+        pool.sweep();
+        assert!(kept(), "a request holds a stream");
+        drop(stream);
+        pool.sweep();
+        assert!(!kept(), "unused since the last sweep, for the idle timeout");
+        // No handle left: the connection closes, and the endpoint's accept loop ends.
+        tokio::time::timeout(Duration::from_secs(10), endpoint).await.expect("the connection stayed open").unwrap();
     }
 
     /// Two workers and the control plane each get their own shard, on a cache line of its own:
