@@ -223,7 +223,8 @@ struct RunArgs {
     /// for none (Kuma's MeshTimeout default is 15s). A gRPC `grpc-timeout` shorter than this wins.
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
     request_timeout: Duration,
-    /// Idle pooled HTTP/1 connections to endpoints are closed after this long, `0s` for never
+    /// Idle pooled HTTP/1 connections to endpoints, and HTTP/2 ones no request used, are closed
+    /// after this long, `0s` for never
     /// (as MeshTimeout's `idleTimeout: 0s`; Kuma's default: 1h).
     #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     idle_timeout: Duration,

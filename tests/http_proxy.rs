@@ -211,6 +211,104 @@ async fn requests_beyond_an_endpoint_s_stream_limit_go_on_another_connection() {
     assert!(connections.load(Ordering::SeqCst) >= 3, "two streams per connection: at least three connections");
 }
 
+/// What the test tells every connection of [`held_streams_endpoint`] to do.
+#[derive(Clone, Copy, Debug)]
+enum Command {
+    /// End one of its held responses.
+    ReleaseOne,
+    /// Send GOAWAY (a graceful shutdown), its held responses going on.
+    GoAway,
+}
+
+/// An HTTP/2 endpoint allowing `max_streams` streams per connection, holding `/hold`
+/// responses open after their head until told, and answering the rest at once. It counts its
+/// connections.
+async fn held_streams_endpoint(
+    max_streams: u32,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::broadcast::Sender<Command>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (commands, _) = tokio::sync::broadcast::channel(16);
+    let (counted, told) = (connections.clone(), commands.clone());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut commands = told.subscribe();
+            tokio::spawn(async move {
+                let handshake =
+                    h2::server::Builder::new().max_concurrent_streams(max_streams).handshake::<_, Bytes>(socket);
+                let Ok(mut connection) = handshake.await else { return };
+                let mut held = Vec::new();
+                loop {
+                    tokio::select! {
+                        accepted = connection.accept() => {
+                            let Some(Ok((request, mut respond))) = accepted else { return };
+                            let hold = request.uri().path() == "/hold";
+                            if let Ok(stream) = respond.send_response(http::Response::new(()), !hold) {
+                                if hold {
+                                    held.push(stream);
+                                }
+                            }
+                        }
+                        command = commands.recv() => match command {
+                            Ok(Command::ReleaseOne) => {
+                                if let Some(mut stream) = held.pop() {
+                                    let _ = stream.send_data(Bytes::new(), true);
+                                }
+                            }
+                            Ok(Command::GoAway) => connection.graceful_shutdown(),
+                            Err(_) => return,
+                        },
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections, commands)
+}
+
+/// A burst leaves several connections to an HTTP/2 endpoint, each with a stream free; the
+/// endpoint then closes them all in good order (GOAWAY, as on a restart). A request handed
+/// back unsent by one goes on to the next, and on to a new connection: it is answered. Before,
+/// it went on one more connection only, which was closing too: 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_goes_past_every_connection_an_endpoint_is_closing() {
+    let (addr, connections, commands) = held_streams_endpoint(2).await;
+    let outbound = free_addr("127.0.0.1");
+    let (_dir, config) =
+        config_dir(&service_with_protocol("restarting", "http2", outbound, &endpoint("127.0.0.1", addr.port(), 0), ""));
+    let _proxy = start(options(config)).await;
+    // The endpoint's SETTINGS arrive after the connection's first request may have gone.
+    for _ in 0..2 {
+        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200);
+    }
+    // Four held responses: two connections of two streams each.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let response = h1(outbound).await.send_request(get("/hold", &[("host", "a")])).await.unwrap();
+        assert_eq!(response.status(), 200);
+        held.push(tokio::spawn(text(response)));
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    // One stream free on each, then both closing.
+    commands.send(Command::ReleaseOne).unwrap();
+    eventually("one held response ended per connection", Duration::from_secs(10), || async {
+        held.iter().filter(|response| response.is_finished()).count() == 2
+    })
+    .await;
+    commands.send(Command::GoAway).unwrap();
+    // Time for the GOAWAYs to reach the proxy. A request sent before one arrives is still
+    // taken (h2's graceful shutdown takes streams until its second GOAWAY): this can only
+    // make the test pass without the change, never fail with it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+    assert_eq!(status, 200, "the request found a connection the endpoint is not closing");
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    drop(held);
+}
+
 /// RequestMirror copies to an HTTP/2 mirror that closes its connection in good order (GOAWAY)
 /// go on a new connection, as requests do: every copy arrives. (A copy h2 hands back unsent
 /// is sent again; the window for that is too narrow for this test to hit on purpose.)

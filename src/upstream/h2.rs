@@ -64,12 +64,13 @@ pub struct Client {
     /// Set when the connection's task ends, or once it takes no new stream (GOAWAY).
     closed: Arc<AtomicBool>,
     streams: Arc<Streams>,
-    /// A request's handle: its stream's place in `streams`, until its response ends.
+    /// A request's handle: its stream's place in `streams`, until its response is dropped.
     held: Option<StreamHeld>,
 }
 
 /// The streams the connection's requests hold, against how many the endpoint allows at once
-/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, as h2 last saw it): the pool opens another
+/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, as read after the connection's last new stream;
+/// at least 1, so a connection an endpoint once allowed none is tried again): the pool opens another
 /// connection to the endpoint rather than queue a request behind a full one, as Envoy's pool
 /// does.
 #[derive(Debug)]
@@ -103,7 +104,7 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let expected_streams = expected_streams.unwrap_or(INITIAL_MAX_SEND_STREAMS);
+        let expected_streams = expected_streams.unwrap_or(INITIAL_MAX_SEND_STREAMS).max(1);
         let (send, connection) = h2::client::Builder::new()
             .initial_max_send_streams(expected_streams)
             .initial_window_size(STREAM_WINDOW)
@@ -157,6 +158,11 @@ impl Client {
     /// How many streams the endpoint allows at once, as last seen.
     pub fn stream_limit(&self) -> usize {
         self.streams.limit.load(Ordering::Relaxed)
+    }
+
+    /// How many streams the connection's requests hold.
+    pub fn streams_held(&self) -> usize {
+        self.streams.held.load(Ordering::Relaxed)
     }
 
     /// No request holds a stream, and none took one since the last time this was asked.
@@ -213,7 +219,7 @@ impl Client {
             let end_of_stream = body.is_end_stream();
             let opened_stream = send.send_request(Request::from_parts(parts, ()), end_of_stream)?;
             // The endpoint's SETTINGS may have changed it since the last request.
-            self.streams.limit.store(send.current_max_send_streams(), Ordering::Relaxed);
+            self.streams.limit.store(send.current_max_send_streams().max(1), Ordering::Relaxed);
             // As hyper, nothing else waits on a stream until it is open (h2 keeps one waker per
             // stream): the body's pipe starts, and the next request may wait behind this one,
             // only once it is. A GOAWAY meanwhile fails this wait whether or not the endpoint
@@ -229,16 +235,16 @@ impl Client {
         };
         // Dropped with this future before the response (a timeout, the application gone), the
         // guard tells a spawned pipe to reset the stream.
-        let mut pipe_guard = None;
+        let mut upload = Upload::Done;
         if !body.is_end_stream() {
             let mut pipe = Pipe { body, stream, data: None };
             match poll_fn(|cx| Poll::Ready(pipe.poll_send(cx))).await {
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(())) => upload = Upload::Queued(pipe.stream),
                 Poll::Ready(Err(error)) => tracing::debug!(%error, "request body not sent to the endpoint"),
                 Poll::Pending => {
                     let (guard, dropped) = oneshot::channel();
-                    pipe_guard = Some(guard);
-                    tokio::spawn(Box::pin(SpawnedPipe { pipe, dropped }));
+                    upload = Upload::Piped(guard);
+                    tokio::spawn(Box::pin(SpawnedPipe { pipe, dropped, sent: false }));
                 }
             }
         }
@@ -250,13 +256,7 @@ impl Client {
         // default): else a body the endpoint never takes would hold its stream and memory until
         // the endpoint closes the connection.
         let held = self.held.take();
-        Ok(response.map(|recv| Body {
-            recv,
-            data_done: false,
-            remaining: length,
-            _pipe_guard: pipe_guard,
-            _held: held,
-        }))
+        Ok(response.map(|recv| Body { recv, data_done: false, remaining: length, upload, _held: held }))
     }
 }
 
@@ -404,8 +404,10 @@ impl Pipe {
 /// A pipe that outlived its first pass, in a task of its own.
 struct SpawnedPipe {
     pipe: Pipe,
-    /// Ready once the request or its response is dropped (its sender is `Body`'s `_pipe_guard`).
+    /// Ready once the request or its response is dropped (its sender is `Upload::Piped`).
     dropped: oneshot::Receiver<()>,
+    /// All handed to h2: waiting only to cut a last frame h2 may still hold.
+    sent: bool,
 }
 
 impl Future for SpawnedPipe {
@@ -416,10 +418,19 @@ impl Future for SpawnedPipe {
             self.pipe.stream.send_reset(Reason::CANCEL);
             return Poll::Ready(());
         }
-        if let Err(error) = ready!(self.pipe.poll_send(cx)) {
-            tracing::debug!(%error, "request body not sent to the endpoint");
+        if self.sent {
+            return Poll::Pending;
         }
-        Poll::Ready(())
+        match ready!(self.pipe.poll_send(cx)) {
+            Ok(()) => {
+                self.sent = true;
+                Poll::Pending // woken by `dropped`, polled above
+            }
+            Err(error) => {
+                tracing::debug!(%error, "request body not sent to the endpoint");
+                Poll::Ready(())
+            }
+        }
     }
 }
 
@@ -429,11 +440,30 @@ pub struct Body {
     data_done: bool,
     /// What `Content-Length` says is left.
     remaining: Option<u64>,
-    /// Dropped with the response, it tells the request body's spawned pipe to reset the stream.
-    _pipe_guard: Option<oneshot::Sender<()>>,
-    /// The stream's place among those the endpoint allows, given back with the response (any
-    /// request body still on its way is then cut).
+    /// The request body, cut when the response is dropped if still on its way.
+    upload: Upload,
+    /// The stream's place among those the endpoint allows, given back with the response.
     _held: Option<StreamHeld>,
+}
+
+/// Where the request body is when its response comes.
+enum Upload {
+    /// All sent, or there was none.
+    Done,
+    /// All handed to h2, which may hold its last frame until the endpoint's window opens.
+    Queued(SendStream<Bytes>),
+    /// Still being piped by a task of its own, told to cut it when this is dropped.
+    Piped(#[allow(dead_code)] oneshot::Sender<()>),
+}
+
+impl Drop for Body {
+    /// A last frame h2 still holds is dropped and the stream reset (h2 sends nothing for a
+    /// stream closed with nothing left to send).
+    fn drop(&mut self) {
+        if let Upload::Queued(stream) = &mut self.upload {
+            stream.send_reset(Reason::CANCEL);
+        }
+    }
 }
 
 impl Body {
@@ -636,6 +666,32 @@ mod tests {
             assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL), "whole: {whole}");
             drop(tx);
         }
+    }
+
+    /// A body handed to h2 whole, its last frame waiting for a window the endpoint never opens,
+    /// is cut when the response is dropped, here read to its end: h2 would hold the frame and
+    /// the stream until the connection closed (the stream counts as closed once both ends were
+    /// sent, so h2 resets nothing itself).
+    #[tokio::test]
+    async fn a_last_frame_h2_still_holds_is_cut_with_the_response() {
+        let (mut client, mut server) = pair(0).await;
+        let endpoint = tokio::spawn(async move {
+            // A first exchange, without a body, so the client has the window of 0.
+            let (_, mut respond) = server.accept().await.unwrap().unwrap();
+            respond.send_response(http::Response::new(()), true).unwrap();
+            let (request, mut respond) = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while let Some(Ok(_)) = server.accept().await {} });
+            respond.send_response(http::Response::new(()), true).unwrap();
+            request.into_body().data().await.and_then(|r| r.err()).and_then(|e| e.reason())
+        });
+        let empty = RequestBody::empty(UpstreamHandle::detached(), None);
+        client.send(Request::get("http://endpoint/").body(empty).unwrap()).await.unwrap();
+        let body = RequestBody::new(incoming(b"one message").await.into(), UpstreamHandle::detached(), None);
+        let mut response = client.send(post(body)).await.unwrap().into_body();
+        assert!(poll_fn(|cx| response.poll_frame(cx)).await.is_none(), "the response ends");
+        drop(response);
+        let reset = tokio::time::timeout(std::time::Duration::from_secs(10), endpoint).await;
+        assert_eq!(reset.expect("the endpoint saw no reset").unwrap(), Some(Reason::CANCEL));
     }
 
     /// An endpoint that answers the first request with a head, then, once told, with `data`

@@ -96,7 +96,8 @@ pub struct Settings {
     /// Open upstream connections per service (Envoy's circuit-breaker default, 1024); more
     /// connects fail at once without counting against an endpoint.
     pub max_connections: usize,
-    /// Idle HTTP/1 upstream connections are closed after this long.
+    /// Idle HTTP/1 upstream connections, and HTTP/2 ones no request used, are closed after this
+    /// long.
     pub idle_timeout: Duration,
     pub ejection: EjectionPolicy,
     pub resolver: ResolverSource,

@@ -359,7 +359,19 @@ struct Shard {
 type FastHash = foldhash::fast::RandomState;
 
 /// A key's HTTP/2 connections: one, unless the endpoint's stream limit made the pool open more.
-type H2Slot = Arc<tokio::sync::Mutex<Vec<H2Conn>>>;
+type H2Slot = Arc<tokio::sync::Mutex<H2Conns>>;
+
+#[derive(Default)]
+struct H2Conns {
+    open: Vec<H2Conn>,
+    /// Set when another connection could not be opened (a limit, a failed connect): until
+    /// then, requests wait for a stream on an open one rather than each try, and wait for, a
+    /// connect of its own in turn.
+    no_more_until: Option<Instant>,
+}
+
+/// How long requests wait on open connections after another one could not be opened.
+const NO_MORE_CONNECTIONS_FOR: Duration = Duration::from_secs(5);
 
 /// A shared HTTP/2 connection in the pool.
 struct H2Conn {
@@ -367,6 +379,17 @@ struct H2Conn {
     opened: Instant,
     /// When the sweeper last saw it used: one unused for the idle timeout is closed.
     used_at: Instant,
+}
+
+impl H2Conn {
+    /// For the sweeper: open, and used since it last looked or within the idle timeout.
+    fn still_wanted(&mut self, now: Instant, idle_timeout: Duration) -> bool {
+        let used = !self.client.idle_since_last_asked();
+        if used {
+            self.used_at = now;
+        }
+        !self.client.is_closed() && (used || now.saturating_duration_since(self.used_at) < idle_timeout)
+    }
 }
 /// Idle HTTP/1 connections of one kind, each with when it became idle.
 type IdleMap<C> = Mutex<HashMap<PoolKey, Vec<(C, Instant)>, FastHash>>;
@@ -590,10 +613,11 @@ impl Pool {
             && !conn.closed()
     }
 
-    /// A stream on one of `key`'s shared HTTP/2 connections, connecting (once, for all waiters)
-    /// when there is none, or when all hold as many streams as their endpoint allows at once
-    /// (as Envoy's pool does). If that connection cannot be had (a limit, a failed connect), the
-    /// request waits for a stream on one that is open.
+    /// A stream on one of `key`'s shared HTTP/2 connections, connecting when there is none, or
+    /// when all hold as many streams as their endpoint allows at once (as Envoy's pool does);
+    /// the requests that come meanwhile wait for that connect. If that connection cannot be had
+    /// (a limit, a failed connect), the request waits for a stream on the least busy open one,
+    /// as do the next ones for [`NO_MORE_CONNECTIONS_FOR`].
     pub async fn h2<E, F, Fut>(&self, key: &PoolKey, connect: F) -> Result<super::h2::Client, E>
     where
         F: FnOnce(Option<usize>) -> Fut,
@@ -604,11 +628,21 @@ impl Pool {
             Ok(mut map) if self.current(key) => map.entry(key.clone()).or_default().clone(),
             _ => H2Slot::default(),
         };
-        let mut open = slot.lock().await;
+        let mut conns = slot.lock().await;
+        let H2Conns { open, no_more_until } = &mut *conns;
         // A closed or old connection is only forgotten: it closes once its last stream ends.
         open.retain(|conn| !conn.client.is_closed() && self.young(conn.opened));
         if let Some(stream) = open.iter().find_map(|conn| conn.client.reserve()) {
             return Ok(stream);
+        }
+        let least_busy = |open: &[H2Conn]| {
+            let conn = open.iter().min_by_key(|conn| conn.client.streams_held())?;
+            Some(conn.client.reserve_waiting())
+        };
+        if no_more_until.is_some_and(|until| Instant::now() < until) {
+            if let Some(stream) = least_busy(open) {
+                return Ok(stream);
+            }
         }
         // Another connection to the endpoint knows how many streams it allows.
         match connect(open.first().map(|conn| conn.client.stream_limit())).await {
@@ -616,9 +650,14 @@ impl Pool {
                 let stream = client.reserve_waiting();
                 let now = Instant::now();
                 open.push(H2Conn { client, opened: now, used_at: now });
+                *no_more_until = None;
                 Ok(stream)
             }
-            Err(error) => open.first().map(|conn| conn.client.reserve_waiting()).ok_or(error),
+            Err(error) => {
+                let waiting = least_busy(open).ok_or(error)?;
+                *no_more_until = Some(Instant::now() + NO_MORE_CONNECTIONS_FOR);
+                Ok(waiting)
+            }
         }
     }
 
@@ -654,16 +693,10 @@ impl Pool {
             if let Ok(mut h2) = shard.h2.lock() {
                 h2.retain(|_, slot| {
                     // Busy with a new connection: looked at on the next sweep.
-                    let Ok(mut open) = slot.try_lock() else { return true };
-                    open.retain_mut(|conn| {
-                        let used = !conn.client.idle_since_last_asked();
-                        if used {
-                            conn.used_at = now;
-                        }
-                        let idle_for = now.saturating_duration_since(conn.used_at);
-                        !conn.client.is_closed() && (used || idle_for < idle_timeout)
-                    });
-                    !open.is_empty()
+                    let Ok(mut conns) = slot.try_lock() else { return true };
+                    conns.open.retain_mut(|conn| conn.still_wanted(now, idle_timeout));
+                    // A request that took the slot but has not locked it yet keeps it.
+                    !conns.open.is_empty() || Arc::strong_count(slot) > 1
                 });
             }
         }
@@ -769,24 +802,57 @@ mod tests {
         assert!(h2_kept(new));
     }
 
+    fn h2_key() -> PoolKey {
+        PoolKey {
+            target: TargetAddr::Socket("127.0.0.1:443".parse().unwrap()),
+            endpoint: 0,
+            tls: TlsIdentity::default(),
+            http2: true,
+            worker: worker::slot(),
+        }
+    }
+
+    /// An HTTP/2 endpoint on an in-memory pipe, running until the connection closes.
+    fn h2_endpoint() -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let endpoint = tokio::spawn(async move {
+            let mut server = h2::server::Builder::new().handshake::<_, Bytes>(server_io).await.unwrap();
+            while let Some(Ok(_)) = server.accept().await {}
+        });
+        (client_io, endpoint)
+    }
+
+    /// When all of a key's HTTP/2 connections hold as many streams as the endpoint allows and
+    /// another cannot be had, the request waits on an open one, and so do the next ones for a
+    /// while without trying a connect each (one after another, each up to the connect timeout,
+    /// and each failure counted against the endpoint).
+    #[tokio::test]
+    async fn after_a_connection_could_not_be_had_requests_wait_on_an_open_one() {
+        let pool = Pool::with_shards(DEFAULT_IDLE_TIMEOUT, 1);
+        let key = h2_key();
+        let (client_io, _endpoint) = h2_endpoint();
+        // One stream at a time, as if learnt from the endpoint's SETTINGS.
+        let first = pool.h2(&key, |_| super::super::h2::Client::handshake(client_io, (), Some(1))).await.unwrap();
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let failing = |_| {
+            tries.fetch_add(1, Ordering::Relaxed);
+            async { Err::<super::super::h2::Client, ()>(()) }
+        };
+        let second = pool.h2(&key, &failing).await.expect("waits on the open connection");
+        let third = pool.h2(&key, &failing).await.expect("waits on the open connection");
+        assert_eq!(tries.load(Ordering::Relaxed), 1, "one connect tried, then none for a while");
+        assert_eq!(first.streams_held(), 3);
+        drop((second, third));
+    }
+
     /// The sweeper closes an HTTP/2 connection no request used for the idle timeout (here 0:
     /// any time unused counts), and keeps one a request holds a stream of, or took one of
     /// since the last sweep. Before, an HTTP/2 connection stayed until the endpoint closed it.
     #[tokio::test]
     async fn an_http2_connection_unused_for_the_idle_timeout_is_closed() {
         let pool = Pool::with_shards(Duration::ZERO, 1);
-        let key = PoolKey {
-            target: TargetAddr::Socket("127.0.0.1:443".parse().unwrap()),
-            endpoint: 0,
-            tls: TlsIdentity::default(),
-            http2: true,
-            worker: worker::slot(),
-        };
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let endpoint = tokio::spawn(async move {
-            let mut server = h2::server::Builder::new().handshake::<_, Bytes>(server_io).await.unwrap();
-            while let Some(Ok(_)) = server.accept().await {}
-        });
+        let key = h2_key();
+        let (client_io, endpoint) = h2_endpoint();
         let connect = |_| super::super::h2::Client::handshake(client_io, (), None);
         let stream = pool.h2(&key, connect).await.unwrap();
         let kept = || {
@@ -795,7 +861,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .get(&key)
-                .is_some_and(|slot| slot.try_lock().is_ok_and(|open| !open.is_empty()))
+                .is_some_and(|slot| slot.try_lock().is_ok_and(|conns| !conns.open.is_empty()))
         };
         pool.sweep();
         assert!(kept(), "used since the last sweep");

@@ -149,7 +149,7 @@ pub(super) async fn connection(
 
 /// `key`'s shared HTTP/2 connection, opened to `target` when there is none that takes new
 /// streams.
-pub(super) async fn shared_h2(
+async fn shared_h2(
     upstream: &Upstream,
     key: &PoolKey,
     target: &Target,
@@ -164,6 +164,35 @@ pub(super) async fn shared_h2(
         })
     };
     upstream.pool.h2(key, connect).await.map(Sender::H2)
+}
+
+/// How many of `key`'s HTTP/2 connections a request handed back unsent may try in turn.
+const UNSENT_RESENDS: usize = 8;
+
+/// Sends `unsent`, which a shared HTTP/2 connection handed back (the endpoint's GOAWAY: a
+/// restart, a limit of requests per connection), on another of `key`'s connections or a new
+/// one. Each connection that hands it back counts as closed from then on, so the next try
+/// passes over it: a burst may have left several connections, all closing. The result is the
+/// last try's; a request still handed back was refused by every connection tried.
+pub(super) async fn resend_unsent(
+    upstream: &Upstream,
+    key: &PoolKey,
+    target: &Target,
+    tls: Option<TlsSetup<'_>>,
+    mut unsent: h2::Unsent,
+    opened: &AtomicBool,
+) -> Result<(Sender, Result<Response<ResponseBody>, SendError>), ConnectError> {
+    let mut tries = 1;
+    loop {
+        let mut sender = shared_h2(upstream, key, target, tls).await?;
+        match sender.send(*unsent.0, opened).await {
+            Err(SendError::H2Unsent(_, again)) if tries < UNSENT_RESENDS => {
+                unsent = again;
+                tries += 1;
+            }
+            sent => return Ok((sender, sent)),
+        }
+    }
 }
 
 /// An idle HTTP/1 connection from `key`'s pool: for a request without a body one of

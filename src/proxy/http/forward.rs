@@ -178,6 +178,9 @@ struct Exchanged {
     shared_return: Option<std::sync::Arc<SharedReturn>>,
 }
 
+// Answered is the common case: boxed, as the lint would have it, it would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Answered(Exchanged),
     Failed(AttemptFailure, Response<ProxyBody>),
@@ -401,16 +404,15 @@ async fn attempt(
         }
     }
     // A shared HTTP/2 connection the endpoint is closing (its GOAWAY: a restart, a limit of
-    // requests per connection) takes no new stream; the request, not sent, goes on a new one.
-    // A new connection that takes none either counts against the endpoint.
+    // requests per connection) takes no new stream; the request, not sent, goes on another.
+    // When every connection tried takes none, that counts against the endpoint.
     let mut refused_again = false;
     if let Err(SendError::H2Unsent(error, unsent)) = sent {
-        tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the HTTP/2 connection takes no new streams; sending the request on a new one");
-        sender = match Box::pin(client::shared_h2(upstream, &key, &target, tls)).await {
-            Ok(fresh) => fresh,
+        tracing::debug!(service = %upstream.service(), endpoint = %target.addr, %error, "the HTTP/2 connection takes no new streams; sending the request on another");
+        (sender, sent) = match Box::pin(client::resend_unsent(upstream, &key, &target, tls, unsent, &opened)).await {
+            Ok(resent) => resent,
             Err(connect) => return no_connection(connect, grpc),
         };
-        sent = sender.send(*unsent.0, &opened).await;
         refused_again = matches!(sent, Err(SendError::H2Unsent(..)));
     }
     drop(timeout_counts);
@@ -710,10 +712,11 @@ pub(super) async fn send_copy(
     let request = Request::from_parts(parts, body);
     let mut sent = sender.send(request, &AtomicBool::new(false)).await;
     // As for the request itself: an HTTP/2 connection closing (GOAWAY) hands the copy back
-    // unsent, and it goes once more on a new connection.
+    // unsent, and it goes on another.
     if let Err(SendError::H2Unsent(_, unsent)) = sent {
-        let mut fresh = client::shared_h2(upstream, &key, &target, tls).await.map_err(|e| e.to_string())?;
-        sent = fresh.send(*unsent.0, &AtomicBool::new(false)).await;
+        let opened = AtomicBool::new(false);
+        let resent = client::resend_unsent(upstream, &key, &target, tls, unsent, &opened).await;
+        sent = resent.map_err(|e| e.to_string())?.1;
     }
     let response = sent.map_err(|e| e.to_string())?;
     upstream.record(&target, Outcome::Response(response.status().as_u16()));
