@@ -185,6 +185,24 @@ async fn answers_once_all_are_open(max_streams: u32, held: usize) -> (SocketAddr
     (addr, connections)
 }
 
+/// A proxy with one http2 service to `endpoint`, whose stream limit it has learnt: the
+/// endpoint's SETTINGS arrive after a connection's first request may have gone, so two go
+/// first. Returns the service's outbound address and what keeps the proxy running.
+async fn proxy_knowing_the_stream_limit(
+    endpoint_addr: SocketAddr,
+) -> (SocketAddr, (mesh_egress::server::Server, tempfile::TempDir)) {
+    let outbound = free_addr("127.0.0.1");
+    let service =
+        service_with_protocol("limited", "http2", outbound, &endpoint("127.0.0.1", endpoint_addr.port(), 0), "");
+    let (dir, config) = config_dir(&service);
+    let proxy = start(options(config)).await;
+    for _ in 0..2 {
+        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
+        assert_eq!(status, 200);
+    }
+    (outbound, (proxy, dir))
+}
+
 /// Requests beyond what an HTTP/2 endpoint allows at once on a connection (its
 /// `SETTINGS_MAX_CONCURRENT_STREAMS`) go on another connection to it, as Envoy's pool sends
 /// them, rather than wait for a stream on the first: five requests reach an endpoint that
@@ -193,15 +211,7 @@ async fn answers_once_all_are_open(max_streams: u32, held: usize) -> (SocketAddr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_an_endpoint_s_stream_limit_go_on_another_connection() {
     let (addr, connections) = answers_once_all_are_open(2, 5).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&service_with_protocol("limited", "http2", outbound, &endpoint("127.0.0.1", addr.port(), 0), ""));
-    let _proxy = start(options(config)).await;
-    // The endpoint's SETTINGS arrive after the connection's first request may have gone.
-    for _ in 0..2 {
-        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
-        assert_eq!(status, 200);
-    }
+    let (outbound, _proxy) = proxy_knowing_the_stream_limit(addr).await;
     let requests = (0..5).map(|_| async {
         let (status, _) = text(h1(outbound).await.send_request(get("/hold", &[("host", "a")])).await.unwrap()).await;
         status
@@ -275,15 +285,7 @@ async fn held_streams_endpoint(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_goes_past_every_connection_an_endpoint_is_closing() {
     let (addr, connections, commands) = held_streams_endpoint(2).await;
-    let outbound = free_addr("127.0.0.1");
-    let (_dir, config) =
-        config_dir(&service_with_protocol("restarting", "http2", outbound, &endpoint("127.0.0.1", addr.port(), 0), ""));
-    let _proxy = start(options(config)).await;
-    // The endpoint's SETTINGS arrive after the connection's first request may have gone.
-    for _ in 0..2 {
-        let (status, _) = text(h1(outbound).await.send_request(get("/", &[("host", "a")])).await.unwrap()).await;
-        assert_eq!(status, 200);
-    }
+    let (outbound, _proxy) = proxy_knowing_the_stream_limit(addr).await;
     // Four held responses: two connections of two streams each.
     let mut held = Vec::new();
     for _ in 0..4 {

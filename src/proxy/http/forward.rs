@@ -178,9 +178,6 @@ struct Exchanged {
     shared_return: Option<std::sync::Arc<SharedReturn>>,
 }
 
-// Answered is the common case: boxed, as the lint would have it, it would cost an allocation
-// per request.
-#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Answered(Exchanged),
     Failed(AttemptFailure, Response<ProxyBody>),
