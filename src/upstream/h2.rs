@@ -12,7 +12,8 @@
 //! window), the response body's capacity released as it is read, and `RST_STREAM(NO_ERROR)`
 //! after a complete response ending nothing but the request (one before the response's end
 //! cuts it short, an error). Unlike hyper, a request body still on its way when its response
-//! is dropped (read whole, or given up) is cut and the stream reset, as Envoy does. And a
+//! is dropped (read whole, or given up) is cut and the stream reset, as Envoy does (a last
+//! frame already handed to h2 excepted). And a
 //! request's handle holds one of the streams the endpoint allows at once, so the pool can open
 //! another connection rather than queue it.
 //! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
@@ -69,10 +70,10 @@ pub struct Client {
 }
 
 /// The streams the connection's requests hold, against how many the endpoint allows at once
-/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, as read after the connection's last new stream;
-/// at least 1, so a connection an endpoint once allowed none is tried again): the pool opens another
-/// connection to the endpoint rather than queue a request behind a full one, as Envoy's pool
-/// does.
+/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, as read after the connection's last new stream; at
+/// least 1, so a connection an endpoint once allowed none is tried again): the pool opens
+/// another connection to the endpoint rather than queue a request behind a full one, as
+/// Envoy's pool does.
 #[derive(Debug)]
 struct Streams {
     held: AtomicUsize,
