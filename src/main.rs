@@ -224,8 +224,7 @@ struct RunArgs {
     #[arg(long, env = "MESH_EGRESS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
     request_timeout: Duration,
     /// Idle pooled HTTP/1 connections to endpoints, and HTTP/2 ones no request used, are closed
-    /// after this long, `0s` for never
-    /// (as MeshTimeout's `idleTimeout: 0s`; Kuma's default: 1h).
+    /// after this long, `0s` for never (as MeshTimeout's `idleTimeout: 0s`; Kuma's default: 1h).
     #[arg(long, env = "MESH_EGRESS_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     idle_timeout: Duration,
     /// HTTP: a response body without data for this long is cut, `0s` for never (Kuma's

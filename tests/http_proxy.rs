@@ -157,27 +157,45 @@ async fn requests_after_an_endpoint_s_goaway_go_on_a_new_connection() {
 /// An HTTP/2 endpoint that allows `max_streams` streams per connection and answers `/hold`
 /// only once `held` such requests are open at the same time; it counts its connections.
 async fn answers_once_all_are_open(max_streams: u32, held: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let all_open = Arc::new(tokio::sync::Barrier::new(held));
+    h2_endpoint(max_streams, move |mut connection| {
+        let all_open = all_open.clone();
+        async move {
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let all_open = all_open.clone();
+                tokio::spawn(async move {
+                    if request.uri().path() == "/hold" {
+                        all_open.wait().await;
+                    }
+                    let _ = respond.send_response(http::Response::new(()), true);
+                });
+            }
+        }
+    })
+    .await
+}
+
+/// An HTTP/2 endpoint allowing `max_streams` streams per connection, each connection served
+/// by `serve`; it counts its connections.
+async fn h2_endpoint<F, Fut>(max_streams: u32, serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(h2::server::Connection<TcpStream, Bytes>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counted = connections.clone();
-    let all_open = Arc::new(tokio::sync::Barrier::new(held));
+    let serve = Arc::new(serve);
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
-            let all_open = all_open.clone();
+            let serve = serve.clone();
             tokio::spawn(async move {
                 let handshake =
                     h2::server::Builder::new().max_concurrent_streams(max_streams).handshake::<_, Bytes>(socket);
-                let Ok(mut connection) = handshake.await else { return };
-                while let Some(Ok((request, mut respond))) = connection.accept().await {
-                    let all_open = all_open.clone();
-                    tokio::spawn(async move {
-                        if request.uri().path() == "/hold" {
-                            all_open.wait().await;
-                        }
-                        let _ = respond.send_response(http::Response::new(()), true);
-                    });
+                if let Ok(connection) = handshake.await {
+                    serve(connection).await;
                 }
             });
         }
@@ -236,45 +254,37 @@ enum Command {
 async fn held_streams_endpoint(
     max_streams: u32,
 ) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::broadcast::Sender<Command>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
     let (commands, _) = tokio::sync::broadcast::channel(16);
-    let (counted, told) = (connections.clone(), commands.clone());
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            let mut commands = told.subscribe();
-            tokio::spawn(async move {
-                let handshake =
-                    h2::server::Builder::new().max_concurrent_streams(max_streams).handshake::<_, Bytes>(socket);
-                let Ok(mut connection) = handshake.await else { return };
-                let mut held = Vec::new();
-                loop {
-                    tokio::select! {
-                        accepted = connection.accept() => {
-                            let Some(Ok((request, mut respond))) = accepted else { return };
-                            let hold = request.uri().path() == "/hold";
-                            if let Ok(stream) = respond.send_response(http::Response::new(()), !hold) {
-                                if hold {
-                                    held.push(stream);
-                                }
+    let told = commands.clone();
+    let (addr, connections) = h2_endpoint(max_streams, move |mut connection| {
+        let mut commands = told.subscribe();
+        async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    accepted = connection.accept() => {
+                        let Some(Ok((request, mut respond))) = accepted else { return };
+                        let hold = request.uri().path() == "/hold";
+                        if let Ok(stream) = respond.send_response(http::Response::new(()), !hold) {
+                            if hold {
+                                held.push(stream);
                             }
                         }
-                        command = commands.recv() => match command {
-                            Ok(Command::ReleaseOne) => {
-                                if let Some(mut stream) = held.pop() {
-                                    let _ = stream.send_data(Bytes::new(), true);
-                                }
-                            }
-                            Ok(Command::GoAway) => connection.graceful_shutdown(),
-                            Err(_) => return,
-                        },
                     }
+                    command = commands.recv() => match command {
+                        Ok(Command::ReleaseOne) => {
+                            if let Some(mut stream) = held.pop() {
+                                let _ = stream.send_data(Bytes::new(), true);
+                            }
+                        }
+                        Ok(Command::GoAway) => connection.graceful_shutdown(),
+                        Err(_) => return,
+                    },
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, connections, commands)
 }
 

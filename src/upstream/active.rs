@@ -180,11 +180,11 @@ async fn open(up: &Upstream, target: &Target) -> Result<UpstreamIo, String> {
     })
 }
 
-/// One check of one address.
 /// The most of an HTTP check's answer read before its connection is dropped instead of kept:
 /// only its status counts.
 const MAX_HTTP_BODY: usize = 64 * 1024;
 
+/// One check of one address.
 async fn probe(up: &Upstream, target: &Target, check: &Check, kept: Option<&Kept>) -> Result<(), Failed> {
     let authority = up.hostname(target).map_or_else(|| target.addr.to_string(), str::to_string);
     // A kept connection (taken out while in use) or a new one.

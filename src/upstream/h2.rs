@@ -13,9 +13,8 @@
 //! after a complete response ending nothing but the request (one before the response's end
 //! cuts it short, an error). Unlike hyper, a request body still on its way when its response
 //! is dropped (read whole, or given up) is cut and the stream reset, as Envoy does (a last
-//! frame already handed to h2 excepted). And a
-//! request's handle holds one of the streams the endpoint allows at once, so the pool can open
-//! another connection rather than queue it.
+//! frame already handed to h2 excepted). And a request's handle holds one of the streams the
+//! endpoint allows at once, so the pool can open another connection rather than queue it.
 //! Connection headers are already gone ([`crate::proxy`]'s `strip_hop_by_hop`).
 
 use std::future::{poll_fn, Future};

@@ -774,13 +774,7 @@ mod tests {
     async fn connections_of_a_replaced_tls_client_are_not_kept() {
         let pool = Pool::with_shards(DEFAULT_IDLE_TIMEOUT, 1);
         let (old, new) = (TlsIdentity::fresh(), TlsIdentity::fresh());
-        let key = |tls| PoolKey {
-            target: TargetAddr::Socket("127.0.0.1:443".parse().unwrap()),
-            endpoint: 0,
-            tls,
-            http2: false,
-            worker: worker::slot(),
-        };
+        let key = |tls| test_key(tls, false);
         let map = IdleMap::<Idle>::default();
         let h2_kept = |tls| pool.shard().h2.lock().unwrap().contains_key(&key(tls));
         let no_h2 = |_| async { Err::<super::super::h2::Client, ()>(()) };
@@ -802,12 +796,13 @@ mod tests {
         assert!(h2_kept(new));
     }
 
-    fn h2_key() -> PoolKey {
+    /// The pool tests' key: one endpoint, this worker's.
+    fn test_key(tls: TlsIdentity, http2: bool) -> PoolKey {
         PoolKey {
             target: TargetAddr::Socket("127.0.0.1:443".parse().unwrap()),
             endpoint: 0,
-            tls: TlsIdentity::default(),
-            http2: true,
+            tls,
+            http2,
             worker: worker::slot(),
         }
     }
@@ -829,7 +824,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_connection_could_not_be_had_requests_wait_on_an_open_one() {
         let pool = Pool::with_shards(DEFAULT_IDLE_TIMEOUT, 1);
-        let key = h2_key();
+        let key = test_key(TlsIdentity::default(), true);
         let (client_io, _endpoint) = h2_endpoint();
         // One stream at a time, as if learnt from the endpoint's SETTINGS.
         let first = pool.h2(&key, |_| super::super::h2::Client::handshake(client_io, (), Some(1))).await.unwrap();
@@ -851,7 +846,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_unused_for_the_idle_timeout_is_closed() {
         let pool = Pool::with_shards(Duration::ZERO, 1);
-        let key = h2_key();
+        let key = test_key(TlsIdentity::default(), true);
         let (client_io, endpoint) = h2_endpoint();
         let connect = |_| super::super::h2::Client::handshake(client_io, (), None);
         let stream = pool.h2(&key, connect).await.unwrap();
