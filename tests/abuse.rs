@@ -323,6 +323,44 @@ async fn quiet_application_connections_are_closed() {
     assert!(closed_by_proxy(h2).await.is_some(), "idle h2c connection");
 }
 
+/// A request head trickled in a byte at a time, never idle, is cut at the header-read timeout,
+/// on an `http2` service's listener too, which takes HTTP/1.1 as well: there the timeout used
+/// not to apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_head_is_cut_whatever_the_service_s_protocol() {
+    let upstream = common::http_upstream::http_upstream(None).await;
+    let [http_out, h2_out]: [SocketAddr; 2] = std::array::from_fn(|_| free_addr("127.0.0.1"));
+    let yaml = [
+        service_with_protocol("web", "http", http_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+        service_with_protocol("h2", "http2", h2_out, &endpoint("127.0.0.1", upstream.addr.port(), 0), ""),
+    ]
+    .join("---\n");
+    let (_dir, config) = config_dir(&yaml);
+    let mut opts = options(config);
+    opts.timeouts =
+        mesh_egress::proxy::ConnectionTimeouts { header_read: Duration::from_millis(300), ..Default::default() };
+    let _proxy = start(opts).await;
+    for outbound in [http_out, h2_out] {
+        let mut slow = TcpStream::connect(outbound).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nx-slow: ").await.unwrap();
+        // A byte every 100 ms for up to 20 s: far past the timeout, and never idle.
+        let mut cut = false;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => cut = true,
+                _ => {}
+            }
+            if cut || slow.write_all(b"a").await.is_err() {
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut, "a trickled head on {outbound} was never cut");
+    }
+}
+
 /// The header-read timeout counts from the end of the last response: a response that streams
 /// for longer is not cut, and its keep-alive connection closes a timeout after it ends. An h2c
 /// client on an `http` listener (no head deadline on HTTP/2) may wait longer for its first

@@ -55,41 +55,24 @@ impl Activity {
     }
 }
 
-/// Sees the first bytes a stream reads, in the pieces they arrive in, until it returns `true`
-/// (it has seen enough).
-pub type FirstBytes = Box<dyn FnMut(&[u8]) -> bool + Send>;
-
 /// A stream whose reads and writes stamp its [`Activity`].
 pub struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
-    first_bytes: Option<FirstBytes>,
 }
 
 impl<S> Tracked<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity, first_bytes: None }
-    }
-
-    /// Shows the first bytes read to `watch` until it has seen enough.
-    pub fn watching_first_bytes(mut self, watch: FirstBytes) -> Self {
-        self.first_bytes = Some(watch);
-        self
+        Self { inner, activity }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let this = &mut *self;
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-            if let Some(watch) = this.first_bytes.as_mut() {
-                if watch(&buf.filled()[before..]) {
-                    this.first_bytes = None;
-                }
-            }
+            self.activity.touch();
         }
         poll
     }

@@ -190,7 +190,7 @@ impl Proxy {
             // drops or replaces the service frees the old one (and stops its health checks).
             drop((route, policy));
             // Boxed: the HTTP machinery would otherwise make every TCP connection's task as big.
-            return Box::pin(http::serve(client, proxy, protocol, self.draining.clone())).await;
+            return Box::pin(http::serve(client, proxy, self.draining.clone())).await;
         }
         let mut ctx = ConnCtx::new(kind, peer, route);
         let mut flow = self.settings.timeouts.flow();

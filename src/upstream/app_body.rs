@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use h2::RecvStream;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 /// Told once that a request body has ended, failed or been dropped (the HTTP/1 head deadline
@@ -16,7 +17,7 @@ pub trait EndWatch: Send + Sync {
 
 /// An application's request body.
 pub struct AppBody {
-    inner: Incoming,
+    inner: Inner,
     watch: Option<Arc<dyn EndWatch>>,
     /// What the request's timeouts await ([`AppBody::end_watch`]).
     end: Option<Arc<BodyEnd>>,
@@ -35,6 +36,40 @@ pub struct BodyEnd {
     /// Something waits (or has waited) in [`BodyEnd::ended`]: the end must notify.
     watched: AtomicBool,
     ended: tokio::sync::Notify,
+}
+
+/// Read by hyper's HTTP/1 server, or from h2's stream (`proxy::http`'s HTTP/2 server).
+enum Inner {
+    Http1(Incoming),
+    Http2(Http2Body),
+}
+
+/// What hyper's `Incoming` did for an HTTP/2 request body: the stream's window is given back as
+/// the body is read, and its `Content-Length` (h2 checks the body against it) is the size hint.
+struct Http2Body {
+    recv: RecvStream,
+    data_done: bool,
+    remaining: Option<u64>,
+}
+
+/// Why an application's request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppBodyError {
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    /// The application reset its stream, or its connection failed.
+    #[error("the application's HTTP/2 stream failed: {0}")]
+    Http2(#[source] h2::Error),
+}
+
+impl AppBodyError {
+    /// The HTTP/2 reason behind the failure (an application that cancelled its stream: `CANCEL`).
+    pub fn http2_reason(&self) -> Option<h2::Reason> {
+        match self {
+            Self::Http2(error) => error.reason(),
+            Self::Http1(error) => super::h2::reason_in(error),
+        }
+    }
 }
 
 const ARRIVING: u8 = 0;
@@ -84,9 +119,16 @@ impl BodyEnd {
 }
 
 impl AppBody {
-    /// `watch`: told when the body ends (give none for a body that has already).
+    /// An HTTP/1 request's body, as hyper reads it. `watch`: told when the body ends (give none
+    /// for a body that has already).
     pub fn new(inner: Incoming, watch: Option<Arc<dyn EndWatch>>) -> Self {
-        Self { inner, watch, end: None }
+        Self { inner: Inner::Http1(inner), watch, end: None }
+    }
+
+    /// An HTTP/2 request's body, read from its stream; `content_length`: the request's.
+    pub fn http2(recv: RecvStream, content_length: Option<u64>) -> Self {
+        let body = Http2Body { recv, data_done: false, remaining: content_length };
+        Self { inner: Inner::Http2(body), watch: None, end: None }
     }
 
     /// What tells how far the body has come; `None`: it has all arrived already.
@@ -131,16 +173,17 @@ impl Drop for AppBody {
 
 impl std::fmt::Debug for AppBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppBody").field("inner", &self.inner).field("watched", &self.watch.is_some()).finish()
+        let http2 = matches!(self.inner, Inner::Http2(_));
+        f.debug_struct("AppBody").field("http2", &http2).field("watched", &self.watch.is_some()).finish()
     }
 }
 
 impl Body for AppBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = AppBodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = self.inner.poll_frame(cx);
         if let Some(end) = &self.end {
             end.waiting_for_application.store(polled.is_pending(), Ordering::Relaxed);
         }
@@ -166,6 +209,49 @@ impl Body for AppBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Inner {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
+        let body = match self {
+            Self::Http1(body) => return Pin::new(body).poll_frame(cx).map_err(AppBodyError::Http1),
+            Self::Http2(body) => body,
+        };
+        if !body.data_done {
+            match ready!(body.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = body.recv.flow_control().release_capacity(data.len());
+                    body.remaining = body.remaining.map(|r| r.saturating_sub(data.len() as u64));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // RST_STREAM(NO_ERROR) asks for no more of the request (RFC 9113 §8.1): it ends
+                // the body without failing it, as hyper's server had it.
+                Some(Err(error)) if error.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(None),
+                Some(Err(error)) => return Poll::Ready(Some(Err(AppBodyError::Http2(error)))),
+                None => body.data_done = true,
+            }
+        }
+        match ready!(body.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) if error.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(AppBodyError::Http2(error)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.recv.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.remaining.map_or_else(SizeHint::default, SizeHint::with_exact),
+        }
     }
 }
 

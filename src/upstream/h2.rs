@@ -237,7 +237,7 @@ impl Client {
         // guard tells a spawned pipe to reset the stream.
         let mut pipe_guard = None;
         if !body.is_end_stream() {
-            let mut pipe = Pipe { body, stream, data: None };
+            let mut pipe = Pipe::new(body, stream);
             match poll_fn(|cx| Poll::Ready(pipe.poll_send(cx))).await {
                 // All handed to h2, which may hold the last frame until the endpoint's window
                 // opens: a stream closed at both ends, so h2 resets nothing when the response
@@ -304,19 +304,31 @@ impl std::fmt::Debug for Unsent {
     }
 }
 
-/// The reset for a request body that failed: the HTTP/2 reason behind the failure (an
-/// application that cancelled its stream: `CANCEL`), else `INTERNAL_ERROR`, as hyper's client;
-/// `CANCEL` for a body we gave up.
-fn reset_reason(error: &BodyError) -> Reason {
-    let BodyError::App(error) = error else { return Reason::CANCEL };
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+/// The reset a stream gets when the body sent on it fails.
+pub trait ResetReason {
+    fn reset_reason(&self) -> Reason;
+}
+
+/// A request body that failed: the HTTP/2 reason behind the failure (an application that
+/// cancelled its stream: `CANCEL`), else `INTERNAL_ERROR`, as hyper's client; `CANCEL` for a
+/// body we gave up.
+impl ResetReason for BodyError {
+    fn reset_reason(&self) -> Reason {
+        let BodyError::App(error) = self else { return Reason::CANCEL };
+        error.http2_reason().unwrap_or(Reason::INTERNAL_ERROR)
+    }
+}
+
+/// The reason of the first HTTP/2 error in `error`'s chain, itself included.
+pub fn reason_in(error: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    let mut cause = Some(error);
     while let Some(error) = cause {
-        if let Some(reason) = error.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
-            return reason;
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.reason();
         }
         cause = error.source();
     }
-    Reason::INTERNAL_ERROR
+    None
 }
 
 /// The response's `Content-Length` for its size hint; unknown when it is malformed or its
@@ -325,29 +337,38 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     super::h1::content_length(headers).ok().flatten()
 }
 
-/// The request body on its way to the stream.
-struct Pipe {
-    body: RequestBody,
+/// A body on its way to its stream: a request's to an endpoint, a response's to an application
+/// (`proxy::http`'s HTTP/2 server).
+pub struct Pipe<B> {
+    body: B,
     stream: SendStream<Bytes>,
     /// A data frame waiting for stream capacity, and whether it ends the body.
     data: Option<(Bytes, bool)>,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum PipeError {
-    #[error("the endpoint reset the stream: {0}")]
+pub enum PipeError<E> {
+    #[error("the peer reset the stream: {0}")]
     Reset(Reason),
     #[error(transparent)]
     Stream(#[from] h2::Error),
-    #[error("the stream closed before the request body was sent")]
+    #[error("the stream closed before the body was sent")]
     Closed,
-    #[error("the request body failed: {0}")]
-    Body(BodyError),
+    #[error("the body failed: {0}")]
+    Body(E),
 }
 
-impl Pipe {
+impl<B> Pipe<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: ResetReason,
+{
+    pub fn new(body: B, stream: SendStream<Bytes>) -> Self {
+        Self { body, stream, data: None }
+    }
+
     /// Sends what the body has until it waits; `Ready` once it has all been sent or failed.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError>> {
+    pub fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError<B::Error>>> {
         loop {
             // Woken by a reset while waiting for the body or for capacity.
             if let Poll::Ready(reason) = self.stream.poll_reset(cx)? {
@@ -400,7 +421,7 @@ impl Pipe {
                     }
                 },
                 Some(Err(error)) => {
-                    self.stream.send_reset(reset_reason(&error));
+                    self.stream.send_reset(error.reset_reason());
                     return Poll::Ready(Err(PipeError::Body(error)));
                 }
                 None => {
@@ -414,7 +435,7 @@ impl Pipe {
 
 /// A pipe that outlived its first pass, in a task of its own.
 struct SpawnedPipe {
-    pipe: Pipe,
+    pipe: Pipe<RequestBody>,
     /// Ready once the request or its response is dropped (its sender is `Body`'s `_pipe_guard`).
     dropped: oneshot::Receiver<()>,
     /// All handed to h2: waiting only to cut a last frame h2 may still hold (a body that needed
@@ -917,7 +938,7 @@ mod tests {
                     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
                         if let Err(error) = frame {
                             if let Some(tx) = reason_tx.lock().unwrap().take() {
-                                let _ = tx.send(reset_reason(&BodyError::App(error)));
+                                let _ = tx.send(BodyError::App(error.into()).reset_reason());
                             }
                             break;
                         }

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-pub use app_body::{AppBody, BodyEnd, EndWatch};
+pub use app_body::{AppBody, AppBodyError, BodyEnd, EndWatch};
 pub use connect::{TargetAddr, UpstreamIo, UpstreamStream};
 pub use health::{ActiveGuard, EjectionPolicy, Health};
 pub use outlier::Outcome;

@@ -20,7 +20,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1;
 
 use super::replay::ReplayBody;
-use super::{AppBody, TargetAddr, UpstreamHandle};
+use super::{AppBody, AppBodyError, TargetAddr, UpstreamHandle};
 
 /// A request body on its way to an endpoint, its bytes counted as they pass (the upstream's
 /// `upstream_bytes_sent`).
@@ -82,7 +82,7 @@ impl Drop for Tee {
 pub enum BodyError {
     /// Reading the application's body failed (malformed framing, its stream reset).
     #[error(transparent)]
-    App(#[from] hyper::Error),
+    App(#[from] AppBodyError),
     /// Given up before its end: the endpoint must not take what it got for the whole body.
     #[error("the request body was given up before its end: {0}")]
     Abandoned(&'static str),

@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 use super::reply::Failure;
 use crate::access_log::{Logs, Record};
 use crate::trace::ActiveSpan;
+use crate::upstream::h2::ResetReason;
 use crate::upstream::pool::ReturnTicket;
 use crate::upstream::{h1, h2, ActiveGuard, RequestSlot, TargetAddr};
 
@@ -141,6 +142,14 @@ pub enum Cut {
     UpstreamH1(#[from] h1::Error),
     #[error(transparent)]
     UpstreamH2(#[from] ::h2::Error),
+}
+
+/// A response body cut on its way to an HTTP/2 application resets its stream with the reason
+/// of an HTTP/2 error behind the cut, else `INTERNAL_ERROR` (as hyper's server did).
+impl ResetReason for Cut {
+    fn reset_reason(&self) -> ::h2::Reason {
+        h2::reason_in(self).unwrap_or(::h2::Reason::INTERNAL_ERROR)
+    }
 }
 
 impl Drop for UpstreamBody {

@@ -28,7 +28,9 @@ use crate::upstream::pool::{
     BodyError, Copied, OwnReturn, PoolKey, PoolReturn, RequestBody, ReturnTicket, SharedReturn,
 };
 use crate::upstream::replay::Replay;
-use crate::upstream::{ActiveGuard, AppBody, BodyEnd, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr};
+use crate::upstream::{
+    ActiveGuard, AppBody, AppBodyError, BodyEnd, ConnectError, Outcome, Permit, RequestSlot, Target, TargetAddr,
+};
 
 /// Forwards within the request's time limits: the request timeout, counted as Envoy counts its
 /// route timeout from the end of the request body ([`timed_out`]), and the stream's deadline,
@@ -561,7 +563,7 @@ fn request_body_failed(error: &SendError) -> bool {
 pub(super) fn application_body_failed(error: &hyper::Error) -> bool {
     error.is_user()
         && std::error::Error::source(error).is_some_and(|source| {
-            source.is::<hyper::Error>()
+            source.is::<AppBodyError>()
                 || source.downcast_ref::<BodyError>().is_some_and(|b| matches!(b, BodyError::App(_)))
         })
 }

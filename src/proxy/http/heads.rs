@@ -17,14 +17,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::ProxyBody;
-use crate::listen::idle::{Activity, FirstBytes};
+use crate::listen::idle::Activity;
 use crate::upstream::EndWatch;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 /// The HTTP/2 client preface, whole: `PRI` is also a valid HTTP/1 method, and hyper-util serves
 /// a connection as HTTP/2 only when all of it came (`PRI / HTTP/1.1` is HTTP/1, with a deadline).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const UNDECIDED: u8 = 0;
 const HTTP1: u8 = 1;
@@ -131,28 +131,8 @@ impl Heads {
         }
     }
 
-    /// Watches an application connection's first bytes ([`crate::listen::idle::Tracked::watching_first_bytes`]):
-    /// HTTP/2 when they are its client preface, else HTTP/1.
-    pub(super) fn sniffer(self: &Arc<Self>) -> FirstBytes {
-        let heads = self.clone();
-        let mut matched = 0;
-        Box::new(move |read: &[u8]| {
-            let want = &PREFACE[matched..];
-            let n = want.len().min(read.len());
-            if read[..n] != want[..n] {
-                heads.decide(false);
-                return true;
-            }
-            matched += n;
-            if matched == PREFACE.len() {
-                heads.decide(true);
-                return true;
-            }
-            false
-        })
-    }
-
-    fn decide(&self, http2: bool) {
+    /// The connection's first bytes told its protocol.
+    pub(super) fn decide(&self, http2: bool) {
         if !http2 {
             self.waiting_since.touch();
         }
@@ -204,33 +184,12 @@ impl Body for Served {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listen::idle::Tracked;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn sniffed(first: &[&[u8]]) -> Arc<Heads> {
+    /// A connection whose first bytes told its protocol.
+    fn decided(http2: bool) -> Arc<Heads> {
         let heads = Heads::new(false);
-        let (a, mut b) = tokio::io::duplex(256);
-        let mut stream = Tracked::new(a, Activity::new()).watching_first_bytes(heads.sniffer());
-        for part in first {
-            b.write_all(part).await.unwrap();
-            let mut buf = vec![0u8; part.len()];
-            stream.read_exact(&mut buf).await.unwrap();
-        }
+        heads.decide(http2);
         heads
-    }
-
-    #[tokio::test]
-    async fn the_first_bytes_tell_http2_from_http1_even_when_split() {
-        let protocol = |h: &Heads| h.protocol.load(Ordering::Relaxed);
-        assert_eq!(protocol(&*sniffed(&[PREFACE]).await), HTTP2);
-        assert_eq!(protocol(&*sniffed(&[b"P", b"R", b"I * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n"]).await), HTTP2);
-        assert_eq!(protocol(&*sniffed(&[b"GET / HTTP/1.1\r\n"]).await), HTTP1);
-        assert_eq!(protocol(&*sniffed(&[b"P", b"OST / HTTP/1.1\r\n"]).await), HTTP1);
-        // `PRI` is an HTTP/1 method too: only the whole preface is HTTP/2.
-        assert_eq!(protocol(&*sniffed(&[b"PRI / HTTP/1.1\r\n"]).await), HTTP1);
-        assert_eq!(protocol(&*sniffed(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\n"]).await), HTTP1);
-        assert_eq!(protocol(&*sniffed(&[b"PR"]).await), UNDECIDED);
-        assert_eq!(protocol(&*sniffed(&[b"PRI * HTTP/2.0\r\n"]).await), UNDECIDED);
     }
 
     /// The deadline counts from the end of the last response, never while one is open.
@@ -238,7 +197,7 @@ mod tests {
     async fn a_head_is_due_a_timeout_after_the_last_response_ends() {
         use futures_util::FutureExt as _;
         let timeout = Duration::from_secs(30);
-        let heads = sniffed(&[b"GET / HTTP/1.1\r\n"]).await;
+        let heads = decided(false);
         let request = heads.open();
         let overdue = heads.overdue(timeout);
         tokio::pin!(overdue);
@@ -258,7 +217,7 @@ mod tests {
     async fn a_connection_with_a_request_open_is_not_idle() {
         use futures_util::FutureExt as _;
         let timeout = Duration::from_secs(30);
-        for heads in [sniffed(&[b"GET / HTTP/1.1\r\n"]).await, sniffed(&[PREFACE]).await] {
+        for heads in [decided(false), decided(true)] {
             let activity = Activity::new();
             let request = heads.open();
             let idle = heads.idle(&activity, timeout, Duration::from_secs(600));
@@ -273,7 +232,7 @@ mod tests {
         }
         // A request open, nothing moving at all: closed once the connection has been silent
         // for the bound.
-        let heads = sniffed(&[b"GET / HTTP/1.1\r\n"]).await;
+        let heads = decided(false);
         let activity = Activity::new();
         let _stuck = heads.open();
         let idle = heads.idle(&activity, timeout, Duration::from_secs(610));
@@ -288,7 +247,7 @@ mod tests {
     async fn http2_and_silent_connections_have_no_head_deadline() {
         use futures_util::FutureExt as _;
         let timeout = Duration::from_secs(30);
-        for heads in [sniffed(&[PREFACE]).await, sniffed(&[]).await, Heads::new(true)] {
+        for heads in [decided(true), Heads::new(false), Heads::new(true)] {
             let overdue = heads.overdue(timeout);
             tokio::pin!(overdue);
             tokio::time::sleep(Duration::from_secs(120)).await;

@@ -1,4 +1,5 @@
-//! HTTP/1.1, HTTP/2 and gRPC: a hyper server facing the application ([`serve`]) and pooled
+//! HTTP/1.1, HTTP/2 and gRPC: hyper's HTTP/1 server or [`server_h2`] facing the application
+//! ([`serve`]) and pooled
 //! client connections facing the endpoints ([`client`]: `upstream::h1` or hyper's for HTTP/1.1,
 //! `upstream::h2` for HTTP/2). Each request passes the phases
 //! of [`request`] (route → admit → forward → log) with one [`request::RequestCtx`]; bodies
@@ -6,7 +7,6 @@
 
 mod body;
 mod client;
-mod executor;
 mod forward;
 mod grpc;
 mod heads;
@@ -16,15 +16,19 @@ mod reply;
 mod request;
 mod resets;
 mod retry;
+mod rewind;
 mod rewrite;
 mod routing;
+mod server_h2;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use h2::RecvStream;
 use http::{Request, Response};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
@@ -38,12 +42,12 @@ pub use passthrough::{PassthroughBody, PassthroughHttp};
 
 use super::{ConnectionTimeouts, Connections, Proxy};
 use crate::access_log::AccessLog;
-use crate::catalog::Protocol;
 use crate::listen::idle::{Activity, Tracked};
 use crate::live::{Live, RouteKey};
 use crate::sendmsg::SendmsgStream;
 use crate::upstream::AppBody;
 use heads::{Heads, Served};
+use rewind::Rewind;
 
 /// What an application connection may send: overridable by flags (`--max-request-headers`,
 /// `--max-header-bytes`, `--max-concurrent-streams`).
@@ -173,11 +177,11 @@ impl Handler for HttpProxy {
 }
 
 /// Serves one application connection of a service until it closes, or until a drain asks it
-/// to finish its requests and close.
-pub async fn serve(client: TcpStream, proxy: HttpProxy, protocol: Protocol, draining: watch::Receiver<bool>) {
-    // The declared protocol wins: http2/grpc listeners speak h2c only; http ones detect
-    // HTTP/1.1 or h2c prior knowledge from the first bytes.
-    serve_with(client, proxy, protocol != Protocol::Http, draining).await;
+/// to finish its requests and close. Whatever the service's protocol, the connection may speak
+/// HTTP/1.1 or HTTP/2 with prior knowledge (as with Envoy's `codec_type: AUTO`), told apart by
+/// its first bytes.
+pub async fn serve(client: TcpStream, proxy: HttpProxy, draining: watch::Receiver<bool>) {
+    serve_with(client, proxy, None, draining).await;
 }
 
 /// Serves a passthrough connection that speaks HTTP (`http2`: with prior knowledge).
@@ -187,56 +191,27 @@ pub async fn serve_passthrough(
     http2: bool,
     draining: watch::Receiver<bool>,
 ) {
-    serve_with(client, passthrough, http2, draining).await;
+    serve_with(client, passthrough, Some(http2), draining).await;
 }
 
-async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool, mut draining: watch::Receiver<bool>) {
+/// `http2`: whether the connection speaks HTTP/2, when known already (else its first bytes tell).
+async fn serve_with<H: Handler>(
+    client: TcpStream,
+    handler: H,
+    http2: Option<bool>,
+    mut draining: watch::Receiver<bool>,
+) {
     let (timeouts, limits) = (handler.timeouts(), handler.limits());
     let proxy = Arc::new(handler);
     let watched = proxy.clone();
     let peer = proxy.peer();
-    let heads = Heads::new(http2_only);
+    let heads = Heads::new(http2 == Some(true));
     let watched_heads = heads.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        // Kept this small, the closure is inlined into hyper's caller and its future built in
-        // place: more work here cost a copy of the whole future (5.6 KB) per request.
-        let (proxy, heads) = (proxy.clone(), heads.clone());
-        async move {
-            let open = heads.open();
-            let watch = if req.body().is_end_stream() { None } else { heads.open_body() };
-            let req = req.map(|body| AppBody::new(body, watch));
-            // A stream dropped before its answer counts against the connection's reset budget.
-            let stream = proxy.resets().stream(req.version() == http::Version::HTTP_2);
-            let response = proxy.phases(req).await;
-            stream.answered();
-            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                heads.upgraded(); // the connection's shutdown is now the tunnel's (`linger`)
-            }
-            Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
-        }
-    });
-    let mut streams = executor::ConnectionStreams::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(streams.spawner());
-    builder
-        .http1()
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_header_bytes)
-        .preserve_header_case(false)
-        .timer(TokioTimer::new())
-        // The connection's watcher keeps it instead (see `heads`).
-        .header_read_timeout(None);
-    builder
-        .http2()
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = if http2_only { builder.http2_only() } else { builder };
     let activity = Activity::new();
     let client = Tracked::new(SendmsgStream(client), activity.clone());
-    // The first bytes tell HTTP/2 (no head deadline) from HTTP/1, unless the listener is h2 only.
-    let client = if http2_only { client } else { client.watching_first_bytes(watched_heads.sniffer()) };
     // For a connection that drains: still held to its idle and head deadlines.
-    let (draining_activity, draining_heads) = (activity.clone(), watched_heads.clone());
-    let lingering_heads = watched_heads.clone();
+    let on_drain = Draining { activity: activity.clone(), heads: watched_heads.clone(), timeouts };
+    let mut io = Rewind::new(linger::Lingering::new(client, watched_heads.clone()));
     // What ends a connection early is watched by a task of its own, so the connection's task,
     // woken several times per request, polls one oneshot instead of a timer and two notifiers.
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
@@ -250,48 +225,165 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
         let _ = stop_tx.send(why);
     });
     let ended = async {
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(linger::Lingering::new(client, lingering_heads)), svc);
-        tokio::pin!(connection);
-        let result = tokio::select! {
-            result = streams.drive(connection.as_mut()) => result,
-            Ok(why) = &mut stop => {
-                match why {
-                    Stop::Idle => {
-                        tracing::debug!("application connection idle past the idle timeout; closing");
-                        return None;
-                    }
-                    Stop::HeadOverdue => {
-                        tracing::debug!("no HTTP/1 request head within the header-read timeout; closing");
-                        return None;
-                    }
-                    Stop::Drain => {}
-                    Stop::RapidReset => {
-                        tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY and closing");
-                        // h2 takes new streams until the client answers the GOAWAY's PING, which an
-                        // attacker need not do: the connection gets a moment to send the GOAWAY and
-                        // finish what is in flight, then is closed (Envoy closes it at once).
-                        connection.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(RAPID_RESET_GRACE, streams.drive(connection.as_mut())).await;
-                        return None;
-                    }
-                }
-                connection.as_mut().graceful_shutdown();
-                tokio::select! {
-                    result = streams.drive(connection.as_mut()) => result,
-                    () = draining_heads.idle(&draining_activity, timeouts.idle, timeouts.idle_with_requests()) => return None,
-                    () = draining_heads.overdue(timeouts.header_read) => return None,
-                }
-            }
+        // The first bytes tell HTTP/2 (no head deadline) from HTTP/1.
+        let http2 = match http2 {
+            Some(http2) => http2,
+            None => tokio::select! {
+                http2 = io.is_http2() => match http2 {
+                    Ok(http2) => http2,
+                    Err(error) => return Some(Err(error.to_string())),
+                },
+                Ok(why) = &mut stop => return why.closed_at_once(),
+            },
         };
-        Some(result)
+        heads.decide(http2);
+        if http2 {
+            let new_stream = |request: Request<RecvStream>, respond| {
+                let (proxy, heads) = (proxy.clone(), heads.clone());
+                server_h2::serve_stream(respond, move || answer_http2(proxy, heads, request))
+            };
+            let mut connection = server_h2::Connection::new(io, limits, new_stream);
+            let ended = serve_until_stopped(&mut connection, &mut stop, &on_drain, peer).await;
+            // The streams the connection's end reset end at their next poll.
+            connection.finish().await;
+            ended
+        } else {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                // Kept this small, the closure is inlined into hyper's caller and its future built in
+                // place: more work here cost a copy of the whole future (5.6 KB) per request.
+                let (proxy, heads) = (proxy.clone(), heads.clone());
+                async move {
+                    let open = heads.open();
+                    let watch = if req.body().is_end_stream() { None } else { heads.open_body() };
+                    let req = req.map(|body| AppBody::new(body, watch));
+                    // A request dropped before its answer counts against the connection's reset
+                    // budget.
+                    let stream = proxy.resets().stream(false);
+                    let response = proxy.phases(req).await;
+                    stream.answered();
+                    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        heads.upgraded(); // the connection's shutdown is now the tunnel's (`linger`)
+                    }
+                    Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .max_headers(limits.max_headers)
+                .max_buf_size(limits.max_header_bytes)
+                .preserve_header_case(false)
+                .timer(TokioTimer::new())
+                // The connection's watcher keeps it instead (see `heads`).
+                .header_read_timeout(None)
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            serve_until_stopped(&mut Http1(connection), &mut stop, &on_drain, peer).await
+        }
     }
     .await;
-    // The streams the connection's end (or its drop) reset end at their next poll.
-    streams.finish().await;
     watcher.abort();
     if let Some(Err(error)) = ended {
         tracing::debug!(%error, "application connection ended with an error");
     }
+}
+
+/// One HTTP/2 request's phases, to its response head: what [`server_h2::serve_stream`] runs.
+async fn answer_http2<H: Handler>(proxy: Arc<H>, heads: Arc<Heads>, request: Request<RecvStream>) -> Response<Served> {
+    let open = heads.open();
+    let content_length = crate::upstream::h1::content_length(request.headers()).ok().flatten();
+    let request = request.map(|recv| AppBody::http2(recv, content_length));
+    // A stream reset before its answer (this future dropped) counts against the connection's
+    // reset budget.
+    let stream = proxy.resets().stream(true);
+    let response = proxy.phases(request).await;
+    stream.answered();
+    response.map(|body| Served { body, _open: open })
+}
+
+/// A connection's server: hyper's HTTP/1 one or [`server_h2`]'s.
+trait AppConnection: Future<Output = Result<(), Self::Error>> + Unpin {
+    type Error: std::fmt::Display;
+    /// Finish what is open, take nothing new (GOAWAY, `Connection: close`).
+    fn graceful_shutdown(&mut self);
+}
+
+/// hyper's HTTP/1 connection, as an [`AppConnection`].
+struct Http1<C>(C);
+
+impl<C: Future<Output = hyper::Result<()>> + Unpin> Future for Http1<C> {
+    type Output = hyper::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<I, S> AppConnection for Http1<hyper::server::conn::http1::UpgradeableConnection<I, S>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Served> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(&mut self) {
+        Pin::new(&mut self.0).graceful_shutdown();
+    }
+}
+
+impl<S, N, F> AppConnection for server_h2::Connection<S, N, F>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    N: FnMut(Request<RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> F + Unpin,
+    F: Future<Output = ()>,
+{
+    type Error = h2::Error;
+
+    fn graceful_shutdown(&mut self) {
+        server_h2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// What still ends a draining connection: its idle and head deadlines.
+struct Draining {
+    activity: Arc<Activity>,
+    heads: Arc<Heads>,
+    timeouts: ConnectionTimeouts,
+}
+
+/// Serves `connection` until it ends, or until the watcher says why it must stop; `None`:
+/// closed by the proxy.
+async fn serve_until_stopped<C: AppConnection>(
+    connection: &mut C,
+    stop: &mut tokio::sync::oneshot::Receiver<Stop>,
+    draining: &Draining,
+    peer: SocketAddr,
+) -> Option<Result<(), String>> {
+    let (heads, timeouts) = (&draining.heads, draining.timeouts);
+    let result = tokio::select! {
+        result = &mut *connection => result,
+        Ok(why) = stop => {
+            match why {
+                Stop::Idle | Stop::HeadOverdue => return why.closed_at_once(),
+                Stop::Drain => {}
+                Stop::RapidReset => {
+                    tracing::warn!(peer = %peer, "application connection cancels most of its streams (rapid reset); sending GOAWAY and closing");
+                    // h2 takes new streams until the client answers the GOAWAY's PING, which an
+                    // attacker need not do: the connection gets a moment to send the GOAWAY and
+                    // finish what is in flight, then is closed (Envoy closes it at once).
+                    connection.graceful_shutdown();
+                    let _ = tokio::time::timeout(RAPID_RESET_GRACE, &mut *connection).await;
+                    return None;
+                }
+            }
+            connection.graceful_shutdown();
+            tokio::select! {
+                result = &mut *connection => result,
+                () = heads.idle(&draining.activity, timeouts.idle, timeouts.idle_with_requests()) => return None,
+                () = heads.overdue(timeouts.header_read) => return None,
+            }
+        }
+    };
+    Some(result.map_err(|error| error.to_string()))
 }
 
 /// How long a connection past its rapid-reset budget has to send its GOAWAY and finish its
@@ -299,6 +391,7 @@ async fn serve_with<H: Handler>(client: TcpStream, handler: H, http2_only: bool,
 const RAPID_RESET_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a connection is ended before its client ends it.
+#[derive(Debug, Clone, Copy)]
 enum Stop {
     /// Nothing moved for the idle timeout: closed at once.
     Idle,
@@ -308,6 +401,19 @@ enum Stop {
     Drain,
     /// Too many streams cancelled before their answer: GOAWAY, and closed a moment later.
     RapidReset,
+}
+
+impl Stop {
+    /// Closes a connection at once for its idle and head deadlines, and for a drain before the
+    /// connection said which protocol it speaks: `None`, closed by the proxy.
+    fn closed_at_once<T>(self) -> Option<T> {
+        match self {
+            Self::Idle => tracing::debug!("application connection idle past the idle timeout; closing"),
+            Self::HeadOverdue => tracing::debug!("no HTTP/1 request head within the header-read timeout; closing"),
+            Self::Drain | Self::RapidReset => {}
+        }
+        None
+    }
 }
 
 async fn drain_requested(draining: &mut watch::Receiver<bool>) {

@@ -28,7 +28,7 @@ use super::{ConnectionTimeouts, Handler};
 use crate::access_log::{Logs, Record};
 use crate::metrics::metrics;
 use crate::proxy::{passthrough, Proxy};
-use crate::upstream::{AppBody, TargetAddr, UpstreamStream};
+use crate::upstream::{AppBody, AppBodyError, TargetAddr, UpstreamStream};
 
 /// Kuma's answer when no MeshPassthrough domain matches, with our name in place of Kuma's.
 pub(super) const NO_MATCH: &str = "This response comes from mesh-egress. No routes matched this domain - check configuration of your MeshPassthrough policy.\n";
@@ -69,7 +69,7 @@ pub(super) struct CountedBody {
 
 impl Body for CountedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = AppBodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
