@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
@@ -174,8 +174,9 @@ impl<F: Future<Output = ()>> Future for Isolated<F> {
 
 /// Runs one stream: its answer (the request's phases, made by `answer`) until it gives the
 /// response, unless the application resets the stream first (the answer is dropped then), and
-/// then the response. The answer is made here, not passed in: a future of several KiB, it is
-/// then stored once in this one rather than also as an argument.
+/// then the response. The answer, a future of several KiB, is made here and boxed: passed in,
+/// or pinned in place, it would make this future as large, and it is moved into the
+/// connection's set of streams.
 pub(super) async fn serve_stream<A, B>(mut respond: SendResponse<Bytes>, answer: impl FnOnce() -> A)
 where
     A: Future<Output = Response<B>>,
@@ -183,7 +184,7 @@ where
     B::Error: ResetReason + std::fmt::Display,
 {
     let response = {
-        let mut answer = pin!(answer());
+        let mut answer = Box::pin(answer());
         poll_fn(|cx| {
             if let Poll::Ready(response) = answer.as_mut().poll(cx) {
                 return Poll::Ready(Some(response));
