@@ -259,6 +259,50 @@ impl Inner {
 mod tests {
     use super::*;
 
+    /// A request body of `sent` bytes, then `end`, read by `AppBody::http2` on h2's
+    /// server (a 64 KiB stream window): what it read, and whether it failed.
+    async fn read_http2_body(sent: usize, end: Option<h2::Reason>) -> (usize, bool) {
+        let (app, proxy) = tokio::io::duplex(256 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(proxy).await.unwrap();
+            let (request, _respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = AppBody::http2(request.into_body(), None);
+            let (mut read, mut failed) = (0, false);
+            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                match frame {
+                    Ok(frame) => read += frame.data_ref().map_or(0, Bytes::len),
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            (read, failed)
+        });
+        let (mut client, connection) = h2::client::handshake(app).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post("http://app/").body(()).unwrap();
+        let (_response, mut stream) = client.send_request(request, false).unwrap();
+        // Sent whole: h2 holds what the window does not allow yet.
+        stream.send_data(Bytes::from(vec![b'x'; sent]), false).unwrap();
+        match end {
+            Some(reason) => stream.send_reset(reason),
+            None => stream.send_data(Bytes::new(), true).unwrap(),
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), server).await.unwrap().unwrap()
+    }
+
+    /// The stream's window is given back as the body is read (200 KiB through a 64 KiB window),
+    /// and `RST_STREAM(NO_ERROR)` ends a body without failing it, as hyper's server had it.
+    #[tokio::test]
+    async fn an_http2_body_gives_its_window_back_and_ends_at_a_no_error_reset() {
+        assert_eq!(read_http2_body(200 * 1024, None).await, (200 * 1024, false));
+        // (h2 may drop what the reset stream had buffered: only the failure is compared.)
+        assert!(!read_http2_body(1024, Some(h2::Reason::NO_ERROR)).await.1);
+        assert!(read_http2_body(1024, Some(h2::Reason::CANCEL)).await.1);
+    }
+
     /// A waiter is woken by the end, and one that comes after it does not wait.
     #[tokio::test]
     async fn the_end_wakes_its_waiter_and_a_late_one_does_not_wait() {

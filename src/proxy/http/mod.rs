@@ -267,7 +267,7 @@ async fn serve_with<H: Handler>(
                     Ok::<_, Infallible>(response.map(|body| Served { body, _open: open }))
                 }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
+            let mut connection = hyper::server::conn::http1::Builder::new()
                 .max_headers(limits.max_headers)
                 .max_buf_size(limits.max_header_bytes)
                 .preserve_header_case(false)
@@ -276,7 +276,7 @@ async fn serve_with<H: Handler>(
                 .header_read_timeout(None)
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
-            serve_until_stopped(&mut Http1(connection), &mut stop, &on_drain, peer).await
+            serve_until_stopped(&mut connection, &mut stop, &on_drain, peer).await
         }
     }
     .await;
@@ -306,18 +306,7 @@ trait AppConnection: Future<Output = Result<(), Self::Error>> + Unpin {
     fn graceful_shutdown(&mut self);
 }
 
-/// hyper's HTTP/1 connection, as an [`AppConnection`].
-struct Http1<C>(C);
-
-impl<C: Future<Output = hyper::Result<()>> + Unpin> Future for Http1<C> {
-    type Output = hyper::Result<()>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<I, S> AppConnection for Http1<hyper::server::conn::http1::UpgradeableConnection<I, S>>
+impl<I, S> AppConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = Served> + Unpin,
@@ -326,7 +315,7 @@ where
     type Error = hyper::Error;
 
     fn graceful_shutdown(&mut self) {
-        Pin::new(&mut self.0).graceful_shutdown();
+        Pin::new(self).graceful_shutdown();
     }
 }
 

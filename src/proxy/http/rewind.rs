@@ -85,14 +85,22 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// What the first bytes tell when `sent` arrives in those parts, each read on its own, and
+    /// everything read from the connection afterwards.
     async fn told(sent: &[&[u8]]) -> (bool, Vec<u8>) {
         let (mut app, proxy) = tokio::io::duplex(1024);
-        for part in sent {
-            app.write_all(part).await.unwrap();
-        }
-        drop(app);
+        let parts: Vec<Vec<u8>> = sent.iter().map(|part| part.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for part in parts {
+                app.write_all(&part).await.unwrap();
+                for _ in 0..3 {
+                    tokio::task::yield_now().await; // the reader takes this part alone
+                }
+            }
+        });
         let mut conn = Rewind::new(proxy);
         let http2 = conn.is_http2().await.unwrap();
+        writer.await.unwrap();
         let mut all = Vec::new();
         conn.read_to_end(&mut all).await.unwrap();
         (http2, all)
@@ -126,5 +134,8 @@ mod tests {
         for sent in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"PRI / HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0", b""] {
             assert_eq!(told(&[sent]).await, (false, sent.to_vec()), "{:?}", String::from_utf8_lossy(sent));
         }
+        // The difference in a later read: `\n` where the preface's last `\r\n` is.
+        let (first, rest) = (&PREFACE[..20], b"\r\n\nGET");
+        assert_eq!(told(&[first, rest]).await, (false, [first, rest].concat()));
     }
 }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::{Handshake, SendResponse};
 use h2::{Reason, RecvStream};
-use http::header::{CONTENT_LENGTH, DATE};
+use http::header::{CONTENT_LENGTH, DATE, TE};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -197,8 +197,9 @@ where
     let (parts, body) = response.into_parts();
     let mut head = Response::from_parts(parts, ());
     // h2 refuses a response with connection headers; the pipeline removed them already, so this
-    // is one pass over the names.
+    // is one pass over the names. `TE` belongs to requests only (RFC 9113 §8.2.2).
     strip_hop_by_hop(head.headers_mut());
+    head.headers_mut().remove(TE);
     if !head.headers().contains_key(DATE) {
         if let Some(date) = date() {
             head.headers_mut().insert(DATE, date);
@@ -344,7 +345,7 @@ mod tests {
     }
 
     /// As hyper's server: a `Date` on a response without one, `Content-Length` for a body of
-    /// known size, and connection headers left out (h2 would refuse the response).
+    /// known size, and connection headers (h2 would refuse the response) and `TE` left out.
     #[tokio::test]
     async fn responses_get_what_hyper_s_server_gave_them() {
         let (mut client, _finished) = connected(|request, respond| {
@@ -353,6 +354,7 @@ mod tests {
                 response.headers_mut().insert(DATE, HeaderValue::from_static("Tue, 01 Dec 2026 00:00:00 GMT"));
             }
             response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            response.headers_mut().insert(TE, HeaderValue::from_static("trailers"));
             answer(respond, response)
         })
         .await;
@@ -361,7 +363,7 @@ mod tests {
             let response = response.await.unwrap();
             let headers = response.headers();
             assert_eq!(headers[CONTENT_LENGTH], "5");
-            assert!(!headers.contains_key(http::header::CONNECTION));
+            assert!(!headers.contains_key(http::header::CONNECTION) && !headers.contains_key(TE));
             let date = headers[DATE].to_str().unwrap();
             assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
             assert_eq!(path == "/dated", date == "Tue, 01 Dec 2026 00:00:00 GMT");
@@ -371,7 +373,7 @@ mod tests {
     }
 
     /// An application that resets its stream before the answer has its answer dropped there
-    /// (what counts it against the connection's rapid-reset budget).
+    /// (the answer's rapid-reset guard then counts it).
     #[tokio::test]
     async fn a_stream_reset_before_its_answer_drops_the_answer() {
         struct Dropped(Option<oneshot::Sender<()>>);
@@ -396,5 +398,72 @@ mod tests {
         tokio::task::yield_now().await;
         stream.send_reset(Reason::CANCEL);
         tokio::time::timeout(std::time::Duration::from_secs(10), dropped).await.unwrap().unwrap();
+    }
+
+    /// Streams whose answer never comes end once their connection does (`finish` does not wait
+    /// for them forever): the close wakes their wait for a reset.
+    #[tokio::test]
+    async fn waiting_streams_end_when_their_connection_does() {
+        let (mut client, finished) =
+            connected(|_, respond| Box::pin(serve_stream(respond, std::future::pending::<Response<Full<Bytes>>>)))
+                .await;
+        let (waiting, _) = client.send_request(get("/"), true).unwrap();
+        tokio::task::yield_now().await;
+        drop((client, waiting));
+        tokio::time::timeout(std::time::Duration::from_secs(10), finished).await.unwrap().unwrap();
+    }
+
+    /// A drain's GOAWAY: the stream in flight is answered, and the connection then ends by
+    /// itself. Asked for before the handshake is over, the GOAWAY follows it and the connection
+    /// ends with no stream.
+    #[tokio::test]
+    async fn a_graceful_shutdown_finishes_the_stream_in_flight_and_ends() {
+        for before_handshake in [false, true] {
+            let (app, proxy) = tokio::io::duplex(64 * 1024);
+            let (release, released) = oneshot::channel::<()>();
+            let (opened_tx, opened) = oneshot::channel::<()>();
+            let mut waits = Some((opened_tx, released));
+            let mut connection = Connection::new(proxy, HttpLimits::default(), move |_, respond| -> Stream {
+                let waits = waits.take();
+                Box::pin(serve_stream(respond, move || async move {
+                    if let Some((opened, released)) = waits {
+                        let _ = opened.send(());
+                        let _ = released.await;
+                    }
+                    Response::new(Full::new(Bytes::from_static(b"ok")))
+                }))
+            });
+            if before_handshake {
+                connection.graceful_shutdown();
+            }
+            let (shutdown, shutdown_asked) = oneshot::channel::<()>();
+            let server = tokio::spawn(async move {
+                let ended = tokio::select! {
+                    ended = &mut connection => ended,
+                    _ = shutdown_asked => {
+                        connection.graceful_shutdown();
+                        (&mut connection).await
+                    }
+                };
+                connection.finish().await;
+                ended
+            });
+            let (mut client, client_connection) = h2::client::handshake(app).await.unwrap();
+            tokio::spawn(client_connection);
+            if !before_handshake {
+                let (in_flight, _) = client.send_request(get("/"), true).unwrap();
+                opened.await.unwrap();
+                shutdown.send(()).unwrap();
+                let _ = release.send(());
+                assert_eq!(in_flight.await.unwrap().status(), 200, "the stream in flight is answered");
+            }
+            // It ends, cleanly or not: the client may close first once it has the last GOAWAY.
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+            assert!(
+                ended.is_ok(),
+                "the connection did not end by itself (GOAWAY before the handshake: {before_handshake})"
+            );
+            drop(client);
+        }
     }
 }
