@@ -9,6 +9,8 @@ use bytes::Bytes;
 use h2::RecvStream;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::h2::RecvBody;
+
 /// Told once that a request body has ended, failed or been dropped (the HTTP/1 head deadline
 /// waits for it: hyper reads no next head before the body has ended).
 pub trait EndWatch: Send + Sync {
@@ -41,15 +43,7 @@ pub struct BodyEnd {
 /// Read by hyper's HTTP/1 server, or from h2's stream (`proxy::http`'s HTTP/2 server).
 enum Inner {
     Http1(Incoming),
-    Http2(Http2Body),
-}
-
-/// What hyper's `Incoming` did for an HTTP/2 request body: the stream's window is given back as
-/// the body is read, and its `Content-Length` (h2 checks the body against it) is the size hint.
-struct Http2Body {
-    recv: RecvStream,
-    data_done: bool,
-    remaining: Option<u64>,
+    Http2(RecvBody),
 }
 
 /// Why an application's request body failed.
@@ -127,8 +121,7 @@ impl AppBody {
 
     /// An HTTP/2 request's body, read from its stream; `content_length`: the request's.
     pub fn http2(recv: RecvStream, content_length: Option<u64>) -> Self {
-        let body = Http2Body { recv, data_done: false, remaining: content_length };
-        Self { inner: Inner::Http2(body), watch: None, end: None }
+        Self { inner: Inner::Http2(RecvBody::new(recv, content_length)), watch: None, end: None }
     }
 
     /// What tells how far the body has come; `None`: it has all arrived already.
@@ -214,43 +207,28 @@ impl Body for AppBody {
 
 impl Inner {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
-        let body = match self {
-            Self::Http1(body) => return Pin::new(body).poll_frame(cx).map_err(AppBodyError::Http1),
-            Self::Http2(body) => body,
-        };
-        if !body.data_done {
-            match ready!(body.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = body.recv.flow_control().release_capacity(data.len());
-                    body.remaining = body.remaining.map(|r| r.saturating_sub(data.len() as u64));
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                // RST_STREAM(NO_ERROR) asks for no more of the request (RFC 9113 §8.1): it ends
-                // the body without failing it, as hyper's server had it.
-                Some(Err(error)) if error.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(None),
-                Some(Err(error)) => return Poll::Ready(Some(Err(AppBodyError::Http2(error)))),
-                None => body.data_done = true,
-            }
-        }
-        match ready!(body.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(error) if error.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
-            Err(error) => Poll::Ready(Some(Err(AppBodyError::Http2(error)))),
+        match self {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(AppBodyError::Http1),
+            // RST_STREAM(NO_ERROR) asks for no more of the request (RFC 9113 §8.1): it ends the
+            // body without failing it, as hyper's server had it.
+            Self::Http2(body) => match ready!(body.poll_frame(cx)) {
+                Some(Err(error)) if error.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+                frame => Poll::Ready(frame.map(|frame| frame.map_err(AppBodyError::Http2))),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Http1(body) => body.is_end_stream(),
-            Self::Http2(body) => body.recv.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Http1(body) => body.size_hint(),
-            Self::Http2(body) => body.remaining.map_or_else(SizeHint::default, SizeHint::with_exact),
+            Self::Http2(body) => body.size_hint(),
         }
     }
 }

@@ -261,13 +261,7 @@ impl Client {
         // default): else a body the endpoint never takes would hold its stream and memory until
         // the endpoint closes the connection.
         let held = self.held.take();
-        Ok(response.map(|recv| Body {
-            recv,
-            data_done: false,
-            remaining: length,
-            _pipe_guard: pipe_guard,
-            _held: held,
-        }))
+        Ok(response.map(|recv| Body { recv: RecvBody::new(recv, length), _pipe_guard: pipe_guard, _held: held }))
     }
 }
 
@@ -469,10 +463,7 @@ impl Future for SpawnedPipe {
 
 /// A response body from the endpoint.
 pub struct Body {
-    recv: RecvStream,
-    data_done: bool,
-    /// What `Content-Length` says is left.
-    remaining: Option<u64>,
+    recv: RecvBody,
     /// Dropped with the response, it tells the request body's spawned pipe to cut the body if
     /// still on its way.
     _pipe_guard: Option<oneshot::Sender<()>>,
@@ -481,6 +472,37 @@ pub struct Body {
 }
 
 impl Body {
+    /// A reset, `RST_STREAM(NO_ERROR)` included, before the response's `END_STREAM` cuts the
+    /// response short: an error (one after it, RFC 9113 §8.1's "no more of the request", h2
+    /// keeps out of the response: its data and end are read as sent).
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        self.recv.poll_frame(cx)
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        self.recv.size_hint()
+    }
+}
+
+/// An HTTP/2 body read from h2's stream, a response's or (`AppBody`) a request's: its data,
+/// the stream's window given back as each frame is read, then its trailers; its
+/// `Content-Length` (h2 checks the body against it) is the size hint.
+pub struct RecvBody {
+    recv: RecvStream,
+    data_done: bool,
+    /// What `Content-Length` says is left.
+    remaining: Option<u64>,
+}
+
+impl RecvBody {
+    pub fn new(recv: RecvStream, content_length: Option<u64>) -> Self {
+        Self { recv, data_done: false, remaining: content_length }
+    }
+
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.data_done {
             match ready!(self.recv.poll_data(cx)) {
@@ -489,9 +511,6 @@ impl Body {
                     self.remaining = self.remaining.map(|r| r.saturating_sub(data.len() as u64));
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                // A reset, RST_STREAM(NO_ERROR) included, before the response's END_STREAM: the
-                // response is cut short (one after it, RFC 9113 §8.1's "no more of the request",
-                // h2 keeps out of the response: its data and end are read as sent).
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
                 None => self.data_done = true,
             }
