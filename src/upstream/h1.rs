@@ -518,7 +518,7 @@ fn framing(
 }
 
 /// `Content-Length`, when there is one (see [`ContentLength`]).
-pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
+pub(super) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     let mut length = ContentLength::Absent;
     headers.get_all(http::header::CONTENT_LENGTH).iter().for_each(|value| length.add(value));
     length.get()

@@ -325,9 +325,9 @@ pub fn reason_in(error: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     None
 }
 
-/// The response's `Content-Length` for its size hint; unknown when it is malformed or its
-/// values differ (h2 itself refuses a body that does not match it).
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+/// A message's `Content-Length` for its body's size hint ([`RecvBody`]); unknown when it is
+/// malformed or its values differ (h2 itself refuses a body that does not match it).
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     super::h1::content_length(headers).ok().flatten()
 }
 

@@ -289,7 +289,7 @@ async fn serve_with<H: Handler>(
 /// One HTTP/2 request's phases, to its response head: what [`server_h2::serve_stream`] runs.
 async fn answer_http2<H: Handler>(proxy: Arc<H>, heads: Arc<Heads>, request: Request<RecvStream>) -> Response<Served> {
     let open = heads.open();
-    let content_length = crate::upstream::h1::content_length(request.headers()).ok().flatten();
+    let content_length = crate::upstream::h2::content_length(request.headers());
     let request = request.map(|recv| AppBody::http2(recv, content_length));
     // A stream reset before its answer (this future dropped) counts against the connection's
     // reset budget.
